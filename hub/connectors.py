@@ -1,0 +1,244 @@
+"""The public contract between the hub and its connectors.
+
+A connector is a class with a ``name``, a one-line ``description``, a pydantic ``Config``
+and ``run(payload, ctx)``. It signals failure with ``RetryableError`` (worth trying again)
+or ``PermanentError`` (it will not get better by itself); anything else it raises is a bug
+and is treated as permanent. Connectors import this module and ``hub.http``, nothing else
+from the hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ENTRY_POINT_GROUP = "hub.connectors"
+
+#: Built-in connectors, loaded through the same path as third-party entry points.
+BUILTIN_CONNECTORS = {
+    "text": "connectors.text:TextConnector",
+    "openai": "connectors.openai_chat:OpenAIChatConnector",
+}
+
+
+class ConnectorError(Exception):
+    """Base of the two failures a connector may raise.
+
+    ``code`` is a machine-readable cause (``upstream_error``, ``not_configured`` ...),
+    ``status`` the HTTP status of the far side where there was one.
+    """
+
+    code = "step_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RetryableError(ConnectorError):
+    """A transient failure: a timeout, a refused connection, a 429 or 5xx answer."""
+
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+    ):
+        super().__init__(message, code=code, status=status)
+        self.retry_after = retry_after
+
+
+class PermanentError(ConnectorError):
+    """A failure that retrying will not fix: a 4xx answer, bad config, a bad response shape."""
+
+
+class NotConfiguredError(PermanentError):
+    """The connector lacks something the operator must provide, such as an API key."""
+
+    code = "not_configured"
+
+
+class BadResponseError(PermanentError):
+    """The far side answered, but not in the shape the connector understands."""
+
+    code = "bad_response"
+
+
+class EmptyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Exchange:
+    """What a connector sent and received on its last call, for the attempt log."""
+
+    request: Any = None
+    response: Any = None
+    status: int | None = None
+
+
+@dataclass
+class StepContext:
+    """Everything a step may know about the event it is running for."""
+
+    event_id: str
+    route: str
+    step_index: int
+    payload: Any
+    outputs: list[Any]
+    logger: logging.Logger
+    attempt: int = 1
+    deadline: float | None = None  # time.monotonic() by which the step must be done
+    exchange: Exchange = field(default_factory=Exchange)
+
+    def time_left(self, default: float) -> float:
+        """Seconds a call may take: ``default``, or less when the deadline is nearer."""
+        if self.deadline is None:
+            return default
+        return max(0.05, min(default, self.deadline - time.monotonic()))
+
+    def record(self, *, request: Any = None, response: Any = None, status: int | None = None):
+        """Keep a copy of the call for the attempt row (the hub truncates and redacts it)."""
+        self.exchange = Exchange(request=request, response=response, status=status)
+
+
+class Connector:
+    """Subclass this, set ``name``, ``description`` and ``Config``, and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = EmptyConfig
+
+    def __init__(self, config: BaseModel):
+        self.config = config
+
+    def run(self, payload: Any, ctx: StepContext) -> Any:  # pragma: no cover - contract
+        raise NotImplementedError
+
+
+class UnknownConnectorError(LookupError):
+    pass
+
+
+class StepConfigError(ValueError):
+    """A step's config does not fit its connector; ``errors`` lists field and reason."""
+
+    def __init__(self, connector: str, errors: list[str]):
+        self.connector = connector
+        self.errors = errors
+        super().__init__(f"{connector}: " + "; ".join(errors))
+
+
+def describe_validation_error(exc: ValidationError) -> list[str]:
+    """Turn pydantic's errors into 'field: reason' sentences without echoing values."""
+    out = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        out.append(f"{where}: {err['msg']}")
+    return out
+
+
+class Registry:
+    """The connectors known to one hub, by name."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Connector]] = {}
+
+    def register(self, cls: type[Connector]) -> type[Connector]:
+        if not (isinstance(cls, type) and issubclass(cls, Connector)):
+            raise TypeError(f"{cls!r} is not a Connector subclass")
+        if not cls.name or not cls.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(
+                f"connector {cls.__qualname__} needs a name of letters, digits, _ or -"
+            )
+        if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
+            raise TypeError(f"connector {cls.name}: Config must be a pydantic model")
+        self._classes[cls.name] = cls
+        return cls
+
+    def unregister(self, name: str) -> None:
+        self._classes.pop(name, None)
+
+    def get(self, name: str) -> type[Connector]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._classes)) or "none"
+            raise UnknownConnectorError(f"unknown connector {name!r} (known: {known})") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def __iter__(self) -> Iterator[type[Connector]]:
+        return iter(sorted(self._classes.values(), key=lambda c: c.name))
+
+    def validate(self, name: str, config: dict[str, Any] | None) -> BaseModel:
+        """Check a step's config against its connector; raise StepConfigError with reasons."""
+        cls = self.get(name)
+        try:
+            return cls.Config.model_validate(config or {})
+        except ValidationError as exc:
+            raise StepConfigError(name, describe_validation_error(exc)) from None
+
+    def build(self, name: str, config: dict[str, Any] | None) -> Connector:
+        cls = self.get(name)
+        return cls(self.validate(name, config))
+
+
+def _load_object(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def load_connectors(only: Iterable[str] | None = None, logger: logging.Logger | None = None):
+    """Build a Registry from the built-ins and the ``hub.connectors`` entry points.
+
+    ``only`` (from HUB_CONNECTORS) limits what loads by name. A third-party connector that
+    fails to import is logged and skipped: one broken plugin must not stop the hub.
+    """
+    log = logger or logging.getLogger("hub.connectors")
+    wanted = {n.strip() for n in only if n.strip()} if only else None
+    sources: list[tuple[str, str]] = list(BUILTIN_CONNECTORS.items())
+    sources += [(ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    registry = Registry()
+    for name, spec in sources:
+        if wanted is not None and name not in wanted:
+            continue
+        try:
+            obj = _load_object(spec)
+            classes = (
+                [obj]
+                if isinstance(obj, type)
+                else [
+                    v
+                    for v in vars(obj).values()
+                    if isinstance(v, type) and issubclass(v, Connector) and v.name
+                ]
+            )
+            for cls in classes:
+                registry.register(cls)
+        except Exception as exc:  # a broken plugin is reported, not fatal
+            log.error("connector %s (%s) failed to load: %s", name, spec, exc)
+    if wanted:
+        missing = wanted - {c.name for c in registry}
+        for name in sorted(missing):
+            log.warning("HUB_CONNECTORS names %r, but no such connector is installed", name)
+    return registry
