@@ -41,6 +41,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from hub.connectors import PermanentError, RetryableError, StepContext
+from hub.redact import REDACTED, is_sensitive
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -332,19 +333,10 @@ def classify(response: requests.Response) -> None:
 # One request
 # --------------------------------------------------------------------------------------
 
-_SENSITIVE_EXACT = {"authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie"}
-_SENSITIVE_PARTS = ("signature", "token", "secret", "api-key", "api_key", "apikey", "password")
-REDACTED = "[redacted]"
-
-
-def _is_sensitive(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in _SENSITIVE_EXACT or any(part in lowered for part in _SENSITIVE_PARTS)
-
 
 def redact_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     """A copy of ``headers`` with credentials and signatures replaced by ``[redacted]``."""
-    return {k: (REDACTED if _is_sensitive(k) else v) for k, v in (headers or {}).items()}
+    return {k: (REDACTED if is_sensitive(k) else v) for k, v in (headers or {}).items()}
 
 
 def _redact_url(url: str) -> str:
@@ -355,7 +347,7 @@ def _redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, REDACTED if _is_sensitive(k) else v) for k, v in pairs])
+        query = urlencode([(k, REDACTED if is_sensitive(k) else v) for k, v in pairs])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

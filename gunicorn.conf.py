@@ -1,0 +1,16 @@
+"""gunicorn settings for the hub; HUB_HOST, HUB_PORT and HUB_WEB_WORKERS override them."""
+
+import os
+
+bind = f"{os.environ.get('HUB_HOST', '127.0.0.1')}:{os.environ.get('HUB_PORT', '8000')}"
+workers = int(os.environ.get("HUB_WEB_WORKERS", "2"))
+threads = int(os.environ.get("HUB_WEB_THREADS", "4"))
+worker_class = "gthread"
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+# The access log names the path without its query string: `?api_key=` never reaches a log.
+accesslog = "-"
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+errorlog = "-"
+loglevel = "info"

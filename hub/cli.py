@@ -1,0 +1,265 @@
+"""``flask --app hub ...``: the admin's commands for keys, routes, connectors and the database."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
+
+from hub import keys as key_store
+from hub import routes as route_store
+from hub.connectors import Registry
+from hub.db import Database, get_db, upgrade
+
+keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
+routes_cli = AppGroup("routes", help="Add, list, show, remove and apply routes.")
+db_cli = AppGroup("db", help="Database schema.")
+connectors_cli = AppGroup("connectors", help="The connectors this hub has loaded.")
+
+
+def registry() -> Registry:
+    return current_app.extensions["hub.connectors"]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    rows = [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(headers)] + [line(r) for r in rows]).rstrip()
+
+
+def fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+# --- db ---
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every migration the database does not have yet."""
+    upgrade(get_db())
+    click.echo("database is at the newest schema")
+
+
+@click.command("init")
+@with_appcontext
+def init_command() -> None:
+    """Migrate, make sure the demo routes exist, and create a first admin key if none."""
+    db: Database = get_db()
+    upgrade(db)
+    with db.session() as session:
+        created = route_store.ensure_demo_routes(session, registry())
+        for name in created:
+            click.echo(f"created demo route {name!r}")
+        if not key_store.list_keys(session):
+            _, key = key_store.create_key(session, "first admin key", [key_store.ADMIN_SCOPE])
+            click.echo("A first admin key was created. It is shown only this once; keep it:")
+            click.echo(f"\n    {key}\n")
+
+
+# --- keys ---
+
+
+@keys_cli.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, help="A route this key may post to (repeat).")
+@click.option("--admin", is_flag=True, help="The key may use the admin API and every route.")
+@click.option("--expires-in", help="Lifetime such as 30d, 12h, 2w.")
+def keys_create(name: str, scopes: tuple[str, ...], admin: bool, expires_in: str | None) -> None:
+    """Create a key and print it once (only its digest is stored)."""
+    try:
+        lifetime = key_store.parse_duration(expires_in) if expires_in else None
+    except ValueError as exc:
+        fail(str(exc))
+    chosen = ([key_store.ADMIN_SCOPE] if admin else []) + list(scopes)
+    with get_db().session() as session:
+        row, key = key_store.create_key(session, name, chosen or None, lifetime)
+        click.echo(key)
+        click.echo(
+            f"prefix {row.prefix}, scopes {', '.join(row.scopes)}"
+            + (f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else "")
+            + ". Shown once: store it now.",
+            err=True,
+        )
+
+
+@keys_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_list(as_json: bool) -> None:
+    """Every key: prefix, name, scopes, created, expires, last used, revoked."""
+    with get_db().session() as session:
+        rows = [k.to_dict() for k in key_store.list_keys(session)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(
+        table(
+            ["PREFIX", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "REVOKED"],
+            [
+                [
+                    r["prefix"],
+                    r["name"],
+                    ",".join(r["scopes"]),
+                    _short(r["created_at"]),
+                    _short(r["expires_at"]),
+                    _short(r["last_used_at"]),
+                    _short(r["revoked_at"]),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+def _short(value: str | None) -> str:
+    return value[:16].replace("T", " ") if value else "-"
+
+
+@keys_cli.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key with this prefix; it stops working within HUB_KEY_CACHE_SECONDS."""
+    with get_db().session() as session:
+        row = key_store.revoke(session, prefix)
+        if row is None:
+            fail(f"no key with prefix {prefix!r}")
+    current_app.extensions["hub.keys"].clear()
+    click.echo(f"revoked {prefix}")
+
+
+# --- routes ---
+
+
+@routes_cli.command("add")
+@click.argument("name")
+@click.option("--mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
+@click.option("--step", "steps", multiple=True, help="CONNECTOR or CONNECTOR:{json config}.")
+@click.option("--filter", "filter_", help="Jinja expression; events where it is false are dropped.")
+@click.option("--description")
+@click.option("--dedup-path", help="Dotted path of an id in the body, e.g. id.")
+@click.option("--dedup-window", type=int, help="Seconds a duplicate is remembered.")
+@click.option("--retry-schedule", help="Comma list of seconds, e.g. 30,120,600.")
+@click.option("--replace", is_flag=True, help="Overwrite a route of the same name.")
+def routes_add(
+    name, mode, steps, filter_, description, dedup_path, dedup_window, retry_schedule, replace
+) -> None:
+    """Add a route; each step's config is checked against its connector first."""
+    try:
+        data = {"name": name, "mode": mode, "steps": [route_store.parse_step(s) for s in steps]}
+        if retry_schedule:
+            data["retry_schedule"] = [int(v) for v in retry_schedule.split(",")]
+    except ValueError as exc:
+        fail(str(exc))
+    optional = {
+        "filter": filter_,
+        "description": description,
+        "dedup_path": dedup_path,
+        "dedup_window": dedup_window,
+    }
+    data.update({k: v for k, v in optional.items() if v is not None})
+    with get_db().session() as session:
+        if not replace and route_store.get(session, name) is not None:
+            fail(f"route {name!r} exists; use --replace to overwrite it")
+        try:
+            route_store.save_routes(session, [data], registry())
+        except route_store.RouteInvalid as exc:
+            fail(_invalid(exc))
+    click.echo(f"route {name!r} saved: POST /hooks/{name}")
+
+
+def _invalid(exc: route_store.RouteInvalid) -> str:
+    return "invalid route:\n  " + "\n  ".join(exc.errors)
+
+
+@routes_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def routes_list(as_json: bool) -> None:
+    """Every route: name, mode, steps, enabled."""
+    with get_db().session() as session:
+        rows = [route_store.to_dict(r) for r in route_store.list_routes(session)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(
+        table(
+            ["NAME", "MODE", "STEPS", "ENABLED"],
+            [
+                [
+                    r["name"],
+                    r["mode"],
+                    " > ".join(s["connector"] for s in r["steps"]) or "-",
+                    "yes" if r["enabled"] else "no",
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@routes_cli.command("show")
+@click.argument("name")
+def routes_show(name: str) -> None:
+    """A route as JSON, in the shape `routes apply` reads."""
+    with get_db().session() as session:
+        route = route_store.get(session, name)
+        if route is None:
+            fail(f"no route named {name!r}")
+        click.echo(json.dumps(route_store.to_dict(route), indent=2))
+
+
+@routes_cli.command("remove")
+@click.argument("name")
+def routes_remove(name: str) -> None:
+    """Remove a route (its events stay)."""
+    with get_db().session() as session:
+        if not route_store.remove(session, name):
+            fail(f"no route named {name!r}")
+    click.echo(f"removed route {name!r}")
+
+
+@routes_cli.command("apply")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def routes_apply(path: str) -> None:
+    """Create or update the routes in a JSON or YAML file; all or nothing."""
+    try:
+        items = route_store.load_file(path)
+    except ValueError as exc:
+        fail(str(exc))
+    with get_db().session() as session:
+        try:
+            results = route_store.save_routes(session, items, registry())
+        except route_store.RouteInvalid as exc:
+            fail(_invalid(exc))
+    for name, action in results:
+        click.echo(f"{action:9} {name}")
+
+
+# --- connectors ---
+
+
+@connectors_cli.command("list")
+def connectors_list() -> None:
+    """Each connector's name, description and config fields."""
+    for cls in registry():
+        click.echo(f"{cls.name}: {cls.description}")
+        schema = cls.Config.model_json_schema()
+        required = set(schema.get("required", []))
+        for field, spec in schema.get("properties", {}).items():
+            kind = spec.get("type") or "/".join(a.get("type", "?") for a in spec.get("anyOf", []))
+            default = f" = {json.dumps(spec['default'])}" if "default" in spec else ""
+            need = " (required)" if field in required else ""
+            click.echo(
+                f"    {field}: {kind}{default}{need}  {spec.get('description', '')}".rstrip()
+            )
+
+
+def init_app(app: Flask) -> None:
+    for group in (keys_cli, routes_cli, db_cli, connectors_cli):
+        app.cli.add_command(group)
+    app.cli.add_command(init_command)

@@ -1,0 +1,53 @@
+"""Defaults for every setting; each can be overridden by an HUB_* environment variable.
+
+``app.config.from_prefixed_env("HUB")`` reads HUB_DATABASE_URL into DATABASE_URL and so on,
+parsing values as JSON where they parse (HUB_MAX_BODY_BYTES=2048 is an int).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULTS: dict[str, object] = {
+    # SQLAlchemy URL; None means the embedded SQLite file instance/hub.db.
+    "DATABASE_URL": None,
+    # Largest request body accepted on /hooks and /api; larger ones get 413 unread.
+    "MAX_BODY_BYTES": 1024 * 1024,
+    # Seconds a sync route may spend running its steps before it answers 504.
+    "SYNC_TIMEOUT": 25.0,
+    # Seconds a verified API key is remembered before the database is asked again.
+    "KEY_CACHE_SECONDS": 10.0,
+    # Comma list of connector names to load; empty loads every installed connector.
+    "CONNECTORS": "",
+    # Tries of one step inside one delivery attempt (tenacity), for transient errors.
+    "STEP_TRIES": 3,
+    # "production" refuses to start without HUB_SECRET_KEY; "development" makes one.
+    "ENV": "development",
+    # Bytes of a request or response copied into an attempt row.
+    "ATTEMPT_COPY_BYTES": 4096,
+}
+
+ENV_PREFIX = "HUB"
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_instance_path() -> Path:
+    return project_root() / "instance"
+
+
+def database_url(configured: str | None = None, instance_path: str | Path | None = None) -> str:
+    """The one place that decides which database the hub talks to."""
+    url = configured or os.environ.get("HUB_DATABASE_URL")
+    if not url:
+        folder = Path(instance_path) if instance_path else default_instance_path()
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'hub.db'}"
+    # Plain postgres URLs mean the psycopg 3 driver the hub ships with.
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url

@@ -1,0 +1,119 @@
+"""The database: one engine per app, sessions per request, SQLite tuned for a web server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Flask, current_app, g
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub.config import database_url
+
+
+class Database:
+    """An engine and its session factory; usable without Flask (workers, migrations)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self.sessionmaker() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN; take it over so that
+        # every transaction takes the write lock up front: a read that later writes
+        # would otherwise fail with SQLITE_BUSY instead of waiting its turn.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def init_app(app: Flask) -> None:
+    url = database_url(app.config.get("DATABASE_URL"), app.instance_path)
+    app.config["DATABASE_URL"] = url
+    app.extensions["hub.db"] = Database(url)
+    app.teardown_appcontext(_close_session)
+
+
+def get_db() -> Database:
+    return current_app.extensions["hub.db"]
+
+
+def get_session() -> Session:
+    """The request's session, opened on first use and closed at teardown."""
+    if "db_session" not in g:
+        g.db_session = get_db().sessionmaker()
+    return g.db_session
+
+
+def _close_session(_exc: BaseException | None) -> None:
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+def ping(db: Database) -> None:
+    with db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def alembic_config(db: Database, connection=None):
+    """An Alembic config for this database, used by `db upgrade` and /ready."""
+    from alembic.config import Config
+
+    from hub.config import project_root
+
+    cfg = Config(str(project_root() / "alembic.ini"))
+    cfg.attributes["url"] = db.url
+    cfg.attributes["configure_logger"] = False
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(db: Database) -> None:
+    from alembic import command
+
+    with db.engine.begin() as conn:
+        command.upgrade(alembic_config(db, conn), "head")
+
+
+def head_revision(db: Database) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(db)).get_current_head()
+
+
+def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with db.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

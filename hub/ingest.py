@@ -1,0 +1,328 @@
+"""Inbound: POST /hooks/<route>, and the seed's /api/process and /api/chat.
+
+Every request that reaches these URLs becomes an ``events`` row, accepted or turned away,
+so an admin can always see who knocked and why they were refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from sqlalchemy.orm import Session
+
+from hub import keys, pipeline, redact
+from hub import routes as route_store
+from hub.db import get_session
+from hub.errors import error_response
+from hub.models import Attempt, Event, Route, new_event_id, utcnow
+
+bp = Blueprint("ingest", __name__)
+log = logging.getLogger("hub.ingest")
+
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+# HTTP status of a sync run that did not deliver, by the failure's code.
+FAILURE_STATUS = {"timeout": 504, "not_configured": 500, "connector_bug": 500, "bad_config": 500}
+
+
+class Rejected(Exception):
+    """A request turned away: its answer, and the cause kept on its event row."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        detail: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.code = code or reason
+        self.headers = headers or {}
+        self.detail = detail or message
+
+
+@dataclass
+class Accepted:
+    event: Event
+    route: Route
+    key: keys.KeyInfo | None
+    payload: Any
+
+
+def presented_key() -> str | None:
+    """The API key from X-API-Key, ``Authorization: Bearer``, or ``?api_key=`` (in that order)."""
+    key = request.headers.get("X-API-Key")
+    if key:
+        return key
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.args.get("api_key")
+
+
+def new_event(route_name: str) -> Event:
+    return Event(
+        id=new_event_id(),
+        route=route_name[:200],
+        method=request.method,
+        path=request.path[:2000],
+        query=redact.query_string(request.query_string.decode("latin-1")) or None,
+        remote_addr=(request.remote_addr or "")[:64] or None,
+        received_at=utcnow(),
+        headers=redact.headers(request.headers.items()),
+        content_type=(request.content_type or "")[:200] or None,
+        status="pending",
+        attempts=0,
+    )
+
+
+def read_body(limit: int) -> bytes:
+    """At most ``limit`` bytes of the body; Rejected(413) without reading further."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
+    return body
+
+
+def request_event() -> Event:
+    return g.hub_event
+
+
+def authenticate(session: Session, route: Route) -> keys.KeyInfo:
+    cache: keys.KeyCache = current_app.extensions["hub.keys"]
+    presented = presented_key()
+    match = keys.KEY_RE.match((presented or "").strip())
+    if match:  # the prefix is public: it tells an admin whose key knocked
+        request_event().key_prefix = match.group(1)
+    try:
+        info = keys.authenticate(session, presented, cache)
+    except keys.KeyRefused as exc:
+        message = {
+            "revoked": "API key has been revoked",
+            "expired": "API key has expired",
+        }.get(exc.code, "Invalid API key")
+        detail = "no API key" if not presented else message
+        raise Rejected(401, "unauthorized", message, detail=detail) from None
+    if not info.allows_route(route.name):
+        raise Rejected(
+            403,
+            "forbidden",
+            f"This API key may not post to route '{route.name}'",
+            detail=f"key {info.prefix} lacks scope {route.name}",
+        )
+    keys.touch(session, info, cache, presented or "")
+    return info
+
+
+def receive(route_name: str) -> Accepted:
+    """Check a request and write its event row; Rejected (already logged) if it fails.
+
+    On success the event is added to the request's session, not yet committed: sync
+    routes commit it with its attempts, async routes commit it before answering.
+    """
+    session = get_session()
+    event = g.hub_event = new_event(route_name)
+    try:
+        if request.method != "POST":
+            raise Rejected(
+                405,
+                "method_not_allowed",
+                "Webhooks must be sent with POST",
+                headers={"Allow": "POST"},
+            )
+        body = read_body(int(current_app.config["MAX_BODY_BYTES"]))
+        event.body = body
+        route = route_store.get(session, route_name)
+        if route is None or not route.enabled:
+            raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
+        key = authenticate(session, route)
+        event.key_prefix = key.prefix
+        try:
+            payload = pipeline.decode_payload(body, request.content_type)
+        except pipeline.PayloadError as exc:
+            status = 415 if exc.code == "unsupported_media_type" else 400
+            raise Rejected(status, exc.code, exc.message) from None
+    except Rejected as rejection:
+        record_rejection(session, event, rejection)
+        raise
+    session.add(event)
+    return Accepted(event=event, route=route, key=key, payload=payload)
+
+
+def record_rejection(session: Session, event: Event, rejection: Rejected) -> None:
+    session.rollback()
+    if rejection.reason == "too_large":
+        event.body = None
+    event.status = "rejected"
+    event.reason = rejection.reason
+    event.response_status = rejection.status
+    event.last_error = rejection.detail[:500]
+    event.completed_at = utcnow()
+    session.add(event)
+    session.commit()
+    log.info(
+        "rejected %s %s: %s (%d)", event.id, event.route[:64], rejection.reason, rejection.status
+    )
+
+
+def rejection_response(rejection: Rejected) -> Response:
+    response, status = error_response(rejection.status, rejection.message, rejection.code)
+    for name, value in rejection.headers.items():
+        response.headers[name] = value
+    return response, status
+
+
+def run_sync(accepted: Accepted) -> pipeline.Outcome:
+    """Run a sync route inside the request and commit the event with its attempts."""
+    session = get_session()
+    event, route = accepted.event, accepted.route
+    event.status = "processing"
+    event.attempts = 1
+    session.flush()
+    attempts: list[Attempt] = []
+    outcome = pipeline.run(
+        event,
+        route,
+        current_app.extensions["hub.connectors"],
+        payload=accepted.payload,
+        record=attempts.append,
+        deadline=time.monotonic() + float(current_app.config["SYNC_TIMEOUT"]),
+        tries=int(current_app.config["STEP_TRIES"]),
+        copy_bytes=int(current_app.config["ATTEMPT_COPY_BYTES"]),
+    )
+    session.add_all(attempts)
+    finish(event, outcome)
+    session.commit()
+    return outcome
+
+
+def finish(event: Event, outcome: pipeline.Outcome) -> None:
+    """The event's end state after a run that will not be retried."""
+    event.completed_at = utcnow()
+    event.next_attempt_at = None
+    if outcome.status in (pipeline.DELIVERED, pipeline.FILTERED):
+        event.status = outcome.status
+        event.result = outcome.result
+        event.last_error = None
+    else:
+        event.status = "failed"
+        event.last_error = (outcome.error or "failed")[:2000]
+
+
+def failure_status(outcome: pipeline.Outcome) -> int:
+    return FAILURE_STATUS.get(outcome.code or "", 502)
+
+
+def accept_or_reject(route_name: str):
+    """``(Accepted, None)``, or ``(None, error response)`` for a turned-away request."""
+    try:
+        return receive(route_name), None
+    except Rejected as rejection:
+        return None, rejection_response(rejection)
+
+
+@bp.route("/hooks/<route_name>", methods=ANY_METHOD)
+def hook(route_name: str):
+    accepted, error = accept_or_reject(route_name)
+    if error:
+        return error
+    if accepted.route.mode == "async":
+        return _not_yet_async(accepted)
+    outcome = run_sync(accepted)
+    event = accepted.event
+    if outcome.status == pipeline.DELIVERED:
+        return {"id": event.id, "status": event.status, "result": outcome.result}, 200
+    if outcome.status == pipeline.FILTERED:
+        return {"id": event.id, "status": event.status}, 200
+    return error_response(
+        failure_status(outcome), outcome.error, outcome.code or "step_failed", id=event.id
+    )
+
+
+def _not_yet_async(accepted: Accepted):
+    rejection = Rejected(
+        501, "not_implemented", "Async routes are not available yet", code="not_implemented"
+    )
+    session = get_session()
+    session.expunge(accepted.event)
+    record_rejection(session, accepted.event, rejection)
+    return rejection_response(rejection)
+
+
+# --- The seed's API: the same hub underneath, the article's request and response shapes ---
+
+
+def seed_invalid(accepted: Accepted, status: int, message: str, code: str):
+    """Turn a seed request away after auth (a missing field) and keep the cause."""
+    session = get_session()
+    session.expunge(accepted.event)
+    record_rejection(session, accepted.event, Rejected(status, code, message))
+    return error_response(status, message, code)
+
+
+@bp.route("/api/process", methods=ANY_METHOD)
+def api_process():
+    accepted, error = accept_or_reject("process")
+    if error:
+        return error
+    data = accepted.payload
+    if not isinstance(data, dict) or "input" not in data:
+        return seed_invalid(accepted, 400, "Missing required field: input", "missing_field")
+    if accepted.route.mode == "async":
+        return _not_yet_async(accepted)
+    outcome = run_sync(accepted)
+    if outcome.status == pipeline.DELIVERED:
+        return {"success": True, "result": outcome.result, "input": data["input"]}, 200
+    return error_response(
+        failure_status(outcome), outcome.error, outcome.code, id=accepted.event.id
+    )
+
+
+# The seed's chat errors, by the failure's code.
+CHAT_ERRORS = {
+    "not_configured": (500, "API key not configured"),
+    "bad_response": (500, "Unexpected API response format"),
+}
+
+
+@bp.route("/api/chat", methods=ANY_METHOD)
+def api_chat():
+    accepted, error = accept_or_reject("chat")
+    if error:
+        return error
+    data = accepted.payload
+    message = data.get("message") if isinstance(data, dict) else None
+    if not message:
+        return seed_invalid(accepted, 400, "Message is required", "missing_field")
+    if accepted.route.mode == "async":
+        return _not_yet_async(accepted)
+    outcome = run_sync(accepted)
+    if outcome.status == pipeline.DELIVERED:
+        result = outcome.result if isinstance(outcome.result, dict) else {}
+        return {
+            "success": True,
+            "user_message": message,
+            "assistant_message": result.get("assistant_message"),
+            "tokens_used": result.get("tokens_used"),
+        }, 200
+    if outcome.code in CHAT_ERRORS:
+        status, sentence = CHAT_ERRORS[outcome.code]
+        return error_response(status, sentence, outcome.code, id=accepted.event.id)
+    if outcome.code == "timeout" or outcome.code == "upstream_timeout":
+        return error_response(504, "API request timed out", "timeout", id=accepted.event.id)
+    return error_response(
+        502, outcome.error or "API request failed", "upstream_error", id=accepted.event.id
+    )

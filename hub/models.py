@@ -1,0 +1,233 @@
+"""The four tables the hub is made of: api_keys, routes, events, attempts."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC on the way in and out, on SQLite (which keeps no zone) too."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_event_id() -> str:
+    """``evt_`` + 26 characters: 48 bits of milliseconds, 80 random bits; ids sort by time."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        value, rem = divmod(value, 32)
+        chars.append(_CROCKFORD[rem])
+    return "evt_" + "".join(reversed(chars))
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "last_used_at": _iso(self.last_used_at),
+            "revoked_at": _iso(self.revoked_at),
+        }
+
+
+class Route(Base):
+    __tablename__ = "routes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(String(8), default="sync")
+    steps: Mapped[list[Any]] = mapped_column(default=list)
+    # A sandboxed Jinja expression; events for which it is false end as `filtered`.
+    filter: Mapped[str | None] = mapped_column(Text)
+    # What a sender must show: key, signature, key+signature, key|signature.
+    auth: Mapped[str] = mapped_column(String(20), default="key")
+    verify_scheme: Mapped[str | None] = mapped_column(String(32))
+    verify_options: Mapped[dict[str, Any] | None]
+    # Signature secrets, a JSON list encrypted with a key derived from HUB_SECRET_KEY.
+    secrets_encrypted: Mapped[str | None] = mapped_column(Text)
+    dedup_path: Mapped[str | None] = mapped_column(String(200))
+    dedup_window: Mapped[int] = mapped_column(Integer, default=86400)
+    # Seconds between durable retries; None means the hub's default schedule.
+    retry_schedule: Mapped[list[Any] | None]
+    rate_limit: Mapped[str | None] = mapped_column(String(32))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """One row for every request that reached /hooks or /api, accepted or not."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_due", "status", "next_attempt_at"),
+        Index("ix_events_dedup", "route", "dedup_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
+    route: Mapped[str] = mapped_column(String(200))  # indexed by ix_events_dedup
+    key_prefix: Mapped[str | None] = mapped_column(String(16))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(10))
+    path: Mapped[str] = mapped_column(String(2000))
+    query: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    content_type: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    dedup_key: Mapped[str | None] = mapped_column(String(300))
+    duplicate_of: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    # Why a request was turned away: unauthorized, forbidden, bad_signature ...
+    reason: Mapped[str | None] = mapped_column(String(32))
+    response_status: Mapped[int | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[Any | None] = mapped_column(JSONType)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    completed_at: Mapped[datetime | None]
+
+    attempt_rows: Mapped[list[Attempt]] = relationship(
+        back_populates="event",
+        order_by="Attempt.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    def to_dict(self, with_attempts: bool = False) -> dict[str, Any]:
+        data = {
+            "id": self.id,
+            "route": self.route,
+            "status": self.status,
+            "reason": self.reason,
+            "key_prefix": self.key_prefix,
+            "remote_addr": self.remote_addr,
+            "received_at": _iso(self.received_at),
+            "attempts": self.attempts,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "completed_at": _iso(self.completed_at),
+            "result": self.result,
+            "last_error": self.last_error,
+            "duplicate_of": self.duplicate_of,
+        }
+        if with_attempts:
+            data["attempt_log"] = [a.to_dict() for a in self.attempt_rows]
+        return data
+
+
+class Attempt(Base):
+    """One row for every connector call, including each quick retry inside a delivery."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    # Which delivery of the event this call belongs to (1 for the first, more after retries).
+    run: Mapped[int] = mapped_column(Integer, default=1)
+    step_index: Mapped[int] = mapped_column(Integer)
+    connector: Mapped[str] = mapped_column(String(64))
+    # Which quick (in-process) try of the step this was, from 1.
+    try_number: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str] = mapped_column(String(16))
+    http_status: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    request: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)
+
+    event: Mapped[Event] = relationship(back_populates="attempt_rows")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "step": self.step_index,
+            "connector": self.connector,
+            "try": self.try_number,
+            "started_at": _iso(self.started_at),
+            "duration_ms": self.duration_ms,
+            "outcome": self.outcome,
+            "http_status": self.http_status,
+            "error": self.error,
+            "request": self.request,
+            "response": self.response,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None

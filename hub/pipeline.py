@@ -1,0 +1,304 @@
+"""Runs one event through its route's steps and records every connector call as an attempt.
+
+The pipeline knows nothing of HTTP requests or workers: ingest calls it inside a request
+(sync routes), the worker calls it for claimed events (async routes). Both get an
+``Outcome`` back and decide what the event's status becomes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from hub import redact
+from hub.connectors import (
+    ConnectorError,
+    PermanentError,
+    Registry,
+    RetryableError,
+    StepConfigError,
+    StepContext,
+    UnknownConnectorError,
+)
+from hub.http import DEFAULT_TRIES, retry_policy
+from hub.models import Attempt, Event, Route, utcnow
+from hub.templating import TemplateProblem, evaluate_filter, render_config
+
+log = logging.getLogger("hub.pipeline")
+
+DELIVERED, FAILED, RETRYABLE, FILTERED = "delivered", "failed", "retryable", "filtered"
+
+
+@dataclass
+class Outcome:
+    """How a run ended: ``delivered``, ``filtered``, ``failed`` (permanent) or ``retryable``."""
+
+    status: str
+    result: Any = None
+    error: str | None = None
+    code: str | None = None
+    http_status: int | None = None
+    retry_after: float | None = None
+    step_index: int | None = None
+
+
+class PayloadError(ValueError):
+    """The body is not JSON or form data the hub can read."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+JSON_TYPES = ("application/json",)
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def decode_payload(body: bytes, content_type: str | None) -> Any:
+    """The payload a route's steps see: parsed JSON, or form fields as a dict.
+
+    A form whose only field is ``payload`` holding JSON (GitHub's form content type) is
+    unwrapped to that JSON. An empty body is an empty object.
+    """
+    kind = media_type(content_type)
+    if not body:
+        return {}
+    if kind in JSON_TYPES or kind.endswith("+json"):
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, ValueError):
+            raise PayloadError("bad_json", "Request body is not valid JSON") from None
+    if kind == FORM_TYPE:
+        try:
+            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise PayloadError("bad_form", "Form body is not valid UTF-8") from None
+        form = {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
+        if set(form) == {"payload"} and isinstance(form["payload"], str):
+            try:
+                return json.loads(form["payload"])
+            except ValueError:
+                pass
+        return form
+    raise PayloadError(
+        "unsupported_media_type",
+        "Content-Type must be application/json or application/x-www-form-urlencoded",
+    )
+
+
+def template_context(event: Event, payload: Any, outputs: list[Any]) -> dict[str, Any]:
+    return {
+        "payload": payload,
+        "steps": outputs,
+        "previous": outputs[-1] if outputs else payload,
+        "headers": event.headers or {},
+        "event": {"id": event.id, "route": event.route},
+    }
+
+
+def describe_bug(exc: BaseException) -> str:
+    """Type, message and where it happened: enough to find the bug, no full traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"connector bug: {type(exc).__name__}: {exc}{where}"[:1000]
+
+
+def run(
+    event: Event,
+    route: Route,
+    registry: Registry,
+    *,
+    payload: Any = None,
+    record: Callable[[Attempt], None],
+    deadline: float | None = None,
+    tries: int = DEFAULT_TRIES,
+    copy_bytes: int = 4096,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Outcome:
+    """Run every step of ``route`` for ``event``; ``record`` receives each attempt row."""
+    if payload is None:
+        try:
+            payload = decode_payload(event.body or b"", event.content_type)
+        except PayloadError as exc:
+            return Outcome(FAILED, error=exc.message, code=exc.code)
+    outputs: list[Any] = []
+    if route.filter:
+        try:
+            keep = evaluate_filter(route.filter, template_context(event, payload, outputs))
+        except TemplateProblem as exc:
+            return Outcome(FAILED, error=str(exc), code="bad_filter")
+        if not keep:
+            return Outcome(FILTERED)
+    current = payload
+    for index, step in enumerate(route.steps or []):
+        outcome = _run_step(
+            event,
+            route,
+            registry,
+            index,
+            step,
+            payload=payload,
+            current=current,
+            outputs=outputs,
+            record=record,
+            deadline=deadline,
+            tries=tries,
+            copy_bytes=copy_bytes,
+            sleep=sleep,
+        )
+        if outcome.status != DELIVERED:
+            outcome.step_index = index
+            return outcome
+        current = outcome.result
+        outputs.append(current)
+    return Outcome(DELIVERED, result=current)
+
+
+def _run_step(
+    event: Event,
+    route: Route,
+    registry: Registry,
+    index: int,
+    step: dict[str, Any],
+    *,
+    payload: Any,
+    current: Any,
+    outputs: list[Any],
+    record: Callable[[Attempt], None],
+    deadline: float | None,
+    tries: int,
+    copy_bytes: int,
+    sleep: Callable[[float], None],
+) -> Outcome:
+    name = step.get("connector", "?")
+    run_number = max(event.attempts, 1)
+
+    def attempt_row(try_number: int, started, t0: float, outcome: str, **extra) -> Attempt:
+        return Attempt(
+            event_id=event.id,
+            run=run_number,
+            step_index=index,
+            connector=name,
+            try_number=try_number,
+            started_at=started,
+            duration_ms=int((time.monotonic() - t0) * 1000),
+            outcome=outcome,
+            **extra,
+        )
+
+    if deadline is not None and time.monotonic() >= deadline:
+        return Outcome(FAILED, error="deadline passed before the step started", code="timeout")
+    try:
+        config = render_config(step.get("config") or {}, template_context(event, payload, outputs))
+        connector = registry.build(name, config)
+    except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
+        message = str(exc).strip("'\"")
+        record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
+        log.warning("event %s step %d (%s): %s", event.id, index, name, message)
+        return Outcome(FAILED, error=message, code="bad_config")
+
+    try_number = 0
+    last: Outcome | None = None
+    step_logger = logging.getLogger(f"hub.connector.{name}")
+    try:
+        for attempt in retry_policy(tries, deadline=deadline, sleep=sleep, connector=name):
+            with attempt:
+                try_number += 1
+                ctx = StepContext(
+                    event_id=event.id,
+                    route=route.name,
+                    step_index=index,
+                    payload=payload,
+                    outputs=list(outputs),
+                    logger=step_logger,
+                    attempt=run_number,
+                    deadline=deadline,
+                )
+                started, t0 = utcnow(), time.monotonic()
+                try:
+                    output = connector.run(current, ctx)
+                except ConnectorError as exc:
+                    kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
+                    status = exc.status or ctx.exchange.status
+                    record(
+                        _with_exchange(
+                            attempt_row(
+                                try_number,
+                                started,
+                                t0,
+                                kind,
+                                http_status=status,
+                                error=exc.message[:2000],
+                            ),
+                            ctx,
+                            copy_bytes,
+                        )
+                    )
+                    last = Outcome(
+                        RETRYABLE if kind == "retryable" else FAILED,
+                        error=exc.message,
+                        code=exc.code,
+                        http_status=status,
+                        retry_after=getattr(exc, "retry_after", None),
+                    )
+                    log.warning(
+                        "event %s step %d (%s) try %d: %s",
+                        event.id,
+                        index,
+                        name,
+                        try_number,
+                        exc.message[:300],
+                    )
+                    raise
+                except Exception as exc:  # a bug in the connector: permanent, never retried
+                    message = describe_bug(exc)
+                    record(
+                        _with_exchange(
+                            attempt_row(try_number, started, t0, "permanent", error=message),
+                            ctx,
+                            copy_bytes,
+                        )
+                    )
+                    log.error("event %s step %d (%s): %s", event.id, index, name, message)
+                    last = Outcome(FAILED, error=message, code="connector_bug")
+                    raise PermanentError(message) from None
+                record(
+                    _with_exchange(
+                        attempt_row(try_number, started, t0, "ok", http_status=ctx.exchange.status),
+                        ctx,
+                        copy_bytes,
+                    )
+                )
+                return Outcome(DELIVERED, result=_jsonable(output))
+    except ConnectorError:
+        assert last is not None
+        return last
+    raise AssertionError("unreachable: the retry loop always returns or raises")
+
+
+def _with_exchange(row: Attempt, ctx: StepContext, limit: int) -> Attempt:
+    row.request = redact.copy_for_log(ctx.exchange.request, limit)
+    row.response = redact.copy_for_log(ctx.exchange.response, limit)
+    if row.http_status is None:
+        row.http_status = ctx.exchange.status
+    return row
+
+
+def _jsonable(value: Any) -> Any:
+    """Outputs are stored as JSON: make sure they are, rather than fail at commit."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,144 @@
+"""Fixtures: the hub on a real SQLite file and, when HUB_TEST_DATABASE_URL is set, on the
+real PostgreSQL server too. Every test that takes ``app`` runs once per database.
+
+With HUB_TEST_DATABASE_URL set, an unreachable server fails the PostgreSQL tests: they never
+skip, so a CI run can't pass by quietly testing less.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from hub import create_app
+from hub.config import database_url
+from hub.db import Database, upgrade
+from hub.keys import create_key
+from hub.routes import save_routes
+from tests.servers import FakeOpenAI, Receiver
+
+PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+TABLES = ("attempts", "events", "routes", "api_keys")
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> str:
+    """A migrated SQLite file, copied for each test (faster than migrating each time)."""
+    path = tmp_path_factory.mktemp("template") / "hub.db"
+    db = Database(f"sqlite:///{path}")
+    upgrade(db)
+    db.dispose()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    url = make_url(database_url(PG_URL))
+    name = url.database or "hub_test"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+            {"n": name},
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    full = url.set(database=name).render_as_string(hide_password=False)
+    db = Database(full)
+    upgrade(db)
+    db.dispose()
+    yield full
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url_for_test(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        path = tmp_path / "hub.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("pg_database")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def app(database_url_for_test, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HUB_ALLOW_PRIVATE_TARGETS", "true")
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": database_url_for_test,
+            "SECRET_KEY": "test-secret-key-for-the-hub",
+            "KEY_CACHE_SECONDS": 0,
+        }
+    )
+    yield app
+    app.extensions["hub.db"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def db(app) -> Database:
+    return app.extensions["hub.db"]
+
+
+@pytest.fixture
+def make_key(db):
+    """``make_key(scopes=None, name="test", expires_in=None)`` -> the plaintext key."""
+
+    def make(scopes=None, name="test", expires_in=None) -> str:
+        with db.session() as session:
+            _, key = create_key(session, name, scopes, expires_in)
+        return key
+
+    return make
+
+
+@pytest.fixture
+def key(make_key) -> str:
+    return make_key()
+
+
+@pytest.fixture
+def add_route(app, db):
+    """``add_route(name, steps=[...], **fields)``: saved through the same checks as the CLI."""
+
+    def add(name: str, steps=None, **fields):
+        data = {"name": name, "steps": steps or [], **fields}
+        with db.session() as session:
+            save_routes(session, [data], app.extensions["hub.connectors"])
+
+    return add
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_openai(monkeypatch) -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(api_key="sk-test-key") as server:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+        yield server

@@ -1,0 +1,229 @@
+"""POST /hooks/<route>: authentication, body checks, sync runs, and the event log."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from hub.models import ApiKey, Attempt, Event, utcnow
+
+
+def events(db) -> list[Event]:
+    with db.session() as session:
+        return list(session.scalars(select(Event).order_by(Event.received_at, Event.id)))
+
+
+def attempts(db) -> list[Attempt]:
+    with db.session() as session:
+        return list(session.scalars(select(Attempt).order_by(Attempt.id)))
+
+
+@pytest.fixture
+def shout(add_route):
+    add_route("shout", [{"connector": "text", "config": {"field": "text"}}])
+
+
+@pytest.mark.parametrize("how", ["x-api-key", "bearer", "query"])
+def test_sync_hook_runs_the_steps_and_logs_event_and_attempt(client, db, key, shout, how):
+    headers, query = {}, ""
+    if how == "x-api-key":
+        headers["X-API-Key"] = key
+    elif how == "bearer":
+        headers["Authorization"] = f"Bearer {key}"
+    else:
+        query = f"?api_key={key}"
+    response = client.post(f"/hooks/shout{query}", json={"text": "hello webhook"}, headers=headers)
+
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert body["status"] == "delivered"
+    assert body["result"] == {"processed": "HELLO WEBHOOK", "length": 13, "words": 2}
+    [event] = events(db)
+    assert event.id == body["id"]
+    assert event.status == "delivered"
+    assert event.route == "shout"
+    assert event.key_prefix == key.split("_")[1]
+    assert json.loads(event.body) == {"text": "hello webhook"}
+    assert event.result == body["result"]
+    assert event.completed_at is not None
+    [attempt] = attempts(db)
+    assert (attempt.event_id, attempt.connector, attempt.outcome) == (event.id, "text", "ok")
+    assert attempt.duration_ms >= 0
+    # The key itself is nowhere in the stored row.
+    stored = json.dumps([event.headers, event.query, event.path])
+    assert key not in stored
+    assert key.split("_", 2)[2] not in stored
+
+
+def test_form_encoded_body_and_github_payload_field(client, key, shout, db):
+    r1 = client.post("/hooks/shout", data={"text": "from a form"}, headers={"X-API-Key": key})
+    assert r1.status_code == 200
+    assert r1.json["result"]["processed"] == "FROM A FORM"
+    # GitHub's form content type wraps the JSON in a `payload` field.
+    r2 = client.post(
+        "/hooks/shout",
+        data={"payload": json.dumps({"text": "wrapped"})},
+        headers={"X-API-Key": key},
+    )
+    assert r2.json["result"]["processed"] == "WRAPPED"
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, code",
+    [
+        ({"headers": {}}, 401, "unauthorized"),
+        ({"headers": {"X-API-Key": "hk_00000000_" + "a" * 43}}, 401, "unauthorized"),
+        ({"headers": {"X-API-Key": "not-even-a-key"}}, 401, "unauthorized"),
+        ({"headers": {"Authorization": "Basic Zm9vOmJhcg=="}}, 401, "unauthorized"),
+    ],
+)
+def test_missing_or_wrong_key_is_401_and_logged(client, db, shout, kwargs, status, code):
+    response = client.post("/hooks/shout", json={"text": "x"}, **kwargs)
+    assert response.status_code == status
+    assert response.json == {"error": "Invalid API key", "code": code}
+    [event] = events(db)
+    assert (event.status, event.reason, event.response_status) == ("rejected", "unauthorized", 401)
+    assert attempts(db) == []
+
+
+def test_revoked_and_expired_keys_are_refused(client, db, make_key, runner, shout):
+    revoked = make_key()
+    assert runner.invoke(args=["keys", "revoke", revoked.split("_")[1]]).exit_code == 0
+    expired = make_key(expires_in=timedelta(seconds=1))
+    with db.session() as session:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == expired.split("_")[1]))
+        row.expires_at = utcnow() - timedelta(seconds=1)
+
+    r1 = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": revoked})
+    r2 = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": expired})
+    assert (r1.status_code, r1.json["code"]) == (401, "unauthorized")
+    assert "revoked" in r1.json["error"]
+    assert (r2.status_code, r2.json["code"]) == (401, "unauthorized")
+    assert "expired" in r2.json["error"]
+    logged = events(db)
+    assert [e.reason for e in logged] == ["unauthorized", "unauthorized"]
+    # The public prefix says whose key knocked.
+    assert {e.key_prefix for e in logged} == {revoked.split("_")[1], expired.split("_")[1]}
+
+
+def test_key_without_the_route_scope_is_403(client, db, make_key, shout):
+    other = make_key(scopes=["somewhere-else"])
+    response = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": other})
+    assert response.status_code == 403
+    assert response.json["code"] == "forbidden"
+    assert events(db)[0].reason == "forbidden"
+
+
+def test_scoped_key_reaches_its_route(client, make_key, shout):
+    scoped = make_key(scopes=["shout"])
+    response = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": scoped})
+    assert response.status_code == 200
+
+
+def test_unknown_route_is_404_and_logged(client, db, key):
+    response = client.post("/hooks/nope", json={}, headers={"X-API-Key": key})
+    assert response.status_code == 404
+    assert response.json["code"] == "unknown_route"
+    [event] = events(db)
+    assert (event.route, event.reason) == ("nope", "unknown_route")
+
+
+def test_body_over_the_limit_is_413_and_not_stored(app, client, db, key, shout):
+    app.config["MAX_BODY_BYTES"] = 1000
+    big = json.dumps({"text": "x" * 2000})
+    response = client.post(
+        "/hooks/shout", data=big, content_type="application/json", headers={"X-API-Key": key}
+    )
+    assert response.status_code == 413
+    assert response.json["code"] == "too_large"
+    [event] = events(db)
+    assert (event.reason, event.body) == ("too_large", None)
+
+
+def test_malformed_json_is_400(client, db, key, shout):
+    response = client.post(
+        "/hooks/shout",
+        data=b'{"text": ',
+        content_type="application/json",
+        headers={"X-API-Key": key},
+    )
+    assert response.status_code == 400
+    assert response.json == {"error": "Request body is not valid JSON", "code": "bad_json"}
+    [event] = events(db)
+    assert (event.reason, event.body) == ("bad_json", b'{"text": ')
+
+
+def test_other_content_types_are_415(client, db, key, shout):
+    response = client.post(
+        "/hooks/shout", data=b"<xml/>", content_type="application/xml", headers={"X-API-Key": key}
+    )
+    assert response.status_code == 415
+    assert response.json["code"] == "unsupported_media_type"
+    assert events(db)[0].reason == "unsupported_media_type"
+
+
+def test_wrong_method_is_405_with_allow_header(client, db, key, shout):
+    response = client.get("/hooks/shout", headers={"X-API-Key": key})
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.json["code"] == "method_not_allowed"
+    assert events(db)[0].reason == "method_not_allowed"
+
+
+def test_secrets_never_stored_in_headers_or_query(client, db, key, shout):
+    client.set_cookie("session", "abc")
+    client.post(
+        f"/hooks/shout?api_key={key}&other=1",
+        json={"text": "x"},
+        headers={"Authorization": f"Bearer {key}", "X-Trace": "t1"},
+    )
+    [event] = events(db)
+    assert event.headers["authorization"] == "[redacted]"
+    assert event.headers["cookie"] == "[redacted]"
+    assert event.headers["x-trace"] == "t1"
+    assert "api_key=%5Bredacted%5D" in event.query and "other=1" in event.query
+
+
+def test_failed_step_is_logged_permanent_and_answers_502(client, db, key, add_route):
+    add_route("needs-field", [{"connector": "text", "config": {"field": "missing"}}])
+    response = client.post("/hooks/needs-field", json={"text": "x"}, headers={"X-API-Key": key})
+    assert response.status_code == 502
+    assert response.json["code"] == "missing_field"
+    assert "missing" in response.json["error"]
+    [event] = events(db)
+    assert event.status == "failed"
+    assert "missing" in event.last_error
+    [attempt] = attempts(db)
+    assert attempt.outcome == "permanent"
+
+
+def test_async_route_answers_501_until_workers_exist(client, db, key, add_route):
+    add_route("later", [{"connector": "text"}], mode="async")
+    response = client.post("/hooks/later", json={"input": "x"}, headers={"X-API-Key": key})
+    assert response.status_code == 501
+    assert response.json["code"] == "not_implemented"
+    assert events(db)[0].reason == "not_implemented"
+
+
+def test_no_stack_trace_in_an_unexpected_error(client, app, db, key, shout, monkeypatch):
+    from hub import ingest
+
+    def explode(accepted):
+        raise RuntimeError("SELECT secret FROM internals")
+
+    monkeypatch.setattr(ingest, "run_sync", explode)
+    response = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": key})
+    assert response.status_code == 500
+    assert response.json == {"error": "Server error", "code": "internal_error"}
+    assert b"SELECT" not in response.data and b"Traceback" not in response.data
+
+
+def test_every_request_is_one_event(client, db, key, shout):
+    client.post("/hooks/shout", json={"text": "a"}, headers={"X-API-Key": key})
+    client.post("/hooks/shout", json={"text": "b"})
+    client.post("/hooks/ghost", json={"text": "c"}, headers={"X-API-Key": key})
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Event)) == 3
