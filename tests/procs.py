@@ -1,0 +1,89 @@
+"""Real processes for end-to-end tests: gunicorn serving the hub, `flask --app hub worker`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hub_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env.update(
+        HUB_DATABASE_URL=database_url,
+        HUB_SECRET_KEY="test-secret-key-for-the-hub",
+        HUB_ALLOW_PRIVATE_TARGETS="true",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def wait_until(check, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+@contextmanager
+def gunicorn(
+    database_url: str, log_path: Path, workers: int = 2, **env: str
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The hub under real gunicorn on 127.0.0.1; yields (process, base URL)."""
+    port = free_port()
+    log = open(log_path, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"), "hub:create_app()"],
+        cwd=ROOT,
+        env=hub_env(database_url, HUB_PORT=str(port), HUB_WEB_WORKERS=str(workers), **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited: {log_path.read_text()[-2000:]}")
+        try:
+            return requests.get(base + "/health", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(healthy, 30, what="gunicorn to answer /health")
+        yield proc, base
+    finally:
+        stop(proc)
+        log.close()
