@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hub.connectors import Connector, PermanentError, StepContext
+from hub.connectors import Connector, PermanentError, StepContext, lookup_path
 
 Operation = Literal["strip", "lower", "upper", "truncate", "extract"]
 
@@ -41,19 +41,6 @@ class TextConfig(BaseModel):
         return self
 
 
-def lookup(payload: Any, path: str) -> Any:
-    """``a.b.0.c`` into nested dicts and lists; KeyError when a part is missing."""
-    value = payload
-    for part in path.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            raise KeyError(path)
-    return value
-
-
 class TextConnector(Connector):
     name = "text"
     description = (
@@ -64,7 +51,7 @@ class TextConnector(Connector):
     def run(self, payload: Any, ctx: StepContext) -> dict[str, Any]:
         cfg: TextConfig = self.config
         try:
-            text = lookup(payload, cfg.field)
+            text = lookup_path(payload, cfg.field)
         except KeyError:
             raise PermanentError(
                 f"payload has no field {cfg.field!r}", code="missing_field"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from flask import Flask
@@ -28,6 +29,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     errors.init_app(app)
     app.extensions["hub.keys"] = keys.KeyCache(float(app.config["KEY_CACHE_SECONDS"]))
+    # Set when an async event is committed, so an idle worker in this process starts at once.
+    app.extensions["hub.wakeup"] = threading.Event()
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     app.register_blueprint(system.bp)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
+from hub import events as event_store
 from hub import keys as key_store
 from hub import routes as route_store
 from hub.connectors import Registry
 from hub.db import Database, get_db, upgrade
+from hub.models import Event, utcnow
+from hub.worker import notify
 
 keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
 routes_cli = AppGroup("routes", help="Add, list, show, remove and apply routes.")
 db_cli = AppGroup("db", help="Database schema.")
 connectors_cli = AppGroup("connectors", help="The connectors this hub has loaded.")
+events_cli = AppGroup("events", help="List, show, replay and purge stored events.")
 
 
 def registry() -> Registry:
@@ -259,7 +264,162 @@ def connectors_list() -> None:
             )
 
 
+# --- events ---
+
+
+def _since(value: str | None):
+    if not value:
+        return None
+    try:
+        return utcnow() - key_store.parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"not a time: {value!r} (use an ISO time such as 2026-11-01T00:00 or an age like 2d)")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@events_cli.command("list")
+@click.option("--route", help="Only this route.")
+@click.option("--status", type=click.Choice(event_store.STATUSES), help="Only this status.")
+@click.option("--since", help="Received after an ISO time or within an age such as 2h.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def events_list(route, status, since, limit, as_json) -> None:
+    """The newest events first."""
+    with get_db().session() as session:
+        rows = [
+            e.to_dict()
+            for e in event_store.find(
+                session, route=route, status=status, since=_since(since), limit=limit
+            )
+        ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(
+        table(
+            ["ID", "ROUTE", "STATUS", "REASON", "ATTEMPTS", "RECEIVED", "LAST ERROR"],
+            [
+                [
+                    r["id"],
+                    r["route"][:24],
+                    r["status"],
+                    r["reason"] or "-",
+                    r["attempts"],
+                    _short(r["received_at"]),
+                    (r["last_error"] or "-")[:60],
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@events_cli.command("show")
+@click.argument("event_id")
+def events_show(event_id: str) -> None:
+    """An event with its headers, body and every connector call."""
+    with get_db().session() as session:
+        event = session.get(Event, event_id)
+        if event is None:
+            fail(f"no event {event_id!r}")
+        data = event.to_dict(with_attempts=True)
+        data["headers"] = event.headers
+        data["query"] = event.query
+        data["body"] = (event.body or b"").decode("utf-8", "replace")
+    click.echo(json.dumps(data, indent=2))
+
+
+@events_cli.command("replay")
+@click.argument("event_ids", nargs=-1)
+@click.option(
+    "--status", type=click.Choice(event_store.REPLAYABLE), help="Replay every such event."
+)
+@click.option("--route", help="With --status: only this route.")
+@click.option("--since", help="With --status: received after an ISO time or within an age.")
+def events_replay(event_ids, status, route, since) -> None:
+    """Put failed, dead or delivered events back in the queue; their attempts keep counting."""
+    db = get_db()
+    if bool(event_ids) == bool(status):
+        fail("give event ids, or --status (with --route/--since) for a bulk replay")
+    if event_ids:
+        with db.session() as session:
+            done = event_store.replay(session, event_ids)
+        skipped = sorted(set(event_ids) - set(done))
+        for event_id in done:
+            click.echo(f"replayed {event_id}")
+        for event_id in skipped:
+            click.echo(f"skipped {event_id} (unknown, or not failed/dead/delivered)", err=True)
+    else:
+        when = _since(since)
+        total = event_store.count(db, status=status, route=route, since=when)
+        done = []
+        with click.progressbar(
+            length=total, label=f"replaying {status} events", file=sys.stderr
+        ) as bar:
+            for ids in event_store.matching_ids(db, status=status, route=route, since=when):
+                with db.session() as session:
+                    done += event_store.replay(session, ids)
+                bar.update(len(ids))
+        click.echo(f"replayed {len(done)} event(s)")
+    current_app.extensions["hub.wakeup"].set()
+    if done:
+        with db.session() as session:
+            notify(session)
+
+
+@events_cli.command("purge")
+@click.option("--older-than", required=True, help="Age such as 30d; finished events only.")
+def events_purge(older_than: str) -> None:
+    """Delete finished events (and their attempts) older than an age, in small batches."""
+    try:
+        cutoff = utcnow() - key_store.parse_duration(older_than)
+    except ValueError as exc:
+        fail(str(exc))
+    removed = event_store.purge(get_db(), cutoff)
+    click.echo(f"purged {removed} event(s) received before {cutoff:%Y-%m-%d %H:%M} UTC")
+
+
+# --- worker ---
+
+
+@click.command("worker")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Events delivered at once by this process.",
+)
+@click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+@with_appcontext
+def worker_command(concurrency: int, once: bool) -> None:
+    """Deliver async events: run beside gunicorn, as many as you like, on any machine."""
+    import signal
+    import threading
+
+    from hub.worker import Worker
+
+    app = current_app._get_current_object()
+    worker = Worker(app)
+    if once:
+        click.echo(f"delivered {worker.run_once(limit=10**9)} event(s)")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start(concurrency)
+    click.echo(f"worker {worker.name} delivering with {concurrency} thread(s)", err=True)
+    stop.wait()
+    click.echo("stopping: finishing in-flight deliveries", err=True)
+    worker.stop()
+
+
 def init_app(app: Flask) -> None:
-    for group in (keys_cli, routes_cli, db_cli, connectors_cli):
+    app.cli.add_command(worker_command)
+    for group in (keys_cli, routes_cli, db_cli, connectors_cli, events_cli):
         app.cli.add_command(group)
     app.cli.add_command(init_command)

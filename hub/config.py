@@ -26,6 +26,14 @@ DEFAULTS: dict[str, object] = {
     "ENV": "development",
     # Bytes of a request or response copied into an attempt row.
     "ATTEMPT_COPY_BYTES": 4096,
+    # Seconds a worker owns a claimed event; past it, another worker may claim it again.
+    "LEASE_SECONDS": 300.0,
+    # Longest pause of an idle worker between looks for due events (it backs off to this).
+    "WORKER_MAX_IDLE": 2.0,
+    # Seconds a stopping worker waits for its in-flight deliveries before handing them back.
+    "WORKER_GRACE": 25.0,
+    # Run a delivery thread inside each web process (the embedded default of `make run`).
+    "EMBEDDED_WORKER": True,
 }
 
 ENV_PREFIX = "HUB"

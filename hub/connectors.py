@@ -133,6 +133,19 @@ class Connector:
         raise NotImplementedError
 
 
+def lookup_path(payload: Any, path: str) -> Any:
+    """``a.b.0.c`` into nested dicts and lists; KeyError when a part is missing."""
+    value = payload
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(path)
+    return value
+
+
 class UnknownConnectorError(LookupError):
     pass
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request, url_for
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from hub import keys, pipeline, redact
 from hub import routes as route_store
+from hub.connectors import lookup_path
 from hub.db import get_session
 from hub.errors import error_response
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.worker import notify
 
 bp = Blueprint("ingest", __name__)
 log = logging.getLogger("hub.ingest")
@@ -158,8 +162,71 @@ def receive(route_name: str) -> Accepted:
     except Rejected as rejection:
         record_rejection(session, event, rejection)
         raise
+    event.dedup_key = dedup_key(route, payload)
+    if event.dedup_key:
+        first = find_original(session, route, event.dedup_key)
+        if first is not None:
+            event.status = "duplicate"
+            event.duplicate_of = first
+            event.completed_at = utcnow()
+            session.add(event)
+            session.commit()
+            raise Duplicate(first)
     session.add(event)
     return Accepted(event=event, route=route, key=key, payload=payload)
+
+
+# Headers senders use to name a delivery; a retry of the same delivery repeats them.
+DEDUP_HEADERS = ("Idempotency-Key", "webhook-id", "X-GitHub-Delivery", "X-Shopify-Webhook-Id")
+
+
+class Duplicate(Exception):
+    def __init__(self, original: str):
+        super().__init__(original)
+        self.original = original
+
+
+def dedup_key(route: Route, payload: Any) -> str | None:
+    """The sender's name for this delivery: a known header, or the route's JSON path."""
+    if not route.dedup_window:
+        return None
+    for header in DEDUP_HEADERS:
+        value = request.headers.get(header)
+        if value:
+            return value.strip()[:300]
+    if route.dedup_path:
+        try:
+            value = lookup_path(payload, route.dedup_path)
+        except KeyError:
+            return None
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value)[:300]
+    return None
+
+
+def find_original(session: Session, route: Route, key: str) -> str | None:
+    """The first event with this dedup key inside the route's window, if any.
+
+    Concurrent copies of one delivery are serialised: PostgreSQL by an advisory lock on
+    the key held to the end of the transaction, SQLite by its write lock (BEGIN IMMEDIATE).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+            {"k": f"{route.name}:{key}"},
+        )
+    since = utcnow() - timedelta(seconds=route.dedup_window)
+    return session.scalar(
+        select(Event.id)
+        .where(
+            Event.route == route.name,
+            Event.dedup_key == key,
+            Event.received_at >= since,
+            Event.status.not_in(("rejected", "duplicate")),
+        )
+        .order_by(Event.received_at)
+        .limit(1)
+    )
 
 
 def record_rejection(session: Session, event: Event, rejection: Rejected) -> None:
@@ -191,7 +258,9 @@ def run_sync(accepted: Accepted) -> pipeline.Outcome:
     event, route = accepted.event, accepted.route
     event.status = "processing"
     event.attempts = 1
-    session.flush()
+    # Commit before running: the request is on record even if the process dies, and no
+    # database lock is held while connectors talk to the outside world.
+    session.commit()
     attempts: list[Attempt] = []
     outcome = pipeline.run(
         event,
@@ -227,11 +296,26 @@ def failure_status(outcome: pipeline.Outcome) -> int:
 
 
 def accept_or_reject(route_name: str):
-    """``(Accepted, None)``, or ``(None, error response)`` for a turned-away request."""
+    """``(Accepted, None)``, or ``(None, response)`` for a turned-away or repeated request."""
     try:
         return receive(route_name), None
     except Rejected as rejection:
         return None, rejection_response(rejection)
+    except Duplicate as dup:
+        return None, ({"id": dup.original, "duplicate": True}, 200)
+
+
+def enqueue(accepted: Accepted, **extra):
+    """Commit an async event as due now, wake the workers, and answer 202."""
+    session = get_session()
+    event = accepted.event
+    event.status = "pending"
+    event.next_attempt_at = event.received_at
+    notify(session)
+    session.commit()  # the 202 leaves only once the event is durable
+    current_app.extensions["hub.wakeup"].set()
+    status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
+    return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
 
 
 @bp.route("/hooks/<route_name>", methods=ANY_METHOD)
@@ -240,7 +324,7 @@ def hook(route_name: str):
     if error:
         return error
     if accepted.route.mode == "async":
-        return _not_yet_async(accepted)
+        return enqueue(accepted)
     outcome = run_sync(accepted)
     event = accepted.event
     if outcome.status == pipeline.DELIVERED:
@@ -252,14 +336,19 @@ def hook(route_name: str):
     )
 
 
-def _not_yet_async(accepted: Accepted):
-    rejection = Rejected(
-        501, "not_implemented", "Async routes are not available yet", code="not_implemented"
-    )
+@bp.get("/events/<event_id>")
+def event_status(event_id: str):
+    """An event's status, for the key that sent it or an admin key."""
     session = get_session()
-    session.expunge(accepted.event)
-    record_rejection(session, accepted.event, rejection)
-    return rejection_response(rejection)
+    presented = presented_key()
+    try:
+        info = keys.authenticate(session, presented, current_app.extensions["hub.keys"])
+    except keys.KeyRefused:
+        return error_response(401)
+    event = session.get(Event, event_id[:32])
+    if event is None or not (info.is_admin or event.key_prefix == info.prefix):
+        return error_response(404, "No such event", "not_found")
+    return event.to_dict(with_attempts=True), 200
 
 
 # --- The seed's API: the same hub underneath, the article's request and response shapes ---
@@ -282,7 +371,7 @@ def api_process():
     if not isinstance(data, dict) or "input" not in data:
         return seed_invalid(accepted, 400, "Missing required field: input", "missing_field")
     if accepted.route.mode == "async":
-        return _not_yet_async(accepted)
+        return enqueue(accepted, task_id=accepted.event.id)
     outcome = run_sync(accepted)
     if outcome.status == pipeline.DELIVERED:
         return {"success": True, "result": outcome.result, "input": data["input"]}, 200
@@ -308,7 +397,7 @@ def api_chat():
     if not message:
         return seed_invalid(accepted, 400, "Message is required", "missing_field")
     if accepted.route.mode == "async":
-        return _not_yet_async(accepted)
+        return enqueue(accepted, task_id=accepted.event.id)
     outcome = run_sync(accepted)
     if outcome.status == pipeline.DELIVERED:
         result = outcome.result if isinstance(outcome.result, dict) else {}

@@ -154,7 +154,10 @@ class Event(Base):
     # Why a request was turned away: unauthorized, forbidden, bad_signature ...
     reason: Mapped[str | None] = mapped_column(String(32))
     response_status: Mapped[int | None]
+    # Delivery runs so far (a replay keeps counting), and durable retries scheduled since the
+    # event was last queued (a replay starts the route's retry schedule again).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None]
     lease_until: Mapped[datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(64))

@@ -200,14 +200,6 @@ def test_failed_step_is_logged_permanent_and_answers_502(client, db, key, add_ro
     assert attempt.outcome == "permanent"
 
 
-def test_async_route_answers_501_until_workers_exist(client, db, key, add_route):
-    add_route("later", [{"connector": "text"}], mode="async")
-    response = client.post("/hooks/later", json={"input": "x"}, headers={"X-API-Key": key})
-    assert response.status_code == 501
-    assert response.json["code"] == "not_implemented"
-    assert events(db)[0].reason == "not_implemented"
-
-
 def test_no_stack_trace_in_an_unexpected_error(client, app, db, key, shout, monkeypatch):
     from hub import ingest
 

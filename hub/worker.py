@@ -1,0 +1,264 @@
+"""Delivery: claim due events from the database, run them, write how they ended.
+
+A claim is one atomic statement that moves due events to ``processing`` under a lease
+(PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines
+share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). A worker
+that dies leaves a lease that expires, and the event is claimed again: delivery is
+at-least-once, and a receiver that must not see a repeat dedups on the event id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import and_, or_, select, text, update
+
+from hub import pipeline
+from hub import routes as route_store
+from hub.db import Database
+from hub.models import Attempt, Event, utcnow
+
+log = logging.getLogger("hub.worker")
+
+NOTIFY_CHANNEL = "hub_events"
+DUE_STATUSES = ("pending", "retrying")
+MIN_IDLE = 0.05
+
+
+def retry_delay(schedule: list[int], retries: int, retry_after: float | None) -> float | None:
+    """Seconds until the next durable retry, or None when the schedule is used up."""
+    if retries >= len(schedule):
+        return None
+    return max(float(schedule[retries]), retry_after or 0.0)
+
+
+class Worker:
+    """Claims and delivers events; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
+
+    def __init__(self, app: Flask, name: str | None = None):
+        self.app = app
+        self.db: Database = app.extensions["hub.db"]
+        self.registry = app.extensions["hub.connectors"]
+        self.lease = float(app.config["LEASE_SECONDS"])
+        self.max_idle = float(app.config["WORKER_MAX_IDLE"])
+        self.name = name or f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stopping = threading.Event()
+        self.wakeup: threading.Event = app.extensions["hub.wakeup"]
+        self.threads: list[threading.Thread] = []
+        self.in_flight: set[str] = set()
+        self._lock = threading.Lock()
+
+    # --- claiming ---
+
+    def claim(self, limit: int = 1) -> list[str]:
+        """Move up to ``limit`` due events to ``processing`` under this worker's lease."""
+        now = utcnow()
+        due = or_(
+            and_(Event.status.in_(DUE_STATUSES), Event.next_attempt_at <= now),
+            and_(Event.status == "processing", Event.lease_until < now),
+        )
+        candidates = select(Event.id).where(due).order_by(Event.next_attempt_at).limit(limit)
+        if self.db.dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        statement = (
+            update(Event.__table__)
+            .where(Event.id.in_(candidates))
+            .values(
+                status="processing",
+                lease_owner=self.name,
+                lease_until=now + timedelta(seconds=self.lease),
+                attempts=Event.attempts + 1,
+            )
+            .returning(Event.id)
+        )
+        with self.db.session() as session:
+            return list(session.scalars(statement))
+
+    # --- delivering ---
+
+    def process(self, event_id: str) -> str:
+        """Run one claimed event through its route and record the outcome; returns its status."""
+        with self._lock:
+            self.in_flight.add(event_id)
+        try:
+            return self._process(event_id)
+        finally:
+            with self._lock:
+                self.in_flight.discard(event_id)
+
+    def _process(self, event_id: str) -> str:
+        with self.db.session() as session:
+            event = session.get(Event, event_id)
+            route = route_store.get(session, event.route) if event else None
+        if event is None:
+            return "missing"
+        if route is None or not route.enabled:
+            outcome = pipeline.Outcome(
+                pipeline.FAILED, error=f"route {event.route!r} no longer exists or is disabled"
+            )
+            return self._finish(event, None, outcome)
+
+        def record(row: Attempt) -> None:
+            # Each call is committed as it happens: a crash later keeps the log of it.
+            with self.db.session() as s:
+                s.add(row)
+
+        # Stop starting new tries well before the lease runs out, so no other worker
+        # can claim the event while this one is still delivering it.
+        deadline = time.monotonic() + self.lease - min(30.0, self.lease * 0.2)
+        try:
+            outcome = pipeline.run(
+                event,
+                route,
+                self.registry,
+                record=record,
+                deadline=deadline,
+                tries=int(self.app.config["STEP_TRIES"]),
+                copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
+            )
+        except Exception as exc:  # never let one event take the worker down
+            log.error("event %s: pipeline error %s", event_id, type(exc).__name__)
+            outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
+        return self._finish(event, route.retry_schedule, outcome)
+
+    def _finish(self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome) -> str:
+        now = utcnow()
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if outcome.status in (pipeline.DELIVERED, pipeline.FILTERED):
+            values.update(status=outcome.status, result=outcome.result, last_error=None)
+        elif outcome.status == pipeline.RETRYABLE:
+            chosen = route_store.DEFAULT_RETRY_SCHEDULE if schedule is None else schedule
+            delay = retry_delay(chosen, event.retries, outcome.retry_after)
+            values["last_error"] = (outcome.error or "retryable failure")[:2000]
+            if delay is None:
+                values["status"] = "dead"
+            else:
+                values.update(
+                    status="retrying",
+                    retries=event.retries + 1,
+                    next_attempt_at=now + timedelta(seconds=delay),
+                )
+        else:
+            values.update(status="failed", last_error=(outcome.error or "failed")[:2000])
+        if values["status"] != "retrying":
+            values.update(completed_at=now, next_attempt_at=None)
+        with self.db.session() as session:
+            changed = session.execute(
+                update(Event.__table__)
+                .where(Event.id == event.id, Event.lease_owner == self.name)
+                .values(**values)
+            ).rowcount
+        if not changed:
+            log.warning("event %s: lease lost before the outcome was written", event.id)
+            return "lease_lost"
+        log.info("event %s run %d: %s", event.id, event.attempts, values["status"])
+        return values["status"]
+
+    def release(self, event_ids: set[str]) -> None:
+        """Hand leases back (a stopping worker): the events are due again at once."""
+        if not event_ids:
+            return
+        with self.db.session() as session:
+            session.execute(
+                update(Event.__table__)
+                .where(Event.id.in_(event_ids), Event.lease_owner == self.name)
+                .values(
+                    status="retrying", lease_owner=None, lease_until=None, next_attempt_at=utcnow()
+                )
+            )
+        log.info("handed back %d event(s)", len(event_ids))
+
+    # --- loops ---
+
+    def run_once(self, limit: int = 100) -> int:
+        """Deliver what is due now, one event at a time; the number delivered (tests, cron)."""
+        done = 0
+        while done < limit and not self.stopping.is_set():
+            claimed = self.claim(1)
+            if not claimed:
+                break
+            self.process(claimed[0])
+            done += 1
+        return done
+
+    def loop(self) -> None:
+        idle = MIN_IDLE
+        while not self.stopping.is_set():
+            try:
+                claimed = self.claim(1)
+            except Exception as exc:  # the database went away: wait and try again
+                log.warning("claim failed (%s); retrying", type(exc).__name__)
+                claimed = []
+                idle = self.max_idle
+            if claimed:
+                idle = MIN_IDLE
+                self.process(claimed[0])
+                continue
+            self.wakeup.wait(idle)
+            if self.wakeup.is_set():
+                self.wakeup.clear()
+                idle = MIN_IDLE
+            else:
+                idle = min(idle * 2, self.max_idle)
+
+    def start(self, concurrency: int = 1) -> None:
+        for index in range(concurrency):
+            thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        if self.db.dialect == "postgresql":
+            listener = threading.Thread(target=self._listen, name="hub-listen", daemon=True)
+            listener.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Finish in-flight deliveries within ``grace`` seconds, hand back the rest."""
+        self.stopping.set()
+        self.wakeup.set()
+        grace = float(self.app.config["WORKER_GRACE"]) if grace is None else grace
+        deadline = time.monotonic() + grace
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = set(self.in_flight)
+        self.release(left)
+
+    def _listen(self) -> None:
+        """PostgreSQL LISTEN: a new event wakes an idle worker now, not at its next poll."""
+        import psycopg
+
+        url = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self.stopping.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self.stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.wakeup.set()
+            except Exception as exc:
+                log.warning("LISTEN connection lost (%s); polling meanwhile", type(exc).__name__)
+                self.stopping.wait(self.max_idle)
+
+
+def notify(session) -> None:
+    """Tell listening workers that an event is due (delivered when the transaction commits)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+
+def start_embedded(app: Flask) -> Worker | None:
+    """The delivery thread inside a web process (``make run``), unless turned off."""
+    if not app.config.get("EMBEDDED_WORKER"):
+        return None
+    worker = Worker(app)
+    worker.start(1)
+    app.extensions["hub.worker"] = worker
+    log.info("embedded worker %s started", worker.name)
+    return worker

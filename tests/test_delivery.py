@@ -1,0 +1,356 @@
+"""Async delivery in one process: 202s, workers, the retry schedule, dedup, replay, purge."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from pydantic import BaseModel
+from sqlalchemy import select, update
+
+from hub.connectors import Connector, PermanentError, RetryableError
+from hub.models import Attempt, Event, utcnow
+from hub.worker import Worker
+
+
+class Script(BaseModel):
+    fail: list[str] = []  # per call: "retry", "retry-after", "permanent" or "ok"
+
+
+CALLS: list[str] = []
+
+
+class ScriptedConnector(Connector):
+    """Fails as its config says, call by call (counted across the test), then succeeds."""
+
+    name = "scripted"
+    description = "test connector"
+    Config = Script
+
+    def run(self, payload, ctx):
+        CALLS.append(ctx.event_id)
+        plan = self.config.fail
+        step = plan[len(CALLS) - 1] if len(CALLS) <= len(plan) else "ok"
+        if step == "retry":
+            raise RetryableError("receiver answered 503", status=503)
+        if step == "retry-after":
+            raise RetryableError("receiver answered 429", retry_after=120, status=429)
+        if step == "permanent":
+            raise PermanentError("receiver answered 400", status=400)
+        return {"echo": payload}
+
+
+@pytest.fixture
+def scripted(app):
+    CALLS.clear()
+    app.extensions["hub.connectors"].register(ScriptedConnector)
+    app.config["STEP_TRIES"] = 1
+    yield CALLS
+    app.extensions["hub.connectors"].unregister("scripted")
+
+
+@pytest.fixture
+def worker(app):
+    return Worker(app, name="test-worker")
+
+
+def event_row(db, event_id) -> Event:
+    with db.session() as session:
+        return session.get(Event, event_id)
+
+
+def attempt_rows(db, event_id) -> list[Attempt]:
+    with db.session() as session:
+        return list(
+            session.scalars(
+                select(Attempt).where(Attempt.event_id == event_id).order_by(Attempt.id)
+            )
+        )
+
+
+def make_due(db, event_id) -> None:
+    """Skip the wait of the retry schedule."""
+    with db.session() as session:
+        session.execute(update(Event).where(Event.id == event_id).values(next_attempt_at=utcnow()))
+
+
+def post(client, key, route="later", body=None, **headers):
+    return client.post(
+        f"/hooks/{route}", json=body or {"input": "x"}, headers={"X-API-Key": key, **headers}
+    )
+
+
+def test_async_route_answers_202_after_commit_and_a_worker_delivers(
+    client, db, key, add_route, worker, make_key
+):
+    add_route("later", [{"connector": "text"}], mode="async")
+    response = post(client, key, body={"input": "queued"})
+    assert response.status_code == 202
+    body = response.json
+    assert body["status"] == "pending"
+    assert body["status_url"].endswith(f"/events/{body['id']}")
+    assert event_row(db, body["id"]).status == "pending"  # committed before the answer
+
+    status = client.get(f"/events/{body['id']}", headers={"X-API-Key": key})
+    assert (status.status_code, status.json["status"]) == (200, "pending")
+    stranger = make_key(name="someone else")
+    assert client.get(f"/events/{body['id']}", headers={"X-API-Key": stranger}).status_code == 404
+    assert client.get(f"/events/{body['id']}").status_code == 401
+
+    assert worker.run_once() == 1
+    shown = client.get(f"/events/{body['id']}", headers={"X-API-Key": key}).json
+    assert shown["status"] == "delivered"
+    assert shown["attempts"] == 1
+    assert shown["result"] == {"processed": "QUEUED", "length": 6, "words": 1}
+    assert [a["outcome"] for a in shown["attempt_log"]] == ["ok"]
+    admin = make_key(scopes=["admin"], name="admin")
+    assert client.get(f"/events/{body['id']}", headers={"X-API-Key": admin}).status_code == 200
+
+
+def test_seed_process_in_async_mode_answers_like_a_celery_task(client, key, add_route, worker):
+    add_route("process", [{"connector": "text"}], mode="async")
+    response = client.post("/api/process", json={"input": "later"}, headers={"X-API-Key": key})
+    assert response.status_code == 202
+    assert response.json["task_id"] == response.json["id"]
+
+
+def test_retryable_failures_follow_the_schedule_then_dead(
+    client, db, key, add_route, worker, scripted
+):
+    add_route(
+        "later",
+        [{"connector": "scripted", "config": {"fail": ["retry"] * 10}}],
+        mode="async",
+        retry_schedule=[60, 600],
+    )
+    event_id = post(client, key).json["id"]
+
+    before = utcnow()
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert (event.status, event.retries, event.attempts) == ("retrying", 1, 1)
+    assert timedelta(seconds=59) < event.next_attempt_at - before < timedelta(seconds=62)
+    assert worker.run_once() == 0  # not due yet
+
+    make_due(db, event_id)
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert (event.status, event.retries) == ("retrying", 2)
+    assert timedelta(seconds=599) < event.next_attempt_at - utcnow() < timedelta(seconds=601)
+
+    make_due(db, event_id)
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert (event.status, event.attempts) == ("dead", 3)
+    assert event.completed_at is not None and "503" in event.last_error
+    assert [a.outcome for a in attempt_rows(db, event_id)] == ["retryable"] * 3
+    assert [a.run for a in attempt_rows(db, event_id)] == [1, 2, 3]
+
+
+def test_retry_after_from_the_far_side_stretches_the_delay(
+    client, db, key, add_route, worker, scripted
+):
+    add_route(
+        "later",
+        [{"connector": "scripted", "config": {"fail": ["retry-after"]}}],
+        mode="async",
+        retry_schedule=[1],
+    )
+    event_id = post(client, key).json["id"]
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert event.status == "retrying"
+    assert event.next_attempt_at - utcnow() > timedelta(seconds=110)
+
+
+def test_permanent_error_fails_at_once(client, db, key, add_route, worker, scripted):
+    add_route("later", [{"connector": "scripted", "config": {"fail": ["permanent"]}}], mode="async")
+    event_id = post(client, key).json["id"]
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert (event.status, event.attempts) == ("failed", 1)
+    assert [a.outcome for a in attempt_rows(db, event_id)] == ["permanent"]
+    assert worker.run_once() == 0
+
+
+def test_quick_retries_inside_one_attempt_are_each_logged(
+    app, client, db, key, add_route, worker, scripted
+):
+    app.config["STEP_TRIES"] = 3
+    add_route(
+        "later", [{"connector": "scripted", "config": {"fail": ["retry", "retry"]}}], mode="async"
+    )
+    event_id = post(client, key).json["id"]
+    worker.run_once()
+    assert event_row(db, event_id).status == "delivered"
+    rows = attempt_rows(db, event_id)
+    assert [(a.outcome, a.try_number, a.run) for a in rows] == [
+        ("retryable", 1, 1),
+        ("retryable", 2, 1),
+        ("ok", 3, 1),
+    ]
+
+
+def test_replay_requeues_and_keeps_the_attempt_history(
+    client, db, key, add_route, worker, scripted, runner
+):
+    add_route("later", [{"connector": "scripted", "config": {"fail": ["permanent"]}}], mode="async")
+    event_id = post(client, key).json["id"]
+    worker.run_once()
+    assert event_row(db, event_id).status == "failed"
+
+    result = runner.invoke(args=["events", "replay", event_id])
+    assert result.exit_code == 0 and f"replayed {event_id}" in result.output
+    event = event_row(db, event_id)
+    assert (event.status, event.completed_at) == ("pending", None)
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert (event.status, event.attempts) == ("delivered", 2)
+    assert [(a.outcome, a.run) for a in attempt_rows(db, event_id)] == [("permanent", 1), ("ok", 2)]
+    pending = post(client, key).json["id"]
+    refused = runner.invoke(args=["events", "replay", pending])
+    assert "skipped" in refused.output
+    assert event_row(db, pending).status == "pending"
+
+
+def test_bulk_replay_by_status_and_route(client, db, key, add_route, worker, scripted, runner):
+    add_route(
+        "later", [{"connector": "scripted", "config": {"fail": ["permanent"] * 3}}], mode="async"
+    )
+    add_route("other", [{"connector": "scripted", "config": {}}], mode="async")
+    ids = [post(client, key).json["id"] for _ in range(3)]
+    other = post(client, key, route="other").json["id"]
+    worker.run_once()
+    with db.session() as session:  # make the `other` event failed too
+        session.execute(update(Event).where(Event.id == other).values(status="failed"))
+
+    result = runner.invoke(args=["events", "replay", "--status", "failed", "--route", "later"])
+    assert result.exit_code == 0, result.output
+    assert "replayed 3 event(s)" in result.output
+    assert {event_row(db, i).status for i in ids} == {"pending"}
+    assert event_row(db, other).status == "failed"
+
+
+@pytest.mark.parametrize(
+    "headers, body",
+    [
+        ({"Idempotency-Key": "abc-1"}, {"input": "x"}),
+        ({"webhook-id": "msg_2"}, {"input": "x"}),
+        ({"X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}, {"input": "x"}),
+        ({}, {"id": "evt_stripe_1", "input": "x"}),
+    ],
+)
+def test_duplicates_are_answered_with_the_first_event_and_never_delivered_twice(
+    client, db, key, add_route, worker, headers, body
+):
+    add_route("later", [{"connector": "text"}], mode="async", dedup_path="id")
+    first = post(client, key, body=body, **headers)
+    second = post(client, key, body=body, **headers)
+    assert first.status_code == 202
+    assert second.status_code == 200
+    assert second.json == {"id": first.json["id"], "duplicate": True}
+    assert worker.run_once() == 1
+    with db.session() as session:
+        rows = list(session.scalars(select(Event).order_by(Event.received_at)))
+        delivered = session.scalars(select(Attempt.event_id)).all()
+    assert [r.status for r in rows] == ["delivered", "duplicate"]
+    assert rows[1].duplicate_of == rows[0].id
+    assert delivered == [rows[0].id]
+
+
+def test_dedup_window_and_opt_out(client, db, key, add_route):
+    add_route("later", [{"connector": "text"}], mode="async", dedup_window=3600)
+    first = post(client, key, **{"Idempotency-Key": "k1"}).json["id"]
+    with db.session() as session:  # the first copy is now older than the window
+        session.execute(
+            update(Event).where(Event.id == first).values(received_at=utcnow() - timedelta(hours=2))
+        )
+    assert post(client, key, **{"Idempotency-Key": "k1"}).status_code == 202
+    add_route("nodedup", [{"connector": "text"}], mode="async", dedup_window=0)
+    assert post(client, key, route="nodedup", **{"Idempotency-Key": "k2"}).status_code == 202
+    assert post(client, key, route="nodedup", **{"Idempotency-Key": "k2"}).status_code == 202
+
+
+def test_sync_routes_dedup_too(client, key, add_route):
+    add_route("now", [{"connector": "text"}])
+    first = post(client, key, route="now", **{"Idempotency-Key": "s1"})
+    again = post(client, key, route="now", **{"Idempotency-Key": "s1"})
+    assert first.status_code == 200
+    assert again.json == {"id": first.json["id"], "duplicate": True}
+
+
+def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_overwrite(
+    app, client, db, key, add_route
+):
+    add_route("later", [{"connector": "text"}], mode="async")
+    event_id = post(client, key).json["id"]
+    app.config["LEASE_SECONDS"] = 60
+    crashed = Worker(app, name="crashed")
+    assert crashed.claim() == [event_id]
+    rescuer = Worker(app, name="rescuer")
+    assert rescuer.claim() == []  # the lease still holds
+    with db.session() as session:  # the crashed worker's lease runs out
+        session.execute(
+            update(Event)
+            .where(Event.id == event_id)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+    assert rescuer.claim() == [event_id]
+    assert event_row(db, event_id).attempts == 2
+    assert rescuer.process(event_id) == "delivered"
+    # A late write by the first owner changes nothing.
+    assert crashed.process(event_id) == "lease_lost"
+    assert event_row(db, event_id).status == "delivered"
+
+
+def test_events_list_and_show(client, db, key, add_route, worker, runner):
+    add_route("later", [{"connector": "text"}], mode="async")
+    event_id = post(client, key, body={"input": "look at me"}).json["id"]
+    post(client, "wrong-key")
+    worker.run_once()
+    listing = runner.invoke(args=["events", "list", "--route", "later"]).output
+    assert event_id in listing and "delivered" in listing
+    rejected = json.loads(
+        runner.invoke(args=["events", "list", "--status", "rejected", "--json"]).output
+    )
+    assert [e["reason"] for e in rejected] == ["unauthorized"]
+    shown = json.loads(runner.invoke(args=["events", "show", event_id]).output)
+    assert json.loads(shown["body"]) == {"input": "look at me"}
+    assert shown["headers"]["x-api-key"] == "[redacted]"
+    assert shown["attempt_log"][0]["connector"] == "text"
+
+
+def test_purge_deletes_old_finished_events_with_their_attempts(
+    client, db, key, add_route, worker, runner
+):
+    add_route("later", [{"connector": "text"}], mode="async")
+    old = [post(client, key).json["id"] for _ in range(3)]
+    worker.run_once()
+    waiting = post(client, key).json["id"]
+    recent = post(client, key, route="ghost").status_code  # a rejected one, recent
+    assert recent == 404
+    with db.session() as session:
+        session.execute(
+            update(Event)
+            .where(Event.id.in_(old + [waiting]))
+            .values(received_at=utcnow() - timedelta(days=40))
+        )
+    result = runner.invoke(args=["events", "purge", "--older-than", "30d"])
+    assert result.exit_code == 0 and "purged 3 event(s)" in result.output
+    with db.session() as session:
+        left = set(session.scalars(select(Event.status)))
+        assert session.scalars(select(Attempt)).all() == []
+    assert left == {"pending", "rejected"}
+
+
+def test_stop_hands_back_what_is_in_flight(app, client, db, key, add_route):
+    add_route("later", [{"connector": "text"}], mode="async")
+    event_id = post(client, key).json["id"]
+    worker = Worker(app, name="stopping")
+    assert worker.claim() == [event_id]
+    worker.in_flight.add(event_id)  # as if a delivery thread were inside it
+    worker.stop(grace=0)
+    event = event_row(db, event_id)
+    assert (event.status, event.lease_owner) == ("retrying", None)
+    assert event.next_attempt_at <= utcnow()
