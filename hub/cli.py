@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 from flask import Flask, current_app
@@ -14,6 +15,7 @@ from flask.cli import AppGroup, with_appcontext
 from hub import events as event_store
 from hub import keys as key_store
 from hub import routes as route_store
+from hub import scaffold
 from hub.connectors import Registry
 from hub.db import Database, get_db, upgrade
 from hub.models import Event, utcnow
@@ -262,6 +264,28 @@ def connectors_list() -> None:
             click.echo(
                 f"    {field}: {kind}{default}{need}  {spec.get('description', '')}".rstrip()
             )
+
+
+@connectors_cli.command("new")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a package of its own here (with a pyproject.toml declaring the entry point) "
+    "instead of connectors/NAME.py and tests/test_NAME.py in the current directory.",
+)
+def connectors_new(name: str, directory: Path | None) -> None:
+    """Write a starter connector and its test (which passes as written)."""
+    try:
+        result = scaffold.write_connector(name, directory, Path.cwd())
+    except (ValueError, FileExistsError) as exc:
+        fail(str(exc))
+    for path in result.written:
+        click.echo(f"wrote {path}")
+    click.echo("next:")
+    for step in result.next_steps:
+        click.echo(f"  - {step}")
 
 
 # --- events ---

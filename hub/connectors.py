@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "hub.connectors"
 BUILTIN_CONNECTORS = {
     "text": "connectors.text:TextConnector",
     "openai": "connectors.openai_chat:OpenAIChatConnector",
+    "http": "connectors.http_forward:HttpForwardConnector",
 }
 
 

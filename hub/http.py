@@ -40,7 +40,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from hub.connectors import PermanentError, RetryableError, StepContext
+from hub import signatures
+from hub.connectors import NotConfiguredError, PermanentError, RetryableError, StepContext
 from hub.redact import REDACTED, is_sensitive
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "request",
     "retry_policy",
     "session",
+    "standard_webhook_headers",
     "wait_retry_after_or_backoff",
 ]
 
@@ -431,6 +433,31 @@ def request(
 def _record(ctx: StepContext | None, req: dict, response: str | None, status: int | None):
     if ctx is not None:
         ctx.record(request=req, response=response, status=status)
+
+
+# --------------------------------------------------------------------------------------
+# Signing what a connector sends
+# --------------------------------------------------------------------------------------
+
+
+def standard_webhook_headers(
+    body: bytes, secret: str, *, msg_id: str, timestamp: int | None = None
+) -> dict[str, str]:
+    """The ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` headers that let a
+    receiver verify ``body`` with the Standard Webhooks rule (HMAC-SHA256 over
+    ``id.timestamp.body`` keyed by a ``whsec_`` secret).
+
+    Connectors reach ``hub.signatures`` through here, so they keep to their two imports.
+    A secret that is not ``whsec_`` + base64 is a NotConfiguredError (never echoed).
+    """
+    try:
+        return signatures.sign(
+            "standard-webhooks", body=body, secret=secret, timestamp=timestamp, msg_id=msg_id
+        )
+    except (TypeError, ValueError):
+        raise NotConfiguredError(
+            "the signing secret is not a Standard Webhooks secret ('whsec_' followed by base64)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------
