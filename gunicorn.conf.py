@@ -14,3 +14,17 @@ accesslog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
 loglevel = "info"
+
+
+def post_worker_init(worker):
+    """Each web process delivers async events on a thread of its own unless
+    HUB_EMBEDDED_WORKER=false (then run `flask --app hub worker` processes beside it)."""
+    from hub.worker import start_embedded
+
+    start_embedded(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    embedded = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("hub.worker")
+    if embedded is not None:
+        embedded.stop(grace=float(worker.wsgi.config["WORKER_GRACE"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -61,7 +62,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.
 def gunicorn(
     database_url: str, log_path: Path, workers: int = 2, **env: str
 ) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The hub under real gunicorn on 127.0.0.1; yields (process, base URL)."""
+    """The hub under real gunicorn on 127.0.0.1; yields (process, base URL).
+
+    gunicorn runs in a session of its own, so a test can SIGKILL the whole server
+    (master and workers) with ``os.killpg``.
+    """
     port = free_port()
     log = open(log_path, "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -70,6 +75,7 @@ def gunicorn(
         env=hub_env(database_url, HUB_PORT=str(port), HUB_WEB_WORKERS=str(workers), **env),
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
 
@@ -77,8 +83,8 @@ def gunicorn(
         if proc.poll() is not None:
             raise AssertionError(f"gunicorn exited: {log_path.read_text()[-2000:]}")
         try:
-            return requests.get(base + "/health", timeout=1).status_code == 200
-        except requests.ConnectionError:
+            return requests.get(base + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
             return False
 
     try:
@@ -86,4 +92,18 @@ def gunicorn(
         yield proc, base
     finally:
         stop(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
         log.close()
+
+
+def worker(database_url: str, log_path: Path, concurrency: int = 1, **env: str):
+    """A `flask --app hub worker` process (stop it with ``stop``)."""
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [str(BIN / "flask"), "--app", "hub", "worker", "--concurrency", str(concurrency)],
+            cwd=ROOT,
+            env=hub_env(database_url, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
