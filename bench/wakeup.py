@@ -53,29 +53,40 @@ def main() -> None:
         step = {"connector": "http", "config": {"url": receiver.url + "/in"}}
         with db.session() as session:
             _, key = create_key(session, "bench")
-            save_routes(session, [{"name": "wake", "mode": "async", "steps": [step]}],
-                        app.extensions["hub.connectors"])
+            save_routes(
+                session,
+                [{"name": "wake", "mode": "async", "steps": [step]}],
+                app.extensions["hub.connectors"],
+            )
         proc = worker(url, workdir / "worker.log")
         latencies = []
         with gunicorn(url, workdir / "web.log", workers=1, HUB_EMBEDDED_WORKER="false") as (
-            _, base
+            _,
+            base,
         ):
             time.sleep(2)
             for n in range(args.events):
                 time.sleep(args.gap)  # let the worker go idle and back off fully
                 sent = time.time()
-                r = requests.post(f"{base}/hooks/wake", json={"n": n},
-                                  headers={"X-API-Key": key}, timeout=5)
+                r = requests.post(
+                    f"{base}/hooks/wake", json={"n": n}, headers={"X-API-Key": key}, timeout=5
+                )
                 assert r.status_code == 202, r.text
-                got = wait_until(lambda n=n: len(receiver.requests) > n and receiver.requests[n],
-                                 10, interval=0.002, what="delivery")
+                got = wait_until(
+                    lambda n=n: len(receiver.requests) > n and receiver.requests[n],
+                    10,
+                    interval=0.002,
+                    what="delivery",
+                )
                 latencies.append((got.received_at - sent) * 1000)
         stop(proc)
     latencies.sort()
     p95 = latencies[int(len(latencies) * 0.95) - 1]
     print(f"database: {make_url(url).get_backend_name()}, events: {len(latencies)}")
-    print(f"202 -> receiver: median {statistics.median(latencies):.1f} ms, "
-          f"p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms")
+    print(
+        f"202 -> receiver: median {statistics.median(latencies):.1f} ms, "
+        f"p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

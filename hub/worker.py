@@ -200,7 +200,12 @@ class Worker:
                 idle = self.max_idle
             if claimed:
                 idle = MIN_IDLE
-                self.process(claimed[0])
+                try:
+                    self.process(claimed[0])
+                except Exception as exc:  # e.g. the database went away mid-write
+                    # The lease expires and the event is claimed again; the thread lives on.
+                    log.error("event %s: %s while recording", claimed[0], type(exc).__name__)
+                    self.stopping.wait(self.max_idle)
                 continue
             self.wakeup.wait(idle)
             if self.wakeup.is_set():

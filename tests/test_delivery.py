@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
 
 import pytest
@@ -354,3 +355,25 @@ def test_stop_hands_back_what_is_in_flight(app, client, db, key, add_route):
     event = event_row(db, event_id)
     assert (event.status, event.lease_owner) == ("retrying", None)
     assert event.next_attempt_at <= utcnow()
+
+
+def test_a_delivery_thread_survives_an_error_while_recording(app, client, key, add_route):
+    add_route("later", [{"connector": "text"}], mode="async")
+    post(client, key)
+    app.config["WORKER_MAX_IDLE"] = 0.05
+    worker = Worker(app, name="unlucky")
+    calls = []
+
+    def broken_process(event_id):
+        calls.append(event_id)
+        if len(calls) > 1:
+            worker.stopping.set()
+        raise RuntimeError("database went away")
+
+    worker.process = broken_process
+    worker.lease = 0.0  # the failed claim is due again at once
+    thread = threading.Thread(target=worker.loop)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(calls) == 2  # it went on claiming after the first error
