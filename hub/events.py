@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from hub.db import Database
@@ -26,6 +26,17 @@ REPLAYABLE = ("failed", "dead", "delivered")
 FINISHED = ("delivered", "failed", "dead", "filtered", "duplicate", "rejected")
 
 
+def matching(query: Select, route: str | None, status: str | None, since: datetime | None):
+    """``query`` narrowed to a route, a status and a start time, where given."""
+    if route:
+        query = query.where(Event.route == route)
+    if status:
+        query = query.where(Event.status == status)
+    if since:
+        query = query.where(Event.received_at >= since)
+    return query
+
+
 def find(
     session: Session,
     *,
@@ -35,13 +46,7 @@ def find(
     limit: int = 50,
 ) -> list[Event]:
     query = select(Event).order_by(Event.received_at.desc(), Event.id.desc()).limit(limit)
-    if route:
-        query = query.where(Event.route == route)
-    if status:
-        query = query.where(Event.status == status)
-    if since:
-        query = query.where(Event.received_at >= since)
-    return list(session.scalars(query))
+    return list(session.scalars(matching(query, route, status, since)))
 
 
 def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
@@ -80,16 +85,8 @@ def matching_ids(
     """Ids of events matching a bulk replay, in batches, oldest first (keyset paging)."""
     last = ""
     while True:
-        query = (
-            select(Event.id)
-            .where(Event.status == status, Event.id > last)
-            .order_by(Event.id)
-            .limit(batch)
-        )
-        if route:
-            query = query.where(Event.route == route)
-        if since:
-            query = query.where(Event.received_at >= since)
+        query = select(Event.id).where(Event.id > last).order_by(Event.id).limit(batch)
+        query = matching(query, route, status, since)
         with db.session() as session:
             ids = list(session.scalars(query))
         if not ids:
@@ -99,13 +96,7 @@ def matching_ids(
 
 
 def count(db: Database, *, status: str, route: str | None, since: datetime | None) -> int:
-    from sqlalchemy import func
-
-    query = select(func.count()).select_from(Event).where(Event.status == status)
-    if route:
-        query = query.where(Event.route == route)
-    if since:
-        query = query.where(Event.received_at >= since)
+    query = matching(select(func.count()).select_from(Event), route, status, since)
     with db.session() as session:
         return int(session.scalar(query) or 0)
 
