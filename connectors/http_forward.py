@@ -39,7 +39,9 @@ OUTPUT_JSON_LIMIT = 65536  # bytes of a JSON answer parsed into the output; larg
 class HttpForwardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="Where to send it: http(s) URL, fixed per route (no template).")
+    # Not a template: the route, not the sender, decides where the hub connects (and where
+    # credentials and signatures go). A templated url is dropped at save time, so it is refused.
+    url: str = Field(description="Where to send it: an http(s) URL, fixed per route.")
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field(
         "POST", description="HTTP method; GET sends no body."
     )
@@ -67,8 +69,6 @@ class HttpForwardConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if "{{" in value or "{%" in value:
-            raise ValueError("the URL may not be a template: the route, not the sender, picks it")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
