@@ -39,9 +39,12 @@ OUTPUT_JSON_LIMIT = 65536  # bytes of a JSON answer parsed into the output; larg
 class HttpForwardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Not a template: the route, not the sender, decides where the hub connects (and where
-    # credentials and signatures go). A templated url is dropped at save time, so it is refused.
-    url: str = Field(description="Where to send it: an http(s) URL, fixed per route.")
+    # Not a template: the route, not the sender, decides where the hub connects (and so
+    # where credentials and signatures go).
+    url: str = Field(
+        description="Where to send it: an http(s) URL, fixed per route.",
+        json_schema_extra={"template": False},
+    )
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field(
         "POST", description="HTTP method; GET sends no body."
     )

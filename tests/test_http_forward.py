@@ -205,7 +205,7 @@ def test_an_unusable_signing_secret_is_not_echoed(
     [
         ({"url": "ftp://example.com/x"}, "url: Value error, must be an http:// or https:// URL"),
         # Where the hub connects is the route's choice, never the sender's: no template.
-        ({"url": "https://example.com/{{ payload.path }}"}, "url: Field required"),
+        ({"url": "https://example.com/{{ payload.path }}"}, "url: may not be a template"),
         ({"url": "https://example.com", "method": "TRACE"}, "method: Input should be"),
         ({"url": "https://example.com", "headers": {"Bad Header": "x"}}, "not a valid header"),
         ({"url": "https://example.com", "headers": {"Webhook-Signature": "x"}}, "set by the"),
