@@ -154,6 +154,7 @@ class HttpForwardConnector(Connector):
             data=body if cfg.method != "GET" else None,
             headers=headers,
             timeout=cfg.timeout,
+            secret_headers=cfg.headers_from_env,
         )
         return {"status": response.status_code, "body": _answer(response)}
 

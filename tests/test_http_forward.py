@@ -123,12 +123,21 @@ def test_headers_from_env_carry_credentials_that_the_route_does_not_show(
     client, key, add_route, receiver, monkeypatch, runner, db
 ):
     monkeypatch.setenv("TARGET_TOKEN", "Bearer target-credential-123")
-    forward(add_route, receiver, headers_from_env={"Authorization": "TARGET_TOKEN"})
+    monkeypatch.setenv("TARGET_TENANT", "tenant-credential-456")
+    forward(
+        add_route,
+        receiver,
+        headers_from_env={"Authorization": "TARGET_TOKEN", "X-Tenant": "TARGET_TENANT"},
+    )
     assert post(client, key, {"n": 1}).status_code == 200
-    assert receiver.requests[0].headers["authorization"] == "Bearer target-credential-123"
+    got = receiver.requests[0].headers
+    assert got["authorization"] == "Bearer target-credential-123"
+    assert got["x-tenant"] == "tenant-credential-456"
     shown = runner.invoke(args=["routes", "show", "fwd"]).output
     assert "TARGET_TOKEN" in shown and "target-credential-123" not in shown
-    assert "target-credential-123" not in attempts(db)[0].request
+    recorded = json.loads(attempts(db)[0].request)["headers"]
+    # A header from the environment is a credential, whatever its name says.
+    assert recorded["Authorization"] == recorded["X-Tenant"] == "[redacted]"
 
 
 @pytest.mark.parametrize(
