@@ -39,7 +39,12 @@ OUTPUT_JSON_LIMIT = 65536  # bytes of a JSON answer parsed into the output; larg
 class HttpForwardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="Where to send it: http(s) URL, fixed per route (no template).")
+    # Not a template: the route, not the sender, decides where the hub connects (and so
+    # where credentials and signatures go).
+    url: str = Field(
+        description="Where to send it: an http(s) URL, fixed per route.",
+        json_schema_extra={"template": False},
+    )
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field(
         "POST", description="HTTP method; GET sends no body."
     )
@@ -67,8 +72,6 @@ class HttpForwardConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if "{{" in value or "{%" in value:
-            raise ValueError("the URL may not be a template: the route, not the sender, picks it")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
@@ -151,6 +154,7 @@ class HttpForwardConnector(Connector):
             data=body if cfg.method != "GET" else None,
             headers=headers,
             timeout=cfg.timeout,
+            secret_headers=cfg.headers_from_env,
         )
         return {"status": response.status_code, "body": _answer(response)}
 

@@ -19,6 +19,7 @@ from hub.connectors import (
     Connector,
     ConnectorError,
     NotConfiguredError,
+    PermanentError,
     StepContext,
 )
 
@@ -33,8 +34,10 @@ class OpenAIChatConfig(BaseModel):
         "https://api.openai.com/v1", description="API root; any compatible server."
     )
     system_prompt: str | None = Field(None, description="Optional system message.")
-    user_message: str = Field(
-        "{{ payload.message }}", description="User message; a Jinja template over the payload."
+    user_message: str | None = Field(
+        None,
+        description="User message, a template such as 'Summarise: {{ payload.text }}'; "
+        "default: the input's 'message' field.",
     )
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int | None = Field(None, gt=0)
@@ -66,7 +69,7 @@ class OpenAIChatConnector(Connector):
         messages = []
         if cfg.system_prompt:
             messages.append({"role": "system", "content": cfg.system_prompt})
-        messages.append({"role": "user", "content": cfg.user_message})
+        messages.append({"role": "user", "content": user_message(cfg, payload)})
         body: dict[str, Any] = {
             "model": cfg.model,
             "messages": messages,
@@ -87,6 +90,24 @@ class OpenAIChatConnector(Connector):
             exc.message = _provider_message(exc, ctx)
             raise
         return parse_completion(response, cfg.model)
+
+
+def user_message(cfg: OpenAIChatConfig, payload: Any) -> str:
+    """The configured (already rendered) message, else the input's ``message`` field.
+
+    The default is not a template because the hub renders only the templates a route's
+    config holds, not a Config's defaults.
+    """
+    if cfg.user_message is not None:
+        return cfg.user_message
+    message = payload.get("message") if isinstance(payload, dict) else payload
+    if not isinstance(message, str) or not message:
+        raise PermanentError(
+            "the input has no 'message' text; set user_message to a template such as "
+            "'{{ payload.text }}'",
+            code="missing_field",
+        )
+    return message
 
 
 def parse_completion(response: Any, default_model: str) -> dict[str, Any]:

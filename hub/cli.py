@@ -282,7 +282,8 @@ def connectors_new(name: str, directory: Path | None) -> None:
     except (ValueError, FileExistsError) as exc:
         fail(str(exc))
     for path in result.written:
-        click.echo(f"wrote {path}")
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        click.echo(f"wrote {shown}")
     click.echo("next:")
     for step in result.next_steps:
         click.echo(f"  - {step}")

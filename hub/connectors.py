@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from hub.templating import is_template
+
 ENTRY_POINT_GROUP = "hub.connectors"
 
 #: Built-in connectors, loaded through the same path as third-party entry points.
@@ -160,10 +162,17 @@ class StepConfigError(ValueError):
         super().__init__(f"{connector}: " + "; ".join(errors))
 
 
-def describe_validation_error(exc: ValidationError) -> list[str]:
-    """Turn pydantic's errors into 'field: reason' sentences without echoing values."""
+def describe_validation_error(exc: ValidationError, *, present: Iterable[str] = ()) -> list[str]:
+    """Turn pydantic's errors into 'field: reason' sentences without echoing values.
+
+    A "missing" error for a field named in ``present`` is left out: the field is there, as a
+    template whose value is known only when the step runs.
+    """
+    present = set(present)
     out = []
     for err in exc.errors(include_url=False, include_input=False):
+        if err["type"] == "missing" and err["loc"][:1] and err["loc"][0] in present:
+            continue
         where = ".".join(str(p) for p in err["loc"]) or "config"
         out.append(f"{where}: {err['msg']}")
     return out
@@ -210,6 +219,29 @@ class Registry:
             return cls.Config.model_validate(config or {})
         except ValidationError as exc:
             raise StepConfigError(name, describe_validation_error(exc)) from None
+
+    def validate_unrendered(self, name: str, config: dict[str, Any] | None) -> None:
+        """Check a step's config as a route saves it, before its templates are rendered.
+
+        A templated value is checked when the step runs, once it has a value; until then it
+        only says that a value will be there, so a required field given as a template passes.
+        A field declared with ``json_schema_extra={"template": False}`` may not be a template.
+        """
+        cls = self.get(name)
+        config = config or {}
+        templated = {k for k, v in config.items() if is_template(v)}
+        errors = []
+        for key in sorted(templated):
+            field = cls.Config.model_fields.get(key)
+            extra = field.json_schema_extra if field is not None else None
+            if isinstance(extra, dict) and extra.get("template") is False:
+                errors.append(f"{key}: may not be a template")
+        try:
+            cls.Config.model_validate({k: v for k, v in config.items() if k not in templated})
+        except ValidationError as exc:
+            errors += describe_validation_error(exc, present=templated)
+        if errors:
+            raise StepConfigError(name, errors)
 
     def build(self, name: str, config: dict[str, Any] | None) -> Connector:
         cls = self.get(name)

@@ -29,7 +29,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -336,9 +336,14 @@ def classify(response: requests.Response) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def redact_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` with credentials and signatures replaced by ``[redacted]``."""
-    return {k: (REDACTED if is_sensitive(k) else v) for k, v in (headers or {}).items()}
+def redact_headers(headers: Mapping[str, Any] | None, also: Iterable[str] = ()) -> dict[str, Any]:
+    """A copy of ``headers`` with credentials and signatures replaced by ``[redacted]``;
+    ``also`` names more headers to hide (compared without regard to case)."""
+    extra = {name.lower() for name in also}
+    return {
+        k: (REDACTED if is_sensitive(k) or k.lower() in extra else v)
+        for k, v in (headers or {}).items()
+    }
 
 
 def _redact_url(url: str) -> str:
@@ -375,8 +380,12 @@ def request(
     data: bytes | str | None = None,
     headers: dict | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    secret_headers: Iterable[str] = (),
 ) -> requests.Response:
     """Make one call (no retries), record it on ``ctx`` and classify the outcome.
+
+    ``secret_headers`` are redacted in the record like credentials are, for headers whose
+    names do not say they are secret.
 
     Redirects are not followed: a 3xx is a permanent failure, so a redirect cannot take a
     request (and its credentials) somewhere the target check did not approve.
@@ -392,7 +401,7 @@ def request(
     recorded_request = {
         "method": prepared.method,
         "url": _redact_url(prepared.url or url),
-        "headers": redact_headers(prepared.headers),
+        "headers": redact_headers(prepared.headers, secret_headers),
         "body": _truncate(prepared.body),
     }
     seconds = ctx.time_left(timeout) if ctx is not None else timeout

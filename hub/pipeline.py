@@ -203,7 +203,7 @@ def _run_step(
         config = render_config(step.get("config") or {}, template_context(event, payload, outputs))
         connector = registry.build(name, config)
     except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
-        message = str(exc).strip("'\"")
+        message = str(exc)
         record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
         return Outcome(FAILED, error=message, code="bad_config")

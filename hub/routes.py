@@ -93,8 +93,7 @@ def validate(data: dict[str, Any], registry: Registry) -> RouteSpec:
         where = f"steps[{index}] ({step.connector})"
         try:
             check_config(step.config)
-            # Templates render at run time, so only untemplated values are checked now.
-            registry.validate(step.connector, _without_templates(step.config))
+            registry.validate_unrendered(step.connector, step.config)
         except UnknownConnectorError as exc:
             errors.append(f"steps[{index}]: {str(exc).strip(chr(34))}")
         except StepConfigError as exc:
@@ -109,12 +108,6 @@ def validate(data: dict[str, Any], registry: Registry) -> RouteSpec:
     if errors:
         raise RouteInvalid(spec.name, errors)
     return spec
-
-
-def _without_templates(config: dict[str, Any]) -> dict[str, Any]:
-    from hub.templating import is_template
-
-    return {k: v for k, v in config.items() if not is_template(v)}
 
 
 def save(session: Session, spec: RouteSpec) -> tuple[Route, bool]:

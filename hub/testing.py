@@ -97,6 +97,7 @@ def check_connector(
     )
     try:
         check_config(raw)
+        registry.validate_unrendered(cls.name, raw)  # as when a route is saved
         connector = registry.build(cls.name, render_config(raw, context))
     except (TemplateProblem, StepConfigError) as exc:
         raise AssertionError(f"config refused: {exc}") from None

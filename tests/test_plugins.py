@@ -1,0 +1,465 @@
+"""A developer adds a connector: entry points, HUB_CONNECTORS, `connectors list` and `new`,
+the contract checks in hub.testing, and the README's example run through a real route."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import tomllib
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from connectors.http_forward import HttpForwardConnector
+from connectors.openai_chat import OpenAIChatConnector
+from connectors.text import TextConnector
+from hub import create_app
+from hub.connectors import (
+    BUILTIN_CONNECTORS,
+    ENTRY_POINT_GROUP,
+    Connector,
+    PermanentError,
+    RetryableError,
+    StepContext,
+    load_connectors,
+)
+from hub.routes import RouteInvalid, save_routes
+from hub.testing import check_class, check_connector
+from tests.rows import summary
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+PLUGIN_MODULE = """
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from hub.connectors import Connector, StepContext
+
+
+class ReverseConfig(BaseModel):
+    field: str = Field("text", description="Payload field to reverse.")
+
+
+class ReverseConnector(Connector):
+    name = "{name}"
+    description = "Reverses one text field."
+    Config = ReverseConfig
+
+    def run(self, payload: Any, ctx: StepContext) -> dict[str, Any]:
+        return {{"reversed": payload[self.config.field][::-1]}}
+"""
+
+
+class Plugins:
+    """Installs throwaway distributions the way pip leaves them: a module beside a
+    ``*.dist-info`` directory whose ``entry_points.txt`` names it; importlib.metadata finds
+    them on sys.path exactly as it finds any installed package."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
+        self.root = root
+        self.modules: list[str] = []
+        monkeypatch.syspath_prepend(str(root))
+
+    def install(self, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+        for module, source in modules.items():
+            (self.root / f"{module}.py").write_text(textwrap.dedent(source))
+            self.modules.append(module)
+        info = self.root / f"{dist}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        lines = [f"{name} = {target}" for name, target in entry_points.items()]
+        (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n" + "\n".join(lines) + "\n")
+
+    def cleanup(self) -> None:
+        for module in self.modules:
+            sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    installed = Plugins(site, monkeypatch)
+    try:
+        yield installed
+    finally:
+        installed.cleanup()
+
+
+def names(registry) -> set[str]:
+    return {cls.name for cls in registry}
+
+
+# --- discovery ---
+
+
+def test_an_entry_point_connector_is_loaded_beside_the_builtins(plugins):
+    plugins.install(
+        "hub-reverse",
+        {"reverse": "reverse_plugin:ReverseConnector"},
+        {"reverse_plugin": PLUGIN_MODULE.format(name="reverse")},
+    )
+    registry = load_connectors()
+    assert names(registry) == set(BUILTIN_CONNECTORS) | {"reverse"}
+    assert registry.get("reverse").__module__ == "reverse_plugin"
+    assert set(BUILTIN_CONNECTORS) == {"text", "openai", "http"}
+
+
+def test_an_entry_point_may_name_a_module_of_connectors(plugins):
+    plugins.install(
+        "hub-two",
+        {"two": "two_plugin"},
+        {
+            "two_plugin": PLUGIN_MODULE.format(name="rev_a").replace("ReverseConnector", "A")
+            + PLUGIN_MODULE.format(name="rev_b").replace("ReverseConnector", "B")
+        },
+    )
+    assert {"rev_a", "rev_b"} <= names(load_connectors())
+
+
+def test_hub_connectors_limits_what_loads(plugins, caplog):
+    plugins.install(
+        "hub-reverse",
+        {"reverse": "reverse_plugin:ReverseConnector"},
+        {"reverse_plugin": PLUGIN_MODULE.format(name="reverse")},
+    )
+    assert names(load_connectors(["text", "reverse"])) == {"text", "reverse"}
+    assert names(load_connectors(["http"])) == {"http"}
+    with caplog.at_level(logging.WARNING, logger="hub.connectors"):
+        assert names(load_connectors(["text", "nonesuch"])) == {"text"}
+    assert "HUB_CONNECTORS names 'nonesuch', but no such connector is installed" in caplog.text
+
+
+def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, caplog):
+    plugins.install(
+        "hub-broken",
+        {"broken": "broken_plugin:Nope", "notaclass": "reverse_plugin:ReverseConfig"},
+        {
+            "broken_plugin": "raise RuntimeError('missing dependency frobnicate')\n",
+            "reverse_plugin": PLUGIN_MODULE.format(name="reverse"),
+        },
+    )
+    with caplog.at_level(logging.ERROR, logger="hub.connectors"):
+        registry = load_connectors()
+    assert names(registry) == set(BUILTIN_CONNECTORS)  # the hub starts without them
+    assert (
+        "connector broken (broken_plugin:Nope) failed to load: missing dependency frobnicate"
+        in caplog.text
+    )
+    assert "connector notaclass (reverse_plugin:ReverseConfig) failed to load" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+@pytest.fixture
+def plugin_app(plugins, database_url_for_test, monkeypatch):
+    """A hub started with HUB_CONNECTORS naming a built-in and an installed plugin."""
+    plugins.install(
+        "hub-reverse",
+        {"reverse": "reverse_plugin:ReverseConnector"},
+        {"reverse_plugin": PLUGIN_MODULE.format(name="reverse")},
+    )
+    monkeypatch.setenv("HUB_CONNECTORS", "text,reverse")
+    app = create_app(
+        {"TESTING": True, "DATABASE_URL": database_url_for_test, "SECRET_KEY": "k" * 32}
+    )
+    yield app
+    app.extensions["hub.db"].dispose()
+
+
+def test_a_loaded_plugin_serves_routes_and_is_listed(plugin_app):
+    registry = plugin_app.extensions["hub.connectors"]
+    assert names(registry) == {"text", "reverse"}
+    listing = plugin_app.test_cli_runner().invoke(args=["connectors", "list"]).output
+    assert "reverse: Reverses one text field." in listing
+    assert 'field: string = "text"  Payload field to reverse.' in listing
+    assert "openai" not in listing
+    db = plugin_app.extensions["hub.db"]
+    from hub.keys import create_key
+
+    with db.session() as session:
+        save_routes(session, [{"name": "rev", "steps": [{"connector": "reverse"}]}], registry)
+        _, key = create_key(session, "t", None)
+        with pytest.raises(
+            RouteInvalid, match="unknown connector 'openai' \\(known: reverse, text\\)"
+        ):
+            save_routes(session, [{"name": "ai", "steps": [{"connector": "openai"}]}], registry)
+    response = plugin_app.test_client().post(
+        "/hooks/rev", json={"text": "hub"}, headers={"X-API-Key": key}
+    )
+    assert response.json["result"] == {"reversed": "buh"}
+    assert summary(db) == [(0, "reverse", 1, "ok", None)]
+
+
+# --- connectors list ---
+
+
+def test_connectors_list_shows_every_builtin_with_its_fields(runner):
+    output = runner.invoke(args=["connectors", "list"]).output
+    for cls in (TextConnector, OpenAIChatConnector, HttpForwardConnector):
+        assert f"{cls.name}: {cls.description}" in output
+        for field in cls.Config.model_fields:
+            assert f"    {field}: " in output
+    assert "    url: string (required)" in output
+    assert '    base_url: string = "https://api.openai.com/v1"' in output
+
+
+# --- connectors new ---
+
+
+def run_pytest(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HUB_TEST_DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_new_in_its_own_directory_writes_a_package_whose_test_passes_and_loads(
+    runner, tmp_path, monkeypatch
+):
+    target = tmp_path / "hub-greet"
+    result = runner.invoke(args=["connectors", "new", "greet", "--dir", str(target)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.*")) == [
+        "greet.py",
+        "pyproject.toml",
+        "tests/test_greet.py",
+    ]
+    assert "pip install -e" in result.output
+
+    ran = run_pytest(target)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "3 passed" in ran.stdout
+
+    # What `pip install -e` makes of the generated pyproject: its entry point, on sys.path.
+    project = tomllib.loads((target / "pyproject.toml").read_text())
+    entry = project["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert entry == {"greet": "greet:GreetConnector"}
+    plugins = Plugins(target, monkeypatch)
+    plugins.install("hub-connector-greet", entry, {})
+    plugins.modules.append("greet")
+    try:
+        registry = load_connectors(["greet"])
+        assert names(registry) == {"greet"}
+        check_class(registry.get("greet"))
+    finally:
+        plugins.cleanup()
+
+
+def test_new_in_the_hub_checkout_writes_a_builtin_whose_test_passes(runner, tmp_path, monkeypatch):
+    # A copy of the checkout's shape: the connectors and tests packages.
+    for package in ("connectors", "tests"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(args=["connectors", "new", "word_count"])
+    assert result.exit_code == 0, result.output
+    assert "wrote connectors/word_count.py" in result.output
+    assert '"word_count": "connectors.word_count:WordCountConnector"' in result.output
+    source = (tmp_path / "connectors" / "word_count.py").read_text()
+    assert "class WordCountConnector(Connector):" in source
+    ran = run_pytest(tmp_path, "tests/test_word_count.py")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "3 passed" in ran.stdout
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("Bad-Name", "not a usable name"),
+        ("9lives", "not a usable name"),
+        ("json", "taken"),
+        ("connectors", "taken"),
+        ("class", "taken"),
+    ],
+)
+def test_new_refuses_unusable_names(runner, tmp_path, name, reason):
+    target = tmp_path / "plugin"
+    result = runner.invoke(args=["connectors", "new", name, "--dir", str(target)])
+    assert result.exit_code == 1
+    assert reason in result.output
+    assert not target.exists()
+
+
+def test_new_never_overwrites(runner, tmp_path):
+    (tmp_path / "greet.py").write_text("# mine\n")
+    result = runner.invoke(args=["connectors", "new", "greet", "--dir", str(tmp_path)])
+    assert result.exit_code == 1 and "will not overwrite" in result.output
+    assert (tmp_path / "greet.py").read_text() == "# mine\n"
+    assert not (tmp_path / "tests").exists()
+
+
+# --- hub.testing ---
+
+
+class Good(Connector):
+    name = "good"
+    description = "Counts the keys of its input."
+
+    def run(self, payload: Any, ctx: StepContext) -> Any:
+        if not isinstance(payload, dict):
+            raise PermanentError("input must be an object")
+        return {"keys": len(payload), "route": ctx.route}
+
+
+def test_check_connector_runs_and_returns_the_output():
+    assert check_connector(Good, {"a": 1, "b": 2}) == {"keys": 2, "route": "test"}
+    with pytest.raises(PermanentError, match="must be an object"):
+        check_connector(Good, [1, 2])
+
+
+def test_check_connector_gives_later_steps_the_earlier_outputs():
+    output = check_connector(
+        TextConnector, {"ignored": True}, {"field": "text"}, outputs=[{"text": "from step 0"}]
+    )
+    assert output["processed"] == "FROM STEP 0"
+
+
+def test_the_builtins_pass_the_contract():
+    for cls in (TextConnector, OpenAIChatConnector, HttpForwardConnector):
+        check_class(cls)
+
+
+def _variant(**attrs) -> type[Connector]:
+    return type("Variant", (Good,), attrs)
+
+
+class NotPydantic:
+    pass
+
+
+@pytest.mark.parametrize(
+    "cls, message",
+    [
+        (_variant(description=""), "needs a description"),
+        (_variant(description="two\nlines"), "must be one line"),
+        (_variant(name="has space"), "needs a name of letters"),
+        (_variant(Config=NotPydantic), "Config must be a pydantic BaseModel"),
+        (_variant(run=lambda self, p, ctx: {"when": object()}), "not JSON-serialisable"),
+        (_variant(run=lambda self, p, ctx: p["missing"]), "raised KeyError"),
+    ],
+)
+def test_check_connector_names_what_breaks_the_contract(cls, message):
+    with pytest.raises(AssertionError, match=message):
+        check_connector(cls, {"a": 1})
+
+
+def test_check_connector_refuses_a_config_like_a_route_would():
+    with pytest.raises(AssertionError, match="config refused: text: max_length"):
+        check_connector(TextConnector, {"input": "x"}, {"max_length": "lots"})
+    with pytest.raises(AssertionError, match="template does not parse"):
+        check_connector(TextConnector, {"input": "x"}, {"field": "{{ payload."})
+
+
+def test_check_connector_lets_retryable_errors_through():
+    class Flaky(Good):
+        name = "flaky"
+
+        def run(self, payload, ctx):
+            raise RetryableError("try later", retry_after=2)
+
+    with pytest.raises(RetryableError) as info:
+        check_connector(Flaky, {})
+    assert info.value.retry_after == 2
+
+
+def test_connectors_import_only_the_public_contract():
+    """Built-ins keep to hub.connectors and hub.http, as third-party connectors must."""
+    for path in sorted((ROOT / "connectors").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub"):
+                imported = (
+                    {node.module} if node.module != "hub" else {f"hub.{a.name}" for a in node.names}
+                )
+                assert imported <= {"hub.connectors", "hub.http"}, f"{path.name}: {imported}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("hub"), f"{path.name}: {alias.name}"
+
+
+# --- the README ---
+
+
+def readme_block(tag: str) -> str:
+    match = re.search(rf"^```{tag}\n(.*?)^```$", README, re.DOTALL | re.MULTILINE)
+    assert match, f"README.md has no ```{tag} block"
+    return match.group(1)
+
+
+@pytest.fixture
+def readme_connector(monkeypatch) -> type[Connector]:
+    """The README's example connector, imported as the module ``hub_slack``."""
+    module = types.ModuleType("hub_slack")
+    exec(compile(readme_block("python connector-example"), "README.md", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "hub_slack", module)
+    return module.SlackConnector
+
+
+def test_readme_example_connector_is_short_and_whole():
+    code = readme_block("python connector-example")
+    assert len(code.splitlines()) < 40
+    assert "import hub.models" not in code and "from hub.models" not in code
+
+
+def test_readme_example_connector_runs_through_a_real_route(
+    readme_connector, app, client, key, add_route, receiver, monkeypatch, db
+):
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", receiver.url + "/services/T0/B0/x")
+    app.extensions["hub.connectors"].register(readme_connector)
+    add_route(
+        "notify", [{"connector": "slack", "config": {"text": "New issue: {{ payload.title }}"}}]
+    )
+    response = client.post(
+        "/hooks/notify", json={"title": "Login broken"}, headers={"X-API-Key": key}
+    )
+
+    assert response.status_code == 200, response.json
+    assert response.json["result"] == {"status": 200, "sent": "New issue: Login broken"}
+    [got] = receiver.requests
+    assert (got.path, got.json()) == ("/services/T0/B0/x", {"text": "New issue: Login broken"})
+    assert summary(db) == [(0, "slack", 1, "ok", 200)]
+    listing = app.test_cli_runner().invoke(args=["connectors", "list"]).output
+    assert "slack: Posts a message to a Slack incoming webhook." in listing
+
+    monkeypatch.delenv("SLACK_WEBHOOK_URL")
+    failed = client.post("/hooks/notify", json={"title": "x"}, headers={"X-API-Key": key})
+    assert (failed.status_code, failed.json["code"]) == (500, "not_configured")
+
+
+def test_readme_test_example_passes(readme_connector, receiver, monkeypatch):
+    namespace: dict[str, Any] = {}
+    exec(compile(readme_block("python connector-test"), "README.md", "exec"), namespace)
+    namespace["test_slack"](monkeypatch, receiver)
+
+
+def test_readme_entry_point_snippet_names_the_group_and_the_example():
+    snippet = tomllib.loads(readme_block("toml connector-entry-point"))
+    assert snippet["project"]["entry-points"][ENTRY_POINT_GROUP] == {
+        "slack": "hub_slack:SlackConnector"
+    }
+
+
+def test_readme_documents_every_builtin_config_field():
+    for cls in (TextConnector, OpenAIChatConnector, HttpForwardConnector):
+        heading = f"### `{cls.name}`"
+        assert heading in README
+        section = README.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        config: type[BaseModel] = cls.Config
+        for field in config.model_fields:
+            assert f"| `{field}` |" in section, f"README lacks {cls.name}.{field}"
