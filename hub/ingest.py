@@ -384,6 +384,9 @@ def api_process():
 CHAT_ERRORS = {
     "not_configured": (500, "API key not configured"),
     "bad_response": (500, "Unexpected API response format"),
+    # The hub's own fault, not the upstream's: the seed's catch-all sentence.
+    "bad_config": (500, "Unknown error occurred"),
+    "connector_bug": (500, "Unknown error occurred"),
 }
 
 

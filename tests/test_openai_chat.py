@@ -379,3 +379,23 @@ def test_without_user_message_an_input_lacking_message_is_a_clear_permanent_erro
     assert "set user_message to a template" in response.json["error"]
     assert fake_openai.requests == []
     assert summary(db) == [(0, "openai", 1, "permanent", None)]
+
+
+def test_api_chat_with_a_broken_template_is_the_seeds_500(client, key, add_route, fake_openai):
+    add_route(
+        "chat",
+        [
+            {
+                "connector": "openai",
+                "config": {"base_url": fake_openai.base_url, "user_message": "{{ payload.x.y }}"},
+            }
+        ],
+    )
+    response = post_chat(client, key)
+    assert response.status_code == 500
+    assert response.json == {
+        "error": "Unknown error occurred",
+        "code": "bad_config",
+        "id": response.json["id"],
+    }
+    assert fake_openai.requests == []
