@@ -78,7 +78,7 @@ def gunicorn(
             raise AssertionError(f"gunicorn exited: {log_path.read_text()[-2000:]}")
         try:
             return requests.get(base + "/health", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # still booting its workers
             return False
 
     try:

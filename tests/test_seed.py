@@ -86,12 +86,15 @@ def test_not_ready_when_schema_is_behind(client, db):
     from sqlalchemy import text
 
     with db.engine.begin() as conn:
+        head = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
         conn.execute(text("UPDATE alembic_version SET version_num = 'old'"))
-    response = client.get("/ready")
-    assert response.status_code == 503
-    assert response.json["code"] == "schema_outdated"
-    with db.engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    try:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert response.json["code"] == "schema_outdated"
+    finally:  # the PostgreSQL database is shared by the session: put its head back
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head})
 
 
 def test_not_ready_when_database_is_unreachable(tmp_path):
