@@ -105,8 +105,8 @@ def authenticate(session: Session, route: Route, body: bytes) -> keys.KeyInfo | 
     """Check what the route's ``auth`` asks of the sender; the key used, if any.
 
     ``key``: an API key; ``signature``: a valid signature over the raw body;
-    ``key+signature``: both; ``key|signature``: either (a valid signature is enough, else
-    the key decides).
+    ``key+signature``: both; ``key|signature``: either (a presented key that fails may be
+    rescued by a valid signature; the refusal then names the key's problem).
     """
     mode = route.auth or "key"
     if mode == "key":
@@ -118,13 +118,19 @@ def authenticate(session: Session, route: Route, body: bytes) -> keys.KeyInfo | 
         info = check_key(session, route)
         check_signature(route, body)
         return info
-    try:
+    if not presented_key():
         check_signature(route, body)
         return None
-    except Rejected as signature_refused:
-        if not presented_key() or signature_refused.status >= 500:
-            raise
-    return check_key(session, route)
+    try:
+        return check_key(session, route)
+    except Rejected as key_refused:
+        try:
+            check_signature(route, body)
+        except Rejected as signature_refused:
+            if signature_refused.status >= 500:
+                raise
+            raise key_refused from None
+        return None
 
 
 def check_key(session: Session, route: Route) -> keys.KeyInfo:
