@@ -251,7 +251,7 @@ def routes_list(as_json: bool) -> None:
     with get_db().session() as session:
         rows = [route_store.to_dict(r, secret_box()) for r in route_store.list_routes(session)]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     click.echo(
         table(
@@ -279,7 +279,9 @@ def routes_show(name: str) -> None:
         route = route_store.get(session, name)
         if route is None:
             fail(f"no route named {name!r}")
-        click.echo(json.dumps(route_store.to_dict(route, secret_box()), indent=2))
+        click.echo(
+            json.dumps(route_store.to_dict(route, secret_box()), indent=2, ensure_ascii=False)
+        )
 
 
 @routes_cli.command("remove")
