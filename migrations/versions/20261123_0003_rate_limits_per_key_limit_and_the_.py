@@ -1,7 +1,7 @@
 """rate limits: per-key limit and the shared rate_counters table
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-23 19:24:09.793733
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import hub.models
 
-revision: str = '0002'
-down_revision: str | Sequence[str] | None = '0001'
+revision: str = '0003'
+down_revision: str | Sequence[str] | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
