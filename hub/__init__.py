@@ -22,11 +22,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     _configure_logging(app)
 
-    from hub import cli, db, errors, ingest, keys, secret_key, system
+    from hub import cli, crypto, db, errors, ingest, keys, ratelimit, secret_key, system
     from hub.connectors import load_connectors
 
     secret_key.init_app(app)
+    crypto.init_app(app)
     db.init_app(app)
+    ratelimit.init_app(app)
     errors.init_app(app)
     app.extensions["hub.keys"] = keys.KeyCache(float(app.config["KEY_CACHE_SECONDS"]))
     # Set when an async event is committed, so an idle worker in this process starts at once.

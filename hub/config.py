@@ -24,6 +24,10 @@ DEFAULTS: dict[str, object] = {
     "STEP_TRIES": 3,
     # "production" refuses to start without HUB_SECRET_KEY; "development" makes one.
     "ENV": "development",
+    # Redis for the shared rate-limit counters (redis://host:6379/0); None counts in the database.
+    "REDIS_URL": None,
+    # Prefix of the hub's rate-limit keys in Redis.
+    "RATE_LIMIT_PREFIX": "hub:rl:",
     # Bytes of a request or response copied into an attempt row.
     "ATTEMPT_COPY_BYTES": 4096,
     # Seconds a worker owns a claimed event; past it, another worker may claim it again.

@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from hub import keys, pipeline, redact
+from hub import crypto, keys, pipeline, ratelimit, redact, signatures
 from hub import routes as route_store
 from hub.connectors import lookup_path
 from hub.db import get_session
@@ -105,7 +105,39 @@ def request_event() -> Event:
     return g.hub_event
 
 
-def authenticate(session: Session, route: Route) -> keys.KeyInfo:
+def authenticate(session: Session, route: Route, body: bytes) -> keys.KeyInfo | None:
+    """Check what the route's ``auth`` asks of the sender; the key used, if any.
+
+    ``key``: an API key; ``signature``: a valid signature over the raw body;
+    ``key+signature``: both; ``key|signature``: either (a presented key that fails may be
+    rescued by a valid signature; the refusal then names the key's problem).
+    """
+    mode = route.auth or "key"
+    if mode == "key":
+        return check_key(session, route)
+    if mode == "signature":
+        check_signature(route, body)
+        return None
+    if mode == "key+signature":
+        info = check_key(session, route)
+        check_signature(route, body)
+        return info
+    if not presented_key():
+        check_signature(route, body)
+        return None
+    try:
+        return check_key(session, route)
+    except Rejected as key_refused:
+        try:
+            check_signature(route, body)
+        except Rejected as signature_refused:
+            if signature_refused.status >= 500:
+                raise
+            raise key_refused from None
+        return None
+
+
+def check_key(session: Session, route: Route) -> keys.KeyInfo:
     cache: keys.KeyCache = current_app.extensions["hub.keys"]
     presented = presented_key()
     match = keys.KEY_RE.match((presented or "").strip())
@@ -131,6 +163,75 @@ def authenticate(session: Session, route: Route) -> keys.KeyInfo:
     return info
 
 
+def check_signature(route: Route, body: bytes) -> None:
+    """Rejected(401) unless one of the route's secrets signed the raw ``body``.
+
+    The sender hears only "Invalid signature"; the event keeps the admin-facing cause.
+    """
+    box: crypto.SecretBox = current_app.extensions["hub.secrets"]
+    try:
+        secrets = box.open(route.secrets_encrypted)
+    except crypto.SecretsUnreadable:
+        log.error(
+            "route %s: its signing secrets do not decrypt; was HUB_SECRET_KEY changed? "
+            "Re-add them with `routes secret add` or `routes apply`",
+            route.name[:64],
+        )
+        raise Rejected(
+            500,
+            "secrets_unreadable",
+            "Server error",
+            code="internal_error",
+            detail="route secrets do not decrypt with this HUB_SECRET_KEY",
+        ) from None
+    try:
+        signatures.verify(
+            route.verify_scheme or "",
+            body=body,
+            headers=request.headers,
+            secrets=secrets,
+            options=route.verify_options,
+        )
+    except signatures.SignatureError as exc:
+        raise Rejected(401, exc.code, "Invalid signature", detail=exc.reason) from None
+    except (ValueError, TypeError):  # a verifier saved before its checks existed
+        log.error("route %s: its signature verifier is misconfigured", route.name[:64])
+        raise Rejected(
+            500,
+            "bad_verifier",
+            "Server error",
+            code="internal_error",
+            detail="the route's signature verifier is misconfigured",
+        ) from None
+
+
+def signed_headers(route: Route) -> set[str]:
+    try:
+        return signatures.signature_headers(route.verify_scheme or "", route.verify_options)
+    except ValueError:  # check_signature turns the request away and logs why
+        return set()
+
+
+def enforce_rate_limits(session: Session, route: Route, key: keys.KeyInfo | None) -> None:
+    """Rejected(429) with Retry-After when the key's or the route's limit is spent."""
+    limits = []
+    if key is not None and key.rate_limit:
+        limits.append((f"key:{key.prefix}", ratelimit.parse(key.rate_limit)))
+    if route.rate_limit:
+        limits.append((f"route:{route.name}", ratelimit.parse(route.rate_limit)))
+    if not limits:
+        return
+    refused = ratelimit.check(current_app.extensions["hub.ratelimit"], session, limits)
+    if refused is not None:
+        raise Rejected(
+            429,
+            "rate_limited",
+            "Too many requests; try again later",
+            headers={"Retry-After": str(refused.retry_after)},
+            detail=f"over {refused.limit} requests in the window (request {refused.count})",
+        )
+
+
 def receive(route_name: str) -> Accepted:
     """Check a request and write its event row; Rejected (already logged) if it fails.
 
@@ -152,8 +253,11 @@ def receive(route_name: str) -> Accepted:
         route = route_store.get(session, route_name)
         if route is None or not route.enabled:
             raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
-        key = authenticate(session, route)
-        event.key_prefix = key.prefix
+        if route.verify_scheme:  # whatever the scheme calls its signature header
+            event.headers = redact.headers(request.headers.items(), extra=signed_headers(route))
+        key = authenticate(session, route, body)
+        event.key_prefix = key.prefix if key else None
+        enforce_rate_limits(session, route, key)
         try:
             payload = pipeline.decode_payload(body, request.content_type)
         except pipeline.PayloadError as exc:

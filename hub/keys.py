@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from hub import ratelimit
 from hub.models import ApiKey, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
@@ -36,6 +37,7 @@ class KeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    rate_limit: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -81,8 +83,14 @@ def create_key(
     name: str,
     scopes: list[str] | None = None,
     expires_in: timedelta | None = None,
+    rate_limit: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Store a new key and return it with its plaintext (the only time it exists)."""
+    """Store a new key and return it with its plaintext (the only time it exists).
+
+    ``rate_limit`` such as ``1000/hour`` caps this key's requests (ValueError if malformed).
+    """
+    if rate_limit is not None:
+        rate_limit = ratelimit.normalise(rate_limit)
     for _ in range(5):
         prefix, key = generate()
         if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
@@ -97,6 +105,7 @@ def create_key(
         scopes=scopes or [ALL_ROUTES],
         created_at=now,
         expires_at=now + expires_in if expires_in else None,
+        rate_limit=rate_limit,
     )
     session.add(row)
     session.flush()
@@ -160,6 +169,7 @@ def authenticate(session: Session, presented: str | None, cache: KeyCache) -> Ke
             expires_at=row.expires_at,
             revoked_at=row.revoked_at,
             last_used_at=row.last_used_at,
+            rate_limit=row.rate_limit,
         )
         cache.put(key_digest, info)
     now = utcnow()

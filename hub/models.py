@@ -1,4 +1,5 @@
-"""The four tables the hub is made of: api_keys, routes, events, attempts."""
+"""The four tables the hub is made of (api_keys, routes, events, attempts), and the
+shared rate-limit counters."""
 
 from __future__ import annotations
 
@@ -89,12 +90,15 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+    # Requests this key may make, such as "1000/hour"; None means no limit.
+    rate_limit: Mapped[str | None] = mapped_column(String(32))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
             "name": self.name,
             "scopes": list(self.scopes),
+            "rate_limit": self.rate_limit,
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
             "last_used_at": _iso(self.last_used_at),
@@ -230,6 +234,22 @@ class Attempt(Base):
             "request": self.request,
             "response": self.response,
         }
+
+
+class RateCounter(Base):
+    """Requests counted in one fixed window of one bucket (``route:NAME``, ``key:PREFIX``).
+
+    Shared by every worker process: the hub's rate limits hold across gunicorn workers and
+    machines when Redis is not configured.
+    """
+
+    __tablename__ = "rate_counters"
+
+    bucket: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Start of the window, in whole seconds since the epoch.
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime]
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -23,7 +23,7 @@ from tests.servers import FakeOpenAI, Receiver
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
-TABLES = ("attempts", "events", "routes", "api_keys")
+TABLES = ("attempts", "events", "routes", "api_keys", "rate_counters")
 
 
 @pytest.fixture(scope="session")
@@ -104,11 +104,11 @@ def db(app) -> Database:
 
 @pytest.fixture
 def make_key(db):
-    """``make_key(scopes=None, name="test", expires_in=None)`` -> the plaintext key."""
+    """``make_key(scopes=None, name="test", expires_in=None, rate_limit=None)`` -> the key."""
 
-    def make(scopes=None, name="test", expires_in=None) -> str:
+    def make(scopes=None, name="test", expires_in=None, rate_limit=None) -> str:
         with db.session() as session:
-            _, key = create_key(session, name, scopes, expires_in)
+            _, key = create_key(session, name, scopes, expires_in, rate_limit)
         return key
 
     return make
@@ -126,7 +126,9 @@ def add_route(app, db):
     def add(name: str, steps=None, **fields):
         data = {"name": name, "steps": steps or [], **fields}
         with db.session() as session:
-            save_routes(session, [data], app.extensions["hub.connectors"])
+            save_routes(
+                session, [data], app.extensions["hub.connectors"], app.extensions["hub.secrets"]
+            )
 
     return add
 

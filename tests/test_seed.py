@@ -92,7 +92,7 @@ def test_not_ready_when_schema_is_behind(client, db):
         response = client.get("/ready")
         assert response.status_code == 503
         assert response.json["code"] == "schema_outdated"
-    finally:
+    finally:  # the PostgreSQL database is shared by the session: put its head back
         with db.engine.begin() as conn:
             conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head})
 
