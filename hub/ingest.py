@@ -422,11 +422,32 @@ def enqueue(accepted: Accepted, **extra):
     return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
 
 
+def slack_challenge(accepted: Accepted) -> str | None:
+    """Slack's Events API proves a Request URL with a signed ``url_verification`` request
+    whose ``challenge`` must come straight back; it is not an event for the pipeline."""
+    payload = accepted.payload
+    if (
+        accepted.route.verify_scheme == "slack"
+        and isinstance(payload, dict)
+        and payload.get("type") == "url_verification"
+        and isinstance(payload.get("challenge"), str)
+    ):
+        return payload["challenge"]
+    return None
+
+
 @bp.route("/hooks/<route_name>", methods=ANY_METHOD)
 def hook(route_name: str):
     accepted, error = accept_or_reject(route_name)
     if error:
         return error
+    challenge = slack_challenge(accepted)
+    if challenge is not None:
+        finish(
+            accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge})
+        )
+        get_session().commit()
+        return {"challenge": challenge}, 200
     if accepted.route.mode == "async":
         return enqueue(accepted)
     outcome = run_sync(accepted)

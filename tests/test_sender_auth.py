@@ -427,3 +427,35 @@ def test_invalid_auth_settings_are_refused_naming_the_field(app, db, add_route, 
     assert "%%%not-base64" not in str(caught.value)
     with db.session() as session:
         assert session.scalar(select(Route)) is None
+
+
+def test_slack_url_verification_is_answered_with_its_challenge(client, db, add_route, receiver):
+    add_route(
+        "slack-events",
+        [{"connector": "http", "config": {"url": receiver.url}}],
+        verify=verify_spec("slack"),
+    )
+    body = json.dumps(
+        {
+            "token": "t",
+            "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
+            "type": "url_verification",
+        }
+    ).encode()
+    response = client.post(
+        "/hooks/slack-events",
+        data=body,
+        headers={
+            **sign_headers("slack", body, SECRETS["slack"]),
+            "Content-Type": "application/json",
+        },
+    )
+    assert response.status_code == 200
+    assert response.json == {"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}
+    assert last_event(db).status == "delivered"
+    assert receiver.requests == []  # a handshake, not an event for the pipeline
+
+    forged = client.post(
+        "/hooks/slack-events", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert forged.status_code == 401
