@@ -16,6 +16,14 @@ errorlog = "-"
 loglevel = "info"
 
 
+def on_starting(server):
+    """Build the app once in the master: a configuration error (production without
+    HUB_SECRET_KEY) stops gunicorn with its message instead of failing every worker."""
+    from hub import create_app
+
+    create_app()
+
+
 def post_worker_init(worker):
     """Each web process delivers async events on a thread of its own unless
     HUB_EMBEDDED_WORKER=false (then run `flask --app hub worker` processes beside it)."""

@@ -9,8 +9,8 @@ from pathlib import Path
 from flask import Flask
 
 
-class MissingSecretKey(RuntimeError):
-    pass
+class MissingSecretKey(SystemExit):
+    """Stops the process with its message alone: a configuration error, not a crash."""
 
 
 def init_app(app: Flask) -> None:
