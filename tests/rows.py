@@ -17,6 +17,11 @@ def attempts(db) -> list[Attempt]:
         return list(session.scalars(select(Attempt).order_by(Attempt.id)))
 
 
+def event_row(db, event_id: str) -> Event | None:
+    with db.session() as session:
+        return session.get(Event, event_id)
+
+
 def summary(db) -> list[tuple]:
     """(step, connector, try, outcome, http_status) of every attempt, in order."""
     return [

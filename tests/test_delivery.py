@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from hub.connectors import Connector, PermanentError, RetryableError
 from hub.models import Attempt, Event, utcnow
 from hub.worker import Worker
+from tests.rows import event_row
 
 
 class Script(BaseModel):
@@ -54,11 +55,6 @@ def scripted(app):
 @pytest.fixture
 def worker(app):
     return Worker(app, name="test-worker")
-
-
-def event_row(db, event_id) -> Event:
-    with db.session() as session:
-        return session.get(Event, event_id)
 
 
 def attempt_rows(db, event_id) -> list[Attempt]:

@@ -24,6 +24,7 @@ from hub.models import Attempt, Event
 from hub.worker import Worker
 from tests.conftest import PG_URL
 from tests.procs import gunicorn, stop, wait_until, worker
+from tests.rows import event_row
 from tests.servers import Reply
 
 pytestmark = pytest.mark.slow
@@ -46,11 +47,6 @@ def forward_to(receiver, **config):
 def statuses(db) -> Counter:
     with db.session() as session:
         return Counter(session.scalars(select(Event.status)))
-
-
-def event_row(db, event_id) -> Event:
-    with db.session() as session:
-        return session.get(Event, event_id)
 
 
 def test_receiver_failing_twice_then_ok(app, client, db, key, add_route, receiver):

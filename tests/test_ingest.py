@@ -8,17 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from hub.models import ApiKey, Attempt, Event, utcnow
-
-
-def events(db) -> list[Event]:
-    with db.session() as session:
-        return list(session.scalars(select(Event).order_by(Event.received_at, Event.id)))
-
-
-def attempts(db) -> list[Attempt]:
-    with db.session() as session:
-        return list(session.scalars(select(Attempt).order_by(Attempt.id)))
+from hub.models import ApiKey, Event, utcnow
+from tests.rows import attempts, events
 
 
 @pytest.fixture
