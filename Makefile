@@ -24,6 +24,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@# Every model change has its migration: migrate a scratch database, then compare.
+	tmp=$$(mktemp -d) && export HUB_DATABASE_URL=sqlite:///$$tmp/check.db && \
+		$(BIN)/alembic upgrade head >/dev/null && $(BIN)/alembic check; \
+		status=$$?; rm -rf $$tmp; exit $$status
 
 format: $(STAMP)
 	$(BIN)/ruff format .
