@@ -408,27 +408,11 @@ def request(
     settings = s.merge_environment_settings(prepared.url, {}, None, None, None)
     try:
         response = s.send(prepared, timeout=seconds, allow_redirects=False, **settings)
-    except requests.Timeout as exc:
+    except (requests.RequestException, PermanentError) as exc:
         _record(ctx, recorded_request, None, None)
-        raise RetryableError(
-            f"{prepared.method} {urlsplit(url).hostname} timed out after {seconds:.2f}s",
-            code="upstream_timeout",
-        ) from exc
-    except requests.ConnectionError as exc:
-        _record(ctx, recorded_request, None, None)
-        raise RetryableError(
-            f"could not connect to {urlsplit(url).hostname}: {type(exc).__name__}",
-            code="upstream_unreachable",
-        ) from exc
-    except requests.RequestException as exc:
-        _record(ctx, recorded_request, None, None)
-        raise RetryableError(
-            f"{prepared.method} {urlsplit(url).hostname} failed: {type(exc).__name__}",
-            code="upstream_error",
-        ) from exc
-    except PermanentError:  # the connected-peer guard
-        _record(ctx, recorded_request, None, None)
-        raise
+        if isinstance(exc, PermanentError):  # the connected-peer guard said no
+            raise
+        raise _call_failed(exc, prepared.method, urlsplit(url).hostname, seconds) from exc
     _record(
         ctx,
         recorded_request,
@@ -437,6 +421,21 @@ def request(
     )
     classify(response)
     return response
+
+
+def _call_failed(
+    exc: requests.RequestException, method: str | None, host: str | None, seconds: float
+) -> RetryableError:
+    """The retryable error for a call that got no answer."""
+    if isinstance(exc, requests.Timeout):
+        return RetryableError(
+            f"{method} {host} timed out after {seconds:.2f}s", code="upstream_timeout"
+        )
+    if isinstance(exc, requests.ConnectionError):
+        return RetryableError(
+            f"could not connect to {host}: {type(exc).__name__}", code="upstream_unreachable"
+        )
+    return RetryableError(f"{method} {host} failed: {type(exc).__name__}", code="upstream_error")
 
 
 def _record(ctx: StepContext | None, req: dict, response: str | None, status: int | None):
