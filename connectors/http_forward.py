@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import time
 from typing import Any, Literal
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub import http
-from hub.connectors import Connector, NotConfiguredError, StepContext
+from hub.connectors import Connector, StepContext, require_env
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -115,13 +114,6 @@ def _is_local_literal(host: str) -> bool:
     return http.is_forbidden_address(host)
 
 
-def _env(name: str, what: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise NotConfiguredError(f"{what}: environment variable {name} is not set")
-    return value
-
-
 class HttpForwardConnector(Connector):
     name = "http"
     description = "Sends the step's input (or a templated body) to a URL, optionally signed."
@@ -131,7 +123,9 @@ class HttpForwardConnector(Connector):
         cfg: HttpForwardConfig = self.config
         headers = dict(cfg.headers)
         for header, env in cfg.headers_from_env.items():
-            headers[header] = _env(env, f"header {header}")
+            headers[header] = require_env(
+                env, f"header {header}: environment variable {env} is not set"
+            )
         body = b""
         if cfg.method != "GET":
             if cfg.body is not None:
@@ -140,7 +134,10 @@ class HttpForwardConnector(Connector):
                 body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
             headers.setdefault("Content-Type", cfg.content_type)
         if cfg.sign_secret_env:
-            secret = _env(cfg.sign_secret_env, "signing secret")
+            secret = require_env(
+                cfg.sign_secret_env,
+                f"signing secret: environment variable {cfg.sign_secret_env} is not set",
+            )
             msg_id = f"{ctx.event_id}_{ctx.step_index}"  # stable across retries: dedup key
             headers.update(
                 http.standard_webhook_headers(

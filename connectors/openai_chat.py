@@ -8,7 +8,6 @@ never holds the key itself.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,9 +17,9 @@ from hub.connectors import (
     BadResponseError,
     Connector,
     ConnectorError,
-    NotConfiguredError,
     PermanentError,
     StepContext,
+    require_env,
 )
 
 UPSTREAM_MESSAGE_LIMIT = 300  # characters of the provider's error message kept
@@ -63,9 +62,7 @@ class OpenAIChatConnector(Connector):
 
     def run(self, payload: Any, ctx: StepContext) -> dict[str, Any]:
         cfg: OpenAIChatConfig = self.config
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key:
-            raise NotConfiguredError("API key not configured")
+        api_key = require_env(cfg.api_key_env, "API key not configured")
         messages = []
         if cfg.system_prompt:
             messages.append({"role": "system", "content": cfg.system_prompt})

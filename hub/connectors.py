@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -134,6 +135,18 @@ class Connector:
 
     def run(self, payload: Any, ctx: StepContext) -> Any:  # pragma: no cover - contract
         raise NotImplementedError
+
+
+def require_env(name: str, message: str | None = None) -> str:
+    """A credential from the environment variable ``name``, or NotConfiguredError.
+
+    Configs name the variable (configs are shown in lists); the value is read when the step
+    runs, so a key set or rotated in the environment needs no route change.
+    """
+    value = os.environ.get(name)
+    if not value:
+        raise NotConfiguredError(message or f"environment variable {name} is not set")
+    return value
 
 
 def lookup_path(payload: Any, path: str) -> Any:
