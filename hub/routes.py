@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,7 +37,8 @@ from hub.templating import TemplateProblem, check_config, check_filter
 ROUTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_RETRY_SCHEDULE = [30, 120, 600, 3600, 21600]
 # What a sender must show: an API key, a valid signature, both, or either.
-AUTH_MODES = ("key", "signature", "key+signature", "key|signature")
+AuthMode = Literal["key", "signature", "key+signature", "key|signature"]
+AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -85,7 +86,7 @@ class RouteSpec(BaseModel):
     dedup_window: int = Field(86400, ge=0)
     retry_schedule: list[int] | None = None
     # None means "signature" when a verifier is given, else "key".
-    auth: Literal["key", "signature", "key+signature", "key|signature"] | None = None
+    auth: AuthMode | None = None
     verify: VerifySpec | None = None
     rate_limit: str | None = None
     enabled: bool = True
@@ -210,12 +211,15 @@ def _checked_secret(scheme: str, secret: str, where: str, errors: list[str]) -> 
         return ""
 
 
-def save(session: Session, spec: RouteSpec, box: SecretBox | None = None) -> tuple[Route, bool]:
-    """Create or update the route named by ``spec``; returns (route, created).
+def save(
+    session: Session, spec: RouteSpec, box: SecretBox | None = None, route: Route | None = None
+) -> tuple[Route, bool]:
+    """Create or update the route named by ``spec`` (``route``, when the caller has it).
 
-    A verifier's secrets are sealed with ``box``; unchanged secrets keep their stored token.
+    Returns (route, created). A verifier's secrets are sealed with ``box``; unchanged
+    secrets keep their stored token.
     """
-    route = session.scalar(select(Route).where(Route.name == spec.name))
+    route = route or get(session, spec.name)
     created = route is None
     if route is None:
         route = Route(name=spec.name)
@@ -270,9 +274,9 @@ def save_routes(
         raise RouteInvalid("file", ["a route name appears twice"])
     results = []
     for spec in specs:
-        before = session.scalar(select(Route).where(Route.name == spec.name))
+        before = get(session, spec.name)
         old = _comparable(before, box) if before is not None else None
-        route, created = save(session, spec, box)
+        route, created = save(session, spec, box, before)
         if created:
             results.append((spec.name, "created"))
         else:
@@ -345,14 +349,19 @@ def spec_data(route: Route, box: SecretBox) -> dict[str, Any]:
     return data
 
 
-def add_secret(session: Session, name: str, secret: str, registry: Registry, box: SecretBox) -> int:
-    """Add a signing secret to a route (rotation: old and new both verify); the new count."""
+def _verified(session: Session, name: str, box: SecretBox) -> tuple[Route, dict[str, Any]]:
+    """A route with a signature verifier, and its data with real secrets, to change them."""
     route = get(session, name)
     if route is None:
         raise LookupError(f"no route named {name!r}")
     if not route.verify_scheme:
-        raise RouteInvalid(name, ["verify: the route has no signature verifier to add to"])
-    data = spec_data(route, box)
+        raise RouteInvalid(name, ["verify: the route has no signature verifier"])
+    return route, spec_data(route, box)
+
+
+def add_secret(session: Session, name: str, secret: str, registry: Registry, box: SecretBox) -> int:
+    """Add a signing secret to a route (rotation: old and new both verify); the new count."""
+    _, data = _verified(session, name, box)
     if secret in data["verify"]["secrets"]:
         raise RouteInvalid(name, ["verify.secrets: the route already has this secret"])
     data["verify"]["secrets"].append(secret)
@@ -368,12 +377,7 @@ def remove_secret(
     The last secret of a route whose auth needs a signature is refused: the route would
     turn every sender away. Returns how many secrets remain.
     """
-    route = get(session, name)
-    if route is None:
-        raise LookupError(f"no route named {name!r}")
-    if not route.verify_scheme:
-        raise RouteInvalid(name, ["verify: the route has no signing secrets"])
-    data = spec_data(route, box)
+    route, data = _verified(session, name, box)
     stored: list[str] = data["verify"]["secrets"]
     index = _find_secret(stored, which)
     if index is None:
