@@ -383,16 +383,9 @@ def run_sync(accepted: Accepted) -> pipeline.Outcome:
 
 
 def finish(event: Event, outcome: pipeline.Outcome) -> None:
-    """The event's end state after a run that will not be retried."""
-    event.completed_at = utcnow()
-    event.next_attempt_at = None
-    if outcome.status in (pipeline.DELIVERED, pipeline.FILTERED):
-        event.status = outcome.status
-        event.result = outcome.result
-        event.last_error = None
-    else:
-        event.status = "failed"
-        event.last_error = (outcome.error or "failed")[:2000]
+    """The event's end state after a sync run: the sender was told, so nothing is retried."""
+    for column, value in pipeline.end_state(outcome, utcnow()).items():
+        setattr(event, column, value)
 
 
 def failure_status(outcome: pipeline.Outcome) -> int:

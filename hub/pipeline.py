@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -46,6 +47,15 @@ class Outcome:
     http_status: int | None = None
     retry_after: float | None = None
     step_index: int | None = None
+
+
+def end_state(outcome: Outcome, now: datetime) -> dict[str, Any]:
+    """The event's columns after a run that will not be retried: delivered, filtered, failed."""
+    if outcome.status in (DELIVERED, FILTERED):
+        values = {"status": outcome.status, "result": outcome.result, "last_error": None}
+    else:
+        values = {"status": "failed", "last_error": (outcome.error or "failed")[:2000]}
+    return {**values, "completed_at": now, "next_attempt_at": None}
 
 
 class PayloadError(ValueError):

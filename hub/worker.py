@@ -132,24 +132,20 @@ class Worker:
     def _finish(self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome) -> str:
         now = utcnow()
         values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
-        if outcome.status in (pipeline.DELIVERED, pipeline.FILTERED):
-            values.update(status=outcome.status, result=outcome.result, last_error=None)
-        elif outcome.status == pipeline.RETRYABLE:
+        if outcome.status != pipeline.RETRYABLE:
+            values.update(pipeline.end_state(outcome, now))
+        else:
             chosen = route_store.DEFAULT_RETRY_SCHEDULE if schedule is None else schedule
             delay = retry_delay(chosen, event.retries, outcome.retry_after)
             values["last_error"] = (outcome.error or "retryable failure")[:2000]
             if delay is None:
-                values["status"] = "dead"
+                values.update(status="dead", completed_at=now, next_attempt_at=None)
             else:
                 values.update(
                     status="retrying",
                     retries=event.retries + 1,
                     next_attempt_at=now + timedelta(seconds=delay),
                 )
-        else:
-            values.update(status="failed", last_error=(outcome.error or "failed")[:2000])
-        if values["status"] != "retrying":
-            values.update(completed_at=now, next_attempt_at=None)
         with self.db.session() as session:
             changed = session.execute(
                 update(Event.__table__)
