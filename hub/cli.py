@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +45,16 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(headers)] + [line(r) for r in rows]).rstrip()
+
+
+def emit(
+    rows: list[dict], as_json: bool, headers: Sequence[str], cells: Callable[[dict], Sequence]
+) -> None:
+    """A list command's output: the rows as JSON, or as a table of ``cells(row)``."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        click.echo(table(headers, [cells(r) for r in rows]))
 
 
 def fail(message: str) -> None:
@@ -116,26 +126,20 @@ def keys_list(as_json: bool) -> None:
     """Every key: prefix, name, scopes, created, expires, last used, revoked."""
     with get_db().session() as session:
         rows = [k.to_dict() for k in key_store.list_keys(session)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    click.echo(
-        table(
-            ["PREFIX", "NAME", "SCOPES", "RATE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"],
-            [
-                [
-                    r["prefix"],
-                    r["name"],
-                    ",".join(r["scopes"]),
-                    r["rate_limit"] or "-",
-                    _short(r["created_at"]),
-                    _short(r["expires_at"]),
-                    _short(r["last_used_at"]),
-                    _short(r["revoked_at"]),
-                ]
-                for r in rows
-            ],
-        )
+    emit(
+        rows,
+        as_json,
+        ["PREFIX", "NAME", "SCOPES", "RATE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"],
+        lambda r: [
+            r["prefix"],
+            r["name"],
+            ",".join(r["scopes"]),
+            r["rate_limit"] or "-",
+            _short(r["created_at"]),
+            _short(r["expires_at"]),
+            _short(r["last_used_at"]),
+            _short(r["revoked_at"]),
+        ],
     )
 
 
@@ -256,24 +260,18 @@ def routes_list(as_json: bool) -> None:
     """Every route: name, mode, steps, enabled."""
     with get_db().session() as session:
         rows = [route_store.to_dict(r, secret_box()) for r in route_store.list_routes(session)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
-        return
-    click.echo(
-        table(
-            ["NAME", "MODE", "AUTH", "RATE", "STEPS", "ENABLED"],
-            [
-                [
-                    r["name"],
-                    r["mode"],
-                    r["auth"] + (f" ({r['verify']['scheme']})" if r["verify"] else ""),
-                    r["rate_limit"] or "-",
-                    " > ".join(s["connector"] for s in r["steps"]) or "-",
-                    "yes" if r["enabled"] else "no",
-                ]
-                for r in rows
-            ],
-        )
+    emit(
+        rows,
+        as_json,
+        ["NAME", "MODE", "AUTH", "RATE", "STEPS", "ENABLED"],
+        lambda r: [
+            r["name"],
+            r["mode"],
+            r["auth"] + (f" ({r['verify']['scheme']})" if r["verify"] else ""),
+            r["rate_limit"] or "-",
+            " > ".join(s["connector"] for s in r["steps"]) or "-",
+            "yes" if r["enabled"] else "no",
+        ],
     )
 
 
@@ -438,25 +436,19 @@ def events_list(route, status, since, limit, as_json) -> None:
                 session, route=route, status=status, since=_since(since), limit=limit
             )
         ]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    click.echo(
-        table(
-            ["ID", "ROUTE", "STATUS", "REASON", "ATTEMPTS", "RECEIVED", "LAST ERROR"],
-            [
-                [
-                    r["id"],
-                    r["route"][:24],
-                    r["status"],
-                    r["reason"] or "-",
-                    r["attempts"],
-                    _short(r["received_at"]),
-                    (r["last_error"] or "-")[:60],
-                ]
-                for r in rows
-            ],
-        )
+    emit(
+        rows,
+        as_json,
+        ["ID", "ROUTE", "STATUS", "REASON", "ATTEMPTS", "RECEIVED", "LAST ERROR"],
+        lambda r: [
+            r["id"],
+            r["route"][:24],
+            r["status"],
+            r["reason"] or "-",
+            r["attempts"],
+            _short(r["received_at"]),
+            (r["last_error"] or "-")[:60],
+        ],
     )
 
 
