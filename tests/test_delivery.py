@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from hub.connectors import Connector, PermanentError, RetryableError
 from hub.models import Attempt, Event, utcnow
 from hub.worker import Worker
+from tests.conftest import PG_URL
 from tests.rows import event_row
 
 
@@ -373,3 +374,53 @@ def test_a_delivery_thread_survives_an_error_while_recording(app, client, key, a
     thread.join(10)
     assert not thread.is_alive()
     assert len(calls) == 2  # it went on claiming after the first error
+
+
+def test_an_idle_worker_backs_off_instead_of_hammering_the_database(app):
+    app.config["WORKER_MAX_IDLE"] = 0.4
+    worker = Worker(app, name="idle")
+    looks = []
+    claim = worker.claim
+    worker.claim = lambda limit=1: looks.append(1) or claim(limit)
+    thread = threading.Thread(target=worker.loop)
+    thread.start()
+    worker.stopping.wait(2.0)
+    worker.stopping.set()
+    worker.wakeup.set()
+    thread.join(5)
+    # Backing off 0.05 s, 0.1, 0.2, then 0.4 s at most: about 8 looks in 2 s, where a
+    # worker polling every 0.05 s would make 40.
+    assert 4 <= len(looks) <= 12
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
+def test_a_new_event_wakes_a_worker_in_another_process_by_notify(
+    database_url_for_test, client, key, add_route
+):
+    from hub import create_app
+
+    add_route("later", [{"connector": "text"}], mode="async")
+    # A second app stands for the worker process: it shares the database, not the
+    # in-process wake-up, so only PostgreSQL's NOTIFY can reach it.
+    other = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": database_url_for_test,
+            "SECRET_KEY": "x",
+            "WORKER_MAX_IDLE": 60,
+        }
+    )
+    worker = Worker(other, name="listener")
+    worker.start(0)  # the LISTEN thread only
+    try:
+        listening = False
+        for _ in range(50):  # until the LISTEN connection is up and hears the 202's NOTIFY
+            assert post(client, key).status_code == 202
+            if worker.wakeup.wait(0.2):
+                listening = True
+                break
+        assert listening
+    finally:
+        worker.stopping.set()
+        other.extensions["hub.db"].dispose()

@@ -6,7 +6,7 @@ import json
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from hub.models import ApiKey, Event, utcnow
 from tests.rows import attempts, events
@@ -210,3 +210,48 @@ def test_every_request_is_one_event(client, db, key, shout):
     client.post("/hooks/ghost", json={"text": "c"}, headers={"X-API-Key": key})
     with db.session() as session:
         assert session.scalar(select(func.count()).select_from(Event)) == 3
+
+
+def test_last_used_is_recorded_at_most_once_a_minute(client, db, key, shout):
+    prefix = key.split("_")[1]
+
+    def last_used():
+        with db.session() as session:
+            return session.scalar(select(ApiKey.last_used_at).where(ApiKey.prefix == prefix))
+
+    assert last_used() is None
+    client.post("/hooks/shout", json={"text": "a"}, headers={"X-API-Key": key})
+    first = last_used()
+    assert first is not None
+    client.post("/hooks/shout", json={"text": "b"}, headers={"X-API-Key": key})
+    assert last_used() == first  # no write for a second use within the minute
+    with db.session() as session:
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.prefix == prefix)
+            .values(last_used_at=first - timedelta(minutes=2))
+        )
+    client.post("/hooks/shout", json={"text": "c"}, headers={"X-API-Key": key})
+    assert last_used() > first
+
+
+def test_verified_keys_are_cached_and_revoking_clears_the_cache(
+    app, client, db, key, shout, runner
+):
+    app.extensions["hub.keys"].ttl = 60
+    prefix = key.split("_")[1]
+    assert (
+        client.post("/hooks/shout", json={"text": "a"}, headers={"X-API-Key": key}).status_code
+        == 200
+    )
+    with db.session() as session:  # revoked behind the hub's back: the cache still trusts it
+        session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
+    assert (
+        client.post("/hooks/shout", json={"text": "b"}, headers={"X-API-Key": key}).status_code
+        == 200
+    )
+    with db.session() as session:
+        session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=None))
+    assert runner.invoke(args=["keys", "revoke", prefix]).exit_code == 0
+    refused = client.post("/hooks/shout", json={"text": "c"}, headers={"X-API-Key": key})
+    assert refused.status_code == 401 and "revoked" in refused.json["error"]
