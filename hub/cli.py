@@ -513,8 +513,14 @@ def events_purge(older_than: str) -> None:
         cutoff = utcnow() - key_store.parse_duration(older_than)
     except ValueError as exc:
         fail(str(exc))
-    removed = event_store.purge(get_db(), cutoff)
+    db = get_db()
+    removed = event_store.purge(db, cutoff)
     click.echo(f"purged {removed} event(s) received before {cutoff:%Y-%m-%d %H:%M} UTC")
+    limiter = current_app.extensions["hub.ratelimit"]
+    if isinstance(limiter, ratelimit.DatabaseLimiter):  # windows of keys and routes gone quiet
+        with db.session() as session:
+            dropped = limiter.purge(session)
+        click.echo(f"dropped {dropped} expired rate-limit window(s)")
 
 
 # --- worker ---

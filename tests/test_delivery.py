@@ -424,3 +424,27 @@ def test_a_new_event_wakes_a_worker_in_another_process_by_notify(
     finally:
         worker.stopping.set()
         other.extensions["hub.db"].dispose()
+
+
+def test_purge_also_drops_rate_limit_windows_of_quiet_buckets(db, runner):
+    from hub.models import RateCounter
+
+    now = utcnow()
+    with db.session() as session:
+        session.add_all(
+            [
+                RateCounter(
+                    bucket="key:gone", window_start=0, count=5, expires_at=now - timedelta(hours=3)
+                ),
+                RateCounter(
+                    bucket="route:live",
+                    window_start=1,
+                    count=1,
+                    expires_at=now + timedelta(seconds=30),
+                ),
+            ]
+        )
+    result = runner.invoke(args=["events", "purge", "--older-than", "30d"])
+    assert "dropped 1 expired rate-limit window(s)" in result.output
+    with db.session() as session:
+        assert list(session.scalars(select(RateCounter.bucket))) == ["route:live"]
