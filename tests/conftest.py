@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -36,25 +37,37 @@ def sqlite_template(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def no_hub_settings_from_the_shell(monkeypatch):
+    """HUB_* variables in the developer's shell (HUB_STEP_TRIES=1 ...) must not change what
+    the tests see; HUB_TEST_* name the test servers and stay."""
+    for name in list(os.environ):
+        if name.startswith("HUB_") and not name.startswith("HUB_TEST_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session."""
+    """A fresh, migrated PostgreSQL database of this test session's own.
+
+    Its name is the configured one plus a random suffix, so two runs on one server (two
+    developers, a developer and CI) never drop each other's database.
+    """
     url = make_url(database_url(PG_URL))
-    name = url.database or "hub_test"
+    name = f"{url.database or 'hub_test'}_{uuid.uuid4().hex[:8]}"
     admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-            {"n": name},
-        )
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
     full = url.set(database=name).render_as_string(hide_password=False)
     db = Database(full)
     upgrade(db)
     db.dispose()
-    yield full
+    try:
+        yield full
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(params=BACKENDS)
