@@ -17,7 +17,7 @@ from hub.connectors import (
     BadResponseError,
     Connector,
     ConnectorError,
-    PermanentError,
+    InputError,
     StepContext,
     require_env,
 )
@@ -99,10 +99,9 @@ def user_message(cfg: OpenAIChatConfig, payload: Any) -> str:
         return cfg.user_message
     message = payload.get("message") if isinstance(payload, dict) else payload
     if not isinstance(message, str) or not message:
-        raise PermanentError(
+        raise InputError(
             "the input has no 'message' text; set user_message to a template such as "
-            "'{{ payload.text }}'",
-            code="missing_field",
+            "'{{ payload.text }}'"
         )
     return message
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hub.connectors import Connector, PermanentError, StepContext, lookup_path
+from hub.connectors import Connector, InputError, StepContext, lookup_path
 
 Operation = Literal["strip", "lower", "upper", "truncate", "extract"]
 
@@ -53,11 +53,9 @@ class TextConnector(Connector):
         try:
             text = lookup_path(payload, cfg.field)
         except KeyError:
-            raise PermanentError(
-                f"payload has no field {cfg.field!r}", code="missing_field"
-            ) from None
+            raise InputError(f"payload has no field {cfg.field!r}") from None
         if not isinstance(text, str):
-            raise PermanentError(f"field {cfg.field!r} is not text", code="bad_field")
+            raise InputError(f"field {cfg.field!r} is not text")
         result: dict[str, Any] = {"length": len(text), "words": len(text.split())}
         processed = text
         for op in cfg.operations:

@@ -475,18 +475,24 @@ def events_show(event_id: str) -> None:
 @click.option("--route", help="With --status: only this route.")
 @click.option("--since", help="With --status: received after an ISO time or within an age.")
 def events_replay(event_ids, status, route, since) -> None:
-    """Put failed, dead or delivered events back in the queue; their attempts keep counting."""
+    """Put events that are not in flight back in the queue; their attempts keep counting.
+
+    Delivered, failed, dead and filtered events, and processing or retrying ones whose lease
+    has run out. Rejected and duplicate events never are: they were never accepted.
+    """
     db = get_db()
     if bool(event_ids) == bool(status):
         fail("give event ids, or --status (with --route/--since) for a bulk replay")
     if event_ids:
         with db.session() as session:
             done = event_store.replay(session, event_ids)
-        skipped = sorted(set(event_ids) - set(done))
+            skipped = event_store.why_not_replayed(
+                session, [i for i in dict.fromkeys(event_ids) if i not in set(done)]
+            )
         for event_id in done:
             click.echo(f"replayed {event_id}")
-        for event_id in skipped:
-            click.echo(f"skipped {event_id} (unknown, or not failed/dead/delivered)", err=True)
+        for event_id, reason in skipped.items():
+            click.echo(f"skipped {event_id}: {reason}", err=True)
     else:
         when = _since(since)
         total = event_store.count(db, status=status, route=route, since=when)

@@ -16,6 +16,11 @@ DEFAULTS: dict[str, object] = {
     "MAX_BODY_BYTES": 1024 * 1024,
     # Seconds a sync route may spend running its steps before it answers 504.
     "SYNC_TIMEOUT": 25.0,
+    # Seconds past HUB_SYNC_TIMEOUT after which a sync event whose request never finished (its
+    # process died) is marked failed by a worker's reaper.
+    "SYNC_LEASE_MARGIN": 30.0,
+    # Deepest nesting of objects and arrays accepted in a body or a step's output (at most 500).
+    "MAX_JSON_DEPTH": 100,
     # Seconds a verified API key is remembered before the database is asked again.
     "KEY_CACHE_SECONDS": 10.0,
     # Comma list of connector names to load; empty loads every installed connector.

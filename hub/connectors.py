@@ -2,9 +2,9 @@
 
 A connector is a class with a ``name``, a one-line ``description``, a pydantic ``Config``
 and ``run(payload, ctx)``. It signals failure with ``RetryableError`` (worth trying again)
-or ``PermanentError`` (it will not get better by itself); anything else it raises is a bug
-and is treated as permanent. Connectors import this module and ``hub.http``, nothing else
-from the hub.
+or ``PermanentError`` (it will not get better by itself), whose ``InputError`` says the input
+doesn't fit the step; anything else it raises is a bug and is treated as permanent.
+Connectors import this module and ``hub.http``, nothing else from the hub.
 """
 
 from __future__ import annotations
@@ -71,6 +71,16 @@ class RetryableError(ConnectorError):
 
 class PermanentError(ConnectorError):
     """A failure that retrying will not fix: a 4xx answer, bad config, a bad response shape."""
+
+
+class InputError(PermanentError):
+    """This input doesn't fit this step: a missing field, text where a number must be.
+
+    The sender's mistake, not the far side's: a sync route answers 422, an async event fails
+    at once (retrying the same input gives the same answer).
+    """
+
+    code = "bad_input"
 
 
 class NotConfiguredError(PermanentError):

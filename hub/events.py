@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from hub.db import Database
@@ -22,7 +22,12 @@ STATUSES = (
     "duplicate",
     "rejected",
 )
-REPLAYABLE = ("failed", "dead", "delivered")
+# Statuses a replay may take: any event not in flight. Processing and retrying events count
+# only without a live lease. Rejected and duplicate events were never accepted: replaying one
+# would run a request the hub refused (bypassing its authentication), so they never are.
+REPLAYABLE = ("delivered", "failed", "dead", "filtered", "processing", "retrying")
+ENDED = ("delivered", "failed", "dead", "filtered")
+NEVER_ACCEPTED = ("rejected", "duplicate")
 FINISHED = ("delivered", "failed", "dead", "filtered", "duplicate", "rejected")
 
 
@@ -49,18 +54,31 @@ def find(
     return list(session.scalars(matching(query, route, status, since)))
 
 
+def not_in_flight(now: datetime):
+    """Events a replay may take: ended ones, and processing or retrying ones without a live
+    lease (a worker's or a sync request's)."""
+    return or_(
+        Event.status.in_(ENDED),
+        and_(
+            Event.status.in_(("processing", "retrying")),
+            or_(Event.lease_until.is_(None), Event.lease_until < now),
+        ),
+    )
+
+
 def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
-    """Put failed, dead or delivered events back to pending; the ids that were replayed.
+    """Put events that are not in flight back to pending; the ids that were replayed.
 
     Attempts keep counting, so the log shows every delivery, and the retry schedule
-    starts again from its first delay.
+    starts again from its first delay. ``why_not_replayed`` says why the others were not.
     """
     ids = list(event_ids)
     if not ids:
         return []
+    now = utcnow()
     replayed = session.scalars(
         update(Event.__table__)
-        .where(Event.id.in_(ids), Event.status.in_(REPLAYABLE))
+        .where(Event.id.in_(ids), not_in_flight(now))
         .values(
             status="pending",
             next_attempt_at=utcnow(),
@@ -72,6 +90,31 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
         .returning(Event.id)
     )
     return list(replayed)
+
+
+def why_not_replayed(session: Session, event_ids: Iterable[str]) -> dict[str, str]:
+    """For events a replay leaves alone, the reason in a sentence, by id."""
+    ids = list(event_ids)
+    found = {e.id: e for e in session.scalars(select(Event).where(Event.id.in_(ids)))}
+    reasons = {}
+    now = utcnow()
+    for event_id in ids:
+        event = found.get(event_id)
+        if event is None:
+            reasons[event_id] = "no such event"
+        elif event.status in NEVER_ACCEPTED:
+            reasons[event_id] = (
+                f"{event.status}: never accepted, so never replayed (that would run a "
+                "request the hub turned away)"
+            )
+        elif event.status == "pending":
+            reasons[event_id] = "pending: already waiting for delivery"
+        elif event.lease_until is not None and event.lease_until >= now:
+            until = f"{event.lease_until:%H:%M:%S}"
+            reasons[event_id] = f"{event.status}: in flight (leased until {until} UTC)"
+        else:
+            reasons[event_id] = f"{event.status}: not replayable"
+    return reasons
 
 
 def matching_ids(

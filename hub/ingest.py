@@ -13,24 +13,31 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, url_for
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from hub import crypto, keys, pipeline, ratelimit, redact, signatures
 from hub import routes as route_store
 from hub.connectors import lookup_path
-from hub.db import get_session
+from hub.db import get_db, get_session
 from hub.errors import error_response
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
-from hub.worker import notify
+from hub.worker import notify, sync_lease
 
 bp = Blueprint("ingest", __name__)
 log = logging.getLogger("hub.ingest")
 
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
-# HTTP status of a sync run that did not deliver, by the failure's code.
-FAILURE_STATUS = {"timeout": 504, "not_configured": 500, "connector_bug": 500, "bad_config": 500}
+# HTTP status of a sync run that did not deliver, by the failure's code; any other is 502.
+FAILURE_STATUS = {
+    "timeout": 504,
+    "bad_input": 422,  # the sender's payload doesn't fit the step
+    "not_configured": 500,
+    "connector_bug": 500,
+    "bad_config": 500,
+    "internal_error": 500,
+}
 
 
 class Rejected(Exception):
@@ -95,7 +102,15 @@ def read_body(limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
-    body = request.stream.read(limit + 1)
+    try:
+        body = request.stream.read(limit + 1)
+    except (OSError, ValueError) as exc:  # gunicorn: a chunk size such as `zz`; a hang-up
+        raise Rejected(
+            400,
+            "bad_body",
+            "Request body could not be read (malformed chunked encoding, or cut short)",
+            detail=f"body unreadable: {type(exc).__name__}",
+        ) from None
     if len(body) > limit:
         raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
     return body
@@ -259,7 +274,9 @@ def receive(route_name: str) -> Accepted:
         event.key_prefix = key.prefix if key else None
         enforce_rate_limits(session, route, key)
         try:
-            payload = pipeline.decode_payload(body, request.content_type)
+            payload = pipeline.decode_payload(
+                body, request.content_type, pipeline.max_json_depth(current_app.config)
+            )
         except pipeline.PayloadError as exc:
             status = 415 if exc.code == "unsupported_media_type" else 400
             raise Rejected(status, exc.code, exc.message) from None
@@ -359,32 +376,71 @@ def rejection_response(rejection: Rejected) -> Response:
 def run_sync(accepted: Accepted) -> pipeline.Outcome:
     """Run a sync route inside the request and commit the event with its attempts."""
     session = get_session()
+    config = current_app.config
     event, route = accepted.event, accepted.route
+    timeout = float(config["SYNC_TIMEOUT"])
     event.status = "processing"
     event.attempts = 1
+    # A sync lease: if this process dies, a worker's reaper marks the event failed once the
+    # lease has run out (it is never redelivered: the sender got no answer and will retry).
+    event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
     # Commit before running: the request is on record even if the process dies, and no
     # database lock is held while connectors talk to the outside world.
     session.commit()
     attempts: list[Attempt] = []
-    outcome = pipeline.run(
-        event,
-        route,
-        current_app.extensions["hub.connectors"],
-        payload=accepted.payload,
-        record=attempts.append,
-        deadline=time.monotonic() + float(current_app.config["SYNC_TIMEOUT"]),
-        tries=int(current_app.config["STEP_TRIES"]),
-        copy_bytes=int(current_app.config["ATTEMPT_COPY_BYTES"]),
-    )
+    try:
+        outcome = pipeline.run(
+            event,
+            route,
+            current_app.extensions["hub.connectors"],
+            payload=accepted.payload,
+            record=attempts.append,
+            deadline=time.monotonic() + timeout,
+            tries=int(config["STEP_TRIES"]),
+            copy_bytes=int(config["ATTEMPT_COPY_BYTES"]),
+            max_depth=pipeline.max_json_depth(config),
+        )
+    except Exception as exc:  # a hub bug: the event still ends, with its cause
+        log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
+        outcome = pipeline.Outcome(
+            pipeline.FAILED, error=f"hub error: {type(exc).__name__}", code="internal_error"
+        )
     session.add_all(attempts)
     finish(event, outcome)
-    session.commit()
+    try:
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        record_unrecorded(event.id, exc)
+        raise
     return outcome
+
+
+def record_unrecorded(event_id: str, exc: Exception) -> None:
+    """A sync outcome that could not be written: end the event ``failed`` with the cause, in a
+    transaction of its own (if even that fails, the reaper does it when the lease runs out)."""
+    try:
+        with get_db().session() as session:
+            session.execute(
+                update(Event.__table__)
+                .where(Event.id == event_id, Event.status == "processing")
+                .values(
+                    status="failed",
+                    last_error=f"the outcome could not be recorded ({type(exc).__name__})",
+                    completed_at=utcnow(),
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+    except Exception as again:
+        log.error("event %s: outcome not recorded (%s)", event_id, type(again).__name__)
 
 
 def finish(event: Event, outcome: pipeline.Outcome) -> None:
     """The event's end state after a sync run: the sender was told, so nothing is retried."""
-    for column, value in pipeline.end_state(outcome, utcnow()).items():
+    values = {**pipeline.end_state(outcome, utcnow()), "lease_owner": None, "lease_until": None}
+    for column, value in values.items():
         setattr(event, column, value)
 
 
@@ -494,7 +550,7 @@ def api_process():
     if outcome.status == pipeline.DELIVERED:
         return {"success": True, "result": outcome.result, "input": data["input"]}, 200
     return error_response(
-        failure_status(outcome), outcome.error, outcome.code, id=accepted.event.id
+        failure_status(outcome), outcome.error, outcome.code or "step_failed", id=accepted.event.id
     )
 
 
@@ -505,6 +561,7 @@ CHAT_ERRORS = {
     # The hub's own fault, not the upstream's: the seed's catch-all sentence.
     "bad_config": (500, "Unknown error occurred"),
     "connector_bug": (500, "Unknown error occurred"),
+    "internal_error": (500, "Unknown error occurred"),
 }
 
 
@@ -528,6 +585,8 @@ def api_chat():
             "assistant_message": result.get("assistant_message"),
             "tokens_used": result.get("tokens_used"),
         }, 200
+    if outcome.code == "bad_input":
+        return error_response(422, outcome.error, outcome.code, id=accepted.event.id)
     if outcome.code in CHAT_ERRORS:
         status, sentence = CHAT_ERRORS[outcome.code]
         return error_response(status, sentence, outcome.code, id=accepted.event.id)

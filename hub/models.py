@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from hub import storable
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -58,6 +60,40 @@ class UTCDateTime(TypeDecorator):
 
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class StorableJSON(TypeDecorator):
+    """JSON (JSONB on PostgreSQL) for values from outside: what JSONB can't hold is kept as
+    its JSON text (``hub.storable.json_value``), so writing a value never fails."""
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
+
+    def process_bind_param(self, value: Any, dialect) -> Any:
+        return storable.json_value(value)
+
+
+class StorableText(TypeDecorator):
+    """Text from outside: NUL and lone surrogates escaped (``hub.storable.text``), which
+    PostgreSQL's TEXT refuses; a ``String(n)`` stays within its length."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect) -> str | None:
+        value = storable.text(value)
+        length = getattr(self.impl, "length", None)
+        return value[:length] if value is not None and length else value
+
+
+class StorableString(StorableText):
+    impl = String
+    cache_ok = True
+
+
 BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -142,17 +178,17 @@ class Event(Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
-    route: Mapped[str] = mapped_column(String(200))  # indexed by ix_events_dedup
+    route: Mapped[str] = mapped_column(StorableString(200))  # indexed by ix_events_dedup
     key_prefix: Mapped[str | None] = mapped_column(String(16))
-    remote_addr: Mapped[str | None] = mapped_column(String(64))
-    method: Mapped[str] = mapped_column(String(10))
-    path: Mapped[str] = mapped_column(String(2000))
-    query: Mapped[str | None] = mapped_column(Text)
+    remote_addr: Mapped[str | None] = mapped_column(StorableString(64))
+    method: Mapped[str] = mapped_column(StorableString(10))
+    path: Mapped[str] = mapped_column(StorableString(2000))
+    query: Mapped[str | None] = mapped_column(StorableText)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    content_type: Mapped[str | None] = mapped_column(String(200))
+    headers: Mapped[dict[str, Any]] = mapped_column(StorableJSON, default=dict)
+    content_type: Mapped[str | None] = mapped_column(StorableString(200))
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
-    dedup_key: Mapped[str | None] = mapped_column(String(300))
+    dedup_key: Mapped[str | None] = mapped_column(StorableString(300))
     duplicate_of: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     # Why a request was turned away: unauthorized, forbidden, bad_signature ...
@@ -165,8 +201,8 @@ class Event(Base):
     next_attempt_at: Mapped[datetime | None]
     lease_until: Mapped[datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(64))
-    result: Mapped[Any | None] = mapped_column(JSONType)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[Any | None] = mapped_column(StorableJSON)
+    last_error: Mapped[str | None] = mapped_column(StorableText)
     completed_at: Mapped[datetime | None]
 
     attempt_rows: Mapped[list[Attempt]] = relationship(
@@ -214,9 +250,9 @@ class Attempt(Base):
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str] = mapped_column(String(16))
     http_status: Mapped[int | None]
-    error: Mapped[str | None] = mapped_column(Text)
-    request: Mapped[str | None] = mapped_column(Text)
-    response: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(StorableText)
+    request: Mapped[str | None] = mapped_column(StorableText)
+    response: Mapped[str | None] = mapped_column(StorableText)
 
     event: Mapped[Event] = relationship(back_populates="attempt_rows")
 

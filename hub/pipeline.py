@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from hub import redact
+from hub import redact, storable
 from hub.connectors import (
     ConnectorError,
     PermanentError,
@@ -69,13 +71,70 @@ class PayloadError(ValueError):
 
 JSON_TYPES = ("application/json",)
 FORM_TYPE = "application/x-www-form-urlencoded"
+DEFAULT_MAX_DEPTH = 100
+
+# A \uD800-\uDFFF escape in the raw text: only then can a parsed string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def max_json_depth(config: Mapping[str, Any]) -> int:
+    """HUB_MAX_JSON_DEPTH, kept within what the hub's JSON encoders can write."""
+    return max(1, min(int(config["MAX_JSON_DEPTH"]), storable.DEPTH_CAP))
 
 
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def decode_payload(body: bytes, content_type: str | None) -> Any:
+def _not_a_number(token: str) -> Any:
+    raise PayloadError(
+        "bad_json",
+        f"Request body is not valid JSON: {token} is not a JSON number (RFC 8259)",
+    )
+
+
+def _finite(token: str) -> float:
+    number = float(token)
+    if not math.isfinite(number):
+        raise PayloadError(
+            "bad_json",
+            f"Request body is not valid JSON: the number {token[:40]} is too large to represent",
+        )
+    return number
+
+
+def parse_json(raw: bytes | str, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Strict JSON (RFC 8259): no NaN or Infinity, no number that overflows to infinity, no
+    string holding a lone UTF-16 surrogate, nothing nested deeper than ``max_depth``.
+
+    What passes can be stored and sent on by every part of the hub; PayloadError otherwise.
+    """
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    too_deep = PayloadError(
+        "too_deep", f"Request body nests deeper than {max_depth} levels of objects and arrays"
+    )
+    try:
+        value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
+    except RecursionError:
+        raise too_deep from None
+    except (UnicodeDecodeError, ValueError):
+        raise PayloadError("bad_json", "Request body is not valid JSON") from None
+    # Nesting can't pass the limit with fewer brackets than that: most bodies skip the walk.
+    brackets = data.count(b"[") + data.count(b"{")
+    if brackets > max_depth and storable.depth(value, max_depth) > max_depth:
+        raise too_deep
+    if _SURROGATE_ESCAPE.search(data) and storable.has_lone_surrogate(value):
+        raise PayloadError(
+            "bad_json",
+            "Request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
+            "(such as \\ud800), which is not a Unicode character",
+        )
+    return value
+
+
+def decode_payload(
+    body: bytes, content_type: str | None, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Any:
     """The payload a route's steps see: parsed JSON, or form fields as a dict.
 
     A form whose only field is ``payload`` holding JSON (GitHub's form content type) is
@@ -85,10 +144,7 @@ def decode_payload(body: bytes, content_type: str | None) -> Any:
     if not body:
         return {}
     if kind in JSON_TYPES or kind.endswith("+json"):
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, ValueError):
-            raise PayloadError("bad_json", "Request body is not valid JSON") from None
+        return parse_json(body, max_depth)
     if kind == FORM_TYPE:
         try:
             fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
@@ -97,9 +153,10 @@ def decode_payload(body: bytes, content_type: str | None) -> Any:
         form = {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
         if set(form) == {"payload"} and isinstance(form["payload"], str):
             try:
-                return json.loads(form["payload"])
-            except ValueError:
-                pass
+                return parse_json(form["payload"], max_depth)
+            except PayloadError as exc:
+                if exc.code == "too_deep":
+                    raise
         return form
     raise PayloadError(
         "unsupported_media_type",
@@ -134,12 +191,13 @@ def run(
     deadline: float | None = None,
     tries: int = DEFAULT_TRIES,
     copy_bytes: int = 4096,
+    max_depth: int = DEFAULT_MAX_DEPTH,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
     """Run every step of ``route`` for ``event``; ``record`` receives each attempt row."""
     if payload is None:
         try:
-            payload = decode_payload(event.body or b"", event.content_type)
+            payload = decode_payload(event.body or b"", event.content_type, max_depth)
         except PayloadError as exc:
             return Outcome(FAILED, error=exc.message, code=exc.code)
     outputs: list[Any] = []
@@ -165,6 +223,7 @@ def run(
             deadline=deadline,
             tries=tries,
             copy_bytes=copy_bytes,
+            max_depth=max_depth,
             sleep=sleep,
         )
         if outcome.status != DELIVERED:
@@ -189,6 +248,7 @@ def _run_step(
     deadline: float | None,
     tries: int,
     copy_bytes: int,
+    max_depth: int,
     sleep: Callable[[float], None],
 ) -> Outcome:
     name = step.get("connector", "?")
@@ -271,6 +331,18 @@ def _run_step(
                         exc.message[:300],
                     )
                     raise
+                except RecursionError:  # e.g. a receiver's answer nested thousands deep
+                    message = f"{name}: the step's data nests too deep to be read"
+                    record(
+                        _with_exchange(
+                            attempt_row(try_number, started, t0, "permanent", error=message),
+                            ctx,
+                            copy_bytes,
+                        )
+                    )
+                    log.warning("event %s step %d (%s): %s", event.id, index, name, message)
+                    last = Outcome(FAILED, error=message, code="too_deep")
+                    raise PermanentError(message) from None
                 except Exception as exc:  # a bug in the connector: permanent, never retried
                     message = describe_bug(exc)
                     record(
@@ -283,6 +355,28 @@ def _run_step(
                     log.error("event %s step %d (%s): %s", event.id, index, name, message)
                     last = Outcome(FAILED, error=message, code="connector_bug")
                     raise PermanentError(message) from None
+                if storable.depth(output, max_depth) > max_depth:
+                    message = (
+                        f"{name}: the step's output nests deeper than {max_depth} levels "
+                        "(HUB_MAX_JSON_DEPTH)"
+                    )
+                    record(
+                        _with_exchange(
+                            attempt_row(
+                                try_number,
+                                started,
+                                t0,
+                                "permanent",
+                                http_status=ctx.exchange.status,
+                                error=message,
+                            ),
+                            ctx,
+                            copy_bytes,
+                        )
+                    )
+                    log.warning("event %s step %d (%s): %s", event.id, index, name, message)
+                    last = Outcome(FAILED, error=message, code="too_deep")
+                    raise PermanentError(message)
                 record(
                     _with_exchange(
                         attempt_row(try_number, started, t0, "ok", http_status=ctx.exchange.status),

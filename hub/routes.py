@@ -406,6 +406,10 @@ def _find_secret(stored: list[str], which: str) -> int | None:
 
 
 def get(session: Session, name: str) -> Route | None:
+    """The route named ``name``; None for a name no route can have (PostgreSQL can't even
+    compare one holding NUL, as ``/hooks/a%00b`` gives)."""
+    if not re.fullmatch(ROUTE_NAME_PATTERN, name):
+        return None
     return session.scalar(select(Route).where(Route.name == name))
 
 

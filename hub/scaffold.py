@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub.connectors import Connector, PermanentError, StepContext
+from hub.connectors import Connector, InputError, StepContext
 
 
 class {cls}Config(BaseModel):
@@ -46,9 +46,10 @@ class {cls}Connector(Connector):
     def run(self, payload: Any, ctx: StepContext) -> dict[str, Any]:
         cfg: {cls}Config = self.config
         if not isinstance(payload, dict) or cfg.field not in payload:
-            # PermanentError: retrying will not add the field. For a timeout or a 5xx from a
-            # service, raise RetryableError (hub.http.request does that for you).
-            raise PermanentError(f"payload has no field {{cfg.field!r}}")
+            # InputError: the sender's mistake (a sync route answers 422); retrying will not
+            # add the field. For a timeout or a 5xx from a service, raise RetryableError
+            # (hub.http.request does that for you).
+            raise InputError(f"payload has no field {{cfg.field!r}}")
         return {{"result": f"{{cfg.prefix}}{{payload[cfg.field]}}"}}
 '''
 
@@ -56,7 +57,7 @@ TEST_TEMPLATE = '''"""Contract and behaviour of the {name} connector."""
 
 import pytest
 
-from hub.connectors import PermanentError
+from hub.connectors import InputError
 from hub.testing import check_connector
 from {module} import {cls}Connector
 
@@ -72,8 +73,8 @@ def test_config_templates_render_against_the_payload():
     assert output == {{"result": "ana: hi"}}
 
 
-def test_missing_field_is_a_permanent_error():
-    with pytest.raises(PermanentError, match="no field 'text'"):
+def test_missing_field_is_an_input_error():
+    with pytest.raises(InputError, match="no field 'text'"):
         check_connector({cls}Connector, {{"other": 1}})
 '''
 

@@ -5,6 +5,11 @@ A claim is one atomic statement that moves due events to ``processing`` under a 
 share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). A worker
 that dies leaves a lease that expires, and the event is claimed again: delivery is
 at-least-once, and a receiver that must not see a repeat dedups on the event id.
+
+Every event reaches an end state or holds a live lease: a claim of an expired lease counts
+against the route's retry schedule (an event that kills its worker ends ``dead``), an outcome
+that can't be written is retried per the schedule, and a sync request's event, leased by the
+web process running it, is marked ``failed`` by any worker's reaper if that process died.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import socket
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, case, not_, or_, select, text, update
 
 from hub import pipeline
 from hub import routes as route_store
@@ -31,6 +36,61 @@ log = logging.getLogger("hub.worker")
 NOTIFY_CHANNEL = "hub_events"
 DUE_STATUSES = ("pending", "retrying")
 MIN_IDLE = 0.05
+# The lease owner of a sync request's event starts with this: workers never claim it.
+SYNC_LEASE_PREFIX = "sync:"
+# A reaper pass runs every this many HUB_WORKER_MAX_IDLE (20 s by default).
+REAP_EVERY_IDLES = 10
+LEASE_EXPIRED = "a delivery did not finish before its lease ran out (the worker died or hung)"
+SYNC_PROCESS_DIED = (
+    "the process handling the sync request died before it answered; "
+    "the sender got no answer (replay the event to run it again)"
+)
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def sync_lease(seconds: float) -> tuple[str, datetime]:
+    """Lease owner and expiry for a sync request's event, run by this process."""
+    return SYNC_LEASE_PREFIX + process_name(), utcnow() + timedelta(seconds=seconds)
+
+
+def reap_sync_events(db: Database) -> list[str]:
+    """Mark ``failed`` the sync events whose process died (their lease ran out); their ids.
+
+    They are replayable, and never redelivered on their own: the sender got no answer and
+    retries by itself.
+    """
+    now = utcnow()
+    with db.session() as session:
+        reaped = list(
+            session.scalars(
+                update(Event.__table__)
+                .where(
+                    Event.status == "processing",
+                    Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
+                    Event.lease_until < now,
+                )
+                .values(
+                    status="failed",
+                    last_error=SYNC_PROCESS_DIED,
+                    completed_at=now,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+                .returning(Event.id)
+            )
+        )
+    for event_id in reaped:
+        log.warning("event %s: %s", event_id, SYNC_PROCESS_DIED)
+    return reaped
+
+
+def schedule_of(schedule: list[int] | None) -> list[int]:
+    """A route's retry schedule, or the hub's default one."""
+    return route_store.DEFAULT_RETRY_SCHEDULE if schedule is None else schedule
 
 
 def retry_delay(schedule: list[int], retries: int, retry_after: float | None) -> float | None:
@@ -49,7 +109,7 @@ class Worker:
         self.registry = app.extensions["hub.connectors"]
         self.lease = float(app.config["LEASE_SECONDS"])
         self.max_idle = float(app.config["WORKER_MAX_IDLE"])
-        self.name = name or f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.name = name or process_name()
         self.stopping = threading.Event()
         self.wakeup: threading.Event = app.extensions["hub.wakeup"]
         self.threads: list[threading.Thread] = []
@@ -61,9 +121,17 @@ class Worker:
     def claim(self, limit: int = 1) -> list[str]:
         """Move up to ``limit`` due events to ``processing`` under this worker's lease."""
         now = utcnow()
+        expired = Event.status == "processing"
         due = or_(
             and_(Event.status.in_(DUE_STATUSES), Event.next_attempt_at <= now),
-            and_(Event.status == "processing", Event.lease_until < now),
+            and_(
+                expired,
+                Event.lease_until < now,
+                or_(
+                    Event.lease_owner.is_(None),
+                    not_(Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True)),
+                ),
+            ),
         )
         candidates = select(Event.id).where(due).order_by(Event.next_attempt_at).limit(limit)
         if self.db.dialect == "postgresql":
@@ -76,6 +144,9 @@ class Worker:
                 lease_owner=self.name,
                 lease_until=now + timedelta(seconds=self.lease),
                 attempts=Event.attempts + 1,
+                # A delivery that died counts against the retry schedule, like a failure.
+                retries=case((expired, Event.retries + 1), else_=Event.retries),
+                last_error=case((expired, LEASE_EXPIRED), else_=Event.last_error),
             )
             .returning(Event.id)
         )
@@ -105,6 +176,10 @@ class Worker:
                 pipeline.FAILED, error=f"route {event.route!r} no longer exists or is disabled"
             )
             return self._finish(event, None, outcome)
+        if event.retries > len(schedule_of(route.retry_schedule)):
+            # Claimed again after its deliveries kept dying, with the schedule used up.
+            deaths = pipeline.Outcome(pipeline.RETRYABLE, error=event.last_error or LEASE_EXPIRED)
+            return self._finish(event, route.retry_schedule, deaths)
 
         def record(row: Attempt) -> None:
             # Each call is committed as it happens: a crash later keeps the log of it.
@@ -123,40 +198,63 @@ class Worker:
                 deadline=deadline,
                 tries=int(self.app.config["STEP_TRIES"]),
                 copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
+                max_depth=pipeline.max_json_depth(self.app.config),
             )
         except Exception as exc:  # never let one event take the worker down
+            # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
             log.error("event %s: pipeline error %s", event_id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
         return self._finish(event, route.retry_schedule, outcome)
 
     def _finish(self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome) -> str:
-        now = utcnow()
-        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
-        if outcome.status != pipeline.RETRYABLE:
-            values.update(pipeline.end_state(outcome, now))
-        else:
-            chosen = route_store.DEFAULT_RETRY_SCHEDULE if schedule is None else schedule
-            delay = retry_delay(chosen, event.retries, outcome.retry_after)
-            values["last_error"] = (outcome.error or "retryable failure")[:2000]
-            if delay is None:
-                values.update(status="dead", completed_at=now, next_attempt_at=None)
-            else:
-                values.update(
-                    status="retrying",
-                    retries=event.retries + 1,
-                    next_attempt_at=now + timedelta(seconds=delay),
-                )
-        with self.db.session() as session:
-            changed = session.execute(
-                update(Event.__table__)
-                .where(Event.id == event.id, Event.lease_owner == self.name)
-                .values(**values)
-            ).rowcount
+        """Write how the run ended. An outcome that can't be written is a failed attempt: the
+        event follows the retry schedule to ``dead`` (if even that write fails, the lease
+        runs out and the next claim counts against the schedule)."""
+        try:
+            values = self._ending(event, schedule, outcome)
+            changed = self._write_ending(event, values)
+        except Exception as exc:
+            log.error("event %s: outcome not recorded (%s)", event.id, type(exc).__name__)
+            unrecorded = pipeline.Outcome(
+                pipeline.RETRYABLE,
+                error=f"the outcome could not be recorded ({type(exc).__name__})",
+            )
+            values = self._ending(event, schedule, unrecorded)
+            changed = self._write_ending(event, values)
         if not changed:
             log.warning("event %s: lease lost before the outcome was written", event.id)
             return "lease_lost"
         log.info("event %s run %d: %s", event.id, event.attempts, values["status"])
         return values["status"]
+
+    def _ending(
+        self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome
+    ) -> dict[str, Any]:
+        """The event's columns after a run: an end state, or the next retry per ``schedule``."""
+        now = utcnow()
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if outcome.status != pipeline.RETRYABLE:
+            values.update(pipeline.end_state(outcome, now))
+            return values
+        delay = retry_delay(schedule_of(schedule), event.retries, outcome.retry_after)
+        values["last_error"] = (outcome.error or "retryable failure")[:2000]
+        if delay is None:
+            values.update(status="dead", completed_at=now, next_attempt_at=None)
+        else:
+            values.update(
+                status="retrying",
+                retries=event.retries + 1,
+                next_attempt_at=now + timedelta(seconds=delay),
+            )
+        return values
+
+    def _write_ending(self, event: Event, values: dict[str, Any]) -> int:
+        with self.db.session() as session:
+            return session.execute(
+                update(Event.__table__)
+                .where(Event.id == event.id, Event.lease_owner == self.name)
+                .values(**values)
+            ).rowcount
 
     def release(self, event_ids: set[str]) -> None:
         """Hand leases back (a stopping worker): the events are due again at once."""
@@ -176,6 +274,7 @@ class Worker:
 
     def run_once(self, limit: int = 100) -> int:
         """Deliver what is due now, one event at a time; the number delivered (tests, cron)."""
+        self.reap()
         done = 0
         while done < limit and not self.stopping.is_set():
             claimed = self.claim(1)
@@ -184,6 +283,18 @@ class Worker:
             self.process(claimed[0])
             done += 1
         return done
+
+    def reap(self) -> None:
+        """One reaper pass (sync events whose process died); a database error waits a turn."""
+        try:
+            reap_sync_events(self.db)
+        except Exception as exc:
+            log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
+
+    def reap_loop(self) -> None:
+        self.reap()
+        while not self.stopping.wait(self.max_idle * REAP_EVERY_IDLES):
+            self.reap()
 
     def loop(self) -> None:
         idle = MIN_IDLE
@@ -215,6 +326,8 @@ class Worker:
             thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
             thread.start()
             self.threads.append(thread)
+        reaper = threading.Thread(target=self.reap_loop, name="hub-reaper", daemon=True)
+        reaper.start()
         if self.db.dialect == "postgresql":
             listener = threading.Thread(target=self._listen, name="hub-listen", daemon=True)
             listener.start()

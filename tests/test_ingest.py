@@ -178,11 +178,13 @@ def test_secrets_never_stored_in_headers_or_query(client, db, key, shout):
     assert "api_key=%5Bredacted%5D" in event.query and "other=1" in event.query
 
 
-def test_failed_step_is_logged_permanent_and_answers_502(client, db, key, add_route):
+def test_a_payload_without_the_steps_field_is_logged_permanent_and_answers_422(
+    client, db, key, add_route
+):
     add_route("needs-field", [{"connector": "text", "config": {"field": "missing"}}])
     response = client.post("/hooks/needs-field", json={"text": "x"}, headers={"X-API-Key": key})
-    assert response.status_code == 502
-    assert response.json["code"] == "missing_field"
+    assert response.status_code == 422  # the sender's mistake, not an upstream's
+    assert response.json["code"] == "bad_input"
     assert "missing" in response.json["error"]
     [event] = events(db)
     assert event.status == "failed"

@@ -374,8 +374,8 @@ def test_without_user_message_an_input_lacking_message_is_a_clear_permanent_erro
 ):
     add_route("ask", [{"connector": "openai", "config": {"base_url": fake_openai.base_url}}])
     response = client.post("/hooks/ask", json={"text": "hi"}, headers={"X-API-Key": key})
-    assert response.status_code == 502
-    assert response.json["code"] == "missing_field"
+    assert response.status_code == 422
+    assert response.json["code"] == "bad_input"
     assert "set user_message to a template" in response.json["error"]
     assert fake_openai.requests == []
     assert summary(db) == [(0, "openai", 1, "permanent", None)]
