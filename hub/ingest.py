@@ -104,7 +104,9 @@ def read_body(limit: int) -> bytes:
         raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
     try:
         body = request.stream.read(limit + 1)
-    except (OSError, ValueError) as exc:  # gunicorn: a chunk size such as `zz`; a hang-up
+    # Whatever the server raises while reading is the client's doing: gunicorn's
+    # InvalidChunkSize (a chunk size such as `zz`), NoMoreData, an OSError on a hang-up.
+    except Exception as exc:
         raise Rejected(
             400,
             "bad_body",
@@ -407,11 +409,13 @@ def run_sync(accepted: Accepted) -> pipeline.Outcome:
         )
     session.add_all(attempts)
     finish(event, outcome)
+    event_id = event.id
     try:
         session.commit()
     except Exception as exc:
         session.rollback()
-        record_unrecorded(event.id, exc)
+        session.close()  # its connection back to the pool: SQLite's write lock with it
+        record_unrecorded(event_id, exc)
         raise
     return outcome
 

@@ -117,6 +117,8 @@ def parse_json(raw: bytes | str, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
         value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
     except RecursionError:
         raise too_deep from None
+    except PayloadError:
+        raise
     except (UnicodeDecodeError, ValueError):
         raise PayloadError("bad_json", "Request body is not valid JSON") from None
     # Nesting can't pass the limit with fewer brackets than that: most bodies skip the walk.
