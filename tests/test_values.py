@@ -178,6 +178,11 @@ def test_nul_in_the_route_name_is_an_unknown_route_with_a_row(client, db, key):
     assert event.route == "a\\u0000b" and event.path == "/hooks/a\\u0000b"
 
 
+def test_nul_in_an_event_id_is_no_such_event(client, key):
+    response = client.get("/events/evt_%00", headers={"X-API-Key": key})
+    assert (response.status_code, response.json["code"]) == (404, "not_found")
+
+
 def test_nul_in_the_query_and_a_header_is_stored_escaped(client, db, key, add_route):
     add_route("shout", [{"connector": "text"}])
     response = client.post(
