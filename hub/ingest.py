@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from hub import crypto, keys, pipeline, ratelimit, redact, signatures
+from hub import crypto, keys, pipeline, ratelimit, redact, signatures, storable
 from hub import routes as route_store
 from hub.connectors import lookup_path
 from hub.db import get_db, get_session
@@ -506,7 +506,8 @@ def hook(route_name: str):
     outcome = run_sync(accepted)
     event = accepted.event
     if outcome.status == pipeline.DELIVERED:
-        return {"id": event.id, "status": event.status, "result": outcome.result}, 200
+        result = storable.json_answer(outcome.result)
+        return {"id": event.id, "status": event.status, "result": result}, 200
     if outcome.status == pipeline.FILTERED:
         return {"id": event.id, "status": event.status}, 200
     return error_response(

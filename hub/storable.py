@@ -102,6 +102,15 @@ def is_storable(value: Any) -> bool:
     return True
 
 
+def json_answer(value: Any) -> Any:
+    """``value`` for an HTTP answer: as it is, unless it holds NaN or ±Infinity, which JSON
+    can't carry; then ``{"json_text": ...}``, as ``json_value`` stores it."""
+    for item, _ in _walk(value, DEPTH_CAP):
+        if isinstance(item, float) and not math.isfinite(item):
+            return {JSON_TEXT_KEY: json.dumps(value, default=str)}
+    return value
+
+
 def json_value(value: Any) -> Any:
     """``value`` if both databases hold it as JSON, else ``{"json_text": <its JSON text>}``."""
     if is_storable(value):

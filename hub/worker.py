@@ -115,6 +115,7 @@ class Worker:
         self.threads: list[threading.Thread] = []
         self.in_flight: set[str] = set()
         self._lock = threading.Lock()
+        self.next_reap = 0.0  # time.monotonic() of the next reaper pass
 
     # --- claiming ---
 
@@ -291,14 +292,19 @@ class Worker:
         except Exception as exc:
             log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
 
-    def reap_loop(self) -> None:
+    def reap_when_due(self) -> None:
+        """A reaper pass if none ran in the last 10 x HUB_WORKER_MAX_IDLE (one thread does it)."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self.next_reap:
+                return
+            self.next_reap = now + self.max_idle * REAP_EVERY_IDLES
         self.reap()
-        while not self.stopping.wait(self.max_idle * REAP_EVERY_IDLES):
-            self.reap()
 
     def loop(self) -> None:
         idle = MIN_IDLE
         while not self.stopping.is_set():
+            self.reap_when_due()
             try:
                 claimed = self.claim(1)
             except Exception as exc:  # the database went away: wait and try again
@@ -326,8 +332,6 @@ class Worker:
             thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
             thread.start()
             self.threads.append(thread)
-        reaper = threading.Thread(target=self.reap_loop, name="hub-reaper", daemon=True)
-        reaper.start()
         if self.db.dialect == "postgresql":
             listener = threading.Thread(target=self._listen, name="hub-listen", daemon=True)
             listener.start()
