@@ -18,17 +18,17 @@ event.
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Iterator
 from typing import Any
 
-# Deepest value json.dumps (recursive) may be handed; HUB_MAX_JSON_DEPTH can't go past it.
+# Deepest value the hub's JSON encoders (recursive) are handed; HUB_MAX_JSON_DEPTH stays below.
 DEPTH_CAP = 500
 JSON_TEXT_KEY = "json_text"
 
 _UNSTORABLE_CHARS = re.compile("[\x00\ud800-\udfff]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# A \u0000 escape in JSON text: after an even number of backslashes (an odd one is escaped).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -48,73 +48,62 @@ def _has_unstorable(value: str) -> bool:
     return _UNSTORABLE_CHARS.search(value) is not None
 
 
-def _walk(value: Any, limit: int) -> Iterator[tuple[Any, int]]:
-    """Every item of ``value`` with its level (1 for the top), dict keys included, without
-    recursion; containers deeper than ``limit`` are yielded but not opened."""
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        yield item, level
-        if level > limit:
-            continue
-        if isinstance(item, dict):
-            stack.extend((key, level + 1) for key in item)
-            stack.extend((child, level + 1) for child in item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend((child, level + 1) for child in item)
-
-
 def depth(value: Any, limit: int) -> int:
-    """How many levels of objects and arrays ``value`` nests, counted up to ``limit + 1``."""
-    deepest = 0
-    for item, level in _walk(value, limit):
-        if isinstance(item, dict | list | tuple) and level > deepest:
-            deepest = level
-            if deepest > limit:
-                break
-    return deepest
+    """How many levels of objects and arrays ``value`` nests, counted up to ``limit + 1``:
+    level by level over the containers only, without recursion."""
+    level = 0
+    frontier = [value] if isinstance(value, dict | list | tuple) else []
+    while frontier:
+        level += 1
+        if level > limit:
+            return level
+        children: list[Any] = []
+        for item in frontier:
+            children.extend(item.values() if isinstance(item, dict) else item)
+        frontier = [child for child in children if isinstance(child, dict | list | tuple)]
+    return level
+
+
+def _json_text(value: Any, **options: Any) -> str | None:
+    """``value`` as JSON text, or None when it can't be written (NaN with allow_nan=False,
+    a type JSON lacks, nesting deeper than the encoder goes)."""
+    try:
+        return json.dumps(value, **options)
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 def has_lone_surrogate(value: Any) -> bool:
     """True when a string in ``value`` (a key or a value) holds a lone UTF-16 surrogate."""
-    for item, _ in _walk(value, DEPTH_CAP):
-        if isinstance(item, str) and not item.isascii() and _LONE_SURROGATE.search(item):
-            return True
-    return False
+    written = _json_text(value, ensure_ascii=False, default=str)
+    return written is not None and not written.isascii() and bool(_LONE_SURROGATE.search(written))
 
 
 def is_storable(value: Any) -> bool:
-    """True when both databases hold ``value`` as JSON exactly as it is."""
-    for item, level in _walk(value, DEPTH_CAP):
-        if item is None or isinstance(item, bool | int):
-            continue
-        if isinstance(item, str):
-            if _has_unstorable(item):
-                return False
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                return False
-        elif isinstance(item, dict | list | tuple):
-            if level > DEPTH_CAP:
-                return False
-        else:
-            return False  # not a JSON type
-    return True
+    """True when both databases hold ``value`` as JSON exactly as it is.
+
+    Checked on the JSON text (C speed): the encoder writes NUL as the escape ``\\u0000``
+    and, with ensure_ascii off, a lone surrogate as itself.
+    """
+    written = _json_text(value, ensure_ascii=False, allow_nan=False)
+    if written is None or ("\\u0000" in written and _NUL_ESCAPE.search(written)):
+        return False
+    return written.isascii() or not _LONE_SURROGATE.search(written)
 
 
 def json_answer(value: Any) -> Any:
     """``value`` for an HTTP answer: as it is, unless it holds NaN or ±Infinity, which JSON
     can't carry; then ``{"json_text": ...}``, as ``json_value`` stores it."""
-    for item, _ in _walk(value, DEPTH_CAP):
-        if isinstance(item, float) and not math.isfinite(item):
-            return {JSON_TEXT_KEY: json.dumps(value, default=str)}
-    return value
+    if _json_text(value, allow_nan=False, default=str) is not None:
+        return value
+    return json_value(value)
 
 
 def json_value(value: Any) -> Any:
     """``value`` if both databases hold it as JSON, else ``{"json_text": <its JSON text>}``."""
     if is_storable(value):
         return value
-    if depth(value, DEPTH_CAP) > DEPTH_CAP:
-        return {JSON_TEXT_KEY: None, "error": f"nests deeper than {DEPTH_CAP} levels; not kept"}
-    return {JSON_TEXT_KEY: json.dumps(value, default=str)}
+    written = _json_text(value, default=str)  # ASCII: NUL and surrogates as \\u escapes
+    if written is None:
+        return {JSON_TEXT_KEY: None, "error": "too deeply nested to keep"}
+    return {JSON_TEXT_KEY: written}

@@ -235,6 +235,14 @@ def test_the_depth_limit_is_a_setting(app, client, db, key, add_route):
     assert "deeper than 3 levels" in response.json["error"]
 
 
+def test_the_depth_limit_can_not_go_past_what_the_encoders_write(app, client, key, add_route):
+    app.config["MAX_JSON_DEPTH"] = 100000
+    add_route("plain", [])
+    response = post_raw(client, key, "plain", nested(501))
+    assert (response.status_code, response.json["code"]) == (400, "too_deep")
+    assert "deeper than 500 levels" in response.json["error"]
+
+
 def test_a_form_payload_nested_past_the_limit_is_refused(client, key, add_route):
     add_route("plain", [])
     response = client.post(
