@@ -42,8 +42,8 @@ SYNC_LEASE_PREFIX = "sync:"
 REAP_EVERY_IDLES = 10
 LEASE_EXPIRED = "a delivery did not finish before its lease ran out (the worker died or hung)"
 SYNC_PROCESS_DIED = (
-    "the process handling the sync request died before it answered; "
-    "the sender got no answer (replay the event to run it again)"
+    "the process handling the sync request died before it answered (or could not record "
+    "the outcome); replay the event to run it again"
 )
 
 

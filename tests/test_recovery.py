@@ -164,6 +164,31 @@ def test_a_delivery_that_keeps_dying_ends_dead_after_the_schedule(
     assert Worker(app).run_once() == 0
 
 
+@pytest.mark.slow
+def test_a_poison_event_that_kills_its_workers_ends_dead(
+    client, db, key, add_route, receiver, database_url_for_test, tmp_path
+):
+    receiver.script(Reply(body=None, delay=30), Reply(body=None, delay=30))  # each run hangs
+    steps = [{"connector": "http", "config": {"url": receiver.url, "timeout": 60}}]
+    add_route("poison", steps, mode="async", retry_schedule=[1])
+    event_id = post(client, key, "poison").json["id"]
+    env = {"HUB_LEASE_SECONDS": "2", "HUB_WORKER_MAX_IDLE": "0.2", "HUB_STEP_TRIES": "1"}
+    for run in (1, 2):  # each delivery kills its worker (SIGKILL while it is delivering)
+        doomed = worker(database_url_for_test, tmp_path / f"doomed{run}.log", **env)
+        receiver.wait_for(run, timeout=20)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(5)
+
+    last = worker(database_url_for_test, tmp_path / "last.log", **env)
+    try:
+        wait_until(lambda: event_row(db, event_id).status == "dead", 20, what="dead")
+    finally:
+        stop(last)
+    event = event_row(db, event_id)
+    assert "lease ran out" in event.last_error
+    assert len(receiver.requests) == 2  # the schedule's one retry, then no more deliveries
+
+
 def test_a_delivery_that_died_once_is_delivered_and_counted(
     app, client, db, key, add_route, receiver
 ):
