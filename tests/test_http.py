@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from pathlib import Path
 
 import pytest
 import requests
@@ -24,9 +22,8 @@ import tenacity
 
 import hub.http as http
 from hub.connectors import PermanentError, RetryableError, StepContext
+from tests.procs import ROOT, clean_env
 from tests.servers import FakeOpenAI, Receiver, Recorded, Reply
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_ctx(deadline: float | None = None) -> StepContext:
@@ -792,7 +789,7 @@ def test_receiver_cli_runs_as_a_process(tmp_path):
     cmd = [sys.executable, "-m", "tests.servers", "receiver", "--port", "0"]
     cmd += ["--port-file", str(port_file), "--log", str(log_file)]
     cmd += ["--fail-first", "1", "--fail-status", "503"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = clean_env(PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from hub import create_app, signatures
 from hub.crypto import SecretBox
 from hub.models import Event, Route
 from hub.secret_key import MissingSecretKey
-from tests.procs import ROOT
+from tests.procs import ROOT, clean_env
 from tests.test_signatures import (
     GITHUB_BODY,
     GITHUB_SECRET,
@@ -366,8 +365,7 @@ def test_production_without_secret_key_refuses_to_start(database_url_for_test, m
     monkeypatch.delenv("HUB_SECRET_KEY", raising=False)
     with pytest.raises(MissingSecretKey, match="HUB_SECRET_KEY is not set"):
         create_app({"ENV": "production", "DATABASE_URL": database_url_for_test})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    env.update(HUB_ENV="production", HUB_DATABASE_URL=database_url_for_test)
+    env = clean_env(HUB_ENV="production", HUB_DATABASE_URL=database_url_for_test)
     done = subprocess.run(
         [sys.executable, "-m", "flask", "--app", "hub", "routes", "list"],
         cwd=ROOT,
