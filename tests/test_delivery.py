@@ -73,6 +73,19 @@ def make_due(db, event_id) -> None:
         session.execute(update(Event).where(Event.id == event_id).values(next_attempt_at=utcnow()))
 
 
+def run_and_put_off(worker, db, event_id) -> tuple[float, float]:
+    """Run the due event once; the least and most seconds its next attempt was put off.
+
+    The run fell between two readings of the clock, so the bounds hold however slow the
+    machine is (one second more each way for how the database stores times).
+    """
+    before = utcnow()
+    assert worker.run_once() == 1
+    after = utcnow()
+    due = event_row(db, event_id).next_attempt_at
+    return (due - after).total_seconds() - 1, (due - before).total_seconds() + 1
+
+
 def post(client, key, route="later", body=None, **headers):
     return client.post(
         f"/hooks/{route}", json=body or {"input": "x"}, headers={"X-API-Key": key, **headers}
@@ -124,18 +137,17 @@ def test_retryable_failures_follow_the_schedule_then_dead(
     )
     event_id = post(client, key).json["id"]
 
-    before = utcnow()
-    worker.run_once()
+    low, high = run_and_put_off(worker, db, event_id)
     event = event_row(db, event_id)
     assert (event.status, event.retries, event.attempts) == ("retrying", 1, 1)
-    assert timedelta(seconds=59) < event.next_attempt_at - before < timedelta(seconds=62)
+    assert low <= 60 <= high
     assert worker.run_once() == 0  # not due yet
 
     make_due(db, event_id)
-    worker.run_once()
+    low, high = run_and_put_off(worker, db, event_id)
     event = event_row(db, event_id)
     assert (event.status, event.retries) == ("retrying", 2)
-    assert timedelta(seconds=599) < event.next_attempt_at - utcnow() < timedelta(seconds=601)
+    assert low <= 600 <= high
 
     make_due(db, event_id)
     worker.run_once()
@@ -159,7 +171,7 @@ def test_retry_after_from_the_far_side_stretches_the_delay(
     worker.run_once()
     event = event_row(db, event_id)
     assert event.status == "retrying"
-    assert event.next_attempt_at - utcnow() > timedelta(seconds=110)
+    assert event.next_attempt_at - utcnow() > timedelta(seconds=60)  # 120, not the 1 s schedule
 
 
 def test_permanent_error_fails_at_once(client, db, key, add_route, worker, scripted):
@@ -389,8 +401,8 @@ def test_an_idle_worker_backs_off_instead_of_hammering_the_database(app):
     worker.wakeup.set()
     thread.join(5)
     # Backing off 0.05 s, 0.1, 0.2, then 0.4 s at most: about 8 looks in 2 s, where a
-    # worker polling every 0.05 s would make 40.
-    assert 4 <= len(looks) <= 12
+    # worker polling every 0.05 s would make 40 (a busy machine makes fewer, never more).
+    assert 2 <= len(looks) <= 12
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")

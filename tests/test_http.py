@@ -340,21 +340,21 @@ def test_connection_refused_is_retryable_unreachable(allow_private):
 
 
 def test_slow_answer_times_out_as_retryable(receiver, allow_private):
-    receiver.script(Reply(200, delay=3))
+    receiver.script(Reply(200, delay=30))
     started = time.monotonic()
     with pytest.raises(RetryableError) as info:
         http.request(make_ctx(), "GET", receiver.url, timeout=0.2)
     assert info.value.code == "upstream_timeout"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10  # long before the answer, even on a busy machine
 
 
 def test_step_deadline_shortens_the_timeout(receiver, allow_private):
-    receiver.script(Reply(200, delay=3))
+    receiver.script(Reply(200, delay=30))
     started = time.monotonic()
     with pytest.raises(RetryableError) as info:
         http.request(make_ctx(deadline=time.monotonic() + 0.3), "GET", receiver.url)
     assert info.value.code == "upstream_timeout"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10  # the default timeout would have waited 30 s
 
 
 def test_request_records_the_exchange_with_secrets_redacted(receiver, allow_private):
