@@ -7,6 +7,7 @@ skip, so a CI run can't pass by quietly testing less.
 
 from __future__ import annotations
 
+import hmac
 import os
 import shutil
 import uuid
@@ -157,3 +158,19 @@ def fake_openai(monkeypatch) -> Iterator[FakeOpenAI]:
     with FakeOpenAI(api_key="sk-test-key") as server:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
         yield server
+
+
+@pytest.fixture
+def compared(monkeypatch) -> list[tuple]:
+    """Every ``hmac.compare_digest`` call as (a, b, result), the real comparison still made:
+    proof that a secret-dependent comparison took the constant-time path."""
+    calls: list[tuple] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        result = real(a, b)
+        calls.append((a, b, result))
+        return result
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    return calls
