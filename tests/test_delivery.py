@@ -224,6 +224,38 @@ def test_replay_requeues_and_keeps_the_attempt_history(
     assert event_row(db, pending).status == "pending"
 
 
+def test_a_replay_starts_the_retry_schedule_again(
+    client, db, key, add_route, worker, scripted, runner
+):
+    add_route(
+        "later",
+        [{"connector": "scripted", "config": {"fail": ["retry"] * 5}}],
+        mode="async",
+        retry_schedule=[60, 600],
+    )
+    event_id = post(client, key).json["id"]
+    for _ in range(2):
+        worker.run_once()
+        make_due(db, event_id)
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert (event.status, event.retries, event.attempts) == ("dead", 2, 3)
+
+    assert runner.invoke(args=["events", "replay", event_id]).exit_code == 0
+    event = event_row(db, event_id)
+    assert (event.status, event.retries) == ("pending", 0)
+    low, high = run_and_put_off(worker, db, event_id)  # fails again: the first delay, not dead
+    event = event_row(db, event_id)
+    assert (event.status, event.retries, event.attempts) == ("retrying", 1, 4)
+    assert low <= 60 <= high
+    make_due(db, event_id)
+    low, high = run_and_put_off(worker, db, event_id)
+    assert (event_row(db, event_id).status, low <= 600 <= high) == ("retrying", True)
+    make_due(db, event_id)
+    worker.run_once()  # the sixth call succeeds
+    assert event_row(db, event_id).status == "delivered"
+
+
 def test_bulk_replay_by_status_and_route(client, db, key, add_route, worker, scripted, runner):
     add_route(
         "later", [{"connector": "scripted", "config": {"fail": ["permanent"] * 3}}], mode="async"
@@ -248,6 +280,7 @@ def test_bulk_replay_by_status_and_route(client, db, key, add_route, worker, scr
         ({"Idempotency-Key": "abc-1"}, {"input": "x"}),
         ({"webhook-id": "msg_2"}, {"input": "x"}),
         ({"X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}, {"input": "x"}),
+        ({"X-Shopify-Webhook-Id": "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043"}, {"input": "x"}),
         ({}, {"id": "evt_stripe_1", "input": "x"}),
     ],
 )
