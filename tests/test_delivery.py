@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+import requests
 from pydantic import BaseModel
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from werkzeug.serving import make_server
 
 from hub.connectors import Connector, PermanentError, RetryableError
 from hub.models import Attempt, Event, utcnow
@@ -300,6 +303,49 @@ def test_duplicates_are_answered_with_the_first_event_and_never_delivered_twice(
     assert [r.status for r in rows] == ["delivered", "duplicate"]
     assert rows[1].duplicate_of == rows[0].id
     assert delivered == [rows[0].id]
+
+
+def test_concurrent_copies_of_one_delivery_are_accepted_once(app, db, key, add_route):
+    """4 threads post the same Idempotency-Key at once, 20 times over, to a real threaded
+    server: each time exactly one copy is accepted (PostgreSQL serialises the look-up with
+    an advisory lock, SQLite with its write lock)."""
+    add_route("later", [{"connector": "text"}], mode="async")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    url = f"http://127.0.0.1:{server.server_port}/hooks/later"
+    rounds, senders = 20, 4
+    start = threading.Barrier(senders)
+    sessions = [requests.Session() for _ in range(senders)]
+
+    def send(sender: int, delivery: str) -> int:
+        start.wait(timeout=30)
+        answer = sessions[sender].post(
+            url, json={"input": "x"}, headers={"X-API-Key": key, "Idempotency-Key": delivery}
+        )
+        return answer.status_code
+
+    deliveries = [f"delivery-{n}" for n in range(rounds)]
+    try:
+        with ThreadPoolExecutor(senders) as pool:
+            codes = [
+                sorted(pool.map(send, range(senders), [delivery] * senders))
+                for delivery in deliveries
+            ]
+    finally:
+        server.shutdown()
+        serving.join(10)
+        server.server_close()
+        for session in sessions:
+            session.close()
+    assert codes == [[200, 200, 200, 202]] * rounds
+    with db.session() as session:
+        accepted = session.execute(
+            select(Event.dedup_key, func.count())
+            .where(Event.status != "duplicate")
+            .group_by(Event.dedup_key)
+        ).all()
+    assert sorted(accepted) == sorted((delivery, 1) for delivery in deliveries)
 
 
 def test_dedup_window_and_opt_out(client, db, key, add_route):
