@@ -10,17 +10,16 @@ from __future__ import annotations
 import hmac
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, text
 
 from hub import create_app
-from hub.config import database_url
 from hub.db import Database, upgrade
 from hub.keys import create_key
 from hub.routes import save_routes
+from tests.schema_check import scratch_postgres
 from tests.servers import FakeOpenAI, Receiver
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
@@ -54,21 +53,11 @@ def pg_database() -> Iterator[str]:
     Its name is the configured one plus a random suffix, so two runs on one server (two
     developers, a developer and CI) never drop each other's database.
     """
-    url = make_url(database_url(PG_URL))
-    name = f"{url.database or 'hub_test'}_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    full = url.set(database=name).render_as_string(hide_password=False)
-    db = Database(full)
-    upgrade(db)
-    db.dispose()
-    try:
-        yield full
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_postgres(PG_URL) as url:
+        db = Database(url)
+        upgrade(db)
+        db.dispose()
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)
