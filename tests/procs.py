@@ -32,15 +32,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def hub_env(database_url: str, **extra: str) -> dict[str, str]:
-    env = clean_env()
-    env.update(
-        HUB_DATABASE_URL=database_url,
-        HUB_SECRET_KEY="test-secret-key-for-the-hub",
-        HUB_ALLOW_PRIVATE_TARGETS="true",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    """The environment of a hub process on ``database_url``; ``extra`` overrides."""
+    defaults = {
+        "HUB_DATABASE_URL": database_url,
+        "HUB_SECRET_KEY": "test-secret-key-for-the-hub",
+        "HUB_ALLOW_PRIVATE_TARGETS": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return clean_env(**{**defaults, **extra})
 
 
 def wait_until(check, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
@@ -97,15 +96,17 @@ def gunicorn(
             f.seek(start)
             return f.read()
 
-    def listening() -> str | None:
+    def still_running() -> None:
         if proc.poll() is not None:
             raise AssertionError(f"gunicorn exited: {this_run()[-2000:].decode(errors='replace')}")
+
+    def listening() -> str | None:
+        still_running()
         match = LISTENING_RE.search(this_run())
         return f"http://127.0.0.1:{int(match.group(1))}" if match else None
 
     def healthy(base: str) -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {this_run()[-2000:].decode(errors='replace')}")
+        still_running()
         try:
             return requests.get(base + "/health", timeout=2).status_code == 200
         except requests.RequestException:
