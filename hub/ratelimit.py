@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -75,10 +76,17 @@ def window(rate: Rate, now: float) -> tuple[int, int]:
 
 
 class DatabaseLimiter:
-    """Counts in ``rate_counters``; the increment is one INSERT ... ON CONFLICT statement."""
+    """Counts in ``rate_counters``; the increment is one INSERT ... ON CONFLICT statement.
+
+    ``clock`` (seconds since the epoch) places each hit in its window; a test sets its own
+    so that no test waits for a window to begin.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
 
     def hit(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         start, retry_after = window(rate, now)
         dialect = session.get_bind().dialect.name
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
@@ -114,14 +122,15 @@ class RedisLimiter:
     limiter for a moment must not lose webhooks.
     """
 
-    def __init__(self, client, prefix: str = "hub:rl:"):
+    def __init__(self, client, prefix: str = "hub:rl:", clock: Callable[[], float] = time.time):
         self.client = client
         self.prefix = prefix
+        self.clock = clock  # as DatabaseLimiter's
 
     def hit(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
         import redis
 
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         start, retry_after = window(rate, now)
         name = f"{self.prefix}{bucket}:{start}"
         try:
