@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy import create_engine, exc, make_url, select, text
 
 from hub import create_app
+from hub.db import is_unavailable
 from hub.models import Event
 from tests.conftest import PG_URL
 from tests.procs import free_port, gunicorn, stop, wait_until, worker
@@ -67,6 +68,55 @@ def test_a_query_the_hub_got_wrong_is_still_a_500(tmp_path):
     assert answer.status_code == 500
     assert answer.json["code"] == "internal_error"
     assert "Retry-After" not in answer.headers
+
+
+def error_of(engine, statement: str) -> exc.SQLAlchemyError:
+    with pytest.raises(exc.SQLAlchemyError) as raised, engine.connect() as conn:
+        conn.exec_driver_sql(statement)
+    return raised.value
+
+
+def test_which_database_errors_mean_unavailable(tmp_path):
+    """Real errors from the real drivers: the ones a retry can cure are 503s, the rest bugs."""
+    path = tmp_path / "locked.db"
+    holder = create_engine(f"sqlite:///{path}", isolation_level="AUTOCOMMIT")
+    impatient = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    small_pool = create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=0.1)
+    try:
+        with holder.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x int)")
+            conn.exec_driver_sql("BEGIN EXCLUSIVE")
+            locked = error_of(impatient, "SELECT * FROM t")
+            conn.exec_driver_sql("ROLLBACK")
+        assert "locked" in str(locked.orig) and is_unavailable(locked)
+        missing = tmp_path / "no-such-dir" / "x.db"
+        assert is_unavailable(error_of(create_engine(f"sqlite:///{missing}"), "SELECT 1"))
+        with small_pool.connect(), pytest.raises(exc.TimeoutError) as exhausted:
+            small_pool.connect()
+        assert is_unavailable(exhausted.value)
+        assert not is_unavailable(error_of(holder, "SELECT * FROM no_such_table"))
+        assert not is_unavailable(error_of(holder, "SELEC 1"))
+        assert not is_unavailable(ValueError("not a database error"))
+    finally:
+        for engine in (holder, impatient, small_pool):
+            engine.dispose()
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+def test_a_dropped_postgresql_connection_means_unavailable(pg_database):
+    engine = create_engine(pg_database)
+    try:
+        with engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with engine.connect() as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            with pytest.raises(exc.DBAPIError) as dropped:
+                conn.exec_driver_sql("SELECT 1")
+        assert is_unavailable(dropped.value)
+        assert not is_unavailable(error_of(engine, "SELECT * FROM no_such_table"))
+        assert not is_unavailable(error_of(engine, "SELECT 1/0"))
+    finally:
+        engine.dispose()
 
 
 @dataclass
