@@ -13,6 +13,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPSConnection
 from pathlib import Path
 
 import pytest
@@ -212,14 +215,23 @@ def valid_senders(url: str, key: str, verify: Path | bool, threads=4, each=10, t
     return results
 
 
-@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
-def test_slow_clients_without_a_key_do_not_slow_valid_senders_behind_nginx(
-    database_url_for_test, make_key, add_route, tmp_path
-):
+@dataclass
+class FrontDoor:
+    front: str  # https through nginx
+    direct: str  # gunicorn itself
+    listen: int
+    gunicorn_port: int
+    cert: Path
+    tls: ssl.SSLContext
+    key: str
+
+
+@pytest.fixture
+def front_door(database_url_for_test, make_key, add_route, tmp_path) -> Iterator[FrontDoor]:
+    """Real gunicorn (gunicorn.conf.py) behind real nginx running deploy/nginx.conf."""
     add_route("steady", [{"connector": "text", "config": {"field": "text"}}])
     key = make_key()
     cert, private = certificate(tmp_path)
-    tls = ssl.create_default_context(cafile=str(cert))
     listen = free_port()
     with gunicorn(database_url_for_test, tmp_path / "web.log", HUB_EMBEDDED_WORKER="false") as (
         _,
@@ -228,35 +240,84 @@ def test_slow_clients_without_a_key_do_not_slow_valid_senders_behind_nginx(
         gunicorn_port = int(direct.rsplit(":", 1)[1])
         config = render(tmp_path, listen, gunicorn_port, cert, private)
         front = f"https://127.0.0.1:{listen}"
-        with nginx(config, tmp_path, front, cert), SlowClients(listen, tls) as slow:
-            for i in range(100):
-                slow.open(f"127.0.1.{i + 1}", slow_header("steady"), 1)
-                body = slow_body("steady")
-                slow.open(f"127.0.2.{i + 1}", body, body.index(b"\r\n\r\n") + 5)
-            slow.start()
-            results = valid_senders(f"{front}/hooks/steady", key, cert)
-            still_connected = slow.connected()
+        with nginx(config, tmp_path, front, cert):
+            tls = ssl.create_default_context(cafile=str(cert))
+            yield FrontDoor(front, direct, listen, gunicorn_port, cert, tls, key)
 
-            # The body limit is nginx's too, answered in the hub's JSON.
-            big = requests.post(
-                f"{front}/hooks/steady",
-                data=b"x" * (1024 * 1024 + 1),
-                headers={"X-API-Key": key, "Content-Type": "application/json"},
-                timeout=10,
-                verify=cert,
-            )
-        assert [outcome for outcome, _ in results if outcome[0] != 200] == []
-        assert all(outcome[1]["processed"].startswith("SENDER") for outcome, _ in results)
-        slowest = max(seconds for _, seconds in results)
-        assert slowest < 2.0, f"a valid sender waited {slowest:.1f}s"
-        assert still_connected >= 190, f"only {still_connected} of 200 slow clients connected"
-        assert big.status_code == 413 and big.json()["code"] == "too_large"
 
-        # The same kind of load straight at gunicorn: slow connections hold its 8 threads.
-        with SlowClients(gunicorn_port) as slow:
-            for i in range(64):
-                slow.open(f"127.0.3.{i + 1}", slow_header("steady"), 1)
-                time.sleep(0.01)
-            slow.start()
-            stalled = valid_senders(f"{direct}/hooks/steady", key, False, 4, 1, timeout=3)
-        assert [outcome for outcome, _ in stalled] == ["ReadTimeout"] * 4
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_slow_clients_without_a_key_do_not_slow_valid_senders_behind_nginx(front_door):
+    door = front_door
+    with SlowClients(door.listen, door.tls) as slow:
+        for i in range(100):
+            slow.open(f"127.0.1.{i + 1}", slow_header("steady"), 1)
+            body = slow_body("steady")
+            slow.open(f"127.0.2.{i + 1}", body, body.index(b"\r\n\r\n") + 5)
+        slow.start()
+        results = valid_senders(f"{door.front}/hooks/steady", door.key, door.cert)
+        still_connected = slow.connected()
+    assert [outcome for outcome, _ in results if outcome[0] != 200] == []
+    assert all(outcome[1]["processed"].startswith("SENDER") for outcome, _ in results)
+    slowest = max(seconds for _, seconds in results)
+    assert slowest < 2.0, f"a valid sender waited {slowest:.1f}s"
+    assert still_connected >= 190, f"only {still_connected} of 200 slow clients connected"
+
+    # The same kind of load straight at gunicorn: slow connections hold its 8 threads.
+    with SlowClients(door.gunicorn_port) as slow:
+        for i in range(64):
+            slow.open(f"127.0.3.{i + 1}", slow_header("steady"), 1)
+            time.sleep(0.01)
+        slow.start()
+        stalled = valid_senders(f"{door.direct}/hooks/steady", door.key, False, 4, 1, timeout=3)
+    assert [outcome for outcome, _ in stalled] == ["ReadTimeout"] * 4
+
+
+def answered(sock: socket.socket) -> bytes:
+    """What the server has sent on ``sock`` so far, without waiting."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096)
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return b""
+
+
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_nginx_limits_each_address_and_refuses_in_json(front_door):
+    door = front_door
+    # 32 open requests per address: the 33rd and later are refused at once.
+    with SlowClients(door.listen, door.tls) as slow:
+        body = slow_body("steady")
+        for _ in range(40):
+            slow.open("127.0.4.1", body, body.index(b"\r\n\r\n") + 5)
+        time.sleep(1.0)
+        answers = [answered(sock) for sock in slow.pending]
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 429")]
+    assert len(refused) == 8, answers
+    assert all(b'"code": "rate_limited"' in a and b"Retry-After: 1" in a for a in refused)
+
+    # 50 requests a second with bursts of 100, per address.
+    statuses = []
+    http = HTTPSConnection(
+        "127.0.0.1", door.listen, context=door.tls, source_address=("127.0.5.1", 0)
+    )
+    try:
+        for _ in range(300):
+            http.request("GET", "/health")
+            answer = http.getresponse()
+            answer.read()
+            statuses.append((answer.status, answer.headers.get("Retry-After")))
+    finally:
+        http.close()
+    assert statuses[:100] == [(200, None)] * 100
+    assert statuses.count((429, "1")) >= 50, statuses
+    assert {status for status, _ in statuses} == {200, 429}
+
+    # The body limit (HUB_MAX_BODY_BYTES) is nginx's too.
+    big = requests.post(
+        f"{door.front}/hooks/steady",
+        data=b"x" * (1024 * 1024 + 1),
+        headers={"X-API-Key": door.key, "Content-Type": "application/json"},
+        timeout=10,
+        verify=door.cert,
+    )
+    assert big.status_code == 413 and big.json()["code"] == "too_large"
