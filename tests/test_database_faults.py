@@ -4,6 +4,7 @@ webhooks again on its own when it returns, and nothing that was acknowledged is 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -68,6 +69,38 @@ def test_a_query_the_hub_got_wrong_is_still_a_500(tmp_path):
     assert answer.status_code == 500
     assert answer.json["code"] == "internal_error"
     assert "Retry-After" not in answer.headers
+
+
+@pytest.mark.slow
+def test_a_server_that_never_answers_is_a_503_after_the_connect_timeout(tmp_path):
+    """A PostgreSQL host that takes the connection and then says nothing (a dead server
+    behind a live port) must not hold the request thread: HUB_DB_CONNECT_TIMEOUT ends it."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    port = silent.getsockname()[1]
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/hub",
+            "SECRET_KEY": "x",
+            "DB_CONNECT_TIMEOUT": 2,
+        }
+    )
+    answers = []
+    request = threading.Thread(
+        target=lambda: answers.append(app.test_client().post("/hooks/orders", json={})),
+        daemon=True,
+    )
+    try:
+        started = time.monotonic()
+        request.start()
+        request.join(20)
+        assert answers, "the request still waits on a server that never answers"
+        assert answers[0].status_code == 503
+        assert answers[0].json["code"] == "database_unavailable"
+        assert time.monotonic() - started < 15
+    finally:
+        silent.close()
+        app.extensions["hub.db"].dispose()
 
 
 def error_of(engine, statement: str) -> exc.SQLAlchemyError:
