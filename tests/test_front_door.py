@@ -230,6 +230,7 @@ class FrontDoor:
 def front_door(database_url_for_test, make_key, add_route, tmp_path) -> Iterator[FrontDoor]:
     """Real gunicorn (gunicorn.conf.py) behind real nginx running deploy/nginx.conf."""
     add_route("steady", [{"connector": "text", "config": {"field": "text"}}])
+    add_route("later", [{"connector": "text", "config": {"field": "text"}}], mode="async")
     key = make_key()
     cert, private = certificate(tmp_path)
     listen = free_port()
@@ -282,7 +283,7 @@ def answered(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
-def test_nginx_limits_each_address_and_refuses_in_json(front_door):
+def test_nginx_limits_each_address_and_answers_as_the_hub(front_door):
     door = front_door
     # 32 open requests per address: the 33rd and later are refused at once.
     with SlowClients(door.listen, door.tls) as slow:
@@ -321,3 +322,14 @@ def test_nginx_limits_each_address_and_refuses_in_json(front_door):
         verify=door.cert,
     )
     assert big.status_code == 413 and big.json()["code"] == "too_large"
+
+    # The links the hub hands out name the front door, not gunicorn.
+    accepted = requests.post(
+        f"{door.front}/hooks/later",
+        json={"text": "x"},
+        headers={"X-API-Key": door.key},
+        timeout=10,
+        verify=door.cert,
+    )
+    assert accepted.status_code == 202
+    assert accepted.json()["status_url"].startswith(f"{door.front}/events/evt_")
