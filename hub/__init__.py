@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any
@@ -20,11 +19,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         app.config.from_mapping(config)
     os.makedirs(app.instance_path, exist_ok=True)
     app.json.sort_keys = False
-    _configure_logging(app)
 
-    from hub import cli, crypto, db, errors, ingest, keys, ratelimit, secret_key, system
+    from hub import cli, crypto, db, errors, ingest, keys, logs, ratelimit, secret_key, system
     from hub.connectors import load_connectors
 
+    logs.init_app(app)
     secret_key.init_app(app)
     crypto.init_app(app)
     db.init_app(app)
@@ -39,11 +38,3 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(ingest.bp)
     cli.init_app(app)
     return app
-
-
-def _configure_logging(app: Flask) -> None:
-    if not logging.getLogger("hub").handlers and not app.testing:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("hub").addHandler(handler)
-        logging.getLogger("hub").setLevel(logging.INFO)

@@ -12,6 +12,10 @@ from pathlib import Path
 DEFAULTS: dict[str, object] = {
     # SQLAlchemy URL; None means the embedded SQLite file instance/hub.db.
     "DATABASE_URL": None,
+    # Seconds to wait for a PostgreSQL connection before the request answers 503.
+    "DB_CONNECT_TIMEOUT": 5,
+    # Retry-After (seconds) on the 503 answered while the database is unreachable.
+    "DB_RETRY_AFTER": 5,
     # Largest request body accepted on /hooks and /api; larger ones get 413 unread.
     "MAX_BODY_BYTES": 1024 * 1024,
     # Seconds a sync route may spend running its steps before it answers 504.

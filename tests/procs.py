@@ -133,3 +133,43 @@ def worker(database_url: str, log_path: Path, concurrency: int = 1, **env: str):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+NGINX = Path("/usr/sbin/nginx")
+
+
+@contextmanager
+def nginx(config: Path, prefix: Path, base: str, ca: Path) -> Iterator[subprocess.Popen]:
+    """Debian's nginx in the foreground with ``config`` (a whole nginx.conf) under ``prefix``;
+    yields once ``base + "/health"`` answers through it over TLS (``ca`` signed its cert)."""
+    log = open(prefix / "nginx.out", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            str(NGINX),
+            "-c",
+            str(config),
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def answering():
+        if proc.poll() is not None:
+            raise AssertionError(f"nginx exited: {(prefix / 'error.log').read_text()[-2000:]}")
+        try:
+            return requests.get(base + "/health", timeout=2, verify=ca).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(answering, 15, what="nginx to answer /health")
+        yield proc
+    finally:
+        stop(proc)
+        log.close()
