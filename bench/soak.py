@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -47,6 +46,7 @@ from hub.models import Event
 from hub.routes import ensure_demo_routes, save_routes
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
+from tests.tcpproxy import TcpProxy
 
 SIGNING_SECRET = "soak-github-secret"
 SECTION = "## Soak"
@@ -76,64 +76,6 @@ class FlakyReceiver(Receiver):
         with self._cond:
             self._requests.clear()  # hours of traffic: keep counts, not every request
         return reply
-
-
-class DatabaseCut:
-    """A TCP proxy in front of PostgreSQL that can drop every connection and refuse new
-    ones for a while: the hub's processes connect through it, the soak's checks do not."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.open = threading.Event()
-        self.open.set()
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self.listener.accept()
-            if not self.open.is_set():
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def cut(self) -> None:
-        self.open.clear()
-        with self.lock:
-            pairs, self.pairs = self.pairs, []
-        for pair in pairs:
-            for s in pair:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                    s.close()
-                except OSError:
-                    pass
-
-    def restore(self) -> None:
-        self.open.set()
 
 
 @dataclass
@@ -245,7 +187,9 @@ def main() -> None:
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"  # the receiver is on 127.0.0.1
     direct = fresh_postgres(args.database_url)
     parsed = make_url(direct)
-    proxy = DatabaseCut((parsed.host or "127.0.0.1", parsed.port or 5432))
+    # The hub's processes reach PostgreSQL through a proxy the soak cuts; its checks don't.
+    stack = contextlib.ExitStack()
+    proxy = stack.enter_context(TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432))
     via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
 
     app = create_app({"DATABASE_URL": direct, "SECRET_KEY": "soak-secret-key"})
@@ -337,6 +281,7 @@ def main() -> None:
     for proc in workers:
         stop(proc)
     receiver.stop()
+    stack.close()
     report = check(db, tally, samples, receiver, traffic_seconds, args, workdir)
     print(report)
     if not args.no_report:
