@@ -15,6 +15,10 @@ API_KEY = "bench-bare-key"
 def create_app() -> Flask:
     app = Flask(__name__)
 
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "healthy"}), 200
+
     @app.post("/hooks/<name>")
     def hook(name: str):
         request.get_json(force=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import platform
@@ -37,12 +36,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import requests
 from sqlalchemy import create_engine, func, select, text
 
 from bench.common import children, fresh_postgres, rss_kb, write_section
@@ -51,6 +48,7 @@ from hub.db import upgrade
 from hub.keys import create_key
 from hub.models import Attempt, Event
 from hub.routes import ensure_demo_routes, save_routes
+from tests.procs import gunicorn, worker
 from tests.servers import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,59 +160,9 @@ class Peak:
         self._thread.join()
 
 
-def env_for(database_url: str | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    env.update(HUB_SECRET_KEY="bench-secret-key", HUB_ALLOW_PRIVATE_TARGETS="true")
-    if database_url:
-        env["HUB_DATABASE_URL"] = database_url
-    env.update(extra)
-    return env
-
-
-@contextlib.contextmanager
-def serve(
-    app: str, port: int, env: dict[str, str], log: Path, conf: Path = CONF
-) -> Iterator[subprocess.Popen]:
-    """gunicorn serving ``app`` on 127.0.0.1:``port`` until the block ends."""
-    env = {**env, "HUB_PORT": str(port), "HUB_WEB_WORKERS": "2", "HUB_WEB_THREADS": "4"}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", str(conf), app],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited; see {log}")
-            try:
-                requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn did not start; see {log}") from None
-                time.sleep(0.1)
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def serve(app: str, database_url: str, log: Path, **env: str):
+    """gunicorn (the project's settings, no access log) serving ``app``: (process, URL)."""
+    return gunicorn(database_url, log, 2, conf=CONF, app=app, **env)
 
 
 class Hub:
@@ -256,12 +204,14 @@ def fresh_sqlite(workdir: Path, name: str) -> str:
 def run_ingest(hub: Hub, name: str, path: str, args, workdir: Path, peak: Peak, **env) -> Row:
     """Drive the hub's ``path`` with wrk and check that every 2xx left an event."""
     before = hub.count()
-    port = free_port()
-    settings = env_for(hub.url, HUB_EMBEDDED_WORKER="false", **env)
-    with serve("hub:create_app()", port, settings, workdir / f"{slug(name)}.log") as proc:
+    log = workdir / f"{slug(name)}.log"
+    with serve("hub:create_app()", hub.url, log, HUB_EMBEDDED_WORKER="false", **env) as (
+        proc,
+        base,
+    ):
         peak.watch(name, proc.pid)
         load = wrk(
-            f"http://127.0.0.1:{port}{path}",
+            base + path,
             headers={"X-API-Key": hub.key},
             seconds=args.seconds,
             connections=args.connections,
@@ -280,12 +230,10 @@ def run_ingest(hub: Hub, name: str, path: str, args, workdir: Path, peak: Peak, 
 def run_embedded(hub: Hub, args, workdir: Path, peak: Peak) -> Row:
     """``make run``'s shape: SQLite, a delivery thread in each web process."""
     name = "embedded default (make run), SQLite"
-    port = free_port()
-    settings = env_for(hub.url)
-    with serve("hub:create_app()", port, settings, workdir / "embedded.log") as proc:
+    with serve("hub:create_app()", hub.url, workdir / "embedded.log") as (proc, base):
         peak.watch(name, proc.pid)
         load = wrk(
-            f"http://127.0.0.1:{port}/hooks/bench",
+            base + "/hooks/bench",
             headers={"X-API-Key": hub.key},
             seconds=args.seconds,
             connections=args.connections,
@@ -305,20 +253,11 @@ def run_drain(hub: Hub, name: str, route: str, workers: int, workdir: Path, peak
     """Start ``workers`` worker processes on the pending events of ``route``; events/s."""
     pending = (Event.route == route, Event.status == "pending")
     total = hub.count(*pending)
-    settings = env_for(hub.url, HUB_EMBEDDED_WORKER="false")
     procs = []
     started = time.monotonic()
     for i in range(workers):
-        with open(workdir / f"{slug(name)}-{i}.log", "ab") as out:
-            procs.append(
-                subprocess.Popen(
-                    [str(BIN / "flask"), "--app", "hub", "worker", "--concurrency", "4"],
-                    cwd=ROOT,
-                    env=settings,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        log = workdir / f"{slug(name)}-{i}.log"
+        procs.append(worker(hub.url, log, concurrency=4, HUB_EMBEDDED_WORKER="false"))
         peak.watch(f"{name} #{i + 1}", procs[-1].pid)
     undone = (Event.route == route, Event.status.in_(("pending", "processing", "retrying")))
     while hub.count(*undone) and time.monotonic() - started < 600:
@@ -414,17 +353,17 @@ def main() -> None:
     bare_p99: dict[str, float] = {}
 
     def run_bare(label: str) -> None:
-        port = free_port()
-        with serve("bench.bare:create_app()", port, env_for(None), workdir / "bare.log") as proc:
+        url = fresh_sqlite(workdir, "unused")  # the bare app has no database
+        with serve("bench.bare:create_app()", url, workdir / "bare.log") as (proc, base):
             peak.watch("bare Flask", proc.pid)
             hook = wrk(
-                f"http://127.0.0.1:{port}/hooks/bare",
+                base + "/hooks/bare",
                 headers={},
                 seconds=args.seconds,
                 connections=args.connections,
             )
             seed = wrk(
-                f"http://127.0.0.1:{port}/api/process",
+                base + "/api/process",
                 headers={"X-API-Key": "bench-bare-key"},
                 seconds=args.seconds,
                 connections=args.connections,

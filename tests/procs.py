@@ -65,7 +65,13 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.
 
 @contextmanager
 def gunicorn(
-    database_url: str, log_path: Path, workers: int = 2, **env: str
+    database_url: str,
+    log_path: Path,
+    workers: int = 2,
+    *,
+    conf: Path = ROOT / "gunicorn.conf.py",
+    app: str = "hub:create_app()",
+    **env: str,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """The hub under real gunicorn on 127.0.0.1; yields (process, base URL).
 
@@ -80,9 +86,9 @@ def gunicorn(
         [
             str(BIN / "gunicorn"),
             "-c",
-            str(ROOT / "gunicorn.conf.py"),
+            str(conf),
             "--no-control-socket",
-            "hub:create_app()",
+            app,
         ],
         cwd=ROOT,
         env=hub_env(database_url, HUB_PORT="0", HUB_WEB_WORKERS=str(workers), **env),
