@@ -344,6 +344,11 @@ def refusal_bucket() -> str:
     return f"refusals:{(request.remote_addr or '-')[:64]}"
 
 
+def refusal_rate() -> ratelimit.Rate | None:
+    """HUB_REFUSAL_LIMIT (checked at start-up), or None when it is off."""
+    return ratelimit.optional_rate(current_app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
+
+
 def check_refusal_budget(session: Session) -> None:
     """AddressThrottled when this address spent HUB_REFUSAL_LIMIT, unless it shows a valid key.
 
@@ -351,7 +356,7 @@ def check_refusal_budget(session: Session) -> None:
     refusals costs no body read and no row. A valid key still passes, so a sender behind
     the same NAT as a flood is not locked out.
     """
-    rate = current_app.extensions["hub.refusal_rate"]
+    rate = refusal_rate()
     if rate is None:
         return
     limiter = current_app.extensions["hub.ratelimit"]
@@ -371,7 +376,7 @@ def count_refusal(session: Session, event: Event, rejection: Rejected) -> None:
     signature, its own rate limit) are not counted: that sender is known and has its own
     limits. The refusal that spends the budget says so on its event.
     """
-    rate = current_app.extensions["hub.refusal_rate"]
+    rate = refusal_rate()
     if rate is None or g.get("hub_sender_known") or not 400 <= rejection.status < 500:
         return
     decision = current_app.extensions["hub.ratelimit"].hit(session, refusal_bucket(), rate)
