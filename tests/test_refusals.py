@@ -16,7 +16,7 @@ from hub import create_app
 from hub.ingest import HEADERS_CUT
 from tests.procs import gunicorn
 from tests.rows import events
-from tests.test_ratelimit import fresh_window
+from tests.test_ratelimit import fresh_window, redis_app, redis_prefix  # noqa: F401 (a fixture)
 from tests.test_sender_auth import signed, verify_spec
 
 SHOUT = [{"connector": "text", "config": {"field": "text"}}]
@@ -311,3 +311,27 @@ def test_a_garbage_key_with_a_real_prefix_is_not_that_keys_event(client, db, key
     mine = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": key}).json["id"]
     shown = client.get(f"/events/{mine}", headers={"X-API-Key": key}).json
     assert (shown["key_prefix"], shown["presented_prefix"]) == (prefix, prefix)
+
+
+def test_refusals_are_counted_in_redis_for_every_instance(
+    database_url_for_test,
+    redis_prefix,  # noqa: F811 (the fixture imported above)
+    add_route,
+):
+    add_route("shout", SHOUT)
+    one, two = (
+        redis_app(database_url_for_test, redis_prefix, "test-secret-key-for-the-hub")
+        for _ in range(2)
+    )
+    try:
+        fresh_window(3600, need=5)
+        for app in (one, two):
+            app.config["REFUSAL_LIMIT"] = "3/hour"
+        first, second = one.test_client(), two.test_client()
+        codes = [c.post("/hooks/shout", json={}).status_code for c in (first, second, first)]
+        assert codes == [401, 401, 401]
+        assert second.post("/hooks/shout", json={}).status_code == 429
+        assert first.post("/hooks/shout", json={}).status_code == 429
+    finally:
+        for app in (one, two):
+            app.extensions["hub.db"].dispose()
