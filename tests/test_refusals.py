@@ -281,7 +281,13 @@ def test_the_address_comes_from_a_trusted_proxy_only_when_configured(
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("TRUSTED_PROXIES", "two"), ("TRUSTED_PROXIES", -1), ("REFUSAL_LIMIT", "lots")],
+    [
+        ("TRUSTED_PROXIES", "two"),
+        ("TRUSTED_PROXIES", -1),
+        ("REFUSAL_LIMIT", "lots"),
+        ("REFUSED_BODY_BYTES", "small"),
+        ("STORED_HEADER_BYTES", -5),
+    ],
 )
 def test_bad_front_door_settings_stop_the_start_naming_the_setting(
     database_url_for_test, setting, value
