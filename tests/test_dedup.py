@@ -100,7 +100,7 @@ def test_a_copy_of_a_sync_delivery_still_running_is_told_to_retry(
     """The first copy may still fail, so a concurrent copy is not answered `duplicate`: 409
     with Retry-After, and once the first delivered, the next copy is its duplicate."""
     add_route("now", forward(receiver))
-    receiver.script(Reply(body=None, delay=1.5))
+    receiver.script(Reply(body=None, delay=3.0))  # long enough for a copy on a busy machine
     answers = {}
     first = threading.Thread(
         target=lambda: answers.update(
