@@ -34,7 +34,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.wakeup"] = threading.Event()
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
+    _trust_proxies(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)
     cli.init_app(app)
     return app
+
+
+def _trust_proxies(app: Flask) -> None:
+    """With HUB_TRUSTED_PROXIES=N the client address is X-Forwarded-For's Nth entry from the
+    right (what the nearest trusted proxy saw); with 0 the header is never believed."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    value = app.config.get("TRUSTED_PROXIES") or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"HUB_TRUSTED_PROXIES: expected how many proxies, 0 or more: {value!r}")
+    if value:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=value)

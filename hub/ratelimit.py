@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from flask import Flask
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -109,6 +109,17 @@ class DatabaseLimiter:
             )
         return Decision(count <= rate.limit, count, rate.limit, retry_after)
 
+    def peek(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
+        """The current window's count, without counting: one read, for a cheap refusal."""
+        now = time.time() if now is None else now
+        start, retry_after = window(rate, now)
+        count = session.scalar(
+            select(RateCounter.count).where(
+                RateCounter.bucket == bucket[:200], RateCounter.window_start == start
+            )
+        )
+        return Decision((count or 0) < rate.limit, count or 0, rate.limit, retry_after)
+
     def purge(self, session: Session, before: datetime | None = None) -> int:
         """Drop windows that ended before ``before`` (default: an hour ago)."""
         cutoff = before or datetime.now(UTC) - timedelta(hours=1)
@@ -143,6 +154,19 @@ class RedisLimiter:
             return Decision(True, 0, rate.limit, retry_after)
         return Decision(count <= rate.limit, count, rate.limit, retry_after)
 
+    def peek(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
+        """The current window's count, without counting (allowed if Redis is unreachable)."""
+        import redis
+
+        now = time.time() if now is None else now
+        start, retry_after = window(rate, now)
+        try:
+            count = int(self.client.get(f"{self.prefix}{bucket}:{start}") or 0)
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable (%s); request allowed", type(exc).__name__)
+            return Decision(True, 0, rate.limit, retry_after)
+        return Decision(count < rate.limit, count, rate.limit, retry_after)
+
 
 def check(
     limiter: DatabaseLimiter | RedisLimiter, session: Session, limits: list[tuple[str, Rate]]
@@ -163,7 +187,20 @@ def check(
     return refused
 
 
+def optional_rate(text: object, setting: str) -> Rate | None:
+    """A setting's rate, or None where empty or 0 turns the limit off; ValueError naming it."""
+    if text in (None, "", 0, "0", False):
+        return None
+    try:
+        return parse(str(text))
+    except ValueError as exc:
+        raise ValueError(f"HUB_{setting}: {exc}") from None
+
+
 def init_app(app: Flask) -> None:
+    # Refusals per remote address (hub.ingest) are counted by the same limiter; a bad
+    # HUB_REFUSAL_LIMIT stops the start with its message.
+    optional_rate(app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
     url = app.config.get("REDIS_URL")
     if url:
         import redis

@@ -107,11 +107,12 @@ def db(app) -> Database:
 
 @pytest.fixture
 def make_key(db):
-    """``make_key(scopes=None, name="test", expires_in=None, rate_limit=None)`` -> the key."""
+    """``make_key(scopes=None, name="test", expires_in=None, rate_limit=None, admin=False)``
+    -> the key."""
 
-    def make(scopes=None, name="test", expires_in=None, rate_limit=None) -> str:
+    def make(scopes=None, name="test", expires_in=None, rate_limit=None, admin=False) -> str:
         with db.session() as session:
-            _, key = create_key(session, name, scopes, expires_in, rate_limit)
+            _, key = create_key(session, name, scopes, expires_in, rate_limit, admin=admin)
         return key
 
     return make

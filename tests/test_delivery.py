@@ -118,7 +118,7 @@ def test_async_route_answers_202_after_commit_and_a_worker_delivers(
     assert shown["attempts"] == 1
     assert shown["result"] == {"processed": "QUEUED", "length": 6, "words": 1}
     assert [a["outcome"] for a in shown["attempt_log"]] == ["ok"]
-    admin = make_key(scopes=["admin"], name="admin")
+    admin = make_key(admin=True, name="admin")
     assert client.get(f"/events/{body['id']}", headers={"X-API-Key": admin}).status_code == 200
 
 
