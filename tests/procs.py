@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,15 @@ BIN = Path(sys.executable).parent
 
 # gunicorn's line once its socket is bound: the port it got when asked for port 0.
 LISTENING_RE = re.compile(rb"Listening at: http://127\.0\.0\.1:(\d+)")
+
+
+def closed_port() -> int:
+    """A port nothing listens on right now, for a server that must be down or for nginx
+    (which cannot bind port 0 and say which port it got). Another process may take it
+    before it is used: a caller that binds it retries on "Address already in use"."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from hub import create_app
 from hub.db import is_unavailable
 from hub.models import Event
 from tests.conftest import PG_URL
-from tests.procs import free_port, gunicorn, stop, wait_until, worker
+from tests.procs import closed_port, gunicorn, stop, wait_until, worker
 from tests.tcpproxy import TcpProxy
 
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
@@ -27,7 +27,7 @@ def unreachable_url(backend: str, tmp_path) -> str:
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'no-such-dir' / 'hub.db'}"
     # A port nothing listens on: the server is down.
-    return make_url(PG_URL).set(port=free_port()).render_as_string(hide_password=False)
+    return make_url(PG_URL).set(port=closed_port()).render_as_string(hide_password=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.procs import NGINX, ROOT, free_port, gunicorn, nginx
+from tests.procs import NGINX, ROOT, closed_port, gunicorn, nginx
 
 pytestmark = [
     pytest.mark.slow,
@@ -233,15 +233,23 @@ def front_door(database_url_for_test, make_key, add_route, tmp_path) -> Iterator
     add_route("later", [{"connector": "text", "config": {"field": "text"}}], mode="async")
     key = make_key()
     cert, private = certificate(tmp_path)
-    listen = free_port()
     with gunicorn(database_url_for_test, tmp_path / "web.log", HUB_EMBEDDED_WORKER="false") as (
         _,
         direct,
     ):
         gunicorn_port = int(direct.rsplit(":", 1)[1])
-        config = render(tmp_path, listen, gunicorn_port, cert, private)
-        front = f"https://127.0.0.1:{listen}"
-        with nginx(config, tmp_path, front, cert):
+        for attempt in range(3):  # another run may take the port between pick and bind
+            listen = closed_port()
+            config = render(tmp_path, listen, gunicorn_port, cert, private)
+            front = f"https://127.0.0.1:{listen}"
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(nginx(config, tmp_path, front, cert))
+                break
+            except AssertionError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+        with stack:
             tls = ssl.create_default_context(cafile=str(cert))
             yield FrontDoor(front, direct, listen, gunicorn_port, cert, tls, key)
 
