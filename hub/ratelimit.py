@@ -111,7 +111,7 @@ class DatabaseLimiter:
 
     def peek(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
         """The current window's count, without counting: one read, for a cheap refusal."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         start, retry_after = window(rate, now)
         count = session.scalar(
             select(RateCounter.count).where(
@@ -158,7 +158,7 @@ class RedisLimiter:
         """The current window's count, without counting (allowed if Redis is unreachable)."""
         import redis
 
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         start, retry_after = window(rate, now)
         try:
             count = int(self.client.get(f"{self.prefix}{bucket}:{start}") or 0)

@@ -16,7 +16,13 @@ from hub import create_app
 from hub.ingest import HEADERS_CUT
 from tests.procs import gunicorn
 from tests.rows import events
-from tests.test_ratelimit import fresh_window, redis_app, redis_prefix  # noqa: F401 (a fixture)
+from tests.test_ratelimit import (  # noqa: F401 (redis_prefix is a fixture)
+    REDIS_URL,
+    Clock,
+    needs_redis,
+    redis_app,
+    redis_prefix,
+)
 from tests.test_sender_auth import signed, verify_spec
 
 SHOUT = [{"connector": "text", "config": {"field": "text"}}]
@@ -187,7 +193,7 @@ def test_a_flood_of_bad_keys_gets_429_after_the_limit(app, client, db, key, shou
     """The issue's figure: 5,000 bad-key requests got 5,000 x 401. Now the first N are
     refused and stored; the rest get 429 with Retry-After, unread and unlogged."""
     app.config["REFUSAL_LIMIT"] = "20/hour"
-    fresh_window(3600, need=5)
+    Clock(app)
     answers = [
         client.post("/hooks/shout", data=b"x" * 10_000, headers={"X-API-Key": BAD_KEY})
         for _ in range(120)
@@ -225,7 +231,7 @@ def test_a_flood_of_bad_keys_gets_429_after_the_limit(app, client, db, key, shou
 
 def test_refusals_of_a_known_sender_do_not_spend_the_address_budget(app, client, make_key, shout):
     app.config["REFUSAL_LIMIT"] = "3/hour"
-    fresh_window(3600, need=5)
+    Clock(app)
     scoped = make_key(scopes=["elsewhere"])
     codes = [
         client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": scoped}).status_code
@@ -264,7 +270,7 @@ def test_the_address_comes_from_a_trusted_proxy_only_when_configured(
 
     behind = proxied_app(database_url_for_test, TRUSTED_PROXIES=1, REFUSAL_LIMIT="2/hour")
     try:
-        fresh_window(3600, need=5)
+        Clock(behind)
         proxy = behind.test_client()
         # The nearest proxy appended what it saw; what the client wrote before it is ignored.
         forwarded = {"X-Forwarded-For": "6.6.6.6, 203.0.113.7"}
@@ -315,6 +321,7 @@ def test_a_garbage_key_with_a_real_prefix_is_not_that_keys_event(client, db, key
     assert (shown["key_prefix"], shown["presented_prefix"]) == (prefix, prefix)
 
 
+@needs_redis
 def test_refusals_are_counted_in_redis_for_every_instance(
     database_url_for_test,
     redis_prefix,  # noqa: F811 (the fixture imported above)
@@ -322,11 +329,11 @@ def test_refusals_are_counted_in_redis_for_every_instance(
 ):
     add_route("shout", SHOUT)
     one, two = (
-        redis_app(database_url_for_test, redis_prefix, "test-secret-key-for-the-hub")
+        redis_app(database_url_for_test, redis_prefix, "test-secret-key-for-the-hub", REDIS_URL)
         for _ in range(2)
     )
     try:
-        fresh_window(3600, need=5)
+        Clock(one, two)
         for app in (one, two):
             app.config["REFUSAL_LIMIT"] = "3/hour"
         first, second = one.test_client(), two.test_client()
