@@ -22,7 +22,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     _configure_logging(app)
 
-    from hub import cli, crypto, db, errors, ingest, keys, ratelimit, secret_key, system
+    from hub import (
+        admin,
+        cli,
+        crypto,
+        db,
+        errors,
+        ingest,
+        keys,
+        openapi,
+        ratelimit,
+        secret_key,
+        system,
+    )
     from hub.connectors import load_connectors
 
     secret_key.init_app(app)
@@ -37,6 +49,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)
+    app.register_blueprint(admin.bp)
+    openapi.init_app(app)
     cli.init_app(app)
     return app
 

@@ -107,9 +107,10 @@ def keys_create(
             rate = ratelimit.normalise(rate)
     except ValueError as exc:
         fail(str(exc))
-    chosen = ([key_store.ADMIN_SCOPE] if admin else []) + list(scopes)
     with get_db().session() as session:
-        row, key = key_store.create_key(session, name, chosen or None, lifetime, rate)
+        row, key = key_store.new_key(
+            session, name, scopes, admin=admin, expires_in=lifetime, rate_limit=rate
+        )
         click.echo(key)
         click.echo(
             f"prefix {row.prefix}, scopes {', '.join(row.scopes)}"

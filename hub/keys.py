@@ -112,8 +112,39 @@ def create_key(
     return row, key
 
 
+def new_key(
+    session: Session,
+    name: str,
+    scopes: list[str] | tuple[str, ...] = (),
+    *,
+    admin: bool = False,
+    expires_in: timedelta | None = None,
+    rate_limit: str | None = None,
+) -> tuple[ApiKey, str]:
+    """A key as an admin asks for one (CLI or API): route scopes, and admin rights or not."""
+    chosen = ([ADMIN_SCOPE] if admin else []) + list(scopes)
+    return create_key(session, name, chosen or None, expires_in, rate_limit)
+
+
+def key_info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        prefix=row.prefix,
+        name=row.name,
+        scopes=tuple(row.scopes or ()),
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+        rate_limit=row.rate_limit,
+    )
+
+
+def get(session: Session, prefix: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+
+
 def revoke(session: Session, prefix: str) -> ApiKey | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
     return row
@@ -161,16 +192,7 @@ def authenticate(session: Session, presented: str | None, cache: KeyCache) -> Ke
         row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
         if row is None or not hmac.compare_digest(row.digest, key_digest):
             raise KeyRefused("unauthorized")
-        info = KeyInfo(
-            id=row.id,
-            prefix=row.prefix,
-            name=row.name,
-            scopes=tuple(row.scopes or ()),
-            expires_at=row.expires_at,
-            revoked_at=row.revoked_at,
-            last_used_at=row.last_used_at,
-            rate_limit=row.rate_limit,
-        )
+        info = key_info(row)
         cache.put(key_digest, info)
     now = utcnow()
     if info.revoked_at is not None:

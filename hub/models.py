@@ -139,6 +139,12 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_due", "status", "next_attempt_at"),
         Index("ix_events_dedup", "route", "dedup_key"),
+        # The admin listing: newest first by (received_at, id), alone or within a route,
+        # a status or a key, so each page is one index range (no sort, no OFFSET).
+        Index("ix_events_received_at_id", "received_at", "id"),
+        Index("ix_events_route_received_at_id", "route", "received_at", "id"),
+        Index("ix_events_status_received_at_id", "status", "received_at", "id"),
+        Index("ix_events_key_prefix_received_at_id", "key_prefix", "received_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
@@ -148,7 +154,7 @@ class Event(Base):
     method: Mapped[str] = mapped_column(String(10))
     path: Mapped[str] = mapped_column(String(2000))
     query: Mapped[str | None] = mapped_column(Text)
-    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
     headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
     content_type: Mapped[str | None] = mapped_column(String(200))
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
