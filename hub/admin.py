@@ -40,16 +40,18 @@ EVENT_ID = {"event_id": "The event's id (evt_...)"}
 
 @bp.before_request
 def require_admin_key():
+    session = get_session()
     try:
-        info = key_store.authenticate(
-            get_session(), presented_key(), current_app.extensions["hub.keys"]
-        )
+        info = key_store.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
     except key_store.KeyRefused as exc:
         message = {"revoked": "API key has been revoked", "expired": "API key has expired"}
         return error_response(401, message.get(exc.code, "Invalid API key"), "unauthorized")
     if not info.is_admin:
         return error_response(403, "This API key is not an admin key", "forbidden")
     g.admin_prefix = info.prefix
+    # End the lookup's transaction: on SQLite it holds the write lock, which the views'
+    # own short transactions (bulk replay, waking the workers) must be able to take.
+    session.commit()
     return None
 
 

@@ -351,8 +351,8 @@ def stats(session: Session, since: datetime, until: datetime, max_rows: int = 10
         .subquery()
     )
     # The nearest-rank percentile: the ceil(p * n)-th smallest, in integer arithmetic.
-    p50 = (ranked.c.n * 50 + 99) / 100
-    p95 = (ranked.c.n * 95 + 99) / 100
+    p50 = (ranked.c.n * 50 + 99) // 100
+    p95 = (ranked.c.n * 95 + 99) // 100
     picked = select(ranked.c.route, ranked.c.ms, ranked.c.rn, p50.label("r50"), p95.label("r95"))
     picked = picked.where((ranked.c.rn == p50) | (ranked.c.rn == p95))
     for route, value, rank, r50, r95 in session.execute(picked):
