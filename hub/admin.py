@@ -280,6 +280,13 @@ def delete_route(name: str):
     return m.RouteRemoved(name=name, removed=True)
 
 
+ROTATION_ERRORS = {
+    404: ("No route has this name", None),
+    409: ("The stored secrets do not decrypt with this HUB_SECRET_KEY", None),
+    422: ("No verifier, a repeated secret, no such secret, or the last one", None),
+}
+
+
 def rotate(change) -> m.SecretsOut:
     """Run a secret change of ``routes`` and answer its count, or the error it raised."""
     session = get_session()
@@ -296,7 +303,7 @@ def rotate(change) -> m.SecretsOut:
         ) from None
     except route_store.RouteInvalid as exc:
         session.rollback()
-        raise invalid(exc.errors, "body") from None
+        raise invalid(exc.errors) from None
     session.commit()
     return count
 
@@ -309,7 +316,7 @@ def rotate(change) -> m.SecretsOut:
     tag="routes",
     path_params=NAME,
     body=m.SecretIn,
-    responses={201: ("How many secrets the route has", m.SecretsOut), 404: ("No route", None)},
+    responses={201: ("How many secrets the route has", m.SecretsOut), **ROTATION_ERRORS},
 )
 def add_secret(name: str, body: m.SecretIn):
     registry = current_app.extensions["hub.connectors"]
@@ -324,7 +331,7 @@ def add_secret(name: str, body: m.SecretIn):
     summary="Remove a signing secret named by its number (from 1) or its last characters",
     tag="routes",
     path_params={**NAME, "which": "1, 2 ... as listed, or the last characters shown masked"},
-    responses={200: ("How many secrets remain", m.SecretsOut), 404: ("No route", None)},
+    responses={200: ("How many secrets remain", m.SecretsOut), **ROTATION_ERRORS},
 )
 def remove_secret(name: str, which: str):
     registry = current_app.extensions["hub.connectors"]
