@@ -45,8 +45,12 @@ def _rate(value: str) -> str:
 
 
 TimeBound = Annotated[str, Field(max_length=64), AfterValidator(parse_time)]
-Duration = Annotated[str, Field(max_length=32), AfterValidator(_duration)]
-Rate = Annotated[str, Field(max_length=32), AfterValidator(_rate)]
+Duration = Annotated[
+    str, Field(max_length=32, pattern=r"^\s*\d+\s*[smhdw]\s*$"), AfterValidator(_duration)
+]
+Rate = Annotated[
+    str, Field(max_length=32, pattern=r"^\s*\d{1,9}\s*/\s*[a-z]+\s*$"), AfterValidator(_rate)
+]
 
 
 class Strict(BaseModel):
@@ -116,7 +120,7 @@ class HookOut(BaseModel):
 
 
 class ProcessIn(BaseModel):
-    input: Any
+    input: str = Field(description="The text to process")
 
 
 class ProcessOut(BaseModel):
@@ -131,7 +135,7 @@ class ProcessOut(BaseModel):
 
 
 class ChatIn(BaseModel):
-    message: str
+    message: str = Field(min_length=1, description="The user's message to the model")
 
 
 class ChatOut(BaseModel):

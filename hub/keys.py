@@ -26,6 +26,8 @@ KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 ADMIN_SCOPE = "admin"
 ALL_ROUTES = "*"
 LAST_USED_EVERY = timedelta(minutes=1)
+# Longer lifetimes or ages than this are refused (a datetime cannot hold them).
+MAX_DURATION_SECONDS = 100 * 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"not a duration: {text!r} (use a number and s, m, h, d or w, e.g. 30d)")
     amount, unit = int(match.group(1)), match.group(2)
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    if amount * seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"duration too long: {text.strip()!r} (at most 100 years)")
     return timedelta(seconds=amount * seconds)
 
 
