@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
 from werkzeug.serving import make_server
 
 EXAMPLES_PER_OPERATION = 12
