@@ -405,7 +405,7 @@ def list_events(query: m.EventQuery):
     except event_store.BadCursor:
         raise bad_cursor("query") from None
     return m.EventPage(
-        events=[m.EventSummary.model_validate(e.to_dict()) for e in page.events],
+        events=[m.EventSummary.model_validate(e) for e in page.events],
         next_cursor=page.next_cursor,
         scanned=page.scanned,
     )

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import LargeBinary, Select, bindparam, delete, func, select, tuple_, update
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session
 
 from hub.db import Database
-from hub.models import Attempt, Event, utcnow
+from hub.models import Attempt, Event, iso_time, utcnow
 
 STATUSES = (
     "pending",
@@ -200,7 +200,7 @@ SUMMARY_COLUMNS = (
 
 @dataclass
 class Page:
-    events: list[Event]
+    events: list[dict]
     next_cursor: str | None
     scanned: int | None = None
 
@@ -246,11 +246,15 @@ def search(
     return Page(events, next_cursor, scanned=len(scanned))
 
 
-def _summaries(session: Session, ids: list[str]) -> list[Event]:
+def _summaries(session: Session, ids: list[str]) -> list[dict]:
+    """The listed columns of these events (never the body or result), newest first."""
     if not ids:
         return []
-    query = select(Event).options(load_only(*SUMMARY_COLUMNS)).where(Event.id.in_(ids))
-    return list(session.scalars(query.order_by(*NEWEST_FIRST)))
+    query = select(*SUMMARY_COLUMNS).where(Event.id.in_(ids)).order_by(*NEWEST_FIRST)
+    return [
+        {k: iso_time(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+        for row in session.execute(query)
+    ]
 
 
 def _body_contains(session: Session, text: str):

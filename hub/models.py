@@ -99,10 +99,10 @@ class ApiKey(Base):
             "name": self.name,
             "scopes": list(self.scopes),
             "rate_limit": self.rate_limit,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "last_used_at": _iso(self.last_used_at),
-            "revoked_at": _iso(self.revoked_at),
+            "created_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at),
+            "last_used_at": iso_time(self.last_used_at),
+            "revoked_at": iso_time(self.revoked_at),
         }
 
 
@@ -190,10 +190,10 @@ class Event(Base):
             "reason": self.reason,
             "key_prefix": self.key_prefix,
             "remote_addr": self.remote_addr,
-            "received_at": _iso(self.received_at),
+            "received_at": iso_time(self.received_at),
             "attempts": self.attempts,
-            "next_attempt_at": _iso(self.next_attempt_at),
-            "completed_at": _iso(self.completed_at),
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "completed_at": iso_time(self.completed_at),
             "result": self.result,
             "last_error": self.last_error,
             "duplicate_of": self.duplicate_of,
@@ -232,7 +232,7 @@ class Attempt(Base):
             "step": self.step_index,
             "connector": self.connector,
             "try": self.try_number,
-            "started_at": _iso(self.started_at),
+            "started_at": iso_time(self.started_at),
             "duration_ms": self.duration_ms,
             "outcome": self.outcome,
             "http_status": self.http_status,
@@ -258,5 +258,5 @@ class RateCounter(Base):
     expires_at: Mapped[datetime]
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_time(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
