@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 
 from bench.wakeup import fresh_postgres
 from hub import create_app
@@ -162,8 +162,6 @@ def main() -> None:
     )
     db.dispose()
     if tmp:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
         tmp.cleanup()
 
 

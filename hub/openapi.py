@@ -294,7 +294,10 @@ bp = Blueprint("openapi", __name__)
 
 @bp.get("/openapi.json")
 def openapi_json():
-    return jsonify(current_app.extensions["hub.openapi"])
+    document = current_app.extensions.get("hub.openapi")
+    if document is None:  # built on first use: most processes never serve it
+        document = current_app.extensions["hub.openapi"] = api.document()
+    return jsonify(document)
 
 
 @bp.get("/docs")
@@ -303,8 +306,7 @@ def docs_page():
 
 
 def init_app(app: Flask) -> None:
-    """Serve the document, built once from the operations every blueprint declared."""
+    """Serve the document of the operations every blueprint declared, and its page."""
     from hub import public_api  # noqa: F401  (declares the public endpoints)
 
-    app.extensions["hub.openapi"] = api.document()
     app.register_blueprint(bp)
