@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import timedelta
 
 import pytest
@@ -434,3 +435,44 @@ def test_every_change_is_logged_with_the_admin_prefix_and_no_secret(client, admi
     lines = [r.getMessage() for r in caplog.records if r.name == "hub.admin"]
     assert lines == [f"admin key {prefix}: POST /admin/api/keys -> 201"]
     assert made.get_json()["key"] not in caplog.text and admin["X-API-Key"] not in caplog.text
+
+
+# --- the indexes of migration 0005 carry the listing ---
+
+
+@pytest.mark.parametrize(
+    "filters,index",
+    [
+        ({}, "ix_events_received_at_id"),
+        ({"route": "a"}, "ix_events_route_received_at_id"),
+        ({"status": "dead"}, "ix_events_status_received_at_id"),
+        ({"key_prefix": "aaaa1111"}, "ix_events_key_prefix_received_at_id"),
+    ],
+)
+def test_a_page_is_one_index_range_without_a_sort(sqlite_template, tmp_path, filters, index):
+    """SQLite's plan for each listing query walks the migration's index, in order."""
+    from sqlalchemy import event as sa_event
+
+    from hub import events as event_store
+    from hub.db import Database
+
+    path = tmp_path / "plan.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(f"sqlite:///{path}")
+    statements = []
+    sa_event.listen(
+        db.engine,
+        "before_cursor_execute",
+        lambda c, cur, sql, params, *_: statements.append((sql, params)),
+    )
+    cursor = event_store.encode_cursor(utcnow(), "evt_zzzz")
+    with db.session() as session:
+        event_store.search(session, event_store.Filters(**filters), limit=50, cursor=cursor)
+        sql, params = next((s, p) for s, p in statements if "LIMIT" in s)
+        plan = " ".join(
+            row[-1]
+            for row in session.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+        )
+    db.dispose()
+    assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
