@@ -84,7 +84,7 @@ def not_found(what: str) -> ApiError:
 
 
 def key_out(row: ApiKey, model: type[BaseModel] = m.KeyOut, **extra: Any) -> BaseModel:
-    return model(**row.to_dict(), admin=key_store.key_info(row).is_admin, **extra)
+    return model(**row.to_dict(), **extra)
 
 
 @api.route(
@@ -111,13 +111,8 @@ def list_keys():
 def create_key(body: m.KeyIn):
     session = get_session()
     lifetime = key_store.parse_duration(body.expires_in) if body.expires_in else None
-    row, secret = key_store.new_key(
-        session,
-        body.name,
-        body.scopes,
-        admin=body.admin,
-        expires_in=lifetime,
-        rate_limit=body.rate_limit,
+    row, secret = key_store.create_key(
+        session, body.name, body.scopes or None, lifetime, body.rate_limit, admin=body.admin
     )
     session.commit()
     return key_out(row, m.KeyCreated, key=secret), 201

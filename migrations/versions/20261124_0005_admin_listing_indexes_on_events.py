@@ -1,7 +1,7 @@
 """admin listing indexes on events
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-24 06:38:10.042206
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 import hub.models
 
 revision: str = '0005'
-down_revision: str | Sequence[str] | None = '0003'
+down_revision: str | Sequence[str] | None = '0004'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
