@@ -20,7 +20,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
     app.json.sort_keys = False
 
-    from hub import cli, crypto, db, errors, ingest, keys, logs, ratelimit, secret_key, system
+    from hub import (
+        admin,
+        cli,
+        crypto,
+        db,
+        errors,
+        ingest,
+        keys,
+        logs,
+        openapi,
+        ratelimit,
+        secret_key,
+        system,
+    )
     from hub.connectors import load_connectors
 
     logs.init_app(app)
@@ -37,6 +50,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     _trust_proxies(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)
+    app.register_blueprint(admin.bp)
+    openapi.init_app(app)
     cli.init_app(app)
     return app
 

@@ -42,6 +42,12 @@ DEFAULTS: dict[str, object] = {
     "WORKER_GRACE": 25.0,
     # Run a delivery thread inside each web process (the embedded default of `make run`).
     "EMBEDDED_WORKER": True,
+    # Rows the admin API's body search (?q=) looks at per page; past them it hands a cursor.
+    "ADMIN_SEARCH_WINDOW": 10_000,
+    # Matching events one bulk replay call looks at; next_cursor continues past them.
+    "ADMIN_REPLAY_MAX": 10_000,
+    # Newest events of the window the admin statistics are computed over.
+    "ADMIN_STATS_MAX_ROWS": 100_000,
     # Refused requests one remote address may make per window ("30/minute") before its
     # further requests are answered 429 unread and unlogged; a valid API key still passes.
     # Empty or 0 turns the limit off.

@@ -25,6 +25,8 @@ from hub.models import ApiKey, utcnow
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 ALL_ROUTES = "*"
 LAST_USED_EVERY = timedelta(minutes=1)
+# Longer lifetimes or ages than this are refused (a datetime cannot hold them).
+MAX_DURATION_SECONDS = 100 * 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"not a duration: {text!r} (use a number and s, m, h, d or w, e.g. 30d)")
     amount, unit = int(match.group(1)), match.group(2)
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    if amount * seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"duration too long: {text.strip()!r} (at most 100 years)")
     return timedelta(seconds=amount * seconds)
 
 
@@ -118,8 +122,26 @@ def create_key(
     return row, key
 
 
+def key_info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        prefix=row.prefix,
+        name=row.name,
+        scopes=tuple(row.scopes or ()),
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+        rate_limit=row.rate_limit,
+        is_admin=row.is_admin,
+    )
+
+
+def get(session: Session, prefix: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+
+
 def revoke(session: Session, prefix: str) -> ApiKey | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
     return row
@@ -167,17 +189,7 @@ def authenticate(session: Session, presented: str | None, cache: KeyCache) -> Ke
         row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
         if row is None or not hmac.compare_digest(row.digest, key_digest):
             raise KeyRefused("unauthorized")
-        info = KeyInfo(
-            id=row.id,
-            prefix=row.prefix,
-            name=row.name,
-            scopes=tuple(row.scopes or ()),
-            expires_at=row.expires_at,
-            revoked_at=row.revoked_at,
-            last_used_at=row.last_used_at,
-            rate_limit=row.rate_limit,
-            is_admin=row.is_admin,
-        )
+        info = key_info(row)
         cache.put(key_digest, info)
     now = utcnow()
     if info.revoked_at is not None:

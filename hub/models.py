@@ -105,10 +105,10 @@ class ApiKey(Base):
             "admin": self.is_admin,
             "scopes": list(self.scopes),
             "rate_limit": self.rate_limit,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "last_used_at": _iso(self.last_used_at),
-            "revoked_at": _iso(self.revoked_at),
+            "created_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at),
+            "last_used_at": iso_time(self.last_used_at),
+            "revoked_at": iso_time(self.revoked_at),
         }
 
 
@@ -145,6 +145,12 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_due", "status", "next_attempt_at"),
         Index("ix_events_dedup", "route", "dedup_key"),
+        # The admin listing: newest first by (received_at, id), alone or within a route,
+        # a status or a key, so each page is one index range (no sort, no OFFSET).
+        Index("ix_events_received_at_id", "received_at", "id"),
+        Index("ix_events_route_received_at_id", "route", "received_at", "id"),
+        Index("ix_events_status_received_at_id", "status", "received_at", "id"),
+        Index("ix_events_key_prefix_received_at_id", "key_prefix", "received_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
@@ -158,7 +164,7 @@ class Event(Base):
     method: Mapped[str] = mapped_column(String(10))
     path: Mapped[str] = mapped_column(String(2000))
     query: Mapped[str | None] = mapped_column(Text)
-    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
     headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
     content_type: Mapped[str | None] = mapped_column(String(200))
     # The whole body of an accepted request; a short prefix at most of a refused one.
@@ -200,10 +206,10 @@ class Event(Base):
             "presented_prefix": self.presented_prefix,
             "remote_addr": self.remote_addr,
             "body_size": self.body_size,
-            "received_at": _iso(self.received_at),
+            "received_at": iso_time(self.received_at),
             "attempts": self.attempts,
-            "next_attempt_at": _iso(self.next_attempt_at),
-            "completed_at": _iso(self.completed_at),
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "completed_at": iso_time(self.completed_at),
             "result": self.result,
             "last_error": self.last_error,
             "duplicate_of": self.duplicate_of,
@@ -242,7 +248,7 @@ class Attempt(Base):
             "step": self.step_index,
             "connector": self.connector,
             "try": self.try_number,
-            "started_at": _iso(self.started_at),
+            "started_at": iso_time(self.started_at),
             "duration_ms": self.duration_ms,
             "outcome": self.outcome,
             "http_status": self.http_status,
@@ -268,5 +274,5 @@ class RateCounter(Base):
     expires_at: Mapped[datetime]
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_time(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
