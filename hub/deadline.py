@@ -1,0 +1,202 @@
+"""Deadlines that hold while code is running, not only between steps.
+
+A template looping over a sender's lists, a connector stuck in a loop or a ``time.sleep``,
+a receiver dripping its answer a byte at a time: none of them returns to the hub by itself
+in time. One shared watchdog thread keeps every armed deadline in a heap and, when one
+passes while its block is still running, acts on it:
+
+- ``interrupting(deadline)`` raises ``DeadlineExceeded`` inside the thread that armed it
+  (``PyThreadState_SetAsyncExc``), at its next Python instruction; it is raised again every
+  ``REFIRE`` seconds in case the code swallowed it;
+- ``call_before(deadline, fn)`` runs ``fn`` on a helper thread under ``interrupting`` and
+  stops waiting for it at the deadline, so even code blocked in C (a sleep) cannot hold
+  the caller past it;
+- ``calling_at(deadline, callback)`` calls ``callback`` (hub.http shuts a socket down).
+
+A fired action can never land after its block has left: the block's exit and the firing
+take the same lock, and the exit clears an interrupt that was raised but not yet delivered.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ctypes
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+__all__ = ["DeadlineExceeded", "call_before", "calling_at", "interrupting"]
+
+REFIRE = 0.2  # seconds between repeated interrupts of code that swallowed the first
+JOIN_GRACE = 0.05  # seconds call_before waits past the deadline for an interrupted thread
+
+T = TypeVar("T")
+
+
+class DeadlineExceeded(BaseException):
+    """The deadline passed while the code was running.
+
+    A BaseException, like KeyboardInterrupt, so that a connector's or a library's
+    ``except Exception`` does not swallow it.
+    """
+
+
+class _Alarm:
+    """One armed deadline: ``fire`` runs on the watchdog thread unless ``done`` is set."""
+
+    __slots__ = ("lock", "done", "fired", "action")
+
+    def __init__(self, action: Callable[[_Alarm], float | None]):
+        self.lock = threading.Lock()
+        self.done = False
+        self.fired = False
+        self.action = action  # returns seconds until it should fire again, or None
+
+    def fire(self) -> float | None:
+        with self.lock:
+            if self.done:
+                return None
+            self.fired = True
+            return self.action(self)
+
+
+class _Watchdog:
+    """The one thread per process that fires alarms; started on first use (and again in a
+    forked child, where the parent's thread does not exist)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._order = itertools.count()
+        self._pid: int | None = None
+
+    def arm(self, when: float, alarm: _Alarm) -> None:
+        with self._cond:
+            if self._pid != os.getpid():
+                self._heap.clear()
+                self._pid = os.getpid()
+                thread = threading.Thread(target=self._loop, name="hub-watchdog", daemon=True)
+                thread.start()
+            heapq.heappush(self._heap, (when, next(self._order), alarm))
+            if self._heap[0][2] is alarm:
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    self._drop_finished()
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    delay = self._heap[0][0] - time.monotonic()
+                    if delay <= 0:
+                        _, _, alarm = heapq.heappop(self._heap)
+                        break
+                    self._cond.wait(delay)
+            again = alarm.fire()  # outside the heap lock: an action may take a moment
+            if again is not None:
+                self.arm(time.monotonic() + again, alarm)
+
+    def _drop_finished(self) -> None:
+        while self._heap and self._heap[0][2].done:
+            heapq.heappop(self._heap)
+
+
+_watchdog = _Watchdog()
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc is not None else None
+    )
+
+
+@contextmanager
+def calling_at(deadline: float | None, callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback`` once from the watchdog thread if the block is still running at
+    ``deadline`` (a ``time.monotonic()`` time); never after the block has left."""
+    if deadline is None:
+        yield
+        return
+
+    def act(alarm: _Alarm) -> None:
+        callback()
+
+    alarm = _Alarm(act)
+    _watchdog.arm(deadline, alarm)
+    try:
+        yield
+    finally:
+        with alarm.lock:
+            alarm.done = True
+
+
+@contextmanager
+def interrupting(deadline: float | None) -> Iterator[None]:
+    """Raise DeadlineExceeded in this thread if the block is still running at ``deadline``.
+
+    Python code is interrupted at its next instruction; code blocked in C (a socket read,
+    a sleep) is interrupted when it returns to Python. The block's exit is safe against a
+    late interrupt: it either surfaces as DeadlineExceeded from the ``with`` statement or
+    is cleared before the block is left.
+    """
+    if deadline is None:
+        yield
+        return
+    thread_id = threading.get_ident()
+
+    def act(alarm: _Alarm) -> float:
+        _set_async_exc(thread_id, DeadlineExceeded)
+        return REFIRE
+
+    alarm = _Alarm(act)
+    _watchdog.arm(deadline, alarm)
+    late = False
+    try:
+        yield
+    finally:
+        while True:
+            try:
+                with alarm.lock:
+                    alarm.done = True
+                    _set_async_exc(thread_id, None)  # one raised but not yet delivered
+                break
+            except DeadlineExceeded:  # delivered while leaving: it still counts
+                late = True
+    if late:
+        raise DeadlineExceeded
+
+
+def call_before(deadline: float | None, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, or DeadlineExceeded once ``deadline`` has passed.
+
+    ``fn`` runs on a helper thread (with the caller's context variables) that is interrupted
+    at the deadline; the caller stops waiting for it then, whatever it is blocked in. A
+    helper thread still blocked in C ends on its own when it returns to Python.
+    """
+    if deadline is None:
+        return fn(*args)
+    outcome: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def helper() -> None:
+        try:
+            with interrupting(deadline):
+                outcome["value"] = context.run(fn, *args)
+        except BaseException as exc:  # handed to the caller, never lost in this thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=helper, name="hub-step", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()) + JOIN_GRACE)
+    if thread.is_alive():
+        raise DeadlineExceeded
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
