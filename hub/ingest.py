@@ -22,6 +22,7 @@ from hub.connectors import lookup_path
 from hub.db import get_session
 from hub.errors import error_response
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.templating import TemplateLimits
 from hub.worker import notify
 
 bp = Blueprint("ingest", __name__)
@@ -30,7 +31,14 @@ log = logging.getLogger("hub.ingest")
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 # HTTP status of a sync run that did not deliver, by the failure's code.
-FAILURE_STATUS = {"timeout": 504, "not_configured": 500, "connector_bug": 500, "bad_config": 500}
+FAILURE_STATUS = {
+    "timeout": 504,
+    "not_configured": 500,
+    "connector_bug": 500,
+    "bad_config": 500,
+    # The sender's payload made a step's template too slow or too large.
+    "template_limit": 422,
+}
 
 
 class Rejected(Exception):
@@ -375,6 +383,8 @@ def run_sync(accepted: Accepted) -> pipeline.Outcome:
         deadline=time.monotonic() + float(current_app.config["SYNC_TIMEOUT"]),
         tries=int(current_app.config["STEP_TRIES"]),
         copy_bytes=int(current_app.config["ATTEMPT_COPY_BYTES"]),
+        template_limits=TemplateLimits.from_config(current_app.config),
+        max_response_bytes=int(current_app.config["MAX_RESPONSE_BYTES"]),
     )
     session.add_all(attempts)
     finish(event, outcome)
