@@ -190,50 +190,61 @@ def _check_peer(sock: socket.socket) -> None:
 
 
 class _Call:
-    """The connections one call is using, so that its deadline can cut them.
+    """The sockets one call is using, so that its deadline can cut them.
 
-    A connection joins when a request is sent on it and leaves when it goes back to the
-    pool; ``expire`` (on the watchdog thread) and ``leave`` take the same lock, so a
-    connection that another call may pick up is never shut down.
+    A connection's socket joins once connected (or, from the pool, when a request starts)
+    and leaves when the connection goes back to the pool;
+    ``expire`` (on the watchdog thread) and ``leave`` take the same lock, so a connection
+    that another call may pick up is never shut down. The socket itself is kept because
+    a response that closes its connection takes the socket from it.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.connections: set[HTTPConnection] = set()
+        self.sockets: dict[HTTPConnection, socket.socket] = {}
         self.expired = False
 
     def join(self, conn: HTTPConnection) -> None:
         with self.lock:
-            self.connections.add(conn)
+            self.sockets[conn] = conn.sock
             conn.hub_call = self  # type: ignore[attr-defined]
+            expired = self.expired
+        if expired:  # the deadline passed while it was connecting
+            self.expire()
 
     def leave(self, conn: HTTPConnection) -> None:
         with self.lock:
-            self.connections.discard(conn)
+            self.sockets.pop(conn, None)
             conn.hub_call = None  # type: ignore[attr-defined]
 
     def expire(self) -> None:
         with self.lock:
             self.expired = True
-            for conn in self.connections:
-                sock = getattr(conn, "sock", None)
-                if sock is not None:
-                    # The plain socket's shutdown (not TLS's): a blocked read returns at once.
-                    with contextlib.suppress(OSError):
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            for sock in self.sockets.values():
+                # The plain socket's shutdown (not TLS's): a blocked read returns at once.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 _calls = threading.local()  # .current: the _Call this thread is making, if any
 
 
 class _CallTracking:
-    """Mixed into the connections: each request joins the call its thread is making."""
+    """Mixed into the connections: once connected, a connection joins the call its thread
+    is making, so the deadline holds while the request is sent and its answer read."""
+
+    def connect(self):
+        super().connect()
+        self._join_call()
 
     def request(self, *args, **kwargs):
-        call = getattr(_calls, "current", None)
-        if call is not None:
-            call.join(self)
+        self._join_call()  # a pooled connection is connected already
         return super().request(*args, **kwargs)
+
+    def _join_call(self) -> None:
+        call = getattr(_calls, "current", None)
+        if call is not None and self.sock is not None:
+            call.join(self)
 
 
 class _GuardedHTTPConnection(_CallTracking, HTTPConnection):
@@ -489,6 +500,8 @@ def request(
             try:
                 response = s.send(prepared, timeout=seconds, allow_redirects=False, **settings)
                 _read_body(response, limit)
+                if call.expired:  # the socket was cut: what came before is not the answer
+                    raise requests.Timeout("the call's deadline passed")
             finally:
                 _calls.current = None
     except _TooLarge as big:
