@@ -131,10 +131,10 @@ def _replace_size(s: Any, old: Any, new: Any, count: Any = None) -> int:
     return len(s) + hits * max(0, len(new) - len(old))
 
 
-def _indent_size(s: Any, width: Any = 4, *_: Any) -> int:
+def _indent_size(s: Any, width: Any = 4, first: Any = False) -> int:
     text = str(s)
     per_line = len(width) if isinstance(width, str) else _int(width)
-    return len(text) + (text.count("\n") + 1) * per_line
+    return len(text) + (text.count("\n") + (1 if first else 0)) * per_line
 
 
 def _wordwrap_size(s: Any, width: Any = 79, wrapstring: Any = None) -> int:
@@ -145,7 +145,7 @@ def _wordwrap_size(s: Any, width: Any = 79, wrapstring: Any = None) -> int:
 #: Filters that can build a large value from small arguments: their size before they run.
 _FILTER_SIZES: dict[str, Callable[[dict[str, Any]], int]] = {
     "center": lambda a: _length(a["value"]) + _int(a["width"]),
-    "indent": lambda a: _indent_size(a["s"], a["width"]),
+    "indent": lambda a: _indent_size(a["s"], a["width"], a["first"]),
     "format": lambda a: _percent_size(a["value"], a["args"] or a["kwargs"]),
     "replace": lambda a: _replace_size(a["s"], a["old"], a["new"], a["count"]),
     "join": lambda a: len(str(a["d"])) * max(0, _length(a["value"]) - 1),
