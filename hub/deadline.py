@@ -15,6 +15,13 @@ passes while its block is still running, acts on it:
 
 A fired action can never land after its block has left: the block's exit and the firing
 take the same lock, and the exit clears an interrupt that was raised but not yet delivered.
+
+An interrupt lands at whatever instruction the thread is at; in library code that could be
+between a lock's ``acquire()`` and its ``try``, leaking the lock. Template rendering runs
+no such code, but a connector calls anything: ``interrupting(..., only_in=file)`` fires
+only while the thread is suspended in that file's code (the connector's own module), and
+looks again shortly otherwise. A thread held by a GIL switch resumes, and takes a pending
+interrupt, exactly where the watchdog saw it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import ctypes
 import heapq
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +41,7 @@ from typing import Any, TypeVar
 __all__ = ["DeadlineExceeded", "call_before", "calling_at", "interrupting"]
 
 REFIRE = 0.2  # seconds between repeated interrupts of code that swallowed the first
+RELOOK = 0.01  # seconds until another look at a thread that was not in the code to interrupt
 JOIN_GRACE = 0.05  # seconds call_before waits past the deadline for an interrupted thread
 
 T = TypeVar("T")
@@ -129,8 +138,8 @@ def calling_at(deadline: float | None, callback: Callable[[], None]) -> Iterator
         callback()
 
     alarm = _Alarm(act)
-    _watchdog.arm(deadline, alarm)
     try:
+        _watchdog.arm(deadline, alarm)
         yield
     finally:
         with alarm.lock:
@@ -138,13 +147,14 @@ def calling_at(deadline: float | None, callback: Callable[[], None]) -> Iterator
 
 
 @contextmanager
-def interrupting(deadline: float | None) -> Iterator[None]:
+def interrupting(deadline: float | None, only_in: str | None = None) -> Iterator[None]:
     """Raise DeadlineExceeded in this thread if the block is still running at ``deadline``.
 
     Python code is interrupted at its next instruction; code blocked in C (a socket read,
-    a sleep) is interrupted when it returns to Python. The block's exit is safe against a
-    late interrupt: it either surfaces as DeadlineExceeded from the ``with`` statement or
-    is cleared before the block is left.
+    a sleep) is interrupted when it returns to Python. With ``only_in`` (a code file name),
+    only while the thread runs code of that file. The block's exit is safe against a late
+    interrupt: it either surfaces as DeadlineExceeded from the ``with`` statement or is
+    cleared before the block is left.
     """
     if deadline is None:
         yield
@@ -152,13 +162,19 @@ def interrupting(deadline: float | None) -> Iterator[None]:
     thread_id = threading.get_ident()
 
     def act(alarm: _Alarm) -> float:
+        if only_in is not None:
+            frame = sys._current_frames().get(thread_id)
+            if frame is None or frame.f_code.co_filename != only_in:
+                return RELOOK
         _set_async_exc(thread_id, DeadlineExceeded)
         return REFIRE
 
     alarm = _Alarm(act)
-    _watchdog.arm(deadline, alarm)
     late = False
     try:
+        # Armed inside the try: a deadline already past fires at once, and the exit
+        # below must still see it.
+        _watchdog.arm(deadline, alarm)
         yield
     finally:
         while True:
@@ -173,21 +189,26 @@ def interrupting(deadline: float | None) -> Iterator[None]:
         raise DeadlineExceeded
 
 
-def call_before(deadline: float | None, fn: Callable[..., T], *args: Any) -> T:
+def call_before(
+    deadline: float | None, fn: Callable[..., T], *args: Any, interrupt_in: str | None = None
+) -> T:
     """``fn(*args)``, or DeadlineExceeded once ``deadline`` has passed.
 
     ``fn`` runs on a helper thread (with the caller's context variables) that is interrupted
-    at the deadline; the caller stops waiting for it then, whatever it is blocked in. A
-    helper thread still blocked in C ends on its own when it returns to Python.
+    at the deadline while it runs code of the file ``interrupt_in`` (``fn``'s own by
+    default); the caller stops waiting for it then, whatever it is doing. A helper thread
+    busy elsewhere (a sleep, a library) ends when it returns to that code or finishes.
     """
     if deadline is None:
         return fn(*args)
     outcome: dict[str, Any] = {}
     context = contextvars.copy_context()
+    code = getattr(fn, "__code__", None)
+    only_in = interrupt_in or (code.co_filename if code is not None else None)
 
     def helper() -> None:
         try:
-            with interrupting(deadline):
+            with interrupting(deadline, only_in):
                 outcome["value"] = context.run(fn, *args)
         except BaseException as exc:  # handed to the caller, never lost in this thread
             outcome["error"] = exc

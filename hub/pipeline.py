@@ -230,6 +230,8 @@ def _run_step(
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
         return Outcome(FAILED, error=message, code=getattr(exc, "code", None) or "bad_config")
 
+    # A runaway step is interrupted only in its connector's own code, never in a library.
+    run_code_file = type(connector).run.__code__.co_filename
     try_number = 0
     last: Outcome | None = None
     step_logger = logging.getLogger(f"hub.connector.{name}")
@@ -252,7 +254,9 @@ def _run_step(
                 try:
                     try:
                         # Stopped at the deadline whatever it is doing, even sleeping.
-                        output = call_before(deadline, connector.run, current, ctx)
+                        output = call_before(
+                            deadline, connector.run, current, ctx, interrupt_in=run_code_file
+                        )
                     except DeadlineExceeded:
                         raise RetryableError(
                             "the step was still running at its deadline and was stopped",
