@@ -537,8 +537,9 @@ class _TooLarge(Exception):
 
 
 def _read_body(response: requests.Response, limit: int) -> None:
-    """Read the answer into ``response.content``, or raise _TooLarge once past ``limit``
-    bytes (then the connection is closed and the rest never read)."""
+    """Read the answer into ``response.content``, no further than ``limit`` bytes (then the
+    connection is closed and the rest never read). A success past it raises _TooLarge; a
+    failure keeps its first ``limit`` bytes, and is classified by its status as ever."""
     declared = response.headers.get("Content-Length", "")
     chunks: list[bytes] = []
     size = int(declared) if declared.isdigit() and int(declared) > limit else 0
@@ -546,11 +547,13 @@ def _read_body(response: requests.Response, limit: int) -> None:
         for chunk in response.iter_content(READ_CHUNK):
             size += len(chunk)
             if size > limit:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
                 break
             chunks.append(chunk)
     if size > limit:
         response.close()
-        raise _TooLarge(b"".join(chunks)[:RECORD_LIMIT], response.status_code)
+        if 200 <= response.status_code < 300:
+            raise _TooLarge(b"".join(chunks)[:RECORD_LIMIT], response.status_code)
     response._content = b"".join(chunks)  # what .content, .text and .json() read
 
 

@@ -261,6 +261,20 @@ def test_a_huge_answer_is_cut_at_the_limit_and_the_rest_never_read(
     assert ctx.exchange.status == 200
 
 
+def test_a_huge_error_answer_is_cut_but_keeps_its_status_class(receiver, allow_private):
+    def failing() -> Iterator[bytes]:
+        answer = streamed(128, declare_length=False)
+        yield next(answer).replace(b"200 OK", b"503 Service Unavailable")
+        yield from answer
+
+    receiver.script(Reply(raw=failing()))
+    with pytest.raises(RetryableError) as info:
+        finishes_within(10, lambda: http.request(make_ctx(limit=MB), "GET", receiver.url))
+    assert info.value.status == 503
+    [sent] = receiver.wait_sent()
+    assert sent <= MB + http.READ_CHUNK + BUFFER_SLACK
+
+
 def test_an_answer_within_the_limit_is_read_whole(receiver, allow_private):
     receiver.script(Reply(raw=streamed(1, declare_length=False)))
     response = http.request(make_ctx(limit=MB), "GET", receiver.url)
