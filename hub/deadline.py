@@ -79,16 +79,19 @@ class _Watchdog:
     forked child, where the parent's thread does not exist)."""
 
     def __init__(self) -> None:
+        self._order = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        """A fresh start (in a forked child: a lock the parent held would never free)."""
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Alarm]] = []
-        self._order = itertools.count()
-        self._pid: int | None = None
+        self._started = False
 
     def arm(self, when: float, alarm: _Alarm) -> None:
         with self._cond:
-            if self._pid != os.getpid():
-                self._heap.clear()
-                self._pid = os.getpid()
+            if not self._started:
+                self._started = True
                 thread = threading.Thread(target=self._loop, name="hub-watchdog", daemon=True)
                 thread.start()
             heapq.heappush(self._heap, (when, next(self._order), alarm))
@@ -118,6 +121,7 @@ class _Watchdog:
 
 
 _watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_watchdog._reset)
 
 
 def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:

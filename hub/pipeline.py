@@ -230,8 +230,6 @@ def _run_step(
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
         return Outcome(FAILED, error=message, code=getattr(exc, "code", None) or "bad_config")
 
-    # A runaway step is interrupted only in its connector's own code, never in a library.
-    run_code_file = type(connector).run.__code__.co_filename
     try_number = 0
     last: Outcome | None = None
     step_logger = logging.getLogger(f"hub.connector.{name}")
@@ -253,10 +251,9 @@ def _run_step(
                 started, t0 = utcnow(), time.monotonic()
                 try:
                     try:
-                        # Stopped at the deadline whatever it is doing, even sleeping.
-                        output = call_before(
-                            deadline, connector.run, current, ctx, interrupt_in=run_code_file
-                        )
+                        # Stopped at the deadline whatever it is doing, even sleeping;
+                        # interrupted only in the connector's own code, never a library's.
+                        output = call_before(deadline, connector.run, current, ctx)
                     except DeadlineExceeded:
                         raise RetryableError(
                             "the step was still running at its deadline and was stopped",
