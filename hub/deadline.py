@@ -31,6 +31,7 @@ import ctypes
 import heapq
 import itertools
 import os
+import queue
 import sys
 import threading
 import time
@@ -193,6 +194,54 @@ def interrupting(deadline: float | None, only_in: str | None = None) -> Iterator
         raise DeadlineExceeded
 
 
+class _Job:
+    __slots__ = ("fn", "args", "context", "deadline", "only_in", "done", "value", "error")
+
+    def __init__(self, fn, args, deadline, only_in) -> None:
+        self.fn, self.args, self.deadline, self.only_in = fn, args, deadline, only_in
+        self.context = contextvars.copy_context()  # the caller's context variables
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class _Helper:
+    """A thread that runs jobs for call_before, one at a time, and waits idle in between
+    (a new thread per step costs more than the rest of call_before together)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="hub-step", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                with interrupting(job.deadline, job.only_in):
+                    job.value = job.context.run(job.fn, *job.args)
+            except BaseException as exc:  # handed to the caller, never lost in this thread
+                job.error = exc
+            job.done.set()
+            with _idle_lock:
+                if len(_idle) >= MAX_IDLE_HELPERS:
+                    return
+                _idle.append(self)
+
+
+MAX_IDLE_HELPERS = 16
+_idle: list[_Helper] = []
+_idle_lock = threading.Lock()
+
+
+def _forget_helpers() -> None:
+    global _idle_lock
+    _idle.clear()  # their threads did not survive the fork
+    _idle_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_helpers)
+
+
 def call_before(
     deadline: float | None, fn: Callable[..., T], *args: Any, interrupt_in: str | None = None
 ) -> T:
@@ -200,28 +249,18 @@ def call_before(
 
     ``fn`` runs on a helper thread (with the caller's context variables) that is interrupted
     at the deadline while it runs code of the file ``interrupt_in`` (``fn``'s own by
-    default); the caller stops waiting for it then, whatever it is doing. A helper thread
-    busy elsewhere (a sleep, a library) ends when it returns to that code or finishes.
+    default); the caller stops waiting for it then, whatever it is doing. A helper busy
+    elsewhere (a sleep, a library) is left to finish, and then waits for the next call.
     """
     if deadline is None:
         return fn(*args)
-    outcome: dict[str, Any] = {}
-    context = contextvars.copy_context()
     code = getattr(fn, "__code__", None)
-    only_in = interrupt_in or (code.co_filename if code is not None else None)
-
-    def helper() -> None:
-        try:
-            with interrupting(deadline, only_in):
-                outcome["value"] = context.run(fn, *args)
-        except BaseException as exc:  # handed to the caller, never lost in this thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=helper, name="hub-step", daemon=True)
-    thread.start()
-    thread.join(max(0.0, deadline - time.monotonic()) + JOIN_GRACE)
-    if thread.is_alive():
-        raise DeadlineExceeded
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    job = _Job(fn, args, deadline, interrupt_in or (code.co_filename if code else None))
+    with _idle_lock:
+        helper = _idle.pop() if _idle else None
+    (helper or _Helper()).jobs.put(job)
+    if not job.done.wait(max(0.0, deadline - time.monotonic()) + JOIN_GRACE):
+        raise DeadlineExceeded  # the helper goes on alone, and back to the pool when done
+    if job.error is not None:
+        raise job.error
+    return job.value
