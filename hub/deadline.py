@@ -30,6 +30,7 @@ import contextvars
 import ctypes
 import heapq
 import itertools
+import logging
 import os
 import queue
 import sys
@@ -46,6 +47,7 @@ RELOOK = 0.01  # seconds until another look at a thread that was not in the code
 JOIN_GRACE = 0.05  # seconds call_before waits past the deadline for an interrupted thread
 
 T = TypeVar("T")
+log = logging.getLogger("hub.deadline")
 
 
 class DeadlineExceeded(BaseException):
@@ -112,7 +114,11 @@ class _Watchdog:
                         _, _, alarm = heapq.heappop(self._heap)
                         break
                     self._cond.wait(delay)
-            again = alarm.fire()  # outside the heap lock: an action may take a moment
+            try:  # outside the heap lock: an action may take a moment
+                again = alarm.fire()
+            except Exception as exc:  # the watchdog must outlive any one action
+                log.error("deadline action failed: %s", type(exc).__name__)
+                again = None
             if again is not None:
                 self.arm(time.monotonic() + again, alarm)
 
