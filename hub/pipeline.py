@@ -150,10 +150,10 @@ def run(
     if route.filter:
         try:
             keep = evaluate_filter(
-                route.filter, template_context(event, payload, outputs), template_limits
+                route.filter, template_context(event, payload, outputs), template_limits, deadline
             )
         except TemplateProblem as exc:
-            return Outcome(FAILED, error=str(exc), code=exc.code or "bad_filter")
+            return _template_failed(exc, "bad_filter")
         if not keep:
             return Outcome(FILTERED)
     current = payload
@@ -221,14 +221,23 @@ def _run_step(
         return Outcome(FAILED, error="deadline passed before the step started", code="timeout")
     try:
         config = render_config(
-            step.get("config") or {}, template_context(event, payload, outputs), template_limits
+            step.get("config") or {},
+            template_context(event, payload, outputs),
+            template_limits,
+            deadline,
         )
         connector = registry.build(name, config)
     except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
         message = str(exc)
-        record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
+        outcome = (
+            _template_failed(exc, "bad_config")
+            if isinstance(exc, TemplateProblem)
+            else Outcome(FAILED, error=message, code="bad_config")
+        )
+        kind = "retryable" if outcome.status == RETRYABLE else "permanent"
+        record(attempt_row(1, utcnow(), time.monotonic(), kind, error=message))
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
-        return Outcome(FAILED, error=message, code=getattr(exc, "code", None) or "bad_config")
+        return outcome
 
     try_number = 0
     last: Outcome | None = None
@@ -316,6 +325,14 @@ def _run_step(
         assert last is not None
         return last
     raise AssertionError("unreachable: the retry loop always returns or raises")
+
+
+def _template_failed(exc: TemplateProblem, code: str) -> Outcome:
+    """A template past its own limit fails for good; one cut by the step's deadline is the
+    hub's timeout (504 on a sync route, retried later on an async one)."""
+    if exc.code == "timeout":
+        return Outcome(RETRYABLE, error=str(exc), code="timeout")
+    return Outcome(FAILED, error=str(exc), code=exc.code or code)
 
 
 def _with_exchange(row: Attempt, ctx: StepContext, limit: int) -> Attempt:

@@ -290,7 +290,19 @@ def check_config(config: Any) -> None:
     _walk(config, "", parse)
 
 
-def _too_slow(where: str, limits: TemplateLimits) -> TemplateProblem:
+def _stop_at(limits: TemplateLimits, step_deadline: float | None) -> tuple[float, bool]:
+    """When rendering must stop, and whether that is the step's deadline (nearer)."""
+    own = time.monotonic() + limits.timeout
+    if step_deadline is not None and step_deadline < own:
+        return step_deadline, True
+    return own, False
+
+
+def _too_slow(where: str, limits: TemplateLimits, at_step_deadline: bool) -> TemplateProblem:
+    if at_step_deadline:
+        return TemplateProblem(
+            where, "template was still rendering at the step's deadline", code="timeout"
+        )
     return TemplateProblem(
         where,
         f"template ran longer than HUB_TEMPLATE_TIMEOUT ({limits.timeout:g} s)",
@@ -299,12 +311,16 @@ def _too_slow(where: str, limits: TemplateLimits) -> TemplateProblem:
 
 
 def render_config(
-    config: Any, context: dict[str, Any], limits: TemplateLimits = TemplateLimits()
+    config: Any,
+    context: dict[str, Any],
+    limits: TemplateLimits = TemplateLimits(),
+    step_deadline: float | None = None,
 ) -> Any:
     """The config with every template rendered against ``context``; TemplateProblem names
     the field that failed, or that was rendering when a limit was reached (the limits hold
-    for the whole config together)."""
-    deadline = time.monotonic() + limits.timeout
+    for the whole config together). A nearer ``step_deadline`` stops it too (code
+    ``timeout``)."""
+    deadline, at_step_deadline = _stop_at(limits, step_deadline)
     left = [limits.max_output]
     token = _limits.set(limits)
     current = [""]
@@ -333,7 +349,7 @@ def render_config(
         with interrupting(deadline):
             return _walk(config, "", render)
     except DeadlineExceeded:
-        raise _too_slow(current[0], limits) from None
+        raise _too_slow(current[0], limits, at_step_deadline) from None
     finally:
         _limits.reset(token)
 
@@ -346,14 +362,18 @@ def check_filter(expression: str) -> None:
 
 
 def evaluate_filter(
-    expression: str, context: dict[str, Any], limits: TemplateLimits = TemplateLimits()
+    expression: str,
+    context: dict[str, Any],
+    limits: TemplateLimits = TemplateLimits(),
+    step_deadline: float | None = None,
 ) -> bool:
+    deadline, at_step_deadline = _stop_at(limits, step_deadline)
     token = _limits.set(limits)
     try:
-        with interrupting(time.monotonic() + limits.timeout):
+        with interrupting(deadline):
             return bool(_compile_filter(expression)(**context))
     except DeadlineExceeded:
-        raise _too_slow("filter", limits) from None
+        raise _too_slow("filter", limits, at_step_deadline) from None
     except _TooLarge as exc:
         raise TemplateProblem("filter", str(exc), code="template_limit") from None
     except TemplateError as exc:

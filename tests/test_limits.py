@@ -455,6 +455,23 @@ def test_a_template_past_its_limit_fails_the_sync_step_with_422(
     assert summary(db) == [(0, "http", 1, "permanent", None)]
 
 
+def test_a_template_still_rendering_at_the_sync_deadline_answers_504(
+    client, key, add_route, app, db, receiver
+):
+    app.config["SYNC_TIMEOUT"] = 0.3  # nearer than the template's own limit
+    app.config["TEMPLATE_TIMEOUT"] = 10
+    add_route(
+        "flow", [{"connector": "http", "config": {"url": receiver.url, "body": HOSTILE_BODY}}]
+    )
+    response, took = timed_post(client, key, LONG_LISTS)
+    assert (response.status_code, response.json["code"]) == (504, "timeout")
+    assert response.json["error"] == "body: template was still rendering at the step's deadline"
+    assert took < 0.3 + 2.0
+    [event] = events(db)
+    assert event.status == "failed"
+    assert receiver.requests == []
+
+
 def test_a_filter_past_its_limit_fails_the_event_with_its_reason(
     client, key, add_route, app, db, receiver
 ):
