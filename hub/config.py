@@ -12,6 +12,10 @@ from pathlib import Path
 DEFAULTS: dict[str, object] = {
     # SQLAlchemy URL; None means the embedded SQLite file instance/hub.db.
     "DATABASE_URL": None,
+    # Seconds to wait for a PostgreSQL connection before the request answers 503.
+    "DB_CONNECT_TIMEOUT": 5,
+    # Retry-After (seconds) on the 503 answered while the database is unreachable.
+    "DB_RETRY_AFTER": 5,
     # Largest request body accepted on /hooks and /api; larger ones get 413 unread.
     "MAX_BODY_BYTES": 1024 * 1024,
     # Seconds a sync route may spend running its steps before it answers 504; a step still
@@ -47,6 +51,21 @@ DEFAULTS: dict[str, object] = {
     "WORKER_GRACE": 25.0,
     # Run a delivery thread inside each web process (the embedded default of `make run`).
     "EMBEDDED_WORKER": True,
+    # Refused requests one remote address may make per window ("30/minute") before its
+    # further requests are answered 429 unread and unlogged; a valid API key still passes.
+    # Empty or 0 turns the limit off.
+    "REFUSAL_LIMIT": "30/minute",
+    # Proxies in front of the hub that append to X-Forwarded-For; the client address is the
+    # Nth entry from the right. 0: the socket peer, and X-Forwarded-For is never believed.
+    "TRUSTED_PROXIES": 0,
+    # Bytes of a refused request's body kept on its event (its size is always kept).
+    "REFUSED_BODY_BYTES": 256,
+    # Headers, and bytes of header names and values, kept on a refused request's event.
+    "REFUSED_HEADERS": 20,
+    "REFUSED_HEADER_BYTES": 2048,
+    # Headers, and bytes of header names and values, kept on an accepted event.
+    "STORED_HEADERS": 100,
+    "STORED_HEADER_BYTES": 32768,
 }
 
 ENV_PREFIX = "HUB"

@@ -56,7 +56,7 @@ from hub.connectors import (
     RetryableError,
     StepContext,
 )
-from hub.redact import REDACTED, is_sensitive
+from hub.redact import REDACTED, is_credential_header, is_sensitive
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -424,7 +424,7 @@ def redact_headers(headers: Mapping[str, Any] | None, also: Iterable[str] = ()) 
     ``also`` names more headers to hide (compared without regard to case)."""
     extra = {name.lower() for name in also}
     return {
-        k: (REDACTED if is_sensitive(k) or k.lower() in extra else v)
+        k: (REDACTED if is_credential_header(k) or k.lower() in extra else v)
         for k, v in (headers or {}).items()
     }
 

@@ -23,7 +23,6 @@ from hub import ratelimit
 from hub.models import ApiKey, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
-ADMIN_SCOPE = "admin"
 ALL_ROUTES = "*"
 LAST_USED_EVERY = timedelta(minutes=1)
 
@@ -38,10 +37,8 @@ class KeyInfo:
     revoked_at: datetime | None
     last_used_at: datetime | None
     rate_limit: str | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return ADMIN_SCOPE in self.scopes
+    # Admin rights are their own flag, never a scope: a route may be called "admin".
+    is_admin: bool = False
 
     def allows_route(self, route: str) -> bool:
         return self.is_admin or ALL_ROUTES in self.scopes or route in self.scopes
@@ -51,11 +48,16 @@ class KeyInfo:
 
 
 class KeyRefused(Exception):
-    """Why a presented key was refused: ``code`` is unauthorized, revoked or expired."""
+    """Why a presented key was refused: ``code`` is unauthorized, revoked or expired.
 
-    def __init__(self, code: str):
+    ``info`` is the key itself when its secret matched (a revoked or expired key), so the
+    refusal can be told apart from a guess that merely borrowed a real key's prefix.
+    """
+
+    def __init__(self, code: str, info: KeyInfo | None = None):
         super().__init__(code)
         self.code = code
+        self.info = info
 
 
 def digest(key: str) -> str:
@@ -84,9 +86,12 @@ def create_key(
     scopes: list[str] | None = None,
     expires_in: timedelta | None = None,
     rate_limit: str | None = None,
+    *,
+    admin: bool = False,
 ) -> tuple[ApiKey, str]:
     """Store a new key and return it with its plaintext (the only time it exists).
 
+    ``scopes`` are route names (default ``*``: every route); ``admin`` gives admin rights.
     ``rate_limit`` such as ``1000/hour`` caps this key's requests (ValueError if malformed).
     """
     if rate_limit is not None:
@@ -103,6 +108,7 @@ def create_key(
         prefix=prefix,
         digest=digest(key),
         scopes=scopes or [ALL_ROUTES],
+        is_admin=admin,
         created_at=now,
         expires_at=now + expires_in if expires_in else None,
         rate_limit=rate_limit,
@@ -170,13 +176,14 @@ def authenticate(session: Session, presented: str | None, cache: KeyCache) -> Ke
             revoked_at=row.revoked_at,
             last_used_at=row.last_used_at,
             rate_limit=row.rate_limit,
+            is_admin=row.is_admin,
         )
         cache.put(key_digest, info)
     now = utcnow()
     if info.revoked_at is not None:
-        raise KeyRefused("revoked")
+        raise KeyRefused("revoked", info)
     if info.expires_at is not None and info.expires_at <= now:
-        raise KeyRefused("expired")
+        raise KeyRefused("expired", info)
     return info
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -85,7 +86,11 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100))
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
     digest: Mapped[str] = mapped_column(String(64))
+    # Route names this key may post to, or "*" for every route.
     scopes: Mapped[list[Any]] = mapped_column(default=list)
+    # May use the admin side (every event, every route): a property of its own, so a route
+    # may be called "admin" and be a scope like any other.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
@@ -97,6 +102,7 @@ class ApiKey(Base):
         return {
             "prefix": self.prefix,
             "name": self.name,
+            "admin": self.is_admin,
             "scopes": list(self.scopes),
             "rate_limit": self.rate_limit,
             "created_at": _iso(self.created_at),
@@ -143,7 +149,11 @@ class Event(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
     route: Mapped[str] = mapped_column(String(200))  # indexed by ix_events_dedup
+    # The key whose secret the request carried (verified, even if revoked or out of scope).
     key_prefix: Mapped[str | None] = mapped_column(String(16))
+    # The prefix of whatever key-shaped value was presented, verified or not: who claimed
+    # to knock. Never used to decide whose event this is.
+    presented_prefix: Mapped[str | None] = mapped_column(String(16))
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(10))
     path: Mapped[str] = mapped_column(String(2000))
@@ -151,12 +161,16 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
     content_type: Mapped[str | None] = mapped_column(String(200))
+    # The whole body of an accepted request; a short prefix at most of a refused one.
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Bytes the sender declared (Content-Length) or that were read, whatever was kept.
+    body_size: Mapped[int | None] = mapped_column(BigInteger)
     dedup_key: Mapped[str | None] = mapped_column(String(300))
     duplicate_of: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     # Why a request was turned away: unauthorized, forbidden, bad_signature ...
     reason: Mapped[str | None] = mapped_column(String(32))
+    # The HTTP status the sender was answered (unset while a sync run is in flight).
     response_status: Mapped[int | None]
     # Delivery runs so far (a replay keeps counting), and durable retries scheduled since the
     # event was last queued (a replay starts the route's retry schedule again).
@@ -183,7 +197,9 @@ class Event(Base):
             "status": self.status,
             "reason": self.reason,
             "key_prefix": self.key_prefix,
+            "presented_prefix": self.presented_prefix,
             "remote_addr": self.remote_addr,
+            "body_size": self.body_size,
             "received_at": _iso(self.received_at),
             "attempts": self.attempts,
             "next_attempt_at": _iso(self.next_attempt_at),

@@ -204,6 +204,10 @@ def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
 
 
 def _checked_secret(scheme: str, secret: str, where: str, errors: list[str]) -> str:
+    if isinstance(secret, str) and not secret.strip():
+        # Spaces sign like any bytes, but nobody means them: a template or a paste went wrong.
+        errors.append(f"{where}: A secret must not be empty or only whitespace.")
+        return ""
     try:
         return signatures.validate_secret(scheme, secret)
     except ValueError as exc:
