@@ -18,8 +18,17 @@ DEFAULTS: dict[str, object] = {
     "DB_RETRY_AFTER": 5,
     # Largest request body accepted on /hooks and /api; larger ones get 413 unread.
     "MAX_BODY_BYTES": 1024 * 1024,
-    # Seconds a sync route may spend running its steps before it answers 504.
+    # Seconds a sync route may spend running its steps before it answers 504; a step still
+    # running then (a slow receiver, a connector looping or sleeping) is stopped.
     "SYNC_TIMEOUT": 25.0,
+    # Seconds one step's config templates (or a route filter) may take to render; past it
+    # the step fails, permanent (a sync route answers 422 template_limit).
+    "TEMPLATE_TIMEOUT": 2.0,
+    # Characters a step's rendered templates (and any value built on the way) may reach.
+    "TEMPLATE_MAX_OUTPUT": 1024 * 1024,
+    # Bytes of a receiver's answer a connector reads; past it the call fails, permanent
+    # (response_too_large), and the rest is never read.
+    "MAX_RESPONSE_BYTES": 10 * 1024 * 1024,
     # Seconds a verified API key is remembered before the database is asked again.
     "KEY_CACHE_SECONDS": 10.0,
     # Comma list of connector names to load; empty loads every installed connector.

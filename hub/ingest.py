@@ -26,6 +26,7 @@ from hub.connectors import lookup_path
 from hub.db import get_session
 from hub.errors import error_response
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.templating import TemplateLimits
 from hub.worker import notify
 
 bp = Blueprint("ingest", __name__)
@@ -44,7 +45,14 @@ SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}
 IN_PROGRESS_RETRY_AFTER = 2
 
 # HTTP status of a sync run that did not deliver, by the failure's code.
-FAILURE_STATUS = {"timeout": 504, "not_configured": 500, "connector_bug": 500, "bad_config": 500}
+FAILURE_STATUS = {
+    "timeout": 504,
+    "not_configured": 500,
+    "connector_bug": 500,
+    "bad_config": 500,
+    # The sender's payload made a step's template too slow or too large.
+    "template_limit": 422,
+}
 
 
 # How much of a request's headers and body an event keeps (see kept_headers, record_rejection).
@@ -563,6 +571,8 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
         deadline=time.monotonic() + float(current_app.config["SYNC_TIMEOUT"]),
         tries=int(current_app.config["STEP_TRIES"]),
         copy_bytes=int(current_app.config["ATTEMPT_COPY_BYTES"]),
+        template_limits=TemplateLimits.from_config(current_app.config),
+        max_response_bytes=int(current_app.config["MAX_RESPONSE_BYTES"]),
     )
     session.add_all(attempts)
     finish(event, outcome)

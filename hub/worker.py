@@ -25,6 +25,7 @@ from hub import pipeline
 from hub import routes as route_store
 from hub.db import Database
 from hub.models import Attempt, Event, utcnow
+from hub.templating import TemplateLimits
 
 log = logging.getLogger("hub.worker")
 
@@ -123,6 +124,8 @@ class Worker:
                 deadline=deadline,
                 tries=int(self.app.config["STEP_TRIES"]),
                 copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
+                template_limits=TemplateLimits.from_config(self.app.config),
+                max_response_bytes=int(self.app.config["MAX_RESPONSE_BYTES"]),
             )
         except Exception as exc:  # never let one event take the worker down
             log.error("event %s: pipeline error %s", event_id, type(exc).__name__)
