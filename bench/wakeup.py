@@ -17,24 +17,15 @@ import time
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import make_url
 
+from bench.common import fresh_postgres
 from hub import create_app
 from hub.db import upgrade
 from hub.keys import create_key
 from hub.routes import save_routes
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver
-
-
-def fresh_postgres(url: str) -> str:
-    parsed = make_url(url)
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{parsed.database}"'))
-    admin.dispose()
-    return url
 
 
 def main() -> None:

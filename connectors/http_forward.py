@@ -56,7 +56,12 @@ class HttpForwardConfig(BaseModel):
     )
     body: str | None = Field(None, description="Body template; default: the step's input as JSON.")
     content_type: str = Field("application/json", description="Content-Type of the body.")
-    timeout: float = Field(10.0, gt=0, le=300, description="Seconds per request.")
+    timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds the whole request may take: connect, headers and body.",
+    )
     sign_secret_env: str | None = Field(
         None,
         pattern=ENV_NAME,

@@ -40,7 +40,12 @@ class OpenAIChatConfig(BaseModel):
     )
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int | None = Field(None, gt=0)
-    timeout: float = Field(30.0, gt=0, le=600, description="Seconds per request.")
+    timeout: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Seconds the whole request may take: connect, headers and body.",
+    )
     api_key_env: str = Field(
         "OPENAI_API_KEY",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any
@@ -20,11 +19,24 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         app.config.from_mapping(config)
     os.makedirs(app.instance_path, exist_ok=True)
     app.json.sort_keys = False
-    _configure_logging(app)
 
-    from hub import cli, crypto, db, errors, ingest, keys, ratelimit, secret_key, system
+    from hub import (
+        admin,
+        cli,
+        crypto,
+        db,
+        errors,
+        ingest,
+        keys,
+        logs,
+        openapi,
+        ratelimit,
+        secret_key,
+        system,
+    )
     from hub.connectors import load_connectors
 
+    logs.init_app(app)
     secret_key.init_app(app)
     crypto.init_app(app)
     db.init_app(app)
@@ -35,15 +47,22 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.wakeup"] = threading.Event()
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
+    _trust_proxies(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)
+    app.register_blueprint(admin.bp)
+    openapi.init_app(app)
     cli.init_app(app)
     return app
 
 
-def _configure_logging(app: Flask) -> None:
-    if not logging.getLogger("hub").handlers and not app.testing:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("hub").addHandler(handler)
-        logging.getLogger("hub").setLevel(logging.INFO)
+def _trust_proxies(app: Flask) -> None:
+    """With HUB_TRUSTED_PROXIES=N the client address is X-Forwarded-For's Nth entry from the
+    right (what the nearest trusted proxy saw); with 0 the header is never believed."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    value = app.config.get("TRUSTED_PROXIES") or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"HUB_TRUSTED_PROXIES: expected how many proxies, 0 or more: {value!r}")
+    if value:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=value)

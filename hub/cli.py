@@ -83,7 +83,7 @@ def init_command() -> None:
         for name in created:
             click.echo(f"created demo route {name!r}")
         if not key_store.list_keys(session):
-            _, key = key_store.create_key(session, "first admin key", [key_store.ADMIN_SCOPE])
+            _, key = key_store.create_key(session, "first admin key", admin=True)
             click.echo("A first admin key was created. It is shown only this once; keep it:")
             click.echo(f"\n    {key}\n")
 
@@ -93,7 +93,9 @@ def init_command() -> None:
 
 @keys_cli.command("create")
 @click.argument("name")
-@click.option("--scope", "scopes", multiple=True, help="A route this key may post to (repeat).")
+@click.option(
+    "--scope", "scopes", multiple=True, help="A route this key may post to (repeat); default all."
+)
 @click.option("--admin", is_flag=True, help="The key may use the admin API and every route.")
 @click.option("--expires-in", help="Lifetime such as 30d, 12h, 2w.")
 @click.option("--rate", help="Most requests this key may make, e.g. 1000/hour.")
@@ -107,12 +109,14 @@ def keys_create(
             rate = ratelimit.normalise(rate)
     except ValueError as exc:
         fail(str(exc))
-    chosen = ([key_store.ADMIN_SCOPE] if admin else []) + list(scopes)
     with get_db().session() as session:
-        row, key = key_store.create_key(session, name, chosen or None, lifetime, rate)
+        row, key = key_store.create_key(
+            session, name, list(scopes) or None, lifetime, rate, admin=admin
+        )
         click.echo(key)
         click.echo(
-            f"prefix {row.prefix}, scopes {', '.join(row.scopes)}"
+            f"prefix {row.prefix}{', admin' if row.is_admin else ''}, "
+            f"scopes {', '.join(row.scopes)}"
             + (f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else "")
             + (f", at most {row.rate_limit}" if row.rate_limit else "")
             + ". Shown once: store it now.",
@@ -123,16 +127,17 @@ def keys_create(
 @keys_cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def keys_list(as_json: bool) -> None:
-    """Every key: prefix, name, scopes, created, expires, last used, revoked."""
+    """Every key: prefix, name, admin, scopes, created, expires, last used, revoked."""
     with get_db().session() as session:
         rows = [k.to_dict() for k in key_store.list_keys(session)]
     emit(
         rows,
         as_json,
-        ["PREFIX", "NAME", "SCOPES", "RATE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"],
+        ["PREFIX", "NAME", "ADMIN", "SCOPES", "RATE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"],
         lambda r: [
             r["prefix"],
             r["name"],
+            "yes" if r["admin"] else "-",
             ",".join(r["scopes"]),
             r["rate_limit"] or "-",
             _short(r["created_at"]),

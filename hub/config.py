@@ -12,15 +12,28 @@ from pathlib import Path
 DEFAULTS: dict[str, object] = {
     # SQLAlchemy URL; None means the embedded SQLite file instance/hub.db.
     "DATABASE_URL": None,
+    # Seconds to wait for a PostgreSQL connection before the request answers 503.
+    "DB_CONNECT_TIMEOUT": 5,
+    # Retry-After (seconds) on the 503 answered while the database is unreachable.
+    "DB_RETRY_AFTER": 5,
     # Largest request body accepted on /hooks and /api; larger ones get 413 unread.
     "MAX_BODY_BYTES": 1024 * 1024,
-    # Seconds a sync route may spend running its steps before it answers 504.
+    # Seconds a sync route may spend running its steps before it answers 504; a step still
+    # running then (a slow receiver, a connector looping or sleeping) is stopped.
     "SYNC_TIMEOUT": 25.0,
     # Seconds past HUB_SYNC_TIMEOUT after which a sync event whose request never finished (its
     # process died) is marked failed by a worker's reaper.
     "SYNC_LEASE_MARGIN": 30.0,
     # Deepest nesting of objects and arrays accepted in a body or a step's output (at most 500).
     "MAX_JSON_DEPTH": 100,
+    # Seconds one step's config templates (or a route filter) may take to render; past it
+    # the step fails, permanent (a sync route answers 422 template_limit).
+    "TEMPLATE_TIMEOUT": 2.0,
+    # Characters a step's rendered templates (and any value built on the way) may reach.
+    "TEMPLATE_MAX_OUTPUT": 1024 * 1024,
+    # Bytes of a receiver's answer a connector reads; past it the call fails, permanent
+    # (response_too_large), and the rest is never read.
+    "MAX_RESPONSE_BYTES": 10 * 1024 * 1024,
     # Seconds a verified API key is remembered before the database is asked again.
     "KEY_CACHE_SECONDS": 10.0,
     # Comma list of connector names to load; empty loads every installed connector.
@@ -43,6 +56,27 @@ DEFAULTS: dict[str, object] = {
     "WORKER_GRACE": 25.0,
     # Run a delivery thread inside each web process (the embedded default of `make run`).
     "EMBEDDED_WORKER": True,
+    # Rows the admin API's body search (?q=) looks at per page; past them it hands a cursor.
+    "ADMIN_SEARCH_WINDOW": 10_000,
+    # Matching events one bulk replay call looks at; next_cursor continues past them.
+    "ADMIN_REPLAY_MAX": 10_000,
+    # Newest events of the window the admin statistics are computed over.
+    "ADMIN_STATS_MAX_ROWS": 100_000,
+    # Refused requests one remote address may make per window ("30/minute") before its
+    # further requests are answered 429 unread and unlogged; a valid API key still passes.
+    # Empty or 0 turns the limit off.
+    "REFUSAL_LIMIT": "30/minute",
+    # Proxies in front of the hub that append to X-Forwarded-For; the client address is the
+    # Nth entry from the right. 0: the socket peer, and X-Forwarded-For is never believed.
+    "TRUSTED_PROXIES": 0,
+    # Bytes of a refused request's body kept on its event (its size is always kept).
+    "REFUSED_BODY_BYTES": 256,
+    # Headers, and bytes of header names and values, kept on a refused request's event.
+    "REFUSED_HEADERS": 20,
+    "REFUSED_HEADER_BYTES": 2048,
+    # Headers, and bytes of header names and values, kept on an accepted event.
+    "STORED_HEADERS": 100,
+    "STORED_HEADER_BYTES": 32768,
 }
 
 ENV_PREFIX = "HUB"

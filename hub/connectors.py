@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from hub.templating import is_template
 
 ENTRY_POINT_GROUP = "hub.connectors"
+DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024  # HUB_MAX_RESPONSE_BYTES
 
 #: Built-in connectors, loaded through the same path as third-party entry points.
 BUILTIN_CONNECTORS = {
@@ -120,6 +121,7 @@ class StepContext:
     logger: logging.Logger
     attempt: int = 1
     deadline: float | None = None  # time.monotonic() by which the step must be done
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # hub.http reads no more of an answer
     exchange: Exchange = field(default_factory=Exchange)
 
     def time_left(self, default: float) -> float:

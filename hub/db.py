@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flask import Flask, current_app, g
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.config import database_url
@@ -15,9 +16,9 @@ from hub.config import database_url
 class Database:
     """An engine and its session factory; usable without Flask (workers, migrations)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, connect_timeout: float | None = None):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, connect_timeout)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -34,7 +35,7 @@ class Database:
         self.engine.dispose()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, connect_timeout: float | None = None) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -43,7 +44,36 @@ def make_engine(url: str) -> Engine:
         # would otherwise fail with SQLITE_BUSY instead of waiting its turn.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A server that vanished must not hold a request thread for the kernel's TCP timeout.
+    connect_args = {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args
+    )
+
+
+# SQLite's own words for a database it can't use now (busy, missing, failing disk), as
+# opposed to a mistake in a statement, which is the hub's bug.
+_SQLITE_UNAVAILABLE = ("locked", "unable to open", "disk i/o error", "busy")
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True when ``error`` means the database can't be reached or used right now: a server
+    that is down or dropped the connection, an exhausted pool, a locked SQLite file.
+
+    Such a failure is the sender's cue to try again (503), not a bug of the hub (500).
+    """
+    if isinstance(error, exc.TimeoutError | exc.DisconnectionError):
+        return True
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, exc.OperationalError | exc.InterfaceError):
+        return False
+    if isinstance(error.orig, sqlite3.Error):
+        message = str(error.orig).lower()
+        return any(word in message for word in _SQLITE_UNAVAILABLE)
+    return True
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -59,7 +89,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def init_app(app: Flask) -> None:
     url = database_url(app.config.get("DATABASE_URL"), app.instance_path)
     app.config["DATABASE_URL"] = url
-    app.extensions["hub.db"] = Database(url)
+    app.extensions["hub.db"] = Database(url, float(app.config["DB_CONNECT_TIMEOUT"]))
     app.teardown_appcontext(_close_session)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
+
+from hub.db import is_unavailable
 
 log = logging.getLogger("hub.errors")
 
@@ -50,6 +52,15 @@ def error_response(status: int, message: str | None = None, code: str | None = N
     return jsonify(body), status
 
 
+def database_unavailable():
+    """503 with Retry-After: the request was not taken, and the sender should send it again."""
+    response, status = error_response(
+        503, "The database is unavailable; try again shortly", "database_unavailable"
+    )
+    response.headers["Retry-After"] = str(int(current_app.config["DB_RETRY_AFTER"]))
+    return response, status
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -61,5 +72,8 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unhandled(exc: Exception):
         # The type only: a message can carry SQL or a secret.
+        if is_unavailable(exc):
+            log.warning("database unavailable (%s): answered 503", type(exc).__name__)
+            return database_unavailable()
         log.error("unhandled %s", type(exc).__name__)
         return error_response(500)

@@ -16,10 +16,18 @@ address the socket actually connected to, so a DNS answer that changes between t
 and the connection (DNS rebinding) or a redirect to a private address cannot slip through.
 When a proxy is configured through the environment, the socket-level check does not apply
 (the peer is the proxy); ``check_target`` still does.
+
+Answers are streamed and cut: a call reads at most ``ctx.max_response_bytes`` of a body
+(HUB_MAX_RESPONSE_BYTES) and fails permanently past it, and its timeout holds for the whole
+call (connect, headers and body), not for each socket read: at the deadline the watchdog
+shuts the call's socket down, so a receiver dripping a byte at a time cannot outlive it.
+When the step's deadline (not the call's own timeout) is what cut a call short, the error's
+code is ``timeout``: the hub's deadline, which a sync route answers with 504.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -40,9 +48,15 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from hub import signatures
-from hub.connectors import NotConfiguredError, PermanentError, RetryableError, StepContext
-from hub.redact import REDACTED, is_sensitive
+from hub import deadline, signatures
+from hub.connectors import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    NotConfiguredError,
+    PermanentError,
+    RetryableError,
+    StepContext,
+)
+from hub.redact import REDACTED, is_credential_header, is_sensitive
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -73,6 +87,7 @@ USER_AGENT = "webhook-hub/0.1"
 POOL_SIZE = 32  # connections kept per host; the worker pool is smaller than this
 RECORD_LIMIT = 4096  # bytes of a request or response body kept for the attempt log
 MESSAGE_BODY_LIMIT = 200  # characters of a response body allowed into an error message
+READ_CHUNK = 64 * 1024  # bytes read from an answer at a time
 
 FORBIDDEN_MESSAGE = "refusing to connect to a private or local address"
 
@@ -174,25 +189,93 @@ def _check_peer(sock: socket.socket) -> None:
         raise _forbidden()
 
 
-class _GuardedHTTPConnection(HTTPConnection):
+class _Call:
+    """The sockets one call is using, so that its deadline can cut them.
+
+    A connection's socket joins once connected (or, from the pool, when a request starts)
+    and leaves when the connection goes back to the pool;
+    ``expire`` (on the watchdog thread) and ``leave`` take the same lock, so a connection
+    that another call may pick up is never shut down. The socket itself is kept because
+    a response that closes its connection takes the socket from it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sockets: dict[HTTPConnection, socket.socket] = {}
+        self.expired = False
+
+    def join(self, conn: HTTPConnection) -> None:
+        with self.lock:
+            self.sockets[conn] = conn.sock
+            conn.hub_call = self  # type: ignore[attr-defined]
+            expired = self.expired
+        if expired:  # the deadline passed while it was connecting
+            self.expire()
+
+    def leave(self, conn: HTTPConnection) -> None:
+        with self.lock:
+            self.sockets.pop(conn, None)
+            conn.hub_call = None  # type: ignore[attr-defined]
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets.values():
+                # The plain socket's shutdown (not TLS's): a blocked read returns at once.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_calls = threading.local()  # .current: the _Call this thread is making, if any
+
+
+class _CallTracking:
+    """Mixed into the connections: once connected, a connection joins the call its thread
+    is making, so the deadline holds while the request is sent and its answer read."""
+
+    def connect(self):
+        super().connect()
+        self._join_call()
+
+    def request(self, *args, **kwargs):
+        self._join_call()  # a pooled connection is connected already
+        return super().request(*args, **kwargs)
+
+    def _join_call(self) -> None:
+        call = getattr(_calls, "current", None)
+        if call is not None and self.sock is not None:
+            call.join(self)
+
+
+class _GuardedHTTPConnection(_CallTracking, HTTPConnection):
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _check_peer(sock)
         return sock
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
+class _GuardedHTTPSConnection(_CallTracking, HTTPSConnection):
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _check_peer(sock)
         return sock
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
+class _PoolReturn:
+    """Mixed into the pools: a connection leaves its call before it is pooled again."""
+
+    def _put_conn(self, conn):
+        call = getattr(conn, "hub_call", None)
+        if call is not None:
+            call.leave(conn)
+        return super()._put_conn(conn)
+
+
+class _GuardedHTTPPool(_PoolReturn, HTTPConnectionPool):
     ConnectionCls = _GuardedHTTPConnection
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
+class _GuardedHTTPSPool(_PoolReturn, HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 
@@ -341,7 +424,7 @@ def redact_headers(headers: Mapping[str, Any] | None, also: Iterable[str] = ()) 
     ``also`` names more headers to hide (compared without regard to case)."""
     extra = {name.lower() for name in also}
     return {
-        k: (REDACTED if is_sensitive(k) or k.lower() in extra else v)
+        k: (REDACTED if is_credential_header(k) or k.lower() in extra else v)
         for k, v in (headers or {}).items()
     }
 
@@ -405,14 +488,38 @@ def request(
         "body": _truncate(prepared.body),
     }
     seconds = ctx.time_left(timeout) if ctx is not None else timeout
-    settings = s.merge_environment_settings(prepared.url, {}, None, None, None)
+    # The step's deadline, not this call's own timeout, is what will end it.
+    cut_by_step = ctx is not None and ctx.deadline is not None and seconds < timeout
+    limit = ctx.max_response_bytes if ctx is not None else DEFAULT_MAX_RESPONSE_BYTES
+    settings = s.merge_environment_settings(prepared.url, {}, True, None, None)
+    call = _Call()
+    ends_at = time.monotonic() + seconds
     try:
-        response = s.send(prepared, timeout=seconds, allow_redirects=False, **settings)
+        with deadline.calling_at(ends_at, call.expire):
+            _calls.current = call
+            try:
+                response = s.send(prepared, timeout=seconds, allow_redirects=False, **settings)
+                _read_body(response, limit)
+                if call.expired:  # the socket was cut: what came before is not the answer
+                    raise requests.Timeout("the call's deadline passed")
+            finally:
+                _calls.current = None
+    except _TooLarge as big:
+        _record(ctx, recorded_request, _truncate(big.head), big.status)
+        raise PermanentError(
+            f"{prepared.method} {urlsplit(url).hostname} answered more than "
+            f"HUB_MAX_RESPONSE_BYTES ({limit} bytes); the rest was not read",
+            code="response_too_large",
+            status=big.status,
+        ) from None
     except (requests.RequestException, PermanentError) as exc:
         _record(ctx, recorded_request, None, None)
         if isinstance(exc, PermanentError):  # the connected-peer guard said no
             raise
-        raise _call_failed(exc, prepared.method, urlsplit(url).hostname, seconds) from exc
+        timed_out = call.expired or isinstance(exc, requests.Timeout) or time.monotonic() >= ends_at
+        raise _call_failed(
+            exc, prepared.method, urlsplit(url).hostname, seconds, timed_out, cut_by_step
+        ) from exc
     _record(
         ctx,
         recorded_request,
@@ -423,11 +530,48 @@ def request(
     return response
 
 
+class _TooLarge(Exception):
+    def __init__(self, head: bytes, status: int):
+        self.head = head
+        self.status = status
+
+
+def _read_body(response: requests.Response, limit: int) -> None:
+    """Read the answer into ``response.content``, no further than ``limit`` bytes (then the
+    connection is closed and the rest never read). A success past it raises _TooLarge; a
+    failure keeps its first ``limit`` bytes, and is classified by its status as ever."""
+    declared = response.headers.get("Content-Length", "")
+    chunks: list[bytes] = []
+    size = int(declared) if declared.isdigit() and int(declared) > limit else 0
+    if not size:
+        for chunk in response.iter_content(READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
+                break
+            chunks.append(chunk)
+    if size > limit:
+        response.close()
+        if 200 <= response.status_code < 300:
+            raise _TooLarge(b"".join(chunks)[:RECORD_LIMIT], response.status_code)
+    response._content = b"".join(chunks)  # what .content, .text and .json() read
+
+
 def _call_failed(
-    exc: requests.RequestException, method: str | None, host: str | None, seconds: float
+    exc: requests.RequestException,
+    method: str | None,
+    host: str | None,
+    seconds: float,
+    timed_out: bool = False,
+    cut_by_step: bool = False,
 ) -> RetryableError:
-    """The retryable error for a call that got no answer."""
-    if isinstance(exc, requests.Timeout):
+    """The retryable error for a call that got no (whole) answer."""
+    if timed_out and cut_by_step:
+        return RetryableError(
+            f"{method} {host} was still running at the step's deadline ({seconds:.2f}s)",
+            code="timeout",
+        )
+    if timed_out:
         return RetryableError(
             f"{method} {host} timed out after {seconds:.2f}s", code="upstream_timeout"
         )

@@ -1,7 +1,11 @@
 """Inbound: POST /hooks/<route>, and the seed's /api/process and /api/chat.
 
 Every request that reaches these URLs becomes an ``events`` row, accepted or turned away,
-so an admin can always see who knocked and why they were refused.
+so an admin can always see who knocked and why they were refused. A refusal costs little:
+the route and an API key are checked before the body is read, a refused request keeps its
+body's size and a short prefix, not the body, and its headers are capped. A remote address
+whose requests keep being refused is answered 429 before any other work, unlogged, until
+its window ends; a request carrying a valid key still passes.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, url_for
-from sqlalchemy import select, text, update
+from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from hub import crypto, keys, pipeline, ratelimit, redact, signatures, storable
@@ -22,6 +26,7 @@ from hub.connectors import lookup_path
 from hub.db import get_db, get_session
 from hub.errors import error_response
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.templating import TemplateLimits
 from hub.worker import notify, sync_lease
 
 bp = Blueprint("ingest", __name__)
@@ -29,15 +34,46 @@ log = logging.getLogger("hub.ingest")
 
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
+# Auth modes whose key is checked before the body is read: a stranger costs no body read.
+KEY_FIRST = ("key", "key+signature")
+# Name of the entry that says a refused or accepted request's headers were cut.
+HEADERS_CUT = "(cut)"
+# The id a signature covers, by scheme: on such routes it names the delivery before any
+# unsigned header can (a captured request replayed under a new Idempotency-Key stays a copy).
+SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}
+# Seconds a sender is told to wait while the first copy of its delivery is still running.
+IN_PROGRESS_RETRY_AFTER = 2
+
 # HTTP status of a sync run that did not deliver, by the failure's code; any other is 502.
 FAILURE_STATUS = {
     "timeout": 504,
     "bad_input": 422,  # the sender's payload doesn't fit the step
+    # The sender's payload made a step's template too slow or too large.
+    "template_limit": 422,
     "not_configured": 500,
     "connector_bug": 500,
     "bad_config": 500,
     "internal_error": 500,
 }
+
+
+# How much of a request's headers and body an event keeps (see kept_headers, record_rejection).
+STORAGE_CAPS = (
+    "REFUSED_BODY_BYTES",
+    "REFUSED_HEADERS",
+    "REFUSED_HEADER_BYTES",
+    "STORED_HEADERS",
+    "STORED_HEADER_BYTES",
+)
+
+
+@bp.record_once
+def check_storage_caps(state) -> None:
+    """A cap that is not a whole number stops the start with its name, not a request."""
+    for name in STORAGE_CAPS:
+        value = state.app.config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"HUB_{name}: expected a whole number, 0 or more: {value!r}")
 
 
 class Rejected(Exception):
@@ -62,6 +98,14 @@ class Rejected(Exception):
         self.detail = detail or message
 
 
+class AddressThrottled(Exception):
+    """The remote address spent its refusals for this window: 429, unread and unlogged."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
 @dataclass
 class Accepted:
     event: Event
@@ -82,22 +126,46 @@ def presented_key() -> str | None:
 
 
 def new_event(route_name: str) -> Event:
+    """The request's row; headers and body are set once the hub knows whether it accepts it."""
     return Event(
         id=new_event_id(),
         route=route_name[:200],
         method=request.method,
         path=request.path[:2000],
-        query=redact.query_string(request.query_string.decode("latin-1")) or None,
+        query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
         remote_addr=(request.remote_addr or "")[:64] or None,
         received_at=utcnow(),
-        headers=redact.headers(request.headers.items()),
+        headers={},
         content_type=(request.content_type or "")[:200] or None,
+        body_size=min(request.content_length, 2**62) if request.content_length else None,
         status="pending",
         attempts=0,
     )
 
 
-def read_body(limit: int) -> bytes:
+def kept_headers(refused: bool) -> dict[str, str]:
+    """The request's headers, redacted and capped: tightly for a refused request, generously
+    for an accepted one. What does not fit is dropped (or a value cut short) and an entry
+    named ``(cut)``, which no real header can be called, says how much there was."""
+    config = current_app.config
+    most = int(config["REFUSED_HEADERS" if refused else "STORED_HEADERS"])
+    budget = int(config["REFUSED_HEADER_BYTES" if refused else "STORED_HEADER_BYTES"])
+    redacted = redact.headers(request.headers.items(), extra=g.get("hub_signature_headers", ()))
+    kept: dict[str, str] = {}
+    used = 0
+    for name, value in redacted.items():
+        room = budget - used - len(name)
+        if len(kept) >= most or room <= 0:
+            break
+        kept[name] = value[:room]
+        used += len(name) + len(kept[name])
+    total = sum(len(name) + len(value) for name, value in redacted.items())
+    if used < total:
+        kept[HEADERS_CUT] = f"kept {len(kept)} of {len(redacted)} headers, {used} of {total} bytes"
+    return kept
+
+
+def read_body(event: Event, limit: int) -> bytes:
     """At most ``limit`` bytes of the body; Rejected(413) without reading further."""
     declared = request.content_length
     if declared is not None and declared > limit:
@@ -113,6 +181,8 @@ def read_body(limit: int) -> bytes:
             "Request body could not be read (malformed chunked encoding, or cut short)",
             detail=f"body unreadable: {type(exc).__name__}",
         ) from None
+    event.body = body  # cut to a short prefix if the request is refused
+    event.body_size = max(len(body), declared or 0)
     if len(body) > limit:
         raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
     return body
@@ -122,28 +192,28 @@ def request_event() -> Event:
     return g.hub_event
 
 
-def authenticate(session: Session, route: Route, body: bytes) -> keys.KeyInfo | None:
-    """Check what the route's ``auth`` asks of the sender; the key used, if any.
+def authenticate(
+    session: Session, route: Route, body: bytes, key: keys.KeyInfo | None
+) -> tuple[keys.KeyInfo | None, bool]:
+    """Finish what the route's ``auth`` asks of the sender, with the body in hand:
+    (the key used, if any; whether a signature was verified).
 
-    ``key``: an API key; ``signature``: a valid signature over the raw body;
-    ``key+signature``: both; ``key|signature``: either (a presented key that fails may be
-    rescued by a valid signature; the refusal then names the key's problem).
+    ``key``: an API key (checked before the body, ``key`` is it); ``signature``: a valid
+    signature over the raw body; ``key+signature``: both; ``key|signature``: either (a
+    presented key that fails may be rescued by a valid signature; the refusal then names
+    the key's problem).
     """
     mode = route.auth or "key"
     if mode == "key":
-        return check_key(session, route)
-    if mode == "signature":
+        return key, False
+    if mode in ("signature", "key+signature"):
         check_signature(route, body)
-        return None
-    if mode == "key+signature":
-        info = check_key(session, route)
-        check_signature(route, body)
-        return info
+        return key, True
     if not presented_key():
         check_signature(route, body)
-        return None
+        return None, True
     try:
-        return check_key(session, route)
+        return check_key(session, route), False
     except Rejected as key_refused:
         try:
             check_signature(route, body)
@@ -151,24 +221,29 @@ def authenticate(session: Session, route: Route, body: bytes) -> keys.KeyInfo | 
             if signature_refused.status >= 500:
                 raise
             raise key_refused from None
-        return None
+        return None, True
 
 
 def check_key(session: Session, route: Route) -> keys.KeyInfo:
     cache: keys.KeyCache = current_app.extensions["hub.keys"]
     presented = presented_key()
+    event = request_event()
     match = keys.KEY_RE.match((presented or "").strip())
-    if match:  # the prefix is public: it tells an admin whose key knocked
-        request_event().key_prefix = match.group(1)
+    if match:  # who claimed to knock; whose key it really was is known only once verified
+        event.presented_prefix = match.group(1)
     try:
         info = keys.authenticate(session, presented, cache)
     except keys.KeyRefused as exc:
+        if exc.info is not None:  # the real key, revoked or expired
+            event.key_prefix = exc.info.prefix
         message = {
             "revoked": "API key has been revoked",
             "expired": "API key has expired",
         }.get(exc.code, "Invalid API key")
         detail = "no API key" if not presented else message
         raise Rejected(401, "unauthorized", message, detail=detail) from None
+    event.key_prefix = info.prefix
+    g.hub_sender_known = True
     if not info.allows_route(route.name):
         raise Rejected(
             403,
@@ -220,6 +295,7 @@ def check_signature(route: Route, body: bytes) -> None:
             code="internal_error",
             detail="the route's signature verifier is misconfigured",
         ) from None
+    g.hub_sender_known = True
 
 
 def signed_headers(route: Route) -> set[str]:
@@ -252,11 +328,15 @@ def enforce_rate_limits(session: Session, route: Route, key: keys.KeyInfo | None
 def receive(route_name: str) -> Accepted:
     """Check a request and write its event row; Rejected (already logged) if it fails.
 
-    On success the event is added to the request's session, not yet committed: sync
-    routes commit it with its attempts, async routes commit it before answering.
+    The order keeps refusals cheap: the address's refusal budget, the method, the route and
+    (for routes that take a key) the key come before the body is read; signature routes
+    need the body, read no further than HUB_MAX_BODY_BYTES. On success the event is added
+    to the request's session, not yet committed: sync routes commit it with its attempts,
+    async routes commit it before answering.
     """
     session = get_session()
     event = g.hub_event = new_event(route_name)
+    check_refusal_budget(session)
     try:
         if request.method != "POST":
             raise Rejected(
@@ -265,16 +345,22 @@ def receive(route_name: str) -> Accepted:
                 "Webhooks must be sent with POST",
                 headers={"Allow": "POST"},
             )
-        body = read_body(int(current_app.config["MAX_BODY_BYTES"]))
-        event.body = body
         route = route_store.get(session, route_name)
         if route is None or not route.enabled:
             raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
         if route.verify_scheme:  # whatever the scheme calls its signature header
-            event.headers = redact.headers(request.headers.items(), extra=signed_headers(route))
-        key = authenticate(session, route, body)
+            g.hub_signature_headers = signed_headers(route)
+        mode = route.auth or "key"
+        limit = int(current_app.config["MAX_BODY_BYTES"])
+        key = check_key(session, route) if mode in KEY_FIRST else None
+        if mode == "key":
+            enforce_rate_limits(session, route, key)
+            body, signed = read_body(event, limit), False
+        else:
+            body = read_body(event, limit)
+            key, signed = authenticate(session, route, body, key)
+            enforce_rate_limits(session, route, key)
         event.key_prefix = key.prefix if key else None
-        enforce_rate_limits(session, route, key)
         try:
             payload = pipeline.decode_payload(
                 body, request.content_type, pipeline.max_json_depth(current_app.config)
@@ -282,21 +368,65 @@ def receive(route_name: str) -> Accepted:
         except pipeline.PayloadError as exc:
             status = 415 if exc.code == "unsupported_media_type" else 400
             raise Rejected(status, exc.code, exc.message) from None
+        event.dedup_key = dedup_key(route, payload, signed)
+        if event.dedup_key:
+            check_duplicate(session, route, event)
     except Rejected as rejection:
         record_rejection(session, event, rejection)
         raise
-    event.dedup_key = dedup_key(route, payload)
-    if event.dedup_key:
-        first = find_original(session, route, event.dedup_key)
-        if first is not None:
-            event.status = "duplicate"
-            event.duplicate_of = first
-            event.completed_at = utcnow()
-            session.add(event)
-            session.commit()
-            raise Duplicate(first)
+    event.headers = kept_headers(refused=False)
     session.add(event)
     return Accepted(event=event, route=route, key=key, payload=payload)
+
+
+def refusal_bucket() -> str:
+    """Refusals are counted per remote address: the socket peer, or what the nearest
+    trusted proxy saw (HUB_TRUSTED_PROXIES)."""
+    return f"refusals:{(request.remote_addr or '-')[:64]}"
+
+
+def refusal_rate() -> ratelimit.Rate | None:
+    """HUB_REFUSAL_LIMIT (checked at start-up), or None when it is off."""
+    return ratelimit.optional_rate(current_app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
+
+
+def check_refusal_budget(session: Session) -> None:
+    """AddressThrottled when this address spent HUB_REFUSAL_LIMIT, unless it shows a valid key.
+
+    At most two reads (the counter, and a key lookup when a key is shown): a flood of
+    refusals costs no body read and no row. A valid key still passes, so a sender behind
+    the same NAT as a flood is not locked out.
+    """
+    rate = refusal_rate()
+    if rate is None:
+        return
+    limiter = current_app.extensions["hub.ratelimit"]
+    decision = limiter.peek(session, refusal_bucket(), rate)
+    if decision.allowed:
+        return
+    try:
+        keys.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
+    except keys.KeyRefused:
+        raise AddressThrottled(decision.retry_after) from None
+
+
+def count_refusal(session: Session, event: Event, rejection: Rejected) -> None:
+    """Count a refusal of a sender the hub could not identify against its address.
+
+    Refusals of a verified sender (a valid key without the scope, a bad body behind a good
+    signature, its own rate limit) are not counted: that sender is known and has its own
+    limits. The refusal that spends the budget says so on its event.
+    """
+    rate = refusal_rate()
+    if rate is None or g.get("hub_sender_known") or not 400 <= rejection.status < 500:
+        return
+    decision = current_app.extensions["hub.ratelimit"].hit(session, refusal_bucket(), rate)
+    if decision.count == decision.limit:
+        event.last_error = (
+            f"{event.last_error}; refusal limit reached ({rate}): this address's requests "
+            f"without a valid key are answered 429, unlogged, for {decision.retry_after} s"
+        )[:500]
+        log.warning("refusal limit %s reached by an address (event %s)", rate, event.id)
 
 
 # Headers senders use to name a delivery; a retry of the same delivery repeats them.
@@ -309,43 +439,97 @@ class Duplicate(Exception):
         self.original = original
 
 
-def dedup_key(route: Route, payload: Any) -> str | None:
-    """The sender's name for this delivery: a known header, or the route's JSON path."""
+def dedup_key(route: Route, payload: Any, signed: bool) -> str | None:
+    """The sender's name for this delivery: a known header, or the route's JSON path.
+
+    When a signature was verified, what it covers comes first (the scheme's signed id
+    header, then the body's path): an unsigned header can't rename a captured request.
+    """
     if not route.dedup_window:
         return None
-    for header in DEDUP_HEADERS:
-        value = request.headers.get(header)
+    sources: list[str | None] = []  # a header name, or None for the body's path
+    if signed:
+        sources += [SIGNED_ID_HEADERS.get(route.verify_scheme or ""), None]
+    sources += [*DEDUP_HEADERS, None]
+    for header in sources:
+        value = header_id(header) if header else path_id(route, payload)
         if value:
-            return value.strip()[:300]
-    if route.dedup_path:
-        try:
-            value = lookup_path(payload, route.dedup_path)
-        except KeyError:
-            return None
-        if isinstance(value, str | int) and not isinstance(value, bool):
-            return str(value)[:300]
+            return value
     return None
 
 
-def find_original(session: Session, route: Route, key: str) -> str | None:
-    """The first event with this dedup key inside the route's window, if any.
+def header_id(header: str) -> str | None:
+    value = (request.headers.get(header) or "").strip()
+    return value[:300] or None
 
-    Concurrent copies of one delivery are serialised: PostgreSQL by an advisory lock on
-    the key held to the end of the transaction, SQLite by its write lock (BEGIN IMMEDIATE).
+
+def path_id(route: Route, payload: Any) -> str | None:
+    if not route.dedup_path:
+        return None
+    try:
+        value = lookup_path(payload, route.dedup_path)
+    except KeyError:
+        return None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)[:300] or None
+    return None
+
+
+def check_duplicate(session: Session, route: Route, event: Event) -> None:
+    """Duplicate (recorded, answered with the original's id) when this sender's delivery
+    was accepted before; Rejected(409) while the first copy still runs in a sync request
+    (it may yet fail, and then this copy must be processed)."""
+    original = find_original(session, route, event.key_prefix, event.dedup_key or "")
+    if original is None:
+        return
+    if original.status == "processing" and original.response_status is None:
+        raise Rejected(
+            409,
+            "in_progress",
+            "A delivery with this id is still being processed; retry later",
+            headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER)},
+            detail=f"the first copy, {original.id}, is still running",
+        )
+    event.status = "duplicate"
+    event.duplicate_of = original.id
+    event.response_status = 200
+    event.completed_at = utcnow()
+    event.headers = kept_headers(refused=False)
+    session.add(event)
+    session.commit()
+    raise Duplicate(original.id)
+
+
+def find_original(session: Session, route: Route, sender: str | None, key: str) -> Event | None:
+    """The first event with this dedup key from this sender inside the route's window that
+    the sender was told was accepted (or whose sync run is still going).
+
+    The sender is the verified key's prefix, or None for a request that only a signature
+    vouched for. A sync run that failed is no original: the sender heard an error, and its
+    retry must run. Concurrent copies of one delivery are serialised: PostgreSQL by an
+    advisory lock on (route, sender, key) held to the end of the transaction, SQLite by its
+    write lock (BEGIN IMMEDIATE).
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-            {"k": f"{route.name}:{key}"},
+            {"k": f"{route.name}\x1f{sender or '(signature)'}\x1f{key}"},
         )
     since = utcnow() - timedelta(seconds=route.dedup_window)
+    answered_2xx = or_(
+        Event.response_status.between(200, 299),
+        and_(Event.response_status.is_(None), Event.status != "failed"),
+    )
+    same_sender = Event.key_prefix == sender if sender else Event.key_prefix.is_(None)
     return session.scalar(
-        select(Event.id)
+        select(Event)
         .where(
             Event.route == route.name,
             Event.dedup_key == key,
+            same_sender,
             Event.received_at >= since,
             Event.status.not_in(("rejected", "duplicate")),
+            answered_2xx,
         )
         .order_by(Event.received_at)
         .limit(1)
@@ -353,14 +537,17 @@ def find_original(session: Session, route: Route, key: str) -> str | None:
 
 
 def record_rejection(session: Session, event: Event, rejection: Rejected) -> None:
+    """Keep a refusal small: its headers capped, its body's size and a short prefix."""
     session.rollback()
-    if rejection.reason == "too_large":
-        event.body = None
+    keep = int(current_app.config["REFUSED_BODY_BYTES"])
+    event.body = event.body[:keep] if event.body and keep > 0 else None
+    event.headers = kept_headers(refused=True)
     event.status = "rejected"
     event.reason = rejection.reason
     event.response_status = rejection.status
     event.last_error = rejection.detail[:500]
     event.completed_at = utcnow()
+    count_refusal(session, event, rejection)
     session.add(event)
     session.commit()
     log.info(
@@ -375,8 +562,12 @@ def rejection_response(rejection: Rejected) -> Response:
     return response, status
 
 
-def run_sync(accepted: Accepted) -> pipeline.Outcome:
-    """Run a sync route inside the request and commit the event with its attempts."""
+def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
+    """Run a sync route inside the request and commit the event with its attempts.
+
+    ``status_of(outcome)`` is the HTTP status the view will answer a failure with (default
+    ``failure_status``); it is kept on the event, so dedup knows the sender heard an error.
+    """
     session = get_session()
     config = current_app.config
     event, route = accepted.event, accepted.route
@@ -401,6 +592,8 @@ def run_sync(accepted: Accepted) -> pipeline.Outcome:
             tries=int(config["STEP_TRIES"]),
             copy_bytes=int(config["ATTEMPT_COPY_BYTES"]),
             max_depth=pipeline.max_json_depth(config),
+            template_limits=TemplateLimits.from_config(config),
+            max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
         )
     except Exception as exc:  # a hub bug: the event still ends, with its cause
         log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
@@ -409,6 +602,8 @@ def run_sync(accepted: Accepted) -> pipeline.Outcome:
         )
     session.add_all(attempts)
     finish(event, outcome)
+    delivered = outcome.status in (pipeline.DELIVERED, pipeline.FILTERED)
+    event.response_status = 200 if delivered else (status_of or failure_status)(outcome)
     event_id = event.id
     try:
         session.commit()
@@ -460,6 +655,14 @@ def accept_or_reject(route_name: str):
         return None, rejection_response(rejection)
     except Duplicate as dup:
         return None, ({"id": dup.original, "duplicate": True}, 200)
+    except AddressThrottled as throttled:
+        response, status = error_response(
+            429,
+            "Too many refused requests from this address; try again later",
+            "too_many_refusals",
+        )
+        response.headers["Retry-After"] = str(throttled.retry_after)
+        return None, (response, status)
 
 
 def enqueue(accepted: Accepted, **extra):
@@ -467,6 +670,7 @@ def enqueue(accepted: Accepted, **extra):
     session = get_session()
     event = accepted.event
     event.status = "pending"
+    event.response_status = 202
     event.next_attempt_at = event.received_at
     notify(session)
     session.commit()  # the 202 leaves only once the event is durable
@@ -499,6 +703,7 @@ def hook(route_name: str):
         finish(
             accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge})
         )
+        accepted.event.response_status = 200
         get_session().commit()
         return {"challenge": challenge}, 200
     if accepted.route.mode == "async":
@@ -571,6 +776,19 @@ CHAT_ERRORS = {
 }
 
 
+def chat_failure(outcome: pipeline.Outcome) -> tuple[int, str, str]:
+    """(status, sentence, code) of a chat run that did not deliver, as the seed answered;
+    a message that doesn't fit the step is the sender's mistake (422)."""
+    if outcome.code in ("bad_input", "template_limit"):
+        return 422, outcome.error or "Unprocessable request", outcome.code
+    if outcome.code in CHAT_ERRORS:
+        status, sentence = CHAT_ERRORS[outcome.code]
+        return status, sentence, outcome.code or "error"
+    if outcome.code == "timeout" or outcome.code == "upstream_timeout":
+        return 504, "API request timed out", "timeout"
+    return 502, outcome.error or "API request failed", "upstream_error"
+
+
 @bp.route("/api/chat", methods=ANY_METHOD)
 def api_chat():
     accepted, error = accept_or_reject("chat")
@@ -582,7 +800,7 @@ def api_chat():
         return seed_invalid(accepted, 400, "Message is required", "missing_field")
     if accepted.route.mode == "async":
         return enqueue(accepted, task_id=accepted.event.id)
-    outcome = run_sync(accepted)
+    outcome = run_sync(accepted, status_of=lambda o: chat_failure(o)[0])
     if outcome.status == pipeline.DELIVERED:
         result = outcome.result if isinstance(outcome.result, dict) else {}
         return {
@@ -591,13 +809,5 @@ def api_chat():
             "assistant_message": result.get("assistant_message"),
             "tokens_used": result.get("tokens_used"),
         }, 200
-    if outcome.code == "bad_input":
-        return error_response(422, outcome.error, outcome.code, id=accepted.event.id)
-    if outcome.code in CHAT_ERRORS:
-        status, sentence = CHAT_ERRORS[outcome.code]
-        return error_response(status, sentence, outcome.code, id=accepted.event.id)
-    if outcome.code == "timeout" or outcome.code == "upstream_timeout":
-        return error_response(504, "API request timed out", "timeout", id=accepted.event.id)
-    return error_response(
-        502, outcome.error or "API request failed", "upstream_error", id=accepted.event.id
-    )
+    status, sentence, code = chat_failure(outcome)
+    return error_response(status, sentence, code, id=accepted.event.id)

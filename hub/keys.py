@@ -23,9 +23,10 @@ from hub import ratelimit
 from hub.models import ApiKey, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
-ADMIN_SCOPE = "admin"
 ALL_ROUTES = "*"
 LAST_USED_EVERY = timedelta(minutes=1)
+# Longer lifetimes or ages than this are refused (a datetime cannot hold them).
+MAX_DURATION_SECONDS = 100 * 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,8 @@ class KeyInfo:
     revoked_at: datetime | None
     last_used_at: datetime | None
     rate_limit: str | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return ADMIN_SCOPE in self.scopes
+    # Admin rights are their own flag, never a scope: a route may be called "admin".
+    is_admin: bool = False
 
     def allows_route(self, route: str) -> bool:
         return self.is_admin or ALL_ROUTES in self.scopes or route in self.scopes
@@ -51,11 +50,16 @@ class KeyInfo:
 
 
 class KeyRefused(Exception):
-    """Why a presented key was refused: ``code`` is unauthorized, revoked or expired."""
+    """Why a presented key was refused: ``code`` is unauthorized, revoked or expired.
 
-    def __init__(self, code: str):
+    ``info`` is the key itself when its secret matched (a revoked or expired key), so the
+    refusal can be told apart from a guess that merely borrowed a real key's prefix.
+    """
+
+    def __init__(self, code: str, info: KeyInfo | None = None):
         super().__init__(code)
         self.code = code
+        self.info = info
 
 
 def digest(key: str) -> str:
@@ -75,6 +79,8 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"not a duration: {text!r} (use a number and s, m, h, d or w, e.g. 30d)")
     amount, unit = int(match.group(1)), match.group(2)
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    if amount * seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"duration too long: {text.strip()!r} (at most 100 years)")
     return timedelta(seconds=amount * seconds)
 
 
@@ -84,9 +90,12 @@ def create_key(
     scopes: list[str] | None = None,
     expires_in: timedelta | None = None,
     rate_limit: str | None = None,
+    *,
+    admin: bool = False,
 ) -> tuple[ApiKey, str]:
     """Store a new key and return it with its plaintext (the only time it exists).
 
+    ``scopes`` are route names (default ``*``: every route); ``admin`` gives admin rights.
     ``rate_limit`` such as ``1000/hour`` caps this key's requests (ValueError if malformed).
     """
     if rate_limit is not None:
@@ -103,6 +112,7 @@ def create_key(
         prefix=prefix,
         digest=digest(key),
         scopes=scopes or [ALL_ROUTES],
+        is_admin=admin,
         created_at=now,
         expires_at=now + expires_in if expires_in else None,
         rate_limit=rate_limit,
@@ -112,8 +122,26 @@ def create_key(
     return row, key
 
 
+def key_info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        prefix=row.prefix,
+        name=row.name,
+        scopes=tuple(row.scopes or ()),
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+        rate_limit=row.rate_limit,
+        is_admin=row.is_admin,
+    )
+
+
+def get(session: Session, prefix: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+
+
 def revoke(session: Session, prefix: str) -> ApiKey | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
     return row
@@ -161,22 +189,13 @@ def authenticate(session: Session, presented: str | None, cache: KeyCache) -> Ke
         row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
         if row is None or not hmac.compare_digest(row.digest, key_digest):
             raise KeyRefused("unauthorized")
-        info = KeyInfo(
-            id=row.id,
-            prefix=row.prefix,
-            name=row.name,
-            scopes=tuple(row.scopes or ()),
-            expires_at=row.expires_at,
-            revoked_at=row.revoked_at,
-            last_used_at=row.last_used_at,
-            rate_limit=row.rate_limit,
-        )
+        info = key_info(row)
         cache.put(key_digest, info)
     now = utcnow()
     if info.revoked_at is not None:
-        raise KeyRefused("revoked")
+        raise KeyRefused("revoked", info)
     if info.expires_at is not None and info.expires_at <= now:
-        raise KeyRefused("expired")
+        raise KeyRefused("expired", info)
     return info
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -121,7 +122,11 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100))
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
     digest: Mapped[str] = mapped_column(String(64))
+    # Route names this key may post to, or "*" for every route.
     scopes: Mapped[list[Any]] = mapped_column(default=list)
+    # May use the admin side (every event, every route): a property of its own, so a route
+    # may be called "admin" and be a scope like any other.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
@@ -133,12 +138,13 @@ class ApiKey(Base):
         return {
             "prefix": self.prefix,
             "name": self.name,
+            "admin": self.is_admin,
             "scopes": list(self.scopes),
             "rate_limit": self.rate_limit,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "last_used_at": _iso(self.last_used_at),
-            "revoked_at": _iso(self.revoked_at),
+            "created_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at),
+            "last_used_at": iso_time(self.last_used_at),
+            "revoked_at": iso_time(self.revoked_at),
         }
 
 
@@ -175,24 +181,38 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_due", "status", "next_attempt_at"),
         Index("ix_events_dedup", "route", "dedup_key"),
+        # The admin listing: newest first by (received_at, id), alone or within a route,
+        # a status or a key, so each page is one index range (no sort, no OFFSET).
+        Index("ix_events_received_at_id", "received_at", "id"),
+        Index("ix_events_route_received_at_id", "route", "received_at", "id"),
+        Index("ix_events_status_received_at_id", "status", "received_at", "id"),
+        Index("ix_events_key_prefix_received_at_id", "key_prefix", "received_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
     route: Mapped[str] = mapped_column(StorableString(200))  # indexed by ix_events_dedup
+    # The key whose secret the request carried (verified, even if revoked or out of scope).
     key_prefix: Mapped[str | None] = mapped_column(String(16))
+    # The prefix of whatever key-shaped value was presented, verified or not: who claimed
+    # to knock. Never used to decide whose event this is.
+    presented_prefix: Mapped[str | None] = mapped_column(String(16))
     remote_addr: Mapped[str | None] = mapped_column(StorableString(64))
     method: Mapped[str] = mapped_column(StorableString(10))
     path: Mapped[str] = mapped_column(StorableString(2000))
     query: Mapped[str | None] = mapped_column(StorableText)
-    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
     headers: Mapped[dict[str, Any]] = mapped_column(StorableJSON, default=dict)
     content_type: Mapped[str | None] = mapped_column(StorableString(200))
+    # The whole body of an accepted request; a short prefix at most of a refused one.
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Bytes the sender declared (Content-Length) or that were read, whatever was kept.
+    body_size: Mapped[int | None] = mapped_column(BigInteger)
     dedup_key: Mapped[str | None] = mapped_column(StorableString(300))
     duplicate_of: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     # Why a request was turned away: unauthorized, forbidden, bad_signature ...
     reason: Mapped[str | None] = mapped_column(String(32))
+    # The HTTP status the sender was answered (unset while a sync run is in flight).
     response_status: Mapped[int | None]
     # Delivery runs so far (a replay keeps counting), and durable retries scheduled since the
     # event was last queued (a replay starts the route's retry schedule again).
@@ -219,11 +239,13 @@ class Event(Base):
             "status": self.status,
             "reason": self.reason,
             "key_prefix": self.key_prefix,
+            "presented_prefix": self.presented_prefix,
             "remote_addr": self.remote_addr,
-            "received_at": _iso(self.received_at),
+            "body_size": self.body_size,
+            "received_at": iso_time(self.received_at),
             "attempts": self.attempts,
-            "next_attempt_at": _iso(self.next_attempt_at),
-            "completed_at": _iso(self.completed_at),
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "completed_at": iso_time(self.completed_at),
             "result": self.result,
             "last_error": self.last_error,
             "duplicate_of": self.duplicate_of,
@@ -262,7 +284,7 @@ class Attempt(Base):
             "step": self.step_index,
             "connector": self.connector,
             "try": self.try_number,
-            "started_at": _iso(self.started_at),
+            "started_at": iso_time(self.started_at),
             "duration_ms": self.duration_ms,
             "outcome": self.outcome,
             "http_status": self.http_status,
@@ -288,5 +310,5 @@ class RateCounter(Base):
     expires_at: Mapped[datetime]
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_time(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None

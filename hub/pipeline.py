@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 
 from hub import redact, storable
 from hub.connectors import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     ConnectorError,
     PermanentError,
     Registry,
@@ -29,9 +30,10 @@ from hub.connectors import (
     StepContext,
     UnknownConnectorError,
 )
+from hub.deadline import DeadlineExceeded, call_before
 from hub.http import DEFAULT_TRIES, retry_policy
 from hub.models import Attempt, Event, Route, utcnow
-from hub.templating import TemplateProblem, evaluate_filter, render_config
+from hub.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
 
 log = logging.getLogger("hub.pipeline")
 
@@ -195,6 +197,8 @@ def run(
     copy_bytes: int = 4096,
     max_depth: int = DEFAULT_MAX_DEPTH,
     sleep: Callable[[float], None] = time.sleep,
+    template_limits: TemplateLimits = TemplateLimits(),
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> Outcome:
     """Run every step of ``route`` for ``event``; ``record`` receives each attempt row."""
     if payload is None:
@@ -205,9 +209,11 @@ def run(
     outputs: list[Any] = []
     if route.filter:
         try:
-            keep = evaluate_filter(route.filter, template_context(event, payload, outputs))
+            keep = evaluate_filter(
+                route.filter, template_context(event, payload, outputs), template_limits, deadline
+            )
         except TemplateProblem as exc:
-            return Outcome(FAILED, error=str(exc), code="bad_filter")
+            return _template_failed(exc, "bad_filter")
         if not keep:
             return Outcome(FILTERED)
     current = payload
@@ -227,6 +233,8 @@ def run(
             copy_bytes=copy_bytes,
             max_depth=max_depth,
             sleep=sleep,
+            template_limits=template_limits,
+            max_response_bytes=max_response_bytes,
         )
         if outcome.status != DELIVERED:
             outcome.step_index = index
@@ -252,6 +260,8 @@ def _run_step(
     copy_bytes: int,
     max_depth: int,
     sleep: Callable[[float], None],
+    template_limits: TemplateLimits,
+    max_response_bytes: int,
 ) -> Outcome:
     name = step.get("connector", "?")
     run_number = max(event.attempts, 1)
@@ -272,13 +282,24 @@ def _run_step(
     if deadline is not None and time.monotonic() >= deadline:
         return Outcome(FAILED, error="deadline passed before the step started", code="timeout")
     try:
-        config = render_config(step.get("config") or {}, template_context(event, payload, outputs))
+        config = render_config(
+            step.get("config") or {},
+            template_context(event, payload, outputs),
+            template_limits,
+            deadline,
+        )
         connector = registry.build(name, config)
     except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
         message = str(exc)
-        record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
+        outcome = (
+            _template_failed(exc, "bad_config")
+            if isinstance(exc, TemplateProblem)
+            else Outcome(FAILED, error=message, code="bad_config")
+        )
+        kind = "retryable" if outcome.status == RETRYABLE else "permanent"
+        record(attempt_row(1, utcnow(), time.monotonic(), kind, error=message))
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
-        return Outcome(FAILED, error=message, code="bad_config")
+        return outcome
 
     try_number = 0
     last: Outcome | None = None
@@ -296,10 +317,19 @@ def _run_step(
                     logger=step_logger,
                     attempt=run_number,
                     deadline=deadline,
+                    max_response_bytes=max_response_bytes,
                 )
                 started, t0 = utcnow(), time.monotonic()
                 try:
-                    output = connector.run(current, ctx)
+                    try:
+                        # Stopped at the deadline whatever it is doing, even sleeping;
+                        # interrupted only in the connector's own code, never a library's.
+                        output = call_before(deadline, connector.run, current, ctx)
+                    except DeadlineExceeded:
+                        raise RetryableError(
+                            "the step was still running at its deadline and was stopped",
+                            code="timeout",
+                        ) from None
                 except ConnectorError as exc:
                     kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
                     status = exc.status or ctx.exchange.status
@@ -391,6 +421,14 @@ def _run_step(
         assert last is not None
         return last
     raise AssertionError("unreachable: the retry loop always returns or raises")
+
+
+def _template_failed(exc: TemplateProblem, code: str) -> Outcome:
+    """A template past its own limit fails for good; one cut by the step's deadline is the
+    hub's timeout (504 on a sync route, retried later on an async one)."""
+    if exc.code == "timeout":
+        return Outcome(RETRYABLE, error=str(exc), code="timeout")
+    return Outcome(FAILED, error=str(exc), code=exc.code or code)
 
 
 def _with_exchange(row: Attempt, ctx: StepContext, limit: int) -> Attempt:

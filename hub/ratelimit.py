@@ -12,12 +12,13 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from flask import Flask
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -75,10 +76,17 @@ def window(rate: Rate, now: float) -> tuple[int, int]:
 
 
 class DatabaseLimiter:
-    """Counts in ``rate_counters``; the increment is one INSERT ... ON CONFLICT statement."""
+    """Counts in ``rate_counters``; the increment is one INSERT ... ON CONFLICT statement.
+
+    ``clock`` (seconds since the epoch) places each hit in its window; a test sets its own
+    so that no test waits for a window to begin.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
 
     def hit(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         start, retry_after = window(rate, now)
         dialect = session.get_bind().dialect.name
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
@@ -101,6 +109,17 @@ class DatabaseLimiter:
             )
         return Decision(count <= rate.limit, count, rate.limit, retry_after)
 
+    def peek(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
+        """The current window's count, without counting: one read, for a cheap refusal."""
+        now = self.clock() if now is None else now
+        start, retry_after = window(rate, now)
+        count = session.scalar(
+            select(RateCounter.count).where(
+                RateCounter.bucket == bucket[:200], RateCounter.window_start == start
+            )
+        )
+        return Decision((count or 0) < rate.limit, count or 0, rate.limit, retry_after)
+
     def purge(self, session: Session, before: datetime | None = None) -> int:
         """Drop windows that ended before ``before`` (default: an hour ago)."""
         cutoff = before or datetime.now(UTC) - timedelta(hours=1)
@@ -114,14 +133,15 @@ class RedisLimiter:
     limiter for a moment must not lose webhooks.
     """
 
-    def __init__(self, client, prefix: str = "hub:rl:"):
+    def __init__(self, client, prefix: str = "hub:rl:", clock: Callable[[], float] = time.time):
         self.client = client
         self.prefix = prefix
+        self.clock = clock  # as DatabaseLimiter's
 
     def hit(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
         import redis
 
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         start, retry_after = window(rate, now)
         name = f"{self.prefix}{bucket}:{start}"
         try:
@@ -133,6 +153,19 @@ class RedisLimiter:
             log.warning("rate limiter unavailable (%s); request allowed", type(exc).__name__)
             return Decision(True, 0, rate.limit, retry_after)
         return Decision(count <= rate.limit, count, rate.limit, retry_after)
+
+    def peek(self, session: Session, bucket: str, rate: Rate, now: float | None = None) -> Decision:
+        """The current window's count, without counting (allowed if Redis is unreachable)."""
+        import redis
+
+        now = self.clock() if now is None else now
+        start, retry_after = window(rate, now)
+        try:
+            count = int(self.client.get(f"{self.prefix}{bucket}:{start}") or 0)
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable (%s); request allowed", type(exc).__name__)
+            return Decision(True, 0, rate.limit, retry_after)
+        return Decision(count < rate.limit, count, rate.limit, retry_after)
 
 
 def check(
@@ -154,7 +187,20 @@ def check(
     return refused
 
 
+def optional_rate(text: object, setting: str) -> Rate | None:
+    """A setting's rate, or None where empty or 0 turns the limit off; ValueError naming it."""
+    if text in (None, "", 0, "0", False):
+        return None
+    try:
+        return parse(str(text))
+    except ValueError as exc:
+        raise ValueError(f"HUB_{setting}: {exc}") from None
+
+
 def init_app(app: Flask) -> None:
+    # Refusals per remote address (hub.ingest) are counted by the same limiter; a bad
+    # HUB_REFUSAL_LIMIT stops the start with its message.
+    optional_rate(app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
     url = app.config.get("REDIS_URL")
     if url:
         import redis

@@ -28,20 +28,50 @@ SENSITIVE_HEADERS = frozenset(
 )
 SENSITIVE_WORDS = ("secret", "token", "password", "signature", "api_key", "apikey", "api-key")
 SENSITIVE_QUERY = frozenset({"api_key", "apikey", "key", "token", "access_token", "secret"})
+# A header name is free-form, and senders invent their own (X-Auth, X-Access-Key, X-Session):
+# any of these words, or a name ending in "key", marks a credential.
+CREDENTIAL_HEADER_WORDS = SENSITIVE_WORDS + (
+    "auth",
+    "credential",
+    "session",
+    "private",
+    "passwd",
+    "cookie",
+    "hmac",
+)
+# Headers that end in "key" but name a delivery, not a credential: kept for dedup and search.
+HARMLESS_KEY_HEADERS = frozenset({"idempotency-key", "x-idempotency-key"})
 
 
 def is_sensitive(name: str) -> bool:
+    """A field or query name that holds a secret (in a JSON body, a query string, a header)."""
     lowered = name.lower()
     return lowered in SENSITIVE_HEADERS or any(word in lowered for word in SENSITIVE_WORDS)
 
 
+def is_credential_header(name: str) -> bool:
+    """A header that looks like it carries a credential, by its name.
+
+    Wider than ``is_sensitive`` (which also judges JSON field names, where "author" or
+    "session_count" are ordinary data): a header called X-Auth or X-Access-Key is a secret.
+    """
+    lowered = name.lower().strip()
+    if lowered in HARMLESS_KEY_HEADERS:
+        return False
+    return (
+        lowered in SENSITIVE_HEADERS
+        or any(word in lowered for word in CREDENTIAL_HEADER_WORDS)
+        or lowered.endswith("key")
+    )
+
+
 def headers(items: Iterable[tuple[str, str]], extra: Iterable[str] = ()) -> dict[str, str]:
-    """Headers as a dict with lower-case names and sensitive values replaced."""
+    """Headers as a dict with lower-case names and credential values replaced."""
     also = {h.lower() for h in extra}
     out: dict[str, str] = {}
     for name, value in items:
         key = name.lower()
-        out[key] = REDACTED if (is_sensitive(key) or key in also) else value
+        out[key] = REDACTED if (is_credential_header(key) or key in also) else value
     return out
 
 

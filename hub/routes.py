@@ -204,6 +204,10 @@ def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
 
 
 def _checked_secret(scheme: str, secret: str, where: str, errors: list[str]) -> str:
+    if isinstance(secret, str) and not secret.strip():
+        # Spaces sign like any bytes, but nobody means them: a template or a paste went wrong.
+        errors.append(f"{where}: A secret must not be empty or only whitespace.")
+        return ""
     try:
         return signatures.validate_secret(scheme, secret)
     except ValueError as exc:
@@ -403,6 +407,46 @@ def _find_secret(stored: list[str], which: str) -> int | None:
     suffix = which.split("…")[-1]
     matches = [i for i, s in enumerate(stored) if len(suffix) >= 4 and s.endswith(suffix)]
     return matches[0] if len(matches) == 1 else None
+
+
+def save_route(
+    session: Session,
+    data: dict[str, Any],
+    registry: Registry,
+    box: SecretBox | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Route, str]:
+    """One route through ``save_routes``; RouteInvalid names each of its own problems."""
+    validate(data, registry, environ)  # the field-by-field errors of this one route
+    ((name, action),) = save_routes(session, [data], registry, box, environ)
+    route = get(session, name)
+    assert route is not None
+    return route, action
+
+
+def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole: bool) -> dict:
+    """The route's data with ``changes`` applied: every field when ``whole`` (a
+    replacement), else only those given (a patch).
+
+    A verifier given without secrets keeps the secrets the route has, so an admin can
+    change a scheme's options without sending (or having) the secrets again.
+    """
+    try:
+        current = spec_data(route, box)
+    except SecretsUnreadable:
+        current = to_dict(route)
+        if current["verify"] is not None:
+            current["verify"]["secrets"] = []
+    data = {"name": route.name, **({} if whole else current), **changes}
+    verify = changes.get("verify")
+    old = current["verify"]
+    if verify is not None and old is not None:
+        if not whole:
+            verify = {**old, **{k: v for k, v in verify.items() if v is not None}}
+        if not verify.get("secrets") and not verify.get("secrets_env"):
+            verify = {**verify, "secrets": old["secrets"]}
+        data["verify"] = verify
+    return data
 
 
 def get(session: Session, name: str) -> Route | None:

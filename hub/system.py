@@ -7,8 +7,8 @@ import logging
 from flask import Blueprint, current_app, jsonify
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub.db import current_revision, get_db, head_revision
-from hub.errors import error_response
+from hub.db import current_revision, get_db, head_revision, is_unavailable
+from hub.errors import database_unavailable, error_response
 
 bp = Blueprint("system", __name__)
 log = logging.getLogger("hub.system")
@@ -28,8 +28,10 @@ def ready():
     try:
         current = current_revision(db)
     except SQLAlchemyError as exc:
+        if not is_unavailable(exc):
+            raise
         log.warning("readiness: database unreachable (%s)", type(exc).__name__)
-        return error_response(503, "Database is not reachable", "database_unavailable")
+        return database_unavailable()
     if current != head:
         return error_response(
             503,

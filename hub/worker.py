@@ -30,6 +30,7 @@ from hub import pipeline
 from hub import routes as route_store
 from hub.db import Database
 from hub.models import Attempt, Event, utcnow
+from hub.templating import TemplateLimits
 
 log = logging.getLogger("hub.worker")
 
@@ -200,6 +201,8 @@ class Worker:
                 tries=int(self.app.config["STEP_TRIES"]),
                 copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
                 max_depth=pipeline.max_json_depth(self.app.config),
+                template_limits=TemplateLimits.from_config(self.app.config),
+                max_response_bytes=int(self.app.config["MAX_RESPONSE_BYTES"]),
             )
         except Exception as exc:  # never let one event take the worker down
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.

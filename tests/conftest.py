@@ -7,19 +7,19 @@ skip, so a CI run can't pass by quietly testing less.
 
 from __future__ import annotations
 
+import hmac
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, text
 
 from hub import create_app
-from hub.config import database_url
 from hub.db import Database, upgrade
 from hub.keys import create_key
 from hub.routes import save_routes
+from tests.schema_check import scratch_postgres
 from tests.servers import FakeOpenAI, Receiver
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
@@ -53,21 +53,11 @@ def pg_database() -> Iterator[str]:
     Its name is the configured one plus a random suffix, so two runs on one server (two
     developers, a developer and CI) never drop each other's database.
     """
-    url = make_url(database_url(PG_URL))
-    name = f"{url.database or 'hub_test'}_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    full = url.set(database=name).render_as_string(hide_password=False)
-    db = Database(full)
-    upgrade(db)
-    db.dispose()
-    try:
-        yield full
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_postgres(PG_URL) as url:
+        db = Database(url)
+        upgrade(db)
+        db.dispose()
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)
@@ -117,11 +107,12 @@ def db(app) -> Database:
 
 @pytest.fixture
 def make_key(db):
-    """``make_key(scopes=None, name="test", expires_in=None, rate_limit=None)`` -> the key."""
+    """``make_key(scopes=None, name="test", expires_in=None, rate_limit=None, admin=False)``
+    -> the key."""
 
-    def make(scopes=None, name="test", expires_in=None, rate_limit=None) -> str:
+    def make(scopes=None, name="test", expires_in=None, rate_limit=None, admin=False) -> str:
         with db.session() as session:
-            _, key = create_key(session, name, scopes, expires_in, rate_limit)
+            _, key = create_key(session, name, scopes, expires_in, rate_limit, admin=admin)
         return key
 
     return make
@@ -157,3 +148,19 @@ def fake_openai(monkeypatch) -> Iterator[FakeOpenAI]:
     with FakeOpenAI(api_key="sk-test-key") as server:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
         yield server
+
+
+@pytest.fixture
+def compared(monkeypatch) -> list[tuple]:
+    """Every ``hmac.compare_digest`` call as (a, b, result), the real comparison still made:
+    proof that a secret-dependent comparison took the constant-time path."""
+    calls: list[tuple] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        result = real(a, b)
+        calls.append((a, b, result))
+        return result
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    return calls

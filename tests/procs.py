@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,22 +20,36 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
+# gunicorn's line once its socket is bound: the port it got when asked for port 0.
+LISTENING_RE = re.compile(rb"Listening at: http://127\.0\.0\.1:(\d+)")
+
+
+def closed_port() -> int:
+    """A port nothing listens on right now, for a server that must be down or for nginx
+    (which cannot bind port 0 and say which port it got). Another process may take it
+    before it is used: a caller that binds it retries on "Address already in use"."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def hub_env(database_url: str, **extra: str) -> dict[str, str]:
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any HUB_* variable, plus ``extra``: a child process sees the
+    settings its test gives it, never the developer's shell (HUB_STEP_TRIES=1 ...)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    env.update(
-        HUB_DATABASE_URL=database_url,
-        HUB_SECRET_KEY="test-secret-key-for-the-hub",
-        HUB_ALLOW_PRIVATE_TARGETS="true",
-        PYTHONUNBUFFERED="1",
-    )
     env.update(extra)
     return env
+
+
+def hub_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a hub process on ``database_url``; ``extra`` overrides."""
+    defaults = {
+        "HUB_DATABASE_URL": database_url,
+        "HUB_SECRET_KEY": "test-secret-key-for-the-hub",
+        "HUB_ALLOW_PRIVATE_TARGETS": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return clean_env(**{**defaults, **extra})
 
 
 def wait_until(check, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
@@ -60,35 +75,62 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.
 
 @contextmanager
 def gunicorn(
-    database_url: str, log_path: Path, workers: int = 2, **env: str
+    database_url: str,
+    log_path: Path,
+    workers: int = 2,
+    *,
+    conf: Path = ROOT / "gunicorn.conf.py",
+    app: str = "hub:create_app()",
+    **env: str,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """The hub under real gunicorn on 127.0.0.1; yields (process, base URL).
 
-    gunicorn runs in a session of its own, so a test can SIGKILL the whole server
-    (master and workers) with ``os.killpg``.
+    gunicorn binds port 0 and the test reads the port it got from its log, so two runs
+    never race for a port. It runs without a control socket (one fixed path per user,
+    which parallel runs would share) and in a session of its own, so a test can SIGKILL
+    the whole server (master and workers) with ``os.killpg``.
     """
-    port = free_port()
     log = open(log_path, "ab")  # noqa: SIM115 - closed below
+    start = log.tell()  # a test may start gunicorn twice on one log: read this run's lines
     proc = subprocess.Popen(
-        [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"), "hub:create_app()"],
+        [
+            str(BIN / "gunicorn"),
+            "-c",
+            str(conf),
+            "--no-control-socket",
+            app,
+        ],
         cwd=ROOT,
-        env=hub_env(database_url, HUB_PORT=str(port), HUB_WEB_WORKERS=str(workers), **env),
+        env=hub_env(database_url, HUB_PORT="0", HUB_WEB_WORKERS=str(workers), **env),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
 
-    def healthy():
+    def this_run() -> bytes:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            return f.read()
+
+    def still_running() -> None:
         if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {log_path.read_text()[-2000:]}")
+            raise AssertionError(f"gunicorn exited: {this_run()[-2000:].decode(errors='replace')}")
+
+    def listening() -> str | None:
+        still_running()
+        match = LISTENING_RE.search(this_run())
+        return f"http://127.0.0.1:{int(match.group(1))}" if match else None
+
+    def healthy(base: str) -> bool:
+        still_running()
         try:
             return requests.get(base + "/health", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
     try:
-        wait_until(healthy, 30, what="gunicorn to answer /health")
+        base = wait_until(listening, 30, what="gunicorn to bind its port")
+        wait_until(lambda: healthy(base), 30, what="gunicorn to answer /health")
         yield proc, base
     finally:
         stop(proc)
@@ -107,3 +149,43 @@ def worker(database_url: str, log_path: Path, concurrency: int = 1, **env: str):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+NGINX = Path("/usr/sbin/nginx")
+
+
+@contextmanager
+def nginx(config: Path, prefix: Path, base: str, ca: Path) -> Iterator[subprocess.Popen]:
+    """Debian's nginx in the foreground with ``config`` (a whole nginx.conf) under ``prefix``;
+    yields once ``base + "/health"`` answers through it over TLS (``ca`` signed its cert)."""
+    log = open(prefix / "nginx.out", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            str(NGINX),
+            "-c",
+            str(config),
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def answering():
+        if proc.poll() is not None:
+            raise AssertionError(f"nginx exited: {(prefix / 'error.log').read_text()[-2000:]}")
+        try:
+            return requests.get(base + "/health", timeout=2, verify=ca).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(answering, 15, what="nginx to answer /health")
+        yield proc
+    finally:
+        stop(proc)
+        log.close()

@@ -21,11 +21,12 @@ import hmac
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,12 +37,19 @@ __all__ = ["FakeOpenAI", "Recorded", "Receiver", "Reply", "main"]
 @dataclass
 class Reply:
     """A scripted answer. ``body`` may be bytes, str, or a dict/list sent as JSON; ``None``
-    means "answer normally" (useful with ``delay`` for a slow but otherwise normal reply)."""
+    means "answer normally" (useful with ``delay`` for a slow but otherwise normal reply).
+
+    ``raw``, when set, is the whole answer instead (status line and headers included),
+    written piece by piece as the iterable yields it, ``interval`` seconds apart: a
+    generator streams any size without holding it, a slow one drips. The bytes the client
+    took before it closed the connection are appended to the server's ``sent``."""
 
     status: int = 200
     body: bytes | str | dict | list | None = b"ok"
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    raw: Iterable[bytes] | None = None
+    interval: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,9 +114,27 @@ class _Handler(BaseHTTPRequestHandler):
         reply = owner._record_and_pick(recorded)
         if reply.delay > 0 and owner._stopping.wait(reply.delay):
             return  # shutting down: drop the connection
+        if reply.raw is not None:
+            owner._sent(self._stream(reply))
+            return
         if reply.body is None:
             reply = owner.answer(recorded, reply)
         self._send(reply)
+
+    def _stream(self, reply: Reply) -> int:
+        """Write ``reply.raw`` until it ends or the client goes away; the bytes written."""
+        # A small send buffer: what the client did not read stays here, not in the kernel.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sent = 0
+        try:
+            for piece in reply.raw:
+                if reply.interval and self.server.owner._stopping.wait(reply.interval):
+                    break
+                self.wfile.write(piece)
+                sent += len(piece)
+        except OSError:  # the client closed the connection: how much it took is the point
+            pass
+        return sent
 
     def _send(self, reply: Reply) -> None:
         body = reply.body
@@ -147,6 +173,7 @@ class _Server:
         self._requests: list[Recorded] = []
         self._script: collections.deque[Reply] = collections.deque()
         self._stopping = threading.Event()
+        self._sent_bytes: list[int] = []
         self.on_request: Callable[[Recorded], None] | None = None
 
     # lifecycle -------------------------------------------------------------------------
@@ -198,6 +225,18 @@ class _Server:
     def requests(self) -> list[Recorded]:
         with self._cond:
             return list(self._requests)
+
+    def _sent(self, count: int) -> None:
+        with self._cond:
+            self._sent_bytes.append(count)
+            self._cond.notify_all()
+
+    def wait_sent(self, n: int = 1, timeout: float = 5.0) -> list[int]:
+        """Bytes written for each finished ``raw`` reply, once ``n`` of them have ended."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._sent_bytes) >= n, timeout):
+                raise AssertionError(f"expected {n} streamed reply(s) to end within {timeout}s")
+            return list(self._sent_bytes)
 
     def clear(self) -> None:
         with self._cond:

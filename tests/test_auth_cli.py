@@ -198,3 +198,24 @@ def test_keys_create_with_a_rate(runner, db):
     assert "1000/hour" in ok(runner.invoke(args=["keys", "list"])).output
     bad = runner.invoke(args=["keys", "create", "x", "--rate", "often"])
     assert bad.exit_code == 1 and "not a rate" in bad.output
+
+
+def test_a_blank_secret_is_refused_when_the_route_is_saved(runner, client, db, tmp_path):
+    """Spaces sign like any bytes, so a secret of spaces used to be accepted: anyone who
+    guessed it could sign. Saved by `routes add`, `routes secret add` or `routes apply`."""
+    for blank in ("   ", "\t "):
+        added = runner.invoke(args=["routes", "add", "gh", "--verify", "github", "--secret", blank])
+        assert added.exit_code == 1
+        assert "verify.secrets[0]: A secret must not be empty or only whitespace" in added.output
+    ok(runner.invoke(args=["routes", "add", "gh", "--verify", "github", "--secret", OLD]))
+    rotated = runner.invoke(args=["routes", "secret", "add", "gh", "  "])
+    assert rotated.exit_code == 1 and "only whitespace" in rotated.output
+    routes_file = tmp_path / "routes.json"
+    routes_file.write_text(
+        json.dumps([{"name": "gh", "verify": {"scheme": "github", "secrets": [" "]}}])
+    )
+    applied = runner.invoke(args=["routes", "apply", str(routes_file)])
+    assert applied.exit_code == 1 and "only whitespace" in applied.output
+    # The route still verifies with its one real secret, and only with it.
+    assert post(client, OLD).status_code == 200
+    assert post(client, "  ").status_code == 401

@@ -140,4 +140,4 @@ def test_init_creates_demo_routes_and_one_admin_key(runner, db):
     assert "hk_" not in second.output
     with db.session() as session:
         rows = list(session.scalars(select(ApiKey)))
-    assert len(rows) == 1 and rows[0].scopes == ["admin"]
+    assert len(rows) == 1 and rows[0].is_admin and rows[0].scopes == ["*"]

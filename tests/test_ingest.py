@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
+from hub import keys
 from hub.models import ApiKey, Event, utcnow
 from tests.rows import attempts, events
 
@@ -100,6 +102,26 @@ def test_revoked_and_expired_keys_are_refused(client, db, make_key, runner, shou
     assert {e.key_prefix for e in logged} == {revoked.split("_")[1], expired.split("_")[1]}
 
 
+def test_the_key_digest_is_compared_in_constant_time(client, db, key, shout, compared):
+    """Equal or not, the stored digest meets the presented key's through compare_digest:
+    ``==`` would stop at the first differing character and time would tell how far it got."""
+    prefix = key.split("_")[1]
+    with db.session() as session:
+        stored = session.scalar(select(ApiKey.digest).where(ApiKey.prefix == prefix))
+    forged = f"hk_{prefix}_{'A' * 43}"
+    assert (
+        client.post("/hooks/shout", json={"text": "a"}, headers={"X-API-Key": key}).status_code
+        == 200
+    )
+    assert (
+        client.post("/hooks/shout", json={"text": "b"}, headers={"X-API-Key": forged}).status_code
+        == 401
+    )
+    pairs = [{a, b} for a, b, _ in compared]
+    assert {stored} in pairs  # the right key: its digest equals the stored one
+    assert {stored, keys.digest(forged)} in pairs
+
+
 def test_key_without_the_route_scope_is_403(client, db, make_key, shout):
     other = make_key(scopes=["somewhere-else"])
     response = client.post("/hooks/shout", json={"text": "x"}, headers={"X-API-Key": other})
@@ -132,6 +154,56 @@ def test_body_over_the_limit_is_413_and_not_stored(app, client, db, key, shout):
     assert response.json["code"] == "too_large"
     [event] = events(db)
     assert (event.reason, event.body) == ("too_large", None)
+
+
+class EndlessBody(io.RawIOBase):
+    """A request body that never ends (up to ``size``), counting the bytes the hub took."""
+
+    def __init__(self, size: int = 16 * 1024 * 1024):
+        self.left = size
+        self.taken = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"x" * n
+        self.left -= n
+        self.taken += n
+        return n
+
+
+def test_a_body_without_length_is_read_only_to_the_limit(app, client, db, key, shout):
+    """Chunked, no Content-Length (gunicorn hands the app a terminated stream): the hub
+    takes at most the limit and one byte more to know it is over, then answers 413."""
+    app.config["MAX_BODY_BYTES"] = 1000
+    body = EndlessBody()
+    response = client.post(
+        "/hooks/shout",
+        content_type="application/json",
+        headers={"X-API-Key": key, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": body, "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert response.json["code"] == "too_large"
+    assert 1000 < body.taken <= 1001
+    [event] = events(db)
+    # A refusal keeps a short prefix of what was read, never the body.
+    assert event.reason == "too_large"
+    assert len(event.body) <= app.config["REFUSED_BODY_BYTES"]
+
+
+def test_a_declared_length_over_the_limit_is_refused_unread(app, client, db, key, shout):
+    app.config["MAX_BODY_BYTES"] = 1000
+    body = EndlessBody()
+    response = client.post(
+        "/hooks/shout",
+        content_type="application/json",
+        headers={"X-API-Key": key},
+        environ_overrides={"wsgi.input": body, "CONTENT_LENGTH": str(body.left)},
+    )
+    assert (response.status_code, body.taken) == (413, 0)
 
 
 def test_malformed_json_is_400(client, db, key, shout):

@@ -212,13 +212,13 @@ def test_slow_answer_past_the_timeout_is_retried(client, key, add_route, fake_op
         "chat",
         [{"connector": "openai", "config": {"base_url": fake_openai.base_url, "timeout": 0.3}}],
     )
-    fake_openai.script(FakeOpenAI.slow(3))
+    fake_openai.script(FakeOpenAI.slow(30))
     response = post_chat(client, key)
     assert response.status_code == 200
     assert summary(db) == [(0, "openai", 1, "retryable", None), (0, "openai", 2, "ok", 200)]
     first = attempts(db)[0]
     assert "timed out after 0.30s" in first.error
-    assert 250 <= first.duration_ms < 2000
+    assert 250 <= first.duration_ms < 10_000  # gave up long before the 30 s answer
 
 
 def test_always_slow_is_a_504(client, key, add_route, fake_openai, db, app):

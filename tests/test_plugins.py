@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -33,9 +32,9 @@ from hub.connectors import (
 )
 from hub.routes import RouteInvalid, save_routes
 from hub.testing import check_class, check_connector
+from tests.procs import ROOT, clean_env
 from tests.rows import summary
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 PLUGIN_MODULE = """
@@ -217,8 +216,7 @@ def test_connectors_list_shows_every_builtin_with_its_fields(runner):
 
 
 def run_pytest(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("HUB_TEST_DATABASE_URL", None)
+    env = clean_env(PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         cwd=cwd,

@@ -291,6 +291,17 @@ def test_wrong_secret_fails(scheme):
     assert reason_of(scheme, headers) == "no signature matched"
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_signatures_are_compared_in_constant_time(scheme, compared):
+    """The match and the mismatch are both found by compare_digest: with ``==`` the time
+    to refuse a guess would tell how many of its leading bytes were right."""
+    check(scheme, signed(scheme))
+    assert [result for _, _, result in compared].count(True) == 1
+    compared.clear()
+    reason_of(scheme, signed(scheme, secret=OTHER_SECRETS[scheme]))
+    assert compared and not any(result for _, _, result in compared)
+
+
 MISSING = [
     ("standard-webhooks", "webhook-id"),
     ("standard-webhooks", "webhook-timestamp"),

@@ -1,0 +1,430 @@
+"""Throughput: the hub beside a bare Flask endpoint, under the same gunicorn, driven by wrk.
+
+One run, one after the other on 127.0.0.1 (this machine is shared and noisy, so bare Flask
+runs first and again last, and every ratio divides by the better of the two):
+
+- bare Flask: parse JSON, answer 202; and the seed's /api/process written bare;
+- the hub's async route with no worker running (ingest alone), on SQLite and PostgreSQL;
+- the hub's sync /api/process (text step), on SQLite and PostgreSQL;
+- the embedded default as ``make run`` starts it (SQLite, a delivery thread per web process),
+  with the time from the end of the load to the last delivery;
+- the drain: 2 ``flask --app hub worker --concurrency 4`` processes delivering the events the
+  ingest runs left pending, through the text connector and through the http connector to a
+  receiver on 127.0.0.1;
+- the peak RSS of every process.
+
+Afterwards it checks that every 202 is an event in the database and that the drain delivered
+each event exactly once, then prints the table and writes it to bench/RESULTS.md.
+
+    make bench                                   # SQLite; PostgreSQL too with:
+    HUB_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/hub_bench make bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, func, select, text
+
+from bench.common import children, fresh_postgres, rss_kb, write_section
+from hub import create_app
+from hub.db import upgrade
+from hub.keys import create_key
+from hub.models import Attempt, Event
+from hub.routes import ensure_demo_routes, save_routes
+from tests.procs import gunicorn, worker
+from tests.servers import Receiver
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CONF = Path(__file__).resolve().parent / "gunicorn_bench.py"
+SECTION = "## Throughput"
+BODY = json.dumps({"action": "opened", "number": 42, "input": "hello hub", "repo": "hub/x"})
+
+TARGETS = {
+    "async ingest, SQLite": ("ratio", 0.60),
+    "async ingest, PostgreSQL": ("ratio", 0.60),
+    "sync /api/process, SQLite": ("ratio", 0.50),
+    "sync /api/process, PostgreSQL": ("ratio", 0.50),
+    "embedded default (make run), SQLite": ("ratio", 0.45),
+    "drain, 2 workers × 4, PostgreSQL, text": ("rate", 1000.0),
+}
+
+
+@dataclass
+class Load:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    total: int
+    non_2xx: int
+
+
+@dataclass
+class Row:
+    name: str
+    load: Load | None = None
+    baseline: str = "bare"  # which bare figure the ratio divides by
+    rate: float | None = None  # events/s for drains
+    note: str = ""
+    rss_mb: float | None = None  # the largest process of the run
+
+
+def wrk(url: str, *, headers: dict[str, str], seconds: int, connections: int) -> Load:
+    """Drive ``url`` with POSTs of BODY; wrk's own figures, parsed."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(BODY)}"]
+    for name, value in {"Content-Type": "application/json", **headers}.items():
+        lines.append(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write("\n".join(lines) + "\n")
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            script.name,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            raise RuntimeError(f"wrk printed no {label}% latency:\n{out}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return Load(
+        requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        p50_ms=latency("50"),
+        p99_ms=latency("99"),
+        total=total,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+    )
+
+
+class Peak:
+    """The peak RSS of a process tree, sampled every 100 ms while it runs."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = collections.defaultdict(int)
+        self.watched: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def watch(self, name: str, pid: int) -> None:
+        self.watched[name] = pid
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for name, pid in list(self.watched.items()):
+                for i, p in enumerate([pid, *children(pid)]):
+                    kb = rss_kb(p)
+                    label = name if i == 0 else f"{name} worker {i}"
+                    if kb:
+                        self.peaks[label] = max(self.peaks[label], kb)
+
+    def of(self, name: str) -> float | None:
+        """The largest peak, in MB, of the processes watched under ``name``."""
+        sizes = [kb for label, kb in self.peaks.items() if label.startswith(name)]
+        return max(sizes) / 1024 if sizes else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def serve(app: str, database_url: str, log: Path, **env: str):
+    """gunicorn (the project's settings, no access log) serving ``app``: (process, URL)."""
+    return gunicorn(database_url, log, 2, conf=CONF, app=app, **env)
+
+
+class Hub:
+    """One database prepared for the benchmark: migrated, a key, the routes it drives."""
+
+    def __init__(self, url: str, receiver_url: str):
+        self.url = url
+        self.app = create_app({"DATABASE_URL": url, "SECRET_KEY": "bench-secret-key"})
+        self.db = self.app.extensions["hub.db"]
+        upgrade(self.db)
+        registry = self.app.extensions["hub.connectors"]
+        text_step = {"connector": "text", "config": {"field": "input"}}
+        http_step = {"connector": "http", "config": {"url": receiver_url + "/in"}}
+        with self.db.session() as session:
+            _, self.key = create_key(session, "bench")
+            ensure_demo_routes(session, registry)
+            save_routes(
+                session,
+                [
+                    {"name": "bench", "mode": "async", "steps": [text_step]},
+                    {"name": "forward", "mode": "async", "steps": [http_step]},
+                ],
+                registry,
+                self.app.extensions["hub.secrets"],
+            )
+
+    def count(self, *conditions) -> int:
+        with self.db.session() as session:
+            return int(
+                session.scalar(select(func.count()).select_from(Event).where(*conditions)) or 0
+            )
+
+
+def fresh_sqlite(workdir: Path, name: str) -> str:
+    path = workdir / f"{name}.db"
+    return f"sqlite:///{path}"
+
+
+def run_ingest(hub: Hub, name: str, path: str, args, workdir: Path, peak: Peak, **env) -> Row:
+    """Drive the hub's ``path`` with wrk and check that every 2xx left an event."""
+    before = hub.count()
+    log = workdir / f"{slug(name)}.log"
+    with serve("hub:create_app()", hub.url, log, HUB_EMBEDDED_WORKER="false", **env) as (
+        proc,
+        base,
+    ):
+        peak.watch(name, proc.pid)
+        load = wrk(
+            base + path,
+            headers={"X-API-Key": hub.key},
+            seconds=args.seconds,
+            connections=args.connections,
+        )
+        peak.watched.pop(name, None)
+    ok = load.total - load.non_2xx
+    stored = hub.count() - before
+    # wrk stops counting at its deadline: requests in flight then may still be stored.
+    if not ok <= stored <= ok + args.connections:
+        raise SystemExit(f"{name}: {ok} answers 2xx but {stored} new events")
+    if load.non_2xx:
+        raise SystemExit(f"{name}: {load.non_2xx} answers were not 2xx; see {workdir}")
+    return Row(name, load, note=f"{ok:,} 2xx = {stored:,} events")
+
+
+def run_embedded(hub: Hub, args, workdir: Path, peak: Peak) -> Row:
+    """``make run``'s shape: SQLite, a delivery thread in each web process."""
+    name = "embedded default (make run), SQLite"
+    with serve("hub:create_app()", hub.url, workdir / "embedded.log") as (proc, base):
+        peak.watch(name, proc.pid)
+        load = wrk(
+            base + "/hooks/bench",
+            headers={"X-API-Key": hub.key},
+            seconds=args.seconds,
+            connections=args.connections,
+        )
+        ended = time.monotonic()
+        due = (Event.route == "bench", Event.status.in_(("pending", "processing", "retrying")))
+        while hub.count(*due) and time.monotonic() - ended < 120:
+            time.sleep(0.05)
+        lag = time.monotonic() - ended
+        peak.watched.pop(name, None)
+    left = hub.count(*due)
+    note = f"last delivery {lag:.1f} s after the load" + (f", {left} left" if left else "")
+    return Row(name, load, note=note)
+
+
+def run_drain(hub: Hub, name: str, route: str, workers: int, workdir: Path, peak: Peak) -> Row:
+    """Start ``workers`` worker processes on the pending events of ``route``; events/s."""
+    pending = (Event.route == route, Event.status == "pending")
+    total = hub.count(*pending)
+    procs = []
+    started = time.monotonic()
+    for i in range(workers):
+        log = workdir / f"{slug(name)}-{i}.log"
+        procs.append(worker(hub.url, log, concurrency=4, HUB_EMBEDDED_WORKER="false"))
+        peak.watch(f"{name} #{i + 1}", procs[-1].pid)
+    undone = (Event.route == route, Event.status.in_(("pending", "processing", "retrying")))
+    while hub.count(*undone) and time.monotonic() - started < 600:
+        time.sleep(0.02)
+    seconds = time.monotonic() - started
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for i, proc in enumerate(procs):
+        proc.wait(60)
+        peak.watched.pop(f"{name} #{i + 1}", None)
+    with hub.db.session() as session:
+        runs = collections.Counter(
+            session.scalars(
+                select(Attempt.event_id)
+                .join(Event, Event.id == Attempt.event_id)
+                .where(Event.route == route)
+            )
+        )
+    delivered = hub.count(Event.route == route, Event.status == "delivered")
+    twice = sum(1 for n in runs.values() if n > 1)
+    if delivered != total or twice:
+        raise SystemExit(f"{name}: {delivered}/{total} delivered, {twice} more than once")
+    # Start-up of the processes is part of the figure: it is what a burst waits for.
+    return Row(name, rate=total / seconds, note=f"{total:,} events in {seconds:.1f} s, once each")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions(pg_url: str | None) -> str:
+    parts = [
+        f"{os.cpu_count()} cores",
+        f"Python {platform.python_version()}",
+        f"SQLite {sqlite3.sqlite_version}",
+    ]
+    if pg_url:
+        engine = create_engine(pg_url)
+        with engine.connect() as conn:
+            parts.append(f"PostgreSQL {conn.scalar(text('SHOW server_version'))}")
+        engine.dispose()
+    return ", ".join(parts)
+
+
+def mb(row: Row) -> str:
+    return f"{row.rss_mb:.0f} MB" if row.rss_mb else ""
+
+
+def table(rows: list[Row], bare: dict[str, float], bare_p99: dict[str, float]) -> list[str]:
+    out = [
+        "| run | req/s | p50 | p99 | / bare | target | peak RSS | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        target = TARGETS.get(row.name)
+        if row.load is not None:
+            ratio = row.load.requests_per_s / bare[row.baseline]
+            mark = ""
+            if target and target[0] == "ratio":
+                mark = f"≥ {target[1]:.2f} {'met' if ratio >= target[1] else 'missed'}"
+            if row.baseline == "bare" and row.name.startswith("async ingest"):
+                limit = 2 * bare_p99["bare"]
+                met = "met" if row.load.p99_ms <= limit else "missed"
+                mark += f"; p99 ≤ {limit:.0f} ms {met}"
+            out.append(
+                f"| {row.name} | {row.load.requests_per_s:,.0f} | {row.load.p50_ms:.1f} ms | "
+                f"{row.load.p99_ms:.1f} ms | {ratio:.2f} | {mark} | {mb(row)} | {row.note} |"
+            )
+        else:
+            mark = ""
+            if target and target[0] == "rate":
+                mark = f"≥ {target[1]:,.0f}/s {'met' if row.rate >= target[1] else 'missed'}"
+            out.append(
+                f"| {row.name} | {row.rate:,.0f} events/s | | | | {mark} | {mb(row)} | {row.note} |"
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--no-report", action="store_true", help="don't write RESULTS.md")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is missing: install Debian's package (apt-get install wrk)")
+    pg = os.environ.get("HUB_BENCH_DATABASE_URL")
+    workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
+    os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"
+    peak = Peak()
+    rows: list[Row] = []
+    bare: dict[str, float] = {}
+    bare_p99: dict[str, float] = {}
+
+    def run_bare(label: str) -> None:
+        url = fresh_sqlite(workdir, "unused")  # the bare app has no database
+        with serve("bench.bare:create_app()", url, workdir / "bare.log") as (proc, base):
+            peak.watch("bare Flask", proc.pid)
+            hook = wrk(
+                base + "/hooks/bare",
+                headers={},
+                seconds=args.seconds,
+                connections=args.connections,
+            )
+            seed = wrk(
+                base + "/api/process",
+                headers={"X-API-Key": "bench-bare-key"},
+                seconds=args.seconds,
+                connections=args.connections,
+            )
+            peak.watched.pop("bare Flask", None)
+        rows.append(Row(f"bare Flask, parse JSON, answer 202 ({label})", hook, note="baseline"))
+        rows.append(Row(f"bare seed /api/process ({label})", seed, "bare_process", note=""))
+        bare["bare"] = max(bare.get("bare", 0.0), hook.requests_per_s)
+        bare["bare_process"] = max(bare.get("bare_process", 0.0), seed.requests_per_s)
+        bare_p99["bare"] = min(bare_p99.get("bare", 1e9), hook.p99_ms)
+
+    with Receiver() as receiver:
+        run_bare("first")
+        databases = [("SQLite", fresh_sqlite(workdir, "hub"))]
+        if pg:
+            databases.append(("PostgreSQL", fresh_postgres(pg)))
+        hubs = {label: Hub(url, receiver.url) for label, url in databases}
+        for label, hub in hubs.items():
+            rows.append(
+                run_ingest(hub, f"async ingest, {label}", "/hooks/bench", args, workdir, peak)
+            )
+            row = run_ingest(
+                hub, f"sync /api/process, {label}", "/api/process", args, workdir, peak
+            )
+            row.baseline = "bare_process"
+            rows.append(row)
+        embedded = Hub(fresh_sqlite(workdir, "embedded"), receiver.url)
+        rows.append(run_embedded(embedded, args, workdir, peak))
+        # A worker claims every due event whatever its route: one drain at a time, each over
+        # the events one ingest run left pending.
+        for label, hub in hubs.items():
+            name = f"drain, 2 workers × 4, {label}"
+            rows.append(run_drain(hub, f"{name}, text", "bench", 2, workdir, peak))
+            run_ingest(hub, f"async ingest forward, {label}", "/hooks/forward", args, workdir, peak)
+            rows.append(run_drain(hub, f"{name}, http", "forward", 2, workdir, peak))
+        run_bare("last")
+    peak.stop()
+    for row in rows:
+        row.rss_mb = peak.of("bare Flask" if row.name.startswith("bare") else row.name)
+    largest = max(row.rss_mb or 0 for row in rows)
+    pg_url = hubs["PostgreSQL"].url if "PostgreSQL" in hubs else None
+    lines = [
+        SECTION,
+        "",
+        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {versions(pg_url)}.",
+        f"Command: `{'HUB_BENCH_DATABASE_URL=… ' if pg else ''}make bench` "
+        f"(wrk -t2 -c{args.connections} -d{args.seconds}s; gunicorn gthread 2 workers × 4 threads, "
+        "no access log, for bare Flask and the hub alike).",
+        "",
+        *table(rows, bare, bare_p99),
+        "",
+        f"Largest process: {largest:.0f} MB RSS at its peak (gunicorn's master, a web worker "
+        f"or a worker process); target ≤ 120 MB {'met' if largest <= 120 else 'missed'}.",
+        "",
+        f"Logs of this run: {workdir}",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_report:
+        write_section(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Admin rights are a flag of their own, not a route name: `--scope admin` is the route
+called admin, `--admin` makes an admin key, and the migration moves old admin scopes over."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from alembic import command
+
+from hub.db import alembic_config, upgrade
+from hub.models import JSONType, utcnow
+from tests.rows import events
+
+API_KEYS = sa.table(
+    "api_keys",
+    sa.column("name", sa.String()),
+    sa.column("prefix", sa.String()),
+    sa.column("digest", sa.String()),
+    sa.column("scopes", JSONType),
+    sa.column("created_at", sa.DateTime(timezone=True)),
+)
+
+
+def created_key(result) -> str:
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[0]
+
+
+def test_scope_admin_is_the_route_called_admin_and_admin_is_a_flag(runner, client, add_route, db):
+    add_route("admin", [{"connector": "text", "config": {"field": "text"}}])
+    add_route("other", [{"connector": "text", "config": {"field": "text"}}])
+    ops = created_key(runner.invoke(args=["keys", "create", "ops", "--scope", "admin"]))
+    boss = created_key(runner.invoke(args=["keys", "create", "boss", "--admin"]))
+    someone = created_key(runner.invoke(args=["keys", "create", "someone"]))
+
+    # The scope lets the key post to the route named admin, and nowhere else ...
+    posted = client.post("/hooks/admin", json={"text": "hi"}, headers={"X-API-Key": ops})
+    assert posted.status_code == 200
+    assert client.post("/hooks/other", json={}, headers={"X-API-Key": ops}).status_code == 403
+    # ... and gives no admin rights: another key's event stays out of its sight.
+    theirs = client.post("/hooks/other", json={"text": "x"}, headers={"X-API-Key": someone})
+    event_id = theirs.json["id"]
+    assert client.get(f"/events/{event_id}", headers={"X-API-Key": ops}).status_code == 404
+    # The admin key sees every event and may post to every route.
+    assert client.get(f"/events/{event_id}", headers={"X-API-Key": boss}).status_code == 200
+    assert (
+        client.post("/hooks/admin", json={"text": "x"}, headers={"X-API-Key": boss}).json["status"]
+        == "delivered"
+    )
+    assert [e.status for e in events(db)].count("delivered") == 3
+
+    listed = {
+        k["name"]: k for k in json.loads(runner.invoke(args=["keys", "list", "--json"]).output)
+    }
+    assert (listed["ops"]["admin"], listed["ops"]["scopes"]) == (False, ["admin"])
+    assert (listed["boss"]["admin"], listed["boss"]["scopes"]) == (True, ["*"])
+    table = runner.invoke(args=["keys", "list"]).output.splitlines()
+    assert "ADMIN" in table[0]
+    boss_line = next(line for line in table if "boss" in line).split()
+    assert boss_line[2] == "yes"
+
+
+def test_create_prints_that_a_key_is_admin(runner):
+    result = runner.invoke(args=["keys", "create", "boss", "--admin"])
+    assert ", admin, scopes *" in result.stderr
+
+
+def test_the_migration_turns_admin_scopes_into_admin_keys_and_back(db):
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0003")
+    try:
+        with db.engine.begin() as conn:
+            for prefix, scopes in [
+                ("aaaa0001", ["admin"]),
+                ("aaaa0002", ["admin", "billing"]),
+                ("aaaa0003", ["billing"]),
+            ]:
+                conn.execute(
+                    API_KEYS.insert().values(
+                        name=prefix,
+                        prefix=prefix,
+                        digest="0" * 64,
+                        scopes=scopes,
+                        created_at=utcnow(),
+                    )
+                )
+        upgrade(db)
+        with db.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT prefix, scopes, is_admin FROM api_keys ORDER BY prefix")
+            ).all()
+        found = [(p, s if isinstance(s, list) else json.loads(s), bool(a)) for p, s, a in rows]
+        assert found == [
+            ("aaaa0001", ["*"], True),
+            ("aaaa0002", ["billing"], True),
+            ("aaaa0003", ["billing"], False),
+        ]
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(db, conn), "0003")
+        with db.engine.connect() as conn:
+            back = conn.execute(sa.text("SELECT scopes FROM api_keys ORDER BY prefix")).scalars()
+            assert [s if isinstance(s, list) else json.loads(s) for s in back] == [
+                ["admin", "*"],
+                ["admin", "billing"],
+                ["billing"],
+            ]
+    finally:
+        upgrade(db)
