@@ -13,7 +13,7 @@ from hub.models import Attempt, Event, new_event_id, utcnow
 
 @pytest.fixture
 def admin(make_key) -> dict[str, str]:
-    return {"X-API-Key": make_key(["admin"], name="admin")}
+    return {"X-API-Key": make_key(admin=True, name="admin")}
 
 
 def add_event(
@@ -68,7 +68,7 @@ def test_an_unknown_admin_path_is_404_only_for_an_admin(client, admin):
 
 
 def test_bearer_works_and_a_revoked_admin_key_is_401(client, make_key):
-    secret = make_key(["admin"])
+    secret = make_key(admin=True)
     bearer = {"Authorization": f"Bearer {secret}"}
     assert client.get("/admin/api/keys", headers=bearer).status_code == 200
     prefix = secret.split("_")[1]
