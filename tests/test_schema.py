@@ -17,7 +17,8 @@ def json_columns() -> set[tuple[str, str]]:
         (table.name, column.name)
         for table in Base.metadata.tables.values()
         for column in table.columns
-        if isinstance(column.type, JSON)
+        # JSON itself, or a type that stores through it (the storable columns)
+        if isinstance(column.type, JSON) or isinstance(getattr(column.type, "impl", None), JSON)
     }
 
 
