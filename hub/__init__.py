@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Flask
 
+from hub.cache import TTLCache
 from hub.config import DEFAULTS, ENV_PREFIX
 
 
@@ -35,6 +36,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         system,
     )
     from hub.connectors import load_connectors
+    from hub.worker import Notifier
 
     logs.init_app(app)
     secret_key.init_app(app)
@@ -43,8 +45,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     ratelimit.init_app(app)
     errors.init_app(app)
     app.extensions["hub.keys"] = keys.KeyCache(float(app.config["KEY_CACHE_SECONDS"]))
+    app.extensions["hub.routes"] = TTLCache(float(app.config["ROUTE_CACHE_SECONDS"]))
     # Set when an async event is committed, so an idle worker in this process starts at once.
     app.extensions["hub.wakeup"] = threading.Event()
+    app.extensions["hub.notifier"] = Notifier(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     _trust_proxies(app)

@@ -56,11 +56,19 @@ def require_admin_key():
 
 
 @bp.after_request
-def log_change(response):
+def after_change(response):
+    """Every change is logged with the admin key's prefix (the hub's log format escapes
+    control characters), and this process forgets the keys and routes it had cached: the
+    change reaches its ingest at once, other processes within their cache's seconds."""
     if request.method in CHANGES and "admin_prefix" in g:
-        path = request.path[:200].encode("unicode_escape").decode("ascii")
+        current_app.extensions["hub.keys"].clear()
+        current_app.extensions["hub.routes"].clear()
         log.info(
-            "admin key %s: %s %s -> %d", g.admin_prefix, request.method, path, response.status_code
+            "admin key %s: %s %s -> %d",
+            g.admin_prefix,
+            request.method,
+            request.path[:200],
+            response.status_code,
         )
     return response
 
@@ -149,7 +157,6 @@ def revoke_key(prefix: str):
     if row is None:
         raise not_found("key")
     session.commit()
-    current_app.extensions["hub.keys"].clear()
     return key_out(row)
 
 

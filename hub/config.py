@@ -36,6 +36,9 @@ DEFAULTS: dict[str, object] = {
     "MAX_RESPONSE_BYTES": 10 * 1024 * 1024,
     # Seconds a verified API key is remembered before the database is asked again.
     "KEY_CACHE_SECONDS": 10.0,
+    # Seconds a route read by ingest or a worker is remembered: a change made in another
+    # process takes effect within this time (at once in the process that made it).
+    "ROUTE_CACHE_SECONDS": 5.0,
     # Comma list of connector names to load; empty loads every installed connector.
     "CONNECTORS": "",
     # Tries of one step inside one delivery attempt (tenacity), for transient errors.

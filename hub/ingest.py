@@ -27,7 +27,7 @@ from hub.db import get_db, get_session
 from hub.errors import error_response
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
 from hub.templating import TemplateLimits
-from hub.worker import notify, sync_lease
+from hub.worker import sync_lease
 
 bp = Blueprint("ingest", __name__)
 log = logging.getLogger("hub.ingest")
@@ -345,7 +345,7 @@ def receive(route_name: str) -> Accepted:
                 "Webhooks must be sent with POST",
                 headers={"Allow": "POST"},
             )
-        route = route_store.get(session, route_name)
+        route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
         if route is None or not route.enabled:
             raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
         if route.verify_scheme:  # whatever the scheme calls its signature header
@@ -393,21 +393,22 @@ def refusal_rate() -> ratelimit.Rate | None:
 def check_refusal_budget(session: Session) -> None:
     """AddressThrottled when this address spent HUB_REFUSAL_LIMIT, unless it shows a valid key.
 
-    At most two reads (the counter, and a key lookup when a key is shown): a flood of
-    refusals costs no body read and no row. A valid key still passes, so a sender behind
-    the same NAT as a flood is not locked out.
+    A valid key passes first (a sender behind the same NAT as a flood is not locked out,
+    and a known sender's request costs no read of the counter); otherwise one read of the
+    counter: a flood of refusals costs no body read and no row.
     """
     rate = refusal_rate()
     if rate is None:
         return
-    limiter = current_app.extensions["hub.ratelimit"]
-    decision = limiter.peek(session, refusal_bucket(), rate)
-    if decision.allowed:
-        return
-    try:
-        keys.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
-    except keys.KeyRefused:
-        raise AddressThrottled(decision.retry_after) from None
+    if presented_key():  # a valid key always passes: usually a cache hit, no query
+        try:
+            keys.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
+            return
+        except keys.KeyRefused:
+            pass
+    decision = current_app.extensions["hub.ratelimit"].peek(session, refusal_bucket(), rate)
+    if not decision.allowed:
+        raise AddressThrottled(decision.retry_after)
 
 
 def count_refusal(session: Session, event: Event, rejection: Rejected) -> None:
@@ -672,9 +673,9 @@ def enqueue(accepted: Accepted, **extra):
     event.status = "pending"
     event.response_status = 202
     event.next_attempt_at = event.received_at
-    notify(session)
     session.commit()  # the 202 leaves only once the event is durable
     current_app.extensions["hub.wakeup"].set()
+    current_app.extensions["hub.notifier"].poke()
     status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
     return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
 

@@ -11,8 +11,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
-import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -20,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from hub import ratelimit
+from hub.cache import TTLCache
 from hub.models import ApiKey, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
@@ -147,33 +146,8 @@ def revoke(session: Session, prefix: str) -> ApiKey | None:
     return row
 
 
-class KeyCache:
-    """Verified keys by digest for ``ttl`` seconds; thread-safe; one per app."""
-
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._entries: dict[str, tuple[float, KeyInfo]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key_digest: str) -> KeyInfo | None:
-        with self._lock:
-            hit = self._entries.get(key_digest)
-            if hit is None or hit[0] < time.monotonic():
-                self._entries.pop(key_digest, None)
-                return None
-            return hit[1]
-
-    def put(self, key_digest: str, info: KeyInfo) -> None:
-        if self.ttl <= 0:
-            return
-        with self._lock:
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[key_digest] = (time.monotonic() + self.ttl, info)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+class KeyCache(TTLCache[KeyInfo]):
+    """Verified keys by digest for ``ttl`` seconds; one per app."""
 
 
 def authenticate(session: Session, presented: str | None, cache: KeyCache) -> KeyInfo:

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hub import ratelimit, signatures
+from hub.cache import TTLCache
 from hub.connectors import (
     Registry,
     StepConfigError,
@@ -455,6 +456,21 @@ def get(session: Session, name: str) -> Route | None:
     if not re.fullmatch(ROUTE_NAME_PATTERN, name):
         return None
     return session.scalar(select(Route).where(Route.name == name))
+
+
+def lookup(session: Session, name: str, cache: TTLCache[tuple[Route | None]]) -> Route | None:
+    """The route called ``name`` as ingest and workers see it: from ``cache`` when it was
+    read in the last HUB_ROUTE_CACHE_SECONDS (a burst costs one query per process, not one
+    per request; a name with no route is remembered too). The Route is detached and shared
+    between threads: read it, never change it."""
+    hit = cache.get(name)
+    if hit is not None:
+        return hit[0]
+    route = get(session, name)
+    if route is not None:
+        session.expunge(route)
+    cache.put(name, (route,))
+    return route
 
 
 def list_routes(session: Session) -> list[Route]:

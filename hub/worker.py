@@ -14,6 +14,7 @@ web process running it, is marked ``failed`` by any worker's reaper if that proc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -108,6 +109,7 @@ class Worker:
         self.app = app
         self.db: Database = app.extensions["hub.db"]
         self.registry = app.extensions["hub.connectors"]
+        self.routes = app.extensions["hub.routes"]
         self.lease = float(app.config["LEASE_SECONDS"])
         self.max_idle = float(app.config["WORKER_MAX_IDLE"])
         self.name = name or process_name()
@@ -117,27 +119,56 @@ class Worker:
         self.in_flight: set[str] = set()
         self._lock = threading.Lock()
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
+        self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
 
     # --- claiming ---
 
     def claim(self, limit: int = 1) -> list[str]:
-        """Move up to ``limit`` due events to ``processing`` under this worker's lease."""
+        """Move up to ``limit`` due events to ``processing`` under this worker's lease.
+
+        Events whose lease ran out (a worker died) are looked for apart from due ones: one
+        query with an OR of both scans the whole table instead of walking the due index.
+        They are looked for when nothing is due, and at least once every reaper interval,
+        so a busy hub takes them back too.
+        """
         now = utcnow()
-        expired = Event.status == "processing"
-        due = or_(
-            and_(Event.status.in_(DUE_STATUSES), Event.next_attempt_at <= now),
-            and_(
-                expired,
-                Event.lease_until < now,
-                or_(
-                    Event.lease_owner.is_(None),
-                    not_(Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True)),
-                ),
+        claimed: list[str] = []
+        if self._expired_look_due():
+            claimed = self._claim(limit, self._expired(now), now)
+        if len(claimed) < limit:
+            claimed += self._claim(limit - len(claimed), self._due(now), now)
+        if not claimed:
+            claimed = self._claim(limit, self._expired(now), now)
+        return claimed
+
+    @staticmethod
+    def _due(now):
+        return and_(Event.status.in_(DUE_STATUSES), Event.next_attempt_at <= now)
+
+    @staticmethod
+    def _expired(now):
+        return and_(
+            Event.status == "processing",
+            Event.lease_until < now,
+            or_(
+                Event.lease_owner.is_(None),
+                not_(Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True)),
             ),
         )
-        candidates = select(Event.id).where(due).order_by(Event.next_attempt_at).limit(limit)
+
+    def _expired_look_due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now < self.next_expired_look:
+                return False
+            self.next_expired_look = now + self.max_idle * REAP_EVERY_IDLES
+        return True
+
+    def _claim(self, limit: int, which, now) -> list[str]:
+        candidates = select(Event.id).where(which).order_by(Event.next_attempt_at).limit(limit)
         if self.db.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
+        expired = Event.status == "processing"
         statement = (
             update(Event.__table__)
             .where(Event.id.in_(candidates))
@@ -170,7 +201,7 @@ class Worker:
     def _process(self, event_id: str) -> str:
         with self.db.session() as session:
             event = session.get(Event, event_id)
-            route = route_store.get(session, event.route) if event else None
+            route = route_store.lookup(session, event.route, self.routes) if event else None
         if event is None:
             return "missing"
         if route is None or not route.enabled:
@@ -369,9 +400,57 @@ class Worker:
 
 
 def notify(session) -> None:
-    """Tell listening workers that an event is due (delivered when the transaction commits)."""
+    """Tell listening workers that events are due (sent when the transaction commits); for
+    rare callers such as a replay. Ingest pokes the Notifier instead."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+
+class Notifier:
+    """Tells workers in other processes that events are due (PostgreSQL's NOTIFY).
+
+    Sent after the events' commit from a thread of its own, at most one every ``interval``
+    however many requests poke it: a NOTIFY inside each ingest transaction serialises every
+    commit (PostgreSQL queues a notification under a lock it holds until the commit is
+    durable). A worker that misses one still finds the event at its next poll.
+    """
+
+    def __init__(self, db: Database, interval: float = 0.005):
+        self.db = db
+        self.interval = interval
+        self._poked = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def poke(self) -> None:
+        if self.db.dialect != "postgresql":
+            return
+        self._poked.set()
+        if self._thread is None or not self._thread.is_alive():  # started lazily: after a fork
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="hub-notify", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        conn = None
+        while True:
+            self._poked.wait()
+            self._poked.clear()
+            try:
+                if conn is None:
+                    conn = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+            except Exception as exc:  # the database went away: workers poll meanwhile
+                log.warning("NOTIFY failed (%s)", type(exc).__name__)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                conn = None
+                time.sleep(1.0)
+            time.sleep(self.interval)
 
 
 def start_embedded(app: Flask) -> Worker | None:

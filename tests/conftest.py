@@ -84,6 +84,7 @@ def app(database_url_for_test, monkeypatch):
             "DATABASE_URL": database_url_for_test,
             "SECRET_KEY": "test-secret-key-for-the-hub",
             "KEY_CACHE_SECONDS": 0,
+            "ROUTE_CACHE_SECONDS": 0,
         }
     )
     yield app

@@ -285,6 +285,9 @@ def test_database_cut_under_load_answers_503_and_loses_no_acknowledged_event(
             acknowledged = {a.event_id for a in answers if a.status == 202}
 
             # Every event the hub acknowledged is stored and delivered once the database is back.
+            # This test's own pooled connections were terminated too: start afresh.
+            db.engine.dispose()
+
             def all_delivered():
                 with db.session() as session:
                     rows = dict(
