@@ -16,7 +16,7 @@ from flask import Flask
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-HUB_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def escape_controls(text: str) -> str:
@@ -50,6 +50,6 @@ def init_app(app: Flask) -> None:
     logger = logging.getLogger("hub")
     if not logger.handlers and not app.testing:
         handler = logging.StreamHandler()
-        handler.setFormatter(EscapingFormatter(HUB_FORMAT))
+        handler.setFormatter(EscapingFormatter(LOG_FORMAT))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
