@@ -84,6 +84,8 @@ class Tally:
     by_kind: collections.Counter = field(default_factory=collections.Counter)
     accepted: dict[str, str] = field(default_factory=dict)  # event id -> kind
     unplanned: list[str] = field(default_factory=list)
+    # (when, kind, status or exception, answer): 5xx and dropped calls, judged at the end.
+    server_errors: list[tuple] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -97,7 +99,7 @@ def github_headers(body: bytes, delivery: str) -> dict[str, str]:
     }
 
 
-def sender(base: str, key: str, stop_at: float, tally: Tally, cut_window: list[float]) -> None:
+def sender(base: str, key: str, stop_at: float, tally: Tally) -> None:
     """One sender: a mix of every kind of request until ``stop_at``."""
     http = requests.Session()
     rng = random.Random()
@@ -139,14 +141,13 @@ def sender(base: str, key: str, stop_at: float, tally: Tally, cut_window: list[f
         except requests.RequestException as exc:
             with tally.lock:
                 tally.by_kind[(kind, type(exc).__name__)] += 1
-                if not in_window(at, cut_window):
-                    tally.unplanned.append(f"{kind}: {type(exc).__name__}")
+                tally.server_errors.append((at, kind, type(exc).__name__, ""))
             continue
         status = response.status_code
         with tally.lock:
             tally.by_kind[(kind, status)] += 1
-            if status >= 500 and not (status == 503 and in_window(at, cut_window)):
-                tally.unplanned.append(f"{kind}: {status} {response.text[:200]}")
+            if status >= 500:  # judged after the run, when the cut's end is known
+                tally.server_errors.append((at, kind, status, response.text[:200]))
             if status == 503 and "Retry-After" not in response.headers:
                 tally.unplanned.append(f"{kind}: 503 without Retry-After")
             if 200 <= status < 300 and kind in ("valid", "signed", "sync"):
@@ -155,6 +156,16 @@ def sender(base: str, key: str, stop_at: float, tally: Tally, cut_window: list[f
                 if event_id and not body.get("duplicate"):
                     tally.accepted[event_id] = kind
         time.sleep(rng.uniform(0.0, 0.02))
+
+
+def in_flight_count(db) -> int:
+    with db.session() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(Event).where(Event.status.in_(IN_FLIGHT))
+            )
+            or 0
+        )
 
 
 def in_window(at: float, window: list[float], grace: float = 15.0) -> bool:
@@ -222,10 +233,13 @@ def main() -> None:
 
     # A short lease: a delivery whose outcome could not be written during the cut is
     # claimed again within a minute instead of five.
+    # One try per delivery: a 503 goes to the route's durable schedule (1, 2, 4 s) instead of
+    # holding a delivery thread in quick back-offs, as a busy production route would be set.
     env = {
         "HUB_EMBEDDED_WORKER": "false",
         "HUB_SECRET_KEY": "soak-secret-key",
         "HUB_LEASE_SECONDS": "60",
+        "HUB_STEP_TRIES": "1",
     }
     workers = [
         worker(via_proxy, workdir / f"worker{i}.log", concurrency=4, **env) for i in range(2)
@@ -246,7 +260,7 @@ def main() -> None:
         ).start()
         stop_at = time.monotonic() + duration
         threads = [
-            threading.Thread(target=sender, args=(base, key, stop_at, tally, cut_window))
+            threading.Thread(target=sender, args=(base, key, stop_at, tally))
             for _ in range(args.senders)
         ]
         for thread in threads:
@@ -271,24 +285,35 @@ def main() -> None:
         traffic_seconds = time.monotonic() - tally.started
 
         def drained():
-            with db.session() as session:
-                return not session.scalar(
-                    select(func.count()).select_from(Event).where(Event.status.in_(IN_FLIGHT))
-                )
+            return not in_flight_count(db)
 
-        wait_until(drained, 300, interval=1.0, what="every event to reach an end state")
+        backlog = in_flight_count(db)
+        print(f"traffic over; {backlog} events in flight, draining")
+        wait_until(drained, 900, interval=1.0, what="every event to reach an end state")
         stop_sampling.set()
     for proc in workers:
         stop(proc)
     receiver.stop()
     stack.close()
-    report = check(db, tally, samples, receiver, traffic_seconds, args, workdir)
+    report = check(
+        db, tally, samples, receiver, traffic_seconds, backlog, cut_window, args, workdir
+    )
     print(report)
     if not args.no_report:
         write_section(report)
 
 
-def check(db, tally: Tally, samples, receiver, seconds: float, args, workdir: Path) -> str:
+def check(
+    db,
+    tally: Tally,
+    samples,
+    receiver,
+    seconds: float,
+    backlog: int,
+    cut_window: list[float],
+    args,
+    workdir: Path,
+) -> str:
     with db.session() as session:
         rows = {
             r.id: r
@@ -300,6 +325,9 @@ def check(db, tally: Tally, samples, receiver, seconds: float, args, workdir: Pa
             dict(session.execute(select(Event.status, func.count()).group_by(Event.status)).all())
         )
         pg_version = session.scalar(text("SHOW server_version"))
+    for at, kind, status, answer in tally.server_errors:
+        if not (status == 503 and in_window(at, cut_window)):
+            tally.unplanned.append(f"{kind}: {status} {answer}")
     problems: list[str] = list(tally.unplanned[:20])
     if len(tally.unplanned) > 20:
         problems.append(f"... and {len(tally.unplanned) - 20} more unplanned answers")
@@ -357,6 +385,8 @@ def check(db, tally: Tally, samples, receiver, seconds: float, args, workdir: Pa
         f"- Traffic: {total:,} requests in {seconds:.0f} s ({total / seconds:.0f}/s) from "
         f"{args.senders} senders; database cut for {args.cut_seconds:g} s halfway "
         "(every hub connection terminated, new ones refused).",
+        f"- When the traffic stopped, {backlog:,} events were still pending or "
+        "retrying; the workers then drained them.",
         f"- Acknowledged events: {len(tally.accepted):,}; in the database: "
         f"{len(tally.accepted) - len(missing):,}; left in flight: {len(stuck)}.",
         "- Events by status: "

@@ -6,33 +6,16 @@ The admin views validate requests with them and shape their answers with them, a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hub import keys as key_store
 from hub import ratelimit
-from hub.events import STATUSES
-from hub.models import utcnow
+from hub.events import STATUSES, parse_time
 from hub.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
 
 EventStatus = Literal[STATUSES]  # type: ignore[valid-type]
-
-
-def parse_time(value: str) -> datetime:
-    """An ISO time (UTC when no zone is given) or an age such as ``2h`` before now."""
-    try:
-        return utcnow() - key_store.parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            "not a time (use an ISO time such as 2026-11-01T00:00Z or an age like 2h)"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _duration(value: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -416,14 +415,9 @@ def _since(value: str | None):
     if not value:
         return None
     try:
-        return utcnow() - key_store.parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"not a time: {value!r} (use an ISO time such as 2026-11-01T00:00 or an age like 2d)")
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return event_store.parse_time(value)
+    except ValueError as exc:
+        fail(f"{value!r}: {exc}")
 
 
 @events_cli.command("list")

@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from hub import keys as key_store
 from hub.db import Database
 from hub.models import Attempt, Event, iso_time, utcnow
 
@@ -427,3 +428,18 @@ def _elapsed_ms(session: Session, start, end):
     if session.get_bind().dialect.name == "postgresql":
         return func.extract("epoch", end - start) * 1000
     return (func.julianday(end) - func.julianday(start)) * 86_400_000.0
+
+
+def parse_time(value: str) -> datetime:
+    """An ISO time (UTC when no zone is given) or an age such as ``2h`` before now."""
+    try:
+        return utcnow() - key_store.parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            "not a time (use an ISO time such as 2026-11-01T00:00Z or an age like 2h)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -336,7 +336,7 @@ def receive(route_name: str) -> Accepted:
     """
     session = get_session()
     event = g.hub_event = new_event(route_name)
-    check_refusal_budget(session)
+    throttled_for = check_refusal_budget(session, route_name)
     try:
         if request.method != "POST":
             raise Rejected(
@@ -372,6 +372,9 @@ def receive(route_name: str) -> Accepted:
         if event.dedup_key:
             check_duplicate(session, route, event)
     except Rejected as rejection:
+        if throttled_for is not None and 400 <= rejection.status < 500:
+            session.rollback()
+            raise AddressThrottled(throttled_for) from None
         record_rejection(session, event, rejection)
         raise
     event.headers = kept_headers(refused=False)
@@ -390,25 +393,33 @@ def refusal_rate() -> ratelimit.Rate | None:
     return ratelimit.optional_rate(current_app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
 
 
-def check_refusal_budget(session: Session) -> None:
-    """AddressThrottled when this address spent HUB_REFUSAL_LIMIT, unless it shows a valid key.
+def check_refusal_budget(session: Session, route_name: str) -> int | None:
+    """Whether this address spent HUB_REFUSAL_LIMIT: None, or the seconds until it frees.
 
     A valid key passes first (a sender behind the same NAT as a flood is not locked out,
     and a known sender's request costs no read of the counter); otherwise one read of the
-    counter: a flood of refusals costs no body read and no row.
+    counter. Over the limit, a request to a route that takes a key is AddressThrottled at
+    once: no body read, no row. A route a signature may open still hears the request out,
+    body read within HUB_MAX_BODY_BYTES, since GitHub or Stripe proving itself must not be
+    locked out by a flood from an address it shares; receive() answers any refusal then
+    with the same 429 and no row.
     """
     rate = refusal_rate()
     if rate is None:
-        return
+        return None
     if presented_key():  # a valid key always passes: usually a cache hit, no query
         try:
             keys.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
-            return
+            return None
         except keys.KeyRefused:
             pass
     decision = current_app.extensions["hub.ratelimit"].peek(session, refusal_bucket(), rate)
-    if not decision.allowed:
+    if decision.allowed:
+        return None
+    route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
+    if route is None or (route.auth or "key") in KEY_FIRST:
         raise AddressThrottled(decision.retry_after)
+    return decision.retry_after
 
 
 def count_refusal(session: Session, event: Event, rejection: Rejected) -> None:

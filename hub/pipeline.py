@@ -363,8 +363,14 @@ def _run_step(
                         exc.message[:300],
                     )
                     raise
-                except RecursionError:  # e.g. a receiver's answer nested thousands deep
-                    message = f"{name}: the step's data nests too deep to be read"
+                except Exception as exc:  # permanent, never retried
+                    if isinstance(exc, RecursionError):  # a receiver's answer nested very deep
+                        message, code = (
+                            f"{name}: the step's data nests too deep to be read",
+                            "too_deep",
+                        )
+                    else:  # a bug in the connector
+                        message, code = describe_bug(exc), "connector_bug"
                     record(
                         _with_exchange(
                             attempt_row(try_number, started, t0, "permanent", error=message),
@@ -372,20 +378,9 @@ def _run_step(
                             copy_bytes,
                         )
                     )
-                    log.warning("event %s step %d (%s): %s", event.id, index, name, message)
-                    last = Outcome(FAILED, error=message, code="too_deep")
-                    raise PermanentError(message) from None
-                except Exception as exc:  # a bug in the connector: permanent, never retried
-                    message = describe_bug(exc)
-                    record(
-                        _with_exchange(
-                            attempt_row(try_number, started, t0, "permanent", error=message),
-                            ctx,
-                            copy_bytes,
-                        )
-                    )
-                    log.error("event %s step %d (%s): %s", event.id, index, name, message)
-                    last = Outcome(FAILED, error=message, code="connector_bug")
+                    level = logging.ERROR if code == "connector_bug" else logging.WARNING
+                    log.log(level, "event %s step %d (%s): %s", event.id, index, name, message)
+                    last = Outcome(FAILED, error=message, code=code)
                     raise PermanentError(message) from None
                 if storable.depth(output, max_depth) > max_depth:
                     message = (

@@ -165,3 +165,21 @@ def compared(monkeypatch) -> list[tuple]:
 
     monkeypatch.setattr(hmac, "compare_digest", recording)
     return calls
+
+
+@pytest.fixture
+def seed_routes(app, add_route, fake_openai):
+    """The seed's two routes: /api/process (text) and /api/chat (the fake OpenAI server)."""
+    add_route("process", [{"connector": "text"}])
+    add_route(
+        "chat",
+        [
+            {
+                "connector": "openai",
+                "config": {
+                    "base_url": fake_openai.base_url,
+                    "user_message": "{{ payload.message }}",
+                },
+            }
+        ],
+    )

@@ -26,7 +26,8 @@ from tests.procs import ROOT, clean_env
 from tests.servers import FakeOpenAI, Receiver, Recorded, Reply
 
 
-def make_ctx(deadline: float | None = None) -> StepContext:
+def make_ctx(deadline: float | None = None, **more) -> StepContext:
+    """A step's context as a connector sees it, outside any pipeline."""
     return StepContext(
         event_id="evt_1",
         route="test",
@@ -35,6 +36,7 @@ def make_ctx(deadline: float | None = None) -> StepContext:
         outputs=[],
         logger=logging.getLogger("test"),
         deadline=deadline,
+        **more,
     )
 
 

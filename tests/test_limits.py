@@ -6,7 +6,6 @@ could hang without its limit runs under a bound of its own and fails instead."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from hub.templating import TemplateLimits, TemplateProblem, evaluate_filter, ren
 from hub.worker import Worker
 from tests.rows import attempts, events, summary
 from tests.servers import Reply
+from tests.test_http import make_ctx as step_context
 
 MB = 1024 * 1024
 LONG_LISTS = {"a": list(range(40_000)), "b": list(range(40_000, 80_000))}
@@ -209,16 +209,7 @@ def test_call_before_returns_what_the_call_returns_or_raises():
 
 
 def make_ctx(limit: int = MB, deadline: float | None = None) -> StepContext:
-    return StepContext(
-        event_id="evt_1",
-        route="test",
-        step_index=0,
-        payload={},
-        outputs=[],
-        logger=logging.getLogger("test"),
-        deadline=deadline,
-        max_response_bytes=limit,
-    )
+    return step_context(deadline, max_response_bytes=limit)
 
 
 def streamed(megabytes: int, *, declare_length: bool) -> Iterator[bytes]:

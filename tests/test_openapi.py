@@ -144,23 +144,6 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     return out
 
 
-@pytest.fixture
-def seed_routes(app, add_route, fake_openai):
-    add_route("process", [{"connector": "text"}])
-    add_route(
-        "chat",
-        [
-            {
-                "connector": "openai",
-                "config": {
-                    "base_url": fake_openai.base_url,
-                    "user_message": "{{ payload.message }}",
-                },
-            }
-        ],
-    )
-
-
 def test_every_operation_answers_as_the_document_says(
     client, document, make_key, key, db, receiver, seed_routes
 ):

@@ -229,6 +229,33 @@ def test_a_flood_of_bad_keys_gets_429_after_the_limit(app, client, db, key, shou
     assert spoofed.status_code == 429
 
 
+def test_a_provider_signing_from_a_flooded_address_still_gets_through(app, client, db, add_route):
+    """GitHub or Stripe may share an address with a flood of bad keys: over the budget, a
+    request that proves itself with a valid signature is accepted; one that doesn't gets
+    the same 429, with no row."""
+    app.config["REFUSAL_LIMIT"] = "5/hour"
+    Clock(app)
+    add_route("gh", SHOUT, verify=verify_spec("github"))
+    add_route("shout", SHOUT)
+    for _ in range(5):
+        client.post("/hooks/shout", json={}, headers={"X-API-Key": BAD_KEY})
+    assert client.post("/hooks/shout", json={}, headers={"X-API-Key": BAD_KEY}).status_code == 429
+    rows = len(events(db))
+
+    body = json.dumps({"text": "push"}).encode()
+    headers = {**signed("github", body=body), "Content-Type": "application/json"}
+    accepted = client.post("/hooks/gh", data=body, headers=headers)
+    assert accepted.status_code == 200, accepted.json
+    assert accepted.json["result"]["processed"] == "PUSH"
+
+    forged = {**signed("github", body=b"other"), "Content-Type": "application/json"}
+    refused = client.post("/hooks/gh", data=body, headers=forged)
+    assert refused.status_code == 429 and refused.json["code"] == "too_many_refusals"
+    assert int(refused.headers["Retry-After"]) > 0
+    assert client.post("/hooks/nowhere", json={}).status_code == 429
+    assert len(events(db)) == rows + 1  # the signed delivery; the 429s cost no row
+
+
 def test_refusals_of_a_known_sender_do_not_spend_the_address_budget(app, client, make_key, shout):
     app.config["REFUSAL_LIMIT"] = "3/hour"
     Clock(app)

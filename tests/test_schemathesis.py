@@ -31,20 +31,7 @@ CHECKS = [
 
 
 @pytest.fixture
-def served(app, add_route, fake_openai, receiver) -> Iterator[str]:
-    add_route("process", [{"connector": "text"}])
-    add_route(
-        "chat",
-        [
-            {
-                "connector": "openai",
-                "config": {
-                    "base_url": fake_openai.base_url,
-                    "user_message": "{{ payload.message }}",
-                },
-            }
-        ],
-    )
+def served(app, add_route, seed_routes, receiver) -> Iterator[str]:
     add_route("orders", [{"connector": "http", "config": {"url": receiver.url}}])
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
