@@ -13,20 +13,8 @@ from tests.servers import FakeOpenAI, Reply
 
 
 @pytest.fixture
-def chat(add_route, fake_openai):
+def chat(seed_routes, fake_openai):
     """The seed's chat route, pointed at the fake server."""
-    add_route(
-        "chat",
-        [
-            {
-                "connector": "openai",
-                "config": {
-                    "base_url": fake_openai.base_url,
-                    "user_message": "{{ payload.message }}",
-                },
-            }
-        ],
-    )
     return fake_openai
 
 
