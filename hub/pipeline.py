@@ -302,6 +302,13 @@ def _run_step(
         return outcome
 
     try_number = 0
+
+    def record_call(ctx: StepContext, started, t0: float, outcome: str, **extra) -> None:
+        """Record this try of the step with its exchange (what was sent and answered)."""
+        record(
+            _with_exchange(attempt_row(try_number, started, t0, outcome, **extra), ctx, copy_bytes)
+        )
+
     last: Outcome | None = None
     step_logger = logging.getLogger(f"hub.connector.{name}")
     try:
@@ -333,19 +340,8 @@ def _run_step(
                 except ConnectorError as exc:
                     kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
                     status = exc.status or ctx.exchange.status
-                    record(
-                        _with_exchange(
-                            attempt_row(
-                                try_number,
-                                started,
-                                t0,
-                                kind,
-                                http_status=status,
-                                error=exc.message[:2000],
-                            ),
-                            ctx,
-                            copy_bytes,
-                        )
+                    record_call(
+                        ctx, started, t0, kind, http_status=status, error=exc.message[:2000]
                     )
                     last = Outcome(
                         RETRYABLE if kind == "retryable" else FAILED,
@@ -371,13 +367,7 @@ def _run_step(
                         )
                     else:  # a bug in the connector
                         message, code = describe_bug(exc), "connector_bug"
-                    record(
-                        _with_exchange(
-                            attempt_row(try_number, started, t0, "permanent", error=message),
-                            ctx,
-                            copy_bytes,
-                        )
-                    )
+                    record_call(ctx, started, t0, "permanent", error=message)
                     level = logging.ERROR if code == "connector_bug" else logging.WARNING
                     log.log(level, "event %s step %d (%s): %s", event.id, index, name, message)
                     last = Outcome(FAILED, error=message, code=code)
@@ -387,30 +377,11 @@ def _run_step(
                         f"{name}: the step's output nests deeper than {max_depth} levels "
                         "(HUB_MAX_JSON_DEPTH)"
                     )
-                    record(
-                        _with_exchange(
-                            attempt_row(
-                                try_number,
-                                started,
-                                t0,
-                                "permanent",
-                                http_status=ctx.exchange.status,
-                                error=message,
-                            ),
-                            ctx,
-                            copy_bytes,
-                        )
-                    )
+                    record_call(ctx, started, t0, "permanent", error=message)
                     log.warning("event %s step %d (%s): %s", event.id, index, name, message)
                     last = Outcome(FAILED, error=message, code="too_deep")
                     raise PermanentError(message)
-                record(
-                    _with_exchange(
-                        attempt_row(try_number, started, t0, "ok", http_status=ctx.exchange.status),
-                        ctx,
-                        copy_bytes,
-                    )
-                )
+                record_call(ctx, started, t0, "ok")  # the exchange's status is recorded
                 return Outcome(DELIVERED, result=_jsonable(output))
     except ConnectorError:
         assert last is not None
