@@ -250,6 +250,8 @@ def main() -> None:
     duration = args.minutes * 60
     with gunicorn(via_proxy, workdir / "web.log", workers=2, **env) as (web, base):
         pids = {"gunicorn master": web.pid}
+        # /health answers once one web worker is up; wait for both to be sampled.
+        wait_until(lambda: len(children(web.pid)) >= 2, 30, what="both gunicorn workers")
         for i, pid in enumerate(children(web.pid)):
             pids[f"gunicorn worker {i + 1}"] = pid
         for i, proc in enumerate(workers):
