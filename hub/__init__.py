@@ -25,6 +25,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         admin,
         cli,
         crypto,
+        dashboard,
         db,
         errors,
         ingest,
@@ -57,16 +58,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     openapi.init_app(app)
     cli.init_app(app)
+    dashboard.init_app(app)
     return app
 
 
 def _trust_proxies(app: Flask) -> None:
     """With HUB_TRUSTED_PROXIES=N the client address is X-Forwarded-For's Nth entry from the
-    right (what the nearest trusted proxy saw); with 0 the header is never believed."""
+    right (what the nearest trusted proxy saw), and the scheme X-Forwarded-Proto's (so a
+    request that reached the proxy over TLS is secure: the dashboard's cookie says Secure);
+    with 0 neither header is believed."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     value = app.config.get("TRUSTED_PROXIES") or 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"HUB_TRUSTED_PROXIES: expected how many proxies, 0 or more: {value!r}")
     if value:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=value)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=value, x_proto=value)

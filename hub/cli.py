@@ -15,7 +15,7 @@ from hub import events as event_store
 from hub import keys as key_store
 from hub import ratelimit, scaffold
 from hub import routes as route_store
-from hub.connectors import Registry
+from hub.connectors import Registry, config_fields
 from hub.crypto import SecretBox, SecretsUnreadable
 from hub.db import Database, get_db, upgrade
 from hub.models import Event, utcnow
@@ -374,15 +374,11 @@ def connectors_list() -> None:
     """Each connector's name, description and config fields."""
     for cls in registry():
         click.echo(f"{cls.name}: {cls.description}")
-        schema = cls.Config.model_json_schema()
-        required = set(schema.get("required", []))
-        for field, spec in schema.get("properties", {}).items():
-            kind = spec.get("type") or "/".join(a.get("type", "?") for a in spec.get("anyOf", []))
-            default = f" = {json.dumps(spec['default'])}" if "default" in spec else ""
-            need = " (required)" if field in required else ""
-            click.echo(
-                f"    {field}: {kind}{default}{need}  {spec.get('description', '')}".rstrip()
-            )
+        for field in config_fields(cls):
+            default = f" = {field.default}" if field.default is not None else ""
+            need = " (required)" if field.required else ""
+            line = f"    {field.name}: {field.kind}{default}{need}  {field.description}"
+            click.echo(line.rstrip())
 
 
 @connectors_cli.command("new")

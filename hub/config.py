@@ -80,6 +80,13 @@ DEFAULTS: dict[str, object] = {
     # Headers, and bytes of header names and values, kept on an accepted event.
     "STORED_HEADERS": 100,
     "STORED_HEADER_BYTES": 32768,
+    # Serve the admin dashboard (web pages over the admin API's functions); false: 404.
+    "DASHBOARD": True,
+    # Path the dashboard is served under; the hub's root redirects there.
+    "DASHBOARD_PREFIX": "/dashboard",
+    # Seconds a dashboard sign-in lasts (at least 60); signing out or revoking the key ends
+    # it sooner.
+    "DASHBOARD_SESSION_SECONDS": 8 * 3600,
 }
 
 ENV_PREFIX = "HUB"

@@ -10,6 +10,7 @@ Connectors import this module and ``hub.http``, nothing else from the hub.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import time
@@ -201,6 +202,31 @@ def describe_validation_error(exc: ValidationError, *, present: Iterable[str] = 
         where = ".".join(str(p) for p in err["loc"]) or "config"
         out.append(f"{where}: {err['msg']}")
     return out
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of a connector's config as an admin reads it (CLI list, dashboard)."""
+
+    name: str
+    kind: str
+    required: bool
+    default: str | None  # as JSON, when the field has one
+    description: str
+
+
+def config_fields(cls: type[Connector]) -> list[ConfigField]:
+    """The fields of ``cls.Config``, from its JSON Schema, in declaration order."""
+    schema = cls.Config.model_json_schema()
+    required = set(schema.get("required", []))
+    fields = []
+    for name, spec in schema.get("properties", {}).items():
+        kind = spec.get("type") or "/".join(a.get("type", "?") for a in spec.get("anyOf", []))
+        default = json.dumps(spec["default"]) if "default" in spec else None
+        fields.append(
+            ConfigField(name, kind, name in required, default, spec.get("description", ""))
+        )
+    return fields
 
 
 class Registry:

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Integer,
     LargeBinary,
     Select,
     and_,
     bindparam,
+    cast,
     delete,
     func,
+    literal,
     or_,
     select,
     tuple_,
@@ -443,3 +446,102 @@ def parse_time(value: str) -> datetime:
             "not a time (use an ISO time such as 2026-11-01T00:00Z or an age like 2h)"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --- the dashboard's overview and event page: bounded reads over the same indexes ---
+
+
+def timeline(
+    session: Session, since: datetime, until: datetime, buckets: int, max_rows: int = 100_000
+) -> dict[str, dict[str, list[int]]]:
+    """Per route and status, how many events were received in each of ``buckets`` equal
+    slices of the window, oldest slice first.
+
+    Counted in SQL over the newest ``max_rows`` events of the window (the same index range
+    ``stats`` reads), so a burst costs no more than ``max_rows`` rows.
+    """
+    window = (
+        select(Event.route, Event.status, Event.received_at)
+        .where(Event.received_at >= since, Event.received_at < until)
+        .order_by(Event.received_at.desc())
+        .limit(max_rows)
+        .subquery()
+    )
+    width_ms = (until - since).total_seconds() * 1000 / buckets
+    start = literal(since, type_=Event.__table__.c.received_at.type)
+    elapsed = _elapsed_ms(session, start, window.c.received_at)
+    if session.get_bind().dialect.name == "postgresql":
+        elapsed = func.floor(elapsed / width_ms)
+    else:  # never negative, so SQLite's CAST truncates towards the floor
+        elapsed = elapsed / width_ms
+    slot = cast(elapsed, Integer).label("slot")
+    grouped = select(window.c.route, window.c.status, slot, func.count()).group_by(
+        window.c.route, window.c.status, slot
+    )
+    counts: dict[str, dict[str, list[int]]] = {}
+    for route, status, index, n in session.execute(grouped):
+        series = counts.setdefault(route, {}).setdefault(status, [0] * buckets)
+        series[min(max(int(index), 0), buckets - 1)] += n
+    return counts
+
+
+DUE = ("pending", "retrying")
+
+
+@dataclass
+class Queue:
+    """Events waiting for a worker: how many (counted up to a cap), by route, and when the
+    one that has waited longest became due."""
+
+    depth: int
+    capped: bool
+    by_route: dict[str, int]
+    oldest_due: datetime | None
+
+
+def queue(session: Session, now: datetime, cap: int = 10_000) -> Queue:
+    """The queue's depth counted along the due index, stopping past ``cap`` events."""
+    waiting = select(Event.route).where(Event.status.in_(DUE)).limit(cap + 1).subquery()
+    by_route = {
+        route: int(n)
+        for route, n in session.execute(
+            select(waiting.c.route, func.count()).group_by(waiting.c.route)
+        )
+    }
+    oldest = None
+    for status in DUE:  # one index seek each: (status, next_attempt_at)
+        first = session.scalar(
+            select(Event.next_attempt_at)
+            .where(
+                Event.status == status,
+                Event.next_attempt_at.is_not(None),
+                Event.next_attempt_at <= now,
+            )
+            .order_by(Event.next_attempt_at)
+            .limit(1)
+        )
+        if first is not None and (oldest is None or first < oldest):
+            oldest = first
+    depth = sum(by_route.values())
+    return Queue(min(depth, cap), depth > cap, by_route, oldest)
+
+
+def count_replayable(session: Session, filters: Filters, cap: int) -> int:
+    """How many events matching ``filters`` a replay would take now, counted up to
+    ``cap + 1`` (more than ``cap`` says "more than one bulk replay looks at")."""
+    query = filters.apply(select(Event.id)).where(not_in_flight(utcnow())).limit(cap + 1)
+    return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+
+
+def latest_attempts(session: Session, event_id: str, limit: int) -> tuple[list[Attempt], bool]:
+    """The event's newest ``limit`` attempts in the order they were made, and whether older
+    ones were left out."""
+    rows = list(
+        session.scalars(
+            select(Attempt)
+            .where(Attempt.event_id == event_id)
+            .order_by(Attempt.id.desc())
+            .limit(limit + 1)
+        )
+    )
+    return list(reversed(rows[:limit])), len(rows) > limit

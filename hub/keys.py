@@ -157,10 +157,15 @@ def authenticate(session: Session, presented: str | None, cache: KeyCache) -> Ke
     match = KEY_RE.match(presented.strip())
     if not match:
         raise KeyRefused("unauthorized")
-    key_digest = digest(presented.strip())
+    return authenticate_digest(session, match.group(1), digest(presented.strip()), cache)
+
+
+def authenticate_digest(session: Session, prefix: str, key_digest: str, cache: KeyCache) -> KeyInfo:
+    """As ``authenticate``, for a key known by its prefix and digest: a dashboard session
+    keeps those, never the secret, and is checked on every request (revoking ends it)."""
     info = cache.get(key_digest)
     if info is None:
-        row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if row is None or not hmac.compare_digest(row.digest, key_digest):
             raise KeyRefused("unauthorized")
         info = key_info(row)
