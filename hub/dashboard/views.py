@@ -181,23 +181,25 @@ def sign_in():
     def refuse(status: int, message: str):
         return page("dashboard/sign_in.html", status, error=message, next=target)
 
-    if rate is not None:
-        decision = limiter.peek(session, ingest.refusal_bucket(), rate)
-        if not decision.allowed:
-            return refuse(
-                429,
-                "Too many refused requests from this address: try again in "
-                f"{decision.retry_after} s.",
-            )
     presented = request.form.get("key", "").strip()
     try:
         info = key_store.authenticate(session, presented, current_app.extensions["hub.keys"])
     except key_store.KeyRefused as exc:
-        # A stranger's guess: it counts against this address's refusal budget.
+        # A stranger's guess counts against this address's refusal budget, as a refused
+        # webhook does; once it is spent, every guess is answered 429 until the window ends
+        # (a valid key still signs in: an admin is not locked out by a flood beside them).
+        log.warning("dashboard: sign-in refused (%s)", exc.code)
         if rate is not None:
+            decision = limiter.peek(session, ingest.refusal_bucket(), rate)
+            if not decision.allowed:
+                session.commit()
+                return refuse(
+                    429,
+                    "Too many refused requests from this address: try again in "
+                    f"{decision.retry_after} s.",
+                )
             ratelimit.check(limiter, session, [(ingest.refusal_bucket(), rate)])
         session.commit()
-        log.warning("dashboard: sign-in refused (%s)", exc.code)
         message = {
             "revoked": "This API key has been revoked.",
             "expired": "This API key has expired.",
@@ -782,6 +784,12 @@ def connectors():
     return page(
         "dashboard/connectors.html", connectors=[(cls, config_fields(cls)) for cls in registry]
     )
+
+
+@bp.route("/<path:rest>", methods=["GET", "POST"])
+def unknown(rest: str):
+    """Any other path under the prefix: the dashboard's own 404 page, behind the sign-in."""
+    abort(404)
 
 
 @bp.errorhandler(404)
