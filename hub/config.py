@@ -87,6 +87,9 @@ DEFAULTS: dict[str, object] = {
     # Seconds a dashboard sign-in lasts (at least 60); signing out or revoking the key ends
     # it sooner.
     "DASHBOARD_SESSION_SECONDS": 8 * 3600,
+    # Newest events of the last hour the dashboard's overview counts and charts (a busier
+    # hour shows its newest events only, and says so).
+    "DASHBOARD_OVERVIEW_MAX_ROWS": 20_000,
 }
 
 ENV_PREFIX = "HUB"

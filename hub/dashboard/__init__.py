@@ -46,6 +46,9 @@ def init_app(app: Flask) -> None:
     seconds = app.config.get("DASHBOARD_SESSION_SECONDS")
     if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 60:
         raise ValueError(f"HUB_DASHBOARD_SESSION_SECONDS: expected 60 or more: {seconds!r}")
+    rows = app.config.get("DASHBOARD_OVERVIEW_MAX_ROWS")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"HUB_DASHBOARD_OVERVIEW_MAX_ROWS: expected 1 or more: {rows!r}")
     prefix = dashboard_prefix(app.config.get("DASHBOARD_PREFIX"))
     if not enabled:
         return

@@ -47,7 +47,8 @@ log = logging.getLogger("hub.dashboard")
 
 PAGE = 50  # events per page
 TAIL_MAX = 50  # new events one live-tail poll adds
-MAX_ROUTES = 200  # routes listed (and charted on the overview)
+MAX_ROUTES = 200  # routes listed
+MAX_CARDS = 60  # routes charted on the overview, the busiest first
 MAX_KEYS = 500  # keys listed, newest first
 MAX_ATTEMPTS = 200  # attempts shown on an event's page, newest
 SHOW_BYTES = 256 * 1024  # of a body or result shown on an event's page
@@ -236,52 +237,59 @@ def sign_out():
 def overview():
     session = get_session()
     now = utcnow()
-    since = now - timedelta(hours=1)
-    max_rows = int(current_app.config["ADMIN_STATS_MAX_ROWS"])
-    figures = event_store.stats(session, since, now, max_rows)
-    counts = event_store.timeline(session, since, now, BUCKETS, max_rows)
+    hour = event_store.timeline(
+        session,
+        now - timedelta(hours=1),
+        now,
+        BUCKETS,
+        int(current_app.config["DASHBOARD_OVERVIEW_MAX_ROWS"]),
+    )
     queue = event_store.queue(session, now, QUEUE_CAP)
-    routes = route_store.list_routes(session)[:MAX_ROUTES]
+    routes = route_store.list_routes(session)
     known = {r.name for r in routes}
+    empty = {"total": 0, "series": {}, "by_status": {}, "by_reason": {}}
     cards = []
     for route in routes:
-        stats = figures.routes.get(route.name, {})
+        figures = hour.routes.get(route.name, empty)
         cards.append(
             {
                 "name": route.name,
                 "route": route,
-                "stats": stats,
-                "chart": charts.stacked(counts.get(route.name, {}), BUCKETS),
-                "reasons": top(stats.get("by_reason", {})),
+                "figures": figures,
+                "chart": charts.stacked(figures["series"], BUCKETS),
+                "reasons": top(figures["by_reason"]),
                 "queued": queue.by_route.get(route.name, 0),
             }
         )
+    # The busiest routes first; past MAX_CARDS the rest are counted, not drawn.
+    cards.sort(key=lambda c: (-c["figures"]["total"], c["name"]))
+    hidden = cards[MAX_CARDS:]
     # Names no route has (a stranger's /hooks/anything) share one card: a scan of made-up
     # names cannot grow the page.
-    others = {name: s for name, s in figures.routes.items() if name not in known}
+    others = {name: f for name, f in hour.routes.items() if name not in known}
     other = None
     if others:
         merged: dict[str, list[int]] = {}
-        for name in others:
-            for status, values in counts.get(name, {}).items():
+        for figures in others.values():
+            for status, values in figures["series"].items():
                 total = merged.setdefault(status, [0] * BUCKETS)
                 merged[status] = [a + b for a, b in zip(total, values, strict=True)]
         other = {
             "chart": charts.stacked(merged, BUCKETS),
-            "total": sum(s["total"] for s in others.values()),
-            "names": top({n: s["total"] for n, s in others.items()}),
-            "reasons": top(add_up(s["by_reason"] for s in others.values())),
+            "total": sum(f["total"] for f in others.values()),
+            "names": top({n: f["total"] for n, f in others.items()}),
+            "reasons": top(add_up(f["by_reason"] for f in others.values())),
         }
     context = {
-        "cards": cards,
+        "cards": cards[:MAX_CARDS],
+        "hidden": len(hidden),
         "other": other,
         "queue": queue,
         "oldest_age": now - queue.oldest_due if queue.oldest_due else None,
-        "figures": figures,
-        "by_status": add_up(s["by_status"] for s in figures.routes.values()),
-        "reasons": top(add_up(s["by_reason"] for s in figures.routes.values())),
+        "hour": hour,
+        "by_status": add_up(f["by_status"] for f in hour.routes.values()),
+        "reasons": top(add_up(f["by_reason"] for f in hour.routes.values())),
         "now": now,
-        "more_routes": len(known) >= MAX_ROUTES,
     }
     if fragment():
         return page("dashboard/_overview.html", **context)
