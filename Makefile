@@ -16,6 +16,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/flask --app hub init
+	@echo "Open http://$${HUB_HOST:-127.0.0.1}:$${HUB_PORT:-8000}/ : the dashboard's sign-in page."
+	@echo "Sign in with an admin key: the one printed above on the first run, or a new one from"
+	@echo "    $(BIN)/flask --app hub keys create --admin NAME"
 	$(BIN)/gunicorn -c gunicorn.conf.py "hub:create_app()"
 
 test: $(STAMP)

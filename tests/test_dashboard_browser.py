@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import requests
 from hub import create_app
 from hub.db import upgrade
 from hub.keys import create_key
+from hub.models import Event, new_event_id, utcnow
 from hub.routes import save_routes
 from tests.procs import ROOT, gunicorn
 from tests.servers import Receiver
@@ -50,6 +52,31 @@ class Hub:
     def post(self, route: str, body: dict, key: str | None = None) -> requests.Response:
         headers = {"X-API-Key": key or self.sender}
         return requests.post(self.url(f"/hooks/{route}"), json=body, headers=headers, timeout=5)
+
+
+def seed_hour(db, route: str) -> None:
+    """An hour of earlier traffic on a second route, so the overview has a chart to draw."""
+    now = utcnow()
+    with db.session() as session:
+        for i in range(120):
+            status = "rejected" if i % 9 == 0 else "failed" if i % 17 == 0 else "delivered"
+            status = "dead" if i % 41 == 0 else status
+            received = now - timedelta(seconds=3590 - i * 29 + (i % 7) * 40)
+            session.add(
+                Event(
+                    id=new_event_id(),
+                    route=route,
+                    method="POST",
+                    path=f"/hooks/{route}",
+                    received_at=received,
+                    headers={},
+                    body=b"{}",
+                    status=status,
+                    reason="bad_signature" if status == "rejected" else None,
+                    attempts=0 if status == "rejected" else 1,
+                    completed_at=received + timedelta(milliseconds=40),
+                )
+            )
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +114,13 @@ def hub(tmp_path_factory, sqlite_template) -> Iterator[Hub]:
                         "rate_limit": "600/minute",
                         "retry_schedule": [30, 120, 600],
                         "dedup_path": "order.id",
-                    }
+                    },
+                    {"name": "billing", "mode": "async", "steps": [{"connector": "text"}]},
                 ],
                 app.extensions["hub.connectors"],
                 app.extensions["hub.secrets"],
             )
+        seed_hour(db, "billing")
         db.dispose()
         with gunicorn(url, folder / "gunicorn.log", workers=1) as (_, base):
             yield Hub(base, admin, sender, other_admin, receiver)
@@ -176,11 +205,14 @@ def test_sign_in_refuses_other_keys_then_opens_the_overview(hub, page, console):
     page.get_by_label("Admin API key").fill(hub.admin)
     page.get_by_label("Admin API key").press("Enter")
     expect(page).to_have_url(hub.url("/dashboard/"))
-    card = page.locator("article.card", has=page.get_by_role("link", name="orders"))
+    card = page.locator("article.card", has=page.get_by_role("link", name="orders", exact=True))
     expect(card.locator("rect.bar-delivered").first).to_be_visible()
     expect(card.locator("figcaption")).to_contain_text("delivered 4")
     expect(card.locator("figcaption")).to_contain_text("refused 2")
     expect(page.locator(".reasons")).to_contain_text("unauthorized")
+    expect(page.locator(".reasons")).to_contain_text("bad_signature")
+    billing = page.locator("article.card", has=page.get_by_role("link", name="billing"))
+    assert billing.locator("rect").count() >= 12  # an hour of bars
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
     # It refreshes on its own: a new delivery shows up without a reload.
@@ -201,6 +233,7 @@ def test_events_list_and_its_live_tail(hub, page, console):
     assert rows.count() == before + 2
     expect(page.locator("#tail-status")).to_contain_text("new since this page opened")
     # Filters narrow the list the same way the API does.
+    page.get_by_label("Route").fill("orders")
     page.get_by_label("Status").select_option("rejected")
     page.get_by_role("button", name="Filter").click()
     expect(page).to_have_url(re.compile(r"status=rejected"))

@@ -7,6 +7,7 @@ functions (and the same checks, with the same sentences) as ``/admin/api``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from datetime import datetime, timedelta
@@ -382,7 +383,7 @@ def events_tail():
     since = max(filters.since, after_at) if filters.since else after_at
     result = event_store.search(
         get_session(),
-        event_store.Filters(**{**filters.__dict__, "since": since}),
+        dataclasses.replace(filters, since=since),
         limit=TAIL_MAX,
         text=query.q,
         window=int(current_app.config["ADMIN_SEARCH_WINDOW"]),
