@@ -1,0 +1,531 @@
+"""The admin API, /admin/api/...: keys, routes, connectors, events, replay and statistics.
+
+The same service functions as the CLI (``keys``, ``routes``, ``events``) behind thin views;
+each view declares its models with ``api.route`` so that the OpenAPI document, the request
+checks and the answers share one description.
+
+Everything under /admin needs an admin key: no key (or a bad one) is 401 and any other key
+is 403, on unknown /admin paths too, so the admin surface cannot be mapped without one.
+Every call that changes something is logged with the admin key's prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, g, request
+from pydantic import BaseModel
+
+from hub import api_models as m
+from hub import events as event_store
+from hub import keys as key_store
+from hub import routes as route_store
+from hub.crypto import SecretBox, SecretsUnreadable
+from hub.db import get_db, get_session
+from hub.errors import error_response
+from hub.ingest import presented_key
+from hub.models import ApiKey, Event, utcnow
+from hub.openapi import ApiError, api, invalid
+from hub.worker import notify
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+log = logging.getLogger("hub.admin")
+
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+NAME = {"name": "The route's name"}
+PREFIX = {"prefix": "The key's public prefix (hk_PREFIX_...)"}
+EVENT_ID = {"event_id": "The event's id (evt_...)"}
+
+
+@bp.before_request
+def require_admin_key():
+    session = get_session()
+    try:
+        info = key_store.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
+    except key_store.KeyRefused as exc:
+        message = {"revoked": "API key has been revoked", "expired": "API key has expired"}
+        return error_response(401, message.get(exc.code, "Invalid API key"), "unauthorized")
+    if not info.is_admin:
+        return error_response(403, "This API key is not an admin key", "forbidden")
+    g.admin_prefix = info.prefix
+    # End the lookup's transaction: on SQLite it holds the write lock, which the views'
+    # own short transactions (bulk replay, waking the workers) must be able to take.
+    session.commit()
+    return None
+
+
+@bp.after_request
+def after_change(response):
+    """Every change is logged with the admin key's prefix (the hub's log format escapes
+    control characters), and this process forgets the keys and routes it had cached: the
+    change reaches its ingest at once, other processes within their cache's seconds."""
+    if request.method in CHANGES and "admin_prefix" in g:
+        current_app.extensions["hub.keys"].clear()
+        current_app.extensions["hub.routes"].clear()
+        log.info(
+            "admin key %s: %s %s -> %d",
+            g.admin_prefix,
+            request.method,
+            request.path[:200],
+            response.status_code,
+        )
+    return response
+
+
+@bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def unknown(rest: str):
+    """Reached only with an admin key (the check above runs first)."""
+    return error_response(404, "No such admin endpoint", "not_found")
+
+
+def box() -> SecretBox:
+    return current_app.extensions["hub.secrets"]
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, f"No such {what}", "not_found")
+
+
+# --- keys ---
+
+
+def key_out(row: ApiKey, model: type[BaseModel] = m.KeyOut, **extra: Any) -> BaseModel:
+    return model(**row.to_dict(), **extra)
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/keys",
+    summary="List every key (never a secret)",
+    tag="keys",
+    responses={200: ("The keys", m.KeyList)},
+)
+def list_keys():
+    return m.KeyList(keys=[key_out(k) for k in key_store.list_keys(get_session())])
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/keys",
+    summary="Create a key; its secret is in this answer and nowhere else",
+    tag="keys",
+    body=m.KeyIn,
+    responses={201: ("The key, with its secret", m.KeyCreated)},
+)
+def create_key(body: m.KeyIn):
+    session = get_session()
+    lifetime = key_store.parse_duration(body.expires_in) if body.expires_in else None
+    row, secret = key_store.create_key(
+        session, body.name, body.scopes or None, lifetime, body.rate_limit, admin=body.admin
+    )
+    session.commit()
+    return key_out(row, m.KeyCreated, key=secret), 201
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/keys/{prefix}",
+    summary="One key",
+    tag="keys",
+    path_params=PREFIX,
+    responses={200: ("The key", m.KeyOut), 404: ("No key has this prefix", None)},
+)
+def get_key(prefix: str):
+    row = key_store.get(get_session(), prefix)
+    if row is None:
+        raise not_found("key")
+    return key_out(row)
+
+
+@api.route(
+    bp,
+    "DELETE",
+    "/admin/api/keys/{prefix}",
+    summary="Revoke a key (it stops working at once in this process)",
+    tag="keys",
+    path_params=PREFIX,
+    responses={200: ("The revoked key", m.KeyOut), 404: ("No key has this prefix", None)},
+)
+def revoke_key(prefix: str):
+    session = get_session()
+    row = key_store.revoke(session, prefix)
+    if row is None:
+        raise not_found("key")
+    session.commit()
+    return key_out(row)
+
+
+# --- routes ---
+
+
+def route_out(route) -> m.RouteOut:
+    return m.RouteOut.model_validate(route_store.to_dict(route, box()))
+
+
+def save(data: dict[str, Any]):
+    """Validate and save one route; 422 with the same sentences `routes add` prints."""
+    session = get_session()
+    try:
+        # ${VAR} references are for route files on the server, never for the API.
+        route, action = route_store.save_route(
+            session, data, current_app.extensions["hub.connectors"], box(), environ={}
+        )
+    except route_store.RouteInvalid as exc:
+        session.rollback()
+        raise invalid(exc.errors, "body") from None
+    session.commit()
+    return route, action
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/routes",
+    summary="List every route (signing secrets masked)",
+    tag="routes",
+    responses={200: ("The routes", m.RouteList)},
+)
+def list_routes():
+    return m.RouteList(routes=[route_out(r) for r in route_store.list_routes(get_session())])
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/routes",
+    summary="Create a route; every step is checked against its connector's config schema",
+    tag="routes",
+    body=m.RouteIn,
+    responses={201: ("The route", m.RouteOut), 409: ("A route has this name", None)},
+)
+def create_route(body: m.RouteIn):
+    if route_store.get(get_session(), body.name) is not None:
+        raise ApiError(409, f"Route {body.name!r} exists: PUT or PATCH it", "route_exists")
+    route, _ = save(body.model_dump(exclude_unset=True))
+    return route_out(route), 201
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/routes/{name}",
+    summary="One route (signing secrets masked)",
+    tag="routes",
+    path_params=NAME,
+    responses={200: ("The route", m.RouteOut), 404: ("No route has this name", None)},
+)
+def get_route(name: str):
+    route = route_store.get(get_session(), name)
+    if route is None:
+        raise not_found("route")
+    return route_out(route)
+
+
+@api.route(
+    bp,
+    "PUT",
+    "/admin/api/routes/{name}",
+    summary="Create or replace a route (a verifier without secrets keeps its secrets)",
+    tag="routes",
+    path_params=NAME,
+    body=m.RoutePut,
+    responses={200: ("Replaced", m.RouteOut), 201: ("Created", m.RouteOut)},
+)
+def put_route(name: str, body: m.RoutePut):
+    if body.name is not None and body.name != name:
+        raise invalid(["name: must be the name in the URL"], "body")
+    changes = body.model_dump(exclude_unset=True) | {"name": name}
+    route = route_store.get(get_session(), name)
+    data = route_store.changed_data(route, box(), changes, whole=True) if route else changes
+    route, action = save(data)
+    return route_out(route), 201 if action == "created" else 200
+
+
+@api.route(
+    bp,
+    "PATCH",
+    "/admin/api/routes/{name}",
+    summary="Change some fields of a route",
+    tag="routes",
+    path_params=NAME,
+    body=m.RoutePatch,
+    responses={200: ("The route", m.RouteOut), 404: ("No route has this name", None)},
+)
+def patch_route(name: str, body: m.RoutePatch):
+    route = route_store.get(get_session(), name)
+    if route is None:
+        raise not_found("route")
+    changes = body.model_dump(exclude_unset=True)
+    route, _ = save(route_store.changed_data(route, box(), changes, whole=False))
+    return route_out(route)
+
+
+@api.route(
+    bp,
+    "DELETE",
+    "/admin/api/routes/{name}",
+    summary="Remove a route (its events stay)",
+    tag="routes",
+    path_params=NAME,
+    responses={200: ("Removed", m.RouteRemoved), 404: ("No route has this name", None)},
+)
+def delete_route(name: str):
+    session = get_session()
+    if not route_store.remove(session, name):
+        raise not_found("route")
+    session.commit()
+    return m.RouteRemoved(name=name, removed=True)
+
+
+ROTATION_ERRORS = {
+    404: ("No route has this name", None),
+    409: ("The stored secrets do not decrypt with this HUB_SECRET_KEY", None),
+    422: ("No verifier, a repeated secret, no such secret, or the last one", None),
+}
+
+
+def rotate(change) -> m.SecretsOut:
+    """Run a secret change of ``routes`` and answer its count, or the error it raised."""
+    session = get_session()
+    try:
+        count = change(session)
+    except LookupError:
+        raise not_found("route") from None
+    except SecretsUnreadable:
+        raise ApiError(
+            409,
+            "The route's stored secrets do not decrypt with this HUB_SECRET_KEY; "
+            "set them again with PUT",
+            "secrets_unreadable",
+        ) from None
+    except route_store.RouteInvalid as exc:
+        session.rollback()
+        raise invalid(exc.errors) from None
+    session.commit()
+    return count
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/routes/{name}/secrets",
+    summary="Add a signing secret (rotation: old and new both verify)",
+    tag="routes",
+    path_params=NAME,
+    body=m.SecretIn,
+    responses={201: ("How many secrets the route has", m.SecretsOut), **ROTATION_ERRORS},
+)
+def add_secret(name: str, body: m.SecretIn):
+    registry = current_app.extensions["hub.connectors"]
+    count = rotate(lambda s: route_store.add_secret(s, name, body.secret, registry, box()))
+    return m.SecretsOut(route=name, secrets=count), 201
+
+
+@api.route(
+    bp,
+    "DELETE",
+    "/admin/api/routes/{name}/secrets/{which}",
+    summary="Remove a signing secret named by its number (from 1) or its last characters",
+    tag="routes",
+    path_params={**NAME, "which": "1, 2 ... as listed, or the last characters shown masked"},
+    responses={200: ("How many secrets remain", m.SecretsOut), **ROTATION_ERRORS},
+)
+def remove_secret(name: str, which: str):
+    registry = current_app.extensions["hub.connectors"]
+    count = rotate(lambda s: route_store.remove_secret(s, name, which, registry, box()))
+    return m.SecretsOut(route=name, secrets=count)
+
+
+# --- connectors ---
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/connectors",
+    summary="Every loaded connector with its config JSON Schema",
+    tag="connectors",
+    responses={200: ("The connectors", m.ConnectorList)},
+)
+def list_connectors():
+    return m.ConnectorList(
+        connectors=[
+            m.ConnectorOut(
+                name=cls.name,
+                description=cls.description,
+                config_schema=cls.Config.model_json_schema(),
+            )
+            for cls in current_app.extensions["hub.connectors"]
+        ]
+    )
+
+
+# --- events ---
+
+
+def filters(query: m.EventFilters) -> event_store.Filters:
+    return event_store.Filters(
+        route=query.route,
+        status=query.status,
+        reason=query.reason,
+        key_prefix=query.key,
+        since=query.since,
+        until=query.until,
+    )
+
+
+def bad_cursor(where: str) -> ApiError:
+    return ApiError(
+        400, f"{where}.cursor: not a cursor from this hub (use next_cursor)", "bad_cursor"
+    )
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/events",
+    summary="Events newest first, filtered, one keyset page at a time",
+    tag="events",
+    query=m.EventQuery,
+    responses={200: ("A page", m.EventPage), 400: ("The cursor is not one of ours", None)},
+)
+def list_events(query: m.EventQuery):
+    try:
+        page = event_store.search(
+            get_session(),
+            filters(query),
+            limit=query.limit,
+            cursor=query.cursor,
+            text=query.q,
+            window=int(current_app.config["ADMIN_SEARCH_WINDOW"]),
+        )
+    except event_store.BadCursor:
+        raise bad_cursor("query") from None
+    return m.EventPage(
+        events=[m.EventSummary.model_validate(e) for e in page.events],
+        next_cursor=page.next_cursor,
+        scanned=page.scanned,
+    )
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/events/{event_id}",
+    summary="One event with its headers, body and every connector call",
+    tag="events",
+    path_params=EVENT_ID,
+    responses={200: ("The event", m.EventDetail), 404: ("No such event", None)},
+)
+def get_event(event_id: str):
+    event = get_session().get(Event, event_id[:32])
+    if event is None:
+        raise not_found("event")
+    return m.EventDetail.model_validate(
+        event.to_dict(with_attempts=True)
+        | {
+            "method": event.method,
+            "path": event.path,
+            "query": event.query,
+            "content_type": event.content_type,
+            "headers": event.headers or {},
+            "body": (event.body or b"").decode("utf-8", "replace"),
+        }
+    )
+
+
+def wake_workers() -> None:
+    current_app.extensions["hub.wakeup"].set()
+    with get_db().session() as session:
+        notify(session)
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/events/{event_id}/replay",
+    summary="Put one event back in the queue (its attempts keep counting)",
+    tag="events",
+    path_params=EVENT_ID,
+    responses={
+        200: ("Queued again", m.ReplayOut),
+        404: ("No such event", None),
+        409: ("The event cannot be replayed in its state", None),
+    },
+)
+def replay_event(event_id: str):
+    session = get_session()
+    event = session.get(Event, event_id[:32])
+    if event is None:
+        raise not_found("event")
+    if not event_store.replay(session, [event.id]):
+        raise ApiError(409, f"An event that is {event.status} cannot be replayed", "not_replayable")
+    session.commit()
+    wake_workers()
+    return m.ReplayOut(id=event.id, status="pending")
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/events/replay",
+    summary="Replay every event matching the filters (all=true to replay without one)",
+    tag="events",
+    body=m.BulkReplayIn,
+    description="Looks at most at HUB_ADMIN_REPLAY_MAX matching events per call, newest "
+    "first; next_cursor says more matched: send the same body with that cursor.",
+    responses={
+        200: ("How many were replayed", m.BulkReplayOut),
+        400: ("No filter and no all=true, or a bad cursor", None),
+    },
+)
+def replay_events(body: m.BulkReplayIn):
+    if not body.given() and not body.all:
+        raise ApiError(
+            400,
+            "Give a filter (route, status, reason, key, since, until) or all=true",
+            "filter_required",
+        )
+    try:
+        replayed, examined, cursor = event_store.replay_matching(
+            get_db(),
+            filters(body),
+            cursor=body.cursor,
+            examine=int(current_app.config["ADMIN_REPLAY_MAX"]),
+        )
+    except event_store.BadCursor:
+        raise bad_cursor("body") from None
+    if replayed:
+        wake_workers()
+    return m.BulkReplayOut(replayed=replayed, examined=examined, next_cursor=cursor)
+
+
+# --- statistics ---
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/stats",
+    summary="Per route: counts by status and reason, p50/p95 processing time",
+    tag="stats",
+    query=m.StatsQuery,
+    responses={200: ("The window's figures", m.StatsOut)},
+)
+def stats(query: m.StatsQuery):
+    until = query.until or utcnow()
+    figures = event_store.stats(
+        get_session(), query.since, until, int(current_app.config["ADMIN_STATS_MAX_ROWS"])
+    )
+    return m.StatsOut(
+        since=query.since.isoformat(),
+        until=until.isoformat(),
+        events=figures.counted,
+        truncated=figures.truncated,
+        routes=[m.RouteStats(route=r, **v) for r, v in sorted(figures.routes.items())],
+    )

@@ -1,0 +1,339 @@
+"""The bodies the hub's HTTP API reads and writes, as pydantic models.
+
+The admin views validate requests with them and shape their answers with them, and
+``hub.openapi`` builds the document from them: one description of each payload.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from hub import keys as key_store
+from hub import ratelimit
+from hub.events import STATUSES, parse_time
+from hub.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
+
+EventStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+
+def _duration(value: str) -> str:
+    key_store.parse_duration(value)
+    return value
+
+
+def _rate(value: str) -> str:
+    return ratelimit.normalise(value)
+
+
+TimeBound = Annotated[str, Field(max_length=64), AfterValidator(parse_time)]
+Duration = Annotated[
+    str, Field(max_length=32, pattern=r"^\s*\d+\s*[smhdw]\s*$"), AfterValidator(_duration)
+]
+Rate = Annotated[
+    str, Field(max_length=32, pattern=r"^\s*\d{1,9}\s*/\s*[a-z]+\s*$"), AfterValidator(_rate)
+]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused (422 naming them), never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- public ---
+
+
+class HealthOut(BaseModel):
+    status: Literal["healthy"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready"]
+    database: str
+    schema_: str | None = Field(alias="schema")
+
+
+class AttemptOut(BaseModel):
+    run: int
+    step: int
+    connector: str
+    try_: int = Field(alias="try")
+    started_at: str | None
+    duration_ms: int
+    outcome: str
+    http_status: int | None
+    error: str | None
+    request: str | None
+    response: str | None
+
+
+class EventSummary(BaseModel):
+    """An event as listings show it: where it came from and what became of it."""
+
+    id: str
+    route: str
+    status: str
+    reason: str | None
+    key_prefix: str | None
+    remote_addr: str | None
+    received_at: str | None
+    attempts: int
+    next_attempt_at: str | None
+    completed_at: str | None
+    last_error: str | None
+    duplicate_of: str | None
+
+
+class EventOut(EventSummary):
+    result: Any = None
+    attempt_log: list[AttemptOut]
+
+
+class HookOut(BaseModel):
+    """A webhook's answer: delivered (with the result), filtered, queued, or a duplicate."""
+
+    id: str
+    status: str | None = None
+    result: Any = None
+    status_url: str | None = None
+    duplicate: bool | None = None
+    challenge: str | None = None
+
+
+class ProcessIn(BaseModel):
+    input: str = Field(description="The text to process")
+
+
+class ProcessOut(BaseModel):
+    success: bool | None = None
+    result: Any = None
+    input: Any = None
+    task_id: str | None = None
+    id: str | None = None
+    status: str | None = None
+    status_url: str | None = None
+    duplicate: bool | None = None
+
+
+class ChatIn(BaseModel):
+    message: str = Field(min_length=1, description="The user's message to the model")
+
+
+class ChatOut(BaseModel):
+    success: bool | None = None
+    user_message: str | None = None
+    assistant_message: str | None = None
+    tokens_used: int | None = None
+    task_id: str | None = None
+    id: str | None = None
+    status: str | None = None
+    status_url: str | None = None
+    duplicate: bool | None = None
+
+
+# --- admin: keys ---
+
+
+class KeyIn(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    scopes: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=100, description="Routes the key may post to; * for all"
+    )
+    admin: bool = Field(False, description="The key may use the admin API and every route")
+    expires_in: Duration | None = Field(None, description="Lifetime such as 30d, 12h, 2w")
+    rate_limit: Rate | None = Field(None, description="Most requests, such as 1000/hour")
+
+
+class KeyOut(BaseModel):
+    prefix: str
+    name: str
+    scopes: list[str]
+    admin: bool
+    rate_limit: str | None
+    created_at: str | None
+    expires_at: str | None
+    last_used_at: str | None
+    revoked_at: str | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The secret key: shown in this answer only, never again")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+# --- admin: routes ---
+
+
+class RouteIn(RouteSpec):
+    """A whole route; ``verify.secrets`` are written, never read back."""
+
+
+class RoutePut(RouteSpec):
+    """A whole route replacing the stored one; its name comes from the URL.
+
+    With ``verify`` given and no secrets, the route keeps the secrets it has.
+    """
+
+    name: str | None = Field(None, pattern=ROUTE_NAME_PATTERN)
+
+
+class VerifyPatch(Strict):
+    scheme: str | None = None
+    options: dict[str, Any] | None = None
+    secrets: list[str] | None = None
+    secrets_env: list[str] | None = None
+
+
+class RoutePatch(Strict):
+    """Only the fields given change; ``verify: null`` removes the verifier."""
+
+    description: str | None = None
+    mode: Literal["sync", "async"] | None = None
+    steps: list[StepSpec] | None = None
+    filter: str | None = None
+    dedup_path: str | None = None
+    dedup_window: int | None = Field(None, ge=0)
+    retry_schedule: list[int] | None = None
+    auth: AuthMode | None = None
+    verify: VerifyPatch | None = None
+    rate_limit: str | None = None
+    enabled: bool | None = None
+
+
+class VerifyOut(BaseModel):
+    scheme: str
+    options: dict[str, Any]
+    secrets: list[str] | str = Field(description="Masked: whsec_…abcd; never the secret")
+
+
+class RouteOut(BaseModel):
+    name: str
+    description: str | None
+    mode: str
+    steps: list[dict[str, Any]]
+    filter: str | None
+    dedup_path: str | None
+    dedup_window: int
+    retry_schedule: list[int] | None
+    auth: str
+    verify: VerifyOut | None
+    rate_limit: str | None
+    enabled: bool
+
+
+class RouteList(BaseModel):
+    routes: list[RouteOut]
+
+
+class RouteRemoved(BaseModel):
+    name: str
+    removed: bool
+
+
+class SecretIn(Strict):
+    secret: str = Field(min_length=1, max_length=1000)
+
+
+class SecretsOut(BaseModel):
+    route: str
+    secrets: int = Field(description="How many secrets the route now has; any one verifies")
+
+
+# --- admin: connectors ---
+
+
+class ConnectorOut(BaseModel):
+    name: str
+    description: str
+    config_schema: dict[str, Any]
+
+
+class ConnectorList(BaseModel):
+    connectors: list[ConnectorOut]
+
+
+# --- admin: events ---
+
+
+class EventFilters(Strict):
+    route: str | None = Field(None, max_length=200)
+    status: EventStatus | None = None
+    reason: str | None = Field(None, max_length=32)
+    key: str | None = Field(None, max_length=16, description="A key prefix")
+    since: TimeBound | None = Field(None, description="Received at or after: ISO time or age")
+    until: TimeBound | None = Field(None, description="Received before: ISO time or age")
+    cursor: str | None = Field(None, max_length=200, description="next_cursor of a prior page")
+
+    def given(self) -> bool:
+        return any(
+            getattr(self, f) is not None for f in ("route", "status", "reason", "key", "since")
+        ) or (self.until is not None)
+
+
+class EventQuery(EventFilters):
+    q: str | None = Field(
+        None, min_length=1, max_length=200, description="Substring of the body (bounded scan)"
+    )
+    limit: int = Field(50, ge=1, le=500)
+
+
+class EventPage(BaseModel):
+    events: list[EventSummary]
+    next_cursor: str | None = Field(description="Pass as cursor for the next, older page")
+    scanned: int | None = Field(None, description="With q: rows looked at for this page")
+
+
+class EventDetail(EventOut):
+    method: str
+    path: str
+    query: str | None
+    content_type: str | None
+    headers: dict[str, Any]
+    body: str = Field(description="The stored body as text (undecodable bytes replaced)")
+
+
+class ReplayOut(BaseModel):
+    id: str
+    status: str
+
+
+class BulkReplayIn(EventFilters):
+    all: bool = Field(False, description="Required to replay without any filter")
+
+
+class BulkReplayOut(BaseModel):
+    replayed: int
+    examined: int
+    next_cursor: str | None = Field(description="More events matched: send again with this")
+
+
+# --- admin: stats ---
+
+
+class StatsQuery(Strict):
+    since: TimeBound = Field(
+        "24h", validate_default=True, description="Start of the window: ISO time or age"
+    )
+    until: TimeBound | None = None
+
+
+class RouteStats(BaseModel):
+    route: str
+    total: int
+    by_status: dict[str, int]
+    by_reason: dict[str, int]
+    p50_ms: float | None = Field(description="Median completed_at - received_at")
+    p95_ms: float | None
+
+
+class StatsOut(BaseModel):
+    since: str
+    until: str
+    events: int = Field(description="Events counted (at most HUB_ADMIN_STATS_MAX_ROWS)")
+    truncated: bool = Field(description="The window held more: only the newest were counted")
+    routes: list[RouteStats]

@@ -1,0 +1,566 @@
+"""``flask --app hub ...``: the admin's commands for keys, routes, connectors and the database."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
+
+from hub import events as event_store
+from hub import keys as key_store
+from hub import ratelimit, scaffold
+from hub import routes as route_store
+from hub.connectors import Registry, config_fields
+from hub.crypto import SecretBox, SecretsUnreadable
+from hub.db import Database, get_db, upgrade
+from hub.models import Event, utcnow
+from hub.signatures import SCHEMES
+from hub.worker import notify
+
+keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
+routes_cli = AppGroup("routes", help="Add, list, show, remove and apply routes.")
+secret_cli = AppGroup("secret", help="Add or remove a route's signing secrets (rotation).")
+routes_cli.add_command(secret_cli)
+db_cli = AppGroup("db", help="Database schema.")
+connectors_cli = AppGroup("connectors", help="The connectors this hub has loaded.")
+events_cli = AppGroup("events", help="List, show, replay and purge stored events.")
+
+
+def registry() -> Registry:
+    return current_app.extensions["hub.connectors"]
+
+
+def secret_box() -> SecretBox:
+    return current_app.extensions["hub.secrets"]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    rows = [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(headers)] + [line(r) for r in rows]).rstrip()
+
+
+def emit(
+    rows: list[dict], as_json: bool, headers: Sequence[str], cells: Callable[[dict], Sequence]
+) -> None:
+    """A list command's output: the rows as JSON, or as a table of ``cells(row)``."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        click.echo(table(headers, [cells(r) for r in rows]))
+
+
+def fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+# --- db ---
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every migration the database does not have yet."""
+    upgrade(get_db())
+    click.echo("database is at the newest schema")
+
+
+@click.command("init")
+@with_appcontext
+def init_command() -> None:
+    """Migrate, make sure the demo routes exist, and create a first admin key if none."""
+    db: Database = get_db()
+    upgrade(db)
+    with db.session() as session:
+        created = route_store.ensure_demo_routes(session, registry())
+        for name in created:
+            click.echo(f"created demo route {name!r}")
+        if not key_store.list_keys(session):
+            _, key = key_store.create_key(session, "first admin key", admin=True)
+            click.echo("A first admin key was created. It is shown only this once; keep it:")
+            click.echo(f"\n    {key}\n")
+
+
+# --- keys ---
+
+
+@keys_cli.command("create")
+@click.argument("name")
+@click.option(
+    "--scope", "scopes", multiple=True, help="A route this key may post to (repeat); default all."
+)
+@click.option("--admin", is_flag=True, help="The key may use the admin API and every route.")
+@click.option("--expires-in", help="Lifetime such as 30d, 12h, 2w.")
+@click.option("--rate", help="Most requests this key may make, e.g. 1000/hour.")
+def keys_create(
+    name: str, scopes: tuple[str, ...], admin: bool, expires_in: str | None, rate: str | None
+) -> None:
+    """Create a key and print it once (only its digest is stored)."""
+    try:
+        lifetime = key_store.parse_duration(expires_in) if expires_in else None
+        if rate:
+            rate = ratelimit.normalise(rate)
+    except ValueError as exc:
+        fail(str(exc))
+    with get_db().session() as session:
+        row, key = key_store.create_key(
+            session, name, list(scopes) or None, lifetime, rate, admin=admin
+        )
+        click.echo(key)
+        click.echo(
+            f"prefix {row.prefix}{', admin' if row.is_admin else ''}, "
+            f"scopes {', '.join(row.scopes)}"
+            + (f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else "")
+            + (f", at most {row.rate_limit}" if row.rate_limit else "")
+            + ". Shown once: store it now.",
+            err=True,
+        )
+
+
+@keys_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_list(as_json: bool) -> None:
+    """Every key: prefix, name, admin, scopes, created, expires, last used, revoked."""
+    with get_db().session() as session:
+        rows = [k.to_dict() for k in key_store.list_keys(session)]
+    emit(
+        rows,
+        as_json,
+        ["PREFIX", "NAME", "ADMIN", "SCOPES", "RATE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"],
+        lambda r: [
+            r["prefix"],
+            r["name"],
+            "yes" if r["admin"] else "-",
+            ",".join(r["scopes"]),
+            r["rate_limit"] or "-",
+            _short(r["created_at"]),
+            _short(r["expires_at"]),
+            _short(r["last_used_at"]),
+            _short(r["revoked_at"]),
+        ],
+    )
+
+
+def _short(value: str | None) -> str:
+    return value[:16].replace("T", " ") if value else "-"
+
+
+@keys_cli.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key with this prefix; it stops working within HUB_KEY_CACHE_SECONDS."""
+    with get_db().session() as session:
+        row = key_store.revoke(session, prefix)
+        if row is None:
+            fail(f"no key with prefix {prefix!r}")
+    current_app.extensions["hub.keys"].clear()
+    click.echo(f"revoked {prefix}")
+
+
+# --- routes ---
+
+
+@routes_cli.command("add")
+@click.argument("name")
+@click.option("--mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
+@click.option("--step", "steps", multiple=True, help="CONNECTOR or CONNECTOR:{json config}.")
+@click.option("--filter", "filter_", help="Jinja expression; events where it is false are dropped.")
+@click.option("--description")
+@click.option("--dedup-path", help="Dotted path of an id in the body, e.g. id.")
+@click.option("--dedup-window", type=int, help="Seconds a duplicate is remembered.")
+@click.option("--retry-schedule", help="Comma list of seconds, e.g. 30,120,600.")
+@click.option(
+    "--auth",
+    type=click.Choice(route_store.AUTH_MODES),
+    help="What a sender must show [default: signature with --verify, else key].",
+)
+@click.option("--verify", "scheme", help="Signature scheme: " + ", ".join(SCHEMES) + ".")
+@click.option("--secret", "secrets", multiple=True, help="A signing secret (repeat to rotate).")
+@click.option(
+    "--secret-env", "secrets_env", multiple=True, help="Read a signing secret from this variable."
+)
+@click.option(
+    "--verify-option", "verify_options", multiple=True, help="KEY=VALUE, e.g. tolerance=600."
+)
+@click.option("--rate", help="Most requests the route takes, e.g. 100/minute.")
+@click.option("--replace", is_flag=True, help="Overwrite a route of the same name.")
+def routes_add(
+    name,
+    mode,
+    steps,
+    filter_,
+    description,
+    dedup_path,
+    dedup_window,
+    retry_schedule,
+    auth,
+    scheme,
+    secrets,
+    secrets_env,
+    verify_options,
+    rate,
+    replace,
+) -> None:
+    """Add a route; each step's config and its verifier are checked first."""
+    try:
+        data = {"name": name, "mode": mode, "steps": [route_store.parse_step(s) for s in steps]}
+        if retry_schedule:
+            data["retry_schedule"] = [int(v) for v in retry_schedule.split(",")]
+        if scheme:
+            data["verify"] = {
+                "scheme": scheme,
+                "options": dict(_option(o) for o in verify_options),
+                "secrets": list(secrets),
+                "secrets_env": list(secrets_env),
+            }
+        elif secrets or secrets_env or verify_options:
+            raise ValueError("--secret and --verify-option need --verify SCHEME")
+    except ValueError as exc:
+        fail(str(exc))
+    optional = {
+        "filter": filter_,
+        "description": description,
+        "dedup_path": dedup_path,
+        "dedup_window": dedup_window,
+        "auth": auth,
+        "rate_limit": rate,
+    }
+    data.update({k: v for k, v in optional.items() if v is not None})
+    with get_db().session() as session:
+        if not replace and route_store.get(session, name) is not None:
+            fail(f"route {name!r} exists; use --replace to overwrite it")
+        try:
+            route_store.save_routes(session, [data], registry(), secret_box())
+        except route_store.RouteInvalid as exc:
+            fail(_invalid(exc))
+    click.echo(f"route {name!r} saved: POST /hooks/{name}")
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE as JSON when it parses (tolerance=600 is a number)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--verify-option {text!r}: expected KEY=VALUE")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _invalid(exc: route_store.RouteInvalid) -> str:
+    return "invalid route:\n  " + "\n  ".join(exc.errors)
+
+
+@routes_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def routes_list(as_json: bool) -> None:
+    """Every route: name, mode, steps, enabled."""
+    with get_db().session() as session:
+        rows = [route_store.to_dict(r, secret_box()) for r in route_store.list_routes(session)]
+    emit(
+        rows,
+        as_json,
+        ["NAME", "MODE", "AUTH", "RATE", "STEPS", "ENABLED"],
+        lambda r: [
+            r["name"],
+            r["mode"],
+            r["auth"] + (f" ({r['verify']['scheme']})" if r["verify"] else ""),
+            r["rate_limit"] or "-",
+            " > ".join(s["connector"] for s in r["steps"]) or "-",
+            "yes" if r["enabled"] else "no",
+        ],
+    )
+
+
+@routes_cli.command("show")
+@click.argument("name")
+def routes_show(name: str) -> None:
+    """A route as JSON, in the shape `routes apply` reads; signing secrets are masked."""
+    with get_db().session() as session:
+        route = route_store.get(session, name)
+        if route is None:
+            fail(f"no route named {name!r}")
+        click.echo(
+            json.dumps(route_store.to_dict(route, secret_box()), indent=2, ensure_ascii=False)
+        )
+
+
+@routes_cli.command("remove")
+@click.argument("name")
+def routes_remove(name: str) -> None:
+    """Remove a route (its events stay)."""
+    with get_db().session() as session:
+        if not route_store.remove(session, name):
+            fail(f"no route named {name!r}")
+    click.echo(f"removed route {name!r}")
+
+
+@routes_cli.command("apply")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def routes_apply(path: str) -> None:
+    """Create or update the routes in a JSON or YAML file; all or nothing."""
+    try:
+        items = route_store.load_file(path)
+    except ValueError as exc:
+        fail(str(exc))
+    with get_db().session() as session:
+        try:
+            results = route_store.save_routes(session, items, registry(), secret_box())
+        except route_store.RouteInvalid as exc:
+            fail(_invalid(exc))
+    for name, action in results:
+        click.echo(f"{action:9} {name}")
+
+
+@secret_cli.command("add")
+@click.argument("name")
+@click.argument("secret", required=False)
+def secret_add(name: str, secret: str | None) -> None:
+    """Add a signing secret; old and new both verify until the old one is removed.
+
+    Without SECRET it is asked for (not echoed), which keeps it out of shell history.
+    """
+    if secret is None:
+        secret = click.prompt("Secret", hide_input=True)
+    with get_db().session() as session:
+        try:
+            count = route_store.add_secret(session, name, secret, registry(), secret_box())
+        except LookupError as exc:
+            fail(str(exc))
+        except SecretsUnreadable:
+            fail(_unreadable(name))
+        except route_store.RouteInvalid as exc:
+            fail(_invalid(exc))
+    click.echo(f"route {name!r} now has {count} secrets; any one verifies")
+
+
+@secret_cli.command("remove")
+@click.argument("name")
+@click.argument("which")
+def secret_remove(name: str, which: str) -> None:
+    """Remove a secret named by its value, its number in `routes show` (from 1), or its
+    last characters (as `routes show` masks it)."""
+    with get_db().session() as session:
+        try:
+            count = route_store.remove_secret(session, name, which, registry(), secret_box())
+        except LookupError as exc:
+            fail(str(exc))
+        except SecretsUnreadable:
+            fail(_unreadable(name))
+        except route_store.RouteInvalid as exc:
+            fail(_invalid(exc))
+    click.echo(f"route {name!r} now has {count} secret{'s' if count != 1 else ''}")
+
+
+def _unreadable(name: str) -> str:
+    return (
+        f"route {name!r}: its stored secrets do not decrypt with this HUB_SECRET_KEY "
+        "(was it changed?); set them again with `routes apply` or `routes add --replace`"
+    )
+
+
+# --- connectors ---
+
+
+@connectors_cli.command("list")
+def connectors_list() -> None:
+    """Each connector's name, description and config fields."""
+    for cls in registry():
+        click.echo(f"{cls.name}: {cls.description}")
+        for field in config_fields(cls):
+            default = f" = {field.default}" if field.default is not None else ""
+            need = " (required)" if field.required else ""
+            line = f"    {field.name}: {field.kind}{default}{need}  {field.description}"
+            click.echo(line.rstrip())
+
+
+@connectors_cli.command("new")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a package of its own here (with a pyproject.toml declaring the entry point) "
+    "instead of connectors/NAME.py and tests/test_NAME.py in the current directory.",
+)
+def connectors_new(name: str, directory: Path | None) -> None:
+    """Write a starter connector and its test (which passes as written)."""
+    try:
+        result = scaffold.write_connector(name, directory, Path.cwd())
+    except (ValueError, FileExistsError) as exc:
+        fail(str(exc))
+    for path in result.written:
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        click.echo(f"wrote {shown}")
+    click.echo("next:")
+    for step in result.next_steps:
+        click.echo(f"  - {step}")
+
+
+# --- events ---
+
+
+def _since(value: str | None):
+    if not value:
+        return None
+    try:
+        return event_store.parse_time(value)
+    except ValueError as exc:
+        fail(f"{value!r}: {exc}")
+
+
+@events_cli.command("list")
+@click.option("--route", help="Only this route.")
+@click.option("--status", type=click.Choice(event_store.STATUSES), help="Only this status.")
+@click.option("--since", help="Received after an ISO time or within an age such as 2h.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def events_list(route, status, since, limit, as_json) -> None:
+    """The newest events first."""
+    with get_db().session() as session:
+        rows = [
+            e.to_dict()
+            for e in event_store.find(
+                session, route=route, status=status, since=_since(since), limit=limit
+            )
+        ]
+    emit(
+        rows,
+        as_json,
+        ["ID", "ROUTE", "STATUS", "REASON", "ATTEMPTS", "RECEIVED", "LAST ERROR"],
+        lambda r: [
+            r["id"],
+            r["route"][:24],
+            r["status"],
+            r["reason"] or "-",
+            r["attempts"],
+            _short(r["received_at"]),
+            (r["last_error"] or "-")[:60],
+        ],
+    )
+
+
+@events_cli.command("show")
+@click.argument("event_id")
+def events_show(event_id: str) -> None:
+    """An event with its headers, body and every connector call."""
+    with get_db().session() as session:
+        event = session.get(Event, event_id)
+        if event is None:
+            fail(f"no event {event_id!r}")
+        data = event.to_dict(with_attempts=True)
+        data["headers"] = event.headers
+        data["query"] = event.query
+        data["body"] = (event.body or b"").decode("utf-8", "replace")
+    click.echo(json.dumps(data, indent=2))
+
+
+@events_cli.command("replay")
+@click.argument("event_ids", nargs=-1)
+@click.option(
+    "--status", type=click.Choice(event_store.REPLAYABLE), help="Replay every such event."
+)
+@click.option("--route", help="With --status: only this route.")
+@click.option("--since", help="With --status: received after an ISO time or within an age.")
+def events_replay(event_ids, status, route, since) -> None:
+    """Put events that are not in flight back in the queue; their attempts keep counting.
+
+    Delivered, failed, dead and filtered events, and processing or retrying ones whose lease
+    has run out. Rejected and duplicate events never are: they were never accepted.
+    """
+    db = get_db()
+    if bool(event_ids) == bool(status):
+        fail("give event ids, or --status (with --route/--since) for a bulk replay")
+    if event_ids:
+        with db.session() as session:
+            done = event_store.replay(session, event_ids)
+            skipped = event_store.why_not_replayed(
+                session, [i for i in dict.fromkeys(event_ids) if i not in set(done)]
+            )
+        for event_id in done:
+            click.echo(f"replayed {event_id}")
+        for event_id, reason in skipped.items():
+            click.echo(f"skipped {event_id}: {reason}", err=True)
+    else:
+        when = _since(since)
+        total = event_store.count(db, status=status, route=route, since=when)
+        done = []
+        with click.progressbar(
+            length=total, label=f"replaying {status} events", file=sys.stderr
+        ) as bar:
+            for ids in event_store.matching_ids(db, status=status, route=route, since=when):
+                with db.session() as session:
+                    done += event_store.replay(session, ids)
+                bar.update(len(ids))
+        click.echo(f"replayed {len(done)} event(s)")
+    current_app.extensions["hub.wakeup"].set()
+    if done:
+        with db.session() as session:
+            notify(session)
+
+
+@events_cli.command("purge")
+@click.option("--older-than", required=True, help="Age such as 30d; finished events only.")
+def events_purge(older_than: str) -> None:
+    """Delete finished events (and their attempts) older than an age, in small batches."""
+    try:
+        cutoff = utcnow() - key_store.parse_duration(older_than)
+    except ValueError as exc:
+        fail(str(exc))
+    db = get_db()
+    removed = event_store.purge(db, cutoff)
+    click.echo(f"purged {removed} event(s) received before {cutoff:%Y-%m-%d %H:%M} UTC")
+    limiter = current_app.extensions["hub.ratelimit"]
+    if isinstance(limiter, ratelimit.DatabaseLimiter):  # windows of keys and routes gone quiet
+        with db.session() as session:
+            dropped = limiter.purge(session)
+        click.echo(f"dropped {dropped} expired rate-limit window(s)")
+
+
+# --- worker ---
+
+
+@click.command("worker")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Events delivered at once by this process.",
+)
+@click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+@with_appcontext
+def worker_command(concurrency: int, once: bool) -> None:
+    """Deliver async events: run beside gunicorn, as many as you like, on any machine."""
+    import signal
+    import threading
+
+    from hub.worker import Worker
+
+    app = current_app._get_current_object()
+    worker = Worker(app)
+    if once:
+        click.echo(f"delivered {worker.run_once(limit=10**9)} event(s)")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start(concurrency)
+    click.echo(f"worker {worker.name} delivering with {concurrency} thread(s)", err=True)
+    stop.wait()
+    click.echo("stopping: finishing in-flight deliveries", err=True)
+    worker.stop()
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(worker_command)
+    for group in (keys_cli, routes_cli, db_cli, connectors_cli, events_cli):
+        app.cli.add_command(group)
+    app.cli.add_command(init_command)

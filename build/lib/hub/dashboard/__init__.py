@@ -1,0 +1,59 @@
+"""The admin dashboard: server-rendered pages under HUB_DASHBOARD_PREFIX (``/dashboard``).
+
+Jinja templates and a small plain script, every file served by the hub itself; a
+Content-Security-Policy without inline script or style on every answer. The pages are thin
+views over the service layer the admin API uses (``hub.keys``, ``hub.routes``,
+``hub.events``). HUB_DASHBOARD=false leaves it out entirely (its paths answer 404).
+"""
+
+from __future__ import annotations
+
+import re
+
+from flask import Flask, redirect, url_for
+
+# Paths the hub itself answers: the dashboard may not sit on or under one of them.
+RESERVED = (
+    "/hooks",
+    "/api",
+    "/events",
+    "/health",
+    "/ready",
+    "/admin/api",
+    "/openapi.json",
+    "/docs",
+)
+PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+def dashboard_prefix(value: object) -> str:
+    """HUB_DASHBOARD_PREFIX checked: a path such as ``/admin/ui``, clear of the hub's own."""
+    prefix = str(value or "").rstrip("/")
+    if not PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"HUB_DASHBOARD_PREFIX: expected a path such as /dashboard or /admin/ui: {value!r}"
+        )
+    for taken in RESERVED:
+        if prefix == taken or prefix.startswith(taken + "/"):
+            raise ValueError(f"HUB_DASHBOARD_PREFIX: {prefix} is the hub's own path {taken}")
+    return prefix
+
+
+def init_app(app: Flask) -> None:
+    enabled = app.config.get("DASHBOARD")
+    if not isinstance(enabled, bool):
+        raise ValueError(f"HUB_DASHBOARD: expected true or false: {enabled!r}")
+    seconds = app.config.get("DASHBOARD_SESSION_SECONDS")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 60:
+        raise ValueError(f"HUB_DASHBOARD_SESSION_SECONDS: expected 60 or more: {seconds!r}")
+    rows = app.config.get("DASHBOARD_OVERVIEW_MAX_ROWS")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"HUB_DASHBOARD_OVERVIEW_MAX_ROWS: expected 1 or more: {rows!r}")
+    prefix = dashboard_prefix(app.config.get("DASHBOARD_PREFIX"))
+    if not enabled:
+        return
+    from hub.dashboard.views import bp
+
+    app.register_blueprint(bp, url_prefix=prefix)
+    # The hub's root opens the dashboard (its sign-in page when nobody is signed in).
+    app.add_url_rule("/", "dashboard_home", lambda: redirect(url_for("dashboard.overview")))

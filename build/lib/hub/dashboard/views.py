@@ -1,0 +1,808 @@
+"""The dashboard's pages: thin views over the service layer the admin API uses.
+
+Every list is bounded (a page of events, at most so many routes, keys or attempts), every
+query walks the indexes the admin API's do, and every change goes through the same
+functions (and the same checks, with the same sentences) as ``/admin/api``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from pydantic import ValidationError
+
+from hub import admin as admin_api
+from hub import api_models as m
+from hub import events as event_store
+from hub import ingest, ratelimit, redact, signatures
+from hub import keys as key_store
+from hub import routes as route_store
+from hub.connectors import config_fields, describe_validation_error
+from hub.dashboard import charts
+from hub.dashboard import session as dash
+from hub.db import get_db, get_session
+from hub.models import Event, utcnow
+
+bp = Blueprint(
+    "dashboard",
+    __name__,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+log = logging.getLogger("hub.dashboard")
+
+PAGE = 50  # events per page
+TAIL_MAX = 50  # new events one live-tail poll adds
+MAX_ROUTES = 200  # routes listed
+MAX_CARDS = 60  # routes charted on the overview, the busiest first
+MAX_KEYS = 500  # keys listed, newest first
+MAX_ATTEMPTS = 200  # attempts shown on an event's page, newest
+SHOW_BYTES = 256 * 1024  # of a body or result shown on an event's page
+QUEUE_CAP = 10_000  # queued events counted before the overview says "more than"
+BUCKETS = 12  # slices of the overview's hour
+TOP_REASONS = 5
+OPEN_ENDPOINTS = ("dashboard.sign_in", "dashboard.static")
+FILTER_FIELDS = ("route", "status", "reason", "key", "since", "until", "q")
+
+
+# --- every request: the session, CSRF, the sign-in wall, the headers ---
+
+
+@bp.before_request
+def guard():
+    if request.endpoint == "dashboard.static":
+        return None
+    dash.load()
+    if request.method in dash.CHANGES and not dash.csrf_ok():
+        log.warning("dashboard: %s %s refused: no valid CSRF token", request.method, request.path)
+        return page(
+            "dashboard/error.html",
+            403,
+            title="Form expired",
+            message="This form did not come from this dashboard session (its CSRF token is "
+            "missing or stale). Go back, reload the page and try again.",
+        )
+    if g.admin is None and request.endpoint not in OPEN_ENDPOINTS:
+        if request.headers.get("X-Dashboard-Fetch"):
+            return "", 401  # a poll from a page whose session ended: the script reloads
+        target = request.full_path.rstrip("?") if request.method == "GET" else None
+        return redirect(url_for("dashboard.sign_in", next=target))
+    if g.admin is not None:
+        g.admin_prefix = g.admin.prefix  # the admin API's change log names the key
+    return None
+
+
+@bp.after_request
+def finish(response):
+    if "admin_prefix" in g:
+        # Log the change with the admin key and forget cached keys and routes, as the API does.
+        response = admin_api.after_change(response)
+    return dash.save(response, url_for("dashboard.overview"))
+
+
+@bp.app_template_global()
+def csrf_token() -> str:
+    return dash.csrf_token()
+
+
+@bp.app_template_filter("when")
+def when(value: Any) -> str:
+    """A stored time as ``2026-11-24 10:21:38`` UTC (a listing's ISO string or a datetime)."""
+    if not value:
+        return "—"
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@bp.app_template_filter("age")
+def age(value: datetime | timedelta | None) -> str:
+    if value is None:
+        return "—"
+    delta = value if isinstance(value, timedelta) else utcnow() - value
+    seconds = max(0, int(delta.total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} d"
+
+
+def page(template: str, status: int = 200, **context: Any):
+    """A template rendered with the signed-in key; a whole page (not a ``_fragment``) shows
+    and clears the messages waiting for it."""
+    whole = not template.split("/")[-1].startswith("_")
+    context.setdefault("flashes", dash.take_flashes() if whole else [])
+    return render_template(template, admin=g.get("admin"), **context), status
+
+
+def fragment() -> bool:
+    return bool(request.args.get("fragment"))
+
+
+def errors_by_field(errors: list[str]) -> dict[str, list[str]]:
+    """Problems as the API words them (``steps[0] (http): url: ...``), by the form field
+    each belongs beside; ``""`` holds those of no one field."""
+    fields: dict[str, list[str]] = {}
+    for error in errors:
+        head = error.split(":", 1)[0].split(" ", 1)[0]
+        name = head.split("[", 1)[0]
+        parts = name.split(".")
+        if parts[0] == "verify":
+            name = "verify_" + (parts[1] if len(parts) > 1 else "scheme")
+            if name == "verify_secrets_env":
+                name = "verify_secrets"
+        else:
+            name = parts[0]
+        fields.setdefault(name, []).append(error)
+    return fields
+
+
+# --- signing in and out ---
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: a page of this dashboard, never another site."""
+    home = url_for("dashboard.overview")
+    if target and target.startswith(home) and "//" not in target and "\\" not in target:
+        return target
+    return home
+
+
+@bp.route("/sign-in", methods=["GET", "POST"])
+def sign_in():
+    if request.method == "GET":
+        if g.admin is not None:
+            return redirect(safe_next(request.args.get("next")))
+        return page("dashboard/sign_in.html", next=request.args.get("next", ""))
+    session = get_session()
+    limiter = current_app.extensions["hub.ratelimit"]
+    rate = ingest.refusal_rate()
+    target = request.form.get("next", "")
+
+    def refuse(status: int, message: str):
+        return page("dashboard/sign_in.html", status, error=message, next=target)
+
+    presented = request.form.get("key", "").strip()
+    try:
+        info = key_store.authenticate(session, presented, current_app.extensions["hub.keys"])
+    except key_store.KeyRefused as exc:
+        # A stranger's guess counts against this address's refusal budget, as a refused
+        # webhook does; once it is spent, every guess is answered 429 until the window ends
+        # (a valid key still signs in: an admin is not locked out by a flood beside them).
+        log.warning("dashboard: sign-in refused (%s)", exc.code)
+        if rate is not None:
+            decision = limiter.peek(session, ingest.refusal_bucket(), rate)
+            if not decision.allowed:
+                session.commit()
+                return refuse(
+                    429,
+                    "Too many refused requests from this address: try again in "
+                    f"{decision.retry_after} s.",
+                )
+            ratelimit.check(limiter, session, [(ingest.refusal_bucket(), rate)])
+        session.commit()
+        message = {
+            "revoked": "This API key has been revoked.",
+            "expired": "This API key has expired.",
+        }.get(exc.code, "That is not a valid API key.")
+        return refuse(401, message)
+    if not info.is_admin:
+        session.commit()
+        log.warning("dashboard: sign-in refused, key %s is not an admin key", info.prefix)
+        return refuse(
+            403,
+            "This key is not an admin key. The dashboard needs one made with "
+            "`flask --app hub keys create --admin NAME`.",
+        )
+    key_store.touch(session, info, current_app.extensions["hub.keys"], presented)
+    session.commit()
+    dash.sign_in(info, presented)
+    log.info("dashboard: admin key %s signed in", info.prefix)
+    return redirect(safe_next(target), 303)
+
+
+@bp.post("/sign-out")
+def sign_out():
+    if g.admin is not None:
+        log.info("dashboard: admin key %s signed out", g.admin.prefix)
+    g.pop("admin_prefix", None)
+    dash.sign_out("You are signed out.")
+    return redirect(url_for("dashboard.sign_in"), 303)
+
+
+# --- overview ---
+
+
+@bp.get("/")
+def overview():
+    session = get_session()
+    now = utcnow()
+    hour = event_store.timeline(
+        session,
+        now - timedelta(hours=1),
+        now,
+        BUCKETS,
+        int(current_app.config["DASHBOARD_OVERVIEW_MAX_ROWS"]),
+    )
+    queue = event_store.queue(session, now, QUEUE_CAP)
+    routes = route_store.list_routes(session)
+    known = {r.name for r in routes}
+    empty = {"total": 0, "series": {}, "by_status": {}, "by_reason": {}}
+    cards = []
+    for route in routes:
+        figures = hour.routes.get(route.name, empty)
+        cards.append(
+            {
+                "name": route.name,
+                "route": route,
+                "figures": figures,
+                "chart": charts.stacked(figures["series"], BUCKETS),
+                "reasons": top(figures["by_reason"]),
+                "queued": queue.by_route.get(route.name, 0),
+            }
+        )
+    # The busiest routes first; past MAX_CARDS the rest are counted, not drawn.
+    cards.sort(key=lambda c: (-c["figures"]["total"], c["name"]))
+    hidden = cards[MAX_CARDS:]
+    # Names no route has (a stranger's /hooks/anything) share one card: a scan of made-up
+    # names cannot grow the page.
+    others = {name: f for name, f in hour.routes.items() if name not in known}
+    other = None
+    if others:
+        merged: dict[str, list[int]] = {}
+        for figures in others.values():
+            for status, values in figures["series"].items():
+                total = merged.setdefault(status, [0] * BUCKETS)
+                merged[status] = [a + b for a, b in zip(total, values, strict=True)]
+        other = {
+            "chart": charts.stacked(merged, BUCKETS),
+            "total": sum(f["total"] for f in others.values()),
+            "names": top({n: f["total"] for n, f in others.items()}),
+            "reasons": top(add_up(f["by_reason"] for f in others.values())),
+        }
+    context = {
+        "cards": cards[:MAX_CARDS],
+        "hidden": len(hidden),
+        "other": other,
+        "queue": queue,
+        "oldest_age": now - queue.oldest_due if queue.oldest_due else None,
+        "hour": hour,
+        "by_status": add_up(f["by_status"] for f in hour.routes.values()),
+        "reasons": top(add_up(f["by_reason"] for f in hour.routes.values())),
+        "now": now,
+    }
+    if fragment():
+        return page("dashboard/_overview.html", **context)
+    return page("dashboard/overview.html", **context)
+
+
+def add_up(mappings) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for mapping in mappings:
+        for name, n in mapping.items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
+def top(counts: dict[str, int], n: int = TOP_REASONS) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+
+# --- events ---
+
+
+def event_query(args) -> tuple[m.EventQuery | None, dict[str, str], list[str]]:
+    """The list's filters from the query string, read by the API's own model."""
+    raw = {f: args.get(f, "").strip() for f in FILTER_FIELDS}
+    given = {f: v for f, v in raw.items() if v}
+    if args.get("cursor"):
+        given["cursor"] = args["cursor"]
+    try:
+        return m.EventQuery.model_validate({**given, "limit": PAGE}), raw, []
+    except ValidationError as exc:
+        return None, raw, describe_validation_error(exc)
+
+
+def cursor_of(row: dict) -> str:
+    return event_store.encode_cursor(datetime.fromisoformat(row["received_at"]), row["id"])
+
+
+def filter_args(raw: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in raw.items() if v}
+
+
+@bp.get("/events")
+def events():
+    session = get_session()
+    query, raw, errors = event_query(request.args)
+    result = None
+    if query is not None:
+        try:
+            result = event_store.search(
+                session,
+                admin_api.filters(query),
+                limit=PAGE,
+                cursor=query.cursor,
+                text=query.q,
+                window=int(current_app.config["ADMIN_SEARCH_WINDOW"]),
+            )
+        except event_store.BadCursor:
+            errors = ["cursor: not a cursor from this hub; start again from the newest"]
+    rows = result.events if result else []
+    for row in rows:
+        row["cursor"] = cursor_of(row)
+    return page(
+        "dashboard/events.html",
+        400 if errors else 200,
+        rows=rows,
+        result=result,
+        raw=raw,
+        args=filter_args(raw),
+        errors=errors_by_field(errors),
+        statuses=event_store.STATUSES,
+        route_names=[r.name for r in route_store.list_routes(session)[:MAX_ROUTES]],
+        first_page=not request.args.get("cursor"),
+        # The tail shows what arrives after the newest row (or after now, on an empty list).
+        tail_after=rows[0]["cursor"] if rows else event_store.encode_cursor(utcnow(), "evt_"),
+    )
+
+
+@bp.get("/events/tail")
+def events_tail():
+    """Rows newer than ``after`` (the newest row a page shows), newest first, for the live
+    tail; at most TAIL_MAX, with a note when more arrived than that."""
+    query, raw, errors = event_query(request.args)
+    try:
+        after_at, after_id = event_store.decode_cursor(request.args.get("after", ""))
+    except event_store.BadCursor:
+        after_at = after_id = None
+    if query is None or errors or after_at is None:
+        return "", 204
+    filters = admin_api.filters(query)
+    since = max(filters.since, after_at) if filters.since else after_at
+    result = event_store.search(
+        get_session(),
+        dataclasses.replace(filters, since=since),
+        limit=TAIL_MAX,
+        text=query.q,
+        window=int(current_app.config["ADMIN_SEARCH_WINDOW"]),
+    )
+    rows = []
+    for row in result.events:
+        received = datetime.fromisoformat(row["received_at"])
+        if (received, row["id"]) > (after_at, after_id):
+            row["cursor"] = cursor_of(row)
+            rows.append(row)
+    if not rows:
+        return "", 204
+    return page("dashboard/_event_rows.html", rows=rows, fresh=True, more=result.next_cursor)
+
+
+def get_event_or_404(event_id: str) -> Event:
+    event = get_session().get(Event, event_id[:32]) if "\x00" not in event_id else None
+    if event is None:
+        abort(404)
+    return event
+
+
+def shown_text(data: bytes | None) -> tuple[str, bool, bool]:
+    """A body as text for a page: (text, pretty-printed JSON?, cut short?)."""
+    raw = data or b""
+    cut = len(raw) > SHOW_BYTES
+    text = raw[:SHOW_BYTES].decode("utf-8", "replace")
+    if not cut:
+        try:
+            return json.dumps(json.loads(text), indent=2, ensure_ascii=False), True, False
+        except ValueError:
+            pass
+    return text, False, cut
+
+
+def shown_json(value: Any) -> tuple[str, bool]:
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return text[:SHOW_BYTES], len(text) > SHOW_BYTES
+
+
+@bp.get("/events/<event_id>")
+def event_detail(event_id: str):
+    session = get_session()
+    event = get_event_or_404(event_id)
+    attempts, older = event_store.latest_attempts(session, event.id, MAX_ATTEMPTS)
+    body, pretty, body_cut = shown_text(event.body)
+    result, result_cut = shown_json(event.result) if event.result is not None else ("", False)
+    replayable = event.status in event_store.REPLAYABLE
+    why_not = None if replayable else event_store.why_not_replayed(session, [event.id])[event.id]
+    context = {
+        "event": event,
+        "attempts": attempts,
+        "older_attempts": older,
+        "body": body,
+        "pretty": pretty,
+        "body_cut": body_cut,
+        "size": event.body_size if event.body_size is not None else len(event.body or b""),
+        "result": result,
+        "result_cut": result_cut,
+        "replayable": replayable,
+        "why_not": why_not,
+        "in_flight": event.status in ("pending", "processing", "retrying"),
+    }
+    if fragment():
+        return page("dashboard/_event.html", **context)
+    return page("dashboard/event.html", **context)
+
+
+@bp.post("/events/<event_id>/replay")
+def replay_event(event_id: str):
+    session = get_session()
+    event = get_event_or_404(event_id)
+    if event_store.replay(session, [event.id]):
+        session.commit()
+        admin_api.wake_workers()
+        dash.flash(f"Event {event.id} is queued again.")
+    else:
+        session.rollback()
+        reason = event_store.why_not_replayed(session, [event.id])[event.id]
+        dash.flash(f"Not replayed: {reason}.", "error")
+    return redirect(url_for("dashboard.event_detail", event_id=event.id), 303)
+
+
+@bp.route("/events/replay", methods=["GET", "POST"])
+def replay_events():
+    """Bulk replay of a filtered list: a confirmation that says how many, then the replay."""
+    source = request.args if request.method == "GET" else request.form
+    query, raw, errors = event_query(source)
+    args = filter_args(raw)
+    if query is not None and query.q:
+        errors = ["q: a bulk replay cannot filter by body text; remove it to replay"]
+    if query is None or errors:
+        return page("dashboard/replay.html", 400, errors=errors, args=args, raw=raw, count=None)
+    filters = admin_api.filters(query)
+    cap = int(current_app.config["ADMIN_REPLAY_MAX"])
+    if request.method == "GET":
+        count = event_store.count_replayable(get_session(), filters, cap)
+        return page("dashboard/replay.html", count=count, cap=cap, args=args, raw=raw, errors=[])
+    replayed, examined, more = event_store.replay_matching(get_db(), filters, examine=cap)
+    if replayed:
+        admin_api.wake_workers()
+    message = f"Replayed {replayed} of the {examined} matching events looked at."
+    if more:
+        message += " More matched: replay again for the next ones."
+    dash.flash(message)
+    return redirect(url_for("dashboard.events", **args), 303)
+
+
+# --- routes ---
+
+
+def retry_text(schedule: list[int] | None) -> str:
+    delays = schedule or route_store.DEFAULT_RETRY_SCHEDULE
+    return ", ".join(age(timedelta(seconds=s)) for s in delays)
+
+
+def steps_shown(steps: list[dict]) -> list[dict]:
+    registry = current_app.extensions["hub.connectors"]
+    shown = []
+    for step in steps or []:
+        name = step.get("connector", "?")
+        described = registry.get(name).description if name in registry else "not loaded"
+        config = json.dumps(redact.mapping(step.get("config") or {}), indent=2, ensure_ascii=False)
+        shown.append({"connector": name, "description": described, "config": config})
+    return shown
+
+
+@bp.get("/routes")
+def routes():
+    listed = route_store.list_routes(get_session())
+    return page(
+        "dashboard/routes.html",
+        routes=listed[:MAX_ROUTES],
+        more=len(listed) > MAX_ROUTES,
+    )
+
+
+def get_route_or_404(name: str):
+    route = route_store.get(get_session(), name)
+    if route is None:
+        abort(404)
+    return route
+
+
+@bp.get("/routes/<name>")
+def route_detail(name: str):
+    route = get_route_or_404(name)
+    data = route_store.to_dict(route, admin_api.box())
+    return page(
+        "dashboard/route.html",
+        route=route,
+        data=data,
+        steps=steps_shown(route.steps),
+        retries=retry_text(route.retry_schedule),
+        default_retries=route.retry_schedule is None,
+    )
+
+
+@bp.post("/routes/<name>/enabled")
+def route_enabled(name: str):
+    route = get_route_or_404(name)
+    enabled = request.form.get("enabled") == "true"
+    data = route_store.changed_data(route, admin_api.box(), {"enabled": enabled}, whole=False)
+    problems = save_route(data)
+    if problems:
+        dash.flash("Not changed: " + "; ".join(problems), "error")
+    else:
+        dash.flash(f"Route {name} is {'enabled' if enabled else 'disabled'}.")
+    return redirect(url_for("dashboard.route_detail", name=name), 303)
+
+
+def save_route(data: dict[str, Any]) -> list[str]:
+    """Save through the same function as the API (``None`` problems: saved)."""
+    session = get_session()
+    try:
+        route_store.save_route(
+            session, data, current_app.extensions["hub.connectors"], admin_api.box(), environ={}
+        )
+    except route_store.RouteInvalid as exc:
+        session.rollback()
+        return exc.errors
+    session.commit()
+    return []
+
+
+def route_form_values(route=None) -> dict[str, str]:
+    if route is None:
+        return {
+            "name": "",
+            "description": "",
+            "mode": "async",
+            "auth": "",
+            "steps": json.dumps([{"connector": "http", "config": {"url": "https://"}}], indent=2),
+            "filter": "",
+            "dedup_path": "",
+            "dedup_window": "86400",
+            "retry_schedule": "",
+            "rate_limit": "",
+            "enabled": "true",
+            "verify_scheme": "",
+            "verify_options": "{}",
+            "verify_secrets": "",
+        }
+    steps = [
+        {"connector": s.get("connector"), "config": redact.mapping(s.get("config") or {})}
+        for s in route.steps or []
+    ]
+    return {
+        "name": route.name,
+        "description": route.description or "",
+        "mode": route.mode,
+        "auth": route.auth or "",
+        "steps": json.dumps(steps, indent=2, ensure_ascii=False),
+        "filter": route.filter or "",
+        "dedup_path": route.dedup_path or "",
+        "dedup_window": str(route.dedup_window),
+        "retry_schedule": ", ".join(str(s) for s in route.retry_schedule or []),
+        "rate_limit": route.rate_limit or "",
+        "enabled": "true" if route.enabled else "",
+        "verify_scheme": route.verify_scheme or "",
+        "verify_options": json.dumps(route.verify_options or {}),
+        "verify_secrets": "",
+    }
+
+
+def unmask(given: Any, stored: Any) -> Any:
+    """A step config from the form with each ``[redacted]`` value put back to the stored
+    one: the form shows configs masked, and saving must not overwrite a secret with that."""
+    if given == redact.REDACTED and stored is not None:
+        return stored
+    if isinstance(given, dict) and isinstance(stored, dict):
+        return {k: unmask(v, stored.get(k)) for k, v in given.items()}
+    if isinstance(given, list) and isinstance(stored, list):
+        return [unmask(v, stored[i] if i < len(stored) else None) for i, v in enumerate(given)]
+    return given
+
+
+def route_form_data(form, route) -> tuple[dict[str, Any], list[str]]:
+    """The form as the API's route body; problems with the form's own syntax first."""
+    problems: list[str] = []
+    data: dict[str, Any] = {
+        "name": route.name if route else form.get("name", "").strip(),
+        "description": form.get("description", "").strip() or None,
+        "mode": form.get("mode", ""),
+        "filter": form.get("filter", "").strip() or None,
+        "dedup_path": form.get("dedup_path", "").strip() or None,
+        "rate_limit": form.get("rate_limit", "").strip() or None,
+        "enabled": form.get("enabled") == "true",
+    }
+    if form.get("auth"):
+        data["auth"] = form["auth"]
+    try:
+        steps = json.loads(form.get("steps", "") or "[]")
+        if route is not None and isinstance(steps, list):
+            stored = route.steps or []
+            steps = [
+                unmask(s, stored[i]) if i < len(stored) and isinstance(s, dict) else s
+                for i, s in enumerate(steps)
+            ]
+        data["steps"] = steps
+    except ValueError as exc:
+        problems.append(f"steps: not valid JSON ({exc})")
+    window = form.get("dedup_window", "").strip()
+    if window:
+        if window.isdigit():
+            data["dedup_window"] = int(window)
+        else:
+            problems.append("dedup_window: a whole number of seconds")
+    schedule = form.get("retry_schedule", "").replace(",", " ").split()
+    if schedule:
+        if all(s.isdigit() for s in schedule):
+            data["retry_schedule"] = [int(s) for s in schedule]
+        else:
+            problems.append("retry_schedule: seconds separated by commas, such as 30, 120, 600")
+    scheme = form.get("verify_scheme", "")
+    if scheme:
+        verify: dict[str, Any] = {"scheme": scheme}
+        try:
+            verify["options"] = json.loads(form.get("verify_options", "") or "{}")
+        except ValueError as exc:
+            problems.append(f"verify.options: not valid JSON ({exc})")
+        secrets = [s.strip() for s in form.get("verify_secrets", "").splitlines() if s.strip()]
+        if secrets:
+            verify["secrets"] = secrets
+        data["verify"] = verify
+    else:
+        data["verify"] = None
+    return data, problems
+
+
+def route_form(route=None):
+    registry = current_app.extensions["hub.connectors"]
+    values = route_form_values(route)
+    errors: list[str] = []
+    status = 200
+    if request.method == "POST":
+        values = {k: request.form.get(k, "") for k in values}
+        if route is not None:
+            values["name"] = route.name
+        data, errors = route_form_data(request.form, route)
+        if not errors and route is None and route_store.get(get_session(), data["name"]):
+            errors = [f"name: a route called {data['name']!r} exists; edit it instead"]
+        if not errors:
+            if route is not None:
+                changes = {k: v for k, v in data.items() if k != "name"}
+                data = route_store.changed_data(route, admin_api.box(), changes, whole=True)
+            errors = save_route(data)
+        if not errors:
+            dash.flash(f"Route {data['name']} saved.")
+            return redirect(url_for("dashboard.route_detail", name=data["name"]), 303)
+        status = 422
+    return page(
+        "dashboard/route_form.html",
+        status,
+        route=route,
+        values=values,
+        errors=errors_by_field(errors),
+        all_errors=errors,
+        connectors=[(cls, config_fields(cls)) for cls in registry],
+        schemes=signatures.SCHEMES,
+        auth_modes=route_store.AUTH_MODES,
+    )
+
+
+@bp.route("/routes/new", methods=["GET", "POST"])
+def route_new():
+    return route_form()
+
+
+@bp.route("/routes/<name>/edit", methods=["GET", "POST"])
+def route_edit(name: str):
+    return route_form(get_route_or_404(name))
+
+
+# --- keys ---
+
+
+def key_rows() -> tuple[list, bool]:
+    listed = key_store.list_keys(get_session())
+    return list(reversed(listed[-MAX_KEYS:])), len(listed) > MAX_KEYS
+
+
+@bp.route("/keys", methods=["GET", "POST"])
+def keys():
+    values = {"name": "", "scopes": "", "expires_in": "", "rate_limit": "", "admin": ""}
+    errors: list[str] = []
+    created = None
+    status = 200
+    if request.method == "POST":
+        values = {k: request.form.get(k, "").strip() for k in values}
+        body = {
+            "name": values["name"],
+            "scopes": values["scopes"].replace(",", " ").split(),
+            "admin": values["admin"] == "true",
+            "expires_in": values["expires_in"] or None,
+            "rate_limit": values["rate_limit"] or None,
+        }
+        try:
+            key_in = m.KeyIn.model_validate(body)
+        except ValidationError as exc:
+            errors = describe_validation_error(exc)
+            status = 422
+        else:
+            session = get_session()
+            lifetime = key_store.parse_duration(key_in.expires_in) if key_in.expires_in else None
+            row, secret = key_store.create_key(
+                session,
+                key_in.name,
+                key_in.scopes or None,
+                lifetime,
+                key_in.rate_limit,
+                admin=key_in.admin,
+            )
+            session.commit()
+            created = {"prefix": row.prefix, "name": row.name, "secret": secret}
+            values = {k: "" for k in values}
+            status = 201
+    rows, more = key_rows()
+    return page(
+        "dashboard/keys.html",
+        status,
+        keys=rows,
+        more=more,
+        values=values,
+        errors=errors_by_field(errors),
+        created=created,
+    )
+
+
+@bp.post("/keys/<prefix>/revoke")
+def revoke_key(prefix: str):
+    session = get_session()
+    row = key_store.revoke(session, prefix[:16])
+    if row is None:
+        abort(404)
+    session.commit()
+    dash.flash(f"Key {row.prefix} ({row.name}) is revoked.")
+    return redirect(url_for("dashboard.keys"), 303)
+
+
+# --- connectors ---
+
+
+@bp.get("/connectors")
+def connectors():
+    registry = current_app.extensions["hub.connectors"]
+    return page(
+        "dashboard/connectors.html", connectors=[(cls, config_fields(cls)) for cls in registry]
+    )
+
+
+@bp.route("/<path:rest>", methods=["GET", "POST"])
+def unknown(rest: str):
+    """Any other path under the prefix: the dashboard's own 404 page, behind the sign-in."""
+    abort(404)
+
+
+@bp.errorhandler(404)
+def not_found(_exc):
+    return page(
+        "dashboard/error.html", 404, title="Not found", message="Nothing here by that name."
+    )

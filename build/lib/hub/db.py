@@ -1,0 +1,147 @@
+"""The database: one engine per app, sessions per request, SQLite tuned for a web server."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Flask, current_app, g
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub.config import database_url
+
+
+class Database:
+    """An engine and its session factory; usable without Flask (workers, migrations)."""
+
+    def __init__(self, url: str, connect_timeout: float | None = None):
+        self.url = url
+        self.engine = make_engine(url, connect_timeout)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self.sessionmaker() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def make_engine(url: str, connect_timeout: float | None = None) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN; take it over so that
+        # every transaction takes the write lock up front: a read that later writes
+        # would otherwise fail with SQLITE_BUSY instead of waiting its turn.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    # A server that vanished must not hold a request thread for the kernel's TCP timeout.
+    connect_args = {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
+    # No ping before each checkout: it cost a round trip per request (a third of an async
+    # ingest). A connection the server dropped fails on first use instead; that request is
+    # answered 503 with Retry-After, and SQLAlchemy then discards every pooled connection
+    # made before the failure, so the next requests connect afresh.
+    return create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
+
+
+# SQLite's own words for a database it can't use now (busy, missing, failing disk), as
+# opposed to a mistake in a statement, which is the hub's bug.
+_SQLITE_UNAVAILABLE = ("locked", "unable to open", "disk i/o error", "busy")
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True when ``error`` means the database can't be reached or used right now: a server
+    that is down or dropped the connection, an exhausted pool, a locked SQLite file.
+
+    Such a failure is the sender's cue to try again (503), not a bug of the hub (500).
+    """
+    if isinstance(error, exc.TimeoutError | exc.DisconnectionError):
+        return True
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, exc.OperationalError | exc.InterfaceError):
+        return False
+    if isinstance(error.orig, sqlite3.Error):
+        message = str(error.orig).lower()
+        return any(word in message for word in _SQLITE_UNAVAILABLE)
+    return True
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before the answer leaves, so it survives power loss too.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def init_app(app: Flask) -> None:
+    url = database_url(app.config.get("DATABASE_URL"), app.instance_path)
+    app.config["DATABASE_URL"] = url
+    app.extensions["hub.db"] = Database(url, float(app.config["DB_CONNECT_TIMEOUT"]))
+    app.teardown_appcontext(_close_session)
+
+
+def get_db() -> Database:
+    return current_app.extensions["hub.db"]
+
+
+def get_session() -> Session:
+    """The request's session, opened on first use and closed at teardown."""
+    if "db_session" not in g:
+        g.db_session = get_db().sessionmaker()
+    return g.db_session
+
+
+def _close_session(_exc: BaseException | None) -> None:
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+def alembic_config(db: Database, connection=None):
+    """An Alembic config for this database, used by `db upgrade` and /ready."""
+    from alembic.config import Config
+
+    from hub.config import project_root
+
+    cfg = Config(str(project_root() / "alembic.ini"))
+    cfg.attributes["url"] = db.url
+    cfg.attributes["configure_logger"] = False
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(db: Database) -> None:
+    from alembic import command
+
+    with db.engine.begin() as conn:
+        command.upgrade(alembic_config(db, conn), "head")
+
+
+def head_revision(db: Database) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(db)).get_current_head()
+
+
+def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with db.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

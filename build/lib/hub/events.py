@@ -1,0 +1,571 @@
+"""What admins do with stored events: find them, replay them, purge old ones."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Integer,
+    LargeBinary,
+    Select,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from hub import keys as key_store
+from hub.db import Database
+from hub.models import Attempt, Event, iso_time, utcnow
+
+STATUSES = (
+    "pending",
+    "processing",
+    "retrying",
+    "delivered",
+    "failed",
+    "dead",
+    "filtered",
+    "duplicate",
+    "rejected",
+)
+# Statuses a replay may take: any event not in flight. Processing and retrying events count
+# only without a live lease. Rejected and duplicate events were never accepted: replaying one
+# would run a request the hub refused (bypassing its authentication), so they never are.
+REPLAYABLE = ("delivered", "failed", "dead", "filtered", "processing", "retrying")
+ENDED = ("delivered", "failed", "dead", "filtered")
+NEVER_ACCEPTED = ("rejected", "duplicate")
+FINISHED = ("delivered", "failed", "dead", "filtered", "duplicate", "rejected")
+
+
+def matching(query: Select, route: str | None, status: str | None, since: datetime | None):
+    """``query`` narrowed to a route, a status and a start time, where given."""
+    if route:
+        query = query.where(Event.route == route)
+    if status:
+        query = query.where(Event.status == status)
+    if since:
+        query = query.where(Event.received_at >= since)
+    return query
+
+
+def find(
+    session: Session,
+    *,
+    route: str | None = None,
+    status: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[Event]:
+    query = select(Event).order_by(Event.received_at.desc(), Event.id.desc()).limit(limit)
+    return list(session.scalars(matching(query, route, status, since)))
+
+
+def not_in_flight(now: datetime):
+    """Events a replay may take: ended ones, and processing or retrying ones without a live
+    lease (a worker's or a sync request's)."""
+    return or_(
+        Event.status.in_(ENDED),
+        and_(
+            Event.status.in_(("processing", "retrying")),
+            or_(Event.lease_until.is_(None), Event.lease_until < now),
+        ),
+    )
+
+
+def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
+    """Put events that are not in flight back to pending; the ids that were replayed.
+
+    Attempts keep counting, so the log shows every delivery, and the retry schedule
+    starts again from its first delay. ``why_not_replayed`` says why the others were not.
+    """
+    ids = list(event_ids)
+    if not ids:
+        return []
+    now = utcnow()
+    replayed = session.scalars(
+        update(Event.__table__)
+        .where(Event.id.in_(ids), not_in_flight(now))
+        .values(
+            status="pending",
+            next_attempt_at=utcnow(),
+            completed_at=None,
+            retries=0,
+            lease_owner=None,
+            lease_until=None,
+        )
+        .returning(Event.id)
+    )
+    return list(replayed)
+
+
+def why_not_replayed(session: Session, event_ids: Iterable[str]) -> dict[str, str]:
+    """For events a replay leaves alone, the reason in a sentence, by id."""
+    ids = list(event_ids)
+    found = {e.id: e for e in session.scalars(select(Event).where(Event.id.in_(ids)))}
+    reasons = {}
+    now = utcnow()
+    for event_id in ids:
+        event = found.get(event_id)
+        if event is None:
+            reasons[event_id] = "no such event"
+        elif event.status in NEVER_ACCEPTED:
+            reasons[event_id] = (
+                f"{event.status}: never accepted, so never replayed (that would run a "
+                "request the hub turned away)"
+            )
+        elif event.status == "pending":
+            reasons[event_id] = "pending: already waiting for delivery"
+        elif event.lease_until is not None and event.lease_until >= now:
+            until = f"{event.lease_until:%H:%M:%S}"
+            reasons[event_id] = f"{event.status}: in flight (leased until {until} UTC)"
+        else:
+            reasons[event_id] = f"{event.status}: not replayable"
+    return reasons
+
+
+def matching_ids(
+    db: Database,
+    *,
+    status: str,
+    route: str | None = None,
+    since: datetime | None = None,
+    batch: int = 500,
+) -> Iterator[list[str]]:
+    """Ids of events matching a bulk replay, in batches, oldest first (keyset paging)."""
+    last = ""
+    while True:
+        query = select(Event.id).where(Event.id > last).order_by(Event.id).limit(batch)
+        query = matching(query, route, status, since)
+        with db.session() as session:
+            ids = list(session.scalars(query))
+        if not ids:
+            return
+        yield ids
+        last = ids[-1]
+
+
+def count(db: Database, *, status: str, route: str | None, since: datetime | None) -> int:
+    query = matching(select(func.count()).select_from(Event), route, status, since)
+    with db.session() as session:
+        return int(session.scalar(query) or 0)
+
+
+def purge(db: Database, older_than: datetime, batch: int = 500) -> int:
+    """Delete finished events received before ``older_than``, with their attempts.
+
+    Each batch is its own short transaction, so ingest is never locked out for long.
+    """
+    total = 0
+    while True:
+        with db.session() as session:
+            ids = list(
+                session.scalars(
+                    select(Event.id)
+                    .where(Event.status.in_(FINISHED), Event.received_at < older_than)
+                    .order_by(Event.received_at)
+                    .limit(batch)
+                )
+            )
+            if not ids:
+                return total
+            session.execute(delete(Attempt).where(Attempt.event_id.in_(ids)))
+            session.execute(delete(Event).where(Event.id.in_(ids)))
+        total += len(ids)
+
+
+# --- the admin API's listing, bulk replay and statistics: keyset pages, bounded work ---
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What an admin narrows events by; every field optional."""
+
+    route: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    key_prefix: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def apply(self, query: Select) -> Select:
+        query = matching(query, self.route, self.status, self.since)
+        if self.reason:
+            query = query.where(Event.reason == self.reason)
+        if self.key_prefix:
+            query = query.where(Event.key_prefix == self.key_prefix)
+        if self.until:
+            query = query.where(Event.received_at < self.until)
+        return query
+
+
+class BadCursor(ValueError):
+    """A cursor this hub did not hand out (or one that was altered)."""
+
+
+def encode_cursor(received_at: datetime, event_id: str) -> str:
+    """An opaque position: the (received_at, id) of the last event a page showed."""
+    raw = f"{received_at.astimezone(UTC).isoformat()}|{event_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        when, event_id = raw.split("|", 1)
+        received_at = datetime.fromisoformat(when)
+    except (ValueError, UnicodeDecodeError):
+        raise BadCursor("not a cursor from this hub") from None
+    if received_at.tzinfo is None or not event_id.startswith("evt_") or len(event_id) > 32:
+        raise BadCursor("not a cursor from this hub")
+    return received_at, event_id
+
+
+def _older_than(query: Select, cursor: str | None) -> Select:
+    """Keyset paging: rows after the cursor in newest-first order (an index range, no OFFSET)."""
+    if cursor is None:
+        return query
+    received_at, event_id = decode_cursor(cursor)
+    return query.where(tuple_(Event.received_at, Event.id) < tuple_(received_at, event_id))
+
+
+NEWEST_FIRST = (Event.received_at.desc(), Event.id.desc())
+SUMMARY_COLUMNS = (
+    Event.id,
+    Event.route,
+    Event.status,
+    Event.reason,
+    Event.key_prefix,
+    Event.remote_addr,
+    Event.received_at,
+    Event.attempts,
+    Event.next_attempt_at,
+    Event.completed_at,
+    Event.last_error,
+    Event.duplicate_of,
+)
+
+
+@dataclass
+class Page:
+    events: list[dict]
+    next_cursor: str | None
+    scanned: int | None = None
+
+
+def search(
+    session: Session,
+    filters: Filters,
+    *,
+    limit: int = 50,
+    cursor: str | None = None,
+    text: str | None = None,
+    window: int = 10_000,
+) -> Page:
+    """One page of events, newest first, and the cursor of the next (None at the end).
+
+    Never counts the table: a page reads ``limit + 1`` rows along an index. ``text`` looks
+    for a substring of the raw body (case-sensitive bytes) among at most ``window`` rows
+    past the cursor; when those hold fewer matches than a page, the cursor still moves past
+    them, so the admin pages on through a large table at a bounded cost per call.
+    """
+    base = filters.apply(_older_than(select(Event.id, Event.received_at), cursor))
+    if text is None:
+        rows = session.execute(base.order_by(*NEWEST_FIRST).limit(limit + 1)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        events = _summaries(session, [r.id for r in rows])
+        last = rows[-1] if more else None
+        return Page(events, encode_cursor(last.received_at, last.id) if last else None)
+    scanned = session.execute(
+        base.add_columns(_body_contains(session, text).label("hit"))
+        .order_by(*NEWEST_FIRST)
+        .limit(window)
+    ).all()
+    hits = [r for r in scanned if r.hit]
+    last = None
+    if len(hits) > limit:
+        last = hits[limit - 1]
+    elif len(scanned) == window:
+        last = scanned[-1]
+    hits = hits[:limit]
+    events = _summaries(session, [r.id for r in hits])
+    next_cursor = encode_cursor(last.received_at, last.id) if last is not None else None
+    return Page(events, next_cursor, scanned=len(scanned))
+
+
+def _summaries(session: Session, ids: list[str]) -> list[dict]:
+    """The listed columns of these events (never the body or result), newest first."""
+    if not ids:
+        return []
+    query = select(*SUMMARY_COLUMNS).where(Event.id.in_(ids)).order_by(*NEWEST_FIRST)
+    return [
+        {k: iso_time(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+        for row in session.execute(query)
+    ]
+
+
+def _body_contains(session: Session, text: str):
+    needle = bindparam("needle", text.encode(), type_=LargeBinary)
+    if session.get_bind().dialect.name == "postgresql":
+        return func.coalesce(func.position(needle.op("IN")(Event.body)), 0) > 0
+    return func.coalesce(func.instr(Event.body, needle), 0) > 0
+
+
+def replay_matching(
+    db: Database,
+    filters: Filters,
+    *,
+    cursor: str | None = None,
+    examine: int = 10_000,
+    batch: int = 500,
+) -> tuple[int, int, str | None]:
+    """Replay the events matching ``filters``, newest first, looking at most at ``examine``.
+
+    Each batch is replayed in its own short transaction. Returns (replayed, examined,
+    next cursor or None when every match was looked at).
+    """
+    replayed = examined = 0
+    while examined < examine:
+        take = min(batch, examine - examined)
+        query = filters.apply(_older_than(select(Event.id, Event.received_at), cursor))
+        with db.session() as session:
+            rows = session.execute(query.order_by(*NEWEST_FIRST).limit(take)).all()
+            if rows:
+                replayed += len(replay(session, [r.id for r in rows]))
+        examined += len(rows)
+        if len(rows) < take:
+            return replayed, examined, None
+        cursor = encode_cursor(rows[-1].received_at, rows[-1].id)
+    more = cursor is not None and _any_left(db, filters, cursor)
+    return replayed, examined, cursor if more else None
+
+
+def _any_left(db: Database, filters: Filters, cursor: str) -> bool:
+    with db.session() as session:
+        query = filters.apply(_older_than(select(Event.id), cursor)).limit(1)
+        return session.scalar(query) is not None
+
+
+# Events whose processing time counts in the statistics.
+PROCESSED = ("delivered", "failed", "dead")
+
+
+@dataclass
+class Stats:
+    counted: int
+    truncated: bool
+    routes: dict[str, dict]
+
+
+def stats(session: Session, since: datetime, until: datetime, max_rows: int = 100_000) -> Stats:
+    """Per route: counts by status and by reason, and p50/p95 of completed_at - received_at.
+
+    Computed in SQL over the newest ``max_rows`` events of the window (an index range of
+    received_at), so a busy month costs no more than ``max_rows`` rows.
+    """
+    in_window = select(Event.id).where(Event.received_at >= since, Event.received_at < until)
+    window = (
+        select(Event.route, Event.status, Event.reason, Event.received_at, Event.completed_at)
+        .where(Event.received_at >= since, Event.received_at < until)
+        .order_by(Event.received_at.desc())
+        .limit(max_rows)
+        .subquery()
+    )
+    probe = select(func.count()).select_from(in_window.limit(max_rows + 1).subquery())
+    present = int(session.scalar(probe) or 0)
+    routes: dict[str, dict] = {}
+
+    def entry(route: str) -> dict:
+        return routes.setdefault(
+            route,
+            {"total": 0, "by_status": {}, "by_reason": {}, "p50_ms": None, "p95_ms": None},
+        )
+
+    grouped = select(window.c.route, window.c.status, window.c.reason, func.count()).group_by(
+        window.c.route, window.c.status, window.c.reason
+    )
+    for route, status, reason, n in session.execute(grouped):
+        item = entry(route)
+        item["total"] += n
+        item["by_status"][status] = item["by_status"].get(status, 0) + n
+        if reason:
+            item["by_reason"][reason] = item["by_reason"].get(reason, 0) + n
+    ms = _elapsed_ms(session, window.c.received_at, window.c.completed_at)
+    ranked = (
+        select(
+            window.c.route,
+            ms.label("ms"),
+            func.row_number().over(partition_by=window.c.route, order_by=ms).label("rn"),
+            func.count().over(partition_by=window.c.route).label("n"),
+        )
+        .where(window.c.status.in_(PROCESSED), window.c.completed_at.is_not(None))
+        .subquery()
+    )
+    # The nearest-rank percentile: the ceil(p * n)-th smallest, in integer arithmetic.
+    p50 = (ranked.c.n * 50 + 99) // 100
+    p95 = (ranked.c.n * 95 + 99) // 100
+    picked = select(ranked.c.route, ranked.c.ms, ranked.c.rn, p50.label("r50"), p95.label("r95"))
+    picked = picked.where((ranked.c.rn == p50) | (ranked.c.rn == p95))
+    for route, value, rank, r50, r95 in session.execute(picked):
+        item = entry(route)
+        value = round(float(value), 1)
+        if rank == int(r50):
+            item["p50_ms"] = value
+        if rank == int(r95):
+            item["p95_ms"] = value
+    return Stats(min(present, max_rows), present > max_rows, routes)
+
+
+def _elapsed_ms(session: Session, start, end):
+    if session.get_bind().dialect.name == "postgresql":
+        return func.extract("epoch", end - start) * 1000
+    return (func.julianday(end) - func.julianday(start)) * 86_400_000.0
+
+
+def parse_time(value: str) -> datetime:
+    """An ISO time (UTC when no zone is given) or an age such as ``2h`` before now."""
+    try:
+        return utcnow() - key_store.parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            "not a time (use an ISO time such as 2026-11-01T00:00Z or an age like 2h)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --- the dashboard's overview and event page: bounded reads over the same indexes ---
+
+
+@dataclass
+class Timeline:
+    """The last stretch of time per route: events by status in equal slices (oldest first),
+    and the totals by status and by refusal reason."""
+
+    since: datetime
+    until: datetime
+    buckets: int
+    counted: int
+    truncated: bool  # the window held more than the rows counted: only the newest were
+    routes: dict[str, dict]
+
+
+def timeline(
+    session: Session, since: datetime, until: datetime, buckets: int, max_rows: int = 20_000
+) -> Timeline:
+    """Per route, status and reason, how many events were received in each of ``buckets``
+    equal slices of the window: one grouped query over the newest ``max_rows`` (or so:
+    events received in the same microsecond as the last one count too) events of the
+    window, an index range of received_at, so a busy hour costs no more than that."""
+    # Where the newest max_rows begin: one walk along the received_at index, and the
+    # grouped query reads from there (a plain range, cheaper than a LIMIT subquery).
+    cutoff = session.scalar(
+        select(Event.received_at)
+        .where(Event.received_at >= since, Event.received_at < until)
+        .order_by(Event.received_at.desc())
+        .offset(max_rows - 1)
+        .limit(1)
+    )
+    width_ms = (until - since).total_seconds() * 1000 / buckets
+    start = literal(since, type_=Event.__table__.c.received_at.type)
+    elapsed = _elapsed_ms(session, start, Event.received_at)
+    if session.get_bind().dialect.name == "postgresql":
+        elapsed = func.floor(elapsed / width_ms)
+    else:  # never negative, so SQLite's CAST truncates towards the floor
+        elapsed = elapsed / width_ms
+    slot = cast(elapsed, Integer).label("slot")
+    grouped = (
+        select(Event.route, Event.status, Event.reason, slot, func.count())
+        .where(Event.received_at >= (cutoff or since), Event.received_at < until)
+        .group_by(Event.route, Event.status, Event.reason, slot)
+    )
+    routes: dict[str, dict] = {}
+    counted = 0
+    for route, status, reason, index, n in session.execute(grouped):
+        item = routes.setdefault(
+            route, {"total": 0, "series": {}, "by_status": {}, "by_reason": {}}
+        )
+        series = item["series"].setdefault(status, [0] * buckets)
+        series[min(max(int(index), 0), buckets - 1)] += n
+        item["total"] += n
+        item["by_status"][status] = item["by_status"].get(status, 0) + n
+        if reason:
+            item["by_reason"][reason] = item["by_reason"].get(reason, 0) + n
+        counted += n
+    return Timeline(since, until, buckets, counted, cutoff is not None, routes)
+
+
+DUE = ("pending", "retrying")
+
+
+@dataclass
+class Queue:
+    """Events waiting for a worker: how many (counted up to a cap), by route, and when the
+    one that has waited longest became due."""
+
+    depth: int
+    capped: bool
+    by_route: dict[str, int]
+    oldest_due: datetime | None
+
+
+def queue(session: Session, now: datetime, cap: int = 10_000) -> Queue:
+    """The queue's depth counted along the due index, stopping past ``cap`` events."""
+    waiting = select(Event.route).where(Event.status.in_(DUE)).limit(cap + 1).subquery()
+    by_route = {
+        route: int(n)
+        for route, n in session.execute(
+            select(waiting.c.route, func.count()).group_by(waiting.c.route)
+        )
+    }
+    oldest = None
+    for status in DUE:  # one index seek each: (status, next_attempt_at)
+        first = session.scalar(
+            select(Event.next_attempt_at)
+            .where(
+                Event.status == status,
+                Event.next_attempt_at.is_not(None),
+                Event.next_attempt_at <= now,
+            )
+            .order_by(Event.next_attempt_at)
+            .limit(1)
+        )
+        if first is not None and (oldest is None or first < oldest):
+            oldest = first
+    depth = sum(by_route.values())
+    return Queue(min(depth, cap), depth > cap, by_route, oldest)
+
+
+def count_replayable(session: Session, filters: Filters, cap: int) -> int:
+    """How many events matching ``filters`` a replay would take now, counted up to
+    ``cap + 1`` (more than ``cap`` says "more than one bulk replay looks at")."""
+    query = filters.apply(select(Event.id)).where(not_in_flight(utcnow())).limit(cap + 1)
+    return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+
+
+def latest_attempts(session: Session, event_id: str, limit: int) -> tuple[list[Attempt], bool]:
+    """The event's newest ``limit`` attempts in the order they were made, and whether older
+    ones were left out."""
+    rows = list(
+        session.scalars(
+            select(Attempt)
+            .where(Attempt.event_id == event_id)
+            .order_by(Attempt.id.desc())
+            .limit(limit + 1)
+        )
+    )
+    return list(reversed(rows[:limit])), len(rows) > limit

@@ -1,0 +1,825 @@
+"""Inbound: POST /hooks/<route>, and the seed's /api/process and /api/chat.
+
+Every request that reaches these URLs becomes an ``events`` row, accepted or turned away,
+so an admin can always see who knocked and why they were refused. A refusal costs little:
+the route and an API key are checked before the body is read, a refused request keeps its
+body's size and a short prefix, not the body, and its headers are capped. A remote address
+whose requests keep being refused is answered 429 before any other work, unlogged, until
+its window ends; a request carrying a valid key still passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request, url_for
+from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from hub import crypto, keys, pipeline, ratelimit, redact, signatures, storable
+from hub import routes as route_store
+from hub.connectors import lookup_path
+from hub.db import get_db, get_session
+from hub.errors import error_response
+from hub.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.templating import TemplateLimits
+from hub.worker import sync_lease
+
+bp = Blueprint("ingest", __name__)
+log = logging.getLogger("hub.ingest")
+
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+# Auth modes whose key is checked before the body is read: a stranger costs no body read.
+KEY_FIRST = ("key", "key+signature")
+# Name of the entry that says a refused or accepted request's headers were cut.
+HEADERS_CUT = "(cut)"
+# The id a signature covers, by scheme: on such routes it names the delivery before any
+# unsigned header can (a captured request replayed under a new Idempotency-Key stays a copy).
+SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}
+# Seconds a sender is told to wait while the first copy of its delivery is still running.
+IN_PROGRESS_RETRY_AFTER = 2
+
+# HTTP status of a sync run that did not deliver, by the failure's code; any other is 502.
+FAILURE_STATUS = {
+    "timeout": 504,
+    "bad_input": 422,  # the sender's payload doesn't fit the step
+    # The sender's payload made a step's template too slow or too large.
+    "template_limit": 422,
+    "not_configured": 500,
+    "connector_bug": 500,
+    "bad_config": 500,
+    "internal_error": 500,
+}
+
+
+# How much of a request's headers and body an event keeps (see kept_headers, record_rejection).
+STORAGE_CAPS = (
+    "REFUSED_BODY_BYTES",
+    "REFUSED_HEADERS",
+    "REFUSED_HEADER_BYTES",
+    "STORED_HEADERS",
+    "STORED_HEADER_BYTES",
+)
+
+
+@bp.record_once
+def check_storage_caps(state) -> None:
+    """A cap that is not a whole number stops the start with its name, not a request."""
+    for name in STORAGE_CAPS:
+        value = state.app.config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"HUB_{name}: expected a whole number, 0 or more: {value!r}")
+
+
+class Rejected(Exception):
+    """A request turned away: its answer, and the cause kept on its event row."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        detail: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.code = code or reason
+        self.headers = headers or {}
+        self.detail = detail or message
+
+
+class AddressThrottled(Exception):
+    """The remote address spent its refusals for this window: 429, unread and unlogged."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Accepted:
+    event: Event
+    route: Route
+    key: keys.KeyInfo | None
+    payload: Any
+
+
+def presented_key() -> str | None:
+    """The API key from X-API-Key, ``Authorization: Bearer``, or ``?api_key=`` (in that order)."""
+    key = request.headers.get("X-API-Key")
+    if key:
+        return key
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.args.get("api_key")
+
+
+def new_event(route_name: str) -> Event:
+    """The request's row; headers and body are set once the hub knows whether it accepts it."""
+    return Event(
+        id=new_event_id(),
+        route=route_name[:200],
+        method=request.method,
+        path=request.path[:2000],
+        query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
+        remote_addr=(request.remote_addr or "")[:64] or None,
+        received_at=utcnow(),
+        headers={},
+        content_type=(request.content_type or "")[:200] or None,
+        body_size=min(request.content_length, 2**62) if request.content_length else None,
+        status="pending",
+        attempts=0,
+    )
+
+
+def kept_headers(refused: bool) -> dict[str, str]:
+    """The request's headers, redacted and capped: tightly for a refused request, generously
+    for an accepted one. What does not fit is dropped (or a value cut short) and an entry
+    named ``(cut)``, which no real header can be called, says how much there was."""
+    config = current_app.config
+    most = int(config["REFUSED_HEADERS" if refused else "STORED_HEADERS"])
+    budget = int(config["REFUSED_HEADER_BYTES" if refused else "STORED_HEADER_BYTES"])
+    redacted = redact.headers(request.headers.items(), extra=g.get("hub_signature_headers", ()))
+    kept: dict[str, str] = {}
+    used = 0
+    for name, value in redacted.items():
+        room = budget - used - len(name)
+        if len(kept) >= most or room <= 0:
+            break
+        kept[name] = value[:room]
+        used += len(name) + len(kept[name])
+    total = sum(len(name) + len(value) for name, value in redacted.items())
+    if used < total:
+        kept[HEADERS_CUT] = f"kept {len(kept)} of {len(redacted)} headers, {used} of {total} bytes"
+    return kept
+
+
+def read_body(event: Event, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body; Rejected(413) without reading further."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
+    try:
+        body = request.stream.read(limit + 1)
+    # Whatever the server raises while reading is the client's doing: gunicorn's
+    # InvalidChunkSize (a chunk size such as `zz`), NoMoreData, an OSError on a hang-up.
+    except Exception as exc:
+        raise Rejected(
+            400,
+            "bad_body",
+            "Request body could not be read (malformed chunked encoding, or cut short)",
+            detail=f"body unreadable: {type(exc).__name__}",
+        ) from None
+    event.body = body  # cut to a short prefix if the request is refused
+    event.body_size = max(len(body), declared or 0)
+    if len(body) > limit:
+        raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
+    return body
+
+
+def request_event() -> Event:
+    return g.hub_event
+
+
+def authenticate(
+    session: Session, route: Route, body: bytes, key: keys.KeyInfo | None
+) -> tuple[keys.KeyInfo | None, bool]:
+    """Finish what the route's ``auth`` asks of the sender, with the body in hand:
+    (the key used, if any; whether a signature was verified).
+
+    ``key``: an API key (checked before the body, ``key`` is it); ``signature``: a valid
+    signature over the raw body; ``key+signature``: both; ``key|signature``: either (a
+    presented key that fails may be rescued by a valid signature; the refusal then names
+    the key's problem).
+    """
+    mode = route.auth or "key"
+    if mode == "key":
+        return key, False
+    if mode in ("signature", "key+signature"):
+        check_signature(route, body)
+        return key, True
+    if not presented_key():
+        check_signature(route, body)
+        return None, True
+    try:
+        return check_key(session, route), False
+    except Rejected as key_refused:
+        try:
+            check_signature(route, body)
+        except Rejected as signature_refused:
+            if signature_refused.status >= 500:
+                raise
+            raise key_refused from None
+        return None, True
+
+
+def check_key(session: Session, route: Route) -> keys.KeyInfo:
+    cache: keys.KeyCache = current_app.extensions["hub.keys"]
+    presented = presented_key()
+    event = request_event()
+    match = keys.KEY_RE.match((presented or "").strip())
+    if match:  # who claimed to knock; whose key it really was is known only once verified
+        event.presented_prefix = match.group(1)
+    try:
+        info = keys.authenticate(session, presented, cache)
+    except keys.KeyRefused as exc:
+        if exc.info is not None:  # the real key, revoked or expired
+            event.key_prefix = exc.info.prefix
+        message = {
+            "revoked": "API key has been revoked",
+            "expired": "API key has expired",
+        }.get(exc.code, "Invalid API key")
+        detail = "no API key" if not presented else message
+        raise Rejected(401, "unauthorized", message, detail=detail) from None
+    event.key_prefix = info.prefix
+    g.hub_sender_known = True
+    if not info.allows_route(route.name):
+        raise Rejected(
+            403,
+            "forbidden",
+            f"This API key may not post to route '{route.name}'",
+            detail=f"key {info.prefix} lacks scope {route.name}",
+        )
+    keys.touch(session, info, cache, presented or "")
+    return info
+
+
+def check_signature(route: Route, body: bytes) -> None:
+    """Rejected(401) unless one of the route's secrets signed the raw ``body``.
+
+    The sender hears only "Invalid signature"; the event keeps the admin-facing cause.
+    """
+    box: crypto.SecretBox = current_app.extensions["hub.secrets"]
+    try:
+        secrets = box.open(route.secrets_encrypted)
+    except crypto.SecretsUnreadable:
+        log.error(
+            "route %s: its signing secrets do not decrypt; was HUB_SECRET_KEY changed? "
+            "Re-add them with `routes secret add` or `routes apply`",
+            route.name[:64],
+        )
+        raise Rejected(
+            500,
+            "secrets_unreadable",
+            "Server error",
+            code="internal_error",
+            detail="route secrets do not decrypt with this HUB_SECRET_KEY",
+        ) from None
+    try:
+        signatures.verify(
+            route.verify_scheme or "",
+            body=body,
+            headers=request.headers,
+            secrets=secrets,
+            options=route.verify_options,
+        )
+    except signatures.SignatureError as exc:
+        raise Rejected(401, exc.code, "Invalid signature", detail=exc.reason) from None
+    except (ValueError, TypeError):  # a verifier saved before its checks existed
+        log.error("route %s: its signature verifier is misconfigured", route.name[:64])
+        raise Rejected(
+            500,
+            "bad_verifier",
+            "Server error",
+            code="internal_error",
+            detail="the route's signature verifier is misconfigured",
+        ) from None
+    g.hub_sender_known = True
+
+
+def signed_headers(route: Route) -> set[str]:
+    try:
+        return signatures.signature_headers(route.verify_scheme or "", route.verify_options)
+    except ValueError:  # check_signature turns the request away and logs why
+        return set()
+
+
+def enforce_rate_limits(session: Session, route: Route, key: keys.KeyInfo | None) -> None:
+    """Rejected(429) with Retry-After when the key's or the route's limit is spent."""
+    limits = []
+    if key is not None and key.rate_limit:
+        limits.append((f"key:{key.prefix}", ratelimit.parse(key.rate_limit)))
+    if route.rate_limit:
+        limits.append((f"route:{route.name}", ratelimit.parse(route.rate_limit)))
+    if not limits:
+        return
+    refused = ratelimit.check(current_app.extensions["hub.ratelimit"], session, limits)
+    if refused is not None:
+        raise Rejected(
+            429,
+            "rate_limited",
+            "Too many requests; try again later",
+            headers={"Retry-After": str(refused.retry_after)},
+            detail=f"over {refused.limit} requests in the window (request {refused.count})",
+        )
+
+
+def receive(route_name: str) -> Accepted:
+    """Check a request and write its event row; Rejected (already logged) if it fails.
+
+    The order keeps refusals cheap: the address's refusal budget, the method, the route and
+    (for routes that take a key) the key come before the body is read; signature routes
+    need the body, read no further than HUB_MAX_BODY_BYTES. On success the event is added
+    to the request's session, not yet committed: sync routes commit it with its attempts,
+    async routes commit it before answering.
+    """
+    session = get_session()
+    event = g.hub_event = new_event(route_name)
+    throttled_for = check_refusal_budget(session, route_name)
+    try:
+        if request.method != "POST":
+            raise Rejected(
+                405,
+                "method_not_allowed",
+                "Webhooks must be sent with POST",
+                headers={"Allow": "POST"},
+            )
+        route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
+        if route is None or not route.enabled:
+            raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
+        if route.verify_scheme:  # whatever the scheme calls its signature header
+            g.hub_signature_headers = signed_headers(route)
+        mode = route.auth or "key"
+        limit = int(current_app.config["MAX_BODY_BYTES"])
+        key = check_key(session, route) if mode in KEY_FIRST else None
+        if mode == "key":
+            enforce_rate_limits(session, route, key)
+            body, signed = read_body(event, limit), False
+        else:
+            body = read_body(event, limit)
+            key, signed = authenticate(session, route, body, key)
+            enforce_rate_limits(session, route, key)
+        event.key_prefix = key.prefix if key else None
+        try:
+            payload = pipeline.decode_payload(
+                body, request.content_type, pipeline.max_json_depth(current_app.config)
+            )
+        except pipeline.PayloadError as exc:
+            status = 415 if exc.code == "unsupported_media_type" else 400
+            raise Rejected(status, exc.code, exc.message) from None
+        event.dedup_key = dedup_key(route, payload, signed)
+        if event.dedup_key:
+            check_duplicate(session, route, event)
+    except Rejected as rejection:
+        if throttled_for is not None and 400 <= rejection.status < 500:
+            session.rollback()
+            raise AddressThrottled(throttled_for) from None
+        record_rejection(session, event, rejection)
+        raise
+    event.headers = kept_headers(refused=False)
+    session.add(event)
+    return Accepted(event=event, route=route, key=key, payload=payload)
+
+
+def refusal_bucket() -> str:
+    """Refusals are counted per remote address: the socket peer, or what the nearest
+    trusted proxy saw (HUB_TRUSTED_PROXIES)."""
+    return f"refusals:{(request.remote_addr or '-')[:64]}"
+
+
+def refusal_rate() -> ratelimit.Rate | None:
+    """HUB_REFUSAL_LIMIT (checked at start-up), or None when it is off."""
+    return ratelimit.optional_rate(current_app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
+
+
+def check_refusal_budget(session: Session, route_name: str) -> int | None:
+    """Whether this address spent HUB_REFUSAL_LIMIT: None, or the seconds until it frees.
+
+    A valid key passes first (a sender behind the same NAT as a flood is not locked out,
+    and a known sender's request costs no read of the counter); otherwise one read of the
+    counter. Over the limit, a request to a route that takes a key is AddressThrottled at
+    once: no body read, no row. A route a signature may open still hears the request out,
+    body read within HUB_MAX_BODY_BYTES, since GitHub or Stripe proving itself must not be
+    locked out by a flood from an address it shares; receive() answers any refusal then
+    with the same 429 and no row.
+    """
+    rate = refusal_rate()
+    if rate is None:
+        return None
+    if presented_key():  # a valid key always passes: usually a cache hit, no query
+        try:
+            keys.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
+            return None
+        except keys.KeyRefused:
+            pass
+    decision = current_app.extensions["hub.ratelimit"].peek(session, refusal_bucket(), rate)
+    if decision.allowed:
+        return None
+    route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
+    if route is None or (route.auth or "key") in KEY_FIRST:
+        raise AddressThrottled(decision.retry_after)
+    return decision.retry_after
+
+
+def count_refusal(session: Session, event: Event, rejection: Rejected) -> None:
+    """Count a refusal of a sender the hub could not identify against its address.
+
+    Refusals of a verified sender (a valid key without the scope, a bad body behind a good
+    signature, its own rate limit) are not counted: that sender is known and has its own
+    limits. The refusal that spends the budget says so on its event.
+    """
+    rate = refusal_rate()
+    if rate is None or g.get("hub_sender_known") or not 400 <= rejection.status < 500:
+        return
+    decision = current_app.extensions["hub.ratelimit"].hit(session, refusal_bucket(), rate)
+    if decision.count == decision.limit:
+        event.last_error = (
+            f"{event.last_error}; refusal limit reached ({rate}): this address's requests "
+            f"without a valid key are answered 429, unlogged, for {decision.retry_after} s"
+        )[:500]
+        log.warning("refusal limit %s reached by an address (event %s)", rate, event.id)
+
+
+# Headers senders use to name a delivery; a retry of the same delivery repeats them.
+DEDUP_HEADERS = ("Idempotency-Key", "webhook-id", "X-GitHub-Delivery", "X-Shopify-Webhook-Id")
+
+
+class Duplicate(Exception):
+    def __init__(self, original: str):
+        super().__init__(original)
+        self.original = original
+
+
+def dedup_key(route: Route, payload: Any, signed: bool) -> str | None:
+    """The sender's name for this delivery: a known header, or the route's JSON path.
+
+    When a signature was verified, what it covers comes first (the scheme's signed id
+    header, then the body's path): an unsigned header can't rename a captured request.
+    """
+    if not route.dedup_window:
+        return None
+    sources: list[str | None] = []  # a header name, or None for the body's path
+    if signed:
+        sources += [SIGNED_ID_HEADERS.get(route.verify_scheme or ""), None]
+    sources += [*DEDUP_HEADERS, None]
+    for header in sources:
+        value = header_id(header) if header else path_id(route, payload)
+        if value:
+            return value
+    return None
+
+
+def header_id(header: str) -> str | None:
+    value = (request.headers.get(header) or "").strip()
+    return value[:300] or None
+
+
+def path_id(route: Route, payload: Any) -> str | None:
+    if not route.dedup_path:
+        return None
+    try:
+        value = lookup_path(payload, route.dedup_path)
+    except KeyError:
+        return None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)[:300] or None
+    return None
+
+
+def check_duplicate(session: Session, route: Route, event: Event) -> None:
+    """Duplicate (recorded, answered with the original's id) when this sender's delivery
+    was accepted before; Rejected(409) while the first copy still runs in a sync request
+    (it may yet fail, and then this copy must be processed)."""
+    original = find_original(session, route, event.key_prefix, event.dedup_key or "")
+    if original is None:
+        return
+    if original.status == "processing" and original.response_status is None:
+        raise Rejected(
+            409,
+            "in_progress",
+            "A delivery with this id is still being processed; retry later",
+            headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER)},
+            detail=f"the first copy, {original.id}, is still running",
+        )
+    event.status = "duplicate"
+    event.duplicate_of = original.id
+    event.response_status = 200
+    event.completed_at = utcnow()
+    event.headers = kept_headers(refused=False)
+    session.add(event)
+    session.commit()
+    raise Duplicate(original.id)
+
+
+def find_original(session: Session, route: Route, sender: str | None, key: str) -> Event | None:
+    """The first event with this dedup key from this sender inside the route's window that
+    the sender was told was accepted (or whose sync run is still going).
+
+    The sender is the verified key's prefix, or None for a request that only a signature
+    vouched for. A sync run that failed is no original: the sender heard an error, and its
+    retry must run. Concurrent copies of one delivery are serialised: PostgreSQL by an
+    advisory lock on (route, sender, key) held to the end of the transaction, SQLite by its
+    write lock (BEGIN IMMEDIATE).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+            {"k": f"{route.name}\x1f{sender or '(signature)'}\x1f{key}"},
+        )
+    since = utcnow() - timedelta(seconds=route.dedup_window)
+    answered_2xx = or_(
+        Event.response_status.between(200, 299),
+        and_(Event.response_status.is_(None), Event.status != "failed"),
+    )
+    same_sender = Event.key_prefix == sender if sender else Event.key_prefix.is_(None)
+    return session.scalar(
+        select(Event)
+        .where(
+            Event.route == route.name,
+            Event.dedup_key == key,
+            same_sender,
+            Event.received_at >= since,
+            Event.status.not_in(("rejected", "duplicate")),
+            answered_2xx,
+        )
+        .order_by(Event.received_at)
+        .limit(1)
+    )
+
+
+def record_rejection(session: Session, event: Event, rejection: Rejected) -> None:
+    """Keep a refusal small: its headers capped, its body's size and a short prefix."""
+    session.rollback()
+    keep = int(current_app.config["REFUSED_BODY_BYTES"])
+    event.body = event.body[:keep] if event.body and keep > 0 else None
+    event.headers = kept_headers(refused=True)
+    event.status = "rejected"
+    event.reason = rejection.reason
+    event.response_status = rejection.status
+    event.last_error = rejection.detail[:500]
+    event.completed_at = utcnow()
+    count_refusal(session, event, rejection)
+    session.add(event)
+    session.commit()
+    log.info(
+        "rejected %s %s: %s (%d)", event.id, event.route[:64], rejection.reason, rejection.status
+    )
+
+
+def rejection_response(rejection: Rejected) -> Response:
+    response, status = error_response(rejection.status, rejection.message, rejection.code)
+    for name, value in rejection.headers.items():
+        response.headers[name] = value
+    return response, status
+
+
+def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
+    """Run a sync route inside the request and commit the event with its attempts.
+
+    ``status_of(outcome)`` is the HTTP status the view will answer a failure with (default
+    ``failure_status``); it is kept on the event, so dedup knows the sender heard an error.
+    """
+    session = get_session()
+    config = current_app.config
+    event, route = accepted.event, accepted.route
+    timeout = float(config["SYNC_TIMEOUT"])
+    event.status = "processing"
+    event.attempts = 1
+    # A sync lease: if this process dies, a worker's reaper marks the event failed once the
+    # lease has run out (it is never redelivered: the sender got no answer and will retry).
+    event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
+    # Commit before running: the request is on record even if the process dies, and no
+    # database lock is held while connectors talk to the outside world.
+    session.commit()
+    attempts: list[Attempt] = []
+    try:
+        outcome = pipeline.run(
+            event,
+            route,
+            current_app.extensions["hub.connectors"],
+            payload=accepted.payload,
+            record=attempts.append,
+            deadline=time.monotonic() + timeout,
+            tries=int(config["STEP_TRIES"]),
+            copy_bytes=int(config["ATTEMPT_COPY_BYTES"]),
+            max_depth=pipeline.max_json_depth(config),
+            template_limits=TemplateLimits.from_config(config),
+            max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
+        )
+    except Exception as exc:  # a hub bug: the event still ends, with its cause
+        log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
+        outcome = pipeline.Outcome(
+            pipeline.FAILED, error=f"hub error: {type(exc).__name__}", code="internal_error"
+        )
+    session.add_all(attempts)
+    finish(event, outcome)
+    delivered = outcome.status in (pipeline.DELIVERED, pipeline.FILTERED)
+    event.response_status = 200 if delivered else (status_of or failure_status)(outcome)
+    event_id = event.id
+    try:
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        session.close()  # its connection back to the pool: SQLite's write lock with it
+        record_unrecorded(event_id, exc)
+        raise
+    return outcome
+
+
+def record_unrecorded(event_id: str, exc: Exception) -> None:
+    """A sync outcome that could not be written: end the event ``failed`` with the cause, in a
+    transaction of its own (if even that fails, the reaper does it when the lease runs out)."""
+    try:
+        with get_db().session() as session:
+            session.execute(
+                update(Event.__table__)
+                .where(Event.id == event_id, Event.status == "processing")
+                .values(
+                    status="failed",
+                    last_error=f"the outcome could not be recorded ({type(exc).__name__})",
+                    completed_at=utcnow(),
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+    except Exception as again:
+        log.error("event %s: outcome not recorded (%s)", event_id, type(again).__name__)
+
+
+def finish(event: Event, outcome: pipeline.Outcome) -> None:
+    """The event's end state after a sync run: the sender was told, so nothing is retried."""
+    values = {**pipeline.end_state(outcome, utcnow()), "lease_owner": None, "lease_until": None}
+    for column, value in values.items():
+        setattr(event, column, value)
+
+
+def failure_status(outcome: pipeline.Outcome) -> int:
+    return FAILURE_STATUS.get(outcome.code or "", 502)
+
+
+def accept_or_reject(route_name: str):
+    """``(Accepted, None)``, or ``(None, response)`` for a turned-away or repeated request."""
+    try:
+        return receive(route_name), None
+    except Rejected as rejection:
+        return None, rejection_response(rejection)
+    except Duplicate as dup:
+        return None, ({"id": dup.original, "duplicate": True}, 200)
+    except AddressThrottled as throttled:
+        response, status = error_response(
+            429,
+            "Too many refused requests from this address; try again later",
+            "too_many_refusals",
+        )
+        response.headers["Retry-After"] = str(throttled.retry_after)
+        return None, (response, status)
+
+
+def enqueue(accepted: Accepted, **extra):
+    """Commit an async event as due now, wake the workers, and answer 202."""
+    session = get_session()
+    event = accepted.event
+    event.status = "pending"
+    event.response_status = 202
+    event.next_attempt_at = event.received_at
+    session.commit()  # the 202 leaves only once the event is durable
+    current_app.extensions["hub.wakeup"].set()
+    current_app.extensions["hub.notifier"].poke()
+    status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
+    return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
+
+
+def slack_challenge(accepted: Accepted) -> str | None:
+    """Slack's Events API proves a Request URL with a signed ``url_verification`` request
+    whose ``challenge`` must come straight back; it is not an event for the pipeline."""
+    payload = accepted.payload
+    if (
+        accepted.route.verify_scheme == "slack"
+        and isinstance(payload, dict)
+        and payload.get("type") == "url_verification"
+        and isinstance(payload.get("challenge"), str)
+    ):
+        return payload["challenge"]
+    return None
+
+
+@bp.route("/hooks/<route_name>", methods=ANY_METHOD)
+def hook(route_name: str):
+    accepted, error = accept_or_reject(route_name)
+    if error:
+        return error
+    challenge = slack_challenge(accepted)
+    if challenge is not None:
+        finish(
+            accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge})
+        )
+        accepted.event.response_status = 200
+        get_session().commit()
+        return {"challenge": challenge}, 200
+    if accepted.route.mode == "async":
+        return enqueue(accepted)
+    outcome = run_sync(accepted)
+    event = accepted.event
+    if outcome.status == pipeline.DELIVERED:
+        result = storable.json_answer(outcome.result)
+        return {"id": event.id, "status": event.status, "result": result}, 200
+    if outcome.status == pipeline.FILTERED:
+        return {"id": event.id, "status": event.status}, 200
+    return error_response(
+        failure_status(outcome), outcome.error, outcome.code or "step_failed", id=event.id
+    )
+
+
+@bp.get("/events/<event_id>")
+def event_status(event_id: str):
+    """An event's status, for the key that sent it or an admin key."""
+    session = get_session()
+    presented = presented_key()
+    try:
+        info = keys.authenticate(session, presented, current_app.extensions["hub.keys"])
+    except keys.KeyRefused:
+        return error_response(401)
+    # No event id holds NUL, and PostgreSQL can't even compare one that does.
+    event = session.get(Event, event_id[:32]) if "\x00" not in event_id else None
+    if event is None or not (info.is_admin or event.key_prefix == info.prefix):
+        return error_response(404, "No such event", "not_found")
+    return event.to_dict(with_attempts=True), 200
+
+
+# --- The seed's API: the same hub underneath, the article's request and response shapes ---
+
+
+def seed_invalid(accepted: Accepted, status: int, message: str, code: str):
+    """Turn a seed request away after auth (a missing field) and keep the cause."""
+    session = get_session()
+    session.expunge(accepted.event)
+    record_rejection(session, accepted.event, Rejected(status, code, message))
+    return error_response(status, message, code)
+
+
+@bp.route("/api/process", methods=ANY_METHOD)
+def api_process():
+    accepted, error = accept_or_reject("process")
+    if error:
+        return error
+    data = accepted.payload
+    if not isinstance(data, dict) or "input" not in data:
+        return seed_invalid(accepted, 400, "Missing required field: input", "missing_field")
+    if accepted.route.mode == "async":
+        return enqueue(accepted, task_id=accepted.event.id)
+    outcome = run_sync(accepted)
+    if outcome.status == pipeline.DELIVERED:
+        return {"success": True, "result": outcome.result, "input": data["input"]}, 200
+    return error_response(
+        failure_status(outcome), outcome.error, outcome.code or "step_failed", id=accepted.event.id
+    )
+
+
+# The seed's chat errors, by the failure's code.
+CHAT_ERRORS = {
+    "not_configured": (500, "API key not configured"),
+    "bad_response": (500, "Unexpected API response format"),
+    # The hub's own fault, not the upstream's: the seed's catch-all sentence.
+    "bad_config": (500, "Unknown error occurred"),
+    "connector_bug": (500, "Unknown error occurred"),
+    "internal_error": (500, "Unknown error occurred"),
+}
+
+
+def chat_failure(outcome: pipeline.Outcome) -> tuple[int, str, str]:
+    """(status, sentence, code) of a chat run that did not deliver, as the seed answered;
+    a message that doesn't fit the step is the sender's mistake (422)."""
+    if outcome.code in ("bad_input", "template_limit"):
+        return 422, outcome.error or "Unprocessable request", outcome.code
+    if outcome.code in CHAT_ERRORS:
+        status, sentence = CHAT_ERRORS[outcome.code]
+        return status, sentence, outcome.code or "error"
+    if outcome.code == "timeout" or outcome.code == "upstream_timeout":
+        return 504, "API request timed out", "timeout"
+    return 502, outcome.error or "API request failed", "upstream_error"
+
+
+@bp.route("/api/chat", methods=ANY_METHOD)
+def api_chat():
+    accepted, error = accept_or_reject("chat")
+    if error:
+        return error
+    data = accepted.payload
+    message = data.get("message") if isinstance(data, dict) else None
+    if not message:
+        return seed_invalid(accepted, 400, "Message is required", "missing_field")
+    if accepted.route.mode == "async":
+        return enqueue(accepted, task_id=accepted.event.id)
+    outcome = run_sync(accepted, status_of=lambda o: chat_failure(o)[0])
+    if outcome.status == pipeline.DELIVERED:
+        result = outcome.result if isinstance(outcome.result, dict) else {}
+        return {
+            "success": True,
+            "user_message": message,
+            "assistant_message": result.get("assistant_message"),
+            "tokens_used": result.get("tokens_used"),
+        }, 200
+    status, sentence, code = chat_failure(outcome)
+    return error_response(status, sentence, code, id=accepted.event.id)

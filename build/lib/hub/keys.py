@@ -1,0 +1,196 @@
+"""API keys: ``hk_<prefix>_<secret>``; the database keeps the prefix and a SHA-256 digest.
+
+The secret carries 256 bits from ``secrets``, so a fast digest is enough: there is nothing
+to brute-force. Verified keys are remembered for a few seconds so that a burst of
+webhooks costs one lookup, not one per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from hub import ratelimit
+from hub.cache import TTLCache
+from hub.models import ApiKey, utcnow
+
+KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
+ALL_ROUTES = "*"
+LAST_USED_EVERY = timedelta(minutes=1)
+# Longer lifetimes or ages than this are refused (a datetime cannot hold them).
+MAX_DURATION_SECONDS = 100 * 366 * 86400
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    prefix: str
+    name: str
+    scopes: tuple[str, ...]
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    rate_limit: str | None = None
+    # Admin rights are their own flag, never a scope: a route may be called "admin".
+    is_admin: bool = False
+
+    def allows_route(self, route: str) -> bool:
+        return self.is_admin or ALL_ROUTES in self.scopes or route in self.scopes
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class KeyRefused(Exception):
+    """Why a presented key was refused: ``code`` is unauthorized, revoked or expired.
+
+    ``info`` is the key itself when its secret matched (a revoked or expired key), so the
+    refusal can be told apart from a guess that merely borrowed a real key's prefix.
+    """
+
+    def __init__(self, code: str, info: KeyInfo | None = None):
+        super().__init__(code)
+        self.code = code
+        self.info = info
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate() -> tuple[str, str]:
+    """A new (prefix, key) pair; the key is shown once and never stored."""
+    prefix = secrets.token_hex(4)
+    return prefix, f"hk_{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``15m``, ``90s`` or ``2w`` as a timedelta."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text or "")
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use a number and s, m, h, d or w, e.g. 30d)")
+    amount, unit = int(match.group(1)), match.group(2)
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    if amount * seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"duration too long: {text.strip()!r} (at most 100 years)")
+    return timedelta(seconds=amount * seconds)
+
+
+def create_key(
+    session: Session,
+    name: str,
+    scopes: list[str] | None = None,
+    expires_in: timedelta | None = None,
+    rate_limit: str | None = None,
+    *,
+    admin: bool = False,
+) -> tuple[ApiKey, str]:
+    """Store a new key and return it with its plaintext (the only time it exists).
+
+    ``scopes`` are route names (default ``*``: every route); ``admin`` gives admin rights.
+    ``rate_limit`` such as ``1000/hour`` caps this key's requests (ValueError if malformed).
+    """
+    if rate_limit is not None:
+        rate_limit = ratelimit.normalise(rate_limit)
+    for _ in range(5):
+        prefix, key = generate()
+        if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
+            break
+    else:  # pragma: no cover - 2**32 prefixes
+        raise RuntimeError("could not find a free key prefix")
+    now = utcnow()
+    row = ApiKey(
+        name=name,
+        prefix=prefix,
+        digest=digest(key),
+        scopes=scopes or [ALL_ROUTES],
+        is_admin=admin,
+        created_at=now,
+        expires_at=now + expires_in if expires_in else None,
+        rate_limit=rate_limit,
+    )
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def key_info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        prefix=row.prefix,
+        name=row.name,
+        scopes=tuple(row.scopes or ()),
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+        rate_limit=row.rate_limit,
+        is_admin=row.is_admin,
+    )
+
+
+def get(session: Session, prefix: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+
+
+def revoke(session: Session, prefix: str) -> ApiKey | None:
+    row = get(session, prefix)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+class KeyCache(TTLCache[KeyInfo]):
+    """Verified keys by digest for ``ttl`` seconds; one per app."""
+
+
+def authenticate(session: Session, presented: str | None, cache: KeyCache) -> KeyInfo:
+    """The key's info, or KeyRefused with unauthorized / revoked / expired."""
+    if not presented:
+        raise KeyRefused("unauthorized")
+    match = KEY_RE.match(presented.strip())
+    if not match:
+        raise KeyRefused("unauthorized")
+    return authenticate_digest(session, match.group(1), digest(presented.strip()), cache)
+
+
+def authenticate_digest(session: Session, prefix: str, key_digest: str, cache: KeyCache) -> KeyInfo:
+    """As ``authenticate``, for a key known by its prefix and digest: a dashboard session
+    keeps those, never the secret, and is checked on every request (revoking ends it)."""
+    info = cache.get(key_digest)
+    if info is None:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if row is None or not hmac.compare_digest(row.digest, key_digest):
+            raise KeyRefused("unauthorized")
+        info = key_info(row)
+        cache.put(key_digest, info)
+    now = utcnow()
+    if info.revoked_at is not None:
+        raise KeyRefused("revoked", info)
+    if info.expires_at is not None and info.expires_at <= now:
+        raise KeyRefused("expired", info)
+    return info
+
+
+def touch(session: Session, info: KeyInfo, cache: KeyCache, presented: str) -> None:
+    """Record use at most once a minute per key, so hot keys don't cost a write per request."""
+    now = utcnow()
+    if info.last_used_at is not None and now - info.last_used_at < LAST_USED_EVERY:
+        return
+    session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == info.id)
+        .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < now - LAST_USED_EVERY))
+        .values(last_used_at=now)
+    )
+    cache.put(digest(presented.strip()), replace(info, last_used_at=now))
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))

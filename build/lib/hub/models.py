@@ -1,0 +1,314 @@
+"""The four tables the hub is made of (api_keys, routes, events, attempts), and the
+shared rate-limit counters."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    false,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from hub import storable
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC on the way in and out, on SQLite (which keeps no zone) too."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class StorableJSON(TypeDecorator):
+    """JSON (JSONB on PostgreSQL) for values from outside: what JSONB can't hold is kept as
+    its JSON text (``hub.storable.json_value``), so writing a value never fails."""
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
+
+    def process_bind_param(self, value: Any, dialect) -> Any:
+        return storable.json_value(value)
+
+
+class StorableText(TypeDecorator):
+    """Text from outside: NUL and lone surrogates escaped (``hub.storable.text``), which
+    PostgreSQL's TEXT refuses; a ``String(n)`` stays within its length."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect) -> str | None:
+        value = storable.text(value)
+        length = getattr(self.impl, "length", None)
+        return value[:length] if value is not None and length else value
+
+
+class StorableString(StorableText):
+    impl = String
+    cache_ok = True
+
+
+BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_event_id() -> str:
+    """``evt_`` + 26 characters: 48 bits of milliseconds, 80 random bits; ids sort by time."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        value, rem = divmod(value, 32)
+        chars.append(_CROCKFORD[rem])
+    return "evt_" + "".join(reversed(chars))
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    # Route names this key may post to, or "*" for every route.
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    # May use the admin side (every event, every route): a property of its own, so a route
+    # may be called "admin" and be a scope like any other.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    # Requests this key may make, such as "1000/hour"; None means no limit.
+    rate_limit: Mapped[str | None] = mapped_column(String(32))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "name": self.name,
+            "admin": self.is_admin,
+            "scopes": list(self.scopes),
+            "rate_limit": self.rate_limit,
+            "created_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at),
+            "last_used_at": iso_time(self.last_used_at),
+            "revoked_at": iso_time(self.revoked_at),
+        }
+
+
+class Route(Base):
+    __tablename__ = "routes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(String(8), default="sync")
+    steps: Mapped[list[Any]] = mapped_column(default=list)
+    # A sandboxed Jinja expression; events for which it is false end as `filtered`.
+    filter: Mapped[str | None] = mapped_column(Text)
+    # What a sender must show: key, signature, key+signature, key|signature.
+    auth: Mapped[str] = mapped_column(String(20), default="key")
+    verify_scheme: Mapped[str | None] = mapped_column(String(32))
+    verify_options: Mapped[dict[str, Any] | None]
+    # Signature secrets, a JSON list encrypted with a key derived from HUB_SECRET_KEY.
+    secrets_encrypted: Mapped[str | None] = mapped_column(Text)
+    dedup_path: Mapped[str | None] = mapped_column(String(200))
+    dedup_window: Mapped[int] = mapped_column(Integer, default=86400)
+    # Seconds between durable retries; None means the hub's default schedule.
+    retry_schedule: Mapped[list[Any] | None]
+    rate_limit: Mapped[str | None] = mapped_column(String(32))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """One row for every request that reached /hooks or /api, accepted or not."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_due", "status", "next_attempt_at"),
+        Index("ix_events_dedup", "route", "dedup_key"),
+        # The admin listing: newest first by (received_at, id), alone or within a route,
+        # a status or a key, so each page is one index range (no sort, no OFFSET).
+        Index("ix_events_received_at_id", "received_at", "id"),
+        Index("ix_events_route_received_at_id", "route", "received_at", "id"),
+        Index("ix_events_status_received_at_id", "status", "received_at", "id"),
+        Index("ix_events_key_prefix_received_at_id", "key_prefix", "received_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
+    route: Mapped[str] = mapped_column(StorableString(200))  # indexed by ix_events_dedup
+    # The key whose secret the request carried (verified, even if revoked or out of scope).
+    key_prefix: Mapped[str | None] = mapped_column(String(16))
+    # The prefix of whatever key-shaped value was presented, verified or not: who claimed
+    # to knock. Never used to decide whose event this is.
+    presented_prefix: Mapped[str | None] = mapped_column(String(16))
+    remote_addr: Mapped[str | None] = mapped_column(StorableString(64))
+    method: Mapped[str] = mapped_column(StorableString(10))
+    path: Mapped[str] = mapped_column(StorableString(2000))
+    query: Mapped[str | None] = mapped_column(StorableText)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    headers: Mapped[dict[str, Any]] = mapped_column(StorableJSON, default=dict)
+    content_type: Mapped[str | None] = mapped_column(StorableString(200))
+    # The whole body of an accepted request; a short prefix at most of a refused one.
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Bytes the sender declared (Content-Length) or that were read, whatever was kept.
+    body_size: Mapped[int | None] = mapped_column(BigInteger)
+    dedup_key: Mapped[str | None] = mapped_column(StorableString(300))
+    duplicate_of: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    # Why a request was turned away: unauthorized, forbidden, bad_signature ...
+    reason: Mapped[str | None] = mapped_column(String(32))
+    # The HTTP status the sender was answered (unset while a sync run is in flight).
+    response_status: Mapped[int | None]
+    # Delivery runs so far (a replay keeps counting), and durable retries scheduled since the
+    # event was last queued (a replay starts the route's retry schedule again).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[Any | None] = mapped_column(StorableJSON)
+    last_error: Mapped[str | None] = mapped_column(StorableText)
+    completed_at: Mapped[datetime | None]
+
+    attempt_rows: Mapped[list[Attempt]] = relationship(
+        back_populates="event",
+        order_by="Attempt.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    def to_dict(self, with_attempts: bool = False) -> dict[str, Any]:
+        data = {
+            "id": self.id,
+            "route": self.route,
+            "status": self.status,
+            "reason": self.reason,
+            "key_prefix": self.key_prefix,
+            "presented_prefix": self.presented_prefix,
+            "remote_addr": self.remote_addr,
+            "body_size": self.body_size,
+            "received_at": iso_time(self.received_at),
+            "attempts": self.attempts,
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "completed_at": iso_time(self.completed_at),
+            "result": self.result,
+            "last_error": self.last_error,
+            "duplicate_of": self.duplicate_of,
+        }
+        if with_attempts:
+            data["attempt_log"] = [a.to_dict() for a in self.attempt_rows]
+        return data
+
+
+class Attempt(Base):
+    """One row for every connector call, including each quick retry inside a delivery."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    # Which delivery of the event this call belongs to (1 for the first, more after retries).
+    run: Mapped[int] = mapped_column(Integer, default=1)
+    step_index: Mapped[int] = mapped_column(Integer)
+    connector: Mapped[str] = mapped_column(String(64))
+    # Which quick (in-process) try of the step this was, from 1.
+    try_number: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str] = mapped_column(String(16))
+    http_status: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(StorableText)
+    request: Mapped[str | None] = mapped_column(StorableText)
+    response: Mapped[str | None] = mapped_column(StorableText)
+
+    event: Mapped[Event] = relationship(back_populates="attempt_rows")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "step": self.step_index,
+            "connector": self.connector,
+            "try": self.try_number,
+            "started_at": iso_time(self.started_at),
+            "duration_ms": self.duration_ms,
+            "outcome": self.outcome,
+            "http_status": self.http_status,
+            "error": self.error,
+            "request": self.request,
+            "response": self.response,
+        }
+
+
+class RateCounter(Base):
+    """Requests counted in one fixed window of one bucket (``route:NAME``, ``key:PREFIX``).
+
+    Shared by every worker process: the hub's rate limits hold across gunicorn workers and
+    machines when Redis is not configured.
+    """
+
+    __tablename__ = "rate_counters"
+
+    bucket: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Start of the window, in whole seconds since the epoch.
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime]
+
+
+def iso_time(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None

@@ -1,0 +1,510 @@
+"""Routes as admins write them: validated whole before anything is saved.
+
+The CLI (`routes add`, `routes apply`) and the admin API both go through ``save_routes``,
+so a route is checked the same way wherever it comes from: every step's config against
+its connector's pydantic ``Config``, every template parsed, its signature verifier and
+rate limit checked, nothing half-saved.
+
+Signing secrets are plaintext only inside a RouteSpec on its way in: ``save`` seals them
+with the app's SecretBox, and ``to_dict`` shows them masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hub import ratelimit, signatures
+from hub.cache import TTLCache
+from hub.connectors import (
+    Registry,
+    StepConfigError,
+    UnknownConnectorError,
+    describe_validation_error,
+)
+from hub.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
+from hub.models import Route
+from hub.templating import TemplateProblem, check_config, check_filter
+
+ROUTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DEFAULT_RETRY_SCHEDULE = [30, 120, 600, 3600, 21600]
+# What a sender must show: an API key, a valid signature, both, or either.
+AuthMode = Literal["key", "signature", "key+signature", "key|signature"]
+AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
+ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+class RouteInvalid(ValueError):
+    """What is wrong with a route, one sentence per problem."""
+
+    def __init__(self, name: str, errors: list[str]):
+        self.name = name
+        self.errors = errors
+        super().__init__(f"route {name!r}: " + "; ".join(errors))
+
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connector: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class VerifySpec(BaseModel):
+    """A signature verifier: scheme, its options, and the secrets (any one verifies).
+
+    ``secrets`` entries may be ``${VAR}`` references and ``secrets_env`` names variables,
+    so a routes file in git need not hold a secret; both are resolved when the route is
+    validated, and only the values are kept (encrypted).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
+    secrets_env: list[str] = Field(default_factory=list)
+
+
+class RouteSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ROUTE_NAME_PATTERN)
+    description: str | None = None
+    mode: Literal["sync", "async"] = "sync"
+    steps: list[StepSpec] = Field(default_factory=list)
+    filter: str | None = None
+    dedup_path: str | None = None
+    dedup_window: int = Field(86400, ge=0)
+    retry_schedule: list[int] | None = None
+    # None means "signature" when a verifier is given, else "key".
+    auth: AuthMode | None = None
+    verify: VerifySpec | None = None
+    rate_limit: str | None = None
+    enabled: bool = True
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError("every retry delay must be a positive number of seconds")
+        return value
+
+
+def parse_step(text: str) -> dict[str, Any]:
+    """``CONNECTOR`` or ``CONNECTOR:{json config}`` as given to ``routes add --step``."""
+    name, sep, raw = text.partition(":")
+    name = name.strip()
+    if not sep:
+        return {"connector": name, "config": {}}
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"step {name!r}: config is not valid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"step {name!r}: config must be a JSON object")
+    return {"connector": name, "config": config}
+
+
+def validate(
+    data: dict[str, Any], registry: Registry, environ: Mapping[str, str] | None = None
+) -> RouteSpec:
+    """A RouteSpec, or RouteInvalid listing every problem found.
+
+    Secrets named by ``${VAR}`` or ``secrets_env`` are read from ``environ`` (default
+    os.environ); the returned spec holds their values and an explicit ``auth``.
+    """
+    name = str(data.get("name", "?")) if isinstance(data, dict) else "?"
+    try:
+        spec = RouteSpec.model_validate(data)
+    except ValidationError as exc:
+        raise RouteInvalid(name, describe_validation_error(exc)) from None
+    errors: list[str] = _check_auth(spec, os.environ if environ is None else environ)
+    for index, step in enumerate(spec.steps):
+        where = f"steps[{index}] ({step.connector})"
+        try:
+            check_config(step.config)
+            registry.validate_unrendered(step.connector, step.config)
+        except UnknownConnectorError as exc:
+            errors.append(f"steps[{index}]: {str(exc).strip(chr(34))}")
+        except StepConfigError as exc:
+            errors.extend(f"{where}: {e}" for e in exc.errors)
+        except TemplateProblem as exc:
+            errors.append(f"{where}: {exc}")
+    if spec.filter:
+        try:
+            check_filter(spec.filter)
+        except TemplateProblem as exc:
+            errors.append(str(exc))
+    if errors:
+        raise RouteInvalid(spec.name, errors)
+    return spec
+
+
+def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
+    """Resolve and check auth, verify and rate_limit in place; the problems found."""
+    errors: list[str] = []
+    if spec.rate_limit is not None:
+        try:
+            spec.rate_limit = ratelimit.normalise(spec.rate_limit)
+        except ValueError as exc:
+            errors.append(f"rate_limit: {exc}")
+    verify = spec.verify
+    if spec.auth is None:
+        spec.auth = "signature" if verify is not None else "key"
+    if verify is None:
+        if spec.auth != "key":
+            errors.append(
+                f"auth: {spec.auth!r} needs a signature verifier (verify: scheme and secrets)"
+            )
+        return errors
+    if spec.auth == "key":
+        errors.append(
+            "auth: 'key' ignores the verifier; use signature, key+signature or key|signature"
+        )
+    try:
+        verify.options = signatures.validate_options(verify.scheme, verify.options)
+    except ValueError as exc:
+        where = "verify.scheme" if verify.scheme not in signatures.SCHEMES else "verify.options"
+        errors.append(f"{where}: {exc}")
+        return errors
+    resolved: list[str] = []
+    for index, secret in enumerate(verify.secrets):
+        where = f"verify.secrets[{index}]"
+        reference = ENV_REFERENCE.match(secret)
+        if reference:
+            secret = environ.get(reference.group(1), "")
+            if not secret:
+                errors.append(f"{where}: environment variable {reference.group(1)} is not set")
+                continue
+        elif looks_masked(secret):
+            errors.append(f"{where}: this is a masked secret from `routes show`, not a secret")
+            continue
+        resolved.append(_checked_secret(verify.scheme, secret, where, errors))
+    for index, variable in enumerate(verify.secrets_env):
+        where = f"verify.secrets_env[{index}]"
+        secret = environ.get(variable, "")
+        if not secret:
+            errors.append(f"{where}: environment variable {variable} is not set")
+            continue
+        resolved.append(_checked_secret(verify.scheme, secret, where, errors))
+    verify.secrets = list(dict.fromkeys(s for s in resolved if s))  # unique, in order
+    verify.secrets_env = []
+    if not verify.secrets and not errors:
+        errors.append("verify.secrets: a verifier needs at least one secret")
+    return errors
+
+
+def _checked_secret(scheme: str, secret: str, where: str, errors: list[str]) -> str:
+    if isinstance(secret, str) and not secret.strip():
+        # Spaces sign like any bytes, but nobody means them: a template or a paste went wrong.
+        errors.append(f"{where}: A secret must not be empty or only whitespace.")
+        return ""
+    try:
+        return signatures.validate_secret(scheme, secret)
+    except ValueError as exc:
+        errors.append(f"{where}: {exc}")  # the messages never contain the secret
+        return ""
+
+
+def save(
+    session: Session, spec: RouteSpec, box: SecretBox | None = None, route: Route | None = None
+) -> tuple[Route, bool]:
+    """Create or update the route named by ``spec`` (``route``, when the caller has it).
+
+    Returns (route, created). A verifier's secrets are sealed with ``box``; unchanged
+    secrets keep their stored token.
+    """
+    route = route or get(session, spec.name)
+    created = route is None
+    if route is None:
+        route = Route(name=spec.name)
+        session.add(route)
+    values = spec.model_dump(exclude={"verify"})
+    values["steps"] = [s.model_dump() for s in spec.steps]
+    for key, value in values.items():
+        setattr(route, key, value)
+    if spec.verify is None:
+        route.verify_scheme = route.verify_options = route.secrets_encrypted = None
+    else:
+        if box is None:
+            raise RouteInvalid(spec.name, ["verify: secrets cannot be stored without a key"])
+        route.verify_scheme = spec.verify.scheme
+        route.verify_options = spec.verify.options
+        if _stored_secrets(route, box) != spec.verify.secrets:
+            route.secrets_encrypted = box.seal(spec.verify.secrets)
+    session.flush()
+    return route, created
+
+
+def _stored_secrets(route: Route, box: SecretBox) -> list[str] | None:
+    """The route's secrets, or None when they cannot be read (the secret key changed)."""
+    try:
+        return box.open(route.secrets_encrypted)
+    except SecretsUnreadable:
+        return None
+
+
+def save_routes(
+    session: Session,
+    items: list[dict[str, Any]],
+    registry: Registry,
+    box: SecretBox | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """Validate every route first, then save them all: (name, created|updated|unchanged).
+
+    ``box`` seals signing secrets (routes with a verifier need one); secrets are compared
+    decrypted, so re-applying the same file reports "unchanged".
+    """
+    specs, problems = [], []
+    for item in items:
+        try:
+            specs.append(validate(item, registry, environ))
+        except RouteInvalid as exc:
+            problems.append(exc)
+    if problems:
+        raise RouteInvalid(", ".join(p.name for p in problems), [str(p) for p in problems])
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise RouteInvalid("file", ["a route name appears twice"])
+    results = []
+    for spec in specs:
+        before = get(session, spec.name)
+        old = _comparable(before, box) if before is not None else None
+        route, created = save(session, spec, box, before)
+        if created:
+            results.append((spec.name, "created"))
+        else:
+            same = _comparable(route, box) == old
+            results.append((spec.name, "unchanged" if same else "updated"))
+    return results
+
+
+def _comparable(route: Route, box: SecretBox | None) -> dict[str, Any]:
+    data = to_dict(route)
+    if data["verify"] is not None:
+        data["verify"]["secrets"] = _stored_secrets(route, box) if box else None
+    return data
+
+
+def load_file(path: str | Path) -> list[dict[str, Any]]:
+    """Routes from a JSON or YAML file: a list, or ``{"routes": [...]}``."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid JSON or YAML ({exc.__class__.__name__})") from None
+    if isinstance(data, dict) and "routes" in data:
+        data = data["routes"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a list of routes or {{routes: [...]}}")
+    return data
+
+
+def to_dict(route: Route, box: SecretBox | None = None) -> dict[str, Any]:
+    """The route as `routes apply` reads it, with signing secrets masked (never revealed).
+
+    With ``box`` each secret shows as ``whsec_…abcd``; without it only that they exist.
+    """
+    verify = None
+    if route.verify_scheme:
+        shown: list[str] | str = "[encrypted]"
+        if box is not None:
+            stored = _stored_secrets(route, box)
+            shown = [mask(s) for s in stored] if stored is not None else "[unreadable]"
+        verify = {
+            "scheme": route.verify_scheme,
+            "options": route.verify_options or {},
+            "secrets": shown,
+        }
+    return {
+        "name": route.name,
+        "description": route.description,
+        "mode": route.mode,
+        "steps": route.steps,
+        "filter": route.filter,
+        "dedup_path": route.dedup_path,
+        "dedup_window": route.dedup_window,
+        "retry_schedule": route.retry_schedule,
+        "auth": route.auth,
+        "verify": verify,
+        "rate_limit": route.rate_limit,
+        "enabled": route.enabled,
+    }
+
+
+def spec_data(route: Route, box: SecretBox) -> dict[str, Any]:
+    """The route as validate() reads it, with its real secrets: for changing one field.
+
+    Raises SecretsUnreadable when the stored secrets do not decrypt.
+    """
+    data = to_dict(route)
+    if data["verify"] is not None:
+        data["verify"]["secrets"] = box.open(route.secrets_encrypted)
+    return data
+
+
+def _verified(session: Session, name: str, box: SecretBox) -> tuple[Route, dict[str, Any]]:
+    """A route with a signature verifier, and its data with real secrets, to change them."""
+    route = get(session, name)
+    if route is None:
+        raise LookupError(f"no route named {name!r}")
+    if not route.verify_scheme:
+        raise RouteInvalid(name, ["verify: the route has no signature verifier"])
+    return route, spec_data(route, box)
+
+
+def add_secret(session: Session, name: str, secret: str, registry: Registry, box: SecretBox) -> int:
+    """Add a signing secret to a route (rotation: old and new both verify); the new count."""
+    _, data = _verified(session, name, box)
+    if secret in data["verify"]["secrets"]:
+        raise RouteInvalid(name, ["verify.secrets: the route already has this secret"])
+    data["verify"]["secrets"].append(secret)
+    save_routes(session, [data], registry, box, environ={})
+    return len(data["verify"]["secrets"])
+
+
+def remove_secret(
+    session: Session, name: str, which: str, registry: Registry, box: SecretBox
+) -> int:
+    """Remove one secret, named by its value, 1-based position, or last characters.
+
+    The last secret of a route whose auth needs a signature is refused: the route would
+    turn every sender away. Returns how many secrets remain.
+    """
+    route, data = _verified(session, name, box)
+    stored: list[str] = data["verify"]["secrets"]
+    index = _find_secret(stored, which)
+    if index is None:
+        raise RouteInvalid(name, ["verify.secrets: no secret matches (value, number or suffix)"])
+    if len(stored) == 1:
+        raise RouteInvalid(
+            name,
+            [
+                f"verify.secrets: it is the last secret and auth is {route.auth!r}; "
+                "add the new secret first, or change auth to key"
+            ],
+        )
+    del stored[index]
+    save_routes(session, [data], registry, box, environ={})
+    return len(stored)
+
+
+def _find_secret(stored: list[str], which: str) -> int | None:
+    if which in stored:
+        return stored.index(which)
+    if which.isdigit() and 1 <= int(which) <= len(stored):
+        return int(which) - 1
+    suffix = which.split("…")[-1]
+    matches = [i for i, s in enumerate(stored) if len(suffix) >= 4 and s.endswith(suffix)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def save_route(
+    session: Session,
+    data: dict[str, Any],
+    registry: Registry,
+    box: SecretBox | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Route, str]:
+    """One route through ``save_routes``; RouteInvalid names each of its own problems."""
+    validate(data, registry, environ)  # the field-by-field errors of this one route
+    ((name, action),) = save_routes(session, [data], registry, box, environ)
+    route = get(session, name)
+    assert route is not None
+    return route, action
+
+
+def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole: bool) -> dict:
+    """The route's data with ``changes`` applied: every field when ``whole`` (a
+    replacement), else only those given (a patch).
+
+    A verifier given without secrets keeps the secrets the route has, so an admin can
+    change a scheme's options without sending (or having) the secrets again.
+    """
+    try:
+        current = spec_data(route, box)
+    except SecretsUnreadable:
+        current = to_dict(route)
+        if current["verify"] is not None:
+            current["verify"]["secrets"] = []
+    data = {"name": route.name, **({} if whole else current), **changes}
+    verify = changes.get("verify")
+    old = current["verify"]
+    if verify is not None and old is not None:
+        if not whole:
+            verify = {**old, **{k: v for k, v in verify.items() if v is not None}}
+        if not verify.get("secrets") and not verify.get("secrets_env"):
+            verify = {**verify, "secrets": old["secrets"]}
+        data["verify"] = verify
+    return data
+
+
+def get(session: Session, name: str) -> Route | None:
+    """The route named ``name``; None for a name no route can have (PostgreSQL can't even
+    compare one holding NUL, as ``/hooks/a%00b`` gives)."""
+    if not re.fullmatch(ROUTE_NAME_PATTERN, name):
+        return None
+    return session.scalar(select(Route).where(Route.name == name))
+
+
+def lookup(session: Session, name: str, cache: TTLCache[tuple[Route | None]]) -> Route | None:
+    """The route called ``name`` as ingest and workers see it: from ``cache`` when it was
+    read in the last HUB_ROUTE_CACHE_SECONDS (a burst costs one query per process, not one
+    per request; a name with no route is remembered too). The Route is detached and shared
+    between threads: read it, never change it."""
+    hit = cache.get(name)
+    if hit is not None:
+        return hit[0]
+    route = get(session, name)
+    if route is not None:
+        session.expunge(route)
+    cache.put(name, (route,))
+    return route
+
+
+def list_routes(session: Session) -> list[Route]:
+    return list(session.scalars(select(Route).order_by(Route.name)))
+
+
+def remove(session: Session, name: str) -> bool:
+    route = get(session, name)
+    if route is None:
+        return False
+    session.delete(route)
+    return True
+
+
+DEMO_ROUTES = [
+    {
+        "name": "process",
+        "description": "The seed's /api/process: upper-case text with its length and words.",
+        "mode": "sync",
+        "steps": [{"connector": "text", "config": {}}],
+    },
+    {
+        "name": "chat",
+        "description": "The seed's /api/chat: one message to an OpenAI-compatible chat model.",
+        "mode": "sync",
+        "steps": [{"connector": "openai", "config": {"user_message": "{{ payload.message }}"}}],
+    },
+]
+
+
+def ensure_demo_routes(session: Session, registry: Registry) -> list[str]:
+    """Create the demo routes that are missing (never overwrite an admin's changes)."""
+    missing = [r for r in DEMO_ROUTES if get(session, r["name"]) is None]
+    usable = [r for r in missing if all(s["connector"] in registry for s in r["steps"])]
+    if usable:
+        save_routes(session, usable, registry)
+    return [r["name"] for r in usable]

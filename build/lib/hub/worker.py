@@ -1,0 +1,464 @@
+"""Delivery: claim due events from the database, run them, write how they ended.
+
+A claim is one atomic statement that moves due events to ``processing`` under a lease
+(PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines
+share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). A worker
+that dies leaves a lease that expires, and the event is claimed again: delivery is
+at-least-once, and a receiver that must not see a repeat dedups on the event id.
+
+Every event reaches an end state or holds a live lease: a claim of an expired lease counts
+against the route's retry schedule (an event that kills its worker ends ``dead``), an outcome
+that can't be written is retried per the schedule, and a sync request's event, leased by the
+web process running it, is marked ``failed`` by any worker's reaper if that process died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import and_, case, not_, or_, select, text, update
+
+from hub import pipeline
+from hub import routes as route_store
+from hub.db import Database
+from hub.models import Attempt, Event, utcnow
+from hub.templating import TemplateLimits
+
+log = logging.getLogger("hub.worker")
+
+NOTIFY_CHANNEL = "hub_events"
+DUE_STATUSES = ("pending", "retrying")
+MIN_IDLE = 0.05
+# The lease owner of a sync request's event starts with this: workers never claim it.
+SYNC_LEASE_PREFIX = "sync:"
+# A reaper pass runs every this many HUB_WORKER_MAX_IDLE (20 s by default).
+REAP_EVERY_IDLES = 10
+LEASE_EXPIRED = "a delivery did not finish before its lease ran out (the worker died or hung)"
+SYNC_PROCESS_DIED = (
+    "the process handling the sync request died before it answered (or could not record "
+    "the outcome); replay the event to run it again"
+)
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def sync_lease(seconds: float) -> tuple[str, datetime]:
+    """Lease owner and expiry for a sync request's event, run by this process."""
+    return SYNC_LEASE_PREFIX + process_name(), utcnow() + timedelta(seconds=seconds)
+
+
+def reap_sync_events(db: Database) -> list[str]:
+    """Mark ``failed`` the sync events whose process died (their lease ran out); their ids.
+
+    They are replayable, and never redelivered on their own: the sender got no answer and
+    retries by itself.
+    """
+    now = utcnow()
+    with db.session() as session:
+        reaped = list(
+            session.scalars(
+                update(Event.__table__)
+                .where(
+                    Event.status == "processing",
+                    Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
+                    Event.lease_until < now,
+                )
+                .values(
+                    status="failed",
+                    last_error=SYNC_PROCESS_DIED,
+                    completed_at=now,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+                .returning(Event.id)
+            )
+        )
+    for event_id in reaped:
+        log.warning("event %s: %s", event_id, SYNC_PROCESS_DIED)
+    return reaped
+
+
+def schedule_of(schedule: list[int] | None) -> list[int]:
+    """A route's retry schedule, or the hub's default one."""
+    return route_store.DEFAULT_RETRY_SCHEDULE if schedule is None else schedule
+
+
+def retry_delay(schedule: list[int], retries: int, retry_after: float | None) -> float | None:
+    """Seconds until the next durable retry, or None when the schedule is used up."""
+    if retries >= len(schedule):
+        return None
+    return max(float(schedule[retries]), retry_after or 0.0)
+
+
+class Worker:
+    """Claims and delivers events; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
+
+    def __init__(self, app: Flask, name: str | None = None):
+        self.app = app
+        self.db: Database = app.extensions["hub.db"]
+        self.registry = app.extensions["hub.connectors"]
+        self.routes = app.extensions["hub.routes"]
+        self.lease = float(app.config["LEASE_SECONDS"])
+        self.max_idle = float(app.config["WORKER_MAX_IDLE"])
+        self.name = name or process_name()
+        self.stopping = threading.Event()
+        self.wakeup: threading.Event = app.extensions["hub.wakeup"]
+        self.threads: list[threading.Thread] = []
+        self.in_flight: set[str] = set()
+        self._lock = threading.Lock()
+        self.next_reap = 0.0  # time.monotonic() of the next reaper pass
+        self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
+
+    # --- claiming ---
+
+    def claim(self, limit: int = 1) -> list[str]:
+        """Move up to ``limit`` due events to ``processing`` under this worker's lease.
+
+        Events whose lease ran out (a worker died) are looked for apart from due ones: one
+        query with an OR of both scans the whole table instead of walking the due index.
+        They are looked for when nothing is due, and at least once every reaper interval,
+        so a busy hub takes them back too.
+        """
+        now = utcnow()
+        claimed: list[str] = []
+        if self._expired_look_due():
+            claimed = self._claim(limit, self._expired(now), now)
+        if len(claimed) < limit:
+            claimed += self._claim(limit - len(claimed), self._due(now), now)
+        if not claimed:
+            claimed = self._claim(limit, self._expired(now), now)
+        return claimed
+
+    @staticmethod
+    def _due(now):
+        return and_(Event.status.in_(DUE_STATUSES), Event.next_attempt_at <= now)
+
+    @staticmethod
+    def _expired(now):
+        return and_(
+            Event.status == "processing",
+            Event.lease_until < now,
+            or_(
+                Event.lease_owner.is_(None),
+                not_(Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True)),
+            ),
+        )
+
+    def _expired_look_due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now < self.next_expired_look:
+                return False
+            self.next_expired_look = now + self.max_idle * REAP_EVERY_IDLES
+        return True
+
+    def _claim(self, limit: int, which, now) -> list[str]:
+        candidates = select(Event.id).where(which).order_by(Event.next_attempt_at).limit(limit)
+        if self.db.dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        expired = Event.status == "processing"
+        statement = (
+            update(Event.__table__)
+            .where(Event.id.in_(candidates))
+            .values(
+                status="processing",
+                lease_owner=self.name,
+                lease_until=now + timedelta(seconds=self.lease),
+                attempts=Event.attempts + 1,
+                # A delivery that died counts against the retry schedule, like a failure.
+                retries=case((expired, Event.retries + 1), else_=Event.retries),
+                last_error=case((expired, LEASE_EXPIRED), else_=Event.last_error),
+            )
+            .returning(Event.id)
+        )
+        with self.db.session() as session:
+            return list(session.scalars(statement))
+
+    # --- delivering ---
+
+    def process(self, event_id: str) -> str:
+        """Run one claimed event through its route and record the outcome; returns its status."""
+        with self._lock:
+            self.in_flight.add(event_id)
+        try:
+            return self._process(event_id)
+        finally:
+            with self._lock:
+                self.in_flight.discard(event_id)
+
+    def _process(self, event_id: str) -> str:
+        with self.db.session() as session:
+            event = session.get(Event, event_id)
+            route = route_store.lookup(session, event.route, self.routes) if event else None
+        if event is None:
+            return "missing"
+        if route is None or not route.enabled:
+            outcome = pipeline.Outcome(
+                pipeline.FAILED, error=f"route {event.route!r} no longer exists or is disabled"
+            )
+            return self._finish(event, None, outcome)
+        if event.retries > len(schedule_of(route.retry_schedule)):
+            # Claimed again after its deliveries kept dying, with the schedule used up.
+            deaths = pipeline.Outcome(pipeline.RETRYABLE, error=event.last_error or LEASE_EXPIRED)
+            return self._finish(event, route.retry_schedule, deaths)
+
+        def record(row: Attempt) -> None:
+            # Each call is committed as it happens: a crash later keeps the log of it.
+            with self.db.session() as s:
+                s.add(row)
+
+        # Stop starting new tries well before the lease runs out, so no other worker
+        # can claim the event while this one is still delivering it.
+        deadline = time.monotonic() + self.lease - min(30.0, self.lease * 0.2)
+        try:
+            outcome = pipeline.run(
+                event,
+                route,
+                self.registry,
+                record=record,
+                deadline=deadline,
+                tries=int(self.app.config["STEP_TRIES"]),
+                copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
+                max_depth=pipeline.max_json_depth(self.app.config),
+                template_limits=TemplateLimits.from_config(self.app.config),
+                max_response_bytes=int(self.app.config["MAX_RESPONSE_BYTES"]),
+            )
+        except Exception as exc:  # never let one event take the worker down
+            # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
+            log.error("event %s: pipeline error %s", event_id, type(exc).__name__)
+            outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
+        return self._finish(event, route.retry_schedule, outcome)
+
+    def _finish(self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome) -> str:
+        """Write how the run ended. An outcome that can't be written is a failed attempt: the
+        event follows the retry schedule to ``dead`` (if even that write fails, the lease
+        runs out and the next claim counts against the schedule)."""
+        try:
+            values = self._ending(event, schedule, outcome)
+            changed = self._write_ending(event, values)
+        except Exception as exc:
+            log.error("event %s: outcome not recorded (%s)", event.id, type(exc).__name__)
+            unrecorded = pipeline.Outcome(
+                pipeline.RETRYABLE,
+                error=f"the outcome could not be recorded ({type(exc).__name__})",
+            )
+            values = self._ending(event, schedule, unrecorded)
+            changed = self._write_ending(event, values)
+        if not changed:
+            log.warning("event %s: lease lost before the outcome was written", event.id)
+            return "lease_lost"
+        log.info("event %s run %d: %s", event.id, event.attempts, values["status"])
+        return values["status"]
+
+    def _ending(
+        self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome
+    ) -> dict[str, Any]:
+        """The event's columns after a run: an end state, or the next retry per ``schedule``."""
+        now = utcnow()
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if outcome.status != pipeline.RETRYABLE:
+            values.update(pipeline.end_state(outcome, now))
+            return values
+        delay = retry_delay(schedule_of(schedule), event.retries, outcome.retry_after)
+        values["last_error"] = (outcome.error or "retryable failure")[:2000]
+        if delay is None:
+            values.update(status="dead", completed_at=now, next_attempt_at=None)
+        else:
+            values.update(
+                status="retrying",
+                retries=event.retries + 1,
+                next_attempt_at=now + timedelta(seconds=delay),
+            )
+        return values
+
+    def _write_ending(self, event: Event, values: dict[str, Any]) -> int:
+        with self.db.session() as session:
+            return session.execute(
+                update(Event.__table__)
+                .where(Event.id == event.id, Event.lease_owner == self.name)
+                .values(**values)
+            ).rowcount
+
+    def release(self, event_ids: set[str]) -> None:
+        """Hand leases back (a stopping worker): the events are due again at once."""
+        if not event_ids:
+            return
+        with self.db.session() as session:
+            session.execute(
+                update(Event.__table__)
+                .where(Event.id.in_(event_ids), Event.lease_owner == self.name)
+                .values(
+                    status="retrying", lease_owner=None, lease_until=None, next_attempt_at=utcnow()
+                )
+            )
+        log.info("handed back %d event(s)", len(event_ids))
+
+    # --- loops ---
+
+    def run_once(self, limit: int = 100) -> int:
+        """Deliver what is due now, one event at a time; the number delivered (tests, cron)."""
+        self.reap()
+        done = 0
+        while done < limit and not self.stopping.is_set():
+            claimed = self.claim(1)
+            if not claimed:
+                break
+            self.process(claimed[0])
+            done += 1
+        return done
+
+    def reap(self) -> None:
+        """One reaper pass (sync events whose process died); a database error waits a turn."""
+        try:
+            reap_sync_events(self.db)
+        except Exception as exc:
+            log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
+
+    def reap_when_due(self) -> None:
+        """A reaper pass if none ran in the last 10 x HUB_WORKER_MAX_IDLE (one thread does it)."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self.next_reap:
+                return
+            self.next_reap = now + self.max_idle * REAP_EVERY_IDLES
+        self.reap()
+
+    def loop(self) -> None:
+        idle = MIN_IDLE
+        while not self.stopping.is_set():
+            self.reap_when_due()
+            try:
+                claimed = self.claim(1)
+            except Exception as exc:  # the database went away: wait and try again
+                log.warning("claim failed (%s); retrying", type(exc).__name__)
+                claimed = []
+                idle = self.max_idle
+            if claimed:
+                idle = MIN_IDLE
+                try:
+                    self.process(claimed[0])
+                except Exception as exc:  # e.g. the database went away mid-write
+                    # The lease expires and the event is claimed again; the thread lives on.
+                    log.error("event %s: %s while recording", claimed[0], type(exc).__name__)
+                    self.stopping.wait(self.max_idle)
+                continue
+            self.wakeup.wait(idle)
+            if self.wakeup.is_set():
+                self.wakeup.clear()
+                idle = MIN_IDLE
+            else:
+                idle = min(idle * 2, self.max_idle)
+
+    def start(self, concurrency: int = 1) -> None:
+        for index in range(concurrency):
+            thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        if self.db.dialect == "postgresql":
+            listener = threading.Thread(target=self._listen, name="hub-listen", daemon=True)
+            listener.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Finish in-flight deliveries within ``grace`` seconds, hand back the rest."""
+        self.stopping.set()
+        self.wakeup.set()
+        grace = float(self.app.config["WORKER_GRACE"]) if grace is None else grace
+        deadline = time.monotonic() + grace
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = set(self.in_flight)
+        self.release(left)
+
+    def _listen(self) -> None:
+        """PostgreSQL LISTEN: a new event wakes an idle worker now, not at its next poll."""
+        import psycopg
+
+        url = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self.stopping.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self.stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.wakeup.set()
+            except Exception as exc:
+                log.warning("LISTEN connection lost (%s); polling meanwhile", type(exc).__name__)
+                self.stopping.wait(self.max_idle)
+
+
+def notify(session) -> None:
+    """Tell listening workers that events are due (sent when the transaction commits); for
+    rare callers such as a replay. Ingest pokes the Notifier instead."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+
+class Notifier:
+    """Tells workers in other processes that events are due (PostgreSQL's NOTIFY).
+
+    Sent after the events' commit from a thread of its own, at most one every ``interval``
+    however many requests poke it: a NOTIFY inside each ingest transaction serialises every
+    commit (PostgreSQL queues a notification under a lock it holds until the commit is
+    durable). A worker that misses one still finds the event at its next poll.
+    """
+
+    def __init__(self, db: Database, interval: float = 0.005):
+        self.db = db
+        self.interval = interval
+        self._poked = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def poke(self) -> None:
+        if self.db.dialect != "postgresql":
+            return
+        self._poked.set()
+        if self._thread is None or not self._thread.is_alive():  # started lazily: after a fork
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="hub-notify", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        conn = None
+        while True:
+            self._poked.wait()
+            self._poked.clear()
+            try:
+                if conn is None:
+                    conn = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+            except Exception as exc:  # the database went away: workers poll meanwhile
+                log.warning("NOTIFY failed (%s)", type(exc).__name__)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                conn = None
+                time.sleep(1.0)
+            time.sleep(self.interval)
+
+
+def start_embedded(app: Flask) -> Worker | None:
+    """The delivery thread inside a web process (``make run``), unless turned off."""
+    if not app.config.get("EMBEDDED_WORKER"):
+        return None
+    worker = Worker(app)
+    worker.start(1)
+    app.extensions["hub.worker"] = worker
+    log.info("embedded worker %s started", worker.name)
+    return worker
