@@ -387,7 +387,9 @@ def test_the_dashboard_can_live_under_a_prefix(app, admin_key):
         moved.extensions["hub.db"].dispose()
 
 
-@pytest.mark.parametrize("prefix", ["dashboard", "/", "/hooks", "/api/ui", "/a b", "/events"])
+@pytest.mark.parametrize(
+    "prefix", ["dashboard", "/", "/hooks", "/api/ui", "/a b", "/events", "/admin", "/admin/api/x"]
+)
 def test_a_prefix_that_cannot_work_stops_the_start(prefix):
     with pytest.raises(ValueError, match="HUB_DASHBOARD_PREFIX"):
         create_app({"DASHBOARD_PREFIX": prefix, "DATABASE_URL": "sqlite://", "SECRET_KEY": "k"})

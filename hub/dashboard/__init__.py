@@ -36,6 +36,8 @@ def dashboard_prefix(value: object) -> str:
     for taken in RESERVED:
         if prefix == taken or prefix.startswith(taken + "/"):
             raise ValueError(f"HUB_DASHBOARD_PREFIX: {prefix} is the hub's own path {taken}")
+    if prefix == "/admin":  # the admin API answers every path under it; /admin/ui is fine
+        raise ValueError("HUB_DASHBOARD_PREFIX: /admin is the admin API's; use /admin/ui")
     return prefix
 
 
