@@ -667,3 +667,19 @@ def test_the_connectors_page_lists_each_connector_and_its_fields(signed_in, app)
         assert f"<code>{cls.name}</code>" in html
         assert str(cls.description).replace("'", "&#39;") in html
     assert '<code>url</code> <span class="req">required</span>' in html  # http's url
+
+
+def test_a_body_search_reads_a_bounded_window_per_page_and_pages_on(app, admin_key, db):
+    ids = add_events(db, "orders", ["delivered"] * 30)  # bodies {"n": 0} ... {"n": 29}
+    small = other_app(app, ADMIN_SEARCH_WINDOW=20)
+    try:
+        client = small.test_client()
+        sign_in(client, admin_key)
+        html = client.get('/dashboard/events?q="n": 3}').get_data(as_text=True)
+        assert "looked at 20 events" in html
+        assert not re.findall(r'href="/dashboard/events/(evt_[0-9a-z]+)"', html)
+        older = re.search(r'href="(/dashboard/events\?cursor=[^"]+)" rel="next"', html).group(1)
+        rest = client.get(older.replace("&amp;", "&")).get_data(as_text=True)
+        assert re.findall(r'href="/dashboard/events/(evt_[0-9a-z]+)"', rest) == [ids[3]]
+    finally:
+        small.extensions["hub.db"].dispose()
