@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from hub import create_app
 from hub.builtin.http_forward import HttpForwardConnector
 from hub.builtin.openai_chat import OpenAIChatConnector
 from hub.builtin.text import TextConnector
-from hub import create_app
 from hub.connectors import (
     BUILTIN_CONNECTORS,
     ENTRY_POINT_GROUP,
