@@ -158,6 +158,28 @@ def worker(database_url: str, log_path: Path, concurrency: int = 1, **env: str):
 NGINX = Path("/usr/sbin/nginx")
 
 
+def nginx_main_conf(folder: Path, site: Path) -> Path:
+    """A minimal nginx.conf of a test's own under ``folder`` that reads ``site`` inside its
+    http {} block, as Debian's /etc/nginx/nginx.conf and the nginx image's read conf.d/."""
+    main = folder / "nginx.conf"
+    temp_paths = "".join(
+        f"    {kind}_temp_path {folder}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    main.write_text(
+        # As root nginx would run its workers as nobody, who can't read pytest's tmp_path.
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\npid {folder}/nginx.pid;\n"
+        + "events { worker_connections 2048; }\n"
+        + "http {\n"
+        + temp_paths
+        + "    access_log off;\n"
+        + f"    include {site};\n"
+        + "}\n"
+    )
+    return main
+
+
 @contextmanager
 def nginx(config: Path, prefix: Path, base: str, ca: Path) -> Iterator[subprocess.Popen]:
     """Debian's nginx in the foreground with ``config`` (a whole nginx.conf) under ``prefix``;
