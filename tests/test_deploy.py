@@ -288,3 +288,36 @@ def test_every_hub_setting_the_deployment_names_is_in_the_readme_table():
     files = [COMPOSE_TEXT, (ROOT / ".env.example").read_text(), (ROOT / "Dockerfile").read_text()]
     named = {name for text in files for name in re.findall(r"\bHUB_[A-Z0-9_]+", text)}
     assert named and named <= table, f"not in the README's configuration table: {named - table}"
+
+
+# --- the README's Deploy section ---
+
+
+def deploy_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```sh\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert blocks, "README's Deploy section has no ```sh block"
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line.split("  #")[0].strip() for line in lines if line.startswith("docker compose")]
+
+
+def test_the_readme_deploy_steps_name_services_and_commands_that_exist(app):
+    commands = deploy_commands()
+    assert any("--scale worker=4" in c for c in commands)
+    runner = app.test_cli_runner()
+    hub_commands = 0
+    for line in commands:
+        words = shlex.split(line)
+        verb = words[2]
+        if verb in ("run", "exec", "logs"):
+            named = [w for w in words[3:] if not w.startswith("-")]
+            services = named if verb == "logs" else named[:1]
+            assert set(services) <= set(SERVICES), line
+        if "flask" in words:
+            hub_commands += 1
+            start = words.index("flask")
+            assert words[start : start + 3] == ["flask", "--app", "hub"], line
+            result = runner.invoke(args=[*words[start + 3 :], "--help"])
+            assert result.exit_code == 0, f"{line}: {result.output}"
+    assert hub_commands >= 3
