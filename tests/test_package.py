@@ -101,6 +101,19 @@ def test_the_wheel_installs_only_the_hub_package(venv, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_image_prepares_the_instance_folder_an_installed_hub_uses(venv, tmp_path):
+    """Flask puts an installed package's instance folder under sys.prefix/var; the image's
+    unprivileged user must own it there (python:3.11-slim's prefix is /usr/local)."""
+    script = "from hub import create_app; import sys; print(create_app().instance_path)"
+    env = outside_env(venv, f"sqlite:///{tmp_path / 'hub.db'}")
+    assert run([venv / "bin" / "python", "-c", script], tmp_path, env).strip() == str(
+        venv / "var" / "hub-instance"
+    )
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "chown hub:hub /usr/local/var/hub-instance" in dockerfile
+
+
+@pytest.mark.slow
 def test_an_installed_hub_migrates_serves_and_delivers_from_any_directory(venv, tmp_path, receiver):
     elsewhere = tmp_path / "elsewhere"  # neither the checkout nor a copy of any of it
     elsewhere.mkdir()
