@@ -244,6 +244,7 @@ SUMMARY_COLUMNS = (
     Event.reason,
     Event.key_prefix,
     Event.remote_addr,
+    Event.request_id,
     Event.received_at,
     Event.attempts,
     Event.next_attempt_at,
