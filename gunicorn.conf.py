@@ -57,6 +57,15 @@ class EscapingLogger(Logger):
             return super().access(resp, req, environ, request_time)
         if not self.access_log_enabled:
             return None
+        try:
+            message, fields = self._access_line(resp, environ, request_time)
+            self.access_log.info("%s", message, extra={"hub_fields": fields})
+        except Exception as exc:  # a line that can't be built is no reason to fail a request
+            self.error("access log line not written (%s)", type(exc).__name__)
+        return None
+
+    @staticmethod
+    def _access_line(resp, environ, request_time):
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         headers = resp.headers.items() if hasattr(resp.headers, "items") else resp.headers
         request_id = next((v for k, v in headers if k.lower() == "x-request-id"), None)
@@ -71,8 +80,7 @@ class EscapingLogger(Logger):
         }
         if request_id:
             fields["request_id"] = request_id
-        self.access_log.info("%s %s %s", method, path, status, extra={"hub_fields": fields})
-        return None
+        return f"{method} {path} {status}", fields
 
 
 logger_class = EscapingLogger
