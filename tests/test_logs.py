@@ -4,6 +4,7 @@ Every request has an id: the sender's X-Request-ID when sane, a new one otherwis
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -15,7 +16,9 @@ import pytest
 import requests
 
 from hub import create_app
+from hub.connectors import Connector, EmptyConfig
 from hub.logs import EscapingFormatter, JsonFormatter, bound, choose_format, escape_controls
+from hub.worker import Worker
 from tests.procs import gunicorn, wait_until
 from tests.rows import event_row, events
 
@@ -309,3 +312,58 @@ def test_gunicorn_json_logs_follow_a_request_to_its_delivery(
     ]
     assert forged and forged[0]["route"] == "x\r\nfake-line"  # the value kept, as data
     assert "evil" not in text  # the hostile id was replaced, never logged
+
+
+class Chatty(Connector):
+    """Logs one line through its step logger and passes the payload on."""
+
+    name = "chatty"
+    description = "test connector that logs"
+    Config = EmptyConfig
+
+    def run(self, payload, ctx):
+        ctx.logger.info("working on it")
+        return payload
+
+
+@pytest.fixture
+def json_lines_of_hub():
+    """The hub logger's lines, formatted as production writes them, parsed."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("hub")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield lambda: json_lines(stream.getvalue())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_connectors_own_lines_say_which_request_and_event(
+    app, client, key, add_route, json_lines_of_hub
+):
+    app.extensions["hub.connectors"].register(Chatty)
+    try:
+        add_route("now", [{"connector": "chatty"}])
+        add_route("later", [{"connector": "chatty"}], mode="async")
+        sync = client.post(
+            "/hooks/now", json={}, headers={"X-API-Key": key, "X-Request-ID": "sync-1"}
+        )
+        queued = client.post(
+            "/hooks/later", json={}, headers={"X-API-Key": key, "X-Request-ID": "async-1"}
+        )
+        assert Worker(app).run_once() == 1
+    finally:
+        app.extensions["hub.connectors"].unregister("chatty")
+    said = [line for line in json_lines_of_hub() if line["message"] == "working on it"]
+    about = [(line["request_id"], line["event_id"], line["route"]) for line in said]
+    assert about == [
+        ("sync-1", sync.get_json()["id"], "now"),
+        ("async-1", queued.get_json()["id"], "later"),
+    ]
+    assert all(line["logger"] == "hub.connector.chatty" for line in said)
+    assert all(line["key_prefix"] == key.split("_")[1] for line in said)
