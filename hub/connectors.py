@@ -120,6 +120,8 @@ class StepContext:
     outputs: list[Any]
     logger: logging.Logger
     attempt: int = 1
+    # X-Request-ID of the request that brought the event (None for events older than it).
+    request_id: str | None = None
     deadline: float | None = None  # time.monotonic() by which the step must be done
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # hub.http reads no more of an answer
     exchange: Exchange = field(default_factory=Exchange)

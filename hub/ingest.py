@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from hub import crypto, keys, pipeline, ratelimit, redact, signatures, storable
+from hub import crypto, keys, logs, pipeline, ratelimit, redact, signatures, storable
 from hub import routes as route_store
 from hub.connectors import lookup_path
 from hub.db import get_db, get_session
@@ -135,6 +135,7 @@ def new_event(route_name: str) -> Event:
         path=request.path[:2000],
         query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
         remote_addr=(request.remote_addr or "")[:64] or None,
+        request_id=logs.current_request_id(),
         received_at=utcnow(),
         headers={},
         content_type=(request.content_type or "")[:200] or None,

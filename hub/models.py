@@ -209,6 +209,9 @@ class Event(Base):
     # to knock. Never used to decide whose event this is.
     presented_prefix: Mapped[str | None] = mapped_column(String(16))
     remote_addr: Mapped[str | None] = mapped_column(StorableString(64))
+    # The id of the request that brought it (X-Request-ID, the sender's or the hub's): the
+    # same id is in the answer's header and in every log line about the event.
+    request_id: Mapped[str | None] = mapped_column(String(200))
     method: Mapped[str] = mapped_column(StorableString(10))
     path: Mapped[str] = mapped_column(StorableString(2000))
     query: Mapped[str | None] = mapped_column(StorableText)
@@ -253,6 +256,7 @@ class Event(Base):
             "key_prefix": self.key_prefix,
             "presented_prefix": self.presented_prefix,
             "remote_addr": self.remote_addr,
+            "request_id": self.request_id,
             "body_size": self.body_size,
             "received_at": iso_time(self.received_at),
             "attempts": self.attempts,

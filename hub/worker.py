@@ -28,7 +28,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import and_, case, not_, or_, select, text, update
 
-from hub import pipeline
+from hub import logs, pipeline
 from hub import routes as route_store
 from hub.db import Database
 from hub.groupcommit import GroupCommitter, row_of
@@ -219,7 +219,14 @@ class Worker:
                     event = session.get(Event, event_id)
                 if event is None:
                     return "missing"
-            return self._process(event, claimed_at)
+            # Its lines say which event, and which request brought it.
+            with logs.bound(
+                event_id=event.id,
+                request_id=event.request_id,
+                route=event.route,
+                key_prefix=event.key_prefix,
+            ):
+                return self._process(event, claimed_at)
         finally:
             with self._lock:
                 self.in_flight.discard(event_id)
