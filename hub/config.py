@@ -19,7 +19,7 @@ import difflib
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -166,6 +166,14 @@ class Settings(BaseSettings):
     documentation (the README's configuration table is generated from it)."""
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, case_sensitive=False, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        # Overrides (create_app's config), then the environment, which read_env_file has
+        # already filled from .env (so that code reading os.environ sees the file too).
+        return init_settings, env_settings
 
     # --- where it runs ---
     env: Environment = Field(
@@ -363,7 +371,7 @@ def _problem(error: Mapping[str, Any]) -> str:
     return f"{line}, got {error.get('input')!r}"
 
 
-def read_env_file(environ: os._Environ | dict[str, str] | None = None) -> Path | None:
+def read_env_file(environ: MutableMapping[str, str] | None = None) -> Path | None:
     """Put the ``.env`` file's variables into the environment where it has none of that name,
     so that everything that reads the environment (the settings, a connector's API key, a
     route's ``secrets_env``) sees the same values, under gunicorn as under ``flask``."""
@@ -371,6 +379,8 @@ def read_env_file(environ: os._Environ | dict[str, str] | None = None) -> Path |
     name = environ.get(ENV_FILE_VARIABLE, Settings.model_fields["env_file"].default)
     path = Path(name) if name else None
     if path is None or not path.is_file():
+        if path is not None and ENV_FILE_VARIABLE in environ:  # named, so meant to be there
+            raise SettingsError([f"{ENV_FILE_VARIABLE}: expected a file that exists, got {name!r}"])
         return None
     from dotenv import dotenv_values
 

@@ -212,7 +212,8 @@ def test_gunicorn_stops_cleanly_when_the_app_refuses_to_start(database_url_for_t
 # --- .env ---
 
 
-def test_env_file_precedence_environment_over_file_over_defaults(tmp_path):
+def test_env_file_precedence_environment_over_file_over_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "hub.env"
     path.write_text("HUB_STEP_TRIES=5\nHUB_SYNC_TIMEOUT=7\nOPENAI_API_KEY=sk-from-file\n")
     environ = {"HUB_ENV_FILE": str(path), "HUB_STEP_TRIES": "2"}
@@ -221,6 +222,12 @@ def test_env_file_precedence_environment_over_file_over_defaults(tmp_path):
     assert environ["HUB_SYNC_TIMEOUT"] == "7"  # the file fills what the environment lacks
     assert environ["OPENAI_API_KEY"] == "sk-from-file"  # connectors see it too
     assert read_env_file({"HUB_ENV_FILE": ""}) is None  # empty: no file
+    assert read_env_file({}) is None  # no .env in the current directory: nothing to read
+    with pytest.raises(SettingsError) as info:  # a file named on purpose must be there
+        read_env_file({"HUB_ENV_FILE": str(tmp_path / "missing.env")})
+    assert info.value.problems == [
+        f"HUB_ENV_FILE: expected a file that exists, got {str(tmp_path / 'missing.env')!r}"
+    ]
 
 
 def env_without_env_file(**extra: str) -> dict[str, str]:
