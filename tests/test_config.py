@@ -163,18 +163,23 @@ def problem_lines(output: str) -> list[str]:
 
 @pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
 def test_flask_stops_with_one_line_per_bad_value_and_no_traceback(database_url_for_test):
-    done = subprocess.run(
-        [str(BIN / "flask"), "--app", "hub", "routes", "list"],
-        cwd=ROOT,
-        env=hub_env(database_url_for_test, **ALL_BAD),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_flask(hub_env(database_url_for_test, **ALL_BAD))
     assert done.returncode != 0
     assert sorted(problem_lines(done.stderr)) == sorted(ALL_BAD_LINES)
     assert done.stderr.strip().splitlines() == problem_lines(done.stderr)  # nothing else
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def run_flask(env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`flask --app hub routes list`: any command builds the app first."""
+    return subprocess.run(
+        [str(BIN / "flask"), "--app", "hub", "routes", "list"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def run_gunicorn(env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -264,14 +269,7 @@ def test_a_bad_value_in_dotenv_stops_flask_and_gunicorn(tmp_path, database_url_f
         HUB_DATABASE_URL=database_url_for_test, HUB_SECRET_KEY="k", HUB_PORT="0"
     )
     line = "HUB_SYNC_TIMEOUT: expected a number of seconds, more than 0, got 'soon'"
-    flask = subprocess.run(
-        [str(BIN / "flask"), "--app", "hub", "routes", "list"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    flask = run_flask(env, cwd=tmp_path)
     served = run_gunicorn(env, cwd=tmp_path)
     for done in (flask, served):
         assert done.returncode != 0
@@ -306,14 +304,7 @@ def test_flask_and_gunicorn_warn_about_a_typo_once(database_url_for_test, tmp_pa
     warning = (
         "HUB_SYNC_TIMOUT is not a setting of the hub and is ignored; did you mean HUB_SYNC_TIMEOUT?"
     )
-    done = subprocess.run(
-        [str(BIN / "flask"), "--app", "hub", "routes", "list"],
-        cwd=ROOT,
-        env=hub_env(database_url_for_test, HUB_SYNC_TIMOUT="5"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_flask(hub_env(database_url_for_test, HUB_SYNC_TIMOUT="5"))
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(warning) == 1
     log = tmp_path / "web.log"
