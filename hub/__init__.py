@@ -9,15 +9,18 @@ from typing import Any
 from flask import Flask
 
 from hub.cache import TTLCache
-from hub.config import DEFAULTS, ENV_PREFIX
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """``config`` overrides settings by their ``app.config`` names (``{"SYNC_TIMEOUT": 2}``),
+    checked like the environment's; other keys (``TESTING``) go to ``app.config`` as given."""
+    # Imported here, not above: `python -m hub.config` must find the module not yet loaded.
+    from hub.config import is_setting, load_settings, warn_unknown_variables
+
+    settings = load_settings(config)  # SettingsError stops the start, one line per bad value
     app = Flask(__name__, instance_relative_config=True)
-    app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env(ENV_PREFIX)
-    if config:
-        app.config.from_mapping(config)
+    app.config.from_mapping(settings.as_config())
+    app.config.from_mapping({k: v for k, v in (config or {}).items() if not is_setting(k)})
     os.makedirs(app.instance_path, exist_ok=True)
     app.json.sort_keys = False
 
@@ -40,6 +43,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from hub.worker import Notifier
 
     logs.init_app(app)
+    warn_unknown_variables()
     secret_key.init_app(app)
     crypto.init_app(app)
     db.init_app(app)
@@ -53,22 +57,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.commits"] = GroupCommitter(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
-    _trust_proxies(app)
+    if app.config["TRUSTED_PROXIES"]:
+        # The client address is X-Forwarded-For's Nth entry from the right: what the nearest
+        # trusted proxy saw. With 0 the header is never believed.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)
     app.register_blueprint(admin.bp)
     openapi.init_app(app)
     cli.init_app(app)
     return app
-
-
-def _trust_proxies(app: Flask) -> None:
-    """With HUB_TRUSTED_PROXIES=N the client address is X-Forwarded-For's Nth entry from the
-    right (what the nearest trusted proxy saw); with 0 the header is never believed."""
-    from werkzeug.middleware.proxy_fix import ProxyFix
-
-    value = app.config.get("TRUSTED_PROXIES") or 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"HUB_TRUSTED_PROXIES: expected how many proxies, 0 or more: {value!r}")
-    if value:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=value)

@@ -39,11 +39,12 @@ def sqlite_template(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def no_hub_settings_from_the_shell(monkeypatch):
-    """HUB_* variables in the developer's shell (HUB_STEP_TRIES=1 ...) must not change what
-    the tests see; HUB_TEST_* name the test servers and stay."""
+    """HUB_* variables in the developer's shell (HUB_STEP_TRIES=1 ...) or a .env file in the
+    checkout must not change what the tests see; HUB_TEST_* name the test servers and stay."""
     for name in list(os.environ):
         if name.startswith("HUB_") and not name.startswith("HUB_TEST_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("HUB_ENV_FILE", "")
 
 
 @pytest.fixture(scope="session")
