@@ -1,18 +1,26 @@
-"""The webhook hub: ``create_app()`` builds it; ``flask --app hub`` and gunicorn use it."""
+"""The webhook hub: ``create_app()`` builds it; ``flask --app hub`` and gunicorn use it.
+
+Importing the package imports nothing else (Flask and the rest load in ``create_app``): the
+hub's pytest plugin lives in it, and pytest loads that plugin in every project that has the
+hub installed, whether or not its tests use the hub.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-
-from hub.cache import TTLCache
-from hub.config import DEFAULTS, ENV_PREFIX
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
+    from flask import Flask
+
+    from hub.cache import TTLCache
+    from hub.config import DEFAULTS, ENV_PREFIX
+
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env(ENV_PREFIX)

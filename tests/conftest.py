@@ -20,11 +20,18 @@ from hub.db import Database, upgrade
 from hub.keys import create_key
 from hub.routes import save_routes
 from tests.schema_check import scratch_postgres
-from tests.servers import FakeOpenAI, Receiver
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 TABLES = ("attempts", "events", "routes", "api_keys", "rate_counters")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``receiver`` and ``fake_openai`` come from the hub's pytest plugin, the one a connector's
+    package gets through the ``pytest11`` entry point; loaded here too when that is off
+    (PYTEST_DISABLE_PLUGIN_AUTOLOAD) or the installed metadata predates it."""
+    if not config.pluginmanager.hasplugin("hub"):
+        config.pluginmanager.import_plugin("hub.pytest_plugin")
 
 
 @pytest.fixture(scope="session")
@@ -136,19 +143,6 @@ def add_route(app, db):
             )
 
     return add
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as server:
-        yield server
-
-
-@pytest.fixture
-def fake_openai(monkeypatch) -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(api_key="sk-test-key") as server:
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
-        yield server
 
 
 @pytest.fixture
