@@ -4,6 +4,7 @@ the contract checks in hub.testing, and the README's example run through a real 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import logging
 import re
 import subprocess
@@ -17,9 +18,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from connectors.http_forward import HttpForwardConnector
-from connectors.openai_chat import OpenAIChatConnector
-from connectors.text import TextConnector
 from hub import create_app
 from hub.connectors import (
     BUILTIN_CONNECTORS,
@@ -36,6 +34,12 @@ from tests.procs import ROOT, clean_env
 from tests.rows import summary
 
 README = (ROOT / "README.md").read_text()
+
+# The built-ins by name, wherever their modules live.
+BUILTINS = load_connectors(list(BUILTIN_CONNECTORS))
+TextConnector = BUILTINS.get("text")
+OpenAIChatConnector = BUILTINS.get("openai")
+HttpForwardConnector = BUILTINS.get("http")
 
 PLUGIN_MODULE = """
 from typing import Any
@@ -73,7 +77,9 @@ class Plugins:
         for module, source in modules.items():
             (self.root / f"{module}.py").write_text(textwrap.dedent(source))
             self.modules.append(module)
-        info = self.root / f"{dist}-0.1.dist-info"
+        # pip's spelling of the directory (hub_reverse-0.1.dist-info): importlib.metadata
+        # takes the name from it, up to the first "-", and keeps one distribution per name.
+        info = self.root / f"{re.sub(r'[-_.]+', '_', dist).lower()}-0.1.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
         lines = [f"{name} = {target}" for name, target in entry_points.items()]
@@ -99,17 +105,35 @@ def names(registry) -> set[str]:
     return {cls.name for cls in registry}
 
 
+@pytest.fixture(params=["alone", "beside another connector package"])
+def installed(request, plugins) -> set[str]:
+    """What a registry holds without HUB_CONNECTORS before the test installs its own plugins:
+    the built-ins, and whatever connector packages happen to be installed beside the hub. Each
+    test taking it runs twice, the second time with one more such package, so that its
+    assertions are proven not to depend on what else is installed."""
+    if request.param != "alone":
+        plugins.install(
+            "hub-connector-unrelated",
+            {"unrelated": "unrelated_plugin:ReverseConnector"},
+            {"unrelated_plugin": PLUGIN_MODULE.format(name="unrelated")},
+        )
+    baseline = names(load_connectors())
+    assert set(BUILTIN_CONNECTORS) <= baseline
+    assert ("unrelated" in baseline) == (request.param != "alone")
+    return baseline
+
+
 # --- discovery ---
 
 
-def test_an_entry_point_connector_is_loaded_beside_the_builtins(plugins):
+def test_an_entry_point_connector_is_loaded_beside_the_builtins(plugins, installed):
     plugins.install(
         "hub-reverse",
         {"reverse": "reverse_plugin:ReverseConnector"},
         {"reverse_plugin": PLUGIN_MODULE.format(name="reverse")},
     )
     registry = load_connectors()
-    assert names(registry) == set(BUILTIN_CONNECTORS) | {"reverse"}
+    assert names(registry) == installed | {"reverse"}
     assert registry.get("reverse").__module__ == "reverse_plugin"
     assert set(BUILTIN_CONNECTORS) == {"text", "openai", "http"}
 
@@ -139,7 +163,7 @@ def test_hub_connectors_limits_what_loads(plugins, caplog):
     assert "HUB_CONNECTORS names 'nonesuch', but no such connector is installed" in caplog.text
 
 
-def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, caplog):
+def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, installed, caplog):
     plugins.install(
         "hub-broken",
         {"broken": "broken_plugin:Nope", "notaclass": "reverse_plugin:ReverseConfig"},
@@ -150,7 +174,7 @@ def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, caplog):
     )
     with caplog.at_level(logging.ERROR, logger="hub.connectors"):
         registry = load_connectors()
-    assert names(registry) == set(BUILTIN_CONNECTORS)  # the hub starts without them
+    assert names(registry) == installed  # the hub starts without them
     assert (
         "connector broken (broken_plugin:Nope) failed to load: missing dependency frobnicate"
         in caplog.text
@@ -378,7 +402,8 @@ def test_check_connector_lets_retryable_errors_through():
 
 def test_connectors_import_only_the_public_contract():
     """Built-ins keep to hub.connectors and hub.http, as third-party connectors must."""
-    for path in sorted((ROOT / "connectors").glob("*.py")):
+    for spec in BUILTIN_CONNECTORS.values():
+        path = Path(importlib.util.find_spec(spec.partition(":")[0]).origin)
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub"):
