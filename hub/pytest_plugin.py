@@ -1,8 +1,8 @@
 """pytest fixtures for testing connectors, installed with the hub.
 
 pytest finds this module through the hub's ``pytest11`` entry point, so a connector's own
-package gets these fixtures as soon as the hub is installed beside it (``-p no:hub`` turns
-them off). The hub's own tests use the same ones.
+package gets these fixtures as soon as the hub is installed beside it
+(``-p no:hub.pytest_plugin`` turns them off). The hub's own tests use the same ones.
 
 - ``receiver``: a recording HTTP receiver on 127.0.0.1 (``hub.testing_servers.Receiver``).
   ``receiver.url`` is its address; ``receiver.requests`` what reached it (method, path,

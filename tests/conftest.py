@@ -25,13 +25,10 @@ PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 TABLES = ("attempts", "events", "routes", "api_keys", "rate_counters")
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    """``receiver`` and ``fake_openai`` come from the hub's pytest plugin, the one a connector's
-    package gets through the ``pytest11`` entry point; loaded here too when that is off
-    (PYTEST_DISABLE_PLUGIN_AUTOLOAD) or the installed metadata predates it."""
-    if not config.pluginmanager.hasplugin("hub"):
-        config.pluginmanager.import_plugin("hub.pytest_plugin")
+# ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's
+# pytest plugin (entry point pytest11); named here as well, for runs with plugin autoloading
+# off. A plugin already loaded through its entry point is not loaded twice.
+pytest_plugins = ["hub.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")
