@@ -400,10 +400,13 @@ def test_the_pytest_plugin_costs_a_project_that_does_not_use_it_nothing(tmp_path
     imported = {}
     for plugin in ("hub.pytest_plugin", "no:hub.pytest_plugin"):
         out = tmp_path / f"{plugin}.json"
+        # Bare pytest plus the hub's plugin or not (other plugins' imports would only blur the
+        # difference; the entry point that loads it is proven by the test above).
+        env = outside_env(MODULES_OUT=str(out), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
         ran = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", plugin],
             cwd=tmp_path,
-            env=outside_env(MODULES_OUT=str(out)),
+            env=env,
             capture_output=True,
             text=True,
             timeout=120,
