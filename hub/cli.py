@@ -392,7 +392,8 @@ def connectors_list() -> None:
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write a package of its own here (with a pyproject.toml declaring the entry point) "
-    "instead of connectors/NAME.py and tests/test_NAME.py in the current directory.",
+    "instead of hub/builtin/NAME.py and tests/test_NAME.py in the hub's checkout "
+    "(the current directory).",
 )
 def connectors_new(name: str, directory: Path | None) -> None:
     """Write a starter connector and its test (which passes as written)."""

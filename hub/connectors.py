@@ -27,9 +27,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024  # HUB_MAX_RESPONSE_BYTES
 
 #: Built-in connectors, loaded through the same path as third-party entry points.
 BUILTIN_CONNECTORS = {
-    "text": "connectors.text:TextConnector",
-    "openai": "connectors.openai_chat:OpenAIChatConnector",
-    "http": "connectors.http_forward:HttpForwardConnector",
+    "text": "hub.builtin.text:TextConnector",
+    "openai": "hub.builtin.openai_chat:OpenAIChatConnector",
+    "http": "hub.builtin.http_forward:HttpForwardConnector",
 }
 
 

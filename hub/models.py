@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -96,6 +97,10 @@ class StorableString(StorableText):
 
 
 BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+# Events a worker may claim, written out (not bound) so the planner can match the partial
+# index ix_events_due_at.
+DUE_PREDICATE = "status IN ('pending', 'retrying')"
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -179,7 +184,14 @@ class Event(Base):
 
     __tablename__ = "events"
     __table_args__ = (
-        Index("ix_events_due", "status", "next_attempt_at"),
+        # Due events, oldest first: a claim walks this index from its start, whatever the
+        # number of events waiting (a partial index holds only pending and retrying rows).
+        Index(
+            "ix_events_due_at",
+            "next_attempt_at",
+            postgresql_where=text(DUE_PREDICATE),
+            sqlite_where=text(DUE_PREDICATE),
+        ),
         Index("ix_events_dedup", "route", "dedup_key"),
         # The admin listing: newest first by (received_at, id), alone or within a route,
         # a status or a key, so each page is one index range (no sort, no OFFSET).

@@ -2,9 +2,9 @@
 
 Two layouts:
 
-- in the hub's checkout (no ``--dir``): ``NAME.py`` in the package of the built-ins (where
-  ``BUILTIN_CONNECTORS`` says they live) and ``tests/test_NAME.py``, registered by adding one
-  line to ``BUILTIN_CONNECTORS``;
+- in the hub's checkout (no ``--dir``): ``NAME.py`` in the package of the built-ins
+  (``hub/builtin/``, where ``BUILTIN_CONNECTORS`` says they live) and ``tests/test_NAME.py``,
+  registered by adding one line to ``BUILTIN_CONNECTORS``;
 - a package of its own (``--dir PATH``): ``PATH/NAME.py``, ``PATH/tests/test_NAME.py`` and a
   ``PATH/pyproject.toml`` declaring the ``hub.connectors`` entry point, so that
   ``pip install -e PATH`` is all the hub needs to load it. Its test passes as written, with
@@ -138,12 +138,19 @@ def write_connector(name: str, directory: Path | None, builtin_root: Path) -> Sc
     cls = class_name(name)
     if directory is None:
         package = builtin_package()
-        module_path = builtin_root.joinpath(*package.split(".")) / f"{name}.py"
+        builtins = builtin_root.joinpath(*package.split("."))
+        if not builtins.is_dir():
+            where = builtins.relative_to(builtin_root).as_posix()
+            raise ValueError(
+                f"{builtin_root} is not the hub's checkout (no {where}/ here): run this "
+                "in the checkout, or give --dir for a connector package of its own"
+            )
+        module_path = builtins / f"{name}.py"
         test_path = builtin_root / "tests" / f"test_{name}.py"
         module = f"{package}.{name}"
         steps = [
             f'register it: add "{name}": "{module}:{cls}Connector" to '
-            "hub.connectors.BUILTIN_CONNECTORS",
+            "BUILTIN_CONNECTORS in hub/connectors.py",
             f"test it: python -m pytest {test_path.relative_to(builtin_root)}",
         ]
     else:

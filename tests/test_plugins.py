@@ -372,6 +372,16 @@ def test_new_refuses_unusable_names(runner, tmp_path, name, reason):
     assert not target.exists()
 
 
+def test_new_outside_the_checkout_without_dir_is_refused(runner, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(args=["connectors", "new", "greet"])
+    assert result.exit_code == 1
+    assert "not the hub's checkout" in result.output and "--dir" in result.output
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_new_never_overwrites(runner, tmp_path):
     (tmp_path / "greet.py").write_text("# mine\n")
     result = runner.invoke(args=["connectors", "new", "greet", "--dir", str(tmp_path)])
@@ -510,8 +520,8 @@ def test_check_connector_lets_retryable_errors_through():
 
 def test_connectors_import_only_the_public_contract():
     """Built-ins keep to hub.connectors and hub.http, as third-party connectors must."""
-    for spec in BUILTIN_CONNECTORS.values():
-        path = Path(importlib.util.find_spec(spec.partition(":")[0]).origin)
+    builtins = Path(importlib.util.find_spec(scaffold.builtin_package()).origin).parent
+    for path in sorted(builtins.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub"):
