@@ -1,20 +1,28 @@
-"""The webhook hub: ``create_app()`` builds it; ``flask --app hub`` and gunicorn use it."""
+"""The webhook hub: ``create_app()`` builds it; ``flask --app hub`` and gunicorn use it.
+
+Importing the package imports nothing else (Flask and the rest load in ``create_app``): the
+hub's pytest plugin lives in it, and pytest loads that plugin in every project that has the
+hub installed, whether or not its tests use the hub.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-
-from hub.cache import TTLCache
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """``config`` overrides settings by their ``app.config`` names (``{"SYNC_TIMEOUT": 2}``),
     checked like the environment's; other keys (``TESTING``) go to ``app.config`` as given."""
-    # Imported here, not above: `python -m hub.config` must find the module not yet loaded.
+    # Imported here, not above: `python -m hub.config` must find the module not yet loaded,
+    # and the pytest plugin (hub.pytest_plugin) must not load Flask into other projects.
+    from flask import Flask
+
+    from hub.cache import TTLCache
     from hub.config import is_setting, load_settings, warn_unknown_variables
 
     settings = load_settings(config)  # SettingsError stops the start, one line per bad value
