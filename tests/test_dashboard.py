@@ -13,6 +13,7 @@ import pytest
 
 from hub import create_app
 from hub import keys as key_store
+from hub.config import SettingsError
 from hub.dashboard import session as dash_session
 from hub.models import ApiKey, Event, Route, new_event_id, utcnow
 
@@ -397,10 +398,12 @@ def test_a_prefix_that_cannot_work_stops_the_start(prefix):
 
 def test_bad_dashboard_settings_stop_the_start():
     base = {"DATABASE_URL": "sqlite://", "SECRET_KEY": "k"}
-    with pytest.raises(ValueError, match="HUB_DASHBOARD:"):
-        create_app({**base, "DASHBOARD": "yes"})
-    with pytest.raises(ValueError, match="HUB_DASHBOARD_SESSION_SECONDS"):
+    with pytest.raises(SettingsError, match="HUB_DASHBOARD"):
+        create_app({**base, "DASHBOARD": "maybe"})
+    with pytest.raises(SettingsError, match="HUB_DASHBOARD_SESSION_SECONDS"):
         create_app({**base, "DASHBOARD_SESSION_SECONDS": 5})
+    with pytest.raises(SettingsError, match="HUB_DASHBOARD_OVERVIEW_MAX_ROWS"):
+        create_app({**base, "DASHBOARD_OVERVIEW_MAX_ROWS": 0})
 
 
 # --- the pages ---
