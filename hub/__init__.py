@@ -30,6 +30,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ingest,
         keys,
         logs,
+        metrics,
         openapi,
         ratelimit,
         secret_key,
@@ -51,6 +52,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.notifier"] = Notifier(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
+    metrics.init_app(app)
     _trust_proxies(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)

@@ -80,6 +80,15 @@ DEFAULTS: dict[str, object] = {
     # Headers, and bytes of header names and values, kept on an accepted event.
     "STORED_HEADERS": 100,
     "STORED_HEADER_BYTES": 32768,
+    # Metrics (hub/metrics.py; for the settings model to take over). The directory where
+    # every process of one deployment (gunicorn's workers, `flask --app hub worker`
+    # processes on the same host) keeps its counts for GET /metrics to add up; None: the
+    # gunicorn server and the worker command use <instance>/metrics, anything else counts in
+    # memory.
+    "METRICS_DIR": None,
+    # Bearer token Prometheus presents to GET /metrics (at least 16 characters); None: only
+    # an admin API key may read the metrics.
+    "METRICS_TOKEN": None,
 }
 
 ENV_PREFIX = "HUB"
