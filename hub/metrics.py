@@ -21,6 +21,7 @@ that exists, or ``(unknown)``; every label value is cut to LABEL_MAX characters.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -244,6 +245,21 @@ def forget_dead_live_gauges(directory: str) -> None:
             remove_quietly(os.path.join(directory, name))
 
 
+class ProcessFiles(MultiProcessCollector):
+    """Every process's files, added up, skipping a file caught in the instant between its
+    creation and its first write (empty: nothing counted in it yet). prometheus_client
+    reads such a file as corrupt and fails the whole scrape; a process starting while
+    another answers a scrape makes one."""
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(FileNotFoundError):  # a live gauge of a process that ended
+                if os.path.getsize(path) > 0:  # grows to its full size before its first value
+                    files.append(path)
+        return self.merge(files, accumulate=True)
+
+
 # --- the queue, read from the database at scrape time ---
 
 
@@ -344,7 +360,7 @@ def exposition() -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     if _directory:
         forget_dead_live_gauges(_directory)
-        MultiProcessCollector(registry, path=_directory)
+        ProcessFiles(registry, path=_directory)
     else:
         for metric in metrics().all():
             registry.register(metric)
