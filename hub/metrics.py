@@ -3,13 +3,14 @@ the sum over every process of one deployment.
 
 Counters and histograms are kept per process. Under gunicorn (several web processes) and
 beside ``flask --app hub worker`` processes they live in prometheus_client's multiprocess
-mode: each process writes its values to memory-mapped files named by its pid in one shared
-directory, and whichever process answers a scrape adds every file up, those of processes
-that have exited included (their counts are not lost). The directory is HUB_METRICS_DIR;
+mode: each process writes its values to memory-mapped files named by its host and pid in
+one shared directory, and whichever process answers a scrape adds every file up, those of
+processes that have exited included (their counts are not lost). The directory is HUB_METRICS_DIR;
 unset, gunicorn and the worker command use ``<instance>/metrics`` (so ``make run`` and a
 worker started from the same checkout share it), and anything else (``flask run``, tests)
 counts in memory, in its own process only. The gunicorn master empties the directory of
-processes no longer running when it starts; a process that ends takes its live gauge with it.
+this host's processes no longer running when it starts; a process that ends takes its live
+gauge (hub_processes) with it.
 
 Queue depth and the age of the oldest due event are read from the database when scraped
 (two or three indexed, bounded queries, remembered for QUEUE_CACHE_SECONDS).
@@ -25,6 +26,7 @@ import glob
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from typing import Any
@@ -55,8 +57,16 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 COUNTED_ENDPOINTS = frozenset({"ingest.hook", "ingest.api_process", "ingest.api_chat"})
 MIN_TOKEN_LENGTH = 16
 # The files prometheus_client writes per process: <kind>_<pid>.db
-PID_FILE_RE = re.compile(r"_(\d+)\.db$")
+# prometheus_client names a process's files <kind>_<identifier>.db; the hub's identifier is
+# <host>-<pid>, so processes of several hosts or containers may share one directory (a
+# volume) without two of them ever writing the same file.
+HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
+FILE_RE = re.compile(r"_([A-Za-z0-9.-]+)-(\d+)\.db$")
 LIVE_GAUGE_PREFIX = "gauge_live"
+
+
+def process_identifier(pid: int | None = None) -> str:
+    return f"{HOST}-{os.getpid() if pid is None else pid}"
 
 
 class Metrics:
@@ -135,7 +145,7 @@ def use(directory: str | None) -> Metrics:
             # prometheus_client names its files after this variable, and a child process
             # (a gunicorn worker forked from the master) inherits it.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-            values.ValueClass = values.MultiProcessValue()
+            values.ValueClass = values.MultiProcessValue(process_identifier)
         else:
             values.ValueClass = values.MutexValue
         _directory = directory
@@ -194,7 +204,7 @@ def process_started(kind: str) -> None:
 def process_died(pid: int) -> None:
     """A process of this deployment ended: its live gauges go (its counts stay)."""
     if _directory:
-        mark_process_dead(pid, _directory)
+        mark_process_dead(process_identifier(pid), _directory)
 
 
 def count_request(response: Response) -> Response:
@@ -208,17 +218,22 @@ def count_request(response: Response) -> Response:
 
 
 def prepare_directory(app: Flask) -> str:
-    """For the gunicorn master, before it forks: the directory made, the files of processes
-    no longer running removed (a previous run's), and its path handed to the workers."""
+    """For the gunicorn master, before it forks: the directory made, the files of this host's
+    processes no longer running removed (a previous run's), and its path handed to the
+    workers."""
     directory = os.path.abspath(directory_for(app))
     os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):
-        match = PID_FILE_RE.search(name)
-        if match and not pid_running(int(match.group(1))):
-            remove_quietly(os.path.join(directory, name))
+    remove_ended(directory)
     os.environ["HUB_METRICS_DIR"] = directory
     use(directory)
     return directory
+
+
+def ended_here(name: str) -> bool:
+    """Whether the file ``name`` belongs to a process of this host that is no longer running
+    (another host's processes can't be checked from here: their files stay)."""
+    match = FILE_RE.search(name)
+    return bool(match) and match.group(1) == HOST and not pid_running(int(match.group(2)))
 
 
 def pid_running(pid: int) -> bool:
@@ -236,12 +251,13 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
 
 
-def forget_dead_live_gauges(directory: str) -> None:
-    """Live gauges of processes that died without a goodbye (SIGKILL of a worker process):
-    what ``process_died`` would have removed. Counters and histograms are kept."""
+def remove_ended(directory: str, live_gauges_only: bool = False) -> None:
+    """Remove the files of this host's processes that are no longer running: all of them
+    when a server starts, or only their live gauges (hub_processes) at each scrape, which
+    is what a process that died without a goodbye (SIGKILL) would have removed itself;
+    the counts of processes that ended are kept while the server runs."""
     for name in os.listdir(directory):
-        match = PID_FILE_RE.search(name)
-        if name.startswith(LIVE_GAUGE_PREFIX) and match and not pid_running(int(match.group(1))):
+        if (not live_gauges_only or name.startswith(LIVE_GAUGE_PREFIX)) and ended_here(name):
             remove_quietly(os.path.join(directory, name))
 
 
@@ -359,7 +375,7 @@ def exposition() -> bytes:
     its processes' files, or this process's own) and the queue gauges."""
     registry = CollectorRegistry(auto_describe=False)
     if _directory:
-        forget_dead_live_gauges(_directory)
+        remove_ended(_directory, live_gauges_only=True)
         ProcessFiles(registry, path=_directory)
     else:
         for metric in metrics().all():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from hub import create_app
-from hub.metrics import ProcessFiles
+from hub.metrics import HOST, ProcessFiles, remove_ended
 from hub.models import Attempt
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
@@ -110,8 +111,8 @@ def test_unknown_routes_share_one_label(client, make_key, add_route):
 def test_a_file_being_created_does_not_fail_the_scrape(tmp_path):
     """A process creates its file empty, then sizes it: a scrape in between must still add
     up everything else (prometheus_client alone fails with struct.error)."""
-    (tmp_path / "counter_4000001.db").touch()
-    writer = MmapedDict(str(tmp_path / "counter_4000002.db"))
+    (tmp_path / "counter_h-4000001.db").touch()
+    writer = MmapedDict(str(tmp_path / "counter_h-4000002.db"))
     writer.write_value(mmap_key("hub_refusals", "hub_refusals_total", ["reason"], ["x"], "h"), 3, 0)
     writer.close()
     samples = {
@@ -120,6 +121,31 @@ def test_a_file_being_created_does_not_fail_the_scrape(tmp_path):
         for s in family.samples
     }
     assert samples == {("hub_refusals_total", (("reason", "x"),)): 3.0}
+
+
+def test_files_of_ended_processes_of_this_host_are_removed(tmp_path):
+    """At a server's start every file of this host's ended processes goes; at a scrape only
+    their live gauges. Running processes' files, and other hosts', stay."""
+    ended = ended_pid()
+    names = {
+        "counter": f"counter_{HOST}-{ended}.db",
+        "gauge": f"gauge_livesum_{HOST}-{ended}.db",
+        "running": f"gauge_livesum_{HOST}-{os.getpid()}.db",
+        "elsewhere": f"gauge_livesum_other-host-{ended}.db",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    remove_ended(str(tmp_path), live_gauges_only=True)
+    assert {p.name for p in tmp_path.iterdir()} == set(names.values()) - {names["gauge"]}
+    remove_ended(str(tmp_path))
+    assert {p.name for p in tmp_path.iterdir()} == {names["running"], names["elsewhere"]}
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 # --- across processes: gunicorn's workers and a worker process share one directory ---
