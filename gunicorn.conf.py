@@ -52,7 +52,7 @@ def on_starting(server):
     """Build the app once in the master: a configuration error (production without
     HUB_SECRET_KEY) stops gunicorn with its message instead of failing every worker. Then
     the metrics directory (HUB_METRICS_DIR, or instance/metrics): made, emptied of the files
-    of processes no longer running, and named to the workers forked from here."""
+    of this host's processes no longer running, and named to the workers forked from here."""
     from hub import create_app, metrics
 
     metrics.prepare_directory(create_app())

@@ -141,7 +141,7 @@ def use(directory: str | None) -> Metrics:
                 log.warning("metrics already kept in %s; %s ignored", _directory, directory)
             return _metrics
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            make_directory(directory)
             # prometheus_client names its files after this variable, and a child process
             # (a gunicorn worker forked from the master) inherits it.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
@@ -151,6 +151,19 @@ def use(directory: str | None) -> Metrics:
         _directory = directory
         _metrics = Metrics()
         return _metrics
+
+
+def make_directory(directory: str) -> None:
+    """The metrics directory, made if missing; a clear start-up error if it can't be used."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise ValueError(
+            f"HUB_METRICS_DIR: expected a directory this process can write, shared by the "
+            f"deployment's processes: {directory} ({exc.strerror or type(exc).__name__})"
+        ) from None
 
 
 def metrics() -> Metrics:
@@ -222,7 +235,7 @@ def prepare_directory(app: Flask) -> str:
     processes no longer running removed (a previous run's), and its path handed to the
     workers."""
     directory = os.path.abspath(directory_for(app))
-    os.makedirs(directory, exist_ok=True)
+    make_directory(directory)
     remove_ended(directory)
     os.environ["HUB_METRICS_DIR"] = directory
     use(directory)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from hub import create_app
-from hub.metrics import HOST, ProcessFiles, remove_ended
+from hub.metrics import HOST, ProcessFiles, make_directory, remove_ended
 from hub.models import Attempt
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
@@ -106,6 +106,13 @@ def test_unknown_routes_share_one_label(client, make_key, add_route):
     assert grew("hub_events_total", route="(unknown)", status="rejected") == 25
     assert grew("hub_events_total", route="known", status="delivered") == 1
     assert grew("hub_attempts_total", connector="text", outcome="ok") == 1
+
+
+def test_an_unusable_metrics_directory_stops_the_start(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    with pytest.raises(ValueError, match="HUB_METRICS_DIR: expected a directory"):
+        make_directory(str(taken / "metrics"))
 
 
 def test_a_file_being_created_does_not_fail_the_scrape(tmp_path):
