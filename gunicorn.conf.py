@@ -9,7 +9,7 @@ import os
 
 from gunicorn.glogging import Logger
 
-from hub.logs import EscapingFormatter
+from hub.logs import choose_format, formatter
 
 bind = f"{os.environ.get('HUB_HOST', '127.0.0.1')}:{os.environ.get('HUB_PORT', '8000')}"
 workers = int(os.environ.get("HUB_WEB_WORKERS", "2"))
@@ -26,23 +26,61 @@ limit_request_line = 4094
 limit_request_fields = 64
 limit_request_field_size = 8190
 # The access log names the path without its query string: `?api_key=` never reaches a log.
+# This layout is the text format's; the JSON one has the same facts as fields.
 accesslog = "-"
-access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms %({x-request-id}o)s'
 errorlog = "-"
 loglevel = "info"
 
 
 class EscapingLogger(Logger):
-    """gunicorn's logger with the hub's formatter: a CR/LF or NUL in a URL or header is
-    written escaped, so a request can't forge a line of the access or error log."""
+    """gunicorn's logger in the hub's format (HUB_LOG_FORMAT, as the hub decides it).
+
+    ``json``: each access or error line is one JSON object; an access line carries the
+    method, the path without its query (``?api_key=`` never reaches a log), the status, the
+    bytes sent, the duration in ms and the request id the hub answered. ``text``: gunicorn's
+    own lines, with a CR/LF or NUL from a URL or header written escaped. Either way a request
+    can't forge a line of the access or error log.
+    """
 
     def setup(self, cfg):
         super().setup(cfg)
+        self.hub_format = choose_format(os.environ.get("HUB_LOG_FORMAT"), os.environ.get("HUB_ENV"))
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 if getattr(handler, "_gunicorn", False) and handler.formatter is not None:
                     plain = handler.formatter
-                    handler.setFormatter(EscapingFormatter(plain._fmt, plain.datefmt))
+                    handler.setFormatter(formatter(self.hub_format, plain._fmt, plain.datefmt))
+
+    def access(self, resp, req, environ, request_time):
+        if self.hub_format != "json":
+            return super().access(resp, req, environ, request_time)
+        if not self.access_log_enabled:
+            return None
+        try:
+            message, fields = self._access_line(resp, environ, request_time)
+            self.access_log.info("%s", message, extra={"hub_fields": fields})
+        except Exception as exc:  # a line that can't be built is no reason to fail a request
+            self.error("access log line not written (%s)", type(exc).__name__)
+        return None
+
+    @staticmethod
+    def _access_line(resp, environ, request_time):
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        headers = resp.headers.items() if hasattr(resp.headers, "items") else resp.headers
+        request_id = next((v for k, v in headers if k.lower() == "x-request-id"), None)
+        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
+        fields = {
+            "method": method,
+            "path": path,
+            "status": int(status) if str(status).isdigit() else status,
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 1),
+            "remote_addr": environ.get("REMOTE_ADDR"),
+        }
+        if request_id:
+            fields["request_id"] = request_id
+        return f"{method} {path} {status}", fields
 
 
 logger_class = EscapingLogger

@@ -37,6 +37,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         system,
     )
     from hub.connectors import load_connectors
+    from hub.groupcommit import GroupCommitter
     from hub.worker import Notifier
 
     logs.init_app(app)
@@ -50,6 +51,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Set when an async event is committed, so an idle worker in this process starts at once.
     app.extensions["hub.wakeup"] = threading.Event()
     app.extensions["hub.notifier"] = Notifier(app.extensions["hub.db"])
+    app.extensions["hub.commits"] = GroupCommitter(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     metrics.init_app(app)

@@ -78,6 +78,9 @@ class EventSummary(BaseModel):
     reason: str | None
     key_prefix: str | None
     remote_addr: str | None
+    request_id: str | None = Field(
+        description="X-Request-ID of the request that brought it (the sender's, or made)"
+    )
     received_at: str | None
     attempts: int
     next_attempt_at: str | None

@@ -1,4 +1,12 @@
-"""``flask --app hub ...``: the admin's commands for keys, routes, connectors and the database."""
+"""``flask --app hub ...``: the admin's commands for keys, routes, connectors and the database.
+
+Safe for scripts: a command exits 0 when it did what it was asked, 1 when it failed (a name
+that doesn't exist, bad input, a refusal, the database unreachable), 2 on a usage error
+(click's own), and 3 when it found nothing to do (a purge or bulk replay that matches no
+event, a `worker --once` with nothing due, revoking a key already revoked); the reason is
+always one line on stderr. Listings exit 0 even when empty (an empty list is an answer), and
+commands that make a state hold (`db upgrade`, `init`, `routes apply`) exit 0 when it holds.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from flask import Flask, current_app
@@ -18,18 +27,45 @@ from hub import ratelimit, scaffold
 from hub import routes as route_store
 from hub.connectors import Registry
 from hub.crypto import SecretBox, SecretsUnreadable
-from hub.db import Database, get_db, upgrade
+from hub.db import Database, get_db, is_unavailable, upgrade
 from hub.models import Event, utcnow
 from hub.signatures import SCHEMES
 from hub.worker import notify
 
-keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
-routes_cli = AppGroup("routes", help="Add, list, show, remove and apply routes.")
-secret_cli = AppGroup("secret", help="Add or remove a route's signing secrets (rotation).")
+# Exit statuses (2 is click's usage error).
+FAILED = 1
+NOTHING_TO_DO = 3
+
+
+class ScriptSafeCommand(click.Command):
+    """A command whose unexpected failure is one line on stderr and exit status 1, never a
+    traceback (whose text could carry SQL or a secret)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                fail(
+                    f"the database is unavailable ({type(exc).__name__}); check "
+                    "HUB_DATABASE_URL and that the server is up"
+                )
+            fail(f"the command failed ({type(exc).__name__})")
+
+
+class Commands(AppGroup):
+    command_class = ScriptSafeCommand
+
+
+keys_cli = Commands("keys", help="Create, list and revoke API keys.")
+routes_cli = Commands("routes", help="Add, list, show, remove and apply routes.")
+secret_cli = Commands("secret", help="Add or remove a route's signing secrets (rotation).")
 routes_cli.add_command(secret_cli)
-db_cli = AppGroup("db", help="Database schema.")
-connectors_cli = AppGroup("connectors", help="The connectors this hub has loaded.")
-events_cli = AppGroup("events", help="List, show, replay and purge stored events.")
+db_cli = Commands("db", help="Database schema.")
+connectors_cli = Commands("connectors", help="The connectors this hub has loaded.")
+events_cli = Commands("events", help="List, show, replay and purge stored events.")
 
 
 def registry() -> Registry:
@@ -57,9 +93,16 @@ def emit(
         click.echo(table(headers, [cells(r) for r in rows]))
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
+    """Exit 1: the command could not do what it was asked."""
     click.echo(f"Error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(FAILED)
+
+
+def nothing_to_do(message: str) -> NoReturn:
+    """Exit 3: there was nothing to do, and nothing was changed."""
+    click.echo(f"Nothing to do: {message}", err=True)
+    sys.exit(NOTHING_TO_DO)
 
 
 # --- db ---
@@ -72,7 +115,7 @@ def db_upgrade() -> None:
     click.echo("database is at the newest schema")
 
 
-@click.command("init")
+@click.command("init", cls=ScriptSafeCommand)
 @with_appcontext
 def init_command() -> None:
     """Migrate, make sure the demo routes exist, and create a first admin key if none."""
@@ -157,9 +200,14 @@ def _short(value: str | None) -> str:
 def keys_revoke(prefix: str) -> None:
     """Revoke the key with this prefix; it stops working within HUB_KEY_CACHE_SECONDS."""
     with get_db().session() as session:
-        row = key_store.revoke(session, prefix)
+        row = key_store.get(session, prefix)
         if row is None:
             fail(f"no key with prefix {prefix!r}")
+        if row.revoked_at is not None:
+            nothing_to_do(
+                f"key {prefix} was already revoked on {row.revoked_at:%Y-%m-%d %H:%M} UTC"
+            )
+        key_store.revoke(session, prefix)
     current_app.extensions["hub.keys"].clear()
     click.echo(f"revoked {prefix}")
 
@@ -311,6 +359,8 @@ def routes_apply(path: str) -> None:
         items = route_store.load_file(path)
     except ValueError as exc:
         fail(str(exc))
+    if not items:
+        nothing_to_do(f"{path} holds no routes")
     with get_db().session() as session:
         try:
             results = route_store.save_routes(session, items, registry(), secret_box())
@@ -371,8 +421,20 @@ def _unreadable(name: str) -> str:
 
 
 @connectors_cli.command("list")
-def connectors_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, with each config's schema.")
+def connectors_list(as_json: bool) -> None:
     """Each connector's name, description and config fields."""
+    if as_json:
+        rows = [
+            {
+                "name": cls.name,
+                "description": cls.description,
+                "config_schema": cls.Config.model_json_schema(),
+            }
+            for cls in registry()
+        ]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
     for cls in registry():
         click.echo(f"{cls.name}: {cls.description}")
         schema = cls.Config.model_json_schema()
@@ -393,7 +455,8 @@ def connectors_list() -> None:
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write a package of its own here (with a pyproject.toml declaring the entry point) "
-    "instead of connectors/NAME.py and tests/test_NAME.py in the current directory.",
+    "instead of hub/builtin/NAME.py and tests/test_NAME.py in the hub's checkout "
+    "(the current directory).",
 )
 def connectors_new(name: str, directory: Path | None) -> None:
     """Write a starter connector and its test (which passes as written)."""
@@ -493,6 +556,12 @@ def events_replay(event_ids, status, route, since) -> None:
             click.echo(f"replayed {event_id}")
         for event_id, reason in skipped.items():
             click.echo(f"skipped {event_id}: {reason}", err=True)
+        missing = [i for i, reason in skipped.items() if reason == event_store.NO_SUCH_EVENT]
+        if missing:
+            _wake(db, done)
+            fail(f"no such event: {', '.join(missing)}")
+        if not done:
+            nothing_to_do("none of these events can be replayed now")
     else:
         when = _since(since)
         total = event_store.count(db, status=status, route=route, since=when)
@@ -504,35 +573,57 @@ def events_replay(event_ids, status, route, since) -> None:
                 with db.session() as session:
                     done += event_store.replay(session, ids)
                 bar.update(len(ids))
+        if not done:
+            nothing_to_do(f"no {status} event to replay matches")
         click.echo(f"replayed {len(done)} event(s)")
+    _wake(db, done)
+
+
+def _wake(db: Database, replayed: list[str]) -> None:
+    """Tell workers, here and elsewhere, that replayed events are due."""
     current_app.extensions["hub.wakeup"].set()
-    if done:
+    if replayed:
         with db.session() as session:
             notify(session)
 
 
 @events_cli.command("purge")
 @click.option("--older-than", required=True, help="Age such as 30d; finished events only.")
-def events_purge(older_than: str) -> None:
-    """Delete finished events (and their attempts) older than an age, in small batches."""
+@click.option("--dry-run", is_flag=True, help="Print how many events would go; delete nothing.")
+@click.option("--yes", is_flag=True, help="Delete without asking (needed when not at a terminal).")
+def events_purge(older_than: str, dry_run: bool, yes: bool) -> None:
+    """Delete finished events (and their attempts) older than an age, in small batches.
+
+    Asks before deleting unless --yes; without a terminal to ask at, refuses (exit 1)."""
     try:
         cutoff = utcnow() - key_store.parse_duration(older_than)
     except ValueError as exc:
         fail(str(exc))
     db = get_db()
-    removed = event_store.purge(db, cutoff)
-    click.echo(f"purged {removed} event(s) received before {cutoff:%Y-%m-%d %H:%M} UTC")
+    before = f"received before {cutoff:%Y-%m-%d %H:%M} UTC"
+    matching = event_store.purgeable(db, cutoff)
+    if dry_run:
+        click.echo(f"would purge {matching} event(s) {before}")
+        return
+    if matching and not yes:
+        if not sys.stdin.isatty():
+            fail(f"{matching} event(s) would be deleted: add --yes to purge without a terminal")
+        click.confirm(f"Delete {matching} event(s) {before}?", abort=True, err=True)
+    removed = event_store.purge(db, cutoff) if matching else 0
     limiter = current_app.extensions["hub.ratelimit"]
     if isinstance(limiter, ratelimit.DatabaseLimiter):  # windows of keys and routes gone quiet
         with db.session() as session:
             dropped = limiter.purge(session)
         click.echo(f"dropped {dropped} expired rate-limit window(s)")
+    if not removed:
+        nothing_to_do(f"no finished event {before}")
+    click.echo(f"purged {removed} event(s) {before}")
 
 
 # --- worker ---
 
 
-@click.command("worker")
+@click.command("worker", cls=ScriptSafeCommand)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 64),
@@ -555,7 +646,10 @@ def worker_command(concurrency: int, once: bool) -> None:
     metrics.use(metrics.directory_for(app))
     worker = Worker(app)
     if once:
-        click.echo(f"delivered {worker.run_once(limit=10**9)} event(s)")
+        delivered = worker.run_once(limit=10**9)
+        if not delivered:
+            nothing_to_do("no event was due")
+        click.echo(f"delivered {delivered} event(s)")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

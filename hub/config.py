@@ -45,6 +45,9 @@ DEFAULTS: dict[str, object] = {
     "STEP_TRIES": 3,
     # "production" refuses to start without HUB_SECRET_KEY; "development" makes one.
     "ENV": "development",
+    # Log lines: "json" (one JSON object per line) or "text" (for a terminal); None means
+    # json when HUB_ENV=production and text otherwise. gunicorn's lines follow it too.
+    "LOG_FORMAT": None,
     # Redis for the shared rate-limit counters (redis://host:6379/0); None counts in the database.
     "REDIS_URL": None,
     # Prefix of the hub's rate-limit keys in Redis.

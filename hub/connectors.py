@@ -27,9 +27,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024  # HUB_MAX_RESPONSE_BYTES
 
 #: Built-in connectors, loaded through the same path as third-party entry points.
 BUILTIN_CONNECTORS = {
-    "text": "connectors.text:TextConnector",
-    "openai": "connectors.openai_chat:OpenAIChatConnector",
-    "http": "connectors.http_forward:HttpForwardConnector",
+    "text": "hub.builtin.text:TextConnector",
+    "openai": "hub.builtin.openai_chat:OpenAIChatConnector",
+    "http": "hub.builtin.http_forward:HttpForwardConnector",
 }
 
 
@@ -120,6 +120,8 @@ class StepContext:
     outputs: list[Any]
     logger: logging.Logger
     attempt: int = 1
+    # X-Request-ID of the request that brought the event (None for events older than it).
+    request_id: str | None = None
     deadline: float | None = None  # time.monotonic() by which the step must be done
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # hub.http reads no more of an answer
     exchange: Exchange = field(default_factory=Exchange)

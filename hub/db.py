@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from flask import Flask, current_app, g
 from sqlalchemy import Engine, create_engine, event, exc
@@ -113,13 +114,20 @@ def _close_session(_exc: BaseException | None) -> None:
         session.close()
 
 
+#: The migrations ship inside the package, so an installed hub finds them wherever it runs.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
 def alembic_config(db: Database, connection=None):
-    """An Alembic config for this database, used by `db upgrade` and /ready."""
+    """An Alembic config for this database, used by `db upgrade` and /ready.
+
+    Built in code rather than read from alembic.ini, which exists only in the checkout.
+    """
     from alembic.config import Config
 
-    from hub.config import project_root
-
-    cfg = Config(str(project_root() / "alembic.ini"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
     cfg.attributes["url"] = db.url
     cfg.attributes["configure_logger"] = False
     if connection is not None:

@@ -106,6 +106,9 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
     return list(replayed)
 
 
+NO_SUCH_EVENT = "no such event"
+
+
 def why_not_replayed(session: Session, event_ids: Iterable[str]) -> dict[str, str]:
     """For events a replay leaves alone, the reason in a sentence, by id."""
     ids = list(event_ids)
@@ -115,7 +118,7 @@ def why_not_replayed(session: Session, event_ids: Iterable[str]) -> dict[str, st
     for event_id in ids:
         event = found.get(event_id)
         if event is None:
-            reasons[event_id] = "no such event"
+            reasons[event_id] = NO_SUCH_EVENT
         elif event.status in NEVER_ACCEPTED:
             reasons[event_id] = (
                 f"{event.status}: never accepted, so never replayed (that would run a "
@@ -154,6 +157,13 @@ def matching_ids(
 
 def count(db: Database, *, status: str, route: str | None, since: datetime | None) -> int:
     query = matching(select(func.count()).select_from(Event), route, status, since)
+    with db.session() as session:
+        return int(session.scalar(query) or 0)
+
+
+def purgeable(db: Database, older_than: datetime) -> int:
+    """How many events ``purge(db, older_than)`` would delete now."""
+    query = select(func.count()).where(Event.status.in_(FINISHED), Event.received_at < older_than)
     with db.session() as session:
         return int(session.scalar(query) or 0)
 
@@ -244,6 +254,7 @@ SUMMARY_COLUMNS = (
     Event.reason,
     Event.key_prefix,
     Event.remote_addr,
+    Event.request_id,
     Event.received_at,
     Event.attempts,
     Event.next_attempt_at,

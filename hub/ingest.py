@@ -17,14 +17,15 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, url_for
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from hub import crypto, keys, metrics, pipeline, ratelimit, redact, signatures, storable
+from hub import crypto, keys, logs, metrics, pipeline, ratelimit, redact, signatures, storable
 from hub import routes as route_store
 from hub.connectors import lookup_path
 from hub.db import get_db, get_session
 from hub.errors import error_response
+from hub.groupcommit import row_of
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
 from hub.templating import TemplateLimits
 from hub.worker import sync_lease
@@ -134,6 +135,7 @@ def new_event(route_name: str) -> Event:
         path=request.path[:2000],
         query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
         remote_addr=(request.remote_addr or "")[:64] or None,
+        request_id=logs.current_request_id(),
         received_at=utcnow(),
         headers={},
         content_type=(request.content_type or "")[:200] or None,
@@ -594,7 +596,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
     # Commit before running: the request is on record even if the process dies, and no
     # database lock is held while connectors talk to the outside world.
-    session.commit()
+    commit_new_event(session, event)
     attempts: list[Attempt] = []
     try:
         outcome = pipeline.run(
@@ -615,13 +617,22 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
         outcome = pipeline.Outcome(
             pipeline.FAILED, error=f"hub error: {type(exc).__name__}", code="internal_error"
         )
-    session.add_all(attempts)
-    finish(event, outcome)
+    ending = finish(event, outcome)
     delivered = outcome.status in (pipeline.DELIVERED, pipeline.FILTERED)
-    event.response_status = 200 if delivered else (status_of or failure_status)(outcome)
+    event.response_status = ending["response_status"] = (
+        200 if delivered else (status_of or failure_status)(outcome)
+    )
     event_id = event.id
+    rows = [row_of(attempt) for attempt in attempts]
+    ended = update(Event.__table__).where(Event.id == event_id).values(**ending)
+
+    def write(shared: Session) -> None:
+        if rows:
+            shared.execute(insert(Attempt.__table__), rows)
+        shared.execute(ended)
+
     try:
-        session.commit()
+        current_app.extensions["hub.commits"].run(write)
     except Exception as exc:
         session.rollback()
         session.close()  # its connection back to the pool: SQLite's write lock with it
@@ -652,11 +663,13 @@ def record_unrecorded(event_id: str, exc: Exception) -> None:
         log.error("event %s: outcome not recorded (%s)", event_id, type(again).__name__)
 
 
-def finish(event: Event, outcome: pipeline.Outcome) -> None:
-    """The event's end state after a sync run: the sender was told, so nothing is retried."""
+def finish(event: Event, outcome: pipeline.Outcome) -> dict[str, Any]:
+    """The event's end state after a sync run (the sender was told, so nothing is retried),
+    set on ``event``; the values, to write."""
     values = {**pipeline.end_state(outcome, utcnow()), "lease_owner": None, "lease_until": None}
     for column, value in values.items():
         setattr(event, column, value)
+    return values
 
 
 def failure_status(outcome: pipeline.Outcome) -> int:
@@ -682,6 +695,20 @@ def accept_or_reject(route_name: str):
         return None, (response, status)
 
 
+def commit_new_event(session: Session, event: Event) -> None:
+    """Commit the request's new event, which then leaves the session (later writes to it are
+    statements of their own). Its commit is shared with the other requests of this process
+    committing at the same moment (hub.groupcommit); an event with a dedup key is committed
+    in the request's own transaction instead, which holds its dedup lock until then."""
+    if event.dedup_key:
+        session.commit()
+        session.expunge(event)
+        return
+    session.expunge(event)
+    session.commit()  # what else this request wrote (a key's last use): usually nothing
+    current_app.extensions["hub.commits"].insert(Event.__table__, row_of(event))
+
+
 def enqueue(accepted: Accepted, **extra):
     """Commit an async event as due now, wake the workers, and answer 202."""
     session = get_session()
@@ -689,7 +716,7 @@ def enqueue(accepted: Accepted, **extra):
     event.status = "pending"
     event.response_status = 202
     event.next_attempt_at = event.received_at
-    session.commit()  # the 202 leaves only once the event is durable
+    commit_new_event(session, event)  # the 202 leaves only once the event is durable
     current_app.extensions["hub.wakeup"].set()
     current_app.extensions["hub.notifier"].poke()
     status_url = url_for("ingest.event_status", event_id=event.id, _external=True)

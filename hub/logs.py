@@ -1,22 +1,48 @@
 """Log lines: one record is one line, whatever a sender puts in a URL or a header.
 
-A route name or path comes from the network; a CR/LF in it (``/hooks/x%0D%0Afake``) would
-otherwise start a forged line of its own. The hub's handler and gunicorn's (see
-gunicorn.conf.py) both format through ``EscapingFormatter``.
+Two formats, chosen by HUB_LOG_FORMAT (default: ``json`` when HUB_ENV=production, ``text``
+otherwise). ``json`` writes one JSON object per line (time, level, logger, message, and the
+request id, route, event id and key prefix where they are known); JSON's own escaping, here
+ASCII only, means no value can end the line early. ``text`` is for a developer's terminal:
+``EscapingFormatter`` writes every control character escaped (``x\\r\\nfake``), so a CR/LF
+that a URL brings (``/hooks/x%0D%0Afake``) can't start a forged line either. The hub's handler
+and gunicorn's (see gunicorn.conf.py) format the same way.
+
+What a line knows about comes from the request being answered (Flask's ``g``: the request id
+and the event row being written) or, outside a request, from ``bound(...)`` (a worker binds
+the event it delivers). Every request gets an id: the sender's ``X-Request-ID`` when it is a
+sane token, a new one otherwise; it is answered in ``X-Request-ID`` and kept on the event.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
 import re
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
-from flask import Flask
+from flask import Flask, g, has_request_context, request
 
 # C0 controls, DEL, C1 controls and the Unicode line and paragraph separators.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("json", "text")
+# What a line may say about the work it belongs to, in this order.
+CONTEXT_FIELDS = ("request_id", "route", "event_id", "key_prefix")
+# A request id a sender may choose: a short token that can't carry anything but itself.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+REQUEST_ID_HEADER = "X-Request-ID"
+
+_bound: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "hub_log_context", default=None
+)
 
 
 def escape_controls(text: str) -> str:
@@ -24,15 +50,62 @@ def escape_controls(text: str) -> str:
     return _CONTROLS.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
+def choose_format(configured: Any, env: Any) -> str:
+    """``json`` or ``text``: HUB_LOG_FORMAT when set, else json in production, text otherwise."""
+    if configured in (None, ""):
+        return "json" if str(env or "").strip().lower() == "production" else "text"
+    value = str(configured).strip().lower()
+    if value not in FORMATS:
+        raise ValueError(f"HUB_LOG_FORMAT: expected json or text: {configured!r}")
+    return value
+
+
+# --- what a line knows about ---
+
+
+@contextlib.contextmanager
+def bound(**fields: Any) -> Iterator[None]:
+    """Lines logged inside the block (in this thread, and in threads that copy its context)
+    carry ``fields``."""
+    token = _bound.set({**(_bound.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def context_fields() -> dict[str, Any]:
+    """The request id, route, event id and key prefix this thread is working for, where known."""
+    found: dict[str, Any] = dict(_bound.get() or {})
+    if has_request_context():
+        found.setdefault("request_id", g.get("hub_request_id"))
+        event = g.get("hub_event")
+        if event is not None:
+            # Only what is loaded: a log line must never make the ORM go to the database.
+            loaded = vars(event)
+            found.setdefault("route", loaded.get("route"))
+            found.setdefault("event_id", loaded.get("id"))
+            found.setdefault("key_prefix", loaded.get("key_prefix"))
+    return {name: found[name] for name in CONTEXT_FIELDS if found.get(name) is not None}
+
+
+# --- formatters ---
+
+
 class EscapingFormatter(logging.Formatter):
     """A Formatter whose line can't be split or forged by the values it carries.
 
-    A traceback the hub chose to log keeps its lines, each indented under its record, so
-    no line of it can pass for a record of its own.
+    What the line is about (request id, event id ...) follows the message in brackets. A
+    traceback the hub chose to log keeps its lines, each indented under its record, so no
+    line of it can pass for a record of its own.
     """
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return escape_controls(super().formatMessage(record))
+        line = super().formatMessage(record)
+        fields = {**context_fields(), **getattr(record, "hub_fields", {})}
+        if fields:
+            line += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+        return escape_controls(line)
 
     def formatException(self, ei) -> str:  # noqa: N802
         return _indented(super().formatException(ei))
@@ -45,11 +118,70 @@ def _indented(text: str) -> str:
     return "\n".join("    | " + escape_controls(line) for line in text.splitlines())
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, what the line
+    is about, and ``exc_type`` for a record that carries an exception (its type only: a
+    message or traceback can hold a secret or SQL). ASCII only, DEL escaped too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        data.update(context_fields())
+        data.update(getattr(record, "hub_fields", {}))
+        if record.exc_info and record.exc_info[0] is not None:
+            data["exc_type"] = record.exc_info[0].__name__
+        return json.dumps(data, default=str).replace("\x7f", "\\u007f")
+
+
+def formatter(kind: str, fmt: str = LOG_FORMAT, datefmt: str | None = None) -> logging.Formatter:
+    """The formatter of ``kind`` (``json`` or ``text``; ``fmt`` is the text layout)."""
+    return JsonFormatter() if kind == "json" else EscapingFormatter(fmt, datefmt)
+
+
+# --- request ids ---
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_from(value: str | None) -> str:
+    """The sender's request id when it is a sane token, a new one otherwise."""
+    if value and REQUEST_ID_RE.fullmatch(value):
+        return value
+    return new_request_id()
+
+
+def current_request_id() -> str:
+    """This request's id (made on first use)."""
+    if "hub_request_id" not in g:
+        g.hub_request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    return g.hub_request_id
+
+
 def init_app(app: Flask) -> None:
-    """The ``hub`` logger writes to stderr once per process (tests keep pytest's capture)."""
+    """The ``hub`` logger writes to stderr once per process (tests keep pytest's capture),
+    and every request gets an id, answered on every response, error or not."""
+    kind = choose_format(app.config.get("LOG_FORMAT"), app.config.get("ENV"))
+    app.config["LOG_FORMAT"] = kind
     logger = logging.getLogger("hub")
     if not logger.handlers and not app.testing:
         handler = logging.StreamHandler()
-        handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+        handler.setFormatter(formatter(kind))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+    @app.before_request
+    def take_request_id() -> None:
+        current_request_id()
+
+    @app.after_request
+    def answer_request_id(response):
+        response.headers[REQUEST_ID_HEADER] = current_request_id()
+        return response

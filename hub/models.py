@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -96,6 +97,10 @@ class StorableString(StorableText):
 
 
 BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+# Events a worker may claim, written out (not bound) so the planner can match the partial
+# index ix_events_due_at.
+DUE_PREDICATE = "status IN ('pending', 'retrying')"
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -179,7 +184,14 @@ class Event(Base):
 
     __tablename__ = "events"
     __table_args__ = (
-        Index("ix_events_due", "status", "next_attempt_at"),
+        # Due events, oldest first: a claim walks this index from its start, whatever the
+        # number of events waiting (a partial index holds only pending and retrying rows).
+        Index(
+            "ix_events_due_at",
+            "next_attempt_at",
+            postgresql_where=text(DUE_PREDICATE),
+            sqlite_where=text(DUE_PREDICATE),
+        ),
         Index("ix_events_dedup", "route", "dedup_key"),
         # The admin listing: newest first by (received_at, id), alone or within a route,
         # a status or a key, so each page is one index range (no sort, no OFFSET).
@@ -197,6 +209,9 @@ class Event(Base):
     # to knock. Never used to decide whose event this is.
     presented_prefix: Mapped[str | None] = mapped_column(String(16))
     remote_addr: Mapped[str | None] = mapped_column(StorableString(64))
+    # The id of the request that brought it (X-Request-ID, the sender's or the hub's): the
+    # same id is in the answer's header and in every log line about the event.
+    request_id: Mapped[str | None] = mapped_column(String(200))
     method: Mapped[str] = mapped_column(StorableString(10))
     path: Mapped[str] = mapped_column(StorableString(2000))
     query: Mapped[str | None] = mapped_column(StorableText)
@@ -241,6 +256,7 @@ class Event(Base):
             "key_prefix": self.key_prefix,
             "presented_prefix": self.presented_prefix,
             "remote_addr": self.remote_addr,
+            "request_id": self.request_id,
             "body_size": self.body_size,
             "received_at": iso_time(self.received_at),
             "attempts": self.attempts,

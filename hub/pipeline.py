@@ -325,6 +325,7 @@ def _run_step(
                     outputs=list(outputs),
                     logger=step_logger,
                     attempt=run_number,
+                    request_id=event.request_id,
                     deadline=deadline,
                     max_response_bytes=max_response_bytes,
                 )

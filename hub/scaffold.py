@@ -2,7 +2,7 @@
 
 Two layouts:
 
-- in the hub's checkout (no ``--dir``): ``connectors/NAME.py`` and ``tests/test_NAME.py``,
+- in the hub's checkout (no ``--dir``): ``hub/builtin/NAME.py`` and ``tests/test_NAME.py``,
   registered by adding one line to ``BUILTIN_CONNECTORS``;
 - a package of its own (``--dir PATH``): ``PATH/NAME.py``, ``PATH/tests/test_NAME.py`` and a
   ``PATH/pyproject.toml`` declaring the ``hub.connectors`` entry point, so that
@@ -125,11 +125,17 @@ def write_connector(name: str, directory: Path | None, builtin_root: Path) -> Sc
     check_name(name)
     cls = class_name(name)
     if directory is None:
-        module_path = builtin_root / "connectors" / f"{name}.py"
+        builtins = builtin_root / "hub" / "builtin"
+        if not builtins.is_dir():
+            raise ValueError(
+                f"{builtin_root} is not the hub's checkout (no hub/builtin/ here): run this "
+                "in the checkout, or give --dir for a connector package of its own"
+            )
+        module_path = builtins / f"{name}.py"
         test_path = builtin_root / "tests" / f"test_{name}.py"
-        module = f"connectors.{name}"
+        module = f"hub.builtin.{name}"
         steps = [
-            f'register it: add "{name}": "connectors.{name}:{cls}Connector" to '
+            f'register it: add "{name}": "hub.builtin.{name}:{cls}Connector" to '
             "BUILTIN_CONNECTORS in hub/connectors.py",
             f"test it: python -m pytest {test_path.relative_to(builtin_root)}",
         ]

@@ -14,6 +14,7 @@ web process running it, is marked ``failed`` by any worker's reaper if that proc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -27,16 +28,16 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import and_, case, not_, or_, select, text, update
 
-from hub import metrics, pipeline
+from hub import logs, metrics, pipeline
 from hub import routes as route_store
 from hub.db import Database
-from hub.models import Attempt, Event, utcnow
+from hub.groupcommit import GroupCommitter, row_of
+from hub.models import DUE_PREDICATE, Attempt, Event, utcnow
 from hub.templating import TemplateLimits
 
 log = logging.getLogger("hub.worker")
 
 NOTIFY_CHANNEL = "hub_events"
-DUE_STATUSES = ("pending", "retrying")
 MIN_IDLE = 0.05
 # The lease owner of a sync request's event starts with this: workers never claim it.
 SYNC_LEASE_PREFIX = "sync:"
@@ -119,13 +120,25 @@ class Worker:
         self.threads: list[threading.Thread] = []
         self.in_flight: set[str] = set()
         self._lock = threading.Lock()
+        # Commits shared with this process's other delivery threads (and its web requests).
+        self.commits: GroupCommitter = app.extensions["hub.commits"]
+        # Events claimed for the delivery threads and not yet started, with when they were
+        # claimed; a thread asking for work while another claims queues up behind it, and
+        # the claim takes one event for each thread asking.
+        self._ready: collections.deque[str] = collections.deque()
+        # Each event this worker claimed and has not yet started: its row as claimed, and
+        # time.monotonic() of the claim.
+        self._claimed: dict[str, tuple[Event, float]] = {}
+        self._claim_lock = threading.Lock()
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
 
     # --- claiming ---
 
     def claim(self, limit: int = 1) -> list[str]:
-        """Move up to ``limit`` due events to ``processing`` under this worker's lease.
+        """Move up to ``limit`` due events to ``processing`` under this worker's lease; their
+        ids, oldest due first. The rows are read in the same statement and kept for
+        ``process``, which then needs no query of its own.
 
         Events whose lease ran out (a worker died) are looked for apart from due ones: one
         query with an OR of both scans the whole table instead of walking the due index.
@@ -133,18 +146,22 @@ class Worker:
         so a busy hub takes them back too.
         """
         now = utcnow()
-        claimed: list[str] = []
+        claimed: list[Event] = []
         if self._expired_look_due():
             claimed = self._claim(limit, self._expired(now), now)
         if len(claimed) < limit:
             claimed += self._claim(limit - len(claimed), self._due(now), now)
         if not claimed:
             claimed = self._claim(limit, self._expired(now), now)
-        return claimed
+        at = time.monotonic()
+        with self._lock:
+            for event in claimed:
+                self._claimed[event.id] = (event, at)
+        return [event.id for event in claimed]
 
     @staticmethod
     def _due(now):
-        return and_(Event.status.in_(DUE_STATUSES), Event.next_attempt_at <= now)
+        return and_(text(DUE_PREDICATE), Event.next_attempt_at <= now)
 
     @staticmethod
     def _expired(now):
@@ -165,13 +182,13 @@ class Worker:
             self.next_expired_look = now + self.max_idle * REAP_EVERY_IDLES
         return True
 
-    def _claim(self, limit: int, which, now) -> list[str]:
+    def _claim(self, limit: int, which, now) -> list[Event]:
         candidates = select(Event.id).where(which).order_by(Event.next_attempt_at).limit(limit)
         if self.db.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
         expired = Event.status == "processing"
         statement = (
-            update(Event.__table__)
+            update(Event)
             .where(Event.id.in_(candidates))
             .values(
                 status="processing",
@@ -182,10 +199,13 @@ class Worker:
                 retries=case((expired, Event.retries + 1), else_=Event.retries),
                 last_error=case((expired, LEASE_EXPIRED), else_=Event.last_error),
             )
-            .returning(Event.id)
+            .returning(Event)
+            .execution_options(synchronize_session=False)
         )
         with self.db.session() as session:
-            return list(session.scalars(statement))
+            events = list(session.scalars(statement))
+        events.sort(key=lambda e: (e.next_attempt_at is None, e.next_attempt_at, e.id))
+        return events
 
     # --- delivering ---
 
@@ -193,18 +213,28 @@ class Worker:
         """Run one claimed event through its route and record the outcome; returns its status."""
         with self._lock:
             self.in_flight.add(event_id)
+            event, claimed_at = self._claimed.pop(event_id, (None, time.monotonic()))
         try:
-            return self._process(event_id)
+            if event is None:  # claimed by another Worker object (tests, tools)
+                with self.db.session() as session:
+                    event = session.get(Event, event_id)
+                if event is None:
+                    return "missing"
+            # Its lines say which event, and which request brought it.
+            with logs.bound(
+                event_id=event.id,
+                request_id=event.request_id,
+                route=event.route,
+                key_prefix=event.key_prefix,
+            ):
+                return self._process(event, claimed_at)
         finally:
             with self._lock:
                 self.in_flight.discard(event_id)
 
-    def _process(self, event_id: str) -> str:
-        with self.db.session() as session:
-            event = session.get(Event, event_id)
-            route = route_store.lookup(session, event.route, self.routes) if event else None
-        if event is None:
-            return "missing"
+    def _process(self, event: Event, claimed_at: float) -> str:
+        with self.db.sessionmaker() as session:  # a query only when the route isn't cached
+            route = route_store.lookup(session, event.route, self.routes)
         if route is None or not route.enabled:
             outcome = pipeline.Outcome(
                 pipeline.FAILED, error=f"route {event.route!r} no longer exists or is disabled"
@@ -216,13 +246,13 @@ class Worker:
             return self._finish(event, route.retry_schedule, deaths)
 
         def record(row: Attempt) -> None:
-            # Each call is committed as it happens: a crash later keeps the log of it.
-            with self.db.session() as s:
-                s.add(row)
+            # Each call is committed as it happens (a crash later keeps the log of it), in
+            # a commit shared with the other threads' writes of the moment.
+            self.commits.insert(Attempt.__table__, row_of(row))
 
         # Stop starting new tries well before the lease runs out, so no other worker
         # can claim the event while this one is still delivering it.
-        deadline = time.monotonic() + self.lease - min(30.0, self.lease * 0.2)
+        deadline = claimed_at + self.lease - min(30.0, self.lease * 0.2)
         try:
             outcome = pipeline.run(
                 event,
@@ -238,7 +268,7 @@ class Worker:
             )
         except Exception as exc:  # never let one event take the worker down
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
-            log.error("event %s: pipeline error %s", event_id, type(exc).__name__)
+            log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
         return self._finish(event, route.retry_schedule, outcome)
 
@@ -286,12 +316,12 @@ class Worker:
         return values
 
     def _write_ending(self, event: Event, values: dict[str, Any]) -> int:
-        with self.db.session() as session:
-            return session.execute(
-                update(Event.__table__)
-                .where(Event.id == event.id, Event.lease_owner == self.name)
-                .values(**values)
-            ).rowcount
+        statement = (
+            update(Event.__table__)
+            .where(Event.id == event.id, Event.lease_owner == self.name)
+            .values(**values)
+        )
+        return self.commits.run(lambda session: session.execute(statement).rowcount)
 
     def release(self, event_ids: set[str]) -> None:
         """Hand leases back (a stopping worker): the events are due again at once."""
@@ -321,6 +351,21 @@ class Worker:
             done += 1
         return done
 
+    def next_event(self) -> str | None:
+        """The id of a claimed event for a delivery thread; None if none is due.
+
+        One claim takes an event for each delivery thread of this worker, and the threads
+        take them from here one by one: one statement for a batch under load. An event
+        waits here at most one delivery's time, and its lease (and the deadline of its
+        tries) runs from its claim."""
+        with self._claim_lock:
+            if not self._ready and not self.stopping.is_set():
+                claimed = self.claim(max(1, len(self.threads)))
+                with self._lock:
+                    self.in_flight.update(claimed)
+                self._ready.extend(claimed)
+            return self._ready.popleft() if self._ready else None
+
     def reap(self) -> None:
         """One reaper pass (sync events whose process died); a database error waits a turn."""
         try:
@@ -342,18 +387,18 @@ class Worker:
         while not self.stopping.is_set():
             self.reap_when_due()
             try:
-                claimed = self.claim(1)
+                claimed = self.next_event()
             except Exception as exc:  # the database went away: wait and try again
                 log.warning("claim failed (%s); retrying", type(exc).__name__)
-                claimed = []
+                claimed = None
                 idle = self.max_idle
             if claimed:
                 idle = MIN_IDLE
                 try:
-                    self.process(claimed[0])
+                    self.process(claimed)
                 except Exception as exc:  # e.g. the database went away mid-write
                     # The lease expires and the event is claimed again; the thread lives on.
-                    log.error("event %s: %s while recording", claimed[0], type(exc).__name__)
+                    log.error("event %s: %s while recording", claimed, type(exc).__name__)
                     self.stopping.wait(self.max_idle)
                 continue
             self.wakeup.wait(idle)
@@ -381,7 +426,9 @@ class Worker:
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            left = set(self.in_flight)
+            left = set(self.in_flight)  # claimed for a thread that never started it, too
+            self._claimed.clear()
+        self._ready.clear()
         self.release(left)
 
     def _listen(self) -> None:

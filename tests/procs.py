@@ -81,9 +81,13 @@ def gunicorn(
     *,
     conf: Path = ROOT / "gunicorn.conf.py",
     app: str = "hub:create_app()",
+    bin_dir: Path = BIN,
+    cwd: Path = ROOT,
     **env: str,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """The hub under real gunicorn on 127.0.0.1; yields (process, base URL).
+
+    ``bin_dir`` is the virtualenv whose gunicorn runs (this one by default), ``cwd`` where.
 
     gunicorn binds port 0 and the test reads the port it got from its log, so two runs
     never race for a port. It runs without a control socket (one fixed path per user,
@@ -94,13 +98,13 @@ def gunicorn(
     start = log.tell()  # a test may start gunicorn twice on one log: read this run's lines
     proc = subprocess.Popen(
         [
-            str(BIN / "gunicorn"),
+            str(bin_dir / "gunicorn"),
             "-c",
             str(conf),
             "--no-control-socket",
             app,
         ],
-        cwd=ROOT,
+        cwd=cwd,
         env=hub_env(database_url, HUB_PORT="0", HUB_WEB_WORKERS=str(workers), **env),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -152,6 +156,28 @@ def worker(database_url: str, log_path: Path, concurrency: int = 1, **env: str):
 
 
 NGINX = Path("/usr/sbin/nginx")
+
+
+def nginx_main_conf(folder: Path, site: Path) -> Path:
+    """A minimal nginx.conf of a test's own under ``folder`` that reads ``site`` inside its
+    http {} block, as Debian's /etc/nginx/nginx.conf and the nginx image's read conf.d/."""
+    main = folder / "nginx.conf"
+    temp_paths = "".join(
+        f"    {kind}_temp_path {folder}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    main.write_text(
+        # As root nginx would run its workers as nobody, who can't read pytest's tmp_path.
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\npid {folder}/nginx.pid;\n"
+        + "events { worker_connections 2048; }\n"
+        + "http {\n"
+        + temp_paths
+        + "    access_log off;\n"
+        + f"    include {site};\n"
+        + "}\n"
+    )
+    return main
 
 
 @contextmanager

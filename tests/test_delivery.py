@@ -429,7 +429,7 @@ def test_purge_deletes_old_finished_events_with_their_attempts(
             .where(Event.id.in_(old + [waiting]))
             .values(received_at=utcnow() - timedelta(days=40))
         )
-    result = runner.invoke(args=["events", "purge", "--older-than", "30d"])
+    result = runner.invoke(args=["events", "purge", "--older-than", "30d", "--yes"])
     assert result.exit_code == 0 and "purged 3 event(s)" in result.output
     with db.session() as session:
         left = set(session.scalars(select(Event.status)))
@@ -539,7 +539,7 @@ def test_purge_also_drops_rate_limit_windows_of_quiet_buckets(db, runner):
                 ),
             ]
         )
-    result = runner.invoke(args=["events", "purge", "--older-than", "30d"])
+    result = runner.invoke(args=["events", "purge", "--older-than", "30d", "--yes"])
     assert "dropped 1 expired rate-limit window(s)" in result.output
     with db.session() as session:
         assert list(session.scalars(select(RateCounter.bucket))) == ["route:live"]

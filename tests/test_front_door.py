@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
-import os
 import socket
 import ssl
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.procs import NGINX, ROOT, closed_port, gunicorn, nginx
+from tests.procs import NGINX, ROOT, closed_port, gunicorn, nginx, nginx_main_conf
 
 pytestmark = [
     pytest.mark.slow,
@@ -83,23 +82,7 @@ def render(folder: Path, listen_port: int, gunicorn_port: int, cert: Path, key: 
         assert old in site, f"deploy/nginx.conf no longer has {old!r}: update this test"
         site = site.replace(old, new)
     (folder / "hub.conf").write_text(site)
-    main = folder / "nginx.conf"
-    temp_paths = "".join(
-        f"    {kind}_temp_path {folder}/{kind};\n"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    main.write_text(
-        # As root nginx would run its workers as nobody, who can't read pytest's tmp_path.
-        ("user root;\n" if os.geteuid() == 0 else "")
-        + f"worker_processes 1;\npid {folder}/nginx.pid;\n"
-        + "events { worker_connections 2048; }\n"
-        + "http {\n"
-        + temp_paths
-        + "    access_log off;\n"
-        + f"    include {folder}/hub.conf;\n"
-        + "}\n"
-    )
-    return main
+    return nginx_main_conf(folder, folder / "hub.conf")
 
 
 class SlowClients:

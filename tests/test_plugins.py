@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,10 +18,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from connectors.http_forward import HttpForwardConnector
-from connectors.openai_chat import OpenAIChatConnector
-from connectors.text import TextConnector
 from hub import create_app
+from hub.builtin.http_forward import HttpForwardConnector
+from hub.builtin.openai_chat import OpenAIChatConnector
+from hub.builtin.text import TextConnector
 from hub.connectors import (
     BUILTIN_CONNECTORS,
     ENTRY_POINT_GROUP,
@@ -260,16 +261,17 @@ def test_new_in_its_own_directory_writes_a_package_whose_test_passes_and_loads(
 
 
 def test_new_in_the_hub_checkout_writes_a_builtin_whose_test_passes(runner, tmp_path, monkeypatch):
-    # A copy of the checkout's shape: the connectors and tests packages.
-    for package in ("connectors", "tests"):
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "__init__.py").write_text("")
+    # A copy of the checkout: the hub package (the new module goes into hub/builtin/, and
+    # its test imports it from there) and an empty tests package.
+    shutil.copytree(ROOT / "hub", tmp_path / "hub", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "__init__.py").write_text("")
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(args=["connectors", "new", "word_count"])
     assert result.exit_code == 0, result.output
-    assert "wrote connectors/word_count.py" in result.output
-    assert '"word_count": "connectors.word_count:WordCountConnector"' in result.output
-    source = (tmp_path / "connectors" / "word_count.py").read_text()
+    assert "wrote hub/builtin/word_count.py" in result.output
+    assert '"word_count": "hub.builtin.word_count:WordCountConnector"' in result.output
+    source = (tmp_path / "hub" / "builtin" / "word_count.py").read_text()
     assert "class WordCountConnector(Connector):" in source
     ran = run_pytest(tmp_path, "tests/test_word_count.py")
     assert ran.returncode == 0, ran.stdout + ran.stderr
@@ -292,6 +294,16 @@ def test_new_refuses_unusable_names(runner, tmp_path, name, reason):
     assert result.exit_code == 1
     assert reason in result.output
     assert not target.exists()
+
+
+def test_new_outside_the_checkout_without_dir_is_refused(runner, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(args=["connectors", "new", "greet"])
+    assert result.exit_code == 1
+    assert "not the hub's checkout" in result.output and "--dir" in result.output
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_new_never_overwrites(runner, tmp_path):
@@ -378,7 +390,7 @@ def test_check_connector_lets_retryable_errors_through():
 
 def test_connectors_import_only_the_public_contract():
     """Built-ins keep to hub.connectors and hub.http, as third-party connectors must."""
-    for path in sorted((ROOT / "connectors").glob("*.py")):
+    for path in sorted((ROOT / "hub" / "builtin").glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub"):

@@ -370,7 +370,7 @@ REPLAYED = (
 def test_replay_takes_every_event_not_in_flight(db, runner, one_of_each):
     ids = one_of_each
     result = runner.invoke(args=["events", "replay", *ids.values(), "evt_nosuch"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # an id that names no event is a failure
     for name in REPLAYED:
         assert f"replayed {ids[name]}" in result.output, name
         event = event_row(db, ids[name])
@@ -382,6 +382,7 @@ def test_replay_takes_every_event_not_in_flight(db, runner, one_of_each):
         assert f"skipped {ids[name]}: {name}: never accepted" in result.output
         assert event_row(db, ids[name]).status == name
     assert "skipped evt_nosuch: no such event" in result.output
+    assert "Error: no such event: evt_nosuch" in result.stderr
 
 
 def test_bulk_replay_of_processing_events_leaves_live_leases_alone(db, runner, one_of_each):

@@ -131,6 +131,10 @@ class HttpForwardConnector(Connector):
             headers[header] = require_env(
                 env, f"header {header}: environment variable {env} is not set"
             )
+        if ctx.request_id and not any(h.lower() == "x-request-id" for h in headers):
+            # The receiver's logs can name the request that started it all (a route's own
+            # X-Request-ID header wins).
+            headers["X-Request-ID"] = ctx.request_id
         body = b""
         if cfg.method != "GET":
             if cfg.body is not None:

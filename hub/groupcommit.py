@@ -1,0 +1,173 @@
+"""Group commit: the writes of several threads share one transaction and one commit.
+
+A commit that must survive power loss waits for the disk (PostgreSQL's WAL flush, SQLite's
+fsync in WAL mode with ``synchronous=FULL``). Each request thread committing on its own pays
+that wait once per request, and on SQLite each one also queues for the single write lock.
+Here the first thread to arrive writes, in one transaction, every piece of work queued by
+the time it starts; threads that arrive meanwhile queue up, and the first of them writes the
+next batch as soon as this one is committed. Every caller still returns only after its own
+work is committed, with its own result or its own exception: durability is unchanged, only
+the cost of a commit is shared.
+
+A batch that fails is written again one piece at a time, each in its own transaction, so
+that one bad value fails only its own caller. A database that can't be reached fails every
+caller of the batch at once (they answer 503), without trying each one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import Table, insert, inspect
+from sqlalchemy.orm import Session
+
+from hub.db import Database, is_unavailable
+
+T = TypeVar("T")
+
+# Pieces of work written in one transaction at most; the rest wait for the next one.
+MAX_BATCH = 64
+
+
+class _Work:
+    __slots__ = ("done", "error", "fn", "lead", "result", "row", "table")
+
+    def __init__(self, fn: Callable[[Session], Any] | None, table: Table | None, row: dict):
+        self.fn = fn
+        self.table = table
+        self.row = row
+        self.done = threading.Event()
+        self.lead = False  # woken to write the next batch, not because its work is done
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class GroupCommitter:
+    """Shares commits between the threads of one process (``run`` and ``insert``)."""
+
+    def __init__(self, db: Database, max_batch: int = MAX_BATCH):
+        self.db = db
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Work] = []
+        self._writing = False  # a batch is being written; the queue waits for it
+        self.batches = 0  # batches written, and pieces of work in them (for benchmarks)
+        self.pieces = 0
+
+    def run(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)`` in a transaction shared with other threads' work; its result
+        once committed. ``fn`` may run twice (the second time alone, if the shared
+        transaction failed), so it must only write through the session it is given."""
+        return self._submit(_Work(fn, None, {}))
+
+    def insert(self, table: Table, row: dict[str, Any]) -> None:
+        """Insert ``row`` into ``table``, committed when this returns; rows of one batch go
+        to the database as one multi-row INSERT."""
+        self._submit(_Work(None, table, row))
+
+    def _submit(self, work: _Work) -> Any:
+        with self._lock:
+            self._queue.append(work)
+            lead = not self._writing
+            self._writing = True
+        if not lead:
+            work.done.wait()
+            if not work.lead:
+                return work.outcome()
+        self._write_next()
+        return work.outcome()
+
+    def _write_next(self) -> None:
+        """Write the batch at the head of the queue (it holds the caller's own work), then
+        hand the writing on to the first thread still waiting, or stand down."""
+        with self._lock:
+            batch = self._queue[: self.max_batch]
+            del self._queue[: len(batch)]
+        try:
+            self._write(batch)
+        except BaseException as exc:  # interrupted: no caller of the batch may think it done
+            for work in batch:
+                work.error = work.error or exc
+            raise
+        finally:
+            with self._lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.done.set()
+                else:
+                    self._writing = False
+            for work in batch:
+                work.lead = False
+                work.done.set()
+
+    def _write(self, batch: list[_Work]) -> None:
+        self.batches += 1
+        self.pieces += len(batch)
+        try:
+            with self.db.session() as session:
+                results = self._apply(session, batch)
+        except Exception as exc:
+            if len(batch) == 1 or is_unavailable(exc):
+                for work in batch:
+                    work.error = exc
+                return
+            for work in batch:  # one piece may be the cause: each alone, its own outcome
+                try:
+                    with self.db.session() as session:
+                        (work.result,) = self._apply(session, [work])
+                except Exception as alone:
+                    work.error = alone
+            return
+        for work, result in zip(batch, results, strict=True):
+            work.result = result
+
+    @staticmethod
+    def _apply(session: Session, batch: list[_Work]) -> list[Any]:
+        rows: dict[Table, list[dict]] = {}
+        for work in batch:
+            if work.table is not None:
+                rows.setdefault(work.table, []).append(work.row)
+        for table, group in rows.items():
+            for same_columns in _by_columns(group):
+                session.execute(insert(table), same_columns)
+        return [work.fn(session) if work.fn is not None else None for work in batch]
+
+
+def _by_columns(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped by the columns they set: one multi-row INSERT names one set of columns."""
+    groups: dict[frozenset, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(frozenset(row), []).append(row)
+    return list(groups.values())
+
+
+def row_of(obj: Any) -> dict[str, Any]:
+    """The column values of a new ORM object, for a Core INSERT: what was set on it, and
+    each other column's Python-side default, set on the object too (its generated id, say).
+    A column left to the database (a server default, an autoincrementing key) is left out."""
+    state = inspect(obj)
+    values: dict[str, Any] = {}
+    for prop in state.mapper.column_attrs:
+        column = prop.columns[0]
+        if prop.key in state.dict:
+            values[column.key] = state.dict[prop.key]
+            continue
+        if column.default is not None and column.default.is_scalar:
+            value = column.default.arg
+        elif column.default is not None and column.default.is_callable:
+            value = column.default.arg(None)
+        elif column.server_default is None and not column.primary_key:
+            value = None
+        else:
+            continue
+        setattr(obj, prop.key, value)
+        values[column.key] = value
+    return values

@@ -1,0 +1,157 @@
+"""Group commit: threads share a transaction, and each still returns only once its own work
+is committed, with its own result or its own error."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import event, exc, func, select
+
+from hub.db import Database
+from hub.groupcommit import GroupCommitter, row_of
+from hub.models import Event, utcnow
+from tests.procs import closed_port
+
+
+def new_event(route: str = "shared") -> Event:
+    return Event(route=route, method="POST", path="/hooks/" + route, status="pending")
+
+
+def stored(db: Database, event_id: str) -> bool:
+    """Whether another connection sees the event: committed, not merely written."""
+    with db.engine.connect() as conn:
+        return conn.scalar(select(func.count()).where(Event.id == event_id)) == 1
+
+
+def start_batch_behind_a_blocked_one(db: Database, committer: GroupCommitter, works: list):
+    """Start one thread per piece of work while a first batch is held open, so that they all
+    queue behind it; returns (threads, release, outcomes by index)."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def held(session):
+        entered.set()
+        release.wait(10)
+        return "first"
+
+    outcomes: dict[int, object] = {}
+
+    def call(index, work):
+        try:
+            outcomes[index] = work()
+        except Exception as error:
+            outcomes[index] = error
+
+    first = threading.Thread(target=call, args=(-1, lambda: committer.run(held)))
+    first.start()
+    assert entered.wait(10)
+    threads = [threading.Thread(target=call, args=(i, w)) for i, w in enumerate(works)]
+    for thread in threads:
+        thread.start()
+    return [first, *threads], release, outcomes
+
+
+def wait_queued(committer: GroupCommitter, count: int) -> None:
+    for _ in range(500):
+        with committer._lock:
+            if len(committer._queue) >= count:
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{count} pieces of work never queued")
+
+
+def test_threads_arriving_together_share_one_commit_and_each_sees_its_own(db):
+    committer = GroupCommitter(db)
+    events = [new_event() for _ in range(10)]
+    seen_at_return: dict[str, bool] = {}
+
+    def insert(event):
+        def work():
+            committer.insert(Event.__table__, row_of(event))
+            seen_at_return[event.id] = stored(db, event.id)  # durable before it returned
+
+        return work
+
+    threads, release, outcomes = start_batch_behind_a_blocked_one(
+        db, committer, [insert(e) for e in events]
+    )
+    wait_queued(committer, 10)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert outcomes[-1] == "first"
+    assert all(outcomes[i] is None for i in range(10))
+    assert seen_at_return == {e.id: True for e in events}
+    # The held batch, then all ten in one transaction (one multi-row INSERT).
+    assert (committer.batches, committer.pieces) == (2, 11)
+
+
+def test_one_bad_piece_fails_only_its_own_caller(db):
+    committer = GroupCommitter(db)
+    good = [new_event() for _ in range(3)]
+    taken = new_event()
+    with db.session() as session:
+        session.add(Event(**row_of(taken)))
+    works = [lambda e=e: committer.insert(Event.__table__, row_of(e)) for e in good]
+    works.insert(1, lambda: committer.insert(Event.__table__, row_of(taken)))  # same id again
+
+    threads, release, outcomes = start_batch_behind_a_blocked_one(db, committer, works)
+    wait_queued(committer, 4)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert isinstance(outcomes[1], exc.IntegrityError)
+    assert [outcomes[i] for i in (0, 2, 3)] == [None, None, None]
+    assert all(stored(db, e.id) for e in good)
+
+
+def test_a_result_comes_back_to_its_caller(db):
+    committer = GroupCommitter(db)
+    event = new_event()
+    committer.insert(Event.__table__, row_of(event))
+
+    def mark(session):
+        return session.execute(
+            Event.__table__.update()
+            .where(Event.id == event.id)
+            .values(status="delivered", completed_at=utcnow())
+        ).rowcount
+
+    assert committer.run(mark) == 1
+    with db.session() as session:
+        assert session.get(Event, event.id).status == "delivered"
+
+
+def test_an_unreachable_database_fails_every_caller_of_the_batch_at_once(db):
+    if db.dialect != "postgresql":
+        pytest.skip("a server that is down: PostgreSQL's case (SQLite is a file)")
+    down = Database(
+        db.engine.url.set(port=closed_port()).render_as_string(hide_password=False),
+        connect_timeout=1,
+    )
+    connects = []
+    event.listen(down.engine, "do_connect", lambda *args: connects.append(1))
+    committer = GroupCommitter(down)
+    works = [lambda: committer.insert(Event.__table__, row_of(new_event())) for _ in range(4)]
+    # The held first batch writes nothing, so it never connects.
+    threads, release, outcomes = start_batch_behind_a_blocked_one(down, committer, works)
+    wait_queued(committer, 4)
+    release.set()
+    for thread in threads:
+        thread.join(20)
+
+    assert all(isinstance(outcomes[i], exc.OperationalError) for i in range(4))
+    # One try for the batch of four: no caller waits for a try of its own.
+    assert (committer.batches, len(connects)) == (2, 1)
+    down.dispose()
+
+
+def test_row_of_fills_the_python_defaults_of_what_was_not_set():
+    event = new_event()
+    row = row_of(event)
+    assert row["id"].startswith("evt_") and row["received_at"] is not None
+    assert (row["headers"], row["attempts"], row["retries"]) == ({}, 0, 0)
+    assert row["body"] is None

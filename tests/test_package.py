@@ -1,0 +1,153 @@
+"""The hub as a user installs it: a wheel built from this checkout, installed with the
+dependencies it declares into a fresh virtualenv, and run from a directory that is not the
+checkout (no alembic.ini, no migrations/ folder, no connectors/ beside it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.procs import BIN, ROOT, gunicorn, hub_env, wait_until
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# pip may fetch the build backend and the dependencies from the package index (its cache
+# and the machine's pip configuration keep that short); none of it may hang the suite.
+PIP_TIMEOUT = 240
+
+
+def requirement_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_requirements_txt_lists_the_declared_dependencies_then_the_tools():
+    """`make test` installs requirements.txt; `pip install` reads pyproject. They must agree:
+    the runtime part of one is the other's dependencies, the rest the test and dev extras."""
+    text = (ROOT / "requirements.txt").read_text()
+    runtime, marker, tools = text.partition("# Tests and tooling")
+    assert marker, "requirements.txt lost its '# Tests and tooling' line"
+    project = PYPROJECT["project"]
+    assert requirement_lines(runtime) == project["dependencies"]
+    extras = project["optional-dependencies"]
+    declared_tools = [r for r in extras["test"] + extras["dev"] if not r.startswith("webhook-hub")]
+    assert sorted(requirement_lines(tools)) == sorted(declared_tools)
+    assert "webhook-hub[test]" in extras["dev"]
+
+
+def run(args: list, cwd: Path, env: dict | None = None, timeout: float = 60) -> str:
+    done = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv with the wheel of this checkout and its declared dependencies."""
+    work = tmp_path_factory.mktemp("package")
+    # Build from a copy of what the wheel is made of, so the checkout gets no build/ folder.
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "hub", source / "hub", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    wheels = work / "wheels"
+    pip = [BIN / "python", "-m", "pip"]
+    run([*pip, "wheel", "--no-deps", "--quiet", "-w", wheels, source], work, timeout=PIP_TIMEOUT)
+    (wheel,) = wheels.glob("webhook_hub-*.whl")
+    env = work / "venv"
+    # The standard library's venv, without a pip of its own: this test's pip installs into it.
+    run([BIN / "python", "-m", "venv", "--without-pip", env], work)
+    run(
+        [*pip, "--python", env / "bin" / "python", "install", "--quiet", wheel],
+        work,
+        timeout=PIP_TIMEOUT,
+    )
+    return env
+
+
+def outside_env(venv: Path, database_url: str, **extra: str) -> dict[str, str]:
+    """A hub process's environment that can only find the installed hub."""
+    env = hub_env(database_url, **extra)
+    env.pop("PYTHONPATH", None)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_the_hub_package(venv, tmp_path):
+    script = (
+        "import importlib.metadata as m, importlib.util as u, json, hub;"
+        "files = m.distribution('webhook-hub').files;"
+        "print(json.dumps({'hub': hub.__file__,"
+        " 'tops': sorted({f.parts[0] for f in files}),"
+        " 'mako': [str(f) for f in files if f.name == 'script.py.mako'],"
+        " 'found': [n for n in ('connectors', 'tests', 'migrations') if u.find_spec(n)]}))"
+    )
+    seen = json.loads(run([venv / "bin" / "python", "-c", script], tmp_path, outside_env(venv, "")))
+    assert Path(seen["hub"]).is_relative_to(venv)
+    assert seen["tops"] == ["hub", next(t for t in seen["tops"] if t.endswith(".dist-info"))]
+    assert seen["mako"] == ["hub/migrations/script.py.mako"]
+    assert seen["found"] == []
+
+
+@pytest.mark.slow
+def test_the_image_prepares_the_instance_folder_an_installed_hub_uses(venv, tmp_path):
+    """Flask puts an installed package's instance folder under sys.prefix/var; the image's
+    unprivileged user must own it there (python:3.11-slim's prefix is /usr/local)."""
+    script = "from hub import create_app; import sys; print(create_app().instance_path)"
+    env = outside_env(venv, f"sqlite:///{tmp_path / 'hub.db'}")
+    assert run([venv / "bin" / "python", "-c", script], tmp_path, env).strip() == str(
+        venv / "var" / "hub-instance"
+    )
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "chown hub:hub /usr/local/var/hub-instance" in dockerfile
+
+
+@pytest.mark.slow
+def test_an_installed_hub_migrates_serves_and_delivers_from_any_directory(venv, tmp_path, receiver):
+    elsewhere = tmp_path / "elsewhere"  # neither the checkout nor a copy of any of it
+    elsewhere.mkdir()
+    env = outside_env(venv, f"sqlite:///{tmp_path / 'hub.db'}")
+    flask = [venv / "bin" / "flask", "--app", "hub"]
+
+    assert "newest schema" in run([*flask, "db", "upgrade"], elsewhere, env)
+    key = run([*flask, "keys", "create", "sender"], elsewhere, env).splitlines()[0]
+    step = "http:" + json.dumps({"url": receiver.url + "/in"})
+    run([*flask, "routes", "add", "orders", "--mode", "async", "--step", step], elsewhere, env)
+    assert list(elsewhere.iterdir()) == []  # nothing written into the working directory
+
+    # gunicorn from the fresh virtualenv, with the deployment's config file (the image copies
+    # it the same way), its embedded worker delivering.
+    with gunicorn(
+        env["HUB_DATABASE_URL"],
+        tmp_path / "gunicorn.log",
+        workers=1,
+        bin_dir=venv / "bin",
+        cwd=elsewhere,
+        PYTHONPATH="",
+    ) as (_, base):
+        answer = requests.post(
+            base + "/hooks/orders", json={"order": 42}, headers={"X-API-Key": key}, timeout=10
+        )
+        assert answer.status_code == 202, answer.text
+        (delivered,) = receiver.wait_for(1, timeout=20)
+        assert delivered.json() == {"order": 42}
+
+        def status() -> dict | None:
+            event = requests.get(answer.json()["status_url"], headers={"X-API-Key": key}, timeout=5)
+            return event.json()["status"] == "delivered" and event.json()
+
+        event = wait_until(status, 20, what="the event to be marked delivered")
+        assert [(a["connector"], a["outcome"], a["http_status"]) for a in event["attempt_log"]] == [
+            ("http", "ok", 200)
+        ]
