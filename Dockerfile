@@ -26,7 +26,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin hub \
     && mkdir -p /app /usr/local/var/hub-instance/metrics \
-    && chown -R hub:hub /usr/local/var/hub-instance
+    && chown hub:hub /usr/local/var/hub-instance /usr/local/var/hub-instance/metrics
 WORKDIR /app
 COPY gunicorn.conf.py /app/gunicorn.conf.py
 USER hub

@@ -19,7 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from hub import create_app
-from hub.metrics import HOST, ProcessFiles, make_directory, remove_ended
+from hub.metrics import (
+    HOST,
+    QUEUE_CACHE_SECONDS,
+    ProcessFiles,
+    make_directory,
+    remove_ended,
+)
 from hub.models import Attempt
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
@@ -244,6 +250,8 @@ def test_counters_add_up_across_gunicorn_workers_and_a_worker_process(
                     return samples if (done, failed, queue) == (n_ok, n_failing, 0) else None
 
                 wait_until(delivered, 20, 0.2, what="the worker's counts in /metrics")
+                # Each web process remembers the queue gauges it read for a moment.
+                time.sleep(QUEUE_CACHE_SECONDS)
                 expected = {
                     ("hub_http_requests_total", "fwd", "202"): n_ok,
                     ("hub_http_requests_total", "broken", "202"): n_failing,
