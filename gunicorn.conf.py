@@ -1,19 +1,22 @@
-"""gunicorn settings for the hub; HUB_HOST, HUB_PORT and HUB_WEB_WORKERS override them.
+"""gunicorn settings for the hub; HUB_HOST, HUB_PORT, HUB_WEB_WORKERS and HUB_WEB_THREADS
+(hub.config, like every setting) override them.
 
 In production gunicorn sits behind nginx (deploy/nginx.conf), which reads each request
 whole before passing it on: a gthread worker gives a connection a thread from its first
 byte, so 8 clients sending a byte a second would otherwise hold all 2 x 4 threads.
 """
 
-import os
-
 from gunicorn.glogging import Logger
 
+from hub.config import load_settings
 from hub.logs import choose_format, formatter
 
-bind = f"{os.environ.get('HUB_HOST', '127.0.0.1')}:{os.environ.get('HUB_PORT', '8000')}"
-workers = int(os.environ.get("HUB_WEB_WORKERS", "2"))
-threads = int(os.environ.get("HUB_WEB_THREADS", "4"))
+# Every setting is checked here, before gunicorn starts anything: a bad value stops it with
+# one line per problem (SettingsError is a SystemExit, which gunicorn lets through).
+_hub = load_settings()
+bind = f"{_hub.host}:{_hub.port}"
+workers = _hub.web_workers
+threads = _hub.web_threads
 worker_class = "gthread"
 timeout = 60
 graceful_timeout = 30
@@ -45,7 +48,7 @@ class EscapingLogger(Logger):
 
     def setup(self, cfg):
         super().setup(cfg)
-        self.hub_format = choose_format(os.environ.get("HUB_LOG_FORMAT"), os.environ.get("HUB_ENV"))
+        self.hub_format = choose_format(_hub.log_format, _hub.env)
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 if getattr(handler, "_gunicorn", False) and handler.formatter is not None:

@@ -1,23 +1,34 @@
-"""The webhook hub: ``create_app()`` builds it; ``flask --app hub`` and gunicorn use it."""
+"""The webhook hub: ``create_app()`` builds it; ``flask --app hub`` and gunicorn use it.
+
+Importing the package imports nothing else (Flask and the rest load in ``create_app``): the
+hub's pytest plugin lives in it, and pytest loads that plugin in every project that has the
+hub installed, whether or not its tests use the hub.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-
-from hub.cache import TTLCache
-from hub.config import DEFAULTS, ENV_PREFIX
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """``config`` overrides settings by their ``app.config`` names (``{"SYNC_TIMEOUT": 2}``),
+    checked like the environment's; other keys (``TESTING``) go to ``app.config`` as given."""
+    # Imported here, not above: `python -m hub.config` must find the module not yet loaded,
+    # and the pytest plugin (hub.pytest_plugin) must not load Flask into other projects.
+    from flask import Flask
+
+    from hub.cache import TTLCache
+    from hub.config import is_setting, load_settings, warn_unknown_variables
+
+    settings = load_settings(config)  # SettingsError stops the start, one line per bad value
     app = Flask(__name__, instance_relative_config=True)
-    app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env(ENV_PREFIX)
-    if config:
-        app.config.from_mapping(config)
+    app.config.from_mapping(settings.as_config())
+    app.config.from_mapping({k: v for k, v in (config or {}).items() if not is_setting(k)})
     os.makedirs(app.instance_path, exist_ok=True)
     app.json.sort_keys = False
 
@@ -41,6 +52,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from hub.worker import Notifier
 
     logs.init_app(app)
+    warn_unknown_variables()
     secret_key.init_app(app)
     crypto.init_app(app)
     db.init_app(app)
@@ -55,22 +67,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     metrics.init_app(app)
-    _trust_proxies(app)
+    if app.config["TRUSTED_PROXIES"]:
+        # The client address is X-Forwarded-For's Nth entry from the right: what the nearest
+        # trusted proxy saw. With 0 the header is never believed.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
     app.register_blueprint(system.bp)
     app.register_blueprint(ingest.bp)
     app.register_blueprint(admin.bp)
     openapi.init_app(app)
     cli.init_app(app)
     return app
-
-
-def _trust_proxies(app: Flask) -> None:
-    """With HUB_TRUSTED_PROXIES=N the client address is X-Forwarded-For's Nth entry from the
-    right (what the nearest trusted proxy saw); with 0 the header is never believed."""
-    from werkzeug.middleware.proxy_fix import ProxyFix
-
-    value = app.config.get("TRUSTED_PROXIES") or 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"HUB_TRUSTED_PROXIES: expected how many proxies, 0 or more: {value!r}")
-    if value:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=value)

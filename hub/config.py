@@ -1,100 +1,528 @@
-"""Defaults for every setting; each can be overridden by an HUB_* environment variable.
+"""Every HUB_* setting, in one typed model: its type, its bounds, its default and what it does.
 
-``app.config.from_prefixed_env("HUB")`` reads HUB_DATABASE_URL into DATABASE_URL and so on,
-parsing values as JSON where they parse (HUB_MAX_BODY_BYTES=2048 is an int).
+``load_settings()`` reads them from the environment and from a ``.env`` file in the current
+directory (the environment wins over the file, the file over the defaults), parses each one
+strictly and stops the start with one line per bad value. ``create_app`` copies the result
+into ``app.config`` under the names without the prefix (``app.config["SYNC_TIMEOUT"]``), which
+is what the rest of the hub reads. ``python -m hub.config --markdown`` prints the README's
+configuration table from the same model, so the table is the model's own description.
+
+A new setting is one field of ``Settings``: its type (one of the aliases below, or a plain
+``str``), ``Field(default, description=...)``, and the README table regenerated with
+``python -m hub.config --readme README.md``.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import logging
 import os
+import sys
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-DEFAULTS: dict[str, object] = {
-    # SQLAlchemy URL; None means the embedded SQLite file instance/hub.db.
-    "DATABASE_URL": None,
-    # Seconds to wait for a PostgreSQL connection before the request answers 503.
-    "DB_CONNECT_TIMEOUT": 5,
-    # Retry-After (seconds) on the 503 answered while the database is unreachable.
-    "DB_RETRY_AFTER": 5,
-    # Largest request body accepted on /hooks and /api; larger ones get 413 unread.
-    "MAX_BODY_BYTES": 1024 * 1024,
-    # Seconds a sync route may spend running its steps before it answers 504; a step still
-    # running then (a slow receiver, a connector looping or sleeping) is stopped.
-    "SYNC_TIMEOUT": 25.0,
-    # Seconds past HUB_SYNC_TIMEOUT after which a sync event whose request never finished (its
-    # process died) is marked failed by a worker's reaper.
-    "SYNC_LEASE_MARGIN": 30.0,
-    # Deepest nesting of objects and arrays accepted in a body or a step's output (at most 500).
-    "MAX_JSON_DEPTH": 100,
-    # Seconds one step's config templates (or a route filter) may take to render; past it
-    # the step fails, permanent (a sync route answers 422 template_limit).
-    "TEMPLATE_TIMEOUT": 2.0,
-    # Characters a step's rendered templates (and any value built on the way) may reach.
-    "TEMPLATE_MAX_OUTPUT": 1024 * 1024,
-    # Bytes of a receiver's answer a connector reads; past it the call fails, permanent
-    # (response_too_large), and the rest is never read.
-    "MAX_RESPONSE_BYTES": 10 * 1024 * 1024,
-    # Seconds a verified API key is remembered before the database is asked again.
-    "KEY_CACHE_SECONDS": 10.0,
-    # Seconds a route read by ingest or a worker is remembered: a change made in another
-    # process takes effect within this time (at once in the process that made it).
-    "ROUTE_CACHE_SECONDS": 5.0,
-    # Comma list of connector names to load; empty loads every installed connector.
-    "CONNECTORS": "",
-    # Tries of one step inside one delivery attempt (tenacity), for transient errors.
-    "STEP_TRIES": 3,
-    # "production" refuses to start without HUB_SECRET_KEY; "development" makes one.
-    "ENV": "development",
-    # Log lines: "json" (one JSON object per line) or "text" (for a terminal); None means
-    # json when HUB_ENV=production and text otherwise. gunicorn's lines follow it too.
-    "LOG_FORMAT": None,
-    # Redis for the shared rate-limit counters (redis://host:6379/0); None counts in the database.
-    "REDIS_URL": None,
-    # Prefix of the hub's rate-limit keys in Redis.
-    "RATE_LIMIT_PREFIX": "hub:rl:",
-    # Bytes of a request or response copied into an attempt row.
-    "ATTEMPT_COPY_BYTES": 4096,
-    # Seconds a worker owns a claimed event; past it, another worker may claim it again.
-    "LEASE_SECONDS": 300.0,
-    # Longest pause of an idle worker between looks for due events (it backs off to this).
-    "WORKER_MAX_IDLE": 2.0,
-    # Seconds a stopping worker waits for its in-flight deliveries before handing them back.
-    "WORKER_GRACE": 25.0,
-    # Run a delivery thread inside each web process (the embedded default of `make run`).
-    "EMBEDDED_WORKER": True,
-    # Rows the admin API's body search (?q=) looks at per page; past them it hands a cursor.
-    "ADMIN_SEARCH_WINDOW": 10_000,
-    # Matching events one bulk replay call looks at; next_cursor continues past them.
-    "ADMIN_REPLAY_MAX": 10_000,
-    # Newest events of the window the admin statistics are computed over.
-    "ADMIN_STATS_MAX_ROWS": 100_000,
-    # Refused requests one remote address may make per window ("30/minute") before its
-    # further requests are answered 429 unread and unlogged; a valid API key still passes.
-    # Empty or 0 turns the limit off.
-    "REFUSAL_LIMIT": "30/minute",
-    # Proxies in front of the hub that append to X-Forwarded-For; the client address is the
-    # Nth entry from the right. 0: the socket peer, and X-Forwarded-For is never believed.
-    "TRUSTED_PROXIES": 0,
-    # Bytes of a refused request's body kept on its event (its size is always kept).
-    "REFUSED_BODY_BYTES": 256,
-    # Headers, and bytes of header names and values, kept on a refused request's event.
-    "REFUSED_HEADERS": 20,
-    "REFUSED_HEADER_BYTES": 2048,
-    # Headers, and bytes of header names and values, kept on an accepted event.
-    "STORED_HEADERS": 100,
-    "STORED_HEADER_BYTES": 32768,
-    # Metrics (hub/metrics.py; for the settings model to take over). The directory where
-    # every process of one deployment (gunicorn's workers, `flask --app hub worker`
-    # processes on the same host) keeps its counts for GET /metrics to add up; None: the
-    # gunicorn server and the worker command use <instance>/metrics, anything else counts in
-    # memory.
-    "METRICS_DIR": None,
-    # Bearer token Prometheus presents to GET /metrics (at least 16 characters); None: only
-    # an admin API key may read the metrics.
-    "METRICS_TOKEN": None,
-}
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ENV_PREFIX = "HUB"
+PREFIX = "HUB_"
+# Variables of the test suite and the benchmarks, read by them and never by the hub.
+NOT_SETTINGS = ("HUB_TEST_", "HUB_BENCH_")
+ENV_FILE_VARIABLE = "HUB_ENV_FILE"
+
+log = logging.getLogger("hub.config")
+
+
+class SettingsError(SystemExit):
+    """Stops the process with one line per bad setting: a configuration error, not a crash."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Expects:
+    """What a type accepts, in words: the part of an error line after ``expected``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+class Secret:
+    """Marks a setting whose value may hold a password: an error never shows it."""
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_flag(value: object) -> bool:
+    """true/false, 1/0, yes/no, on/off in any case (or a Python bool); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError("not a boolean")
+
+
+def _number(value: object) -> object:
+    # pydantic would take True for 1: a flag where a number belongs is a mistake.
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _unset_when_empty(value: object) -> object:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _rate(value: object) -> str:
+    """A rate in its canonical spelling, or "" for off (empty, 0 or None)."""
+    if value in (None, "", 0, "0"):
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("not a rate")
+    from hub.ratelimit import normalise
+
+    return normalise(value.strip())
+
+
+def _database_url(value: str | None) -> str | None:
+    if value is not None:
+        from sqlalchemy.engine import make_url
+
+        make_url(value)  # ArgumentError (a ValueError) when it does not parse
+    return value
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("not a Redis URL")
+    return value
+
+
+Flag = Annotated[
+    bool, BeforeValidator(parse_flag), Expects("true or false (also 1/0, yes/no, on/off)")
+]
+Count = Annotated[int, BeforeValidator(_number), Field(ge=0), Expects("a whole number, 0 or more")]
+Positive = Annotated[
+    int, BeforeValidator(_number), Field(ge=1), Expects("a whole number, 1 or more")
+]
+Seconds = Annotated[
+    float,
+    BeforeValidator(_number),
+    Field(gt=0, allow_inf_nan=False),
+    Expects("a number of seconds, more than 0"),
+]
+SecondsOrZero = Annotated[
+    float,
+    BeforeValidator(_number),
+    Field(ge=0, allow_inf_nan=False),
+    Expects("a number of seconds, 0 or more"),
+]
+RateOrOff = Annotated[
+    str,
+    BeforeValidator(_rate),
+    Expects("a rate such as 30/minute (1 or more per second, minute or hour), or empty or 0"),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(_database_url),
+    Secret(),
+    Expects("a SQLAlchemy URL such as postgresql://user@host/db"),
+]
+RedisUrl = Annotated[
+    str | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(_redis_url),
+    Secret(),
+    Expects("a Redis URL such as redis://host:6379/0"),
+]
+SecretText = Annotated[str | None, BeforeValidator(_unset_when_empty), Secret(), Expects("a text")]
+Environment = Annotated[
+    Literal["development", "production"],
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+    Expects("development or production"),
+]
+Port = Annotated[
+    int, BeforeValidator(_number), Field(ge=0, le=65535), Expects("a port number, 0 to 65535")
+]
+JsonDepth = Annotated[
+    int, BeforeValidator(_number), Field(ge=1, le=500), Expects("a whole number from 1 to 500")
+]
+Text = Annotated[str, Expects("a text")]
+LogFormat = Annotated[
+    Literal["json", "text"] | None,
+    BeforeValidator(lambda v: (v.strip().lower() or None) if isinstance(v, str) else v),
+    Expects("json or text"),
+]
+Host = Annotated[str, Field(min_length=1), Expects("a host name or address")]
+
+
+def _metrics_token(value: str | None) -> str | None:
+    if value is not None and len(value) < 16:
+        raise ValueError("shorter than 16 characters")
+    return value
+
+
+MetricsToken = Annotated[
+    str | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(_metrics_token),
+    Secret(),
+    Expects("a random text of at least 16 characters"),
+]
+Directory = Annotated[str | None, BeforeValidator(_unset_when_empty), Expects("a directory")]
+
+
+class Settings(BaseSettings):
+    """The hub's settings. Each field is the variable HUB_<NAME>; its description is its
+    documentation (the README's configuration table is generated from it)."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, case_sensitive=False, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        # Overrides (create_app's config), then the environment, which read_env_file has
+        # already filled from .env (so that code reading os.environ sees the file too).
+        return init_settings, env_settings
+
+    # --- where it runs ---
+    env: Environment = Field(
+        "development",
+        description="`production` refuses to start without `HUB_SECRET_KEY`; `development` "
+        "makes a key once under `instance/`",
+    )
+    env_file: Text = Field(
+        ".env",
+        description="file of `NAME=value` lines read at start, relative to the current "
+        "directory, when it exists; a variable set in the environment wins over the file. "
+        "Empty reads no file",
+    )
+    log_format: LogFormat = Field(
+        None,
+        description="log lines, the hub's and gunicorn's: `json` (one object per line, with "
+        "the request id, route, event id and key prefix where known) or `text` (for a "
+        "terminal)",
+        json_schema_extra={"shown": "`json` when `HUB_ENV=production`, else `text`"},
+    )
+    database_url: DatabaseUrl = Field(
+        None,
+        description="SQLAlchemy URL of the database; `postgresql://user@host/db` uses psycopg 3",
+        json_schema_extra={"shown": "SQLite `instance/hub.db`"},
+    )
+    secret_key: SecretText = Field(
+        None,
+        description="encrypts route secrets; required when `HUB_ENV=production`",
+        json_schema_extra={"shown": "made under `instance/` in development"},
+    )
+    host: Host = Field("127.0.0.1", description="address gunicorn (`make run`) listens on")
+    port: Port = Field(8000, description="port gunicorn (`make run`) listens on")
+    web_workers: Positive = Field(2, description="gunicorn processes")
+    web_threads: Positive = Field(4, description="threads of each gunicorn process")
+    embedded_worker: Flag = Field(
+        True,
+        description="deliver async events on a thread inside each web process; `false` when "
+        "`flask --app hub worker` processes run beside gunicorn",
+    )
+    connectors: Text = Field(
+        "",
+        description="comma list of the connectors to load (built-in or installed); empty "
+        "loads every one",
+        json_schema_extra={"shown": "all"},
+    )
+    allow_private_targets: Flag = Field(
+        False, description="let connectors call loopback and private addresses"
+    )
+
+    # --- the front door ---
+    max_body_bytes: Count = Field(
+        1024 * 1024,
+        description="largest body accepted on `/hooks` and `/api`; a larger one is answered "
+        "413 unread (keep nginx's `client_max_body_size` equal)",
+    )
+    max_json_depth: JsonDepth = Field(
+        100,
+        description="deepest nesting of objects and arrays in a body (400 `too_deep`) or a "
+        "step's output (the step fails); 1 to 500",
+    )
+    trusted_proxies: Count = Field(
+        0,
+        description="reverse proxies in front that append to `X-Forwarded-For`; the client "
+        "address is the Nth entry from the right. 0: the socket peer, and the header is never "
+        "believed. Set it behind nginx, or every request shares the proxy's address",
+    )
+    refusal_limit: RateOrOff = Field(
+        "30/minute",
+        description="refused requests one address may make per window before its further "
+        "requests are answered 429 unread and unlogged (a valid key still passes); empty or "
+        "`0` turns the limit off",
+    )
+    refused_body_bytes: Count = Field(
+        256,
+        description="bytes of a refused request's body kept on its event (its size is always kept)",
+    )
+    refused_headers: Count = Field(20, description="headers kept on a refused request's event")
+    refused_header_bytes: Count = Field(
+        2048, description="bytes of header names and values kept on a refused request's event"
+    )
+    stored_headers: Count = Field(100, description="headers kept on an accepted event")
+    stored_header_bytes: Count = Field(
+        32768, description="bytes of header names and values kept on an accepted event"
+    )
+    key_cache_seconds: SecondsOrZero = Field(
+        10.0,
+        description="how long a verified API key is remembered before the database is asked "
+        "again (a revoked key may pass this long)",
+    )
+    route_cache_seconds: SecondsOrZero = Field(
+        5.0,
+        description="how long ingest and workers remember a route: a change made in another "
+        "process takes effect within this time, one made through this process at once",
+    )
+    redis_url: RedisUrl = Field(
+        None,
+        description="count rate limits in this Redis instead of the database",
+    )
+    rate_limit_prefix: Text = Field("hub:rl:", description="prefix of the rate-limit keys in Redis")
+
+    # --- metrics (hub/metrics.py, README "Metrics") ---
+    metrics_dir: Directory = Field(
+        None,
+        description="directory where every process of one deployment (gunicorn's workers, "
+        "`flask --app hub worker` processes) keeps its counts for `/metrics` to add up; they "
+        "must all share it",
+        json_schema_extra={
+            "shown": "`metrics` in the instance folder under gunicorn and the worker command; "
+            "in memory otherwise"
+        },
+    )
+    metrics_token: MetricsToken = Field(
+        None,
+        description="bearer token Prometheus presents to `GET /metrics`; unset, only an admin "
+        "API key reads the metrics",
+    )
+
+    # --- running steps ---
+    sync_timeout: Seconds = Field(
+        25.0,
+        description="seconds a sync route may spend running its steps before it answers 504; "
+        "a step still running then is stopped",
+    )
+    sync_lease_margin: SecondsOrZero = Field(
+        30.0,
+        description="seconds past `HUB_SYNC_TIMEOUT` after which a sync event whose process "
+        "died is marked `failed` by a worker",
+    )
+    step_tries: Positive = Field(
+        3, description="quick tries of a step inside one attempt, for transient errors"
+    )
+    template_timeout: Seconds = Field(
+        2.0,
+        description="seconds one step's templates (or a route filter) may take to render; past "
+        "it the step fails, permanent (`422 template_limit` on a sync route)",
+    )
+    template_max_output: Count = Field(
+        1024 * 1024,
+        description="characters a step's rendered templates, and any value built on the way, "
+        "may reach",
+    )
+    max_response_bytes: Count = Field(
+        10 * 1024 * 1024,
+        description="bytes of a receiver's answer a connector reads; past it the call fails, "
+        "permanent (`response_too_large`), and the rest is never read",
+    )
+    attempt_copy_bytes: Count = Field(
+        4096,
+        description="bytes of a request or response kept (redacted) in an attempt row; HTTP "
+        "calls are cut at 4 KiB before that",
+    )
+
+    # --- workers ---
+    lease_seconds: Seconds = Field(
+        300.0,
+        description="seconds a worker owns a claimed event; past it another worker may claim "
+        "it again",
+    )
+    worker_max_idle: Seconds = Field(
+        2.0,
+        description="longest pause of an idle worker between looks for due events (it backs "
+        "off to this)",
+    )
+    worker_grace: SecondsOrZero = Field(
+        25.0,
+        description="seconds a stopping worker waits for its in-flight deliveries before "
+        "handing them back",
+    )
+
+    # --- the database ---
+    db_connect_timeout: Seconds = Field(
+        5.0,
+        description="seconds to wait for a PostgreSQL connection before the request answers 503",
+    )
+    db_retry_after: Count = Field(
+        5, description="`Retry-After` seconds on the 503 answered while the database is unavailable"
+    )
+
+    # --- the admin API ---
+    admin_search_window: Positive = Field(
+        10_000,
+        description="events the admin API's body search (`q`) looks at per call; past them "
+        "it hands a cursor",
+    )
+    admin_replay_max: Positive = Field(
+        10_000,
+        description="matching events one bulk replay call looks at; `next_cursor` continues",
+    )
+    admin_stats_max_rows: Positive = Field(
+        100_000, description="newest events of the window the admin statistics are computed over"
+    )
+
+    def as_config(self) -> dict[str, Any]:
+        """The values under the names ``app.config`` uses (``SYNC_TIMEOUT``)."""
+        return {name.upper(): value for name, value in self.model_dump().items()}
+
+
+def variable(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def is_setting(name: str) -> bool:
+    """Whether ``name`` (an ``app.config`` key such as ``SYNC_TIMEOUT``) is one of the settings."""
+    return name.lower() in Settings.model_fields
+
+
+def _marker(field: str, kind: type) -> Any:
+    return next((m for m in Settings.model_fields[field].metadata if isinstance(m, kind)), None)
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    field = str(error["loc"][0]) if error.get("loc") else ""
+    if field not in Settings.model_fields:
+        return f"settings: {error['msg']}"
+    expects = _marker(field, Expects)
+    line = f"{variable(field)}: expected {expects.text if expects else error['msg']}"
+    if _marker(field, Secret):
+        return line + " (the value is not shown)"
+    return f"{line}, got {error.get('input')!r}"
+
+
+def read_env_file(environ: MutableMapping[str, str] | None = None) -> Path | None:
+    """Put the ``.env`` file's variables into the environment where it has none of that name,
+    so that everything that reads the environment (the settings, a connector's API key, a
+    route's ``secrets_env``) sees the same values, under gunicorn as under ``flask``."""
+    environ = os.environ if environ is None else environ
+    name = environ.get(ENV_FILE_VARIABLE, Settings.model_fields["env_file"].default)
+    path = Path(name) if name else None
+    if path is None or not path.is_file():
+        if path is not None and ENV_FILE_VARIABLE in environ:  # named, so meant to be there
+            raise SettingsError([f"{ENV_FILE_VARIABLE}: expected a file that exists, got {name!r}"])
+        return None
+    from dotenv import dotenv_values
+
+    for key, value in dotenv_values(path).items():
+        if value is not None:
+            environ.setdefault(key, value)
+    return path
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The settings from the environment (and ``.env``), with ``overrides`` (Python values
+    under their ``app.config`` names, as tests pass them) on top; SettingsError when any is bad.
+    """
+    read_env_file()
+    given = {k.lower(): v for k, v in (overrides or {}).items() if is_setting(k)}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = list(dict.fromkeys(_problem(e) for e in exc.errors()))
+        raise SettingsError(problems) from None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A sentence for each HUB_* variable that is no setting (a typo), naming the nearest."""
+    environ = os.environ if environ is None else environ
+    known = [variable(f) for f in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper.startswith(NOT_SETTINGS) or upper in known:
+            continue
+        nearest = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
+        found.append(f"{name} is not a setting of the hub and is ignored{hint}")
+    return found
+
+
+_warned: set[str] = set()
+
+
+def warn_unknown_variables() -> None:
+    """Log each unknown HUB_* variable once per process (gunicorn's workers inherit the
+    master's memory, so a server says it once, not once per worker)."""
+    for message in unknown_variables():
+        if message not in _warned:
+            _warned.add(message)
+            log.warning("%s", message)
+
+
+def flag_from_environment(field: str) -> bool:
+    """A boolean setting read from the environment now (for code that runs without an app,
+    such as a connector's own test); a value that does not parse counts as the default."""
+    try:
+        return parse_flag(os.environ[variable(field)])
+    except (KeyError, ValueError):
+        return bool(Settings.model_fields[field].default)
+
+
+# --- the README's table ---------------------------------------------------------------------
+
+TABLE_START = "<!-- settings table: generated by `python -m hub.config --markdown` -->"
+TABLE_END = "<!-- end of settings table -->"
+
+
+def _shown_default(field: str) -> str:
+    info = Settings.model_fields[field]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "shown" in extra:
+        return str(extra["shown"])
+    value = info.default
+    if value is None:
+        return "unset"
+    if value == "":
+        return "empty"
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
+
+
+def markdown_table() -> str:
+    rows = ["| Variable | Default | Effect |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        text = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{variable(field)}` | {_shown_default(field)} | {text} |")
+    return "\n".join(rows)
+
+
+def replace_table(readme: str) -> str:
+    """``readme`` with the text between the table's markers replaced by the current table."""
+    head, rest = readme.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{tail}"
+
+
+# --- where the database is ------------------------------------------------------------------
 
 
 def project_root() -> Path:
@@ -107,7 +535,7 @@ def default_instance_path() -> Path:
 
 def database_url(configured: str | None = None, instance_path: str | Path | None = None) -> str:
     """The one place that decides which database the hub talks to."""
-    url = configured or os.environ.get("HUB_DATABASE_URL")
+    url = configured or load_settings().database_url
     if not url:
         folder = Path(instance_path) if instance_path else default_instance_path()
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,3 +545,53 @@ def database_url(configured: str | None = None, instance_path: str | Path | None
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain) :]
     return url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hub.config",
+        description="Check the hub's settings and print them (secrets masked), or the "
+        "README's table of them.",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print the settings table")
+    parser.add_argument("--readme", metavar="FILE", help="rewrite the table inside FILE")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    if args.readme:
+        path = Path(args.readme)
+        path.write_text(replace_table(path.read_text()))
+        return 0
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for message in unknown_variables():
+        print(f"warning: {message}", file=sys.stderr)
+    for field, value in settings.model_dump().items():
+        print(f"{variable(field)}={_masked(field, value)}")
+    return 0
+
+
+def _masked(field: str, value: object) -> str:
+    """A value as ``python -m hub.config`` prints it: a URL without its password, a secret
+    as ``(set)``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not _marker(field, Secret):
+        return str(value)
+    parts = urlsplit(str(value))
+    if not parts.scheme or not parts.netloc:
+        return "(set)"
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    return urlunsplit(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

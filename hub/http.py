@@ -32,7 +32,6 @@ import email.utils
 import ipaddress
 import logging
 import math
-import os
 import random
 import socket
 import threading
@@ -48,7 +47,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from hub import deadline, signatures
+from hub import config, deadline, signatures
 from hub.connectors import (
     DEFAULT_MAX_RESPONSE_BYTES,
     NotConfiguredError,
@@ -97,15 +96,15 @@ log = logging.getLogger("hub.http")
 # Private-address guard
 # --------------------------------------------------------------------------------------
 
-_TRUE = ("1", "true", "yes", "on")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 
 def allow_private_targets() -> bool:
-    """True when the operator allows connectors to reach private addresses (read each call)."""
-    return os.environ.get("HUB_ALLOW_PRIVATE_TARGETS", "").strip().lower() in _TRUE
+    """True when the operator allows connectors to reach private addresses: the setting
+    HUB_ALLOW_PRIVATE_TARGETS, read at each call (a connector's test may run without an app)."""
+    return config.flag_from_environment("allow_private_targets")
 
 
 def is_forbidden_address(address: str) -> bool:

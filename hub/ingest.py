@@ -58,25 +58,6 @@ FAILURE_STATUS = {
 }
 
 
-# How much of a request's headers and body an event keeps (see kept_headers, record_rejection).
-STORAGE_CAPS = (
-    "REFUSED_BODY_BYTES",
-    "REFUSED_HEADERS",
-    "REFUSED_HEADER_BYTES",
-    "STORED_HEADERS",
-    "STORED_HEADER_BYTES",
-)
-
-
-@bp.record_once
-def check_storage_caps(state) -> None:
-    """A cap that is not a whole number stops the start with its name, not a request."""
-    for name in STORAGE_CAPS:
-        value = state.app.config.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"HUB_{name}: expected a whole number, 0 or more: {value!r}")
-
-
 class Rejected(Exception):
     """A request turned away: its answer, and the cause kept on its event row."""
 

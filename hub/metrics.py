@@ -55,7 +55,6 @@ QUEUE_CACHE_SECONDS = 2.0
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # The endpoints whose requests hub_http_requests_total counts.
 COUNTED_ENDPOINTS = frozenset({"ingest.hook", "ingest.api_process", "ingest.api_chat"})
-MIN_TOKEN_LENGTH = 16
 # The files prometheus_client writes per process: <kind>_<pid>.db
 # prometheus_client names a process's files <kind>_<identifier>.db; the hub's identifier is
 # <host>-<pid>, so processes of several hosts or containers may share one directory (a
@@ -370,19 +369,6 @@ class QueueCollector(Collector):
 # --- the scrape ---
 
 
-def check_token_setting(app: Flask) -> str | None:
-    token = app.config.get("METRICS_TOKEN")
-    if token is None or token == "":
-        return None
-    token = str(token)
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ValueError(
-            f"HUB_METRICS_TOKEN: expected at least {MIN_TOKEN_LENGTH} characters "
-            "(a random string, such as `python -c 'import secrets; print(secrets.token_hex())'`)"
-        )
-    return token
-
-
 def exposition() -> bytes:
     """Every metric in the Prometheus text format: this deployment's counters (summed over
     its processes' files, or this process's own) and the queue gauges."""
@@ -400,7 +386,8 @@ def exposition() -> bytes:
 def init_app(app: Flask) -> None:
     """The counters' home (HUB_METRICS_DIR when set), the request counter, the queue
     collector; system.py serves GET /metrics."""
-    app.extensions["hub.metrics.token"] = check_token_setting(app)
+    # HUB_METRICS_TOKEN, checked by the settings model (at least 16 characters).
+    app.extensions["hub.metrics.token"] = app.config.get("METRICS_TOKEN") or None
     configured = app.config.get("METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
         use(str(configured))

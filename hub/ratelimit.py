@@ -198,9 +198,7 @@ def optional_rate(text: object, setting: str) -> Rate | None:
 
 
 def init_app(app: Flask) -> None:
-    # Refusals per remote address (hub.ingest) are counted by the same limiter; a bad
-    # HUB_REFUSAL_LIMIT stops the start with its message.
-    optional_rate(app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
+    # Refusals per remote address (hub.ingest) are counted by the same limiter.
     url = app.config.get("REDIS_URL")
     if url:
         import redis

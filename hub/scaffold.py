@@ -2,11 +2,13 @@
 
 Two layouts:
 
-- in the hub's checkout (no ``--dir``): ``hub/builtin/NAME.py`` and ``tests/test_NAME.py``,
+- in the hub's checkout (no ``--dir``): ``NAME.py`` in the package of the built-ins
+  (``hub/builtin/``, where ``BUILTIN_CONNECTORS`` says they live) and ``tests/test_NAME.py``,
   registered by adding one line to ``BUILTIN_CONNECTORS``;
 - a package of its own (``--dir PATH``): ``PATH/NAME.py``, ``PATH/tests/test_NAME.py`` and a
   ``PATH/pyproject.toml`` declaring the ``hub.connectors`` entry point, so that
-  ``pip install -e PATH`` is all the hub needs to load it.
+  ``pip install -e PATH`` is all the hub needs to load it. Its test passes as written, with
+  the hub installed and nothing else (the hub's pytest plugin gives the fixtures).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from hub.connectors import BUILTIN_CONNECTORS
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 TAKEN = {"hub", "connectors", "tests", "test"}
@@ -120,22 +124,32 @@ def check_name(name: str) -> None:
         raise ValueError(f"{name!r} is taken by Python or the hub; choose another name")
 
 
+def builtin_package() -> str:
+    """The dotted package the built-in connectors live in, as BUILTIN_CONNECTORS names them."""
+    packages = {spec.partition(":")[0].rpartition(".")[0] for spec in BUILTIN_CONNECTORS.values()}
+    if len(packages) != 1 or not all(packages):
+        raise ValueError(f"built-in connectors are not in one package: {sorted(packages)}")
+    return packages.pop()
+
+
 def write_connector(name: str, directory: Path | None, builtin_root: Path) -> Scaffold:
     """Write the starter files; never overwrite an existing file."""
     check_name(name)
     cls = class_name(name)
     if directory is None:
-        builtins = builtin_root / "hub" / "builtin"
+        package = builtin_package()
+        builtins = builtin_root.joinpath(*package.split("."))
         if not builtins.is_dir():
+            where = builtins.relative_to(builtin_root).as_posix()
             raise ValueError(
-                f"{builtin_root} is not the hub's checkout (no hub/builtin/ here): run this "
+                f"{builtin_root} is not the hub's checkout (no {where}/ here): run this "
                 "in the checkout, or give --dir for a connector package of its own"
             )
         module_path = builtins / f"{name}.py"
         test_path = builtin_root / "tests" / f"test_{name}.py"
-        module = f"hub.builtin.{name}"
+        module = f"{package}.{name}"
         steps = [
-            f'register it: add "{name}": "hub.builtin.{name}:{cls}Connector" to '
+            f'register it: add "{name}": "{module}:{cls}Connector" to '
             "BUILTIN_CONNECTORS in hub/connectors.py",
             f"test it: python -m pytest {test_path.relative_to(builtin_root)}",
         ]

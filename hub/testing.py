@@ -12,6 +12,11 @@ raised as RetryableError or PermanentError) and runs the connector once the way 
 does: templates in the config rendered against the payload first. It raises AssertionError
 naming what is wrong, or re-raises the connector's own RetryableError / PermanentError so
 a test can ``pytest.raises`` it.
+
+A connector that calls HTTP is tested against real servers on 127.0.0.1: the ``receiver``
+and ``fake_openai`` fixtures, which the hub's pytest plugin (``hub.pytest_plugin``) gives
+any package installed beside the hub; ``hub.testing_servers`` holds the servers themselves
+and ``Reply``, to script their answers.
 """
 
 from __future__ import annotations

@@ -20,11 +20,15 @@ from hub.db import Database, upgrade
 from hub.keys import create_key
 from hub.routes import save_routes
 from tests.schema_check import scratch_postgres
-from tests.servers import FakeOpenAI, Receiver
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 TABLES = ("attempts", "events", "routes", "api_keys", "rate_counters")
+
+# ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's
+# pytest plugin (entry point pytest11); named here as well, for runs with plugin autoloading
+# off. A plugin already loaded through its entry point is not loaded twice.
+pytest_plugins = ["hub.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +43,12 @@ def sqlite_template(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def no_hub_settings_from_the_shell(monkeypatch):
-    """HUB_* variables in the developer's shell (HUB_STEP_TRIES=1 ...) must not change what
-    the tests see; HUB_TEST_* name the test servers and stay."""
+    """HUB_* variables in the developer's shell (HUB_STEP_TRIES=1 ...) or a .env file in the
+    checkout must not change what the tests see; HUB_TEST_* name the test servers and stay."""
     for name in list(os.environ):
         if name.startswith("HUB_") and not name.startswith("HUB_TEST_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("HUB_ENV_FILE", "")
 
 
 @pytest.fixture(scope="session")
@@ -136,19 +141,6 @@ def add_route(app, db):
             )
 
     return add
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as server:
-        yield server
-
-
-@pytest.fixture
-def fake_openai(monkeypatch) -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(api_key="sk-test-key") as server:
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
-        yield server
 
 
 @pytest.fixture

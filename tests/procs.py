@@ -35,8 +35,10 @@ def closed_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any HUB_* variable, plus ``extra``: a child process sees the
-    settings its test gives it, never the developer's shell (HUB_STEP_TRIES=1 ...)."""
+    settings its test gives it, never the developer's shell (HUB_STEP_TRIES=1 ...) nor a
+    .env file in the checkout (read by the hub, and by `flask` itself)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env.update(HUB_ENV_FILE="", FLASK_SKIP_DOTENV="1")
     env.update(extra)
     return env
 

@@ -1,4 +1,4 @@
-"""hub.http against real servers on 127.0.0.1 (tests.servers); nothing leaves the machine."""
+"""hub.http against real servers on 127.0.0.1 (hub.testing_servers); nothing leaves the machine."""
 
 from __future__ import annotations
 
@@ -791,7 +791,7 @@ def test_fake_openai_rejects_a_body_that_is_not_json(fake_openai):
 
 def test_receiver_cli_runs_as_a_process(tmp_path):
     port_file, log_file = tmp_path / "port", tmp_path / "requests.jsonl"
-    cmd = [sys.executable, "-m", "tests.servers", "receiver", "--port", "0"]
+    cmd = [sys.executable, "-m", "hub.testing_servers", "receiver", "--port", "0"]
     cmd += ["--port-file", str(port_file), "--log", str(log_file)]
     cmd += ["--fail-first", "1", "--fail-status", "503"]
     env = clean_env(PYTHONPATH=str(ROOT))

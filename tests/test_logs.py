@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from hub import create_app
+from hub.config import SettingsError
 from hub.connectors import Connector, EmptyConfig
 from hub.logs import EscapingFormatter, JsonFormatter, bound, choose_format, escape_controls
 from hub.worker import Worker
@@ -146,7 +147,7 @@ def test_the_format_is_json_in_production_and_text_in_development(configured, en
 
 
 def test_an_unknown_log_format_stops_the_start_with_its_name(tmp_path):
-    with pytest.raises(ValueError, match="HUB_LOG_FORMAT: expected json or text"):
+    with pytest.raises(SettingsError, match="HUB_LOG_FORMAT: expected json or text, got 'xml'"):
         create_app({"TESTING": True, "LOG_FORMAT": "xml", "DATABASE_URL": "sqlite://"})
 
 

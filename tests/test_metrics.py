@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from hub import create_app
+from hub.config import SettingsError
 from hub.metrics import (
     HOST,
     QUEUE_CACHE_SECONDS,
@@ -81,7 +82,7 @@ def test_metrics_token_opens_metrics_and_is_checked_at_start(app, database_url_f
         assert near.status_code == 401 and near.json["code"] == "unauthorized"
     finally:
         with_token.extensions["hub.db"].dispose()
-    with pytest.raises(ValueError, match="HUB_METRICS_TOKEN: expected at least 16 characters"):
+    with pytest.raises(SettingsError, match="HUB_METRICS_TOKEN.*at least 16 characters"):
         create_app({**config, "METRICS_TOKEN": "short"})
 
 

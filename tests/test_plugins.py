@@ -4,11 +4,15 @@ the contract checks in hub.testing, and the README's example run through a real 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import json
 import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import tomllib
 import types
@@ -16,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pydantic import BaseModel
 
-from hub import create_app
-from hub.builtin.http_forward import HttpForwardConnector
-from hub.builtin.openai_chat import OpenAIChatConnector
-from hub.builtin.text import TextConnector
+from hub import create_app, scaffold
 from hub.connectors import (
     BUILTIN_CONNECTORS,
     ENTRY_POINT_GROUP,
@@ -37,6 +39,12 @@ from tests.procs import ROOT, clean_env
 from tests.rows import summary
 
 README = (ROOT / "README.md").read_text()
+
+# The built-ins by name, wherever their modules live.
+BUILTINS = load_connectors(list(BUILTIN_CONNECTORS))
+TextConnector = BUILTINS.get("text")
+OpenAIChatConnector = BUILTINS.get("openai")
+HttpForwardConnector = BUILTINS.get("http")
 
 PLUGIN_MODULE = """
 from typing import Any
@@ -74,7 +82,9 @@ class Plugins:
         for module, source in modules.items():
             (self.root / f"{module}.py").write_text(textwrap.dedent(source))
             self.modules.append(module)
-        info = self.root / f"{dist}-0.1.dist-info"
+        # pip's spelling of the directory (hub_reverse-0.1.dist-info): importlib.metadata
+        # takes the name from it, up to the first "-", and keeps one distribution per name.
+        info = self.root / f"{re.sub(r'[-_.]+', '_', dist).lower()}-0.1.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
         lines = [f"{name} = {target}" for name, target in entry_points.items()]
@@ -100,17 +110,35 @@ def names(registry) -> set[str]:
     return {cls.name for cls in registry}
 
 
+@pytest.fixture(params=["alone", "beside another connector package"])
+def installed(request, plugins) -> set[str]:
+    """What a registry holds without HUB_CONNECTORS before the test installs its own plugins:
+    the built-ins, and whatever connector packages happen to be installed beside the hub. Each
+    test taking it runs twice, the second time with one more such package, so that its
+    assertions are proven not to depend on what else is installed."""
+    if request.param != "alone":
+        plugins.install(
+            "hub-connector-unrelated",
+            {"unrelated": "unrelated_plugin:ReverseConnector"},
+            {"unrelated_plugin": PLUGIN_MODULE.format(name="unrelated")},
+        )
+    baseline = names(load_connectors())
+    assert set(BUILTIN_CONNECTORS) <= baseline
+    assert ("unrelated" in baseline) == (request.param != "alone")
+    return baseline
+
+
 # --- discovery ---
 
 
-def test_an_entry_point_connector_is_loaded_beside_the_builtins(plugins):
+def test_an_entry_point_connector_is_loaded_beside_the_builtins(plugins, installed):
     plugins.install(
         "hub-reverse",
         {"reverse": "reverse_plugin:ReverseConnector"},
         {"reverse_plugin": PLUGIN_MODULE.format(name="reverse")},
     )
     registry = load_connectors()
-    assert names(registry) == set(BUILTIN_CONNECTORS) | {"reverse"}
+    assert names(registry) == installed | {"reverse"}
     assert registry.get("reverse").__module__ == "reverse_plugin"
     assert set(BUILTIN_CONNECTORS) == {"text", "openai", "http"}
 
@@ -140,7 +168,7 @@ def test_hub_connectors_limits_what_loads(plugins, caplog):
     assert "HUB_CONNECTORS names 'nonesuch', but no such connector is installed" in caplog.text
 
 
-def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, caplog):
+def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, installed, caplog):
     plugins.install(
         "hub-broken",
         {"broken": "broken_plugin:Nope", "notaclass": "reverse_plugin:ReverseConfig"},
@@ -151,7 +179,7 @@ def test_a_plugin_that_fails_to_import_is_logged_and_skipped(plugins, caplog):
     )
     with caplog.at_level(logging.ERROR, logger="hub.connectors"):
         registry = load_connectors()
-    assert names(registry) == set(BUILTIN_CONNECTORS)  # the hub starts without them
+    assert names(registry) == installed  # the hub starts without them
     assert (
         "connector broken (broken_plugin:Nope) failed to load: missing dependency frobnicate"
         in caplog.text
@@ -216,62 +244,110 @@ def test_connectors_list_shows_every_builtin_with_its_fields(runner):
 # --- connectors new ---
 
 
+def outside_env(**extra: str) -> dict[str, str]:
+    """The environment of a process that knows nothing of this checkout: no HUB_* settings,
+    no PYTHONPATH, no virtualenv of ours."""
+    env = {k: v for k, v in clean_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(extra)
+    return env
+
+
 def run_pytest(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = clean_env(PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         cwd=cwd,
-        env=env,
+        env=outside_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
 
 
-def test_new_in_its_own_directory_writes_a_package_whose_test_passes_and_loads(
-    runner, tmp_path, monkeypatch
+def hub_venv(path: Path) -> Path:
+    """A fresh virtualenv with nothing installed in it that sees the hub's environment (the
+    hub, editable from this checkout, its dependencies, pip, setuptools and pytest) the way
+    ``--system-site-packages`` sees a system-wide install: through a .pth file. Returns its
+    python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=outside_env(),
+    ).stdout.strip()
+    hub_site = sysconfig.get_path("purelib")  # this test run's environment
+    Path(purelib, "hub_environment.pth").write_text(f"import site; site.addsitedir({hub_site!r})\n")
+    return python
+
+
+@pytest.mark.slow
+def test_new_package_passes_its_own_test_and_loads_once_installed_outside_the_checkout(
+    tmp_path,
 ):
+    """What a connector author does: `connectors new --dir`, `pip install -e`, `pytest` in
+    their package, far from the hub's checkout (nothing of its tests/ on the path), then the
+    hub lists the connector, and the hub's own tests still pass beside it."""
+    python = hub_venv(tmp_path / "venv")
+
+    def run(*args, cwd: Path = tmp_path) -> subprocess.CompletedProcess:
+        env = outside_env(
+            HUB_DATABASE_URL=f"sqlite:///{tmp_path / 'hub.db'}", HUB_SECRET_KEY="k" * 32
+        )
+        done = subprocess.run(
+            [python, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
     target = tmp_path / "hub-greet"
-    result = runner.invoke(args=["connectors", "new", "greet", "--dir", str(target)])
-    assert result.exit_code == 0, result.output
+    created = run("flask", "--app", "hub", "connectors", "new", "greet", "--dir", str(target))
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.*")) == [
         "greet.py",
         "pyproject.toml",
         "tests/test_greet.py",
     ]
-    assert "pip install -e" in result.output
+    assert f"pip install -e {target}" in created.stdout
+    # The README's example and its test beside the generated ones: that test takes the
+    # `receiver` fixture, which only the installed hub's pytest plugin can give here.
+    (target / "hub_slack.py").write_text(readme_block("python connector-example"))
+    (target / "tests" / "test_slack.py").write_text(readme_block("python connector-test"))
 
-    ran = run_pytest(target)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "3 passed" in ran.stdout
+    run(
+        "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation", "-e", target
+    )
+    tested = run("pytest", "-q", "-p", "no:cacheprovider", cwd=target)
+    assert "4 passed" in tested.stdout
 
-    # What `pip install -e` makes of the generated pyproject: its entry point, on sys.path.
-    project = tomllib.loads((target / "pyproject.toml").read_text())
-    entry = project["project"]["entry-points"][ENTRY_POINT_GROUP]
-    assert entry == {"greet": "greet:GreetConnector"}
-    plugins = Plugins(target, monkeypatch)
-    plugins.install("hub-connector-greet", entry, {})
-    plugins.modules.append("greet")
-    try:
-        registry = load_connectors(["greet"])
-        assert names(registry) == {"greet"}
-        check_class(registry.get("greet"))
-    finally:
-        plugins.cleanup()
+    listing = run("flask", "--app", "hub", "connectors", "list").stdout
+    assert "greet: Returns one payload field with a prefix." in listing
+    assert all(f"\n{name}: " in f"\n{listing}" for name in BUILTIN_CONNECTORS)
+
+    # The hub's tests that look at every loaded connector, with greet installed for real.
+    counting = [
+        "test_an_entry_point_connector_is_loaded_beside_the_builtins",
+        "test_a_plugin_that_fails_to_import_is_logged_and_skipped",
+    ]
+    ids = [f"tests/test_plugins.py::{name}" for name in counting]
+    hub_tests = run("pytest", "-q", "-p", "no:cacheprovider", *ids, cwd=ROOT)
+    assert "4 passed" in hub_tests.stdout
 
 
 def test_new_in_the_hub_checkout_writes_a_builtin_whose_test_passes(runner, tmp_path, monkeypatch):
-    # A copy of the checkout: the hub package (the new module goes into hub/builtin/, and
-    # its test imports it from there) and an empty tests package.
-    shutil.copytree(ROOT / "hub", tmp_path / "hub", ignore=shutil.ignore_patterns("__pycache__"))
+    # A copy of the checkout's shape: the package the built-ins live in, and tests/.
+    package = scaffold.builtin_package()
+    top = package.split(".")[0]
+    shutil.copytree(ROOT / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "__init__.py").write_text("")
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(args=["connectors", "new", "word_count"])
     assert result.exit_code == 0, result.output
-    assert "wrote hub/builtin/word_count.py" in result.output
-    assert '"word_count": "hub.builtin.word_count:WordCountConnector"' in result.output
-    source = (tmp_path / "hub" / "builtin" / "word_count.py").read_text()
+    written = Path(*package.split("."), "word_count.py")
+    assert f"wrote {written.as_posix()}" in result.output
+    assert f'"word_count": "{package}.word_count:WordCountConnector"' in result.output
+    source = (tmp_path / written).read_text()
     assert "class WordCountConnector(Connector):" in source
     ran = run_pytest(tmp_path, "tests/test_word_count.py")
     assert ran.returncode == 0, ran.stdout + ran.stderr
@@ -312,6 +388,60 @@ def test_new_never_overwrites(runner, tmp_path):
     assert result.exit_code == 1 and "will not overwrite" in result.output
     assert (tmp_path / "greet.py").read_text() == "# mine\n"
     assert not (tmp_path / "tests").exists()
+
+
+# --- the pytest plugin (hub.pytest_plugin, entry point pytest11) ---
+
+RECORD_MODULES = """
+import json, os, sys
+
+
+def test_records_what_is_imported():
+    with open(os.environ["MODULES_OUT"], "w") as out:
+        json.dump(sorted(sys.modules), out)
+"""
+
+
+@pytest.mark.slow
+def test_the_pytest_plugin_costs_a_project_that_does_not_use_it_nothing(tmp_path):
+    """pytest loads the hub's plugin in every project installed beside the hub: it must add
+    its fixtures and nothing else (no hub, Flask or database imports, no autouse fixture)."""
+    (tmp_path / "test_other.py").write_text(RECORD_MODULES)
+    imported = {}
+    for plugin in ("hub.pytest_plugin", "no:hub.pytest_plugin"):
+        out = tmp_path / f"{plugin}.json"
+        # Bare pytest plus the hub's plugin or not (other plugins' imports would only blur the
+        # difference; the entry point that loads it is proven by the test above).
+        env = outside_env(MODULES_OUT=str(out), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        ran = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", plugin],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        imported[plugin] = set(json.loads(out.read_text()))
+    on, off = imported["hub.pytest_plugin"], imported["no:hub.pytest_plugin"]
+    assert on - off == {"hub", "hub.pytest_plugin"}
+
+
+def test_the_pytest_plugin_gives_the_servers_the_hub_tests_use(request, receiver, fake_openai):
+    """The hub's own tests take these fixtures from the plugin, not from a copy in tests/."""
+    plugin = request.config.pluginmanager.get_plugin("hub.pytest_plugin")
+    assert plugin is not None and plugin.__name__ == "hub.pytest_plugin"
+    conftest = importlib.import_module("tests.conftest")
+    assert not hasattr(conftest, "receiver") and not hasattr(conftest, "fake_openai")
+    reply = requests.post(receiver.url + "/x", json={"a": 1}, timeout=5)
+    assert reply.json() == {"ok": True} and receiver.requests[0].json() == {"a": 1}
+    chat = requests.post(
+        fake_openai.base_url + "/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"},
+        timeout=5,
+    )
+    assert chat.json()["choices"][0]["message"]["content"] == "echo: hi"
 
 
 # --- hub.testing ---
@@ -390,7 +520,8 @@ def test_check_connector_lets_retryable_errors_through():
 
 def test_connectors_import_only_the_public_contract():
     """Built-ins keep to hub.connectors and hub.http, as third-party connectors must."""
-    for path in sorted((ROOT / "hub" / "builtin").glob("*.py")):
+    builtins = Path(importlib.util.find_spec(scaffold.builtin_package()).origin).parent
+    for path in sorted(builtins.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub"):

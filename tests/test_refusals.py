@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from hub import create_app
+from hub.config import SettingsError
 from hub.ingest import HEADERS_CUT
 from tests.procs import gunicorn
 from tests.rows import events
@@ -325,7 +326,7 @@ def test_the_address_comes_from_a_trusted_proxy_only_when_configured(
 def test_bad_front_door_settings_stop_the_start_naming_the_setting(
     database_url_for_test, setting, value
 ):
-    with pytest.raises(ValueError, match=f"HUB_{setting}"):
+    with pytest.raises(SettingsError, match=f"^HUB_{setting}: expected"):
         proxied_app(database_url_for_test, **{setting: value})
 
 
