@@ -20,11 +20,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels webhook-hub
 # The hub runs as `hub` (uid 10001), owning nothing but Flask's instance folder of an
-# installed package (sys.prefix/var/hub-instance), which the app creates at start-up.
+# installed package (sys.prefix/var/hub-instance), which the app creates at start-up, and
+# the metrics directory in it (compose mounts one volume there for web and workers: a new
+# volume takes this directory's owner).
 RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin hub \
-    && mkdir -p /app /usr/local/var/hub-instance \
-    && chown hub:hub /usr/local/var/hub-instance
+    && mkdir -p /app /usr/local/var/hub-instance/metrics \
+    && chown hub:hub /usr/local/var/hub-instance /usr/local/var/hub-instance/metrics
 WORKDIR /app
 COPY gunicorn.conf.py /app/gunicorn.conf.py
 USER hub

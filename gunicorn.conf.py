@@ -91,18 +91,29 @@ logger_class = EscapingLogger
 
 def on_starting(server):
     """Build the app once in the master: a configuration error (production without
-    HUB_SECRET_KEY) stops gunicorn with its message instead of failing every worker."""
-    from hub import create_app
+    HUB_SECRET_KEY) stops gunicorn with its message instead of failing every worker. Then
+    the metrics directory (HUB_METRICS_DIR, or instance/metrics): made, emptied of the files
+    of this host's processes no longer running, and named to the workers forked from here."""
+    from hub import create_app, metrics
 
-    create_app()
+    metrics.prepare_directory(create_app())
 
 
 def post_worker_init(worker):
     """Each web process delivers async events on a thread of its own unless
     HUB_EMBEDDED_WORKER=false (then run `flask --app hub worker` processes beside it)."""
+    from hub import metrics
     from hub.worker import start_embedded
 
+    metrics.process_started("web")
     start_embedded(worker.wsgi)
+
+
+def child_exit(server, worker):
+    """A web process ended (or was killed): its live gauges go; its counts stay summed."""
+    from hub import metrics
+
+    metrics.process_died(worker.pid)
 
 
 def worker_exit(server, worker):

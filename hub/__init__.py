@@ -42,6 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ingest,
         keys,
         logs,
+        metrics,
         openapi,
         ratelimit,
         secret_key,
@@ -66,6 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.commits"] = GroupCommitter(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
+    metrics.init_app(app)
     if app.config["TRUSTED_PROXIES"]:
         # The client address is X-Forwarded-For's Nth entry from the right: what the nearest
         # trusted proxy saw; the scheme likewise X-Forwarded-Proto's, so a request that reached

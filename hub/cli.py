@@ -11,6 +11,7 @@ commands that make a state hold (`db upgrade`, `init`, `routes apply`) exit 0 wh
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -633,9 +634,12 @@ def worker_command(concurrency: int, once: bool) -> None:
     import signal
     import threading
 
+    from hub import metrics
     from hub.worker import Worker
 
     app = current_app._get_current_object()
+    # Counts go where the web processes' /metrics adds them up (HUB_METRICS_DIR).
+    metrics.use(metrics.directory_for(app))
     worker = Worker(app)
     if once:
         delivered = worker.run_once(limit=10**9)
@@ -647,10 +651,12 @@ def worker_command(concurrency: int, once: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     worker.start(concurrency)
+    metrics.process_started("worker")
     click.echo(f"worker {worker.name} delivering with {concurrency} thread(s)", err=True)
     stop.wait()
     click.echo("stopping: finishing in-flight deliveries", err=True)
     worker.stop()
+    metrics.process_died(os.getpid())
 
 
 def init_app(app: Flask) -> None:

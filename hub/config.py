@@ -169,6 +169,22 @@ SessionSeconds = Annotated[
 ]
 
 
+def _metrics_token(value: str | None) -> str | None:
+    if value is not None and len(value) < 16:
+        raise ValueError("shorter than 16 characters")
+    return value
+
+
+MetricsToken = Annotated[
+    str | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(_metrics_token),
+    Secret(),
+    Expects("a random text of at least 16 characters"),
+]
+Directory = Annotated[str | None, BeforeValidator(_unset_when_empty), Expects("a directory")]
+
+
 class Settings(BaseSettings):
     """The hub's settings. Each field is the variable HUB_<NAME>; its description is its
     documentation (the README's configuration table is generated from it)."""
@@ -281,6 +297,23 @@ class Settings(BaseSettings):
         description="count rate limits in this Redis instead of the database",
     )
     rate_limit_prefix: Text = Field("hub:rl:", description="prefix of the rate-limit keys in Redis")
+
+    # --- metrics (hub/metrics.py, README "Metrics") ---
+    metrics_dir: Directory = Field(
+        None,
+        description="directory where every process of one deployment (gunicorn's workers, "
+        "`flask --app hub worker` processes) keeps its counts for `/metrics` to add up; they "
+        "must all share it",
+        json_schema_extra={
+            "shown": "`metrics` in the instance folder under gunicorn and the worker command; "
+            "in memory otherwise"
+        },
+    )
+    metrics_token: MetricsToken = Field(
+        None,
+        description="bearer token Prometheus presents to `GET /metrics`; unset, only an admin "
+        "API key reads the metrics",
+    )
 
     # --- running steps ---
     sync_timeout: Seconds = Field(

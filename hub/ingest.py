@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 from sqlalchemy import and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from hub import crypto, keys, logs, pipeline, ratelimit, redact, signatures, storable
+from hub import crypto, keys, logs, metrics, pipeline, ratelimit, redact, signatures, storable
 from hub import routes as route_store
 from hub.connectors import lookup_path
 from hub.db import get_db, get_session
@@ -329,6 +329,7 @@ def receive(route_name: str) -> Accepted:
                 headers={"Allow": "POST"},
             )
         route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
+        g.hub_known_route = route.name if route is not None else None  # a bounded metrics label
         if route is None or not route.enabled:
             raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
         if route.verify_scheme:  # whatever the scheme calls its signature header
@@ -492,6 +493,7 @@ def check_duplicate(session: Session, route: Route, event: Event) -> None:
     event.headers = kept_headers(refused=False)
     session.add(event)
     session.commit()
+    metrics.event_ended(route.name, "duplicate")
     raise Duplicate(original.id)
 
 
@@ -545,6 +547,7 @@ def record_rejection(session: Session, event: Event, rejection: Rejected) -> Non
     count_refusal(session, event, rejection)
     session.add(event)
     session.commit()
+    metrics.refused(rejection.reason)
     log.info(
         "rejected %s %s: %s (%d)", event.id, event.route[:64], rejection.reason, rejection.status
     )
@@ -616,6 +619,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
         session.close()  # its connection back to the pool: SQLite's write lock with it
         record_unrecorded(event_id, exc)
         raise
+    metrics.event_ended(event.route, event.status)
     return outcome
 
 
@@ -662,6 +666,7 @@ def accept_or_reject(route_name: str):
     except Duplicate as dup:
         return None, ({"id": dup.original, "duplicate": True}, 200)
     except AddressThrottled as throttled:
+        metrics.refused("too_many_refusals", recorded=False)
         response, status = error_response(
             429,
             "Too many refused requests from this address; try again later",
@@ -725,6 +730,7 @@ def hook(route_name: str):
         )
         accepted.event.response_status = 200
         get_session().commit()
+        metrics.event_ended(accepted.route.name, "delivered")
         return {"challenge": challenge}, 200
     if accepted.route.mode == "async":
         return enqueue(accepted)

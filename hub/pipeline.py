@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from hub import redact, storable
+from hub import metrics, redact, storable
 from hub.connectors import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ConnectorError,
@@ -267,6 +267,8 @@ def _run_step(
     run_number = max(event.attempts, 1)
 
     def attempt_row(try_number: int, started, t0: float, outcome: str, **extra) -> Attempt:
+        # Every connector call's row is built here, so every call is counted here.
+        metrics.attempt_done(name, outcome, time.monotonic() - t0)
         return Attempt(
             event_id=event.id,
             run=run_number,

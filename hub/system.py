@@ -1,14 +1,19 @@
-"""Liveness and readiness: /health answers while the process runs, /ready when it can work."""
+"""Liveness, readiness, metrics: /health answers while the process runs, /ready when it can
+work, /metrics (for Prometheus, with HUB_METRICS_TOKEN or an admin key) what it has done."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub.db import current_revision, get_db, head_revision, is_unavailable
+from hub import keys, metrics
+from hub.db import current_revision, get_db, get_session, head_revision, is_unavailable
 from hub.errors import database_unavailable, error_response
+from hub.ingest import presented_key
 
 bp = Blueprint("system", __name__)
 log = logging.getLogger("hub.system")
@@ -40,3 +45,33 @@ def ready():
             "schema_outdated",
         )
     return jsonify({"status": "ready", "database": db.dialect, "schema": current}), 200
+
+
+@bp.get("/metrics")
+def metrics_text():
+    refusal = refuse_scraper()
+    if refusal is not None:
+        return refusal
+    return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+def refuse_scraper():
+    """None when the request may read the metrics: HUB_METRICS_TOKEN as a bearer token (what
+    Prometheus is given), or an admin API key; otherwise the JSON 401 or 403."""
+    token = current_app.extensions["hub.metrics.token"]
+    presented = presented_key()
+    if token and presented and hmac.compare_digest(presented.encode(), token.encode()):
+        return None
+    session = get_session()
+    try:
+        info = keys.authenticate(session, presented, current_app.extensions["hub.keys"])
+    except keys.KeyRefused:
+        response, status = error_response(
+            401, "Metrics need the metrics token or an admin API key", "unauthorized"
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="hub metrics"'
+        return response, status
+    session.commit()  # end the lookup's transaction (on SQLite, its lock with it)
+    if not info.is_admin:
+        return error_response(403, "This API key is not an admin key", "forbidden")
+    return None

@@ -28,7 +28,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import and_, case, not_, or_, select, text, update
 
-from hub import logs, pipeline
+from hub import logs, metrics, pipeline
 from hub import routes as route_store
 from hub.db import Database
 from hub.groupcommit import GroupCommitter, row_of
@@ -68,7 +68,7 @@ def reap_sync_events(db: Database) -> list[str]:
     now = utcnow()
     with db.session() as session:
         reaped = list(
-            session.scalars(
+            session.execute(
                 update(Event.__table__)
                 .where(
                     Event.status == "processing",
@@ -83,12 +83,13 @@ def reap_sync_events(db: Database) -> list[str]:
                     lease_owner=None,
                     lease_until=None,
                 )
-                .returning(Event.id)
+                .returning(Event.id, Event.route)
             )
         )
-    for event_id in reaped:
+    for event_id, route in reaped:
         log.warning("event %s: %s", event_id, SYNC_PROCESS_DIED)
-    return reaped
+        metrics.event_ended(route, "failed")
+    return [event_id for event_id, _ in reaped]
 
 
 def schedule_of(schedule: list[int] | None) -> list[int]:
@@ -290,6 +291,7 @@ class Worker:
             log.warning("event %s: lease lost before the outcome was written", event.id)
             return "lease_lost"
         log.info("event %s run %d: %s", event.id, event.attempts, values["status"])
+        metrics.event_ended(event.route, values["status"])
         return values["status"]
 
     def _ending(

@@ -274,8 +274,17 @@ def answered(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
-def test_nginx_limits_each_address_and_answers_as_the_hub(front_door):
+def test_nginx_limits_each_address_and_answers_as_the_hub(front_door, make_key):
     door = front_door
+    # /metrics is not served through the front door, even to an admin key; gunicorn itself
+    # (where Prometheus scrapes from the inside) serves it.
+    admin = {"X-API-Key": make_key(admin=True)}
+    for path in ("/metrics", "//metrics", "/%6detrics", "/metrics?x=1"):
+        outside = requests.get(door.front + path, headers=admin, timeout=10, verify=door.cert)
+        assert outside.status_code == 403 and outside.json()["code"] == "forbidden", path
+    inside = requests.get(door.direct + "/metrics", headers=admin, timeout=10)
+    assert inside.status_code == 200 and "hub_queue_due_events" in inside.text
+
     # 32 open requests per address: the 33rd and later are refused at once.
     with SlowClients(door.listen, door.tls) as slow:
         body = slow_body("steady")
