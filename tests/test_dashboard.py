@@ -482,11 +482,14 @@ def test_event_detail_shows_headers_body_and_attempts_and_replays(
     add_route("fwd", [{"connector": "http", "config": {"url": receiver.url + "/in"}}])
     key = make_key()
     sent = signed_in.post(
-        "/hooks/fwd", json={"order": {"id": 7, "total": 12}}, headers={"X-API-Key": key}
+        "/hooks/fwd",
+        json={"order": {"id": 7, "total": 12}},
+        headers={"X-API-Key": key, "X-Request-ID": "req-7.from_shop"},
     )
     assert sent.status_code == 200, sent.get_json()
     event_id = sent.get_json()["id"]
     html = signed_in.get(f"/dashboard/events/{event_id}").get_data(as_text=True)
+    assert "<dt>Request id</dt><dd><code>req-7.from_shop</code></dd>" in html  # logs' key
     assert '"order": {\n    "id": 7,' in html.replace("&#34;", '"')  # pretty-printed JSON
     assert "x-api-key" in html and key not in html  # the stored, redacted headers
     attempt = re.search(r'<li class="attempt outcome-ok">(.*?)</li>', html, re.S).group(1)
