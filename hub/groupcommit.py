@@ -20,8 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, insert, inspect
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Table, insert, inspect
 
 from hub.db import Database, is_unavailable
 
@@ -34,7 +33,7 @@ MAX_BATCH = 64
 class _Work:
     __slots__ = ("done", "error", "fn", "lead", "result", "row", "table")
 
-    def __init__(self, fn: Callable[[Session], Any] | None, table: Table | None, row: dict):
+    def __init__(self, fn: Callable[[Connection], Any] | None, table: Table | None, row: dict):
         self.fn = fn
         self.table = table
         self.row = row
@@ -61,10 +60,11 @@ class GroupCommitter:
         self.batches = 0  # batches written, and pieces of work in them (for benchmarks)
         self.pieces = 0
 
-    def run(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn(session)`` in a transaction shared with other threads' work; its result
-        once committed. ``fn`` may run twice (the second time alone, if the shared
-        transaction failed), so it must only write through the session it is given."""
+    def run(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(conn)`` in a transaction shared with other threads' work (``conn`` is a
+        Core connection: statements, no ORM); its result once committed. ``fn`` may run twice
+        (the second time alone, if the shared transaction failed), so it must only write
+        through the connection it is given."""
         return self._submit(_Work(fn, None, {}))
 
     def insert(self, table: Table, row: dict[str, Any]) -> None:
@@ -112,8 +112,8 @@ class GroupCommitter:
         self.batches += 1
         self.pieces += len(batch)
         try:
-            with self.db.session() as session:
-                results = self._apply(session, batch)
+            with self.db.engine.begin() as conn:
+                results = self._apply(conn, batch)
         except Exception as exc:
             if len(batch) == 1 or is_unavailable(exc):
                 for work in batch:
@@ -121,8 +121,8 @@ class GroupCommitter:
                 return
             for work in batch:  # one piece may be the cause: each alone, its own outcome
                 try:
-                    with self.db.session() as session:
-                        (work.result,) = self._apply(session, [work])
+                    with self.db.engine.begin() as conn:
+                        (work.result,) = self._apply(conn, [work])
                 except Exception as alone:
                     work.error = alone
             return
@@ -130,15 +130,15 @@ class GroupCommitter:
             work.result = result
 
     @staticmethod
-    def _apply(session: Session, batch: list[_Work]) -> list[Any]:
+    def _apply(conn: Connection, batch: list[_Work]) -> list[Any]:
         rows: dict[Table, list[dict]] = {}
         for work in batch:
             if work.table is not None:
                 rows.setdefault(work.table, []).append(work.row)
         for table, group in rows.items():
             for same_columns in _by_columns(group):
-                session.execute(insert(table), same_columns)
-        return [work.fn(session) if work.fn is not None else None for work in batch]
+                conn.execute(insert(table), same_columns)
+        return [work.fn(conn) if work.fn is not None else None for work in batch]
 
 
 def _by_columns(rows: list[dict]) -> list[list[dict]]:

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, url_for
-from sqlalchemy import and_, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from hub import crypto, keys, logs, metrics, pipeline, ratelimit, redact, signatures, storable
@@ -607,7 +607,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     rows = [row_of(attempt) for attempt in attempts]
     ended = update(Event.__table__).where(Event.id == event_id).values(**ending)
 
-    def write(shared: Session) -> None:
+    def write(shared: Connection) -> None:
         if rows:
             shared.execute(insert(Attempt.__table__), rows)
         shared.execute(ended)

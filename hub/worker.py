@@ -321,7 +321,7 @@ class Worker:
             .where(Event.id == event.id, Event.lease_owner == self.name)
             .values(**values)
         )
-        return self.commits.run(lambda session: session.execute(statement).rowcount)
+        return self.commits.run(lambda conn: conn.execute(statement).rowcount)
 
     def release(self, event_ids: set[str]) -> None:
         """Hand leases back (a stopping worker): the events are due again at once."""

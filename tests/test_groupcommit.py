@@ -135,17 +135,26 @@ def test_an_unreachable_database_fails_every_caller_of_the_batch_at_once(db):
     connects = []
     event.listen(down.engine, "do_connect", lambda *args: connects.append(1))
     committer = GroupCommitter(down)
-    works = [lambda: committer.insert(Event.__table__, row_of(new_event())) for _ in range(4)]
-    # The held first batch writes nothing, so it never connects.
-    threads, release, outcomes = start_batch_behind_a_blocked_one(down, committer, works)
+    committer._writing = True  # as if a batch were being written: the four queue behind it
+    outcomes: dict[int, object] = {}
+
+    def insert(index):
+        try:
+            committer.insert(Event.__table__, row_of(new_event()))
+        except Exception as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=insert, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
     wait_queued(committer, 4)
-    release.set()
+    committer._write_next()  # that batch ends: the four are the next one
     for thread in threads:
         thread.join(20)
 
     assert all(isinstance(outcomes[i], exc.OperationalError) for i in range(4))
     # One try for the batch of four: no caller waits for a try of its own.
-    assert (committer.batches, len(connects)) == (2, 1)
+    assert (committer.batches, committer.pieces, len(connects)) == (1, 4, 1)
     down.dispose()
 
 
