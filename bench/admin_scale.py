@@ -113,11 +113,9 @@ def measure(client, headers, query: dict, repeat: int) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.95) - 1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=40)
-    args = parser.parse_args()
+def scale_app():
+    """The hub on a fresh, migrated database (HUB_BENCH_DATABASE_URL, or a SQLite file in a
+    temporary directory): (app, the directory to clean up or None)."""
     url = os.environ.get("HUB_BENCH_DATABASE_URL")
     tmp = None
     if url:
@@ -126,12 +124,21 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         url = f"sqlite:///{Path(tmp.name) / 'hub.db'}"
     app = create_app({"DATABASE_URL": url, "SECRET_KEY": "bench" * 8, "EMBEDDED_WORKER": False})
+    upgrade(app.extensions["hub.db"])
+    return app, tmp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=40)
+    args = parser.parse_args()
+    app, tmp = scale_app()
     db = app.extensions["hub.db"]
-    upgrade(db)
     seconds = fill(db, args.events)
     print(f"{db.dialect}: {args.events:,} events filled in {seconds:.1f} s")
     with db.session() as session:
-        _, key = create_key(session, "bench", ["admin"])
+        _, key = create_key(session, "bench", admin=True)
     headers = {"X-API-Key": key}
     client = app.test_client()
     first = client.get("/admin/api/events", query_string={"limit": 50}, headers=headers)

@@ -19,17 +19,14 @@ import platform
 import random
 import re
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from bench.admin_scale import ROUTES, fill
-from bench.common import fresh_postgres, write_section
-from hub import create_app
-from hub.db import Database, upgrade
+from bench.admin_scale import ROUTES, fill, scale_app
+from bench.common import write_section
+from hub.db import Database
 from hub.keys import create_key
 from hub.models import Attempt, Event, new_event_id
 from hub.routes import save_routes
@@ -140,16 +137,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--no-write", action="store_true", help="don't update RESULTS.md")
     args = parser.parse_args()
-    url = os.environ.get("HUB_BENCH_DATABASE_URL")
-    tmp = None
-    if url:
-        url = fresh_postgres(url)
-    else:
-        tmp = tempfile.TemporaryDirectory()
-        url = f"sqlite:///{Path(tmp.name) / 'hub.db'}"
-    app = create_app({"DATABASE_URL": url, "SECRET_KEY": "bench" * 8, "EMBEDDED_WORKER": False})
+    app, tmp = scale_app()
     db = app.extensions["hub.db"]
-    upgrade(db)
     seconds = fill(db, args.events)
     add_burst(db, args.burst)
     total = args.events + args.burst + 2000
