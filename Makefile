@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format clean bench
+.PHONY: run test lint format clean bench screenshots
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
+
+# The README's dashboard screenshots, taken by the browser tests (Debian's chromium).
+screenshots: $(STAMP)
+	HUB_TEST_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest tests/test_dashboard_browser.py
 
 format: $(STAMP)
 	$(BIN)/ruff format .

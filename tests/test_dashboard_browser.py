@@ -2,11 +2,14 @@
 the hub under real gunicorn with its embedded worker, delivering to a real local receiver.
 
 No browser is downloaded: Playwright launches /usr/bin/chromium. Where it is missing these
-tests skip and say so. The run saves the README's screenshots to docs/screenshots/.
+tests skip and say so. The run takes the README's screenshots; `make screenshots`
+(HUB_TEST_SCREENSHOTS=docs/screenshots) keeps them in docs/screenshots/, any other run in a
+temporary folder, so a test run leaves the checkout as it found it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -32,7 +35,17 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the screenshots go: HUB_TEST_SCREENSHOTS (relative to the checkout), or a
+    temporary folder."""
+    wanted = os.environ.get("HUB_TEST_SCREENSHOTS")
+    folder = ROOT / wanted if wanted else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 VIEWPORT = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
 WAIT_MS = 10_000
@@ -187,7 +200,7 @@ def no_violations(console: list[str]) -> None:
     assert not console, console
 
 
-def test_sign_in_refuses_other_keys_then_opens_the_overview(hub, page, console):
+def test_sign_in_refuses_other_keys_then_opens_the_overview(hub, page, console, screenshots):
     page.goto(hub.url("/"))
     expect(page).to_have_url(re.compile(r"/dashboard/sign-in"))
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
@@ -213,8 +226,7 @@ def test_sign_in_refuses_other_keys_then_opens_the_overview(hub, page, console):
     expect(page.locator(".reasons")).to_contain_text("bad_signature")
     billing = page.locator("article.card", has=page.get_by_role("link", name="billing"))
     assert billing.locator("rect").count() >= 12  # an hour of bars
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "overview.png"), full_page=True)
     # It refreshes on its own: a new delivery shows up without a reload.
     hub.post("orders", {"note": "one more", "order": {"id": 99}})
     expect(card.locator("figcaption")).to_contain_text("delivered 5", timeout=15_000)
@@ -241,7 +253,7 @@ def test_events_list_and_its_live_tail(hub, page, console):
     no_violations(console)
 
 
-def test_event_detail_replay_shows_the_new_attempt(hub, page, console):
+def test_event_detail_replay_shows_the_new_attempt(hub, page, console, screenshots):
     sent = hub.post("orders", {"note": "replay me", "order": {"id": 500}}).json()["id"]
     hub.receiver.wait_for(1)
     page.goto(hub.url("/dashboard/events"))
@@ -254,7 +266,7 @@ def test_event_detail_replay_shows_the_new_attempt(hub, page, console):
     expect(attempts).to_have_count(2)  # text, then http
     expect(attempts.nth(1)).to_contain_text("HTTP 200")
     expect(page.locator("#body")).to_contain_text('"note": "replay me"')
-    page.screenshot(path=str(SCREENSHOTS / "event.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "event.png"), full_page=True)
 
     page.get_by_role("button", name="Replay").click()
     expect(page.get_by_role("status").first).to_contain_text("queued again")
@@ -264,7 +276,7 @@ def test_event_detail_replay_shows_the_new_attempt(hub, page, console):
     no_violations(console)
 
 
-def test_a_route_with_a_bad_config_shows_the_field_error(hub, page, console):
+def test_a_route_with_a_bad_config_shows_the_field_error(hub, page, console, screenshots):
     page.goto(hub.url("/dashboard/routes"))
     page.get_by_role("link", name="New route").click()
     page.get_by_label("Name").fill("refunds")
@@ -286,7 +298,7 @@ def test_a_route_with_a_bad_config_shows_the_field_error(hub, page, console):
     expect(page.locator("#pipeline li")).to_have_count(2)
     expect(page.locator("#pipeline")).to_contain_text("[redacted]")
     expect(page.locator("#pipeline")).not_to_contain_text("not-for-screens")
-    page.screenshot(path=str(SCREENSHOTS / "route.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "route.png"), full_page=True)
     no_violations(console)
 
 
