@@ -122,9 +122,7 @@ class Worker:
         self._lock = threading.Lock()
         # Commits shared with this process's other delivery threads (and its web requests).
         self.commits: GroupCommitter = app.extensions["hub.commits"]
-        # Events claimed for the delivery threads and not yet started, with when they were
-        # claimed; a thread asking for work while another claims queues up behind it, and
-        # the claim takes one event for each thread asking.
+        # Ids of the events claimed for the delivery threads and not yet started (next_event).
         self._ready: collections.deque[str] = collections.deque()
         # Each event this worker claimed and has not yet started: its row as claimed, and
         # time.monotonic() of the claim.
