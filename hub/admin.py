@@ -376,6 +376,7 @@ def filters(query: m.EventFilters) -> event_store.Filters:
         key_prefix=query.key,
         since=query.since,
         until=query.until,
+        request_id=query.request_id,
     )
 
 

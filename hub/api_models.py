@@ -270,12 +270,17 @@ class EventFilters(Strict):
     key: str | None = Field(None, max_length=16, description="A key prefix")
     since: TimeBound | None = Field(None, description="Received at or after: ISO time or age")
     until: TimeBound | None = Field(None, description="Received before: ISO time or age")
+    request_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The X-Request-ID of the request that brought the event",
+    )
     cursor: str | None = Field(None, max_length=200, description="next_cursor of a prior page")
 
     def given(self) -> bool:
-        return any(
-            getattr(self, f) is not None for f in ("route", "status", "reason", "key", "since")
-        ) or (self.until is not None)
+        fields = ("route", "status", "reason", "key", "since", "until", "request_id")
+        return any(getattr(self, f) is not None for f in fields)
 
 
 class EventQuery(EventFilters):

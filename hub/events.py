@@ -48,8 +48,16 @@ NEVER_ACCEPTED = ("rejected", "duplicate")
 FINISHED = ("delivered", "failed", "dead", "filtered", "duplicate", "rejected")
 
 
-def matching(query: Select, route: str | None, status: str | None, since: datetime | None):
-    """``query`` narrowed to a route, a status and a start time, where given."""
+def matching(
+    query: Select,
+    route: str | None,
+    status: str | None,
+    since: datetime | None,
+    request_id: str | None = None,
+):
+    """``query`` narrowed to a route, a status, a start time and a request id, where given."""
+    if request_id:
+        query = query.where(Event.request_id == request_id)
     if route:
         query = query.where(Event.route == route)
     if status:
@@ -65,10 +73,11 @@ def find(
     route: str | None = None,
     status: str | None = None,
     since: datetime | None = None,
+    request_id: str | None = None,
     limit: int = 50,
 ) -> list[Event]:
     query = select(Event).order_by(Event.received_at.desc(), Event.id.desc()).limit(limit)
-    return list(session.scalars(matching(query, route, status, since)))
+    return list(session.scalars(matching(query, route, status, since, request_id)))
 
 
 def not_in_flight(now: datetime):
@@ -207,9 +216,10 @@ class Filters:
     key_prefix: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    request_id: str | None = None
 
     def apply(self, query: Select) -> Select:
-        query = matching(query, self.route, self.status, self.since)
+        query = matching(query, self.route, self.status, self.since, self.request_id)
         if self.reason:
             query = query.where(Event.reason == self.reason)
         if self.key_prefix:

@@ -1,5 +1,5 @@
-"""The four tables the hub is made of (api_keys, routes, events, attempts), and the
-shared rate-limit counters."""
+"""The four tables the hub is made of (api_keys, routes, events, attempts), the shared
+rate-limit counters, and the dashboard's sign-ins."""
 
 from __future__ import annotations
 
@@ -199,6 +199,8 @@ class Event(Base):
         Index("ix_events_route_received_at_id", "route", "received_at", "id"),
         Index("ix_events_status_received_at_id", "status", "received_at", "id"),
         Index("ix_events_key_prefix_received_at_id", "key_prefix", "received_at", "id"),
+        # Finding what one request brought, by the X-Request-ID a sender or a log line shows.
+        Index("ix_events_request_id", "request_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
@@ -308,6 +310,21 @@ class Attempt(Base):
             "request": self.request,
             "response": self.response,
         }
+
+
+class DashboardSession(Base):
+    """One sign-in to the dashboard. The cookie carries the session's id, signed; this row is
+    what makes signing out (or an admin ending every session of a key) final: a copy of the
+    cookie kept from before is worth nothing once ``ended_at`` is set."""
+
+    __tablename__ = "dashboard_sessions"
+
+    # SHA-256 of the random id in the cookie: the table alone opens no session.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_prefix: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    ended_at: Mapped[datetime | None]
 
 
 class RateCounter(Base):

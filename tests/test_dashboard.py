@@ -15,7 +15,7 @@ from hub import create_app
 from hub import keys as key_store
 from hub.config import SettingsError
 from hub.dashboard import session as dash_session
-from hub.models import ApiKey, Event, Route, new_event_id, utcnow
+from hub.models import ApiKey, DashboardSession, Event, Route, new_event_id, utcnow
 
 HOME = "/dashboard/"
 PAGES = [
@@ -209,23 +209,54 @@ def test_revoking_the_admin_key_ends_its_sessions(signed_in, admin_key, db):
     assert poll.status_code == 401
 
 
-def test_a_session_ends_at_its_lifetime(app, client, admin_key):
-    prefix = admin_key.split("_")[1]
-    lifetime = app.config["DASHBOARD_SESSION_SECONDS"]
+def session_cookie(client) -> str:
+    return client.get_cookie(dash_session.COOKIE, path="/dashboard/").value
 
-    def cookie_signed_in_at(when: int) -> str:
-        data = {"csrf": "t" * 43, "prefix": prefix, "digest": key_store.digest(admin_key)}
+
+def test_sign_out_ends_every_copy_of_the_session(signed_in, app, db):
+    kept = session_cookie(signed_in)  # as a stolen or backed-up cookie would be
+    assert signed_in.get(HOME).status_code == 200
+    signed_in.post("/dashboard/sign-out", data={"csrf_token": token(signed_in, HOME)})
+    with db.session() as session:
+        rows = session.query(DashboardSession).all()
+    assert len(rows) == 1 and rows[0].ended_at is not None
+    assert kept not in str(rows[0].id)  # the table keeps a digest, not the id
+    signed_in.set_cookie(dash_session.COOKIE, kept, path="/dashboard/")
+    answer = signed_in.get(HOME)
+    assert answer.status_code == 302 and "sign-in" in answer.location
+    assert "session has ended" in signed_in.get(answer.location).get_data(as_text=True)
+
+
+def test_signing_in_again_replaces_the_session(signed_in, admin_key, db):
+    first = session_cookie(signed_in)
+    tok = token(signed_in, HOME)
+    signed_in.post("/dashboard/sign-in", data={"key": admin_key, "csrf_token": tok})
+    assert signed_in.get(HOME).status_code == 200
+    with db.session() as session:
+        ended = [r.ended_at is not None for r in session.query(DashboardSession)]
+    assert sorted(ended) == [False, True]
+    signed_in.set_cookie(dash_session.COOKIE, first, path="/dashboard/")
+    assert signed_in.get(HOME).status_code == 302
+
+
+def test_a_session_ends_at_its_lifetime(app, signed_in):
+    lifetime = app.config["DASHBOARD_SESSION_SECONDS"]
+    with app.test_request_context():
+        data = dash_session._serializer().loads(session_cookie(signed_in))
+
+    def signed_in_at(when: int) -> str:
         with app.test_request_context():
             return dash_session._serializer().dumps({**data, "since": when})
 
-    fresh = cookie_signed_in_at(int(time.time()) - lifetime + 60)
-    client.set_cookie(dash_session.COOKIE, fresh, path="/dashboard/")
-    assert client.get(HOME).status_code == 200
-    stale = cookie_signed_in_at(int(time.time()) - lifetime - 1)
-    client.set_cookie(dash_session.COOKIE, stale, path="/dashboard/")
-    answer = client.get(HOME)
+    signed_in.set_cookie(
+        dash_session.COOKIE, signed_in_at(int(time.time()) - lifetime + 60), path="/dashboard/"
+    )
+    assert signed_in.get(HOME).status_code == 200
+    stale = signed_in_at(int(time.time()) - lifetime - 1)
+    signed_in.set_cookie(dash_session.COOKIE, stale, path="/dashboard/")
+    answer = signed_in.get(HOME)
     assert answer.status_code == 302
-    assert "session expired" in client.get(answer.location).get_data(as_text=True)
+    assert "session expired" in signed_in.get(answer.location).get_data(as_text=True)
 
 
 def test_a_forged_cookie_is_ignored(client, admin_key):
@@ -489,7 +520,7 @@ def test_event_detail_shows_headers_body_and_attempts_and_replays(
     assert sent.status_code == 200, sent.get_json()
     event_id = sent.get_json()["id"]
     html = signed_in.get(f"/dashboard/events/{event_id}").get_data(as_text=True)
-    assert "<dt>Request id</dt><dd><code>req-7.from_shop</code></dd>" in html  # logs' key
+    assert '<dt>Request id</dt><dd><a href="/dashboard/events?request_id=req-7.from_shop"' in html
     assert '"order": {\n    "id": 7,' in html.replace("&#34;", '"')  # pretty-printed JSON
     assert "x-api-key" in html and key not in html  # the stored, redacted headers
     attempt = re.search(r'<li class="attempt outcome-ok">(.*?)</li>', html, re.S).group(1)
@@ -665,6 +696,22 @@ def test_keys_are_created_shown_once_and_revoked(signed_in, add_route):
     assert "revoked" in row and "Revoke</button>" not in row
     refused = signed_in.post("/hooks/orders", json={}, headers={"X-API-Key": key})
     assert refused.status_code == 401
+
+
+def test_a_key_form_sent_again_makes_no_second_key(signed_in, db):
+    html = signed_in.get("/dashboard/keys").get_data(as_text=True)
+    form_id = re.search(r'name="form_id" value="([^"]+)"', html).group(1)
+    form = {"name": "ci", "csrf_token": token(signed_in, HOME), "form_id": form_id}
+    assert signed_in.post("/dashboard/keys", data=form).status_code == 201
+    again = signed_in.post("/dashboard/keys", data=form)  # the browser's reload
+    assert again.status_code == 303
+    page = signed_in.get(again.location).get_data(as_text=True)
+    assert "already sent" in page and "new-key" not in page
+    with db.session() as session:
+        assert session.query(ApiKey).filter_by(name="ci").count() == 1
+    # The page after a key was made carries a new form: the next key is made.
+    fresh = re.search(r'name="form_id" value="([^"]+)"', page).group(1)
+    assert signed_in.post("/dashboard/keys", data={**form, "form_id": fresh}).status_code == 201
 
 
 def test_the_connectors_page_lists_each_connector_and_its_fields(signed_in, app):

@@ -197,6 +197,43 @@ def test_a_sane_request_id_is_kept_answered_and_stored(client, db, key, add_rout
     assert "X-Request-ID" in client.get("/health").headers
 
 
+def test_an_event_is_found_by_its_request_id(client, runner, db, make_key, add_route):
+    """The id in a sender's report or a log line finds its event in the API, CLI and dashboard."""
+    add_route("orders")
+    key, admin = make_key(), {"X-API-Key": make_key(admin=True)}
+    sent = {}
+    for rid in ("order-7f3a", "order-7f3b", "order-7f3a0"):
+        answer = client.post(
+            "/hooks/orders", json={"rid": rid}, headers={"X-API-Key": key, "X-Request-ID": rid}
+        )
+        sent[rid] = answer.get_json()["id"]
+    page = client.get("/admin/api/events?request_id=order-7f3a", headers=admin).get_json()
+    assert [e["id"] for e in page["events"]] == [sent["order-7f3a"]]
+    assert page["events"][0]["request_id"] == "order-7f3a"
+    long_id = {"request_id": "x" * 201}
+    too_long = client.get("/admin/api/events", query_string=long_id, headers=admin)
+    assert too_long.status_code == 422 and "request_id" in too_long.get_data(as_text=True)
+
+    listed = runner.invoke(args=["events", "list", "--request-id", "order-7f3b", "--json"])
+    assert [e["id"] for e in json.loads(listed.output)] == [sent["order-7f3b"]]
+
+    client.post(
+        "/dashboard/sign-in",
+        data={
+            "key": admin["X-API-Key"],
+            "csrf_token": re.search(
+                r'name="csrf-token" content="([^"]+)"',
+                client.get("/dashboard/sign-in").get_data(as_text=True),
+            ).group(1),
+        },
+    )
+    html = client.get("/dashboard/events?request_id=order-7f3a0").get_data(as_text=True)
+    assert sent["order-7f3a0"] in html
+    assert sent["order-7f3a"] not in html and sent["order-7f3b"] not in html
+    detail = client.get(f"/dashboard/events/{sent['order-7f3b']}").get_data(as_text=True)
+    assert "/dashboard/events?request_id=order-7f3b" in detail
+
+
 def test_every_answer_carries_a_request_id_refusals_and_errors_too(app, client, db, key, add_route):
     app.config["MAX_BODY_BYTES"] = 10
     add_route("orders")

@@ -1,25 +1,31 @@
 """Who is signed in to the dashboard: a signed session cookie, CSRF tokens, and the
 security headers every dashboard answer carries.
 
-The cookie holds the admin key's prefix and SHA-256 digest (never its secret), when the
-admin signed in, a CSRF token and any messages for the next page, signed with the app's
-secret key. Every request checks the key again through the key cache, so revoking it ends
-its sessions (in this process at once, in others within HUB_KEY_CACHE_SECONDS); the session
-also ends HUB_DASHBOARD_SESSION_SECONDS after sign-in, or at sign-out.
+The cookie holds a random session id, the admin key's prefix and SHA-256 digest (never its
+secret), when the admin signed in, a CSRF token and any messages for the next page, signed
+with the app's secret key. Each sign-in is a row of dashboard_sessions (keyed by the id's
+digest), and every request checks both the row and the key (through the key cache): signing
+out ends the row, so a copy of the cookie kept from before opens nothing; revoking the key
+ends its sessions (in this process at once, in others within HUB_KEY_CACHE_SECONDS); a
+session also ends HUB_DASHBOARD_SESSION_SECONDS after sign-in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
+from datetime import timedelta
 from typing import Any
 
 from flask import current_app, g, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import delete, update
 
 from hub import keys as key_store
 from hub.db import get_session
+from hub.models import DashboardSession, utcnow
 
 COOKIE = "hub_dashboard"
 SALT = "hub.dashboard.session"
@@ -63,13 +69,18 @@ def load() -> None:
         g.dash["csrf"] = secrets.token_urlsafe(32)
         g.dash_changed = True
     prefix, digest, since = g.dash.get("prefix"), g.dash.get("digest"), g.dash.get("since")
-    if not (isinstance(prefix, str) and isinstance(digest, str) and isinstance(since, int)):
+    sid = g.dash.get("sid")
+    if not all(isinstance(v, str) for v in (prefix, digest, sid)) or not isinstance(since, int):
         return
     if time.time() - since > lifetime():
         sign_out("Your session expired; sign in again.")
         return
     session = get_session()
     try:
+        row = session.get(DashboardSession, sid_digest(sid))
+        if row is None or row.ended_at is not None or row.key_prefix != prefix:
+            sign_out("Your session has ended; sign in again.")
+            return
         info = key_store.authenticate_digest(
             session, prefix, digest, current_app.extensions["hub.keys"]
         )
@@ -86,10 +97,30 @@ def load() -> None:
     g.admin = info
 
 
+def sid_digest(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
 def sign_in(info: key_store.KeyInfo, presented: str) -> None:
-    """A fresh session (a new CSRF token too: nothing from before sign-in carries over)."""
+    """A fresh session (a new CSRF token too: nothing from before sign-in carries over),
+    recorded as a row; rows of sessions past their lifetime are cleared on the way."""
+    end_row(g.dash.get("sid"))  # a sign-in over a session replaces it
+    sid = secrets.token_urlsafe(32)
+    now = utcnow()
+    session = get_session()
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at < now))
+    session.add(
+        DashboardSession(
+            id=sid_digest(sid),
+            key_prefix=info.prefix,
+            created_at=now,
+            expires_at=now + timedelta(seconds=lifetime()),
+        )
+    )
+    session.commit()
     g.dash = {
         "csrf": secrets.token_urlsafe(32),
+        "sid": sid,
         "prefix": info.prefix,
         "digest": key_store.digest(presented.strip()),
         "since": int(time.time()),
@@ -98,7 +129,21 @@ def sign_in(info: key_store.KeyInfo, presented: str) -> None:
     g.admin = info
 
 
+def end_row(sid: Any) -> None:
+    if not isinstance(sid, str):
+        return
+    session = get_session()
+    session.execute(
+        update(DashboardSession)
+        .where(DashboardSession.id == sid_digest(sid), DashboardSession.ended_at.is_(None))
+        .values(ended_at=utcnow())
+    )
+    session.commit()
+
+
 def sign_out(message: str | None = None) -> None:
+    """End this session: its row first (every copy of the cookie with it), then the cookie."""
+    end_row(g.dash.get("sid"))
     g.dash = {"csrf": secrets.token_urlsafe(32)}
     g.dash_changed = True
     g.admin = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,6 +52,7 @@ TAIL_MAX = 50  # new events one live-tail poll adds
 MAX_ROUTES = 200  # routes listed
 MAX_CARDS = 60  # routes charted on the overview, the busiest first
 MAX_KEYS = 500  # keys listed, newest first
+MADE_FORMS = 10  # key forms a session remembers having sent, against a resend
 MAX_ATTEMPTS = 200  # attempts shown on an event's page, newest
 SHOW_BYTES = 256 * 1024  # of a body or result shown on an event's page
 QUEUE_CAP = 10_000  # queued events counted before the overview says "more than"
@@ -60,7 +62,7 @@ SEARCH_WINDOW = 5_000
 BUCKETS = 12  # slices of the overview's hour
 TOP_REASONS = 5
 OPEN_ENDPOINTS = ("dashboard.sign_in", "dashboard.static")
-FILTER_FIELDS = ("route", "status", "reason", "key", "since", "until", "q")
+FILTER_FIELDS = ("route", "status", "reason", "key", "since", "until", "request_id", "q")
 
 
 # --- every request: the session, CSRF, the sign-in wall, the headers ---
@@ -740,6 +742,18 @@ def keys():
     created = None
     status = 200
     if request.method == "POST":
+        # A form is sent once: a browser's reload (or a double click) sends it again, and
+        # would make a second key whose secret nobody copied.
+        form_id = request.form.get("form_id", "")[:64]
+        made = g.dash.get("made")
+        made = made if isinstance(made, list) else []
+        for sent, prefix in made:
+            if form_id and sent == form_id:
+                dash.flash(
+                    f"That form was already sent: key {prefix} was made from it, and its "
+                    "secret was shown then. Revoke it if the secret was not copied."
+                )
+                return redirect(url_for("dashboard.keys"), 303)
         values = {k: request.form.get(k, "").strip() for k in values}
         body = {
             "name": values["name"],
@@ -765,6 +779,9 @@ def keys():
                 admin=key_in.admin,
             )
             session.commit()
+            if form_id:
+                g.dash["made"] = [*made, [form_id, row.prefix]][-MADE_FORMS:]
+                g.dash_changed = True
             created = {"prefix": row.prefix, "name": row.name, "secret": secret}
             values = {k: "" for k in values}
             status = 201
@@ -772,6 +789,7 @@ def keys():
     return page(
         "dashboard/keys.html",
         status,
+        form_id=secrets.token_urlsafe(16),
         keys=rows,
         more=more,
         values=values,
