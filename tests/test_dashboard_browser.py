@@ -369,9 +369,15 @@ def test_pages_fit_a_phone(hub, browser, console):
 
 def test_signing_out_ends_the_session(hub, page, console):
     page.goto(hub.url("/dashboard/"))
+    kept = page.context.cookies()  # a copy of the session cookie, taken while signed in
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(hub.url("/dashboard/sign-in"))
     expect(page.get_by_role("status").first).to_contain_text("signed out")
     page.goto(hub.url("/dashboard/events"))
     expect(page).to_have_url(re.compile(r"/dashboard/sign-in\?next="))
+    # Put back, the copy opens nothing: the session ended on the server, not only here.
+    page.context.add_cookies(kept)
+    page.goto(hub.url("/dashboard/events"))
+    expect(page).to_have_url(re.compile(r"/dashboard/sign-in\?next="))
+    expect(page.get_by_role("status").first).to_contain_text("session has ended")
     no_violations(console)
