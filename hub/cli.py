@@ -484,7 +484,7 @@ def _since(value: str | None):
 @click.option("--route", help="Only this route.")
 @click.option("--status", type=click.Choice(event_store.STATUSES), help="Only this status.")
 @click.option("--since", help="Received after an ISO time or within an age such as 2h.")
-@click.option("--request-id", help="Only the event of this X-Request-ID (from a log or an answer).")
+@click.option("--request-id", help="Only events this X-Request-ID brought (from a log, an answer).")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def events_list(route, status, since, request_id, limit, as_json) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from hub import ratelimit
 from hub.cache import TTLCache
-from hub.models import ApiKey, utcnow
+from hub.models import ApiKey, DashboardSession, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 ALL_ROUTES = "*"
@@ -140,9 +140,16 @@ def get(session: Session, prefix: str) -> ApiKey | None:
 
 
 def revoke(session: Session, prefix: str) -> ApiKey | None:
+    """Revoke a key, and end its dashboard sessions with it: every process sees that at
+    once, where a cached verification of the key itself lasts HUB_KEY_CACHE_SECONDS."""
     row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
+        session.execute(
+            update(DashboardSession)
+            .where(DashboardSession.key_prefix == row.prefix, DashboardSession.ended_at.is_(None))
+            .values(ended_at=row.revoked_at)
+        )
     return row
 
 

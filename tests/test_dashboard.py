@@ -209,6 +209,20 @@ def test_revoking_the_admin_key_ends_its_sessions(signed_in, admin_key, db):
     assert poll.status_code == 401
 
 
+def test_revoking_the_key_elsewhere_ends_its_sessions_at_once(app, admin_key, db):
+    """Another process revokes the key: this one's cached verification of it (here kept
+    five minutes) does not keep the session open."""
+    cached = other_app(app, KEY_CACHE_SECONDS=300)
+    browser = cached.test_client()
+    assert sign_in(browser, admin_key).status_code == 303
+    assert browser.get(HOME).status_code == 200
+    with db.session() as session:  # as `keys revoke` or the admin API would, elsewhere
+        key_store.revoke(session, admin_key.split("_")[1])
+    answer = browser.get(HOME)
+    assert answer.status_code == 302 and "sign-in" in answer.location
+    cached.extensions["hub.db"].dispose()
+
+
 def session_cookie(client) -> str:
     return client.get_cookie(dash_session.COOKIE, path="/dashboard/").value
 

@@ -6,8 +6,8 @@ secret), when the admin signed in, a CSRF token and any messages for the next pa
 with the app's secret key. Each sign-in is a row of dashboard_sessions (keyed by the id's
 digest), and every request checks both the row and the key (through the key cache): signing
 out ends the row, so a copy of the cookie kept from before opens nothing; revoking the key
-ends its sessions (in this process at once, in others within HUB_KEY_CACHE_SECONDS); a
-session also ends HUB_DASHBOARD_SESSION_SECONDS after sign-in.
+ends its rows too, so its sessions end at once in every process; a session also ends
+HUB_DASHBOARD_SESSION_SECONDS after sign-in.
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def load() -> None:
         return
     session = get_session()
     try:
+        info = key_store.authenticate_digest(
+            session, prefix, digest, current_app.extensions["hub.keys"]
+        )
         row = session.get(DashboardSession, sid_digest(sid))
         if row is None or row.ended_at is not None or row.key_prefix != prefix:
             sign_out("Your session has ended; sign in again.")
             return
-        info = key_store.authenticate_digest(
-            session, prefix, digest, current_app.extensions["hub.keys"]
-        )
     except key_store.KeyRefused as exc:
         why = {"revoked": "was revoked", "expired": "has expired"}.get(exc.code, "is unknown")
         sign_out(f"Your admin key {why}: you were signed out.")

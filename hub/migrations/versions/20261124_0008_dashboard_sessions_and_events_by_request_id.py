@@ -2,7 +2,7 @@
 
 A dashboard session was only a signed cookie: signing out dropped it from the browser, but a
 copy taken before stayed good until it expired. Each sign-in is now a row, and signing out
-ends it for every copy. Events get an index on request_id, so the id a sender or a log line
+(or revoking the key, through key_prefix) ends it for every copy. Events get an index on request_id, so the id a sender or a log line
 shows finds its event at once.
 
 Revision ID: 0008
@@ -38,7 +38,6 @@ def upgrade() -> None:
 
     with op.batch_alter_table('events', schema=None) as batch_op:
         batch_op.create_index('ix_events_request_id', ['request_id'], unique=False)
-
 
 
 def downgrade() -> None:
