@@ -263,15 +263,25 @@ def run_drain(hub: Hub, name: str, route: str, workers: int, workdir: Path, peak
     pending = (Event.route == route, Event.status == "pending")
     total = hub.count(*pending)
     procs = []
-    started = time.monotonic()
+    started = datetime.now(UTC)
     for i in range(workers):
         log = workdir / f"{slug(name)}-{i}.log"
         procs.append(worker(hub.url, log, concurrency=4, HUB_EMBEDDED_WORKER="false"))
         peak.watch(f"{name} #{i + 1}", procs[-1].pid)
-    undone = (Event.route == route, Event.status.in_(("pending", "processing", "retrying")))
-    while hub.count(*undone) and time.monotonic() - started < 600:
-        time.sleep(0.02)
-    seconds = time.monotonic() - started
+    # Waiting costs the database little: one undone row looked for along the status index
+    # (every event undone is this drain's, one drain running at a time), where counting the
+    # route's rows took 4 ms of PostgreSQL's CPU at 13,000 events, 50 times a second, beside
+    # the workers measured. The end is the last delivery's own time.
+    undone = select(Event.id).where(Event.status.in_(("pending", "processing", "retrying")))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        with hub.db.session() as session:
+            if session.scalar(undone.limit(1)) is None:
+                break
+        time.sleep(0.05)
+    with hub.db.session() as session:
+        finished = session.scalar(select(func.max(Event.completed_at)).where(*pending[:1]))
+    seconds = ((finished or datetime.now(UTC)) - started).total_seconds()
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for i, proc in enumerate(procs):

@@ -17,7 +17,7 @@ caller of the batch at once (they answer 503), without trying each one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, insert, inspect
@@ -31,12 +31,13 @@ MAX_BATCH = 64
 
 
 class _Work:
-    __slots__ = ("done", "error", "fn", "lead", "result", "row", "table")
+    __slots__ = ("done", "error", "fn", "lead", "result", "rows")
 
-    def __init__(self, fn: Callable[[Connection], Any] | None, table: Table | None, row: dict):
+    def __init__(
+        self, fn: Callable[[Connection], Any] | None, rows: Iterable[tuple[Table, dict]] = ()
+    ):
         self.fn = fn
-        self.table = table
-        self.row = row
+        self.rows = tuple(rows)  # read again if the batch is written a second time
         self.done = threading.Event()
         self.lead = False  # woken to write the next batch, not because its work is done
         self.result: Any = None
@@ -60,17 +61,18 @@ class GroupCommitter:
         self.batches = 0  # batches written, and pieces of work in them (for benchmarks)
         self.pieces = 0
 
-    def run(self, fn: Callable[[Connection], T]) -> T:
+    def run(self, fn: Callable[[Connection], T], inserts: Iterable[tuple[Table, dict]] = ()) -> T:
         """Run ``fn(conn)`` in a transaction shared with other threads' work (``conn`` is a
-        Core connection: statements, no ORM); its result once committed. ``fn`` may run twice
-        (the second time alone, if the shared transaction failed), so it must only write
-        through the connection it is given."""
-        return self._submit(_Work(fn, None, {}))
+        Core connection: statements, no ORM); its result once committed. ``inserts``, rows
+        as ``(table, row)``, are written in the same transaction before ``fn`` runs, beside
+        the batch's other rows. ``fn`` may run twice (the second time alone, if the shared
+        transaction failed), so it must only write through the connection it is given."""
+        return self._submit(_Work(fn, inserts))
 
     def insert(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` into ``table``, committed when this returns; rows of one batch go
         to the database as one multi-row INSERT."""
-        self._submit(_Work(None, table, row))
+        self._submit(_Work(None, [(table, row)]))
 
     def _submit(self, work: _Work) -> Any:
         with self._lock:
@@ -133,8 +135,8 @@ class GroupCommitter:
     def _apply(conn: Connection, batch: list[_Work]) -> list[Any]:
         rows: dict[Table, list[dict]] = {}
         for work in batch:
-            if work.table is not None:
-                rows.setdefault(work.table, []).append(work.row)
+            for table, row in work.rows:
+                rows.setdefault(table, []).append(row)
         for table, group in rows.items():
             for same_columns in _by_columns(group):
                 conn.execute(insert(table), same_columns)

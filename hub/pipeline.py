@@ -192,6 +192,7 @@ def run(
     *,
     payload: Any = None,
     record: Callable[[Attempt], None],
+    before_call: Callable[[], None] | None = None,
     deadline: float | None = None,
     tries: int = DEFAULT_TRIES,
     copy_bytes: int = 4096,
@@ -200,7 +201,9 @@ def run(
     template_limits: TemplateLimits = TemplateLimits(),
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> Outcome:
-    """Run every step of ``route`` for ``event``; ``record`` receives each attempt row."""
+    """Run every step of ``route`` for ``event``; ``record`` receives each attempt row, and
+    ``before_call``, where given, is called before each connector call (the worker writes the
+    rows of the calls before it there: each call is on record before the next one starts)."""
     if payload is None:
         try:
             payload = decode_payload(event.body or b"", event.content_type, max_depth)
@@ -228,6 +231,7 @@ def run(
             current=current,
             outputs=outputs,
             record=record,
+            before_call=before_call,
             deadline=deadline,
             tries=tries,
             copy_bytes=copy_bytes,
@@ -255,6 +259,7 @@ def _run_step(
     current: Any,
     outputs: list[Any],
     record: Callable[[Attempt], None],
+    before_call: Callable[[], None] | None,
     deadline: float | None,
     tries: int,
     copy_bytes: int,
@@ -329,6 +334,8 @@ def _run_step(
                     deadline=deadline,
                     max_response_bytes=max_response_bytes,
                 )
+                if before_call is not None:
+                    before_call()
                 started, t0 = utcnow(), time.monotonic()
                 try:
                     try:

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -243,10 +244,19 @@ class Worker:
             deaths = pipeline.Outcome(pipeline.RETRYABLE, error=event.last_error or LEASE_EXPIRED)
             return self._finish(event, route.retry_schedule, deaths)
 
+        # Each call is on record before the next call starts, or with the run's outcome: a
+        # crash later keeps the log of it. Written then rather than at once, the last call's
+        # row shares its commit with the outcome (one commit a delivery, not two), and each
+        # commit is shared with the other threads' writes of the moment.
+        unwritten: list[dict[str, Any]] = []
+
         def record(row: Attempt) -> None:
-            # Each call is committed as it happens (a crash later keeps the log of it), in
-            # a commit shared with the other threads' writes of the moment.
-            self.commits.insert(Attempt.__table__, row_of(row))
+            unwritten.append(row_of(row))
+
+        def before_call() -> None:
+            while unwritten:
+                self.commits.insert(Attempt.__table__, unwritten[0])
+                del unwritten[0]
 
         # Stop starting new tries well before the lease runs out, so no other worker
         # can claim the event while this one is still delivering it.
@@ -257,6 +267,7 @@ class Worker:
                 route,
                 self.registry,
                 record=record,
+                before_call=before_call,
                 deadline=deadline,
                 tries=int(self.app.config["STEP_TRIES"]),
                 copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
@@ -268,15 +279,23 @@ class Worker:
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
             log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
-        return self._finish(event, route.retry_schedule, outcome)
+        return self._finish(event, route.retry_schedule, outcome, unwritten)
 
-    def _finish(self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome) -> str:
-        """Write how the run ended. An outcome that can't be written is a failed attempt: the
-        event follows the retry schedule to ``dead`` (if even that write fails, the lease
-        runs out and the next claim counts against the schedule)."""
+    def _finish(
+        self,
+        event: Event,
+        schedule: list[int] | None,
+        outcome: pipeline.Outcome,
+        attempts: Sequence[dict[str, Any]] = (),
+    ) -> str:
+        """Write how the run ended, with the rows of its calls not yet written. An outcome
+        that can't be written is a failed attempt: the event follows the retry schedule to
+        ``dead``, its calls still on record; a call's row that can't be written is one too,
+        and only then is the row left out. If even that write fails, the lease runs out and
+        the next claim counts against the schedule."""
         try:
             values = self._ending(event, schedule, outcome)
-            changed = self._write_ending(event, values)
+            changed = self._write_ending(event, values, attempts)
         except Exception as exc:
             log.error("event %s: outcome not recorded (%s)", event.id, type(exc).__name__)
             unrecorded = pipeline.Outcome(
@@ -284,7 +303,17 @@ class Worker:
                 error=f"the outcome could not be recorded ({type(exc).__name__})",
             )
             values = self._ending(event, schedule, unrecorded)
-            changed = self._write_ending(event, values)
+            try:
+                changed = self._write_ending(event, values, attempts)
+            except Exception as again:
+                if not attempts:
+                    raise
+                log.error("event %s: a call not recorded (%s)", event.id, type(again).__name__)
+                unstorable = pipeline.Outcome(
+                    pipeline.RETRYABLE, error=f"hub error: {type(again).__name__}"
+                )
+                values = self._ending(event, schedule, unstorable)
+                changed = self._write_ending(event, values)
         if not changed:
             log.warning("event %s: lease lost before the outcome was written", event.id)
             return "lease_lost"
@@ -313,13 +342,18 @@ class Worker:
             )
         return values
 
-    def _write_ending(self, event: Event, values: dict[str, Any]) -> int:
+    def _write_ending(
+        self, event: Event, values: dict[str, Any], attempts: Sequence[dict[str, Any]] = ()
+    ) -> int:
         statement = (
             update(Event.__table__)
             .where(Event.id == event.id, Event.lease_owner == self.name)
             .values(**values)
         )
-        return self.commits.run(lambda conn: conn.execute(statement).rowcount)
+        return self.commits.run(
+            lambda conn: conn.execute(statement).rowcount,
+            [(Attempt.__table__, row) for row in attempts],
+        )
 
     def release(self, event_ids: set[str]) -> None:
         """Hand leases back (a stopping worker): the events are due again at once."""

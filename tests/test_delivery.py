@@ -18,6 +18,7 @@ from hub.models import Attempt, Event, utcnow
 from hub.worker import Worker
 from tests.conftest import PG_URL
 from tests.rows import event_row
+from tests.servers import Reply
 
 
 class Script(BaseModel):
@@ -120,6 +121,36 @@ def test_async_route_answers_202_after_commit_and_a_worker_delivers(
     assert [a["outcome"] for a in shown["attempt_log"]] == ["ok"]
     admin = make_key(admin=True, name="admin")
     assert client.get(f"/events/{body['id']}", headers={"X-API-Key": admin}).status_code == 200
+
+
+def test_each_call_is_on_record_before_the_next_starts_and_the_last_with_the_outcome(
+    client, db, key, add_route, worker, receiver
+):
+    """A delivery's calls are written before the next call starts; the last one shares the
+    outcome's commit, so a one-step delivery costs one commit."""
+    forward = {"connector": "http", "config": {"url": receiver.url + "/in"}}
+    add_route("two", [{"connector": "text"}, forward], mode="async")
+    receiver.script(Reply(200, {"ok": True}, delay=1.0))
+    event_id = client.post("/hooks/two", json={"input": "x"}, headers={"X-API-Key": key}).json["id"]
+    delivering = threading.Thread(target=worker.run_once)
+    delivering.start()
+    receiver.wait_for(1)  # the second call has started; its answer is a second away
+    assert [(a.step_index, a.outcome) for a in attempt_rows(db, event_id)] == [(0, "ok")]
+    assert event_row(db, event_id).status == "processing"
+    delivering.join(10)
+    assert [(a.step_index, a.outcome) for a in attempt_rows(db, event_id)] == [
+        (0, "ok"),
+        (1, "ok"),
+    ]
+    assert event_row(db, event_id).status == "delivered"
+
+    add_route("one", [{"connector": "text"}], mode="async")
+    one = client.post("/hooks/one", json={"input": "x"}, headers={"X-API-Key": key}).json["id"]
+    before = worker.commits.batches
+    assert worker.run_once() == 1
+    assert worker.commits.batches - before == 1  # the call's row and the outcome together
+    assert [a.outcome for a in attempt_rows(db, one)] == ["ok"]
+    assert event_row(db, one).status == "delivered"
 
 
 def test_seed_process_in_async_mode_answers_like_a_celery_task(client, key, add_route, worker):

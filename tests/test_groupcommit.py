@@ -125,6 +125,35 @@ def test_a_result_comes_back_to_its_caller(db):
         assert session.get(Event, event.id).status == "delivered"
 
 
+def test_rows_given_with_work_are_written_with_it_or_not_at_all(db):
+    """``run(fn, inserts)``: the rows and the work commit together; when the work fails,
+    its rows are not written, and rows of other callers in the batch still are."""
+    committer = GroupCommitter(db)
+    with_work, with_failing_work, alone = new_event(), new_event(), new_event()
+
+    def count(conn):
+        return conn.scalar(select(func.count()).select_from(Event.__table__))
+
+    def fail(conn):
+        raise ValueError("the work failed")
+
+    works = [
+        lambda: committer.run(count, [(Event.__table__, row_of(with_work))]),
+        lambda: committer.run(fail, [(Event.__table__, row_of(with_failing_work))]),
+        lambda: committer.insert(Event.__table__, row_of(alone)),
+    ]
+    threads, release, outcomes = start_batch_behind_a_blocked_one(db, committer, works)
+    wait_queued(committer, 3)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert isinstance(outcomes[1], ValueError)
+    assert outcomes[0] >= 1  # the work saw its own row, written before it ran
+    assert stored(db, with_work.id) and stored(db, alone.id)
+    assert not stored(db, with_failing_work.id)
+
+
 def test_an_unreachable_database_fails_every_caller_of_the_batch_at_once(db):
     if db.dialect != "postgresql":
         pytest.skip("a server that is down: PostgreSQL's case (SQLite is a file)")
