@@ -209,6 +209,28 @@ def test_revoking_the_admin_key_ends_its_sessions(signed_in, admin_key, db):
     assert poll.status_code == 401
 
 
+def test_sign_out_everywhere_ends_every_session_of_the_key_and_keeps_the_key(
+    app, client, admin_key, make_key
+):
+    other_admin = make_key(admin=True, name="other admin")
+    browsers = [app.test_client() for _ in range(2)]
+    for browser in (client, *browsers):
+        assert sign_in(browser, admin_key).status_code == 303
+    bystander = app.test_client()
+    assert sign_in(bystander, other_admin).status_code == 303
+    page = client.get("/dashboard/keys").get_data(as_text=True)
+    assert "in 3 sessions, this one included" in page
+    answer = client.post("/dashboard/sign-out-everywhere", data={"csrf_token": token(client, HOME)})
+    assert answer.status_code == 303 and answer.location == "/dashboard/sign-in"
+    assert "Every session of key" in client.get(answer.location).get_data(as_text=True)
+    for browser in (client, *browsers):
+        assert browser.get(HOME).status_code == 302
+    assert bystander.get(HOME).status_code == 200  # another key's session stays
+    assert sign_in(client, admin_key).status_code == 303  # the key itself still works
+    assert client.get(HOME).status_code == 200
+    assert client.post("/dashboard/sign-out-everywhere").status_code == 403  # CSRF
+
+
 def test_revoking_the_key_elsewhere_ends_its_sessions_at_once(app, admin_key, db):
     """Another process revokes the key: this one's cached verification of it (here kept
     five minutes) does not keep the session open."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from flask import current_app, g, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import delete, update
+from sqlalchemy import delete, func, select, update
 
 from hub import keys as key_store
 from hub.db import get_session
@@ -139,6 +139,32 @@ def end_row(sid: Any) -> None:
         .values(ended_at=utcnow())
     )
     session.commit()
+
+
+def open_sessions(prefix: str) -> int:
+    """Sessions of the key ``prefix`` still open (this one among them)."""
+    return int(
+        get_session().scalar(
+            select(func.count()).where(
+                DashboardSession.key_prefix == prefix,
+                DashboardSession.ended_at.is_(None),
+                DashboardSession.expires_at > utcnow(),
+            )
+        )
+        or 0
+    )
+
+
+def end_every_session(prefix: str) -> int:
+    """End every open session of the key ``prefix``, in every browser; how many."""
+    session = get_session()
+    ended = session.execute(
+        update(DashboardSession)
+        .where(DashboardSession.key_prefix == prefix, DashboardSession.ended_at.is_(None))
+        .values(ended_at=utcnow())
+    ).rowcount
+    session.commit()
+    return int(ended or 0)
 
 
 def sign_out(message: str | None = None) -> None:

@@ -236,6 +236,17 @@ def sign_out():
     return redirect(url_for("dashboard.sign_in"), 303)
 
 
+@bp.post("/sign-out-everywhere")
+def sign_out_everywhere():
+    """End every session of the signed-in key (a browser left signed in elsewhere, a copied
+    cookie), without revoking the key."""
+    prefix = g.admin.prefix
+    ended = dash.end_every_session(prefix)
+    log.info("dashboard: admin key %s signed out everywhere (%d sessions)", prefix, ended)
+    dash.sign_out(f"Every session of key {prefix} has ended ({ended}); sign in again here.")
+    return redirect(url_for("dashboard.sign_in"), 303)
+
+
 # --- overview ---
 
 
@@ -790,6 +801,7 @@ def keys():
         "dashboard/keys.html",
         status,
         form_id=secrets.token_urlsafe(16),
+        sessions=dash.open_sessions(g.admin.prefix),
         keys=rows,
         more=more,
         values=values,
