@@ -145,12 +145,18 @@ def revoke(session: Session, prefix: str) -> ApiKey | None:
     row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
-        session.execute(
-            update(DashboardSession)
-            .where(DashboardSession.key_prefix == row.prefix, DashboardSession.ended_at.is_(None))
-            .values(ended_at=row.revoked_at)
-        )
+        end_dashboard_sessions(session, row.prefix)
     return row
+
+
+def end_dashboard_sessions(session: Session, prefix: str) -> int:
+    """End every open dashboard session of the key ``prefix``; how many (uncommitted)."""
+    ended = session.execute(
+        update(DashboardSession)
+        .where(DashboardSession.key_prefix == prefix, DashboardSession.ended_at.is_(None))
+        .values(ended_at=utcnow())
+    ).rowcount
+    return int(ended or 0)
 
 
 class KeyCache(TTLCache[KeyInfo]):

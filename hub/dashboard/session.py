@@ -158,13 +158,9 @@ def open_sessions(prefix: str) -> int:
 def end_every_session(prefix: str) -> int:
     """End every open session of the key ``prefix``, in every browser; how many."""
     session = get_session()
-    ended = session.execute(
-        update(DashboardSession)
-        .where(DashboardSession.key_prefix == prefix, DashboardSession.ended_at.is_(None))
-        .values(ended_at=utcnow())
-    ).rowcount
+    ended = key_store.end_dashboard_sessions(session, prefix)
     session.commit()
-    return int(ended or 0)
+    return ended
 
 
 def sign_out(message: str | None = None) -> None:
