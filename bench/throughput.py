@@ -280,7 +280,7 @@ def run_drain(hub: Hub, name: str, route: str, workers: int, workdir: Path, peak
                 break
         time.sleep(0.05)
     with hub.db.session() as session:
-        finished = session.scalar(select(func.max(Event.completed_at)).where(*pending[:1]))
+        finished = session.scalar(select(func.max(Event.completed_at)).where(Event.route == route))
     seconds = ((finished or datetime.now(UTC)) - started).total_seconds()
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
