@@ -17,7 +17,9 @@ _hub = load_settings()
 bind = f"{_hub.host}:{_hub.port}"
 workers = _hub.web_workers
 threads = _hub.web_threads
-worker_class = "gthread"
+# gunicorn's gthread worker whose own refusals (400, 414, 431 ...) are the hub's JSON
+# (hub/web_worker.py).
+worker_class = "hub.web_worker.JsonRefusalWorker"
 timeout = 60
 graceful_timeout = 30
 # An idle kept-alive connection waits in the worker's poller, not on a thread; short all

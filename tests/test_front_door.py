@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
 import threading
@@ -333,3 +334,99 @@ def test_nginx_limits_each_address_and_answers_as_the_hub(front_door, make_key):
     )
     assert accepted.status_code == 202
     assert accepted.json()["status_url"].startswith(f"{door.front}/events/evt_")
+
+
+def raw_exchange(port: int, request: bytes, tls: ssl.SSLContext | None = None) -> bytes:
+    """Send ``request`` as is on a new connection and read the answer until the server closes
+    it (or 5 s pass): what a client sees, byte for byte."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+    answer = b""
+    with sock:
+        sock.sendall(request)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def json_refusal(answer: bytes) -> tuple[int, dict]:
+    """(status, body) of an answer that must be the hub's JSON refusal, whole."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    content_type = {k.lower(): v for k, v in headers.items()}["content-type"]
+    assert content_type == "application/json", answer
+    length = int({k.lower(): v for k, v in headers.items()}["content-length"])
+    document = json.loads(body[:length])
+    assert set(document) == {"error", "code"} and document["error"] and document["code"], answer
+    return status, document
+
+
+HOST = b"Host: 127.0.0.1\r\nConnection: close\r\n"
+# Malformed requests, each with the status it must get from gunicorn itself and through nginx.
+MALFORMED = {
+    "a garbage request line": (b"GARBAGE / HTTP/1.1 x\r\n" + HOST + b"\r\n", 400, 400),
+    "a request line over the limits": (
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + HOST + b"\r\n",
+        414,
+        414,
+    ),
+    "a header field over the limits": (
+        b"GET /health HTTP/1.1\r\n" + HOST + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        431,
+        400,
+    ),
+    "too many header fields": (
+        b"GET /health HTTP/1.1\r\n"
+        + HOST
+        + b"".join(b"X-F%d: " % i + b"v" * 700 + b"\r\n" for i in range(70))
+        + b"\r\n",
+        431,
+        400,
+    ),
+    "Content-Length with Transfer-Encoding": (
+        b"POST /hooks/steady HTTP/1.1\r\n"
+        + HOST
+        + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        400,
+    ),
+    "two different Content-Lengths": (
+        b"POST /hooks/steady HTTP/1.1\r\n" + HOST + b"Content-Length: 2\r\nContent-Length: 3\r\n"
+        b"\r\n{}x",
+        400,
+        400,
+    ),
+    "a folded header": (b"GET /health HTTP/1.1\r\n" + HOST + b"X-A: b\r\n  c\r\n\r\n", 400, 400),
+    "a bad chunk size": (
+        b"POST /hooks/steady HTTP/1.1\r\n" + HOST + b"X-API-Key: KEY\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+        b"zz\r\n{}\r\n0\r\n\r\n",
+        400,
+        400,
+    ),
+}
+
+
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_malformed_requests_are_refused_in_the_hubs_json_by_gunicorn_and_by_nginx(front_door):
+    door = front_door
+    seen = {}
+    for name, (request, direct_status, front_status) in MALFORMED.items():
+        request = request.replace(b"KEY", door.key.encode())
+        for face, port, tls, expected in (
+            ("gunicorn", door.gunicorn_port, None, direct_status),
+            ("nginx", door.listen, door.tls, front_status),
+        ):
+            status, body = json_refusal(raw_exchange(port, request, tls))
+            assert status == expected, (face, name, status, body)
+            seen[face, name] = body["code"]
+    assert seen["gunicorn", "a request line over the limits"] == "uri_too_long"
+    assert seen["gunicorn", "too many header fields"] == "headers_too_large"
+    # Plain HTTP on nginx's TLS port: its 497, answered as a 400 in JSON too.
+    plain = raw_exchange(door.listen, b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n")
+    status, body = json_refusal(plain)
+    assert status == 400 and body["code"] == "bad_request"
