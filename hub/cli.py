@@ -11,6 +11,7 @@ commands that make a state hold (`db upgrade`, `init`, `routes apply`) exit 0 wh
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -658,9 +659,11 @@ def worker_command(concurrency: int, once: bool) -> None:
         signal.signal(sig, lambda *_: stop.set())
     worker.start(concurrency)
     metrics.process_started("worker")
-    click.echo(f"worker {worker.name} delivering with {concurrency} thread(s)", err=True)
+    # Log lines, not echoes: in JSON mode each is one object like every other line.
+    log = logging.getLogger("hub.worker")
+    log.info("worker %s delivering with %d thread(s)", worker.name, concurrency)
     stop.wait()
-    click.echo("stopping: finishing in-flight deliveries", err=True)
+    log.info("stopping: finishing in-flight deliveries")
     worker.stop()
     metrics.process_died(os.getpid())
 

@@ -21,6 +21,8 @@ import contextvars
 import json
 import logging
 import re
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -165,17 +167,59 @@ def current_request_id() -> str:
     return g.hub_request_id
 
 
+def route_process_logs(kind: str) -> None:
+    """Every line this process writes through Python goes out in ``kind``, once per process.
+
+    One handler on the root logger: the hub's lines (INFO and up) and every library's
+    warnings and errors (psycopg's "error ignored terminating ...", three lines of libpq's
+    message in one record, was written raw to stderr by logging's last-resort handler
+    during a database cut). Python warnings, an exception no thread caught and an
+    exception Python could only ignore (``__del__``) become records too, with their type
+    only, as the JSON formatter keeps every record. gunicorn's own loggers keep their
+    handlers (gunicorn.conf.py formats them the same way). What C code writes to file
+    descriptor 2 itself is not seen here: psycopg takes libpq's notices, so none is known.
+    """
+    root = logging.getLogger()
+    if any(getattr(handler, "hub_process_handler", False) for handler in root.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(kind))
+    handler.hub_process_handler = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    logging.getLogger("hub").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
+
+
+_crash_log = logging.getLogger("hub.crash")
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    _crash_log.error(
+        "thread %s ended on %s", name, args.exc_type.__name__, exc_info=_exc_info(args)
+    )
+
+
+def _log_unraisable(args: Any) -> None:
+    _crash_log.warning("exception ignored (%s)", args.exc_type.__name__, exc_info=_exc_info(args))
+
+
+def _exc_info(args: Any) -> tuple:
+    return (args.exc_type, args.exc_value, args.exc_traceback)
+
+
 def init_app(app: Flask) -> None:
-    """The ``hub`` logger writes to stderr once per process (tests keep pytest's capture),
-    and every request gets an id, answered on every response, error or not."""
+    """Log lines go to stderr in the chosen format (see ``route_process_logs``; tests keep
+    pytest's capture), and every request gets an id, answered on every response, error or
+    not."""
     kind = choose_format(app.config.get("LOG_FORMAT"), app.config.get("ENV"))
     app.config["LOG_FORMAT"] = kind
-    logger = logging.getLogger("hub")
-    if not logger.handlers and not app.testing:
-        handler = logging.StreamHandler()
-        handler.setFormatter(formatter(kind))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    if not app.testing:
+        route_process_logs(kind)
 
     @app.before_request
     def take_request_id() -> None:

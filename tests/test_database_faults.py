@@ -3,6 +3,7 @@ webhooks again on its own when it returns, and nothing that was acknowledged is 
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -248,7 +249,13 @@ def test_database_cut_under_load_answers_503_and_loses_no_acknowledged_event(
     url = make_url(database_url_for_test)
     # Short leases: an event whose outcome could not be written during the cut is claimed
     # again within the test, by the embedded workers or the separate one.
-    env = {"HUB_LEASE_SECONDS": "3", "HUB_DB_RETRY_AFTER": "7", "HUB_DB_CONNECT_TIMEOUT": "2"}
+    # JSON logs: every line either process writes during the faults must be one object.
+    env = {
+        "HUB_LEASE_SECONDS": "3",
+        "HUB_DB_RETRY_AFTER": "7",
+        "HUB_DB_CONNECT_TIMEOUT": "2",
+        "HUB_LOG_FORMAT": "json",
+    }
     with TcpProxy(url.host, url.port) as proxy:
         via_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
         separate = worker(via_proxy, tmp_path / "worker.log", concurrency=2, **env)
@@ -308,3 +315,12 @@ def test_database_cut_under_load_answers_503_and_loses_no_acknowledged_event(
         log = (tmp_path / name).read_text()
         assert "Traceback" not in log, log[-3000:]
         assert "SELECT" not in log and "INSERT" not in log and "UPDATE" not in log
+        not_json = [line for line in log.splitlines() if not is_json_object(line)]
+        assert not_json == [], f"{name}: {not_json[:5]}"
+
+
+def is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False

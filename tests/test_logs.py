@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import socket
+import subprocess
 import sys
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from hub.config import SettingsError
 from hub.connectors import Connector, EmptyConfig
 from hub.logs import EscapingFormatter, JsonFormatter, bound, choose_format, escape_controls
 from hub.worker import Worker
-from tests.procs import gunicorn, wait_until
+from tests.procs import ROOT, gunicorn, hub_env, wait_until
 from tests.rows import event_row, events
 
 
@@ -405,3 +406,50 @@ def test_a_connectors_own_lines_say_which_request_and_event(
     ]
     assert all(line["logger"] == "hub.connector.chatty" for line in said)
     assert all(line["key_prefix"] == key.split("_")[1] for line in said)
+
+
+THIRD_PARTY_NOISE = """
+import logging, threading, warnings
+from hub import create_app
+
+app = create_app()
+logging.getLogger("psycopg").warning(
+    "error ignored terminating <psycopg.Pipeline [BAD]>: server closed the connection\\n"
+    "\\tThis probably means the server terminated abnormally"
+)
+logging.getLogger("sqlalchemy.pool.impl.QueuePool").error("Exception during reset")
+warnings.warn("a library's warning", DeprecationWarning, stacklevel=1)
+thread = threading.Thread(target=lambda: 1 / 0, name="delivery-1")
+thread.start()
+thread.join()
+class Leaky:
+    def __del__(self):
+        raise RuntimeError("in __del__")
+Leaky()
+"""
+
+
+def test_in_json_mode_every_stderr_line_of_a_process_is_one_json_object(tmp_path):
+    """What libraries log (psycopg's warning of a dropped connection spans three lines), a
+    Python warning, a thread that died and an exception Python could only ignore: each is
+    one JSON object on stderr, never a raw line or a traceback."""
+    database = f"sqlite:///{tmp_path / 'hub.db'}"
+    env = hub_env(database, HUB_LOG_FORMAT="json", PYTHONWARNINGS="always")
+    done = subprocess.run(
+        [sys.executable, "-c", THIRD_PARTY_NOISE],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]  # each line parses
+    assert all(isinstance(record, dict) for record in records)
+    by_logger = {record["logger"]: record for record in records}
+    assert "terminated abnormally" in by_logger["psycopg"]["message"]
+    assert by_logger["sqlalchemy.pool.impl.QueuePool"]["level"] == "ERROR"
+    assert "a library's warning" in by_logger["py.warnings"]["message"]
+    crashes = [record for record in records if record["logger"] == "hub.crash"]
+    assert {record.get("exc_type") for record in crashes} == {"ZeroDivisionError", "RuntimeError"}
+    assert "Traceback" not in done.stderr
