@@ -6,6 +6,11 @@ whole before passing it on: a gthread worker gives a connection a thread from it
 byte, so 8 clients sending a byte a second would otherwise hold all 2 x 4 threads.
 """
 
+import errno
+import os
+import socket
+import sys
+
 from gunicorn.glogging import Logger
 
 from hub.config import load_settings
@@ -92,13 +97,42 @@ logger_class = EscapingLogger
 
 
 def on_starting(server):
-    """Build the app once in the master: a configuration error (production without
-    HUB_SECRET_KEY) stops gunicorn with its message instead of failing every worker. Then
-    the metrics directory (HUB_METRICS_DIR, or instance/metrics): made, emptied of the files
-    of this host's processes no longer running, and named to the workers forked from here."""
+    """Check that the address is free, and build the app once in the master: a
+    configuration error (production without HUB_SECRET_KEY) stops gunicorn with its
+    message instead of failing every worker. Then the metrics directory (HUB_METRICS_DIR,
+    or instance/metrics): made, emptied of the files of this host's processes no longer
+    running, and named to the workers forked from here."""
     from hub import create_app, metrics
 
+    refuse_an_address_in_use(server)
     metrics.prepare_directory(create_app())
+
+
+def refuse_an_address_in_use(server):
+    """A second hub on the same port stops at once with what to change. gunicorn itself
+    would try five times a second apart and then say only "Can't connect"."""
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS") or server.cfg.reuse_port:
+        return  # sockets handed over (a re-exec, systemd), or shared on purpose
+    for address in server.cfg.address:
+        if not isinstance(address, tuple):
+            continue  # a unix socket: gunicorn reports its own problems
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue
+                host, port = address[:2]
+                server.log.error(
+                    "%s:%s is already in use (is the hub already running?): stop what listens "
+                    "there, or set HUB_PORT to another port (HUB_HOST for the address; "
+                    "gunicorn's --bind overrides both)",
+                    host,
+                    port,
+                )
+                sys.exit(1)
 
 
 def post_worker_init(worker):

@@ -28,7 +28,16 @@ from hub import ratelimit, scaffold
 from hub import routes as route_store
 from hub.connectors import Registry, config_fields
 from hub.crypto import SecretBox, SecretsUnreadable
-from hub.db import Database, get_db, is_unavailable, upgrade
+from hub.db import (
+    SCHEMA_OUTDATED,
+    Database,
+    current_revision,
+    get_db,
+    head_revision,
+    is_schema_outdated,
+    is_unavailable,
+    upgrade,
+)
 from hub.models import Event, utcnow
 from hub.signatures import SCHEMES
 from hub.worker import notify
@@ -53,6 +62,8 @@ class ScriptSafeCommand(click.Command):
                     f"the database is unavailable ({type(exc).__name__}); check "
                     "HUB_DATABASE_URL and that the server is up"
                 )
+            if is_schema_outdated(exc, get_db()):
+                fail(SCHEMA_OUTDATED)
             fail(f"the command failed ({type(exc).__name__})")
 
 
@@ -216,6 +227,20 @@ def keys_revoke(prefix: str) -> None:
 # --- routes ---
 
 
+def _seconds_list(_ctx, param: click.Parameter, value: str | None) -> list[int] | None:
+    """``30,120,600`` as whole seconds; a usage error naming the option and the bad value."""
+    if value is None:
+        return None
+    parts = [part.strip() for part in value.split(",")]
+    for part in parts:
+        if not part.isdigit():
+            raise click.BadParameter(
+                f"{part!r} is not a whole number of seconds; give a comma list such as 30,120,600",
+                param=param,
+            )
+    return [int(part) for part in parts]
+
+
 @routes_cli.command("add")
 @click.argument("name")
 @click.option("--mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
@@ -224,7 +249,9 @@ def keys_revoke(prefix: str) -> None:
 @click.option("--description")
 @click.option("--dedup-path", help="Dotted path of an id in the body, e.g. id.")
 @click.option("--dedup-window", type=int, help="Seconds a duplicate is remembered.")
-@click.option("--retry-schedule", help="Comma list of seconds, e.g. 30,120,600.")
+@click.option(
+    "--retry-schedule", callback=_seconds_list, help="Comma list of seconds, e.g. 30,120,600."
+)
 @click.option(
     "--auth",
     type=click.Choice(route_store.AUTH_MODES),
@@ -261,7 +288,7 @@ def routes_add(
     try:
         data = {"name": name, "mode": mode, "steps": [route_store.parse_step(s) for s in steps]}
         if retry_schedule:
-            data["retry_schedule"] = [int(v) for v in retry_schedule.split(",")]
+            data["retry_schedule"] = retry_schedule
         if scheme:
             data["verify"] = {
                 "scheme": scheme,
@@ -645,6 +672,9 @@ def worker_command(concurrency: int, once: bool) -> None:
     from hub.worker import Worker
 
     app = current_app._get_current_object()
+    # A worker on a database it can't use would log the same failure forever: say so, once.
+    if current_revision(get_db()) != head_revision(get_db()):
+        fail(SCHEMA_OUTDATED)
     # Counts go where the web processes' /metrics adds them up (HUB_METRICS_DIR).
     metrics.use(metrics.directory_for(app))
     worker = Worker(app)

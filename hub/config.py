@@ -93,11 +93,24 @@ def _rate(value: object) -> str:
     return normalise(value.strip())
 
 
+# The databases the hub runs on, with the drivers it ships (None: the URL names none).
+DATABASE_DRIVERS = {"sqlite": (None, "pysqlite"), "postgresql": (None, "psycopg")}
+
+
 def _database_url(value: str | None) -> str | None:
     if value is not None:
         from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
-        make_url(value)  # ArgumentError (a ValueError) when it does not parse
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("not a database URL") from None
+        backend = "postgresql" if url.drivername == "postgres" else url.get_backend_name()
+        driver = None if "+" not in url.drivername else url.get_driver_name()
+        if driver not in DATABASE_DRIVERS.get(backend, ()):
+            # Said before any connection: otherwise a missing driver module is the error.
+            raise ValueError(f"{url.drivername}:// is not supported")
     return value
 
 
@@ -136,7 +149,11 @@ DatabaseUrl = Annotated[
     BeforeValidator(_unset_when_empty),
     AfterValidator(_database_url),
     Secret(),
-    Expects("a SQLAlchemy URL such as postgresql://user@host/db"),
+    Expects(
+        "a SQLite or PostgreSQL URL (the two databases the hub supports): "
+        "sqlite:////absolute/path/hub.db, or postgresql://user:password@host:5432/db "
+        "(postgres:// and postgresql+psycopg:// also)"
+    ),
 ]
 RedisUrl = Annotated[
     str | None,

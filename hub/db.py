@@ -153,3 +153,43 @@ def current_revision(db: Database) -> str | None:
 
     with db.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+# --- a database the migrations have not reached ---
+
+#: What an admin runs when the schema is behind the code; every face says it.
+UPGRADE_COMMAND = "flask --app hub db upgrade"
+SCHEMA_OUTDATED = f"The database schema is not up to date: run `{UPGRADE_COMMAND}`"
+# SQLite's words, and PostgreSQL's SQLSTATEs (undefined_table, undefined_column), for a
+# statement naming a table or column the database lacks.
+_SQLITE_MISSING = ("no such table", "no such column", "has no column named")
+_PG_MISSING = {"42P01", "42703"}
+
+
+def is_schema_outdated(error: BaseException, db: Database) -> bool:
+    """True when ``error`` is a table or column missing because ``db`` was never migrated or
+    is behind: a new install whose admin skipped `db upgrade`, or an upgrade of the code
+    without it. A 503 naming the command, not a 500: nothing is wrong with the request.
+
+    A missing table in a migrated database is a bug of the hub's and stays a 500, so the
+    schema's revision is read to tell the two apart: one more query, on this error only.
+    """
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if isinstance(error.orig, sqlite3.Error):
+        message = str(error.orig).lower()
+        if not any(words in message for words in _SQLITE_MISSING):
+            return False
+    elif getattr(error.orig, "sqlstate", None) not in _PG_MISSING:
+        return False
+    try:
+        return current_revision(db) != head_revision(db)
+    except Exception:  # unreachable now: the first error is the one to report
+        return False
+
+
+def end_request_session() -> None:
+    """End the request's session now rather than at teardown: an error handler about to
+    query (``is_schema_outdated``) must not wait 30 s behind the SQLite write lock that
+    the failed request's own transaction still holds."""
+    _close_session(None)

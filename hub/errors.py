@@ -7,7 +7,13 @@ import logging
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
-from hub.db import is_unavailable
+from hub.db import (
+    SCHEMA_OUTDATED,
+    end_request_session,
+    get_db,
+    is_schema_outdated,
+    is_unavailable,
+)
 
 log = logging.getLogger("hub.errors")
 
@@ -61,6 +67,14 @@ def database_unavailable():
     return response, status
 
 
+def schema_outdated(message: str = SCHEMA_OUTDATED):
+    """503 naming the upgrade command: the hub can't work on this database until an admin
+    migrates it; the sender should send again later (Retry-After), nothing was taken."""
+    response, status = error_response(503, message, "schema_outdated")
+    response.headers["Retry-After"] = str(int(current_app.config["DB_RETRY_AFTER"]))
+    return response, status
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -69,11 +83,19 @@ def init_app(app: Flask) -> None:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response, status
 
-    @app.errorhandler(Exception)
-    def unhandled(exc: Exception):
-        # The type only: a message can carry SQL or a secret.
-        if is_unavailable(exc):
-            log.warning("database unavailable (%s): answered 503", type(exc).__name__)
-            return database_unavailable()
-        log.error("unhandled %s", type(exc).__name__)
-        return error_response(500)
+    app.errorhandler(Exception)(unhandled)
+
+
+def unhandled(exc: Exception):
+    """The answer to an exception no view handled: 503 when the database is unavailable or
+    not migrated (with what to do), else 500. Logged by its type only: a message can carry
+    SQL or a secret."""
+    if is_unavailable(exc):
+        log.warning("database unavailable (%s): answered 503", type(exc).__name__)
+        return database_unavailable()
+    end_request_session()
+    if is_schema_outdated(exc, get_db()):
+        log.error("database schema not up to date (%s): answered 503", type(exc).__name__)
+        return schema_outdated()
+    log.error("unhandled %s", type(exc).__name__)
+    return error_response(500)

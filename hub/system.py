@@ -11,8 +11,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
 from hub import keys, metrics
-from hub.db import current_revision, get_db, get_session, head_revision, is_unavailable
-from hub.errors import database_unavailable, error_response
+from hub.db import (
+    UPGRADE_COMMAND,
+    current_revision,
+    get_db,
+    get_session,
+    head_revision,
+    is_unavailable,
+)
+from hub.errors import database_unavailable, error_response, schema_outdated
 from hub.ingest import presented_key
 
 bp = Blueprint("system", __name__)
@@ -38,11 +45,9 @@ def ready():
         log.warning("readiness: database unreachable (%s)", type(exc).__name__)
         return database_unavailable()
     if current != head:
-        return error_response(
-            503,
+        return schema_outdated(
             f"Database schema is at {current or 'nothing'}, the hub needs {head}: "
-            "run `flask --app hub db upgrade`",
-            "schema_outdated",
+            f"run `{UPGRADE_COMMAND}`"
         )
     return jsonify({"status": "ready", "database": db.dialect, "schema": current}), 200
 

@@ -25,11 +25,12 @@ from flask import (
     url_for,
 )
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from hub import admin as admin_api
 from hub import api_models as m
+from hub import errors, ingest, ratelimit, redact, signatures
 from hub import events as event_store
-from hub import ingest, ratelimit, redact, signatures
 from hub import keys as key_store
 from hub import routes as route_store
 from hub.connectors import config_fields, describe_validation_error
@@ -836,6 +837,24 @@ def connectors():
 def unknown(rest: str):
     """Any other path under the prefix: the dashboard's own 404 page, behind the sign-in."""
     abort(404)
+
+
+@bp.errorhandler(SQLAlchemyError)
+def database_error(exc: SQLAlchemyError):
+    """The API's answer (503 with what to do when the database is down or not migrated, else
+    500), on a page of the dashboard's own; nothing of the signed-in state is read again."""
+    response, status = errors.unhandled(exc)
+    return (
+        render_template(
+            "dashboard/error.html",
+            admin=None,
+            flashes=[],
+            title="Unavailable" if status == 503 else "Server error",
+            message=response.json["error"],
+        ),
+        status,
+        {k: v for k, v in response.headers.items() if k == "Retry-After"},
+    )
 
 
 @bp.errorhandler(404)
