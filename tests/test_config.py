@@ -102,7 +102,7 @@ BAD = [
 ]
 # Values that may carry a password are named, never shown.
 BAD_SECRET = [
-    ("HUB_DATABASE_URL", "pg://user:hunter2@db:5432:9/x", "expected a SQLAlchemy URL"),
+    ("HUB_DATABASE_URL", "pg://user:hunter2@db:5432:9/x", "expected a SQLite or PostgreSQL URL"),
     ("HUB_REDIS_URL", "user:hunter2@cache:6379", "expected a Redis URL"),
 ]
 

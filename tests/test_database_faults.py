@@ -61,17 +61,6 @@ def test_unreachable_database_answers_503_with_retry_after(backend, tmp_path, ca
     assert "select" not in logged and "insert" not in logged and "traceback" not in logged
 
 
-def test_a_query_the_hub_got_wrong_is_still_a_500(tmp_path):
-    """Only unavailability is a 503: an unmigrated database is a fault to fix, not to retry."""
-    app = create_app(
-        {"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}", "SECRET_KEY": "x"}
-    )
-    answer = app.test_client().post("/hooks/orders", json={"id": 1})
-    assert answer.status_code == 500
-    assert answer.json["code"] == "internal_error"
-    assert "Retry-After" not in answer.headers
-
-
 @pytest.mark.slow
 def test_a_server_that_never_answers_is_a_503_after_the_connect_timeout(tmp_path):
     """A PostgreSQL host that takes the connection and then says nothing (a dead server
