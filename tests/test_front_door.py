@@ -430,3 +430,8 @@ def test_malformed_requests_are_refused_in_the_hubs_json_by_gunicorn_and_by_ngin
     plain = raw_exchange(door.listen, b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n")
     status, body = json_refusal(plain)
     assert status == 400 and body["code"] == "bad_request"
+    # The refusals' own paths are nginx's, not the sender's to ask for.
+    asked = raw_exchange(
+        door.listen, b"GET /.hub-refusal/400 HTTP/1.1\r\n" + HOST + b"\r\n", door.tls
+    )
+    assert json_refusal(asked) == (404, {"error": "Endpoint not found", "code": "not_found"})
