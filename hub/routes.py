@@ -97,7 +97,25 @@ class RouteSpec(BaseModel):
     def _positive(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and any(v <= 0 for v in value):
             raise ValueError("every retry delay must be a positive number of seconds")
+        if value is not None and any(v > _longest() for v in value):
+            raise ValueError("a retry delay can be at most 100 years")
         return value
+
+    @field_validator("dedup_window")
+    @classmethod
+    def _not_forever(cls, value: int) -> int:
+        # Past this a date computed from it overflows (a 20-digit window was a bare
+        # OverflowError from the CLI).
+        if value > _longest():
+            raise ValueError("a dedup window can be at most 100 years")
+        return value
+
+
+def _longest() -> int:
+    """The longest time the hub counts in (keys' lifetimes too): 100 years, in seconds."""
+    from hub.keys import MAX_DURATION_SECONDS
+
+    return MAX_DURATION_SECONDS
 
 
 def parse_step(text: str) -> dict[str, Any]:

@@ -197,3 +197,32 @@ def test_a_second_hub_on_a_taken_port_stops_at_once_naming_hub_port(tmp_path, sq
     assert "HUB_PORT" in done.stderr
     assert "Retrying" not in done.stderr and "Can't connect" not in done.stderr
     assert took < 30, took
+
+
+@pytest.mark.parametrize(
+    ("option", "field", "value"),
+    [
+        ("--dedup-window", "dedup_window", "99999999999999999999"),
+        ("--retry-schedule", "retry_schedule", "5,99999999999999999999"),
+    ],
+)
+def test_a_time_too_long_to_count_is_refused_with_a_sentence_by_cli_and_api(
+    runner, client, make_key, option, field, value
+):
+    result = runner.invoke(
+        args=["routes", "add", "orders", "--mode", "async", "--step", "text", option, value]
+    )
+    assert result.exit_code == 1, result.output
+    assert "at most 100 years" in result.stderr and "OverflowError" not in result.stderr
+    numbers = [int(v) for v in value.split(",")]
+    body = {
+        "name": "orders",
+        "mode": "async",
+        "steps": [{"connector": "text"}],
+        field: numbers if field == "retry_schedule" else numbers[0],
+    }
+    answer = client.post(
+        "/admin/api/routes", json=body, headers={"X-API-Key": make_key(admin=True)}
+    )
+    assert 400 <= answer.status_code < 500, answer.get_data(as_text=True)
+    assert "at most 100 years" in answer.get_data(as_text=True)
