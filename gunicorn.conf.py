@@ -101,11 +101,27 @@ def on_starting(server):
     configuration error (production without HUB_SECRET_KEY) stops gunicorn with its
     message instead of failing every worker. Then the metrics directory (HUB_METRICS_DIR,
     or instance/metrics): made, emptied of the files of this host's processes no longer
-    running, and named to the workers forked from here."""
+    running, and named to the workers forked from here. A database nobody migrated is
+    said at once too (requests that need it answer 503 until then)."""
     from hub import create_app, metrics
 
     refuse_an_address_in_use(server)
-    metrics.prepare_directory(create_app())
+    app = create_app()
+    metrics.prepare_directory(app)
+    say_when_the_schema_is_behind(server, app)
+
+
+def say_when_the_schema_is_behind(server, app):
+    from hub.db import SCHEMA_OUTDATED, current_revision, head_revision
+
+    db = app.extensions["hub.db"]
+    try:
+        behind = current_revision(db) != head_revision(db)
+    except Exception as exc:  # unreachable: requests say so with 503 database_unavailable
+        server.log.warning("database not checked at start (%s)", type(exc).__name__)
+        return
+    if behind:
+        server.log.error("%s; until then requests that need it are answered 503", SCHEMA_OUTDATED)
 
 
 def refuse_an_address_in_use(server):

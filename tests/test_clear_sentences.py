@@ -12,12 +12,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 from sqlalchemy import create_engine, text
 
 from hub import create_app
 from hub.config import SettingsError, load_settings
 from tests.conftest import BACKENDS, PG_URL
-from tests.procs import BIN, ROOT, hub_env
+from tests.procs import BIN, ROOT, gunicorn, hub_env
 from tests.schema_check import scratch_postgres
 from tests.test_dashboard import sign_in
 
@@ -175,6 +176,7 @@ def test_the_cli_on_a_mysql_url_says_what_it_supports_without_a_traceback(tmp_pa
     assert "hunter2" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_second_hub_on_a_taken_port_stops_at_once_naming_hub_port(tmp_path, sqlite_template):
     """gunicorn alone retried for 5 s and then said "Can't connect"."""
     database = tmp_path / "hub.db"
@@ -226,3 +228,17 @@ def test_a_time_too_long_to_count_is_refused_with_a_sentence_by_cli_and_api(
     )
     assert 400 <= answer.status_code < 500, answer.get_data(as_text=True)
     assert "at most 100 years" in answer.get_data(as_text=True)
+
+
+@pytest.mark.slow
+def test_gunicorn_on_an_unmigrated_database_says_so_at_start_and_answers_503(tmp_path):
+    log = tmp_path / "web.log"
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    with gunicorn(url, log, workers=1, HUB_EMBEDDED_WORKER="false") as (_, base):
+        answer = requests.post(f"{base}/hooks/orders", json={}, headers={"X-API-Key": KEY})
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+        assert answer.json() == {
+            "error": "The database schema is not up to date: run `flask --app hub db upgrade`",
+            "code": "schema_outdated",
+        }
+    assert f"{UPGRADE}; until then requests that need it are answered 503" in log.read_text()
