@@ -15,22 +15,15 @@ The sentence is the hub's, chosen by the exception's class: it never quotes the 
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
-# Status -> code, as hub.errors.CODES says it, plus the statuses only gunicorn answers.
-CODES = {
-    400: "bad_request",
-    403: "forbidden",
-    414: "uri_too_long",
-    417: "expectation_failed",
-    431: "headers_too_large",
-    500: "internal_error",
-    501: "not_implemented",
-}
+from hub.errors import CODES, MESSAGES
+
 # The most specific class first: what a sender reads about its own malformed request.
 SENTENCES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...] = (
     (http_errors.LimitRequestLine, "Request line too long"),
@@ -58,37 +51,22 @@ SENTENCES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...]
     (http_errors.InvalidRequestLine, "Malformed request line"),
     (http_errors.ExpectationFailed, "Unsupported Expect header"),
 )
-FALLBACK = {
-    400: "Malformed request",
-    403: "Forbidden",
-    500: "Server error",
-}
 
 
 def refusal(status: int, exc: BaseException) -> bytes:
-    """The whole HTTP answer for a request gunicorn refused with ``status`` because of ``exc``."""
+    """The whole HTTP answer for a request gunicorn refused with ``status`` because of ``exc``:
+    the sentence of the exception's class, or the hub's own for the status (a 500 says no
+    more than that)."""
     sentence = next((text for kind, text in SENTENCES if isinstance(exc, kind)), None)
-    if sentence is None or status >= 500 and status != 501:
-        sentence = FALLBACK.get(status, "Malformed request" if status < 500 else "Server error")
+    if sentence is None or status == 500:
+        sentence = MESSAGES.get(status, "Bad request" if status < 500 else "Server error")
     code = CODES.get(status, "bad_request" if status < 500 else "internal_error")
     body = (json.dumps({"error": sentence, "code": code}) + "\n").encode()
-    reason = _REASONS.get(status, "Bad Request" if status < 500 else "Internal Server Error")
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("latin-1") + body
-
-
-_REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    414: "URI Too Long",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-}
 
 
 class _Captured:
