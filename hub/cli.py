@@ -312,7 +312,10 @@ def _invalid(exc: route_store.RouteInvalid) -> str:
 def routes_list(as_json: bool) -> None:
     """Every route: name, mode, steps, enabled."""
     with get_db().session() as session:
-        rows = [route_store.to_dict(r, secret_box()) for r in route_store.list_routes(session)]
+        rows = [
+            route_store.to_dict(r, secret_box(), registry())
+            for r in route_store.list_routes(session)
+        ]
     emit(
         rows,
         as_json,
@@ -331,13 +334,15 @@ def routes_list(as_json: bool) -> None:
 @routes_cli.command("show")
 @click.argument("name")
 def routes_show(name: str) -> None:
-    """A route as JSON, in the shape `routes apply` reads; signing secrets are masked."""
+    """A route as JSON, in the shape `routes apply` reads; its secrets are masked."""
     with get_db().session() as session:
         route = route_store.get(session, name)
         if route is None:
             fail(f"no route named {name!r}")
         click.echo(
-            json.dumps(route_store.to_dict(route, secret_box()), indent=2, ensure_ascii=False)
+            json.dumps(
+                route_store.to_dict(route, secret_box(), registry()), indent=2, ensure_ascii=False
+            )
         )
 
 
@@ -440,6 +445,7 @@ def connectors_list(as_json: bool) -> None:
         for field in config_fields(cls):
             default = f" = {field.default}" if field.default is not None else ""
             need = " (required)" if field.required else ""
+            need += " (secret)" if field.secret else ""
             line = f"    {field.name}: {field.kind}{default}{need}  {field.description}"
             click.echo(line.rstrip())
 

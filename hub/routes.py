@@ -6,7 +6,8 @@ its connector's pydantic ``Config``, every template parsed, its signature verifi
 rate limit checked, nothing half-saved.
 
 Signing secrets are plaintext only inside a RouteSpec on its way in: ``save`` seals them
-with the app's SecretBox, and ``to_dict`` shows them masked.
+with the app's SecretBox, and ``to_dict`` shows them masked. Secrets in step configs
+likewise (hub.step_secrets): sealed by ``save_routes``, masked by ``to_dict``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub import ratelimit, signatures
+from hub import ratelimit, signatures, step_secrets
 from hub.cache import TTLCache
 from hub.connectors import (
     Registry,
@@ -268,8 +269,22 @@ def save_routes(
     """
     specs, problems = [], []
     for item in items:
+        name = item.get("name") if isinstance(item, dict) else None
+        stored = get(session, name) if isinstance(name, str) else None
+        if stored is not None and "steps" in item:  # masks sent back mean "unchanged"
+            item = {**item, "steps": step_secrets.restore_masks(item["steps"], box, stored.steps)}
         try:
-            specs.append(validate(item, registry, environ))
+            spec = validate(item, registry, environ)
+            steps, sealing = step_secrets.seal_steps(
+                [s.model_dump() for s in spec.steps],
+                registry,
+                box,
+                stored.steps if stored is not None else None,
+            )
+            if sealing:
+                raise RouteInvalid(spec.name, sealing)
+            spec.steps = [StepSpec.model_validate(s) for s in steps]
+            specs.append(spec)
         except RouteInvalid as exc:
             problems.append(exc)
     if problems:
@@ -292,6 +307,7 @@ def save_routes(
 
 def _comparable(route: Route, box: SecretBox | None) -> dict[str, Any]:
     data = to_dict(route)
+    data["steps"] = step_secrets.opened_steps(route.steps, box)
     if data["verify"] is not None:
         data["verify"]["secrets"] = _stored_secrets(route, box) if box else None
     return data
@@ -311,8 +327,11 @@ def load_file(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
-def to_dict(route: Route, box: SecretBox | None = None) -> dict[str, Any]:
-    """The route as `routes apply` reads it, with signing secrets masked (never revealed).
+def to_dict(
+    route: Route, box: SecretBox | None = None, registry: Registry | None = None
+) -> dict[str, Any]:
+    """The route as `routes apply` reads it, with signing secrets and the secrets of step
+    configs masked (never revealed; ``registry`` names the connectors' secret fields).
 
     With ``box`` each secret shows as ``whsec_…abcd``; without it only that they exist.
     """
@@ -331,7 +350,7 @@ def to_dict(route: Route, box: SecretBox | None = None) -> dict[str, Any]:
         "name": route.name,
         "description": route.description,
         "mode": route.mode,
-        "steps": route.steps,
+        "steps": step_secrets.shown_steps(route.steps, box, registry),
         "filter": route.filter,
         "dedup_path": route.dedup_path,
         "dedup_window": route.dedup_window,
@@ -349,6 +368,7 @@ def spec_data(route: Route, box: SecretBox) -> dict[str, Any]:
     Raises SecretsUnreadable when the stored secrets do not decrypt.
     """
     data = to_dict(route)
+    data["steps"] = step_secrets.opened_steps(route.steps, box)
     if data["verify"] is not None:
         data["verify"]["secrets"] = box.open(route.secrets_encrypted)
     return data
@@ -436,6 +456,7 @@ def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole
         current = spec_data(route, box)
     except SecretsUnreadable:
         current = to_dict(route)
+        current["steps"] = step_secrets.opened_steps(route.steps, box)
         if current["verify"] is not None:
             current["verify"]["secrets"] = []
     data = {"name": route.name, **({} if whole else current), **changes}
