@@ -111,7 +111,7 @@ def new_event(route_name: str) -> Event:
     """The request's row; headers and body are set once the hub knows whether it accepts it."""
     return Event(
         id=new_event_id(),
-        route=route_name[:200],
+        route=redact.keys_in_text(route_name[:200]),  # a key typed as the route's name
         method=request.method,
         path=redact.keys_in_text(request.path[:2000]),
         query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
