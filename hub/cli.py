@@ -110,9 +110,17 @@ def nothing_to_do(message: str) -> NoReturn:
 
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
-    """Apply every migration the database does not have yet."""
+    """Apply every migration the database does not have yet; seal step secrets that an
+    older release stored in clear."""
     upgrade(get_db())
     click.echo("database is at the newest schema")
+    seal_stored_secrets(get_db())
+
+
+def seal_stored_secrets(db: Database) -> None:
+    with db.session() as session:
+        for name in route_store.seal_stored_secrets(session, registry(), secret_box()):
+            click.echo(f"route {name!r}: step secrets stored in clear are now encrypted")
 
 
 @click.command("init", cls=ScriptSafeCommand)
@@ -121,6 +129,7 @@ def init_command() -> None:
     """Migrate, make sure the demo routes exist, and create a first admin key if none."""
     db: Database = get_db()
     upgrade(db)
+    seal_stored_secrets(db)
     with db.session() as session:
         created = route_store.ensure_demo_routes(session, registry())
         for name in created:

@@ -471,6 +471,20 @@ def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole
     return data
 
 
+def seal_stored_secrets(session: Session, registry: Registry, box: SecretBox) -> list[str]:
+    """Seal the step secrets that routes saved by an older release keep in clear (run by
+    ``db upgrade`` and ``init``: the app, unlike a migration, knows every connector's
+    declared secret fields and holds the key). The names of the routes changed."""
+    sealed = []
+    for route in list_routes(session):
+        steps, problems = step_secrets.seal_steps(route.steps or [], registry, box, route.steps)
+        if not problems and steps != route.steps:
+            route.steps = steps
+            sealed.append(route.name)
+    session.flush()
+    return sealed
+
+
 def get(session: Session, name: str) -> Route | None:
     """The route named ``name``; None for a name no route can have (PostgreSQL can't even
     compare one holding NUL, as ``/hooks/a%00b`` gives)."""

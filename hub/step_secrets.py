@@ -12,9 +12,11 @@ An edit that sends a masked value back unchanged (the API's GET, then PUT; the d
 form) keeps the stored secret: a masked value is matched with the value stored at the same
 place, and refused when there is none (it is a mask, not a secret).
 
-Routes saved before secrets were sealed keep theirs in clear until saved again (any
-``routes apply``, API PUT/PATCH or dashboard edit seals them); until then they are masked
-by the same rules, and their attempt copies scrubbed.
+Routes saved by an older release, with secrets in clear, are sealed by ``db upgrade`` (and
+``init``), through routes.seal_stored_secrets, and by any save (``routes apply``, API
+PUT/PATCH, dashboard edit). Not by an Alembic migration: a migration has neither the
+secret key nor the connectors' declarations. Until then they are masked by the same rules,
+and their attempt copies scrubbed.
 
 Cost: one Fernet decryption (about 15 µs) per secret per step run; nothing for a step
 with no secret.

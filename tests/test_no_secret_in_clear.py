@@ -287,3 +287,20 @@ def test_a_sender_sees_its_events_acceptance_and_status_never_where_it_went(
     assert full["attempt_log"][0]["http_status"] == 400
     assert "billing-7" in full["attempt_log"][0]["request"]
     assert "db-host-7" in full["last_error"] or "db-host-7" in full["attempt_log"][0]["response"]
+
+
+def test_db_upgrade_encrypts_the_step_secrets_an_older_release_stored_in_clear(
+    app, client, db, key, receiver, runner
+):
+    with db.session() as session:  # as the previous release stored it
+        steps = [http_step(receiver, Authorization="Bearer old-release-0123456789")]
+        session.add(Route(name="legacy", mode="sync", steps=steps))
+    result = runner.invoke(args=["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert "route 'legacy': step secrets stored in clear are now encrypted" in result.output
+    stored = raw_text(db, "SELECT steps FROM routes")
+    assert "old-release" not in stored and "hub-sealed:" in stored
+    assert client.post("/hooks/legacy", json={}, headers={"X-API-Key": key}).status_code == 200
+    assert receiver.wait_for(1)[0].headers["authorization"] == "Bearer old-release-0123456789"
+    again = runner.invoke(args=["db", "upgrade"])  # nothing left to do: says nothing of it
+    assert again.exit_code == 0 and "encrypted" not in again.output
