@@ -18,8 +18,9 @@ PUT/PATCH, dashboard edit). Not by an Alembic migration: a migration has neither
 secret key nor the connectors' declarations. Until then they are masked by the same rules,
 and their attempt copies scrubbed.
 
-Cost: one Fernet decryption (about 15 µs) per secret per step run; nothing for a step
-with no secret.
+Cost, measured on a loaded 2-core machine: ``opened_config`` takes about 35 µs for a step
+with one sealed header (3 µs of it the decryption, the rest a copy of the config) and 8 µs
+for a step with none, against milliseconds for the connector's call.
 """
 
 from __future__ import annotations
