@@ -42,8 +42,8 @@ SENSITIVE_QUERY = frozenset(
 # The hub's key format (hub.keys.KEY_RE, unanchored): the prefix is public (events keep it),
 # the 43 characters after it are the secret. A key cut short at the end of a kept prefix
 # (a refused body) still matches with what is left of its secret.
-HUB_KEY = re.compile(r"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
-HUB_KEY_BYTES = re.compile(rb"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
+KEY_SHAPE = re.compile(r"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
+KEY_SHAPE_BYTES = re.compile(rb"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
 # A header name is free-form, and senders invent their own (X-Auth, X-Access-Key, X-Session):
 # any of these words, or a name ending in "key", marks a credential.
 CREDENTIAL_HEADER_WORDS = SENSITIVE_WORDS + (
@@ -85,14 +85,14 @@ def keys_in_text(text: str) -> str:
     """``text`` with every hub API key in it cut to ``hk_<prefix>_[redacted]``."""
     if "hk_" not in text:  # the common case: one substring search, no regex
         return text
-    return HUB_KEY.sub(r"\1" + REDACTED, text)
+    return KEY_SHAPE.sub(r"\1" + REDACTED, text)
 
 
 def keys_in_bytes(data: bytes) -> bytes:
     """As ``keys_in_text``, for a body kept as bytes."""
     if b"hk_" not in data:
         return data
-    return HUB_KEY_BYTES.sub(rb"\1" + REDACTED.encode(), data)
+    return KEY_SHAPE_BYTES.sub(rb"\1" + REDACTED.encode(), data)
 
 
 def headers(items: Iterable[tuple[str, str]], extra: Iterable[str] = ()) -> dict[str, str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from hub.connectors import Registry, secret_paths
 from hub.crypto import SecretBox, SecretsUnreadable, is_sealed, looks_masked, mask
-from hub.redact import HUB_KEY, is_credential_header
+from hub.redact import KEY_SHAPE, is_credential_header
 
 Path = tuple[str | int, ...]
 UNREADABLE = "[encrypted]"
@@ -79,7 +79,7 @@ def _declared(registry: Registry | None, connector: str, config: dict) -> set[Pa
 
 
 def _is_secret(path: Path, value: str, declared: set[Path]) -> bool:
-    return is_sealed(value) or path in declared or HUB_KEY.search(value) is not None
+    return is_sealed(value) or path in declared or KEY_SHAPE.search(value) is not None
 
 
 def _open(box: SecretBox | None, value: str) -> str | None:

@@ -12,7 +12,9 @@ import requests
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 
+from hub import redact
 from hub.connectors import Connector, Secret, StepContext
+from hub.keys import generate
 from hub.models import Route
 from hub.worker import Worker
 from tests.procs import gunicorn
@@ -304,3 +306,10 @@ def test_db_upgrade_encrypts_the_step_secrets_an_older_release_stored_in_clear(
     assert receiver.wait_for(1)[0].headers["authorization"] == "Bearer old-release-0123456789"
     again = runner.invoke(args=["db", "upgrade"])  # nothing left to do: says nothing of it
     assert again.exit_code == 0 and "encrypted" not in again.output
+
+
+def test_the_redaction_knows_the_key_format_the_hub_issues():
+    for _ in range(50):
+        prefix, key = generate()
+        assert redact.keys_in_text(f"x {key} y") == f"x hk_{prefix}_[redacted] y"
+        assert redact.keys_in_bytes(key.encode()) == f"hk_{prefix}_[redacted]".encode()
