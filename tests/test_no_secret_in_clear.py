@@ -12,7 +12,7 @@ import requests
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub import redact
+from hub import create_app, redact
 from hub.connectors import Connector, Secret, StepContext
 from hub.keys import generate
 from hub.models import Route
@@ -313,3 +313,18 @@ def test_the_redaction_knows_the_key_format_the_hub_issues():
         prefix, key = generate()
         assert redact.keys_in_text(f"x {key} y") == f"x hk_{prefix}_[redacted] y"
         assert redact.keys_in_bytes(key.encode()) == f"hk_{prefix}_[redacted]".encode()
+
+
+def test_a_step_secret_that_no_longer_opens_fails_the_step_saying_why(
+    app, client, db, key, add_route, receiver
+):
+    add_route("orders", [http_step(receiver, Authorization=BEARER)])
+    rekeyed = create_app({**app.config, "SECRET_KEY": "another-secret-key-after-a-rotation"})
+    try:
+        answer = rekeyed.test_client().post("/hooks/orders", json={}, headers={"X-API-Key": key})
+    finally:
+        rekeyed.extensions["hub.db"].dispose()
+    assert answer.status_code == 500
+    assert answer.json["code"] == "bad_config"
+    assert "does not open with this HUB_SECRET_KEY" in answer.json["error"]
+    assert receiver.requests == []  # nothing went out without its credential
