@@ -542,7 +542,7 @@ def record_rejection(session: Session, event: Event, rejection: Rejected) -> Non
     event.status = "rejected"
     event.reason = rejection.reason
     event.response_status = rejection.status
-    event.last_error = rejection.detail[:500]
+    event.last_error = redact.keys_in_text(rejection.detail[:500])  # it may quote the URL
     event.completed_at = utcnow()
     count_refusal(session, event, rejection)
     session.add(event)

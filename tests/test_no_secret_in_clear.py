@@ -85,8 +85,8 @@ def test_a_hub_key_in_a_refused_requests_headers_and_kept_body_is_redacted(
     assert f"hk_{pasted.split('_')[1]}_[redacted]" in kept
 
 
-def test_a_hub_key_never_reaches_a_log_line_of_a_real_server(
-    database_url_for_test, tmp_path, make_key
+def test_a_hub_key_never_reaches_a_log_line_or_a_row_through_a_real_server(
+    database_url_for_test, tmp_path, db, make_key
 ):
     key = make_key()
     log = tmp_path / "web.log"
@@ -99,6 +99,8 @@ def test_a_hub_key_never_reaches_a_log_line_of_a_real_server(
     text = log.read_text(errors="replace")
     assert f"/hooks/hk_{key.split('_')[1]}_[redacted]" in text  # the request was logged
     assert secret_of(key) not in text
+    row = raw_text(db, "SELECT route, path, last_error, headers FROM events")
+    assert "No route named 'hk_" in row and secret_of(key) not in row
 
 
 # --- secrets in step configs ---
