@@ -138,7 +138,13 @@ def seal_steps(
         declared = _declared(registry, step.get("connector", ""), config)
         for path, value in list(_leaves(config)):
             where = f"steps[{index}].config." + ".".join(str(p) for p in path)
-            if path in declared and (looks_masked(value) or value == UNREADABLE):
+            if path in declared and value == UNREADABLE:
+                problems.append(
+                    f"{where}: the stored secret does not open with this HUB_SECRET_KEY; "
+                    "give it again"
+                )
+                continue
+            if path in declared and looks_masked(value):
                 problems.append(f"{where}: this is a masked secret as shown, not the secret")
                 continue
             if not _is_secret(path, value, declared):
