@@ -158,8 +158,9 @@ def new_request_id() -> str:
 
 
 def request_id_from(value: str | None) -> str:
-    """The sender's request id when it is a sane token, a new one otherwise."""
-    if value and REQUEST_ID_RE.fullmatch(value):
+    """The sender's request id when it is a sane token (and not a hub key), a new one
+    otherwise."""
+    if value and REQUEST_ID_RE.fullmatch(value) and not redact.KEY_SHAPE.search(value):
         return value
     return new_request_id()
 

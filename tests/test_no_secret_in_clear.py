@@ -53,9 +53,11 @@ def test_a_hub_key_in_the_query_is_stored_redacted_whatever_its_parameter(
     add_route("orders", [], mode="async")
     keys = [make_key(name=f"k{i}") for i in range(3)]
     query = f"auth={keys[0]}&sig=c2lnbmF0dXJlLW9mLXRoZS1ib2R5&{keys[1]}&note={keys[2]}&page=2"
-    answer = client.post(f"/hooks/orders?{query}", json={"n": 1}, headers={"X-API-Key": key})
+    sent = {"X-API-Key": key, "X-Request-ID": keys[0]}  # a key where a request id goes
+    answer = client.post(f"/hooks/orders?{query}", json={"n": 1}, headers=sent)
     assert answer.status_code == 202
-    (stored,) = raw(db, "SELECT query FROM events")[0]
+    assert secret_of(keys[0]) not in answer.headers["X-Request-ID"]
+    stored = raw_text(db, "SELECT query, request_id FROM events")
     for k in keys:
         assert secret_of(k) not in stored
     assert "c2lnbmF0dXJl" not in stored  # ?sig= is a credential by its name, whatever it holds
