@@ -164,7 +164,8 @@ def revoke_key(prefix: str):
 
 
 def route_out(route) -> m.RouteOut:
-    return m.RouteOut.model_validate(route_store.to_dict(route, box()))
+    registry = current_app.extensions["hub.connectors"]
+    return m.RouteOut.model_validate(route_store.to_dict(route, box(), registry))
 
 
 def save(data: dict[str, Any]):

@@ -55,6 +55,24 @@ class ReadyOut(BaseModel):
     schema_: str | None = Field(alias="schema")
 
 
+class EventStatusOut(BaseModel):
+    """What the key that sent an event sees of it: whether it was accepted, where it
+    stands, when, and how many tries. Never where it went, what was sent there or what
+    came back (an admin key sees all of that, as EventOut)."""
+
+    id: str
+    route: str
+    accepted: bool = Field(description="False when the hub refused the request (see reason)")
+    status: str
+    reason: str | None = Field(description="Why the request was refused, if it was")
+    request_id: str | None
+    received_at: str | None
+    attempts: int = Field(description="Deliveries tried so far (replays included)")
+    next_attempt_at: str | None
+    completed_at: str | None
+    duplicate_of: str | None
+
+
 class AttemptOut(BaseModel):
     run: int
     step: int

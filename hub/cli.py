@@ -122,9 +122,17 @@ def nothing_to_do(message: str) -> NoReturn:
 
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
-    """Apply every migration the database does not have yet."""
+    """Apply every migration the database does not have yet; seal step secrets that an
+    older release stored in clear."""
     upgrade(get_db())
     click.echo("database is at the newest schema")
+    seal_stored_secrets(get_db())
+
+
+def seal_stored_secrets(db: Database) -> None:
+    with db.session() as session:
+        for name in route_store.seal_stored_secrets(session, registry(), secret_box()):
+            click.echo(f"route {name!r}: step secrets stored in clear are now encrypted")
 
 
 @click.command("init", cls=ScriptSafeCommand)
@@ -133,6 +141,7 @@ def init_command() -> None:
     """Migrate, make sure the demo routes exist, and create a first admin key if none."""
     db: Database = get_db()
     upgrade(db)
+    seal_stored_secrets(db)
     with db.session() as session:
         created = route_store.ensure_demo_routes(session, registry())
         for name in created:
@@ -340,7 +349,10 @@ def _invalid(exc: route_store.RouteInvalid) -> str:
 def routes_list(as_json: bool) -> None:
     """Every route: name, mode, steps, enabled."""
     with get_db().session() as session:
-        rows = [route_store.to_dict(r, secret_box()) for r in route_store.list_routes(session)]
+        rows = [
+            route_store.to_dict(r, secret_box(), registry())
+            for r in route_store.list_routes(session)
+        ]
     emit(
         rows,
         as_json,
@@ -359,13 +371,15 @@ def routes_list(as_json: bool) -> None:
 @routes_cli.command("show")
 @click.argument("name")
 def routes_show(name: str) -> None:
-    """A route as JSON, in the shape `routes apply` reads; signing secrets are masked."""
+    """A route as JSON, in the shape `routes apply` reads; its secrets are masked."""
     with get_db().session() as session:
         route = route_store.get(session, name)
         if route is None:
             fail(f"no route named {name!r}")
         click.echo(
-            json.dumps(route_store.to_dict(route, secret_box()), indent=2, ensure_ascii=False)
+            json.dumps(
+                route_store.to_dict(route, secret_box(), registry()), indent=2, ensure_ascii=False
+            )
         )
 
 
@@ -468,6 +482,7 @@ def connectors_list(as_json: bool) -> None:
         for field in config_fields(cls):
             default = f" = {field.default}" if field.default is not None else ""
             need = " (required)" if field.required else ""
+            need += " (secret)" if field.secret else ""
             line = f"    {field.name}: {field.kind}{default}{need}  {field.description}"
             click.echo(line.rstrip())
 

@@ -5,6 +5,11 @@ and ``run(payload, ctx)``. It signals failure with ``RetryableError`` (worth try
 or ``PermanentError`` (it will not get better by itself), whose ``InputError`` says the input
 doesn't fit the step; anything else it raises is a bug and is treated as permanent.
 Connectors import this module and ``hub.http``, nothing else from the hub.
+
+A config field that holds a credential says so with ``Secret`` (a string) or
+``CredentialHeaders`` (a dict of headers, whose credential-named entries are secret): the
+hub then keeps its value encrypted at rest, shows it masked in every face (API, CLI,
+dashboard), and cuts it from attempt copies; ``run`` gets the real value.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hub.redact import is_credential_header
 from hub.templating import is_template
 
 ENTRY_POINT_GROUP = "hub.connectors"
@@ -95,6 +102,44 @@ class BadResponseError(PermanentError):
     """The far side answered, but not in the shape the connector understands."""
 
     code = "bad_response"
+
+
+#: A config field holding a credential: ``api_key: Secret = Field(description=...)``.
+Secret = Annotated[str, Field(json_schema_extra={"secret": True})]
+#: Headers for a call, as a dict: those named like credentials (Authorization, X-Api-Key,
+#: anything ``hub.redact.is_credential_header`` says) are secret, the others are not.
+CredentialHeaders = Annotated[dict[str, str], Field(json_schema_extra={"secret": "by_name"})]
+
+
+@cache
+def secret_fields(config_cls: type[BaseModel]) -> dict[str, str]:
+    """The secret fields of a connector's Config: name -> ``"value"`` (the whole value) or
+    ``"by_name"`` (a dict whose credential-named keys are secret). From its JSON Schema, so a
+    field declared ``Secret | None`` counts too; computed once per class."""
+    found: dict[str, str] = {}
+    for name, spec in config_cls.model_json_schema().get("properties", {}).items():
+        for part in [spec, *spec.get("anyOf", [])]:
+            mark = part.get("secret")
+            if mark:
+                found[name] = "by_name" if mark == "by_name" else "value"
+    return found
+
+
+def secret_paths(config_cls: type[BaseModel], config: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Where ``config`` (a step's config, as stored) holds secret strings: (field,) or
+    (field, header)."""
+    paths: list[tuple[str, ...]] = []
+    for name, kind in secret_fields(config_cls).items():
+        value = config.get(name)
+        if kind == "value" and isinstance(value, str):
+            paths.append((name,))
+        elif kind == "by_name" and isinstance(value, dict):
+            paths += [
+                (name, k)
+                for k, v in value.items()
+                if isinstance(v, str) and is_credential_header(k)
+            ]
+    return paths
 
 
 class EmptyConfig(BaseModel):
@@ -215,6 +260,7 @@ class ConfigField:
     required: bool
     default: str | None  # as JSON, when the field has one
     description: str
+    secret: bool = False  # encrypted at rest and shown masked (Secret, CredentialHeaders)
 
 
 def config_fields(cls: type[Connector]) -> list[ConfigField]:
@@ -226,7 +272,14 @@ def config_fields(cls: type[Connector]) -> list[ConfigField]:
         kind = spec.get("type") or "/".join(a.get("type", "?") for a in spec.get("anyOf", []))
         default = json.dumps(spec["default"]) if "default" in spec else None
         fields.append(
-            ConfigField(name, kind, name in required, default, spec.get("description", ""))
+            ConfigField(
+                name,
+                kind,
+                name in required,
+                default,
+                spec.get("description", ""),
+                secret=name in secret_fields(cls.Config),
+            )
         )
     return fields
 

@@ -1,4 +1,7 @@
-"""Route signing secrets at rest: one Fernet token of a JSON list, keyed from SECRET_KEY.
+"""Route secrets at rest: one Fernet token of a JSON list, keyed from SECRET_KEY.
+
+Signing secrets are one token per route; a secret value in a step's config is one token
+each, stored in the config's place as ``hub-sealed:<token>`` (``seal_one``).
 
 The Fernet key is derived from the app's secret key with HKDF, so HUB_SECRET_KEY can be any
 long random string and the same key never serves two purposes. If the secret key changes,
@@ -17,6 +20,8 @@ from flask import Flask
 
 HKDF_INFO = b"hub route secrets"
 MASK = "…"
+# A secret value of a step's config as stored: this prefix and a token of a one-item list.
+SEALED = "hub-sealed:"
 
 
 class SecretsUnreadable(Exception):
@@ -52,6 +57,21 @@ class SecretBox:
         if not isinstance(data, list) or not all(isinstance(s, str) for s in data):
             raise SecretsUnreadable("stored route secrets are not a list of strings")
         return data
+
+    def seal_one(self, secret: str) -> str:
+        """One secret as a string that can stand in its place (in a step's config)."""
+        return SEALED + self.seal([secret])
+
+    def open_one(self, sealed: str) -> str:
+        """The secret in a ``seal_one`` string; SecretsUnreadable when it does not open."""
+        opened = self.open(sealed[len(SEALED) :])
+        if len(opened) != 1:
+            raise SecretsUnreadable("a stored step secret is not one string")
+        return opened[0]
+
+
+def is_sealed(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(SEALED)
 
 
 def mask(secret: str) -> str:

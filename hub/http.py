@@ -55,7 +55,7 @@ from hub.connectors import (
     RetryableError,
     StepContext,
 )
-from hub.redact import REDACTED, is_credential_header, is_sensitive
+from hub.redact import REDACTED, is_credential_header, is_sensitive_query
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -436,7 +436,7 @@ def _redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, REDACTED if is_sensitive(k) else v) for k, v in pairs])
+        query = urlencode([(k, REDACTED if is_sensitive_query(k) else v) for k, v in pairs])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -111,9 +111,9 @@ def new_event(route_name: str) -> Event:
     """The request's row; headers and body are set once the hub knows whether it accepts it."""
     return Event(
         id=new_event_id(),
-        route=route_name[:200],
+        route=redact.keys_in_text(route_name[:200]),  # a key typed as the route's name
         method=request.method,
-        path=request.path[:2000],
+        path=redact.keys_in_text(request.path[:2000]),
         query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
         remote_addr=(request.remote_addr or "")[:64] or None,
         request_id=logs.current_request_id(),
@@ -537,12 +537,12 @@ def record_rejection(session: Session, event: Event, rejection: Rejected) -> Non
     """Keep a refusal small: its headers capped, its body's size and a short prefix."""
     session.rollback()
     keep = int(current_app.config["REFUSED_BODY_BYTES"])
-    event.body = event.body[:keep] if event.body and keep > 0 else None
+    event.body = redact.kept_body(event.body, keep)
     event.headers = kept_headers(refused=True)
     event.status = "rejected"
     event.reason = rejection.reason
     event.response_status = rejection.status
-    event.last_error = rejection.detail[:500]
+    event.last_error = redact.keys_in_text(rejection.detail[:500])  # it may quote the URL
     event.completed_at = utcnow()
     count_refusal(session, event, rejection)
     session.add(event)
@@ -592,6 +592,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
             max_depth=pipeline.max_json_depth(config),
             template_limits=TemplateLimits.from_config(config),
             max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
+            secrets=current_app.extensions["hub.secrets"],
         )
     except Exception as exc:  # a hub bug: the event still ends, with its cause
         log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
@@ -748,7 +749,8 @@ def hook(route_name: str):
 
 @bp.get("/events/<event_id>")
 def event_status(event_id: str):
-    """An event's status, for the key that sent it or an admin key."""
+    """An event's status: for the key that sent it, its acceptance, status, times and
+    counts; for an admin key, everything (its result, error and attempt log)."""
     session = get_session()
     presented = presented_key()
     try:
@@ -759,7 +761,9 @@ def event_status(event_id: str):
     event = session.get(Event, event_id[:32]) if "\x00" not in event_id else None
     if event is None or not (info.is_admin or event.key_prefix == info.prefix):
         return error_response(404, "No such event", "not_found")
-    return event.to_dict(with_attempts=True), 200
+    if info.is_admin:  # the sender's fields and all the rest
+        return {**event.sender_dict(), **event.to_dict(with_attempts=True)}, 200
+    return event.sender_dict(), 200
 
 
 # --- The seed's API: the same hub underneath, the article's request and response shapes ---

@@ -30,6 +30,8 @@ from typing import Any
 
 from flask import Flask, g, has_request_context, request
 
+from hub import redact
+
 # C0 controls, DEL, C1 controls and the Unicode line and paragraph separators.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -109,6 +111,9 @@ class EscapingFormatter(logging.Formatter):
             line += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
         return escape_controls(line)
 
+    def format(self, record: logging.LogRecord) -> str:
+        return redact.keys_in_text(super().format(record))  # no hub key in any line
+
     def formatException(self, ei) -> str:  # noqa: N802
         return _indented(super().formatException(ei))
 
@@ -138,7 +143,8 @@ class JsonFormatter(logging.Formatter):
         data.update(getattr(record, "hub_fields", {}))
         if record.exc_info and record.exc_info[0] is not None:
             data["exc_type"] = record.exc_info[0].__name__
-        return json.dumps(data, default=str).replace("\x7f", "\\u007f")
+        line = json.dumps(data, default=str).replace("\x7f", "\\u007f")
+        return redact.keys_in_text(line)  # no hub key in any line
 
 
 def formatter(kind: str, fmt: str = LOG_FORMAT, datefmt: str | None = None) -> logging.Formatter:
@@ -154,8 +160,9 @@ def new_request_id() -> str:
 
 
 def request_id_from(value: str | None) -> str:
-    """The sender's request id when it is a sane token, a new one otherwise."""
-    if value and REQUEST_ID_RE.fullmatch(value):
+    """The sender's request id when it is a sane token (and not a hub key), a new one
+    otherwise."""
+    if value and REQUEST_ID_RE.fullmatch(value) and not redact.KEY_SHAPE.search(value):
         return value
     return new_request_id()
 

@@ -272,6 +272,23 @@ class Event(Base):
             data["attempt_log"] = [a.to_dict() for a in self.attempt_rows]
         return data
 
+    def sender_dict(self) -> dict[str, Any]:
+        """What the key that sent the event sees (GET /events/<id>): acceptance, status,
+        times and counts; no result, error or attempt, which name the destinations."""
+        return {
+            "id": self.id,
+            "route": self.route,
+            "accepted": self.status != "rejected",
+            "status": self.status,
+            "reason": self.reason,
+            "request_id": self.request_id,
+            "received_at": iso_time(self.received_at),
+            "attempts": self.attempts,
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "completed_at": iso_time(self.completed_at),
+            "duplicate_of": self.duplicate_of,
+        }
+
 
 class Attempt(Base):
     """One row for every connector call, including each quick retry inside a delivery."""

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from hub import metrics, redact, storable
+from hub import metrics, redact, step_secrets, storable
 from hub.connectors import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ConnectorError,
@@ -30,6 +30,7 @@ from hub.connectors import (
     StepContext,
     UnknownConnectorError,
 )
+from hub.crypto import SecretBox, SecretsUnreadable
 from hub.deadline import DeadlineExceeded, call_before
 from hub.http import DEFAULT_TRIES, retry_policy
 from hub.models import Attempt, Event, Route, utcnow
@@ -200,10 +201,12 @@ def run(
     sleep: Callable[[float], None] = time.sleep,
     template_limits: TemplateLimits = TemplateLimits(),
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    secrets: SecretBox | None = None,
 ) -> Outcome:
     """Run every step of ``route`` for ``event``; ``record`` receives each attempt row, and
     ``before_call``, where given, is called before each connector call (the worker writes the
-    rows of the calls before it there: each call is on record before the next one starts)."""
+    rows of the calls before it there: each call is on record before the next one starts).
+    ``secrets`` opens the sealed secrets of step configs (hub.step_secrets)."""
     if payload is None:
         try:
             payload = decode_payload(event.body or b"", event.content_type, max_depth)
@@ -239,6 +242,7 @@ def run(
             sleep=sleep,
             template_limits=template_limits,
             max_response_bytes=max_response_bytes,
+            secrets=secrets,
         )
         if outcome.status != DELIVERED:
             outcome.step_index = index
@@ -267,8 +271,10 @@ def _run_step(
     sleep: Callable[[float], None],
     template_limits: TemplateLimits,
     max_response_bytes: int,
+    secrets: SecretBox | None,
 ) -> Outcome:
     name = step.get("connector", "?")
+    hidden: list[str] = []  # the step's secret values, cut from every copy and error
     run_number = max(event.attempts, 1)
 
     def attempt_row(try_number: int, started, t0: float, outcome: str, **extra) -> Attempt:
@@ -289,15 +295,20 @@ def _run_step(
     if deadline is not None and time.monotonic() >= deadline:
         return Outcome(FAILED, error="deadline passed before the step started", code="timeout")
     try:
+        opened, hidden = step_secrets.opened_config(
+            step.get("config") or {}, secrets, registry, name
+        )
         config = render_config(
-            step.get("config") or {},
-            template_context(event, payload, outputs),
-            template_limits,
-            deadline,
+            opened, template_context(event, payload, outputs), template_limits, deadline
         )
         connector = registry.build(name, config)
+    except SecretsUnreadable:
+        message = f"{name}: a secret of the step's config does not open with this HUB_SECRET_KEY"
+        record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
+        log.warning("event %s step %d (%s): %s", event.id, index, name, message)
+        return Outcome(FAILED, error=message, code="bad_config")
     except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
-        message = str(exc)
+        message = redact.values_in_text(str(exc), hidden)
         outcome = (
             _template_failed(exc, "bad_config")
             if isinstance(exc, TemplateProblem)
@@ -312,9 +323,10 @@ def _run_step(
 
     def record_call(ctx: StepContext, started, t0: float, outcome: str, **extra) -> None:
         """Record this try of the step with its exchange (what was sent and answered)."""
-        record(
-            _with_exchange(attempt_row(try_number, started, t0, outcome, **extra), ctx, copy_bytes)
-        )
+        if extra.get("error"):
+            extra["error"] = redact.values_in_text(extra["error"], hidden)
+        row = attempt_row(try_number, started, t0, outcome, **extra)
+        record(_with_exchange(row, ctx, copy_bytes, hidden))
 
     last: Outcome | None = None
     step_logger = logging.getLogger(f"hub.connector.{name}")
@@ -348,6 +360,7 @@ def _run_step(
                             code="timeout",
                         ) from None
                 except ConnectorError as exc:
+                    exc.message = redact.values_in_text(exc.message, hidden)
                     kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
                     status = exc.status or ctx.exchange.status
                     record_call(
@@ -377,6 +390,7 @@ def _run_step(
                         )
                     else:  # a bug in the connector
                         message, code = describe_bug(exc), "connector_bug"
+                        message = redact.values_in_text(message, hidden)
                     record_call(ctx, started, t0, "permanent", error=message)
                     level = logging.ERROR if code == "connector_bug" else logging.WARNING
                     log.log(level, "event %s step %d (%s): %s", event.id, index, name, message)
@@ -407,9 +421,9 @@ def _template_failed(exc: TemplateProblem, code: str) -> Outcome:
     return Outcome(FAILED, error=str(exc), code=exc.code or code)
 
 
-def _with_exchange(row: Attempt, ctx: StepContext, limit: int) -> Attempt:
-    row.request = redact.copy_for_log(ctx.exchange.request, limit)
-    row.response = redact.copy_for_log(ctx.exchange.response, limit)
+def _with_exchange(row: Attempt, ctx: StepContext, limit: int, hidden: list[str]) -> Attempt:
+    row.request = redact.copy_for_log(ctx.exchange.request, limit, hidden)
+    row.response = redact.copy_for_log(ctx.exchange.response, limit, hidden)
     if row.http_status is None:
         row.http_status = ctx.exchange.status
     return row

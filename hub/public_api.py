@@ -59,10 +59,14 @@ api.describe(
     "GET",
     "/events/{event_id}",
     summary="What became of an event: for the key that sent it, or an admin key",
+    description="The key that sent the event sees whether it was accepted, its status, "
+    "times and counts (EventStatusOut), never where it was delivered, what was sent there "
+    "or answered. An admin key sees the whole event: also its result, last_error and "
+    "attempt_log, as `GET /admin/api/events/{event_id}` gives them.",
     tag="public",
     path_params={"event_id": "The id a webhook's answer gave"},
     responses={
-        200: ("The event and its attempts", m.EventOut),
+        200: ("The event, as its sender or an admin may see it", m.EventStatusOut),
         401: ("No valid API key", None),
         404: ("No such event for this key", None),
     },

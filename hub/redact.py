@@ -1,8 +1,17 @@
-"""What never leaves the hub in a stored row or a log line: keys, tokens, signatures."""
+"""What never leaves the hub in a stored row or a log line: keys, tokens, signatures.
+
+Two rules, used by every writer of a row or a line (ingest, attempt copies, the log
+formatters): a value is a secret by its *name* (a credential header, a sensitive query or
+JSON field), or by its *shape*: anything in the hub's own key format (``hk_<prefix>_<secret>``,
+see hub.keys) is cut to ``hk_<prefix>_[redacted]`` wherever it appears, named or not. The
+shape check costs a substring search when no ``hk_`` is present (about 0.1 µs per header
+value, 1 µs per log line; see SECURITY.md for the per-request figure).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -27,7 +36,14 @@ SENSITIVE_HEADERS = frozenset(
     }
 )
 SENSITIVE_WORDS = ("secret", "token", "password", "signature", "api_key", "apikey", "api-key")
-SENSITIVE_QUERY = frozenset({"api_key", "apikey", "key", "token", "access_token", "secret"})
+SENSITIVE_QUERY = frozenset(
+    {"api_key", "apikey", "key", "token", "access_token", "secret", "auth", "sig", "signature"}
+)
+# The hub's key format (hub.keys.KEY_RE, unanchored): the prefix is public (events keep it),
+# the 43 characters after it are the secret. A key cut short at the end of a kept prefix
+# (a refused body) still matches with what is left of its secret.
+KEY_SHAPE = re.compile(r"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
+KEY_SHAPE_BYTES = re.compile(rb"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
 # A header name is free-form, and senders invent their own (X-Auth, X-Access-Key, X-Session):
 # any of these words, or a name ending in "key", marks a credential.
 CREDENTIAL_HEADER_WORDS = SENSITIVE_WORDS + (
@@ -65,23 +81,53 @@ def is_credential_header(name: str) -> bool:
     )
 
 
+def keys_in_text(text: str) -> str:
+    """``text`` with every hub API key in it cut to ``hk_<prefix>_[redacted]``."""
+    if "hk_" not in text:  # the common case: one substring search, no regex
+        return text
+    return KEY_SHAPE.sub(r"\1" + REDACTED, text)
+
+
+def keys_in_bytes(data: bytes) -> bytes:
+    """As ``keys_in_text``, for a body kept as bytes."""
+    if b"hk_" not in data:
+        return data
+    return KEY_SHAPE_BYTES.sub(rb"\1" + REDACTED.encode(), data)
+
+
 def headers(items: Iterable[tuple[str, str]], extra: Iterable[str] = ()) -> dict[str, str]:
-    """Headers as a dict with lower-case names and credential values replaced."""
+    """Headers as a dict with lower-case names, credential values replaced, and any hub key
+    in another header's value cut."""
     also = {h.lower() for h in extra}
     out: dict[str, str] = {}
     for name, value in items:
-        key = name.lower()
-        out[key] = REDACTED if (is_credential_header(key) or key in also) else value
+        key = keys_in_text(name.lower())
+        out[key] = REDACTED if (is_credential_header(key) or key in also) else keys_in_text(value)
     return out
 
 
+def is_sensitive_query(name: str) -> bool:
+    """A query parameter that holds a credential: ``?api_key=``, ``?auth=``, ``?sig=`` ..."""
+    return name.lower() in SENSITIVE_QUERY or is_credential_header(name)
+
+
 def query_string(raw: str) -> str:
+    """A query string with credential parameters replaced and hub keys cut, named or not
+    (``?hk_...`` alone is a parameter whose name is the key)."""
     if not raw:
         return ""
     pairs = parse_qsl(raw, keep_blank_values=True)
-    return urlencode(
-        [(k, REDACTED if k.lower() in SENSITIVE_QUERY or is_sensitive(k) else v) for k, v in pairs]
+    return keys_in_text(
+        urlencode([(k, REDACTED if is_sensitive_query(k) else v) for k, v in pairs])
     )
+
+
+def kept_body(body: bytes | None, keep: int) -> bytes | None:
+    """The first ``keep`` bytes of a refused request's body, with hub keys cut (a key that
+    straddles the cut is cut too: the redaction runs before the truncation)."""
+    if not body or keep <= 0:
+        return None
+    return keys_in_bytes(body[: keep + 64])[:keep]
 
 
 def mapping(value: Any) -> Any:
@@ -93,16 +139,27 @@ def mapping(value: Any) -> Any:
     return value
 
 
-def copy_for_log(value: Any, limit: int) -> str | None:
-    """A redacted, truncated text copy of a request or response, for an attempt row."""
+def values_in_text(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` (a step's secret config values) replaced."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def copy_for_log(value: Any, limit: int, secrets: Iterable[str] = ()) -> str | None:
+    """A redacted, truncated text copy of a request or response, for an attempt row:
+    credentials by name, hub keys by shape, and ``secrets`` (the step's secret config
+    values) wherever they appear, before the cut so that no part of one is left."""
     if value is None:
         return None
     if isinstance(value, bytes):
-        text = value[: limit + 1].decode("utf-8", "replace")
+        text = value[: limit + 256].decode("utf-8", "replace")
     elif isinstance(value, str):
         text = value
     else:
         text = json.dumps(mapping(value), default=str, ensure_ascii=False)
+    text = keys_in_text(values_in_text(text, secrets))
     if len(text) > limit:
         text = text[:limit] + f"... [{len(text) - limit}+ more]"
     return text

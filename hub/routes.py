@@ -6,7 +6,8 @@ its connector's pydantic ``Config``, every template parsed, its signature verifi
 rate limit checked, nothing half-saved.
 
 Signing secrets are plaintext only inside a RouteSpec on its way in: ``save`` seals them
-with the app's SecretBox, and ``to_dict`` shows them masked.
+with the app's SecretBox, and ``to_dict`` shows them masked. Secrets in step configs
+likewise (hub.step_secrets): sealed by ``save_routes``, masked by ``to_dict``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub import ratelimit, signatures
+from hub import ratelimit, signatures, step_secrets
 from hub.cache import TTLCache
 from hub.connectors import (
     Registry,
@@ -286,8 +287,22 @@ def save_routes(
     """
     specs, problems = [], []
     for item in items:
+        name = item.get("name") if isinstance(item, dict) else None
+        stored = get(session, name) if isinstance(name, str) else None
+        if stored is not None and "steps" in item:  # masks sent back mean "unchanged"
+            item = {**item, "steps": step_secrets.restore_masks(item["steps"], box, stored.steps)}
         try:
-            specs.append(validate(item, registry, environ))
+            spec = validate(item, registry, environ)
+            steps, sealing = step_secrets.seal_steps(
+                [s.model_dump() for s in spec.steps],
+                registry,
+                box,
+                stored.steps if stored is not None else None,
+            )
+            if sealing:
+                raise RouteInvalid(spec.name, sealing)
+            spec.steps = [StepSpec.model_validate(s) for s in steps]
+            specs.append(spec)
         except RouteInvalid as exc:
             problems.append(exc)
     if problems:
@@ -310,6 +325,7 @@ def save_routes(
 
 def _comparable(route: Route, box: SecretBox | None) -> dict[str, Any]:
     data = to_dict(route)
+    data["steps"] = step_secrets.opened_steps(route.steps, box)
     if data["verify"] is not None:
         data["verify"]["secrets"] = _stored_secrets(route, box) if box else None
     return data
@@ -329,8 +345,11 @@ def load_file(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
-def to_dict(route: Route, box: SecretBox | None = None) -> dict[str, Any]:
-    """The route as `routes apply` reads it, with signing secrets masked (never revealed).
+def to_dict(
+    route: Route, box: SecretBox | None = None, registry: Registry | None = None
+) -> dict[str, Any]:
+    """The route as `routes apply` reads it, with signing secrets and the secrets of step
+    configs masked (never revealed; ``registry`` names the connectors' secret fields).
 
     With ``box`` each secret shows as ``whsec_…abcd``; without it only that they exist.
     """
@@ -349,7 +368,7 @@ def to_dict(route: Route, box: SecretBox | None = None) -> dict[str, Any]:
         "name": route.name,
         "description": route.description,
         "mode": route.mode,
-        "steps": route.steps,
+        "steps": step_secrets.shown_steps(route.steps, box, registry),
         "filter": route.filter,
         "dedup_path": route.dedup_path,
         "dedup_window": route.dedup_window,
@@ -367,6 +386,7 @@ def spec_data(route: Route, box: SecretBox) -> dict[str, Any]:
     Raises SecretsUnreadable when the stored secrets do not decrypt.
     """
     data = to_dict(route)
+    data["steps"] = step_secrets.opened_steps(route.steps, box)
     if data["verify"] is not None:
         data["verify"]["secrets"] = box.open(route.secrets_encrypted)
     return data
@@ -454,6 +474,7 @@ def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole
         current = spec_data(route, box)
     except SecretsUnreadable:
         current = to_dict(route)
+        current["steps"] = step_secrets.opened_steps(route.steps, box)
         if current["verify"] is not None:
             current["verify"]["secrets"] = []
     data = {"name": route.name, **({} if whole else current), **changes}
@@ -466,6 +487,20 @@ def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole
             verify = {**verify, "secrets": old["secrets"]}
         data["verify"] = verify
     return data
+
+
+def seal_stored_secrets(session: Session, registry: Registry, box: SecretBox) -> list[str]:
+    """Seal the step secrets that routes saved by an older release keep in clear (run by
+    ``db upgrade`` and ``init``: the app, unlike a migration, knows every connector's
+    declared secret fields and holds the key). The names of the routes changed."""
+    sealed = []
+    for route in list_routes(session):
+        steps, problems = step_secrets.seal_steps(route.steps or [], registry, box, route.steps)
+        if not problems and steps != route.steps:
+            route.steps = steps
+            sealed.append(route.name)
+    session.flush()
+    return sealed
 
 
 def get(session: Session, name: str) -> Route | None:

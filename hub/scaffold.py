@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub.connectors import Connector, InputError, StepContext
+from hub.connectors import Connector, InputError, Secret, StepContext
 
 
 class {cls}Config(BaseModel):
@@ -40,6 +40,9 @@ class {cls}Config(BaseModel):
 
     field: str = Field("text", description="Payload field to read.")
     prefix: str = Field("", description="Put before the value; may be a template.")
+    # A credential: declared Secret, the hub keeps it encrypted, shows it masked and cuts it
+    # from attempt copies; run() gets the real value. (Headers for a call: CredentialHeaders.)
+    token: Secret | None = Field(None, description="A credential for the service, if any.")
 
 
 class {cls}Connector(Connector):

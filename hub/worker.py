@@ -274,6 +274,7 @@ class Worker:
                 max_depth=pipeline.max_json_depth(self.app.config),
                 template_limits=TemplateLimits.from_config(self.app.config),
                 max_response_bytes=int(self.app.config["MAX_RESPONSE_BYTES"]),
+                secrets=self.app.extensions["hub.secrets"],
             )
         except Exception as exc:  # never let one event take the worker down
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.

@@ -217,5 +217,5 @@ def test_embedded_worker_delivers_in_the_web_process(
             return shown["status"] == "delivered" and shown
 
         shown = wait_until(delivered, 20, what="the embedded worker")
-    assert shown["attempt_log"][0]["http_status"] == 200
+    assert shown["attempts"] == 1
     assert receiver.requests[0].json() == {"hello": "x"}

@@ -134,6 +134,7 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", "/admin/api/events/replay", json={"route": "orders"}, **a)
     call("GET", "/admin/api/stats", query_string={"since": "1h"}, **a)
     call("GET", "/events/{event_id}", f"/events/{event.id}", headers={"X-API-Key": key})
+    call("GET", "/events/{event_id}", f"/events/{event.id}", **a)  # the admin's whole view
     call("GET", "/events/{event_id}", "/events/evt_nope", headers={"X-API-Key": key})
     call("GET", "/events/{event_id}", f"/events/{event.id}")
     call(

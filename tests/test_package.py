@@ -122,6 +122,7 @@ def test_an_installed_hub_migrates_serves_and_delivers_from_any_directory(venv, 
 
     assert "newest schema" in run([*flask, "db", "upgrade"], elsewhere, env)
     key = run([*flask, "keys", "create", "sender"], elsewhere, env).splitlines()[0]
+    admin = run([*flask, "keys", "create", "ops", "--admin"], elsewhere, env).splitlines()[0]
     step = "http:" + json.dumps({"url": receiver.url + "/in"})
     run([*flask, "routes", "add", "orders", "--mode", "async", "--step", step], elsewhere, env)
     assert list(elsewhere.iterdir()) == []  # nothing written into the working directory
@@ -144,7 +145,8 @@ def test_an_installed_hub_migrates_serves_and_delivers_from_any_directory(venv, 
         assert delivered.json() == {"order": 42}
 
         def status() -> dict | None:
-            event = requests.get(answer.json()["status_url"], headers={"X-API-Key": key}, timeout=5)
+            url = answer.json()["status_url"]
+            event = requests.get(url, headers={"X-API-Key": admin}, timeout=5)
             return event.json()["status"] == "delivered" and event.json()
 
         event = wait_until(status, 20, what="the event to be marked delivered")

@@ -3,8 +3,9 @@
 The receiver can verify a signed request with any Standard Webhooks library: the hub sends
 ``webhook-id`` (the same on every retry of one event's step, so the receiver can drop
 duplicates), ``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256>``.
-The secret itself never sits in the route config (configs are shown in lists): the config
-names the environment variable that holds it.
+The signing secret never sits in the route config: the config names the environment
+variable that holds it. A credential header may be given either way: by value in
+``headers`` (encrypted at rest, shown masked) or by variable in ``headers_from_env``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub import http
-from hub.connectors import Connector, StepContext, require_env
+from hub.connectors import Connector, CredentialHeaders, StepContext, require_env
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -47,8 +48,11 @@ class HttpForwardConfig(BaseModel):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field(
         "POST", description="HTTP method; GET sends no body."
     )
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="Extra headers; values may be templates."
+    # Credential-named headers (Authorization, X-Api-Key ...) are secret: encrypted at rest,
+    # masked when shown, cut from attempt copies.
+    headers: CredentialHeaders = Field(
+        default_factory=dict,
+        description="Extra headers; values may be templates. Credential-named ones are secret.",
     )
     headers_from_env: dict[str, str] = Field(
         default_factory=dict,

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hub import admin as admin_api
 from hub import api_models as m
-from hub import errors, ingest, ratelimit, redact, signatures
+from hub import errors, ingest, ratelimit, signatures, step_secrets
 from hub import events as event_store
 from hub import keys as key_store
 from hub import routes as route_store
@@ -524,10 +524,10 @@ def retry_text(schedule: list[int] | None) -> str:
 def steps_shown(steps: list[dict]) -> list[dict]:
     registry = current_app.extensions["hub.connectors"]
     shown = []
-    for step in steps or []:
+    for step in step_secrets.shown_steps(steps, admin_api.box(), registry):
         name = step.get("connector", "?")
         described = registry.get(name).description if name in registry else "not loaded"
-        config = json.dumps(redact.mapping(step.get("config") or {}), indent=2, ensure_ascii=False)
+        config = json.dumps(step.get("config") or {}, indent=2, ensure_ascii=False)
         shown.append({"connector": name, "description": described, "config": config})
     return shown
 
@@ -552,7 +552,7 @@ def get_route_or_404(name: str):
 @bp.get("/routes/<name>")
 def route_detail(name: str):
     route = get_route_or_404(name)
-    data = route_store.to_dict(route, admin_api.box())
+    data = route_store.to_dict(route, admin_api.box(), current_app.extensions["hub.connectors"])
     return page(
         "dashboard/route.html",
         route=route,
@@ -608,9 +608,11 @@ def route_form_values(route=None) -> dict[str, str]:
             "verify_options": "{}",
             "verify_secrets": "",
         }
+    # Masked as everywhere; a mask sent back unchanged keeps the stored secret (save_routes).
+    registry = current_app.extensions["hub.connectors"]
     steps = [
-        {"connector": s.get("connector"), "config": redact.mapping(s.get("config") or {})}
-        for s in route.steps or []
+        {"connector": s.get("connector"), "config": s.get("config") or {}}
+        for s in step_secrets.shown_steps(route.steps, admin_api.box(), registry)
     ]
     return {
         "name": route.name,
@@ -630,18 +632,6 @@ def route_form_values(route=None) -> dict[str, str]:
     }
 
 
-def unmask(given: Any, stored: Any) -> Any:
-    """A step config from the form with each ``[redacted]`` value put back to the stored
-    one: the form shows configs masked, and saving must not overwrite a secret with that."""
-    if given == redact.REDACTED and stored is not None:
-        return stored
-    if isinstance(given, dict) and isinstance(stored, dict):
-        return {k: unmask(v, stored.get(k)) for k, v in given.items()}
-    if isinstance(given, list) and isinstance(stored, list):
-        return [unmask(v, stored[i] if i < len(stored) else None) for i, v in enumerate(given)]
-    return given
-
-
 def route_form_data(form, route) -> tuple[dict[str, Any], list[str]]:
     """The form as the API's route body; problems with the form's own syntax first."""
     problems: list[str] = []
@@ -657,14 +647,7 @@ def route_form_data(form, route) -> tuple[dict[str, Any], list[str]]:
     if form.get("auth"):
         data["auth"] = form["auth"]
     try:
-        steps = json.loads(form.get("steps", "") or "[]")
-        if route is not None and isinstance(steps, list):
-            stored = route.steps or []
-            steps = [
-                unmask(s, stored[i]) if i < len(stored) and isinstance(s, dict) else s
-                for i, s in enumerate(steps)
-            ]
-        data["steps"] = steps
+        data["steps"] = json.loads(form.get("steps", "") or "[]")
     except ValueError as exc:
         problems.append(f"steps: not valid JSON ({exc})")
     window = form.get("dedup_window", "").strip()
