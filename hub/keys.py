@@ -1,8 +1,17 @@
 """API keys: ``hk_<prefix>_<secret>``; the database keeps the prefix and a SHA-256 digest.
 
 The secret carries 256 bits from ``secrets``, so a fast digest is enough: there is nothing
-to brute-force. Verified keys are remembered for a few seconds so that a burst of
-webhooks costs one lookup, not one per request.
+to brute-force.
+
+Revocation and expiry take effect at once, in every process and on every machine: a
+presented key is looked up in the database on every request (one indexed read of a few
+columns by its unique prefix), never remembered across requests. Once ``revoke`` has
+committed, the key's next request is 401 wherever it lands; a key is refused from the
+instant its ``expires_at`` passes. A per-process cache of verified keys (10 s until issue
+17) let a revoked admin key read and even mint keys in other gunicorn processes for that
+long; the read that replaced it was measured at 0.10 ms a request on SQLite and 0.17 ms on
+PostgreSQL (``authenticate``'s comment), less than a revocation-generation row would
+save, since checking that row is a read of its own.
 """
 
 from __future__ import annotations
@@ -11,14 +20,13 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from hub import ratelimit
-from hub.cache import TTLCache
 from hub.models import ApiKey, DashboardSession, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
@@ -121,7 +129,8 @@ def create_key(
     return row, key
 
 
-def key_info(row: ApiKey) -> KeyInfo:
+def key_info(row: ApiKey | Row) -> KeyInfo:
+    """A key's row (an ApiKey, or a Row of its columns) as the KeyInfo requests carry."""
     return KeyInfo(
         id=row.id,
         prefix=row.prefix,
@@ -140,8 +149,8 @@ def get(session: Session, prefix: str) -> ApiKey | None:
 
 
 def revoke(session: Session, prefix: str) -> ApiKey | None:
-    """Revoke a key, and end its dashboard sessions with it: every process sees that at
-    once, where a cached verification of the key itself lasts HUB_KEY_CACHE_SECONDS."""
+    """Revoke a key, and end its dashboard sessions with it: once the caller commits, the
+    key is refused on its next request in every process (nothing remembers it)."""
     row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
@@ -159,39 +168,52 @@ def end_dashboard_sessions(session: Session, prefix: str) -> int:
     return int(ended or 0)
 
 
-class KeyCache(TTLCache[KeyInfo]):
-    """Verified keys by digest for ``ttl`` seconds; one per app."""
+# The columns a request needs to judge a key: no ORM object, one indexed read.
+_KEY_COLUMNS = (
+    ApiKey.id,
+    ApiKey.prefix,
+    ApiKey.digest,
+    ApiKey.name,
+    ApiKey.scopes,
+    ApiKey.expires_at,
+    ApiKey.revoked_at,
+    ApiKey.last_used_at,
+    ApiKey.rate_limit,
+    ApiKey.is_admin,
+)
 
 
-def authenticate(session: Session, presented: str | None, cache: KeyCache) -> KeyInfo:
+def authenticate(session: Session, presented: str | None) -> KeyInfo:
     """The key's info, or KeyRefused with unauthorized / revoked / expired."""
     if not presented:
         raise KeyRefused("unauthorized")
     match = KEY_RE.match(presented.strip())
     if not match:
         raise KeyRefused("unauthorized")
-    return authenticate_digest(session, match.group(1), digest(presented.strip()), cache)
+    return authenticate_digest(session, match.group(1), digest(presented.strip()))
 
 
-def authenticate_digest(session: Session, prefix: str, key_digest: str, cache: KeyCache) -> KeyInfo:
+def authenticate_digest(session: Session, prefix: str, key_digest: str) -> KeyInfo:
     """As ``authenticate``, for a key known by its prefix and digest: a dashboard session
-    keeps those, never the secret, and is checked on every request (revoking ends it)."""
-    info = cache.get(key_digest)
-    if info is None:
-        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-        if row is None or not hmac.compare_digest(row.digest, key_digest):
-            raise KeyRefused("unauthorized")
-        info = key_info(row)
-        cache.put(key_digest, info)
-    now = utcnow()
+    keeps those, never the secret, and is checked on every request (revoking ends it).
+
+    Always read from the database, so that a revocation or expiry committed by any process
+    is seen on the very next request. Measured on this 2-core machine (the median of
+    2,000 calls in one transaction): 0.10 ms on SQLite and 0.17 ms on PostgreSQL over
+    127.0.0.1, against 0.02 ms for the per-process cache this read replaced.
+    """
+    row = session.execute(select(*_KEY_COLUMNS).where(ApiKey.prefix == prefix)).one_or_none()
+    if row is None or not hmac.compare_digest(row.digest, key_digest):
+        raise KeyRefused("unauthorized")
+    info = key_info(row)
     if info.revoked_at is not None:
         raise KeyRefused("revoked", info)
-    if info.expires_at is not None and info.expires_at <= now:
+    if info.expires_at is not None and info.expires_at <= utcnow():
         raise KeyRefused("expired", info)
     return info
 
 
-def touch(session: Session, info: KeyInfo, cache: KeyCache, presented: str) -> None:
+def touch(session: Session, info: KeyInfo) -> None:
     """Record use at most once a minute per key, so hot keys don't cost a write per request."""
     now = utcnow()
     if info.last_used_at is not None and now - info.last_used_at < LAST_USED_EVERY:
@@ -202,7 +224,6 @@ def touch(session: Session, info: KeyInfo, cache: KeyCache, presented: str) -> N
         .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < now - LAST_USED_EVERY))
         .values(last_used_at=now)
     )
-    cache.put(digest(presented.strip()), replace(info, last_used_at=now))
 
 
 def list_keys(session: Session) -> list[ApiKey]:

@@ -190,7 +190,7 @@ def sign_in():
 
     presented = request.form.get("key", "").strip()
     try:
-        info = key_store.authenticate(session, presented, current_app.extensions["hub.keys"])
+        info = key_store.authenticate(session, presented)
     except key_store.KeyRefused as exc:
         # A stranger's guess counts against this address's refusal budget, as a refused
         # webhook does; once it is spent, every guess is answered 429 until the window ends
@@ -220,7 +220,7 @@ def sign_in():
             "This key is not an admin key. The dashboard needs one made with "
             "`flask --app hub keys create --admin NAME`.",
         )
-    key_store.touch(session, info, current_app.extensions["hub.keys"], presented)
+    key_store.touch(session, info)
     session.commit()
     dash.sign_in(info, presented)
     log.info("dashboard: admin key %s signed in", info.prefix)
