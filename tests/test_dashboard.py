@@ -732,6 +732,30 @@ def test_keys_are_created_shown_once_and_revoked(signed_in, add_route):
     assert refused.status_code == 401
 
 
+def test_revoking_your_own_key_first_warns_that_it_signs_you_out(signed_in, admin_key, db):
+    prefix = admin_key.split("_")[1]
+    html = signed_in.get("/dashboard/keys").get_data(as_text=True)
+    row = re.search(rf'<tr id="key-{prefix}">(.*?)</tr>', html, re.S).group(1)
+    assert "data-confirm" not in row  # the server asks, with or without script
+    tok = token(signed_in, HOME)
+    asked = signed_in.post(f"/dashboard/keys/{prefix}/revoke", data={"csrf_token": tok})
+    page = asked.get_data(as_text=True)
+    assert asked.status_code == 200 and "is the key you are signed in with" in page
+    assert "signs you out" in page and 'name="sign_out" value="yes"' in page
+    with db.session() as session:  # nothing revoked yet, still signed in
+        assert key_store.get(session, prefix).revoked_at is None
+    assert signed_in.get(HOME).status_code == 200
+    confirmed = signed_in.post(
+        f"/dashboard/keys/{prefix}/revoke", data={"csrf_token": tok, "sign_out": "yes"}
+    )
+    assert confirmed.status_code == 303
+    gone = signed_in.get(confirmed.location)
+    assert gone.status_code == 302 and "sign-in" in gone.location
+    assert "was revoked" in signed_in.get(gone.location).get_data(as_text=True)
+    with db.session() as session:
+        assert key_store.get(session, prefix).revoked_at is not None
+
+
 def test_a_key_form_sent_again_makes_no_second_key(signed_in, db):
     html = signed_in.get("/dashboard/keys").get_data(as_text=True)
     form_id = re.search(r'name="form_id" value="([^"]+)"', html).group(1)

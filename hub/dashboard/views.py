@@ -812,7 +812,14 @@ def keys():
 
 @bp.post("/keys/<prefix>/revoke")
 def revoke_key(prefix: str):
+    """Revoke a key; the key the admin is signed in with is revoked only once a page has
+    said that this signs them out (everywhere) and they confirmed it."""
     session = get_session()
+    own = prefix == g.admin.prefix
+    if own and request.form.get("sign_out") != "yes":
+        row = key_store.get(session, prefix)
+        session.commit()
+        return page("dashboard/revoke_own.html", key=row)
     row = key_store.revoke(session, prefix[:16])
     if row is None:
         abort(404)
