@@ -10,12 +10,13 @@ import time
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from hub import create_app
 from hub import keys as key_store
 from hub.config import SettingsError
 from hub.dashboard import session as dash_session
-from hub.models import ApiKey, DashboardSession, Event, Route, new_event_id, utcnow
+from hub.models import ApiKey, Base, DashboardSession, Event, Route, new_event_id, utcnow
 
 HOME = "/dashboard/"
 PAGES = [
@@ -330,6 +331,54 @@ def test_a_change_without_the_csrf_token_is_refused(signed_in, db):
     )
     assert by_header.status_code == 201
     assert key_count() == before + 2
+
+
+def every_row(db) -> dict[str, list[tuple]]:
+    """Every row of every table of the hub's schema, in primary-key order."""
+    with db.engine.connect() as conn:
+        return {
+            table.name: [
+                tuple(row)
+                for row in conn.execute(sa.select(table).order_by(*table.primary_key.columns))
+            ]
+            for table in Base.metadata.sorted_tables
+        }
+
+
+def test_every_dashboard_change_without_a_valid_csrf_token_is_refused_and_changes_nothing(
+    app, signed_in, admin_key, make_key, add_route, db
+):
+    """Every rule of the dashboard's URL map that takes a change (POST, PUT, PATCH, DELETE),
+    filled with things that exist (a key, a route, an event), so that a form whose check
+    were skipped would act: forms added later are covered too."""
+    add_route("orders", [{"connector": "text", "config": {"field": "text"}}])
+    (event_id,) = add_events(db, "orders", ["dead"])
+    victim = make_key(name="victim").split("_")[1]
+    values = {"prefix": victim, "name": "orders", "event_id": event_id, "rest": "x"}
+    form = {"name": "sneaky", "key": admin_key, "enabled": "false", "status": "dead"}
+    adapter = app.url_map.bind("localhost")
+    walked = []
+    for rule in app.url_map.iter_rules():
+        if not rule.endpoint.startswith("dashboard."):  # the blueprint's, at its prefix
+            continue
+        arguments = {
+            a: values.get(a, "x") for a in rule.arguments if a not in (rule.defaults or {})
+        }
+        for method in sorted((rule.methods or set()) & dash_session.CHANGES):
+            walked.append((method, adapter.build(rule.endpoint, arguments, method=method)))
+    paths = {path for _, path in walked}
+    assert f"/dashboard/keys/{victim}/revoke" in paths and "/dashboard/sign-out" in paths
+    assert len(walked) >= 10
+    before = every_row(db)
+    wrong = []
+    for method, path in walked:
+        for token_sent in ({}, {"csrf_token": "x" * 43}):
+            answer = signed_in.open(path, method=method, data={**form, **token_sent})
+            if answer.status_code != 403 or "CSRF" not in answer.get_data(as_text=True):
+                wrong.append(f"{method} {path} {sorted(token_sent)}: {answer.status_code}")
+    assert not wrong, "a change without a valid CSRF token was not refused: " + "; ".join(wrong)
+    assert every_row(db) == before
+    assert signed_in.get(HOME).status_code == 200  # still signed in: sign-out was refused too
 
 
 def test_sign_in_needs_the_csrf_token_too(client, admin_key):
