@@ -5,7 +5,8 @@ Real processes, as the README deploys the hub: gunicorn with 2 worker processes 
 `flask --app hub worker`. Before each revocation the key is used in BOTH gunicorn
 processes (each connection's server-side socket is traced to the process that accepted
 it, through /proc), so each process has seen it warm; after it, each process is asked
-again, including to mint a new admin key with it.
+again, including to mint a new admin key with it. A key that expires meanwhile is
+refused by both from the instant its expires_at passes.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import json
 import os
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from hub.db import Database
 from hub.keys import create_key
-from hub.models import ApiKey
+from hub.models import ApiKey, utcnow
 from tests.procs import BIN, ROOT, gunicorn, hub_env, stop, wait_until, worker
 
-ROUNDS = 4  # the API and the CLI, twice each
+ROUNDS = 3  # the API, the CLI (a process of its own), the API again
 WARM_REQUESTS = 4  # per process, before each revocation
+EXPIRES_IN = timedelta(seconds=4)  # enough to warm the key in both processes first
 
 
 def worker_pids(master: int) -> set[int]:
@@ -69,12 +72,16 @@ def owner(pids: set[int], inode: str) -> int | None:
     return None
 
 
-def connection_to_each(port: int, pids: set[int]) -> dict[int, http.client.HTTPConnection]:
+def connection_to_each(
+    port: int, pids: set[int], opened: list[http.client.HTTPConnection]
+) -> dict[int, http.client.HTTPConnection]:
     """One open connection accepted by each gunicorn worker (new connections are made
-    until every worker holds one; the others are closed)."""
+    until every worker holds one; the others are closed). Each is also added to
+    ``opened``, for the test to close whatever happens."""
     held: dict[int, http.client.HTTPConnection] = {}
     for _ in range(200):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        opened.append(conn)
         conn.connect()
         client_port = conn.sock.getsockname()[1]
 
@@ -92,12 +99,16 @@ def connection_to_each(port: int, pids: set[int]) -> dict[int, http.client.HTTPC
     raise AssertionError(f"no connection reached every worker: {sorted(held)} of {sorted(pids)}")
 
 
-def call(conn: http.client.HTTPConnection, method: str, path: str, key: str, body=None) -> int:
+def answer(conn: http.client.HTTPConnection, method: str, path: str, key: str, body=None):
+    """(status, JSON body) of one request on ``conn``."""
     headers = {"X-API-Key": key, "Content-Type": "application/json"}
     conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-    answer = conn.getresponse()
-    answer.read()
-    return answer.status
+    response = conn.getresponse()
+    return response.status, json.loads(response.read() or b"null")
+
+
+def call(conn: http.client.HTTPConnection, method: str, path: str, key: str, body=None) -> int:
+    return answer(conn, method, path, key, body)[0]
 
 
 def revoke_with_cli(database_url: str, prefix: str) -> None:
@@ -113,41 +124,59 @@ def revoke_with_cli(database_url: str, prefix: str) -> None:
     assert f"revoked {prefix}" in done.stdout
 
 
-def test_a_revoked_admin_key_is_refused_at_once_by_every_process(database_url_for_test, tmp_path):
+def test_a_revoked_or_expired_admin_key_is_refused_at_once_by_every_process(
+    database_url_for_test, tmp_path
+):
     db = Database(database_url_for_test)
     with db.session() as session:  # the admin who revokes, through the API
         _, root = create_key(session, "root", admin=True)
     with gunicorn(database_url_for_test, tmp_path / "web.log", workers=2) as (web, base):
         delivery = worker(database_url_for_test, tmp_path / "worker.log")
+        opened: list[http.client.HTTPConnection] = []
         try:
             port = int(base.rsplit(":", 1)[1])
             pids = worker_pids(web.pid)
             assert len(pids) == 2
+            with db.session() as session:  # used in both processes now, expired by the end
+                row, expiring = create_key(session, "expiring", expires_in=EXPIRES_IN, admin=True)
+                expires_at = row.expires_at
+            for conn in connection_to_each(port, pids, opened).values():
+                for _ in range(WARM_REQUESTS):
+                    assert call(conn, "GET", "/admin/api/keys", expiring) == 200
+                conn.close()
             for round_ in range(ROUNDS):
                 with db.session() as session:
                     row, victim = create_key(session, f"victim-{round_}", admin=True)
                     prefix = row.prefix
-                held = connection_to_each(port, pids)
+                held = connection_to_each(port, pids, opened)
                 for conn in held.values():  # each process has verified the key, recently
                     for _ in range(WARM_REQUESTS):
                         assert call(conn, "GET", "/admin/api/keys", victim) == 200
                 if round_ % 2 == 0:
                     revoker = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                    opened.append(revoker)
                     assert call(revoker, "DELETE", f"/admin/api/keys/{prefix}", root) == 200
-                    revoker.close()
                 else:
                     revoke_with_cli(database_url_for_test, prefix)
                 revoked_at = time.monotonic()
                 # The first requests after the answer, in each process: kept-alive
                 # connections when still open (the API round), new ones to each process.
-                after = connection_to_each(port, pids) if round_ % 2 else held
+                after = connection_to_each(port, pids, opened) if round_ % 2 else held
                 for pid, conn in after.items():
                     mint = {"name": "minted", "admin": True}
                     assert call(conn, "POST", "/admin/api/keys", victim, mint) == 401, pid
                     assert call(conn, "GET", "/admin/api/keys", victim) == 401, pid
                 for conn in {*held.values(), *after.values()}:
                     conn.close()
-                assert time.monotonic() - revoked_at < 5  # well inside the old 10 s cache
+                assert time.monotonic() - revoked_at < 8  # inside the old 10 s cache
+            # The expiring key, once its expires_at has passed: refused in each process.
+            time.sleep(max(0.0, (expires_at - utcnow()).total_seconds() + 0.05))
+            for pid, conn in connection_to_each(port, pids, opened).items():
+                mint = {"name": "minted", "admin": True}
+                assert call(conn, "POST", "/admin/api/keys", expiring, mint) == 401, pid
+                status, body = answer(conn, "GET", "/admin/api/keys", expiring)
+                assert (status, body["error"]) == (401, "API key has expired"), pid
+                conn.close()
             with db.session() as session:
                 minted = session.scalar(
                     select(func.count()).select_from(ApiKey).where(ApiKey.name == "minted")
@@ -155,5 +184,7 @@ def test_a_revoked_admin_key_is_refused_at_once_by_every_process(database_url_fo
             assert minted == 0
             assert delivery.poll() is None  # the worker process ran beside them throughout
         finally:
+            for conn in opened:
+                conn.close()
             stop(delivery)
             db.dispose()
