@@ -1,8 +1,9 @@
-"""Revocation is immediate everywhere: once `DELETE` of a key has answered (the admin API or
-`keys revoke`), the key's next request is 401 in every process, whichever one it reaches.
+"""Revocation is immediate everywhere: once the revocation of a key has answered, the key's
+next request is 401 in every process, whichever one it reaches.
 
 Real processes, as the README deploys the hub: gunicorn with 2 worker processes and a
-`flask --app hub worker`. Before each revocation the key is used in BOTH gunicorn
+`flask --app hub worker`; the key is revoked through each face in turn (the admin API,
+`keys revoke`, the dashboard). Before each revocation the key is used in BOTH gunicorn
 processes (each connection's server-side socket is traced to the process that accepted
 it, through /proc), so each process has seen it warm; after it, each process is asked
 again, including to mint a new admin key with it. A key that expires meanwhile is
@@ -14,11 +15,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import requests
 from sqlalchemy import func, select
 
 from hub.db import Database
@@ -26,7 +29,10 @@ from hub.keys import create_key
 from hub.models import ApiKey, utcnow
 from tests.procs import BIN, ROOT, gunicorn, hub_env, stop, wait_until, worker
 
-ROUNDS = 3  # the API, the CLI (a process of its own), the API again
+# Each round revokes through one face: the admin API, the CLI (a process of its own), the
+# dashboard's Revoke button.
+FACES = ("api", "cli", "dashboard")
+TOKEN_RE = re.compile(r'name="csrf-token" content="([^"]+)"')
 WARM_REQUESTS = 4  # per process, before each revocation
 EXPIRES_IN = timedelta(seconds=4)  # enough to warm the key in both processes first
 
@@ -124,6 +130,20 @@ def revoke_with_cli(database_url: str, prefix: str) -> None:
     assert f"revoked {prefix}" in done.stdout
 
 
+def revoke_with_dashboard(base: str, admin_key: str, prefix: str) -> None:
+    """Sign in to the dashboard with ``admin_key`` and press Revoke on the key ``prefix``."""
+    with requests.Session() as browser:
+        page = browser.get(f"{base}/dashboard/sign-in", timeout=10).text
+        form = {"key": admin_key, "csrf_token": TOKEN_RE.search(page).group(1)}
+        signed_in = browser.post(f"{base}/dashboard/sign-in", data=form, timeout=10)
+        assert signed_in.status_code == 200 and signed_in.url.endswith("/dashboard/")
+        token = TOKEN_RE.search(signed_in.text).group(1)
+        revoked = browser.post(
+            f"{base}/dashboard/keys/{prefix}/revoke", data={"csrf_token": token}, timeout=10
+        )
+        assert revoked.status_code == 200 and f"Key {prefix}" in revoked.text
+
+
 def test_a_revoked_or_expired_admin_key_is_refused_at_once_by_every_process(
     database_url_for_test, tmp_path
 ):
@@ -144,7 +164,7 @@ def test_a_revoked_or_expired_admin_key_is_refused_at_once_by_every_process(
                 for _ in range(WARM_REQUESTS):
                     assert call(conn, "GET", "/admin/api/keys", expiring) == 200
                 conn.close()
-            for round_ in range(ROUNDS):
+            for round_, face in enumerate(FACES):
                 with db.session() as session:
                     row, victim = create_key(session, f"victim-{round_}", admin=True)
                     prefix = row.prefix
@@ -152,16 +172,19 @@ def test_a_revoked_or_expired_admin_key_is_refused_at_once_by_every_process(
                 for conn in held.values():  # each process has verified the key, recently
                     for _ in range(WARM_REQUESTS):
                         assert call(conn, "GET", "/admin/api/keys", victim) == 200
-                if round_ % 2 == 0:
+                if face == "api":
                     revoker = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                     opened.append(revoker)
                     assert call(revoker, "DELETE", f"/admin/api/keys/{prefix}", root) == 200
-                else:
+                elif face == "cli":
                     revoke_with_cli(database_url_for_test, prefix)
+                else:
+                    revoke_with_dashboard(base, root, prefix)
                 revoked_at = time.monotonic()
-                # The first requests after the answer, in each process: kept-alive
-                # connections when still open (the API round), new ones to each process.
-                after = connection_to_each(port, pids, opened) if round_ % 2 else held
+                # The first requests after the answer, in each process: on the kept-alive
+                # connections after the API's quick answer, else on new ones to each process
+                # (a kept-alive connection is closed after 2 s idle).
+                after = held if face == "api" else connection_to_each(port, pids, opened)
                 for pid, conn in after.items():
                     mint = {"name": "minted", "admin": True}
                     assert call(conn, "POST", "/admin/api/keys", victim, mint) == 401, pid
