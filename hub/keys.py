@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import Engine, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from hub import ratelimit
@@ -197,7 +197,11 @@ def key_row(session: Session, prefix: str) -> Row | None:
     SELECT, COMMIT). Elsewhere it is a statement of the session's transaction.
     """
     bind = session.get_bind()
-    if bind.dialect.name == "postgresql" and not session.in_transaction():
+    if (
+        isinstance(bind, Engine)
+        and bind.dialect.name == "postgresql"
+        and not session.in_transaction()
+    ):
         with bind.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return conn.execute(_KEY_QUERY, {"prefix": prefix}).one_or_none()
     return session.execute(_KEY_QUERY, {"prefix": prefix}).one_or_none()
