@@ -40,7 +40,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         db,
         errors,
         ingest,
-        keys,
         logs,
         metrics,
         openapi,
@@ -59,7 +58,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     ratelimit.init_app(app)
     errors.init_app(app)
-    app.extensions["hub.keys"] = keys.KeyCache(float(app.config["KEY_CACHE_SECONDS"]))
     app.extensions["hub.routes"] = TTLCache(float(app.config["ROUTE_CACHE_SECONDS"]))
     # Set when an async event is committed, so an idle worker in this process starts at once.
     app.extensions["hub.wakeup"] = threading.Event()

@@ -42,7 +42,7 @@ EVENT_ID = {"event_id": "The event's id (evt_...)"}
 def require_admin_key():
     session = get_session()
     try:
-        info = key_store.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
+        info = key_store.authenticate(session, presented_key())
     except key_store.KeyRefused as exc:
         message = {"revoked": "API key has been revoked", "expired": "API key has expired"}
         return error_response(401, message.get(exc.code, "Invalid API key"), "unauthorized")
@@ -58,10 +58,10 @@ def require_admin_key():
 @bp.after_request
 def after_change(response):
     """Every change is logged with the admin key's prefix (the hub's log format escapes
-    control characters), and this process forgets the keys and routes it had cached: the
-    change reaches its ingest at once, other processes within their cache's seconds."""
+    control characters), and this process forgets the routes it had cached: the change
+    reaches its ingest at once, other processes within their cache's seconds (keys are
+    never cached: a revoked key is refused at once everywhere)."""
     if request.method in CHANGES and "admin_prefix" in g:
-        current_app.extensions["hub.keys"].clear()
         current_app.extensions["hub.routes"].clear()
         log.info(
             "admin key %s: %s %s -> %d",

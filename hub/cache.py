@@ -1,8 +1,11 @@
 """A small in-process cache with a time to live, shared by a process's request threads.
 
-The hub keeps what every request asks the database for and rarely changes (verified keys,
-routes) for a few seconds; a change made elsewhere takes effect in every process within
-that time, and at once in the process that made it (it clears its cache).
+The hub keeps what every request asks the database for and rarely changes (routes) for a
+few seconds; a change made elsewhere takes effect in every process within that time, and
+at once in the process that made it (it clears its cache).
+
+Never for what must take effect at once everywhere: API keys are read on every request,
+so a revoked or expired key is refused on its next request in every process (hub.keys).
 """
 
 from __future__ import annotations

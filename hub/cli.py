@@ -219,7 +219,7 @@ def _short(value: str | None) -> str:
 @keys_cli.command("revoke")
 @click.argument("prefix")
 def keys_revoke(prefix: str) -> None:
-    """Revoke the key with this prefix; it stops working within HUB_KEY_CACHE_SECONDS."""
+    """Revoke the key with this prefix; its next request is refused, in every process."""
     with get_db().session() as session:
         row = key_store.get(session, prefix)
         if row is None:
@@ -229,7 +229,6 @@ def keys_revoke(prefix: str) -> None:
                 f"key {prefix} was already revoked on {row.revoked_at:%Y-%m-%d %H:%M} UTC"
             )
         key_store.revoke(session, prefix)
-    current_app.extensions["hub.keys"].clear()
     click.echo(f"revoked {prefix}")
 
 

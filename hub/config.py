@@ -299,11 +299,6 @@ class Settings(BaseSettings):
     stored_header_bytes: Count = Field(
         32768, description="bytes of header names and values kept on an accepted event"
     )
-    key_cache_seconds: SecondsOrZero = Field(
-        10.0,
-        description="how long a verified API key is remembered before the database is asked "
-        "again (a revoked key may pass this long)",
-    )
     route_cache_seconds: SecondsOrZero = Field(
         5.0,
         description="how long ingest and workers remember a route: a change made in another "
@@ -489,6 +484,13 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         raise SettingsError(problems) from None
 
 
+# Settings the hub once had, with why each went: a deployment that still sets one is told.
+RETIRED = {
+    "HUB_KEY_CACHE_SECONDS": "keys are read from the database on every request, so that a "
+    "revoked key is refused at once in every process",
+}
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A sentence for each HUB_* variable that is no setting (a typo), naming the nearest."""
     environ = os.environ if environ is None else environ
@@ -497,6 +499,9 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith(PREFIX) or upper.startswith(NOT_SETTINGS) or upper in known:
+            continue
+        if upper in RETIRED:
+            found.append(f"{name} is no longer a setting and is ignored: {RETIRED[upper]}")
             continue
         nearest = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
         hint = f"; did you mean {nearest[0]}?" if nearest else ""

@@ -207,15 +207,33 @@ def authenticate(
         return None, True
 
 
+def verified_key(session: Session) -> keys.KeyInfo:
+    """The presented key, read from the database once per request (the refusal budget and
+    the route's key check both ask), or KeyRefused.
+
+    The read's transaction ends here: on SQLite it holds the write lock, which the request
+    must not keep while it reads the body."""
+    known = g.get("hub_verified_key")
+    if known is None:
+        try:
+            known = keys.authenticate(session, presented_key())
+        except keys.KeyRefused as exc:
+            known = exc
+        session.commit()
+        g.hub_verified_key = known
+    if isinstance(known, keys.KeyRefused):
+        raise known
+    return known
+
+
 def check_key(session: Session, route: Route) -> keys.KeyInfo:
-    cache: keys.KeyCache = current_app.extensions["hub.keys"]
     presented = presented_key()
     event = request_event()
     match = keys.KEY_RE.match((presented or "").strip())
     if match:  # who claimed to knock; whose key it really was is known only once verified
         event.presented_prefix = match.group(1)
     try:
-        info = keys.authenticate(session, presented, cache)
+        info = verified_key(session)
     except keys.KeyRefused as exc:
         if exc.info is not None:  # the real key, revoked or expired
             event.key_prefix = exc.info.prefix
@@ -234,7 +252,7 @@ def check_key(session: Session, route: Route) -> keys.KeyInfo:
             f"This API key may not post to route '{route.name}'",
             detail=f"key {info.prefix} lacks scope {route.name}",
         )
-    keys.touch(session, info, cache, presented or "")
+    keys.touch(session, info)
     return info
 
 
@@ -391,9 +409,9 @@ def check_refusal_budget(session: Session, route_name: str) -> int | None:
     rate = refusal_rate()
     if rate is None:
         return None
-    if presented_key():  # a valid key always passes: usually a cache hit, no query
+    if presented_key():  # a valid key always passes (read once; check_key reuses it)
         try:
-            keys.authenticate(session, presented_key(), current_app.extensions["hub.keys"])
+            verified_key(session)
             return None
         except keys.KeyRefused:
             pass
@@ -754,7 +772,7 @@ def event_status(event_id: str):
     session = get_session()
     presented = presented_key()
     try:
-        info = keys.authenticate(session, presented, current_app.extensions["hub.keys"])
+        info = keys.authenticate(session, presented)
     except keys.KeyRefused:
         return error_response(401)
     # No event id holds NUL, and PostgreSQL can't even compare one that does.

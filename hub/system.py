@@ -69,7 +69,7 @@ def refuse_scraper():
         return None
     session = get_session()
     try:
-        info = keys.authenticate(session, presented, current_app.extensions["hub.keys"])
+        info = keys.authenticate(session, presented)
     except keys.KeyRefused:
         response, status = error_response(
             401, "Metrics need the metrics token or an admin API key", "unauthorized"

@@ -88,7 +88,6 @@ def app(database_url_for_test, monkeypatch):
             "TESTING": True,
             "DATABASE_URL": database_url_for_test,
             "SECRET_KEY": "test-secret-key-for-the-hub",
-            "KEY_CACHE_SECONDS": 0,
             "ROUTE_CACHE_SECONDS": 0,
         }
     )

@@ -61,6 +61,42 @@ def test_no_key_is_401_and_a_plain_key_is_403_everywhere_under_admin(client, key
     assert plain.get_json() == {"error": "This API key is not an admin key", "code": "forbidden"}
 
 
+def admin_endpoints(app) -> list[tuple[str, str, str]]:
+    """(method, path, endpoint) for every rule of the app's URL map under the admin prefix and
+    every method it allows, placeholders filled in: endpoints added later are walked too."""
+    prefix = app.blueprints["admin"].url_prefix
+    adapter = app.url_map.bind("localhost")
+    found = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith(prefix):
+            continue
+        values = {name: "x" for name in rule.arguments if name not in (rule.defaults or {})}
+        for method in sorted(rule.methods or ()):
+            path = adapter.build(rule.endpoint, values, method=method)
+            found.append((method, path, rule.endpoint))
+    return found
+
+
+def test_every_admin_endpoint_and_method_is_401_without_a_key_and_403_with_a_plain_one(
+    app, client, key
+):
+    walked = admin_endpoints(app)
+    endpoints = {endpoint for _, _, endpoint in walked}
+    # The walk is the URL map's, not a list: the replays and every other view are in it.
+    assert {"admin.replay_event", "admin.replay_events", "admin.create_key"} <= endpoints
+    assert len(walked) > 40
+    wrong = []
+    for method, path, endpoint in walked:
+        no_key = client.open(path, method=method)
+        plain = client.open(path, method=method, headers={"X-API-Key": key})
+        if (no_key.status_code, plain.status_code) != (401, 403):
+            wrong.append(f"{method} {path} ({endpoint}): {no_key.status_code}, {plain.status_code}")
+        elif method != "HEAD":
+            assert no_key.get_json()["code"] == "unauthorized", path
+            assert plain.get_json()["code"] == "forbidden", path
+    assert not wrong, "not 401 without a key and 403 with a plain key: " + "; ".join(wrong)
+
+
 def test_an_unknown_admin_path_is_404_only_for_an_admin(client, admin):
     response = client.get("/admin/api/nothing-here", headers=admin)
     assert response.status_code == 404

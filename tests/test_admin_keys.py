@@ -61,6 +61,24 @@ def test_scope_admin_is_the_route_called_admin_and_admin_is_a_flag(runner, clien
     assert boss_line[2] == "yes"
 
 
+def test_a_scope_is_a_whole_route_name_never_a_prefix_or_a_part(client, add_route, make_key, db):
+    for name in ("pay", "payments", "repay"):
+        add_route(name, [{"connector": "text", "config": {"field": "text"}}])
+    pay = {"X-API-Key": make_key(scopes=["pay"], name="pay")}
+    payments = {"X-API-Key": make_key(scopes=["payments"], name="payments")}
+    assert client.post("/hooks/pay", json={"text": "a"}, headers=pay).status_code == 200
+    for route in ("payments", "repay"):
+        refused = client.post(f"/hooks/{route}", json={"text": "b"}, headers=pay)
+        assert refused.status_code == 403, route
+        assert refused.json == {
+            "error": f"This API key may not post to route '{route}'",
+            "code": "forbidden",
+        }
+    assert client.post("/hooks/payments", json={"text": "c"}, headers=payments).status_code == 200
+    assert client.post("/hooks/pay", json={"text": "d"}, headers=payments).status_code == 403
+    assert [e.status for e in events(db)].count("delivered") == 2
+
+
 def test_create_prints_that_a_key_is_admin(runner):
     result = runner.invoke(args=["keys", "create", "boss", "--admin"])
     assert ", admin, scopes *" in result.stderr

@@ -1,10 +1,10 @@
 """What ingest keeps in memory to stay fast, and how soon a change reaches it.
 
-Routes and verified keys are remembered per process for a few seconds
-(HUB_ROUTE_CACHE_SECONDS, HUB_KEY_CACHE_SECONDS): a change made through this process's
-admin API takes effect at once, a change made elsewhere (another gunicorn worker, the CLI)
-within those seconds. And a commit is durable, not only written: SQLite runs with
-``synchronous=FULL``.
+Routes are remembered per process for a few seconds (HUB_ROUTE_CACHE_SECONDS): a change
+made through this process's admin API takes effect at once, a change made elsewhere
+(another gunicorn worker, the CLI) within those seconds. Keys are never remembered (a
+revocation takes effect at once everywhere: tests/test_revocation.py). And a commit is
+durable, not only written: SQLite runs with ``synchronous=FULL``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ def cached_app(database_url: str, seconds: float):
             "TESTING": True,
             "DATABASE_URL": database_url,
             "SECRET_KEY": "test-secret-key-for-the-hub",
-            "KEY_CACHE_SECONDS": seconds,
             "ROUTE_CACHE_SECONDS": seconds,
         }
     )
@@ -79,7 +78,7 @@ def test_changes_through_this_processs_admin_api_take_effect_at_once(
         assert post(client, key).status_code == 404
         enabled = client.patch("/admin/api/routes/shout", json={"enabled": True}, headers=admin)
         assert enabled.status_code == 200
-        assert post(client, key).status_code == 200  # the key is remembered now
+        assert post(client, key).status_code == 200
         prefix = key.split("_")[1]
         assert client.delete(f"/admin/api/keys/{prefix}", headers=admin).status_code == 200
         assert post(client, key).status_code == 401

@@ -14,6 +14,7 @@ import pytest
 from hub import create_app, http
 from hub.config import (
     NOT_SETTINGS,
+    RETIRED,
     TABLE_END,
     TABLE_START,
     Settings,
@@ -81,7 +82,7 @@ BAD = [
     ("HUB_SYNC_TIMEOUT", "abc", "expected a number of seconds, more than 0"),
     ("HUB_TEMPLATE_TIMEOUT", "0", "expected a number of seconds, more than 0"),
     ("HUB_LEASE_SECONDS", "inf", "expected a number of seconds, more than 0"),
-    ("HUB_KEY_CACHE_SECONDS", "-1", "expected a number of seconds, 0 or more"),
+    ("HUB_ROUTE_CACHE_SECONDS", "-1", "expected a number of seconds, 0 or more"),
     ("HUB_MAX_BODY_BYTES", "1.5", "expected a whole number, 0 or more"),
     ("HUB_STORED_HEADERS", "-5", "expected a whole number, 0 or more"),
     ("HUB_TRUSTED_PROXIES", "two", "expected a whole number, 0 or more"),
@@ -143,8 +144,8 @@ def test_create_app_overrides_are_checked_the_same_way(database_url_for_test, co
 
 def test_overrides_take_python_values_and_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("HUB_STEP_TRIES", "7")
-    settings = load_settings({"STEP_TRIES": 2, "KEY_CACHE_SECONDS": 0, "REFUSAL_LIMIT": 0})
-    assert (settings.step_tries, settings.key_cache_seconds) == (2, 0.0)
+    settings = load_settings({"STEP_TRIES": 2, "ROUTE_CACHE_SECONDS": 0, "REFUSAL_LIMIT": 0})
+    assert (settings.step_tries, settings.route_cache_seconds) == (2, 0.0)
     assert settings.refusal_limit == ""  # 0 turns the limit off
     assert load_settings({"REFUSAL_LIMIT": "100/min"}).refusal_limit == "100/minute"
     assert load_settings({"EMBEDDED_WORKER": False}).embedded_worker is False
@@ -285,6 +286,7 @@ def test_an_unknown_hub_variable_is_named_with_the_nearest_setting():
         "HUB_SYNC_TIMOUT": "5",
         "HUB_EMBEDED_WORKER": "false",
         "HUB_NOTHING_LIKE_IT": "1",
+        "HUB_KEY_CACHE_SECONDS": "10",  # retired: keys are read on every request
         "HUB_STEP_TRIES": "1",
         "HUB_TEST_DATABASE_URL": "postgresql://",  # the test suite's own
         "HUB_BENCH_DATABASE_URL": "postgresql://",  # the benchmarks' own
@@ -293,6 +295,8 @@ def test_an_unknown_hub_variable_is_named_with_the_nearest_setting():
     assert unknown_variables(environ) == [
         "HUB_EMBEDED_WORKER is not a setting of the hub and is ignored; "
         "did you mean HUB_EMBEDDED_WORKER?",
+        "HUB_KEY_CACHE_SECONDS is no longer a setting and is ignored: keys are read from the "
+        "database on every request, so that a revoked key is refused at once in every process",
         "HUB_NOTHING_LIKE_IT is not a setting of the hub and is ignored",
         "HUB_SYNC_TIMOUT is not a setting of the hub and is ignored; "
         "did you mean HUB_SYNC_TIMEOUT?",
@@ -335,5 +339,5 @@ def test_every_hub_variable_the_code_names_is_a_setting():
     files = [*(ROOT / "hub").rglob("*.py"), *(ROOT / "connectors").rglob("*.py")]
     for path in [*files, ROOT / "gunicorn.conf.py"]:
         named |= set(re.findall(r"\bHUB_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
-    strays = {n for n in named - known if not n.startswith(NOT_SETTINGS)}
+    strays = {n for n in named - known - set(RETIRED) if not n.startswith(NOT_SETTINGS)}
     assert not strays

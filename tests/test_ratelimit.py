@@ -167,7 +167,6 @@ def test_two_app_instances_share_one_budget(app, client, add_route, database_url
             "TESTING": True,
             "DATABASE_URL": database_url_for_test,
             "SECRET_KEY": app.config["SECRET_KEY"],
-            "KEY_CACHE_SECONDS": 0,
         }
     )
     try:
@@ -242,7 +241,6 @@ def redis_app(database_url: str, prefix: str, secret_key: str, redis_url: str):
             "TESTING": True,
             "DATABASE_URL": database_url,
             "SECRET_KEY": secret_key,
-            "KEY_CACHE_SECONDS": 0,
             "REDIS_URL": redis_url,
             "RATE_LIMIT_PREFIX": prefix,
         }

@@ -284,7 +284,6 @@ def proxied_app(database_url: str, **config):
             "TESTING": True,
             "DATABASE_URL": database_url,
             "SECRET_KEY": "test-secret-key-for-the-hub",
-            "KEY_CACHE_SECONDS": 0,
             **config,
         }
     )

@@ -77,9 +77,7 @@ def load() -> None:
         return
     session = get_session()
     try:
-        info = key_store.authenticate_digest(
-            session, prefix, digest, current_app.extensions["hub.keys"]
-        )
+        info = key_store.authenticate_digest(session, prefix, digest)
         row = session.get(DashboardSession, sid_digest(sid))
         if row is None or row.ended_at is not None or row.key_prefix != prefix:
             sign_out("Your session has ended; sign in again.")

@@ -191,7 +191,7 @@ def sign_in():
 
     presented = request.form.get("key", "").strip()
     try:
-        info = key_store.authenticate(session, presented, current_app.extensions["hub.keys"])
+        info = key_store.authenticate(session, presented)
     except key_store.KeyRefused as exc:
         # A stranger's guess counts against this address's refusal budget, as a refused
         # webhook does; once it is spent, every guess is answered 429 until the window ends
@@ -221,7 +221,7 @@ def sign_in():
             "This key is not an admin key. The dashboard needs one made with "
             "`flask --app hub keys create --admin NAME`.",
         )
-    key_store.touch(session, info, current_app.extensions["hub.keys"], presented)
+    key_store.touch(session, info)
     session.commit()
     dash.sign_in(info, presented)
     log.info("dashboard: admin key %s signed in", info.prefix)
@@ -796,7 +796,14 @@ def keys():
 
 @bp.post("/keys/<prefix>/revoke")
 def revoke_key(prefix: str):
+    """Revoke a key; the key the admin is signed in with is revoked only once a page has
+    said that this signs them out (everywhere) and they confirmed it."""
     session = get_session()
+    own = prefix == g.admin.prefix
+    if own and request.form.get("sign_out") != "yes":
+        row = key_store.get(session, prefix)
+        session.commit()
+        return page("dashboard/revoke_own.html", key=row)
     row = key_store.revoke(session, prefix[:16])
     if row is None:
         abort(404)
