@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from hub import crypto, keys, logs, metrics, pipeline, ratelimit, redact, signatures, storable
 from hub import routes as route_store
 from hub.connectors import lookup_path
-from hub.db import get_db, get_session
+from hub.db import get_db, get_read_session, get_session
 from hub.errors import error_response
 from hub.groupcommit import row_of
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
@@ -749,7 +749,7 @@ def hook(route_name: str):
 @bp.get("/events/<event_id>")
 def event_status(event_id: str):
     """An event's status, for the key that sent it or an admin key."""
-    session = get_session()
+    session = get_read_session()
     presented = presented_key()
     try:
         info = keys.authenticate(session, presented, current_app.extensions["hub.keys"])
