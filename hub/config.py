@@ -158,6 +158,9 @@ JsonDepth = Annotated[
     int, BeforeValidator(_number), Field(ge=1, le=500), Expects("a whole number from 1 to 500")
 ]
 Text = Annotated[str, Expects("a text")]
+PositiveOrUnset = Annotated[
+    Positive | None, BeforeValidator(_unset_when_empty), Expects("a whole number, 1 or more")
+]
 LogFormat = Annotated[
     Literal["json", "text"] | None,
     BeforeValidator(lambda v: (v.strip().lower() or None) if isinstance(v, str) else v),
@@ -320,6 +323,13 @@ class Settings(BaseSettings):
         25.0,
         description="seconds a sync route may spend running its steps before it answers 504; "
         "a step still running then is stopped",
+    )
+    sync_runs_per_route: PositiveOrUnset = Field(
+        None,
+        description="requests of one sync route that run their steps at once in each web "
+        "process; one more is answered `503 sync_busy` with `Retry-After` (and recorded), so "
+        "a slow receiver can't take every thread from the other routes",
+        json_schema_extra={"shown": "half of `HUB_WEB_THREADS`, at least 1"},
     )
     sync_lease_margin: SecondsOrZero = Field(
         30.0,

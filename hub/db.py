@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hub.config import database_url
 
-
 # The execution option that makes a SQLite transaction start deferred (see make_engine).
 READ_ONLY = "hub_read_only"
 
@@ -115,7 +114,8 @@ def is_unavailable(error: BaseException) -> bool:
 
 
 def _sqlite_begin(conn) -> None:
-    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+    reading = conn.get_execution_options().get(READ_ONLY)
+    conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
 
 def _refuse_flush(session: Session, _context, _instances) -> None:

@@ -11,6 +11,7 @@ its window ends; a request carrying a valid key still passes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,6 +45,8 @@ HEADERS_CUT = "(cut)"
 SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}
 # Seconds a sender is told to wait while the first copy of its delivery is still running.
 IN_PROGRESS_RETRY_AFTER = 2
+# Seconds a sender is told to wait when its sync route already runs its most requests.
+SYNC_BUSY_RETRY_AFTER = 2
 
 # HTTP status of a sync run that did not deliver, by the failure's code; any other is 502.
 FAILURE_STATUS = {
@@ -355,6 +358,8 @@ def receive(route_name: str) -> Accepted:
         event.dedup_key = dedup_key(route, payload, signed)
         if event.dedup_key:
             check_duplicate(session, route, event)
+        if route.mode != "async":
+            take_sync_slot(route.name)
     except Rejected as rejection:
         if throttled_for is not None and 400 <= rejection.status < 500:
             session.rollback()
@@ -364,6 +369,72 @@ def receive(route_name: str) -> Accepted:
     event.headers = kept_headers(refused=False)
     session.add(event)
     return Accepted(event=event, route=route, key=key, payload=payload)
+
+
+class SyncSlots:
+    """How many requests of each sync route run their steps in this process now; at most
+    ``per_route`` each (HUB_SYNC_RUNS_PER_ROUTE, by default half of HUB_WEB_THREADS).
+
+    Per process, because what it guards is this process's own request threads: 8 requests
+    to a 5 s sync receiver held all 2 x 4 of gunicorn's threads, and other senders' async
+    requests waited up to 4.9 s. A count shared through the database would cost a round
+    trip per request and stay wrong after a process dies mid-run; this one dies with the
+    threads it counts. N web processes run at most N x per_route requests of one route.
+    """
+
+    def __init__(self, per_route: int):
+        self.per_route = per_route
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+
+    def take(self, route: str) -> bool:
+        with self._lock:
+            running = self._running.get(route, 0)
+            if running >= self.per_route:
+                return False
+            self._running[route] = running + 1
+            return True
+
+    def give(self, route: str) -> None:
+        with self._lock:
+            left = self._running.get(route, 0) - 1
+            if left > 0:
+                self._running[route] = left
+            else:
+                self._running.pop(route, None)
+
+
+def sync_runs_per_route(config) -> int:
+    return int(config.get("SYNC_RUNS_PER_ROUTE") or max(1, int(config["WEB_THREADS"]) // 2))
+
+
+@bp.record_once
+def _make_sync_slots(state) -> None:
+    state.app.extensions["hub.sync_slots"] = SyncSlots(sync_runs_per_route(state.app.config))
+
+
+def take_sync_slot(route: str) -> None:
+    """Hold one of the route's sync slots to the end of the request; Rejected(503) when
+    they are all taken."""
+    slots: SyncSlots = current_app.extensions["hub.sync_slots"]
+    if not slots.take(route):
+        raise Rejected(
+            503,
+            "sync_busy",
+            f"Route '{route[:100]}' is already running {slots.per_route} requests at once, "
+            f"its most; try again in {SYNC_BUSY_RETRY_AFTER} seconds",
+            headers={"Retry-After": str(SYNC_BUSY_RETRY_AFTER)},
+            detail=f"{slots.per_route} requests of this sync route were already running in "
+            "this process (HUB_SYNC_RUNS_PER_ROUTE)",
+        )
+    g.hub_sync_slot = route
+
+
+@bp.teardown_request
+def _give_back_sync_slot(_exc: BaseException | None) -> None:
+    route = g.pop("hub_sync_slot", None)
+    if route is not None:
+        current_app.extensions["hub.sync_slots"].give(route)
 
 
 def refusal_bucket() -> str:
