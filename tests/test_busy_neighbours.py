@@ -122,10 +122,11 @@ FILL_POSTGRESQL = """
 INSERT INTO events (id, route, key_prefix, method, path, received_at, headers, status,
                     reason, attempts, retries, completed_at)
 SELECT 'evt_fill' || lpad(i::text, 12, '0'), 'route-' || (i % 20), 'fill0000', 'POST',
-       '/hooks/route-' || (i % 20), now() - make_interval(secs => :spread - i * :spread / :count),
+       '/hooks/route-' || (i % 20),
+       now() - make_interval(secs => :spread - i::bigint * :spread / :count),
        '{}', CASE i % 10 WHEN 0 THEN 'rejected' ELSE 'delivered' END,
        CASE i % 10 WHEN 0 THEN 'unauthorized' END, 1, 0,
-       now() - make_interval(secs => :spread - i * :spread / :count) + interval '250 ms'
+       now() - make_interval(secs => :spread - i::bigint * :spread / :count) + interval '250 ms'
 FROM generate_series(0, :count - 1) AS i
 """
 
