@@ -10,11 +10,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
-from hub.db import Database
-from hub.models import Event
+from hub.db import Database, ReadOnlySession
+from hub.models import ApiKey, Event
 from tests.procs import gunicorn
 from tests.servers import Receiver
 
@@ -97,6 +98,32 @@ def test_eight_requests_to_a_slow_sync_receiver_leave_other_senders_fast(
 
 
 # --- SQLite reads never take the write lock ---
+
+
+def test_a_read_session_leaves_the_write_lock_free_and_refuses_to_write(db, make_key):
+    make_key()
+    wrote = threading.Event()
+
+    def write() -> None:
+        with db.session() as session:
+            session.execute(update(ApiKey).values(name="renamed"))
+        wrote.set()
+
+    with db.read_session() as reading:
+        assert reading.scalar(select(func.count()).select_from(ApiKey)) == 1
+        writer = threading.Thread(target=write)
+        writer.start()
+        finished = wrote.wait(2)  # on SQLite a lock held by the read would stop it 30 s
+    writer.join()
+    assert finished, "a write waited for a read session to end"
+    with pytest.raises(ReadOnlySession), db.read_session() as reading:
+        reading.execute(update(ApiKey).values(name="again"))
+    with pytest.raises(ReadOnlySession), db.read_session() as reading:
+        reading.get(ApiKey, 1).name = "again"
+        reading.flush()
+    with db.read_session() as reading:
+        assert reading.scalars(select(ApiKey.name)).all() == ["renamed"]
+
 
 # Events a fill writes: enough that the statistics over them take a good part of a second.
 FILLED = 60_000
