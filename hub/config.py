@@ -331,6 +331,12 @@ class Settings(BaseSettings):
         "a slow receiver can't take every thread from the other routes",
         json_schema_extra={"shown": "half of `HUB_WEB_THREADS`, at least 1"},
     )
+    sync_busy_wait: SecondsOrZero = Field(
+        0.1,
+        description="seconds a request to a sync route already running "
+        "`HUB_SYNC_RUNS_PER_ROUTE` requests waits for one of them to end before it is answered "
+        "`503 sync_busy`: a burst to a fast route queues, one to a slow route is turned away",
+    )
     sync_lease_margin: SecondsOrZero = Field(
         30.0,
         description="seconds past `HUB_SYNC_TIMEOUT` after which a sync event whose process "

@@ -358,8 +358,6 @@ def receive(route_name: str) -> Accepted:
         event.dedup_key = dedup_key(route, payload, signed)
         if event.dedup_key:
             check_duplicate(session, route, event)
-        if route.mode != "async":
-            take_sync_slot(route.name)
     except Rejected as rejection:
         if throttled_for is not None and 400 <= rejection.status < 500:
             session.rollback()
@@ -373,35 +371,42 @@ def receive(route_name: str) -> Accepted:
 
 class SyncSlots:
     """How many requests of each sync route run their steps in this process now; at most
-    ``per_route`` each (HUB_SYNC_RUNS_PER_ROUTE, by default half of HUB_WEB_THREADS).
+    ``most`` each (HUB_SYNC_RUNS_PER_ROUTE, by default half of HUB_WEB_THREADS). One
+    more waits up to HUB_SYNC_BUSY_WAIT for a run to end: a burst to a fast route queues
+    (its runs take milliseconds), a burst to a slow one is turned away after that wait.
 
     Per process, because what it guards is this process's own request threads: 8 requests
     to a 5 s sync receiver held all 2 x 4 of gunicorn's threads, and other senders' async
     requests waited up to 4.9 s. A count shared through the database would cost a round
     trip per request and stay wrong after a process dies mid-run; this one dies with the
-    threads it counts. N web processes run at most N x per_route requests of one route.
+    threads it counts. N web processes run at most N x ``most`` requests of one route.
     """
 
-    def __init__(self, per_route: int):
-        self.per_route = per_route
-        self._lock = threading.Lock()
+    def __init__(self):
+        self._freed = threading.Condition()
         self._running: dict[str, int] = {}
 
-    def take(self, route: str) -> bool:
-        with self._lock:
-            running = self._running.get(route, 0)
-            if running >= self.per_route:
-                return False
-            self._running[route] = running + 1
+    def take(self, route: str, most: int, wait: float) -> bool:
+        """One of ``route``'s ``most`` slots, waiting up to ``wait`` seconds for one; False
+        if none freed."""
+        deadline = time.monotonic() + wait
+        with self._freed:
+            while self._running.get(route, 0) >= most:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._freed.wait(left)
+            self._running[route] = self._running.get(route, 0) + 1
             return True
 
     def give(self, route: str) -> None:
-        with self._lock:
+        with self._freed:
             left = self._running.get(route, 0) - 1
             if left > 0:
                 self._running[route] = left
             else:
                 self._running.pop(route, None)
+            self._freed.notify_all()
 
 
 def sync_runs_per_route(config) -> int:
@@ -410,24 +415,59 @@ def sync_runs_per_route(config) -> int:
 
 @bp.record_once
 def _make_sync_slots(state) -> None:
-    state.app.extensions["hub.sync_slots"] = SyncSlots(sync_runs_per_route(state.app.config))
+    state.app.extensions["hub.sync_slots"] = SyncSlots()
 
 
-def take_sync_slot(route: str) -> None:
-    """Hold one of the route's sync slots to the end of the request; Rejected(503) when
-    they are all taken."""
-    slots: SyncSlots = current_app.extensions["hub.sync_slots"]
-    if not slots.take(route):
-        raise Rejected(
-            503,
-            "sync_busy",
-            f"Route '{route[:100]}' is already running {slots.per_route} requests at once, "
-            f"its most; try again in {SYNC_BUSY_RETRY_AFTER} seconds",
-            headers={"Retry-After": str(SYNC_BUSY_RETRY_AFTER)},
-            detail=f"{slots.per_route} requests of this sync route were already running in "
-            "this process (HUB_SYNC_RUNS_PER_ROUTE)",
+class SyncBusy(Exception):
+    """A sync request turned away because its route runs its most requests: answered 503."""
+
+    def __init__(self, route: str, most: int):
+        super().__init__(route)
+        self.message = (
+            f"Route '{route[:100]}' is already running {most} requests at once, its most; "
+            f"try again in {SYNC_BUSY_RETRY_AFTER} seconds"
         )
-    g.hub_sync_slot = route
+        self.detail = (
+            f"{most} requests of this sync route were already running in this process "
+            "(HUB_SYNC_RUNS_PER_ROUTE)"
+        )
+
+
+def take_sync_slot(event: Event, route: str) -> None:
+    """Hold one of the route's sync slots to the end of the request, waiting up to
+    HUB_SYNC_BUSY_WAIT; else end the (committed) event ``rejected``, reason ``sync_busy``,
+    and raise SyncBusy. Called with no transaction open: on SQLite a wait inside one would
+    hold the write lock the running requests need to record their outcome."""
+    config = current_app.config
+    most = sync_runs_per_route(config)
+    if current_app.extensions["hub.sync_slots"].take(route, most, float(config["SYNC_BUSY_WAIT"])):
+        g.hub_sync_slot = route
+        return
+    busy = SyncBusy(route, most)
+    ending = {
+        "status": "rejected",
+        "reason": "sync_busy",
+        "attempts": 0,
+        "response_status": 503,
+        "last_error": busy.detail,
+        "completed_at": utcnow(),
+        "lease_owner": None,
+        "lease_until": None,
+    }
+    for column, value in ending.items():
+        setattr(event, column, value)
+    ended = update(Event.__table__).where(Event.id == event.id).values(**ending)
+    current_app.extensions["hub.commits"].run(lambda shared: shared.execute(ended))
+    metrics.refused("sync_busy")
+    log.info("rejected %s %s: sync_busy (503)", event.id, route[:64])
+    raise busy
+
+
+@bp.errorhandler(SyncBusy)
+def sync_busy_response(busy: SyncBusy):
+    response, status = error_response(503, busy.message, "sync_busy")
+    response.headers["Retry-After"] = str(SYNC_BUSY_RETRY_AFTER)
+    return response, status
 
 
 @bp.teardown_request
@@ -647,8 +687,10 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     # lease has run out (it is never redelivered: the sender got no answer and will retry).
     event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
     # Commit before running: the request is on record even if the process dies, and no
-    # database lock is held while connectors talk to the outside world.
+    # database lock is held while connectors talk to the outside world (nor while waiting
+    # for one of the route's slots).
     commit_new_event(session, event)
+    take_sync_slot(event, route.name)
     attempts: list[Attempt] = []
     try:
         outcome = pipeline.run(

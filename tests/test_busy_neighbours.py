@@ -97,6 +97,30 @@ def test_eight_requests_to_a_slow_sync_receiver_leave_other_senders_fast(
     assert set(rows) == expected  # every refused request is on record, with its cause
 
 
+@pytest.mark.parametrize(("wait", "second"), [(3.0, 200), (0.0, 503)])
+def test_a_request_over_the_sync_cap_waits_for_a_run_to_end_then_is_turned_away(
+    app, db, add_route, key, wait, second
+):
+    """HUB_SYNC_BUSY_WAIT: a burst to a fast route queues; past the wait, 503 sync_busy."""
+    app.config.update(SYNC_RUNS_PER_ROUTE=1, SYNC_BUSY_WAIT=wait)
+    with Receiver(delay=0.5) as slowish:
+        add_route("slowish", [{"connector": "http", "config": {"url": slowish.url}}])
+
+        def post(n: int) -> tuple[int, str | None]:
+            answer = app.test_client().post(
+                "/hooks/slowish", json={"n": n}, headers={"X-API-Key": key}
+            )
+            return answer.status_code, answer.json.get("code")
+
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, 1)
+            time.sleep(0.2)  # the first one runs
+            second_one = pool.submit(post, 2)
+            answers = [first.result(), second_one.result()]
+    assert answers == [(200, None), (second, None if second == 200 else "sync_busy")]
+    assert len(slowish.requests) == (2 if second == 200 else 1)
+
+
 # --- SQLite reads never take the write lock ---
 
 
