@@ -215,6 +215,10 @@ def test_admin_reads_looping_on_statistics_do_not_hold_up_a_sender(
                     reads.append(time.perf_counter() - started)
                     turn += 1
 
+        # The sender alone first: what this machine gives it without the readers.
+        threading.Timer(1.5, busy.clear).start()
+        quiet = post_async_while(base, "orders", sender, busy)
+        busy.set()
         with ThreadPoolExecutor(3) as pool:
             readers = [pool.submit(read_in_a_loop, first) for first in (0, 1)]
             time.sleep(0.3)  # both readers are inside a read
@@ -225,7 +229,12 @@ def test_admin_reads_looping_on_statistics_do_not_hold_up_a_sender(
             for reader in readers:
                 reader.result()
     assert max(reads) > 0.1, f"the admin reads took {max(reads):.3f} s at most: too light a test"
-    assert p99(took) < 0.1, (
+    # The readers add less than 100 ms to the sender's p99. On a quiet machine that is a p99
+    # under 100 ms beside them; today's code (every read holding the write lock) made it
+    # seconds. A machine loaded by other work slows the sender alone too: that is measured
+    # first and not blamed on the readers.
+    assert p99(took) < 0.1 + p99(quiet), (
         f"{len(took)} ingests beside {len(reads)} admin reads: median "
-        f"{statistics.median(took) * 1000:.0f} ms, p99 {p99(took) * 1000:.0f} ms"
+        f"{statistics.median(took) * 1000:.0f} ms, p99 {p99(took) * 1000:.0f} ms; "
+        f"alone {len(quiet)}: p99 {p99(quiet) * 1000:.0f} ms"
     )
