@@ -327,8 +327,9 @@ class Settings(BaseSettings):
     sync_runs_per_route: PositiveOrUnset = Field(
         None,
         description="requests of one sync route that run their steps at once in each web "
-        "process; one more is answered `503 sync_busy` with `Retry-After` (and recorded), so "
-        "a slow receiver can't take every thread from the other routes",
+        "process; one more waits `HUB_SYNC_BUSY_WAIT`, then is answered `503 sync_busy` with "
+        "`Retry-After` (and recorded), so a slow receiver can't take every thread from the "
+        "other routes",
         json_schema_extra={"shown": "half of `HUB_WEB_THREADS`, at least 1"},
     )
     sync_busy_wait: SecondsOrZero = Field(

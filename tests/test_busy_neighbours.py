@@ -119,6 +119,13 @@ def test_a_request_over_the_sync_cap_waits_for_a_run_to_end_then_is_turned_away(
             answers = [first.result(), second_one.result()]
     assert answers == [(200, None), (second, None if second == 200 else "sync_busy")]
     assert len(slowish.requests) == (2 if second == 200 else 1)
+    with db.session() as session:
+        rows = session.execute(select(Event.status, Event.reason, Event.body)).all()
+    if second == 503:  # on record with its body, the sender told to come back
+        assert sorted(rows) == [
+            ("delivered", None, b'{"n": 1}'),
+            ("rejected", "sync_busy", b'{"n": 2}'),
+        ]
 
 
 # --- SQLite reads never take the write lock ---
