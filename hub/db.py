@@ -209,5 +209,5 @@ def head_revision(db: Database) -> str | None:
 def current_revision(db: Database) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with db.engine.connect() as conn:
+    with db.engine.execution_options(**{READ_ONLY: True}).connect() as conn:  # /ready: a read
         return MigrationContext.configure(conn).get_current_revision()

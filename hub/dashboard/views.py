@@ -500,7 +500,7 @@ def replay_events():
     filters = admin_api.filters(query)
     cap = int(current_app.config["ADMIN_REPLAY_MAX"])
     if request.method == "GET":
-        count = event_store.count_replayable(get_session(), filters, cap)
+        count = event_store.count_replayable(get_read_session(), filters, cap)
         return page("dashboard/replay.html", count=count, cap=cap, args=args, raw=raw, errors=[])
     replayed, examined, more = event_store.replay_matching(get_db(), filters, examine=cap)
     if replayed:
