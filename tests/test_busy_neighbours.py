@@ -46,6 +46,7 @@ def post_async_while(base: str, route: str, key: str, busy: threading.Event) -> 
 # --- a slow sync receiver can't take the web threads ---
 
 
+@pytest.mark.slow
 def test_eight_requests_to_a_slow_sync_receiver_leave_other_senders_fast(
     database_url_for_test, add_route, make_key, tmp_path
 ):
@@ -199,6 +200,7 @@ def fill_events(url: str, count: int) -> None:
     db.dispose()
 
 
+@pytest.mark.slow
 def test_admin_reads_looping_on_statistics_do_not_hold_up_a_sender(
     database_url_for_test, add_route, make_key, tmp_path
 ):
