@@ -5,10 +5,11 @@ takes the write lock up front (``BEGIN IMMEDIATE``). ``read_session()`` /
 ``get_read_session()`` only reads: on SQLite its transaction starts deferred (``BEGIN``),
 reads the WAL snapshot of its first statement and never takes the write lock, so an admin
 reading statistics over 300,000 events for a second does not hold up a single sender (WAL
-lets any number of readers run beside the one writer). A write through a read session is a
-bug and is refused on both databases (``ReadOnlySession``) before it reaches SQL: on SQLite
-a deferred transaction that starts writing fails with SQLITE_BUSY instead of waiting for
-the lock. On PostgreSQL both kinds are the same plain transaction.
+lets any number of readers run beside the one writer). A write through a read session (a
+flush, or an insert, update or delete statement) is a bug and is refused on both databases
+(``ReadOnlySession``) before it reaches SQL: on SQLite a deferred transaction that starts
+writing fails with SQLITE_BUSY instead of waiting for the lock. On PostgreSQL both kinds
+are the same plain transaction.
 """
 
 from __future__ import annotations
