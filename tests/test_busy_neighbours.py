@@ -129,6 +129,26 @@ def test_a_request_over_the_sync_cap_waits_for_a_run_to_end_then_is_turned_away(
         ]
 
 
+@pytest.mark.parametrize(
+    ("path", "route", "body"),
+    [
+        ("/api/process", "process", {"input": "hi"}),
+        ("/api/chat", "chat", {"message": "hi"}),
+    ],
+)
+def test_the_seed_routes_answer_sync_busy_while_their_slots_are_taken(
+    app, client, key, seed_routes, path, route, body
+):
+    app.config.update(SYNC_RUNS_PER_ROUTE=1, SYNC_BUSY_WAIT=0)
+    slots = app.extensions["hub.sync_slots"]
+    assert slots.take(route, 1, 0)  # a request of this route is running
+    busy = client.post(path, json=body, headers={"X-API-Key": key})
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "2"
+    assert busy.json["code"] == "sync_busy"
+    slots.give(route)
+    assert client.post(path, json=body, headers={"X-API-Key": key}).status_code == 200
+
+
 # --- SQLite reads never take the write lock ---
 
 
