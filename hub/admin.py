@@ -22,7 +22,7 @@ from hub import events as event_store
 from hub import keys as key_store
 from hub import routes as route_store
 from hub.crypto import SecretBox, SecretsUnreadable
-from hub.db import get_db, get_session
+from hub.db import get_db, get_read_session, get_session
 from hub.errors import error_response
 from hub.ingest import presented_key
 from hub.models import ApiKey, Event, utcnow
@@ -104,7 +104,7 @@ def key_out(row: ApiKey, model: type[BaseModel] = m.KeyOut, **extra: Any) -> Bas
     responses={200: ("The keys", m.KeyList)},
 )
 def list_keys():
-    return m.KeyList(keys=[key_out(k) for k in key_store.list_keys(get_session())])
+    return m.KeyList(keys=[key_out(k) for k in key_store.list_keys(get_read_session())])
 
 
 @api.route(
@@ -136,7 +136,7 @@ def create_key(body: m.KeyIn):
     responses={200: ("The key", m.KeyOut), 404: ("No key has this prefix", None)},
 )
 def get_key(prefix: str):
-    row = key_store.get(get_session(), prefix)
+    row = key_store.get(get_read_session(), prefix)
     if row is None:
         raise not_found("key")
     return key_out(row)
@@ -192,7 +192,7 @@ def save(data: dict[str, Any]):
     responses={200: ("The routes", m.RouteList)},
 )
 def list_routes():
-    return m.RouteList(routes=[route_out(r) for r in route_store.list_routes(get_session())])
+    return m.RouteList(routes=[route_out(r) for r in route_store.list_routes(get_read_session())])
 
 
 @api.route(
@@ -221,7 +221,7 @@ def create_route(body: m.RouteIn):
     responses={200: ("The route", m.RouteOut), 404: ("No route has this name", None)},
 )
 def get_route(name: str):
-    route = route_store.get(get_session(), name)
+    route = route_store.get(get_read_session(), name)
     if route is None:
         raise not_found("route")
     return route_out(route)
@@ -399,7 +399,7 @@ def bad_cursor(where: str) -> ApiError:
 def list_events(query: m.EventQuery):
     try:
         page = event_store.search(
-            get_session(),
+            get_read_session(),
             filters(query),
             limit=query.limit,
             cursor=query.cursor,
@@ -425,7 +425,7 @@ def list_events(query: m.EventQuery):
     responses={200: ("The event", m.EventDetail), 404: ("No such event", None)},
 )
 def get_event(event_id: str):
-    event = get_session().get(Event, event_id[:32])
+    event = get_read_session().get(Event, event_id[:32])
     if event is None:
         raise not_found("event")
     return m.EventDetail.model_validate(
@@ -522,7 +522,7 @@ def replay_events(body: m.BulkReplayIn):
 def stats(query: m.StatsQuery):
     until = query.until or utcnow()
     figures = event_store.stats(
-        get_session(), query.since, until, int(current_app.config["ADMIN_STATS_MAX_ROWS"])
+        get_read_session(), query.since, until, int(current_app.config["ADMIN_STATS_MAX_ROWS"])
     )
     return m.StatsOut(
         since=query.since.isoformat(),

@@ -192,7 +192,7 @@ def keys_create(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def keys_list(as_json: bool) -> None:
     """Every key: prefix, name, admin, scopes, created, expires, last used, revoked."""
-    with get_db().session() as session:
+    with get_db().read_session() as session:
         rows = [k.to_dict() for k in key_store.list_keys(session)]
     emit(
         rows,
@@ -347,7 +347,7 @@ def _invalid(exc: route_store.RouteInvalid) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def routes_list(as_json: bool) -> None:
     """Every route: name, mode, steps, enabled."""
-    with get_db().session() as session:
+    with get_db().read_session() as session:
         rows = [
             route_store.to_dict(r, secret_box(), registry())
             for r in route_store.list_routes(session)
@@ -371,7 +371,7 @@ def routes_list(as_json: bool) -> None:
 @click.argument("name")
 def routes_show(name: str) -> None:
     """A route as JSON, in the shape `routes apply` reads; its secrets are masked."""
-    with get_db().session() as session:
+    with get_db().read_session() as session:
         route = route_store.get(session, name)
         if route is None:
             fail(f"no route named {name!r}")
@@ -531,7 +531,7 @@ def _since(value: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def events_list(route, status, since, request_id, limit, as_json) -> None:
     """The newest events first."""
-    with get_db().session() as session:
+    with get_db().read_session() as session:
         rows = [
             e.to_dict()
             for e in event_store.find(
@@ -563,7 +563,7 @@ def events_list(route, status, since, request_id, limit, as_json) -> None:
 @click.argument("event_id")
 def events_show(event_id: str) -> None:
     """An event with its headers, body and every connector call."""
-    with get_db().session() as session:
+    with get_db().read_session() as session:
         event = session.get(Event, event_id)
         if event is None:
             fail(f"no event {event_id!r}")

@@ -175,6 +175,9 @@ JsonDepth = Annotated[
     int, BeforeValidator(_number), Field(ge=1, le=500), Expects("a whole number from 1 to 500")
 ]
 Text = Annotated[str, Expects("a text")]
+PositiveOrUnset = Annotated[
+    Positive | None, BeforeValidator(_unset_when_empty), Expects("a whole number, 1 or more")
+]
 LogFormat = Annotated[
     Literal["json", "text"] | None,
     BeforeValidator(lambda v: (v.strip().lower() or None) if isinstance(v, str) else v),
@@ -332,6 +335,20 @@ class Settings(BaseSettings):
         25.0,
         description="seconds a sync route may spend running its steps before it answers 504; "
         "a step still running then is stopped",
+    )
+    sync_runs_per_route: PositiveOrUnset = Field(
+        None,
+        description="requests of one sync route that run their steps at once in each web "
+        "process; one more waits `HUB_SYNC_BUSY_WAIT`, then is answered `503 sync_busy` with "
+        "`Retry-After` (and recorded), so a slow receiver can't take every thread from the "
+        "other routes",
+        json_schema_extra={"shown": "half of `HUB_WEB_THREADS`, at least 1"},
+    )
+    sync_busy_wait: SecondsOrZero = Field(
+        0.1,
+        description="seconds a request to a sync route already running "
+        "`HUB_SYNC_RUNS_PER_ROUTE` requests waits for one of them to end before it is answered "
+        "`503 sync_busy`: a burst to a fast route queues, one to a slow route is turned away",
     )
     sync_lease_margin: SecondsOrZero = Field(
         30.0,

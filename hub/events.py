@@ -159,7 +159,7 @@ def matching_ids(
     while True:
         query = select(Event.id).where(Event.id > last).order_by(Event.id).limit(batch)
         query = matching(query, route, status, since)
-        with db.session() as session:
+        with db.read_session() as session:
             ids = list(session.scalars(query))
         if not ids:
             return
@@ -169,14 +169,14 @@ def matching_ids(
 
 def count(db: Database, *, status: str, route: str | None, since: datetime | None) -> int:
     query = matching(select(func.count()).select_from(Event), route, status, since)
-    with db.session() as session:
+    with db.read_session() as session:
         return int(session.scalar(query) or 0)
 
 
 def purgeable(db: Database, older_than: datetime) -> int:
     """How many events ``purge(db, older_than)`` would delete now."""
     query = select(func.count()).where(Event.status.in_(FINISHED), Event.received_at < older_than)
-    with db.session() as session:
+    with db.read_session() as session:
         return int(session.scalar(query) or 0)
 
 
@@ -373,7 +373,7 @@ def replay_matching(
 
 
 def _any_left(db: Database, filters: Filters, cursor: str) -> bool:
-    with db.session() as session:
+    with db.read_session() as session:
         query = filters.apply(_older_than(select(Event.id), cursor)).limit(1)
         return session.scalar(query) is not None
 

@@ -11,6 +11,7 @@ its window ends; a request carrying a valid key still passes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from hub import crypto, keys, logs, metrics, pipeline, ratelimit, redact, signatures, storable
 from hub import routes as route_store
 from hub.connectors import lookup_path
-from hub.db import get_db, get_session
+from hub.db import get_db, get_read_session, get_session
 from hub.errors import error_response
 from hub.groupcommit import row_of
 from hub.models import Attempt, Event, Route, new_event_id, utcnow
@@ -44,6 +45,8 @@ HEADERS_CUT = "(cut)"
 SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}
 # Seconds a sender is told to wait while the first copy of its delivery is still running.
 IN_PROGRESS_RETRY_AFTER = 2
+# Seconds a sender is told to wait when its sync route already runs its most requests.
+SYNC_BUSY_RETRY_AFTER = 2
 
 # HTTP status of a sync run that did not deliver, by the failure's code; any other is 502.
 FAILURE_STATUS = {
@@ -384,6 +387,114 @@ def receive(route_name: str) -> Accepted:
     return Accepted(event=event, route=route, key=key, payload=payload)
 
 
+class SyncSlots:
+    """How many requests of each sync route run their steps in this process now; at most
+    ``most`` each (HUB_SYNC_RUNS_PER_ROUTE, by default half of HUB_WEB_THREADS). One
+    more waits up to HUB_SYNC_BUSY_WAIT for a run to end: a burst to a fast route queues
+    (its runs take milliseconds), a burst to a slow one is turned away after that wait.
+
+    Per process, because what it guards is this process's own request threads: 8 requests
+    to a 5 s sync receiver held all 2 x 4 of gunicorn's threads, and other senders' async
+    requests waited up to 4.9 s. A count shared through the database would cost a round
+    trip per request and stay wrong after a process dies mid-run; this one dies with the
+    threads it counts. N web processes run at most N x ``most`` requests of one route.
+    """
+
+    def __init__(self):
+        self._freed = threading.Condition()
+        self._running: dict[str, int] = {}
+
+    def take(self, route: str, most: int, wait: float) -> bool:
+        """One of ``route``'s ``most`` slots, waiting up to ``wait`` seconds for one; False
+        if none freed."""
+        deadline = time.monotonic() + wait
+        with self._freed:
+            while self._running.get(route, 0) >= most:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._freed.wait(left)
+            self._running[route] = self._running.get(route, 0) + 1
+            return True
+
+    def give(self, route: str) -> None:
+        with self._freed:
+            left = self._running.get(route, 0) - 1
+            if left > 0:
+                self._running[route] = left
+            else:
+                self._running.pop(route, None)
+            self._freed.notify_all()
+
+
+def sync_runs_per_route(config) -> int:
+    return int(config.get("SYNC_RUNS_PER_ROUTE") or max(1, int(config["WEB_THREADS"]) // 2))
+
+
+@bp.record_once
+def _make_sync_slots(state) -> None:
+    state.app.extensions["hub.sync_slots"] = SyncSlots()
+
+
+class SyncBusy(Exception):
+    """A sync request turned away because its route runs its most requests: answered 503."""
+
+    def __init__(self, route: str, most: int):
+        super().__init__(route)
+        self.message = (
+            f"Route '{route[:100]}' is already running {most} requests at once, its most; "
+            f"try again in {SYNC_BUSY_RETRY_AFTER} seconds"
+        )
+        self.detail = (
+            f"{most} requests of this sync route were already running in this process "
+            "(HUB_SYNC_RUNS_PER_ROUTE)"
+        )
+
+
+def take_sync_slot(event: Event, route: str) -> None:
+    """Hold one of the route's sync slots to the end of the request, waiting up to
+    HUB_SYNC_BUSY_WAIT; else end the (committed) event ``rejected``, reason ``sync_busy``,
+    and raise SyncBusy. Called with no transaction open: on SQLite a wait inside one would
+    hold the write lock the running requests need to record their outcome."""
+    config = current_app.config
+    most = sync_runs_per_route(config)
+    if current_app.extensions["hub.sync_slots"].take(route, most, float(config["SYNC_BUSY_WAIT"])):
+        g.hub_sync_slot = route
+        return
+    busy = SyncBusy(route, most)
+    ending = {
+        "status": "rejected",
+        "reason": "sync_busy",
+        "attempts": 0,
+        "response_status": 503,
+        "last_error": busy.detail,
+        "completed_at": utcnow(),
+        "lease_owner": None,
+        "lease_until": None,
+    }
+    for column, value in ending.items():
+        setattr(event, column, value)
+    ended = update(Event.__table__).where(Event.id == event.id).values(**ending)
+    current_app.extensions["hub.commits"].run(lambda shared: shared.execute(ended))
+    metrics.refused("sync_busy")
+    log.info("rejected %s %s: sync_busy (503)", event.id, route[:64])
+    raise busy
+
+
+@bp.errorhandler(SyncBusy)
+def sync_busy_response(busy: SyncBusy):
+    response, status = error_response(503, busy.message, "sync_busy")
+    response.headers["Retry-After"] = str(SYNC_BUSY_RETRY_AFTER)
+    return response, status
+
+
+@bp.teardown_request
+def _give_back_sync_slot(_exc: BaseException | None) -> None:
+    route = g.pop("hub_sync_slot", None)
+    if route is not None:
+        current_app.extensions["hub.sync_slots"].give(route)
+
+
 def refusal_bucket() -> str:
     """Refusals are counted per remote address: the socket peer, or what the nearest
     trusted proxy saw (HUB_TRUSTED_PROXIES)."""
@@ -594,8 +705,10 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     # lease has run out (it is never redelivered: the sender got no answer and will retry).
     event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
     # Commit before running: the request is on record even if the process dies, and no
-    # database lock is held while connectors talk to the outside world.
+    # database lock is held while connectors talk to the outside world (nor while waiting
+    # for one of the route's slots).
     commit_new_event(session, event)
+    take_sync_slot(event, route.name)
     attempts: list[Attempt] = []
     try:
         outcome = pipeline.run(
@@ -769,7 +882,7 @@ def hook(route_name: str):
 def event_status(event_id: str):
     """An event's status: for the key that sent it, its acceptance, status, times and
     counts; for an admin key, everything (its result, error and attempt log)."""
-    session = get_session()
+    session = get_read_session()
     presented = presented_key()
     try:
         info = keys.authenticate(session, presented)

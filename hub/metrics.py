@@ -316,7 +316,7 @@ class QueueCollector(Collector):
     def _query(self) -> tuple[int, int, Any]:
         now = utcnow()
         due = Event.status.in_(DUE_STATUSES) & (Event.next_attempt_at <= now)
-        with self.app.extensions["hub.db"].session() as session:
+        with self.app.extensions["hub.db"].read_session() as session:
 
             def capped_count(*where) -> int:
                 rows = select(Event.id).where(*where).limit(QUEUE_COUNT_CAP).subquery()

@@ -156,6 +156,39 @@ def test_body_over_the_limit_is_413_and_not_stored(app, client, db, key, shout):
     assert (event.reason, event.body) == ("too_large", None)
 
 
+def json_of_size(size: int) -> bytes:
+    """``{"text": "xx..."}`` of exactly ``size`` bytes."""
+    body = json.dumps({"text": "x" * (size - 12)}).encode()
+    assert len(body) == size
+    return body
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_413(
+    app, client, db, key, shout, framing
+):
+    """HUB_MAX_BODY_BYTES is the largest body accepted, as nginx's client_max_body_size is."""
+    app.config["MAX_BODY_BYTES"] = 1000
+    statuses = []
+    for size in (1000, 1001):
+        body = json_of_size(size)
+        if framing == "chunked":  # no length: gunicorn hands the app a terminated stream
+            extra = {
+                "environ_overrides": {"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True}
+            }
+            headers = {"X-API-Key": key, "Transfer-Encoding": "chunked"}
+        else:
+            extra, headers = {"data": body}, {"X-API-Key": key}
+        response = client.post(
+            "/hooks/shout", content_type="application/json", headers=headers, **extra
+        )
+        statuses.append((response.status_code, response.json.get("code")))
+    assert statuses == [(200, None), (413, "too_large")]
+    accepted, refused = events(db)
+    assert (accepted.status, accepted.body_size, len(accepted.body)) == ("delivered", 1000, 1000)
+    assert (refused.reason, refused.body_size) == ("too_large", 1001)
+
+
 class EndlessBody(io.RawIOBase):
     """A request body that never ends (up to ``size``), counting the bytes the hub took."""
 

@@ -27,7 +27,7 @@ from hub.metrics import (
     make_directory,
     remove_ended,
 )
-from hub.models import Attempt
+from hub.models import Attempt, Event
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
 
@@ -113,6 +113,40 @@ def test_unknown_routes_share_one_label(client, make_key, add_route):
     assert grew("hub_events_total", route="(unknown)", status="rejected") == 25
     assert grew("hub_events_total", route="known", status="delivered") == 1
     assert grew("hub_attempts_total", connector="text", outcome="ok") == 1
+
+
+def test_rejected_events_counted_match_the_rows_when_an_address_is_throttled(
+    app, client, db, make_key, add_route
+):
+    """A request throttled for its address's refusals (429, no row) is a refusal, never a
+    rejected event: hub_events_total{status="rejected"} counts the rows an admin can list."""
+    app.config["REFUSAL_LIMIT"] = "3/minute"
+    add_route("known", [{"connector": "text"}])
+    admin = make_key(admin=True)
+
+    def scrape() -> dict:
+        return parse(client.get("/metrics", headers={"X-API-Key": admin}).text)
+
+    def rejected(samples: dict) -> float:
+        return sum(
+            v
+            for (name, labels), v in samples.items()
+            if name == "hub_events_total" and dict(labels)["status"] == "rejected"
+        )
+
+    before = scrape()
+    wrong_key = {"X-API-Key": "hk_00000000_" + "y" * 43}
+    answers = [client.post("/hooks/known", json={}, headers=wrong_key) for _ in range(5)]
+    after = scrape()
+    assert [a.status_code for a in answers] == [401, 401, 401, 429, 429]
+    with db.session() as session:
+        rows = session.scalar(select(func.count()).where(Event.status == "rejected"))
+    assert rows == 3
+    assert rejected(after) - rejected(before) == rows
+    grew = value(after, "hub_refusals_total", reason="too_many_refusals") - value(
+        before, "hub_refusals_total", reason="too_many_refusals"
+    )
+    assert grew == 2
 
 
 def test_an_unusable_metrics_directory_stops_the_start(tmp_path):

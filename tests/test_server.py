@@ -23,6 +23,19 @@ def test_gunicorn_serves_the_hub_end_to_end(database_url_for_test, make_key, add
         assert r.status_code == 200
         assert r.json()["result"]["processed"] == "OVER HTTP"
 
+        # Chunked, exactly the limit (the 1 MiB default) is accepted, one byte more is not.
+        limit = 1024 * 1024
+        for size, status in ((limit, 200), (limit + 1, 413)):
+            body = json.dumps({"text": "x" * (size - 12)}).encode()
+            chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            answer = requests.post(
+                f"{base}/hooks/shout",
+                data=chunks,  # a generator: sent chunked, without Content-Length
+                headers={"X-API-Key": key, "Content-Type": "application/json"},
+                timeout=10,
+            )
+            assert (len(body), answer.status_code) == (size, status), answer.text[:200]
+
         # A chunked body (no Content-Length) over the limit is cut off at the limit.
         host = urlsplit(base)
         conn = http.client.HTTPConnection(host.hostname, host.port, timeout=10)

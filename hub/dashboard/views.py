@@ -36,7 +36,7 @@ from hub import routes as route_store
 from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts
 from hub.dashboard import session as dash
-from hub.db import get_db, get_session
+from hub.db import get_db, get_read_session, get_session
 from hub.models import Event, utcnow
 
 bp = Blueprint(
@@ -253,7 +253,7 @@ def sign_out_everywhere():
 
 @bp.get("/")
 def overview():
-    session = get_session()
+    session = get_read_session()
     now = utcnow()
     hour = event_store.timeline(
         session,
@@ -355,7 +355,7 @@ def filter_args(raw: dict[str, str]) -> dict[str, str]:
 
 @bp.get("/events")
 def events():
-    session = get_session()
+    session = get_read_session()
     query, raw, errors = event_query(request.args)
     result = None
     if query is not None:
@@ -403,7 +403,7 @@ def events_tail():
     filters = admin_api.filters(query)
     since = max(filters.since, after_at) if filters.since else after_at
     result = event_store.search(
-        get_session(),
+        get_read_session(),
         dataclasses.replace(filters, since=since),
         limit=TAIL_MAX,
         text=query.q,
@@ -421,7 +421,7 @@ def events_tail():
 
 
 def get_event_or_404(event_id: str) -> Event:
-    event = get_session().get(Event, event_id[:32]) if "\x00" not in event_id else None
+    event = get_read_session().get(Event, event_id[:32]) if "\x00" not in event_id else None
     if event is None:
         abort(404)
     return event
@@ -447,7 +447,7 @@ def shown_json(value: Any) -> tuple[str, bool]:
 
 @bp.get("/events/<event_id>")
 def event_detail(event_id: str):
-    session = get_session()
+    session = get_read_session()
     event = get_event_or_404(event_id)
     attempts, older = event_store.latest_attempts(session, event.id, MAX_ATTEMPTS)
     body, pretty, body_cut = shown_text(event.body)
@@ -501,7 +501,7 @@ def replay_events():
     filters = admin_api.filters(query)
     cap = int(current_app.config["ADMIN_REPLAY_MAX"])
     if request.method == "GET":
-        count = event_store.count_replayable(get_session(), filters, cap)
+        count = event_store.count_replayable(get_read_session(), filters, cap)
         return page("dashboard/replay.html", count=count, cap=cap, args=args, raw=raw, errors=[])
     replayed, examined, more = event_store.replay_matching(get_db(), filters, examine=cap)
     if replayed:
@@ -534,7 +534,7 @@ def steps_shown(steps: list[dict]) -> list[dict]:
 
 @bp.get("/routes")
 def routes():
-    listed = route_store.list_routes(get_session())
+    listed = route_store.list_routes(get_read_session())
     return page(
         "dashboard/routes.html",
         routes=listed[:MAX_ROUTES],
@@ -726,7 +726,7 @@ def route_edit(name: str):
 
 
 def key_rows() -> tuple[list, bool]:
-    listed = key_store.list_keys(get_session())
+    listed = key_store.list_keys(get_read_session())
     return list(reversed(listed[-MAX_KEYS:])), len(listed) > MAX_KEYS
 
 
