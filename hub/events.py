@@ -6,6 +6,7 @@ import base64
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     Integer,
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 from hub import keys as key_store
 from hub.db import Database
 from hub.models import Attempt, Event, iso_time, utcnow
+from hub.paging import BadCursor
 
 STATUSES = (
     "pending",
@@ -67,17 +69,22 @@ def matching(
     return query
 
 
-def find(
-    session: Session,
+def find_query(
     *,
     route: str | None = None,
     status: str | None = None,
     since: datetime | None = None,
     request_id: str | None = None,
     limit: int = 50,
-) -> list[Event]:
+) -> Select:
+    """The CLI's `events list`: the newest ``limit`` events matching, each filter along an
+    index (tests/test_listing_plans.py reads the plan of each)."""
     query = select(Event).order_by(Event.received_at.desc(), Event.id.desc()).limit(limit)
-    return list(session.scalars(matching(query, route, status, since, request_id)))
+    return matching(query, route, status, since, request_id)
+
+
+def find(session: Session, *, limit: int = 50, **filters: Any) -> list[Event]:
+    return list(session.scalars(find_query(limit=limit, **filters)))
 
 
 def not_in_flight(now: datetime):
@@ -109,6 +116,7 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
             status="pending",
             next_attempt_at=utcnow(),
             completed_at=None,
+            replayed_at=now,
             retries=0,
             lease_owner=None,
             lease_until=None,
@@ -208,7 +216,15 @@ def purge(db: Database, older_than: datetime, batch: int = 500) -> int:
 
 @dataclass(frozen=True)
 class Filters:
-    """What an admin narrows events by; every field optional."""
+    """What an admin narrows events by; every field optional.
+
+    Each one is answered along an index, newest first: route, status, reason and key by
+    their (column, received_at, id) index, since and until by (received_at, id), request_id
+    by its own (a request brings one event, or a few). A page then reads ``limit + 1`` index
+    entries past its cursor, under 10 ms at 300,000 events (bench/RESULTS.md). A body search
+    (``text``) has no index: it is bounded by its scan window instead. A filter added here
+    without an index fails tests/test_listing_plans.py, which reads the plan of each.
+    """
 
     route: str | None = None
     status: str | None = None
@@ -227,10 +243,6 @@ class Filters:
         if self.until:
             query = query.where(Event.received_at < self.until)
         return query
-
-
-class BadCursor(ValueError):
-    """A cursor this hub did not hand out (or one that was altered)."""
 
 
 def encode_cursor(received_at: datetime, event_id: str) -> str:
@@ -300,19 +312,15 @@ def search(
     past the cursor; when those hold fewer matches than a page, the cursor still moves past
     them, so the admin pages on through a large table at a bounded cost per call.
     """
-    base = filters.apply(_older_than(select(Event.id, Event.received_at), cursor))
+    query = listing_query(session, filters, limit=limit, cursor=cursor, text=text, window=window)
     if text is None:
-        rows = session.execute(base.order_by(*NEWEST_FIRST).limit(limit + 1)).all()
+        rows = session.execute(query).all()
         more = len(rows) > limit
         rows = rows[:limit]
         events = _summaries(session, [r.id for r in rows])
         last = rows[-1] if more else None
         return Page(events, encode_cursor(last.received_at, last.id) if last else None)
-    scanned = session.execute(
-        base.add_columns(_body_contains(session, text).label("hit"))
-        .order_by(*NEWEST_FIRST)
-        .limit(window)
-    ).all()
+    scanned = session.execute(query).all()
     hits = [r for r in scanned if r.hit]
     last = None
     if len(hits) > limit:
@@ -323,6 +331,25 @@ def search(
     events = _summaries(session, [r.id for r in hits])
     next_cursor = encode_cursor(last.received_at, last.id) if last is not None else None
     return Page(events, next_cursor, scanned=len(scanned))
+
+
+def listing_query(
+    session: Session,
+    filters: Filters,
+    *,
+    limit: int = 50,
+    cursor: str | None = None,
+    text: str | None = None,
+    window: int = 10_000,
+) -> Select:
+    """What ``search`` runs: (id, received_at) of ``limit + 1`` matching events past the
+    cursor, newest first; with ``text``, the ``window`` rows past the cursor and whether each
+    body holds it (the scan's bound). Raises BadCursor."""
+    base = filters.apply(_older_than(select(Event.id, Event.received_at), cursor))
+    if text is None:
+        return base.order_by(*NEWEST_FIRST).limit(limit + 1)
+    hit = _body_contains(session, text).label("hit")
+    return base.add_columns(hit).order_by(*NEWEST_FIRST).limit(window)
 
 
 def _summaries(session: Session, ids: list[str]) -> list[dict]:
@@ -390,14 +417,25 @@ class Stats:
 
 
 def stats(session: Session, since: datetime, until: datetime, max_rows: int = 100_000) -> Stats:
-    """Per route: counts by status and by reason, and p50/p95 of completed_at - received_at.
+    """Per route: counts by status and by reason, and p50/p95 of completed_at - received_at
+    of the events that ended (delivered, failed, dead) and were never replayed: a replayed
+    event's completed_at is when its replay ended, days after it came in (one route showed a
+    p50 of 143,020 ms), which measures the admin, not the hub. Replayed events still count
+    by status and reason.
 
     Computed in SQL over the newest ``max_rows`` events of the window (an index range of
     received_at), so a busy month costs no more than ``max_rows`` rows.
     """
     in_window = select(Event.id).where(Event.received_at >= since, Event.received_at < until)
     window = (
-        select(Event.route, Event.status, Event.reason, Event.received_at, Event.completed_at)
+        select(
+            Event.route,
+            Event.status,
+            Event.reason,
+            Event.received_at,
+            Event.completed_at,
+            Event.replayed_at,
+        )
         .where(Event.received_at >= since, Event.received_at < until)
         .order_by(Event.received_at.desc())
         .limit(max_rows)
@@ -430,7 +468,11 @@ def stats(session: Session, since: datetime, until: datetime, max_rows: int = 10
             func.row_number().over(partition_by=window.c.route, order_by=ms).label("rn"),
             func.count().over(partition_by=window.c.route).label("n"),
         )
-        .where(window.c.status.in_(PROCESSED), window.c.completed_at.is_not(None))
+        .where(
+            window.c.status.in_(PROCESSED),
+            window.c.completed_at.is_not(None),
+            window.c.replayed_at.is_(None),
+        )
         .subquery()
     )
     # The nearest-rank percentile: the ceil(p * n)-th smallest, in integer arithmetic.
