@@ -203,3 +203,33 @@ def test_migration_0009_keeps_the_events_0008_wrote_and_lists_them_by_reason(db,
             assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == 6
     finally:
         upgrade(db)
+
+
+# Admin GET answers holding a list that are not paged, and why.
+UNPAGED = {
+    "/admin/api/connectors": "the connectors installed with the hub: a few dozen at most",
+    "/admin/api/stats": "one entry per route; bounded by HUB_ADMIN_STATS_MAX_ROWS events",
+}
+
+
+def test_every_admin_listing_takes_the_events_paging_in_the_openapi_document(client):
+    doc = client.get("/openapi.json").get_json()
+    schemas = doc["components"]["schemas"]
+
+    def paging_of(path: str) -> tuple[dict, dict]:
+        get = doc["paths"][path]["get"]
+        params = {p["name"]: p["schema"] for p in get["parameters"] if p["in"] == "query"}
+        answer = get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        next_cursor = schemas[answer.rsplit("/", 1)[1]]["properties"].get("next_cursor")
+        return {k: params.get(k) for k in ("limit", "cursor")}, next_cursor
+
+    events = paging_of("/admin/api/events")
+    assert events[0]["limit"]["maximum"] == paging.PAGE_MAX and events[1] is not None
+    listings = [
+        path
+        for path, ops in doc["paths"].items()
+        if path.startswith("/admin/api/") and "{" not in path and "get" in ops
+    ]
+    assert {"/admin/api/keys", "/admin/api/routes"} <= set(listings)
+    for path in sorted(set(listings) - set(UNPAGED)):
+        assert paging_of(path) == events, path
