@@ -377,8 +377,10 @@ class Settings(BaseSettings):
     )
 
     # --- the admin API ---
+    # 2,000 bodies of 1.5 KB: 36-46 ms p50 a call on PostgreSQL and SQLite; 10,000 took
+    # 131-175 ms (bench/admin_scale.py), over the listing's 60 ms target.
     admin_search_window: Positive = Field(
-        10_000,
+        2_000,
         description="events the admin API's body search (`q`) looks at per call; past them "
         "it hands a cursor",
     )
