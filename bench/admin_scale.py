@@ -182,6 +182,8 @@ def cases(cursor: str, count: int) -> list[tuple[str, dict]]:
         ("route + status dead", {"route": "route-07", "status": "dead"}),
         ("route + reason", {"route": "route-07", "reason": "forbidden"}),
         ("route + time window", {"route": "route-07", "since": day[0], "until": day[1]}),
+        # Two common values never seen together: one index walked to its end, the worst case.
+        ("status + reason (never together)", {"status": "delivered", "reason": "unauthorized"}),
         ("q over the default window (bounded)", {"q": '"total": 4242'}),
     ]
 

@@ -313,7 +313,12 @@ class EventQuery(EventFilters):
 class EventPage(BaseModel):
     events: list[EventSummary]
     next_cursor: NextCursor
-    scanned: int | None = Field(None, description="With q: rows looked at for this page")
+    scanned: int | None = Field(
+        None,
+        description="With q, or two or more of route, status, reason, key and request_id: "
+        "rows looked at for this page (at most HUB_ADMIN_SEARCH_WINDOW; follow next_cursor "
+        "for more)",
+    )
 
 
 class EventDetail(EventOut):

@@ -381,8 +381,9 @@ class Settings(BaseSettings):
     # 131-175 ms (bench/admin_scale.py), over the listing's 60 ms target.
     admin_search_window: Positive = Field(
         2_000,
-        description="events the admin API's body search (`q`) looks at per call; past them "
-        "it hands a cursor",
+        description="events the admin listing looks at per call when no one index answers "
+        "it (a body search `q`, or two or more of route, status, reason, key, request_id); "
+        "past them it hands a cursor",
     )
     admin_replay_max: Positive = Field(
         10_000,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -222,10 +222,12 @@ class Filters:
     request_id by their (column, received_at, id) index, since and until by (received_at,
     id). A page then reads ``limit + 1`` index entries past its cursor (p95 under 25 ms at
     300,000 events on both databases, even for a value matching nothing; the reason filter
-    took 607 ms on SQLite before its index: bench/RESULTS.md). Two filters together walk one
-    of their indexes and check the other. A body search (``text``) has no index: it is
-    bounded by its scan window instead. A filter added here without an index fails
-    tests/test_listing_plans.py, which reads the plan of each.
+    took 607 ms on SQLite before its index: bench/RESULTS.md). A time range combines with
+    any of them in the same index range. Two or more of the others together walk the index
+    of one (the first in ``LEADING``) and check the rest: two common values seldom seen
+    together would walk it to its end, so that walk is bounded by the scan window, as a body
+    search (``text``, which no index serves) is. A filter added here without an index fails
+    tests/test_listing_plans.py, which reads the plan of each and of each pair.
     """
 
     route: str | None = None
@@ -245,6 +247,20 @@ class Filters:
         if self.until:
             query = query.where(Event.received_at < self.until)
         return query
+
+    def split(self) -> tuple[Filters, list]:
+        """The filters one index range answers (the first given of ``LEADING``, and the time
+        range), and the conditions left to check on each row it reads."""
+        given = [name for name in LEADING if getattr(self, name)]
+        rest = {name: None for name in given[1:]}
+        checks = [COLUMNS[name] == getattr(self, name) for name in given[1:]]
+        return replace(self, **rest), checks
+
+
+# The filters with an index of their own, (column, received_at, id), the likely narrowest
+# first: with several given, the listing walks the first one's index.
+LEADING = ("request_id", "key_prefix", "reason", "route", "status")
+COLUMNS = {name: getattr(Event, name) for name in LEADING}
 
 
 def encode_cursor(received_at: datetime, event_id: str) -> str:
@@ -310,12 +326,13 @@ def search(
     """One page of events, newest first, and the cursor of the next (None at the end).
 
     Never counts the table: a page reads ``limit + 1`` rows along an index. ``text`` looks
-    for a substring of the raw body (case-sensitive bytes) among at most ``window`` rows
-    past the cursor; when those hold fewer matches than a page, the cursor still moves past
-    them, so the admin pages on through a large table at a bounded cost per call.
+    for a substring of the raw body (case-sensitive bytes), and two or more filters of
+    ``LEADING`` are checked, among at most ``window`` rows past the cursor; when those hold
+    fewer matches than a page, the cursor still moves past them, so the admin pages on
+    through a large table at a bounded cost per call.
     """
     query = listing_query(session, filters, limit=limit, cursor=cursor, text=text, window=window)
-    if text is None:
+    if "hit" not in query.selected_columns:
         rows = session.execute(query).all()
         more = len(rows) > limit
         rows = rows[:limit]
@@ -345,12 +362,16 @@ def listing_query(
     window: int = 10_000,
 ) -> Select:
     """What ``search`` runs: (id, received_at) of ``limit + 1`` matching events past the
-    cursor, newest first; with ``text``, the ``window`` rows past the cursor and whether each
-    body holds it (the scan's bound). Raises BadCursor."""
-    base = filters.apply(_older_than(select(Event.id, Event.received_at), cursor))
-    if text is None:
+    cursor, newest first, along one index range; or, with ``text`` or filters one range
+    does not answer, the ``window`` rows of that range past the cursor and whether each
+    matches the rest (a ``hit`` column: the scan's bound). Raises BadCursor."""
+    ranged, checks = filters.split()
+    if text is not None:
+        checks.append(_body_contains(session, text))
+    base = ranged.apply(_older_than(select(Event.id, Event.received_at), cursor))
+    if not checks:
         return base.order_by(*NEWEST_FIRST).limit(limit + 1)
-    hit = _body_contains(session, text).label("hit")
+    hit = and_(*checks).label("hit")
     return base.add_columns(hit).order_by(*NEWEST_FIRST).limit(window)
 
 

@@ -13,6 +13,7 @@ by its scan window instead. bench/admin_scale.py times the same filters at 300,0
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import re
 
@@ -40,6 +41,17 @@ def sample(validate) -> object:
         except ValueError:
             continue
     raise AssertionError("no sample value fits this filter: add one to sample()")
+
+
+def raw_sample(name: str) -> object:
+    """What a user would send for one filter of the API (a value ``sample`` accepts)."""
+    for value in ("2h", *event_store.STATUSES):
+        try:
+            m.EventQuery.model_validate({name: value})
+            return value
+        except ValueError:
+            continue
+    raise AssertionError(f"{name}: no sample value fits this filter: add one to raw_sample()")
 
 
 def plan_of(session, statement) -> list:
@@ -116,6 +128,29 @@ def test_each_cli_events_list_filter_reads_an_index_range(db, name):
     assert columns, f"{name}: the option does not reach the query"
     with db.session() as session:
         assert_index_range(plan_of(session, statement), columns)
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(API_FILTERS, 2)), ids="+".join)
+def test_each_pair_of_filters_is_one_index_range_or_bounded_by_the_window(db, pair):
+    """Two filters: one index range answers both (a column and the time range), or the
+    listing walks the index of one and checks the other within the scan window."""
+    given = {name: raw_sample(name) for name in pair}
+    query = m.EventQuery.model_validate(given)
+    with db.session() as session:
+        statement = event_store.listing_query(
+            session, admin_api.filters(query), limit=50, window=1234
+        )
+        plan = plan_of(session, statement)
+        columns = filtered_columns(statement)
+    if statement._limit == 1234:  # bounded: the walk is one filter's index range
+        assert_index_range(plan, columns)
+        hit = statement.selected_columns["hit"]
+        checked = {c.name for c in visitors.iterate(hit) if isinstance(c, Column)}
+        assert len(columns | checked) == 2, (columns, checked)  # the other one is checked
+    else:  # unbounded: one index range must hold every filter
+        assert statement._limit == 51
+        for column in columns:
+            assert_index_range(plan, {column})
 
 
 def test_the_dashboard_filters_are_the_api_filters():

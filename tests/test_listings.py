@@ -233,3 +233,30 @@ def test_every_admin_listing_takes_the_events_paging_in_the_openapi_document(cli
     assert {"/admin/api/keys", "/admin/api/routes"} <= set(listings)
     for path in sorted(set(listings) - set(UNPAGED)):
         assert paging_of(path) == events, path
+
+
+# --- two filters together: one index walked, within the window ---
+
+
+def test_two_filters_together_look_at_most_at_the_window_a_call_and_page_on(app, client, admin, db):
+    app.config["ADMIN_SEARCH_WINDOW"] = 3
+    dead = []
+    for i in range(8):  # newest last: route a alternates dead and delivered
+        status = "dead" if i % 2 else "delivered"
+        event_id = add_event(db, route="a", status=status, age=100 - i)
+        if status == "dead":
+            dead.append(event_id)
+        add_event(db, route="b", status="dead", age=100 - i)
+    found, scanned, cursor = [], [], None
+    while True:
+        query = {"route": "a", "status": "dead", **({"cursor": cursor} if cursor else {})}
+        page = client.get("/admin/api/events", query_string=query, headers=admin).get_json()
+        found += [e["id"] for e in page["events"]]
+        scanned.append(page["scanned"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert found == dead[::-1]  # each once, newest first
+    assert scanned == [3, 3, 2]  # route a's 8 events, 3 a call at most
+    one = client.get("/admin/api/events", query_string={"route": "a"}, headers=admin).get_json()
+    assert len(one["events"]) == 8 and one["scanned"] is None  # one filter: no window
