@@ -321,7 +321,7 @@ def search(
     limit: int = 50,
     cursor: str | None = None,
     text: str | None = None,
-    window: int = 10_000,
+    window: int = 2_000,
 ) -> Page:
     """One page of events, newest first, and the cursor of the next (None at the end).
 
@@ -359,7 +359,7 @@ def listing_query(
     limit: int = 50,
     cursor: str | None = None,
     text: str | None = None,
-    window: int = 10_000,
+    window: int = 2_000,
 ) -> Select:
     """What ``search`` runs: (id, received_at) of ``limit + 1`` matching events past the
     cursor, newest first, along one index range; or, with ``text`` or filters one range
