@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from hub import api_models as m
 from hub import events as event_store
 from hub import keys as key_store
+from hub import paging
 from hub import routes as route_store
 from hub.crypto import SecretBox, SecretsUnreadable
 from hub.db import get_db, get_read_session, get_session
@@ -99,12 +100,25 @@ def key_out(row: ApiKey, model: type[BaseModel] = m.KeyOut, **extra: Any) -> Bas
     bp,
     "GET",
     "/admin/api/keys",
-    summary="List every key (never a secret)",
+    summary="List the keys, one keyset page at a time (never a secret)",
     tag="keys",
-    responses={200: ("The keys", m.KeyList)},
+    query=m.PageQuery,
+    responses={200: ("A page of keys", m.KeyList), 400: ("The cursor is not one of ours", None)},
 )
-def list_keys():
-    return m.KeyList(keys=[key_out(k) for k in key_store.list_keys(get_read_session())])
+def list_keys(query: m.PageQuery):
+    after = None
+    if query.cursor is not None:
+        try:
+            after = int(paging.decode("keys", query.cursor))
+        except ValueError:  # BadCursor, or a position that is not a key's
+            raise bad_cursor("query") from None
+    rows = key_store.list_keys(get_read_session(), after=after, limit=query.limit + 1)
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    return m.KeyList(
+        keys=[key_out(k) for k in rows],
+        next_cursor=paging.encode("keys", str(rows[-1].id)) if more else None,
+    )
 
 
 @api.route(
@@ -187,12 +201,26 @@ def save(data: dict[str, Any]):
     bp,
     "GET",
     "/admin/api/routes",
-    summary="List every route (signing secrets masked)",
+    summary="List the routes by name, one keyset page at a time (signing secrets masked)",
     tag="routes",
-    responses={200: ("The routes", m.RouteList)},
+    query=m.PageQuery,
+    responses={
+        200: ("A page of routes", m.RouteList),
+        400: ("The cursor is not one of ours", None),
+    },
 )
-def list_routes():
-    return m.RouteList(routes=[route_out(r) for r in route_store.list_routes(get_read_session())])
+def list_routes(query: m.PageQuery):
+    try:
+        after = paging.decode("routes", query.cursor) if query.cursor is not None else None
+    except paging.BadCursor:
+        raise bad_cursor("query") from None
+    rows = route_store.list_routes(get_read_session(), after=after, limit=query.limit + 1)
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    return m.RouteList(
+        routes=[route_out(r) for r in rows],
+        next_cursor=paging.encode("routes", rows[-1].name) if more else None,
+    )
 
 
 @api.route(

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from hub import keys as key_store
 from hub import ratelimit
 from hub.events import STATUSES, parse_time
+from hub.paging import PAGE_DEFAULT, PAGE_MAX
 from hub.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
 
 EventStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -40,6 +41,23 @@ class Strict(BaseModel):
     """Unknown fields are refused (422 naming them), never silently dropped."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+# Every admin listing pages the same way: ``limit`` rows, and ``next_cursor`` to send back.
+PageLimit = Annotated[
+    int, Field(ge=1, le=PAGE_MAX, description=f"Rows per page (at most {PAGE_MAX})")
+]
+Cursor = Annotated[str, Field(max_length=200, description="next_cursor of a prior page")]
+NextCursor = Annotated[
+    str | None, Field(description="Pass as cursor for the next page; null on the last one")
+]
+
+
+class PageQuery(Strict):
+    """One keyset page of a listing (keys by creation, routes by name)."""
+
+    cursor: Cursor | None = None
+    limit: PageLimit = PAGE_DEFAULT
 
 
 # --- public ---
@@ -184,7 +202,8 @@ class KeyCreated(KeyOut):
 
 
 class KeyList(BaseModel):
-    keys: list[KeyOut]
+    keys: list[KeyOut] = Field(description="Oldest first")
+    next_cursor: NextCursor
 
 
 # --- admin: routes ---
@@ -248,7 +267,8 @@ class RouteOut(BaseModel):
 
 
 class RouteList(BaseModel):
-    routes: list[RouteOut]
+    routes: list[RouteOut] = Field(description="By name")
+    next_cursor: NextCursor
 
 
 class RouteRemoved(BaseModel):
@@ -294,7 +314,7 @@ class EventFilters(Strict):
         max_length=200,
         description="The X-Request-ID of the request that brought the event",
     )
-    cursor: str | None = Field(None, max_length=200, description="next_cursor of a prior page")
+    cursor: Cursor | None = None
 
     def given(self) -> bool:
         fields = ("route", "status", "reason", "key", "since", "until", "request_id")
@@ -305,13 +325,18 @@ class EventQuery(EventFilters):
     q: str | None = Field(
         None, min_length=1, max_length=200, description="Substring of the body (bounded scan)"
     )
-    limit: int = Field(50, ge=1, le=500)
+    limit: PageLimit = PAGE_DEFAULT
 
 
 class EventPage(BaseModel):
     events: list[EventSummary]
-    next_cursor: str | None = Field(description="Pass as cursor for the next, older page")
-    scanned: int | None = Field(None, description="With q: rows looked at for this page")
+    next_cursor: NextCursor
+    scanned: int | None = Field(
+        None,
+        description="With q, or two or more of route, status, reason, key and request_id: "
+        "rows looked at for this page (at most HUB_ADMIN_SEARCH_WINDOW; follow next_cursor "
+        "for more)",
+    )
 
 
 class EventDetail(EventOut):
@@ -353,8 +378,14 @@ class RouteStats(BaseModel):
     total: int
     by_status: dict[str, int]
     by_reason: dict[str, int]
-    p50_ms: float | None = Field(description="Median completed_at - received_at")
-    p95_ms: float | None
+    p50_ms: float | None = Field(
+        description="Median milliseconds from receipt to the end (delivered, failed or dead), "
+        "retries included, of the window's events that were never replayed (a replay's end "
+        "measures when it was replayed); null when none ended"
+    )
+    p95_ms: float | None = Field(
+        description="95th percentile of the same: receipt to end, never-replayed events only"
+    )
 
 
 class StatsOut(BaseModel):

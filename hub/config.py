@@ -406,10 +406,13 @@ class Settings(BaseSettings):
     )
 
     # --- the admin API ---
+    # 2,000 bodies of 1.5 KB: 36-46 ms p50 a call on PostgreSQL and SQLite; 10,000 took
+    # 131-175 ms (bench/admin_scale.py), over the listing's 60 ms target.
     admin_search_window: Positive = Field(
-        10_000,
-        description="events the admin API's body search (`q`) looks at per call; past them "
-        "it hands a cursor",
+        2_000,
+        description="events the admin listing looks at per call when no one index answers "
+        "it (a body search `q`, or two or more of route, status, reason, key, request_id); "
+        "past them it hands a cursor",
     )
     admin_replay_max: Positive = Field(
         10_000,

@@ -199,8 +199,12 @@ class Event(Base):
         Index("ix_events_route_received_at_id", "route", "received_at", "id"),
         Index("ix_events_status_received_at_id", "status", "received_at", "id"),
         Index("ix_events_key_prefix_received_at_id", "key_prefix", "received_at", "id"),
-        # Finding what one request brought, by the X-Request-ID a sender or a log line shows.
-        Index("ix_events_request_id", "request_id"),
+        # Refusals by reason: without it a rare reason walked the whole received_at index
+        # (2,383 ms on SQLite, 188 ms on PostgreSQL at 300,000 events; now one range).
+        Index("ix_events_reason_received_at_id", "reason", "received_at", "id"),
+        # Finding what one request brought, by the X-Request-ID a sender or a log line shows;
+        # newest first without a sort, even for a sender that sends the same id every time.
+        Index("ix_events_request_id_received_at_id", "request_id", "received_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_event_id)
@@ -241,6 +245,9 @@ class Event(Base):
     result: Mapped[Any | None] = mapped_column(StorableJSON)
     last_error: Mapped[str | None] = mapped_column(StorableText)
     completed_at: Mapped[datetime | None]
+    # When an admin last put the event back in the queue (None: never replayed). Its
+    # completed_at then measures the replay, not the hub, so latency figures leave it out.
+    replayed_at: Mapped[datetime | None]
 
     attempt_rows: Mapped[list[Attempt]] = relationship(
         back_populates="event",

@@ -526,8 +526,15 @@ def lookup(session: Session, name: str, cache: TTLCache[tuple[Route | None]]) ->
     return route
 
 
-def list_routes(session: Session) -> list[Route]:
-    return list(session.scalars(select(Route).order_by(Route.name)))
+def list_routes(
+    session: Session, *, after: str | None = None, limit: int | None = None
+) -> list[Route]:
+    """Routes by name; a page of ``limit`` after the route named ``after`` (the name's
+    unique index)."""
+    query = select(Route).order_by(Route.name)
+    if after is not None:
+        query = query.where(Route.name > after)
+    return list(session.scalars(query.limit(limit)))
 
 
 def remove(session: Session, name: str) -> bool:
