@@ -37,8 +37,16 @@ WARM_REQUESTS = 4  # per process, before each revocation
 EXPIRES_IN = timedelta(seconds=4)  # enough to warm the key in both processes first
 
 
-def worker_pids(master: int) -> set[int]:
-    """gunicorn's worker processes: the children of its master."""
+def worker_pids(master: int, expected: int = 2, wait: float = 15.0) -> set[int]:
+    """gunicorn's worker processes: the children of its master, once ``expected`` of them
+    have been forked (the master is listening before it has forked them all)."""
+    deadline = time.monotonic() + wait
+    while len(pids := children(master)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
+def children(master: int) -> set[int]:
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
