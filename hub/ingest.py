@@ -210,19 +210,20 @@ def authenticate(
         return None, True
 
 
-def verified_key(session: Session) -> keys.KeyInfo:
+def verified_key() -> keys.KeyInfo:
     """The presented key, read from the database once per request (the refusal budget and
     the route's key check both ask), or KeyRefused.
 
-    The read's transaction ends here: on SQLite it holds the write lock, which the request
-    must not keep while it reads the body."""
+    It is read in a read session of its own: on SQLite it takes no write lock (the request
+    must not hold one while it reads the body), on PostgreSQL it is one autocommit round
+    trip (``keys.key_row``)."""
     known = g.get("hub_verified_key")
     if known is None:
-        try:
-            known = keys.authenticate(session, presented_key())
-        except keys.KeyRefused as exc:
-            known = exc
-        session.commit()
+        with get_db().read_session() as reading:
+            try:
+                known = keys.authenticate(reading, presented_key())
+            except keys.KeyRefused as exc:
+                known = exc
         g.hub_verified_key = known
     if isinstance(known, keys.KeyRefused):
         raise known
@@ -236,7 +237,7 @@ def check_key(session: Session, route: Route) -> keys.KeyInfo:
     if match:  # who claimed to knock; whose key it really was is known only once verified
         event.presented_prefix = match.group(1)
     try:
-        info = verified_key(session)
+        info = verified_key()
     except keys.KeyRefused as exc:
         if exc.info is not None:  # the real key, revoked or expired
             event.key_prefix = exc.info.prefix
@@ -522,7 +523,7 @@ def check_refusal_budget(session: Session, route_name: str) -> int | None:
         return None
     if presented_key():  # a valid key always passes (read once; check_key reuses it)
         try:
-            verified_key(session)
+            verified_key()
             return None
         except keys.KeyRefused:
             pass
