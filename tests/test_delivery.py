@@ -292,8 +292,10 @@ def test_a_replay_starts_the_retry_schedule_again(
 
 
 def test_bulk_replay_by_status_and_route(client, db, key, add_route, worker, scripted, runner):
+    # Calls are counted across routes, and routes take turns: four entries cover the three
+    # `later` calls whichever turn the `other` event's call takes.
     add_route(
-        "later", [{"connector": "scripted", "config": {"fail": ["permanent"] * 3}}], mode="async"
+        "later", [{"connector": "scripted", "config": {"fail": ["permanent"] * 4}}], mode="async"
     )
     add_route("other", [{"connector": "scripted", "config": {}}], mode="async")
     ids = [post(client, key).json["id"] for _ in range(3)]
