@@ -124,12 +124,13 @@ lanes(route) AS (
 _OPEN_LANES = f"""
 open_lanes AS (
     SELECT l.route, l.room,
-           row_number() OVER (ORDER BY l.route <= :after, l.route) AS lane_turn
+           row_number() OVER (ORDER BY l.route{{c}} <= :after, l.route{{c}}) AS lane_turn
     FROM (SELECT route, {{room}} AS room FROM lanes WHERE route IS NOT NULL) l
     WHERE l.room > 0 AND (
         SELECT e.next_attempt_at FROM {{events}}
-        WHERE e.route = l.route AND {_DUE} ORDER BY e.next_attempt_at LIMIT 1) <= :now
-    ORDER BY l.route <= :after, l.route
+        WHERE e.route >= l.route AND e.route <= l.route AND {_DUE}
+        ORDER BY e.route, e.next_attempt_at LIMIT 1) <= :now
+    ORDER BY l.route{{c}} <= :after, l.route{{c}}
     LIMIT :n
 )"""
 
@@ -143,8 +144,9 @@ heads AS (
            row_number() OVER (PARTITION BY o.route ORDER BY h.next_attempt_at, h.id) AS turn
     FROM open_lanes o CROSS JOIN LATERAL (
         SELECT e.id, e.next_attempt_at FROM events e
-        WHERE e.route = o.route AND {_DUE} AND e.next_attempt_at <= :now
-        ORDER BY e.next_attempt_at LIMIT LEAST(o.room, :n)
+        WHERE e.route >= o.route AND e.route <= o.route AND {_DUE}
+          AND e.next_attempt_at <= :now
+        ORDER BY e.route, e.next_attempt_at LIMIT LEAST(o.room, :n)
         FOR UPDATE SKIP LOCKED) h
 )""",
     "sqlite": f"""
@@ -159,12 +161,18 @@ heads AS (
 }
 
 
-# SQLite's planner, without statistics, walks the status index and sorts every waiting
-# event for "the first route" (14 ms at 20,000 waiting); told the index, 0.1 ms.
+# A route's events are read as the range [route, route] ordered by (route,
+# next_attempt_at): the route index's own order, which no other index gives. Written
+# `route = ...`, the planner drops the route from the order (it is fixed) and, with one
+# big route in its statistics, walks ix_events_due_at instead, reading every other
+# route's waiting events to reach this route's first (5,000 entries read for one event). SQLite's planner, without statistics, walks the status index and sorts
+# every waiting event for the first route (14 ms at 20,000 waiting): it is told the index
+# (0.1 ms). Routes are compared byte by byte, as Python compares the route served last.
 _EVENTS = {
     "postgresql": "events e",
     "sqlite": "events e INDEXED BY ix_events_due_by_route",
 }
+_COLLATE = {"postgresql": ' COLLATE "C"', "sqlite": ""}
 
 
 def fair_pick(
@@ -186,14 +194,18 @@ def fair_pick(
         cases.append(f"WHEN :lane_{i} THEN :left_{i}")
     room_sql = f"CASE route {' '.join(cases)} ELSE :share END" if cases else ":share"
     sql = (
-        "WITH RECURSIVE"
-        + _LANES
-        + ","
-        + _OPEN_LANES.replace("{room}", room_sql)
-        + ","
-        + _HEADS[dialect]
-        + "\nSELECT id FROM heads WHERE turn <= room ORDER BY turn, lane_turn LIMIT :n"
-    ).replace("{events}", _EVENTS[dialect])
+        (
+            "WITH RECURSIVE"
+            + _LANES
+            + ","
+            + _OPEN_LANES.replace("{room}", room_sql)
+            + ","
+            + _HEADS[dialect]
+            + "\nSELECT id FROM heads WHERE turn <= room ORDER BY turn, lane_turn LIMIT :n"
+        )
+        .replace("{events}", _EVENTS[dialect])
+        .replace("{c}", _COLLATE[dialect])
+    )
     return (
         text(sql)
         .bindparams(**params)

@@ -9,16 +9,22 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections import Counter
 
 import pytest
+import requests
+import sqlalchemy as sa
+from alembic import command
 
 from hub import events as event_store
+from hub.db import alembic_config, upgrade
+from hub.models import Event, utcnow
 from hub.testing_servers import Receiver
 from hub.worker import Worker
-from tests.procs import stop, wait_until, worker
+from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import event_row, insert_events
 
 pytestmark = pytest.mark.slow
@@ -116,3 +122,91 @@ def test_another_routes_event_is_delivered_within_seconds_behind_a_backlog(
     if backlog.startswith("burst"):
         # The slow route held at most 3 of each worker's 4 threads.
         assert len(slow.requests) <= 6 + 6, Counter(r.path for r in slow.requests)
+
+
+def test_the_migration_adds_the_route_index_to_a_filled_database_and_takes_it_away(
+    app, db, add_route
+):
+    add_route("backlog", [{"connector": "text"}], mode="async")
+    add_route("quiet", [{"connector": "text"}], mode="async")
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0008")
+    try:
+        insert_events(db, "backlog", 30)  # rows the previous schema holds
+        insert_events(db, "backlog", 10, status="delivered")
+        insert_events(db, "quiet", 1)
+        assert "ix_events_due_by_route" not in index_names(db)
+        upgrade(db)
+        assert "ix_events_due_by_route" in index_names(db)
+        claimer = Worker(app, name="claimer")
+        claimer.threads = [None] * 4
+        assert routes_of(db, claimer.claim(2)) == ["backlog", "quiet"]
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(db, conn), "0008")
+        assert "ix_events_due_by_route" not in index_names(db)
+        assert count_events(db) == 41
+    finally:
+        upgrade(db)
+
+
+def index_names(db) -> set[str]:
+    return {index["name"] for index in sa.inspect(db.engine).get_indexes("events")}
+
+
+def count_events(db) -> int:
+    with db.session() as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(Event))
+
+
+def test_the_fair_claim_walks_indexes_and_scans_no_table(app, db, add_route):
+    insert_events(db, "backlog", 5_000)
+    insert_events(db, "backlog", 5_000, status="delivered")
+    insert_events(db, "quiet", 1)
+    claimer = Worker(app, name="claimer")
+    claimer.threads = [None] * 4
+    claimer._busy["backlog"] = 1  # one of its events in flight: its room is in the statement
+    claim = sa.update(Event).where(claimer._fair_due(4, utcnow())).values(status="processing")
+    with db.engine.begin() as conn:
+        sql = str(claim.compile(conn, compile_kwargs={"literal_binds": True}))
+        if db.dialect == "postgresql":
+            conn.exec_driver_sql("ANALYZE events")
+            steps = [r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql)]
+            reads = [s for s in steps if re.search(r"Scan .*\bon events\b", s)]
+            used = {re.search(r"using (\w+) on events", s).group(1) for s in reads if "using" in s}
+        else:
+            steps = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+            reads = [s for s in steps if re.match(r"(SCAN|SEARCH) (e|x|events)\b", s)]
+            used = {re.search(r"INDEX (\w+)", s).group(1) for s in reads if "INDEX" in s}
+    plan = "\n".join(steps)
+    # Every read of events goes through the route index or the primary key: none walks
+    # another index and sorts what it found, none reads the table.
+    assert len(used) == 2 and "ix_events_due_by_route" in used, plan
+    assert all("using" in s or "INDEX" in s for s in reads), plan
+
+
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_the_embedded_worker_takes_turns_behind_a_bulk_replay(
+    db, make_key, add_route, receiver, database_url_for_test, tmp_path
+):
+    """``make run``'s shape: SQLite, one delivery thread in each of gunicorn's processes."""
+    add_route("bulk", forward_to(receiver), mode="async")
+    add_route("other", forward_to(receiver), mode="async")
+    insert_events(db, "bulk", 20_000, status="delivered")
+    with gunicorn(database_url_for_test, tmp_path / "web.log") as (_, base):
+        filters = event_store.Filters(route="bulk", status="delivered")
+        assert event_store.replay_matching(db, filters, examine=20_000)[0] == 20_000
+        wait_until(lambda: len(receiver.requests) >= 100, 15, what="the drain to start")
+        sent = time.monotonic()
+        response = requests.post(
+            base + "/hooks/other", json={"hello": 1}, headers={"X-API-Key": make_key()}, timeout=5
+        )
+        assert response.status_code == 202
+        event_id = response.json()["id"]
+        wait_until(
+            lambda: event_row(db, event_id).status == "delivered",
+            5.0,
+            what="the other route's event behind the bulk replay",
+        )
+        waited = time.monotonic() - sent
+    print(f"embedded: delivered {waited:.2f} s after its 202")
+    assert waited < 5.0
