@@ -161,13 +161,14 @@ heads AS (
 }
 
 
-# A route's events are read as the range [route, route] ordered by (route,
-# next_attempt_at): the route index's own order, which no other index gives. Written
-# `route = ...`, the planner drops the route from the order (it is fixed) and, with one
-# big route in its statistics, walks ix_events_due_at instead, reading every other
-# route's waiting events to reach this route's first (5,000 entries read for one event). SQLite's planner, without statistics, walks the status index and sorts
-# every waiting event for the first route (14 ms at 20,000 waiting): it is told the index
-# (0.1 ms). Routes are compared byte by byte, as Python compares the route served last.
+# PostgreSQL reads a route's events as the range [route, route] ordered by (route,
+# next_attempt_at), the route index's own order, which no other index gives: written
+# `route = ...`, the planner drops the route from the order (it is fixed) and, with one big
+# route in its statistics, walks ix_events_due_at instead, reading every other route's
+# waiting events to reach this route's first (5,000 entries for one event). SQLite's
+# planner, without statistics, walks the status index and sorts every waiting event for
+# the first route (14 ms at 20,000 waiting): it is told the index (0.1 ms). Routes are put
+# in turn byte by byte, as Python compares them with the route served last.
 _EVENTS = {
     "postgresql": "events e",
     "sqlite": "events e INDEXED BY ix_events_due_by_route",
