@@ -2,7 +2,10 @@
 
 A claim is one atomic statement that moves due events to ``processing`` under a lease
 (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines
-share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). A worker
+share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). It takes
+due events in turns across routes, and a route holds at most ``HUB_WORKER_ROUTE_SHARE`` of
+a worker's delivery threads: one route's backlog or slow receiver cannot hold back another
+route's events (``fair_pick``). A worker
 that dies leaves a lease that expires, and the event is claimed again: delivery is
 at-least-once, and a receiver that must not see a repeat dedups on the event id.
 
@@ -215,12 +218,18 @@ def fair_pick(
     )
 
 
+def rotation(after: str):
+    """Sort key of the turn order that starts past route ``after``: the routes after it,
+    then the others from the start (the order ``fair_pick`` serves them in)."""
+    return lambda lane: (lane <= after, lane)
+
+
 def in_turns(events: list[Event], after: str) -> list[Event]:
     """Claimed events in the order ``fair_pick`` chose them: turns across routes."""
     lanes: dict[str, list[Event]] = collections.defaultdict(list)
-    for event in sorted(events, key=lambda e: (e.next_attempt_at is None, e.next_attempt_at, e.id)):
+    for event in sorted(events, key=lambda e: (e.next_attempt_at, e.id)):
         lanes[event.route].append(event)
-    order = sorted(lanes, key=lambda lane: (lane <= after, lane))
+    order = sorted(lanes, key=rotation(after))
     turns = []
     for turn in range(max((len(v) for v in lanes.values()), default=0)):
         turns += [lanes[lane][turn] for lane in order if turn < len(lanes[lane])]
@@ -287,15 +296,9 @@ class Worker:
                 self._busy[event.route] += 1
             if claimed:
                 self._last_lane = max(
-                    (event.route for event in claimed), key=self._lane_turn(self._last_lane)
+                    (event.route for event in claimed), key=rotation(self._last_lane)
                 )
         return [event.id for event in claimed]
-
-    @staticmethod
-    def _lane_turn(after: str):
-        """Sort key of the rotation that starts past lane ``after``: lanes after it, then the
-        others from the start (the order ``fair_pick`` serves them in)."""
-        return lambda lane: (lane <= after, lane)
 
     def _room(self) -> tuple[int, dict[str, int]]:
         """How many events a route may hold in this process, and the room left to the routes
