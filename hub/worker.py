@@ -43,6 +43,11 @@ log = logging.getLogger("hub.worker")
 
 NOTIFY_CHANNEL = "hub_events"
 MIN_IDLE = 0.05
+# A claim takes events for the threads that will soon be free too: those idle, and those
+# whose delivery started less than this many seconds ago. An event claimed ahead waits for
+# one of them, never behind a slow receiver (the drain: one claim for a batch, not one an
+# event, which cost a third of its rate).
+PREFETCH_AGE = 0.5
 # The lease owner of a sync request's event starts with this: workers never claim it.
 SYNC_LEASE_PREFIX = "sync:"
 # A reaper pass runs every this many HUB_WORKER_MAX_IDLE (20 s by default).
@@ -265,6 +270,10 @@ class Worker:
         # and the route it served last: the next claim starts its turns past it.
         self._busy: collections.Counter[str] = collections.Counter()
         self._last_lane = ""
+        # time.monotonic() of the start of each delivery running now, and the routes whose
+        # last delivery here was quick (unknown routes count as slow).
+        self._started: dict[str, float] = {}
+        self._fast: set[str] = set()
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
 
@@ -302,11 +311,18 @@ class Worker:
 
     def _room(self) -> tuple[int, dict[str, int]]:
         """How many events a route may hold in this process, and the room left to the routes
-        it holds some of (``HUB_WORKER_ROUTE_SHARE`` of the delivery threads)."""
+        it holds some of: ``HUB_WORKER_ROUTE_SHARE`` of the delivery threads. A route whose
+        last delivery here took under PREFETCH_AGE is not held to it: it frees its threads
+        before another route's event would notice, and a claim takes a batch of it for the
+        threads about to be free (a drain held to its share ran at two thirds the rate)."""
         threads = max(1, len(self.threads))
         share = max(1, int(threads * self.route_share))
         with self._lock:
-            return share, {lane: share - n for lane, n in self._busy.items() if n > 0}
+            return share, {
+                lane: threads if lane in self._fast else share - n
+                for lane, n in self._busy.items()
+                if n > 0
+            }
 
     def _fair_due(self, limit: int, now):
         share, room = self._room()
@@ -367,6 +383,7 @@ class Worker:
         with self._lock:
             self.in_flight.add(event_id)
             event, claimed_at = self._claimed.pop(event_id, (None, time.monotonic()))
+            self._started[event_id] = time.monotonic()
         lane = event.route if event is not None else None
         try:
             if event is None:  # claimed by another Worker object (tests, tools)
@@ -385,8 +402,13 @@ class Worker:
         finally:
             with self._lock:
                 self.in_flight.discard(event_id)
+                started = self._started.pop(event_id, None)
                 if lane is not None:
                     self._busy[lane] -= 1
+                    if started is not None and time.monotonic() - started < PREFETCH_AGE:
+                        self._fast.add(lane)
+                    else:
+                        self._fast.discard(lane)
 
     def _process(self, event: Event, claimed_at: float) -> str:
         with self.db.sessionmaker() as session:  # a query only when the route isn't cached
@@ -543,17 +565,18 @@ class Worker:
     def next_event(self) -> str | None:
         """The id of a claimed event for a delivery thread; None if none is due.
 
-        One claim takes an event for each idle delivery thread of this worker, and the
-        threads take them from here one by one: one statement for a batch under load (the
-        threads that a group commit ends together ask together). Only idle threads are
-        claimed for, so no event waits here behind a delivery in progress (a slow receiver
-        would hold it for that receiver's time); its lease (and the deadline of its tries)
-        runs from its claim."""
+        One claim takes an event for each delivery thread of this worker that is idle or
+        soon free (its delivery started less than PREFETCH_AGE ago), and the threads take
+        them from here one by one: one statement for a batch under load. Threads held by a
+        slow receiver are not claimed for, so no event waits here behind one (another
+        route's event would wait that receiver's time); its lease (and the deadline of its
+        tries) runs from its claim."""
         with self._claim_lock:
             if not self._ready and not self.stopping.is_set():
+                now = time.monotonic()
                 with self._lock:
-                    idle = len(self.threads) - len(self.in_flight)
-                claimed = self.claim(max(1, idle))
+                    held = sum(1 for t in self._started.values() if now - t > PREFETCH_AGE)
+                claimed = self.claim(max(1, len(self.threads) - held))
                 with self._lock:
                     self.in_flight.update(claimed)
                 self._ready.extend(claimed)
