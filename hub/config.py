@@ -370,8 +370,9 @@ class Settings(BaseSettings):
     worker_route_share: Share = Field(
         0.75,
         description="the largest share of a worker process's delivery threads (`--concurrency`) "
-        "one route may hold at once, at least one thread: the others stay free for other "
-        "routes, so a slow receiver cannot take them all",
+        "one route may hold at once, at least one thread, until its deliveries prove quick "
+        "(under 0.5 s): the others stay free for other routes, so a slow receiver cannot take "
+        "them all",
     )
     worker_grace: SecondsOrZero = Field(
         25.0,
