@@ -139,6 +139,12 @@ SecondsOrZero = Annotated[
     Field(ge=0, allow_inf_nan=False),
     Expects("a number of seconds, 0 or more"),
 ]
+Share = Annotated[
+    float,
+    BeforeValidator(_number),
+    Field(gt=0, le=1, allow_inf_nan=False),
+    Expects("a number more than 0 and at most 1"),
+]
 RateOrOff = Annotated[
     str,
     BeforeValidator(_rate),
@@ -389,6 +395,13 @@ class Settings(BaseSettings):
         2.0,
         description="longest pause of an idle worker between looks for due events (it backs "
         "off to this)",
+    )
+    worker_route_share: Share = Field(
+        0.75,
+        description="the largest share of a worker process's delivery threads (`--concurrency`) "
+        "one route may hold at once, at least one thread, until its deliveries prove quick "
+        "(under 0.5 s): the others stay free for other routes, so a slow receiver cannot take "
+        "them all",
     )
     worker_grace: SecondsOrZero = Field(
         25.0,

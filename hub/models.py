@@ -99,7 +99,7 @@ class StorableString(StorableText):
 BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
 # Events a worker may claim, written out (not bound) so the planner can match the partial
-# index ix_events_due_at.
+# indexes ix_events_due_at and ix_events_due_by_route.
 DUE_PREDICATE = "status IN ('pending', 'retrying')"
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -188,6 +188,15 @@ class Event(Base):
         # number of events waiting (a partial index holds only pending and retrying rows).
         Index(
             "ix_events_due_at",
+            "next_attempt_at",
+            postgresql_where=text(DUE_PREDICATE),
+            sqlite_where=text(DUE_PREDICATE),
+        ),
+        # The same, within each route: a fair claim takes turns across routes by jumping
+        # from one route's oldest due event to the next route's (hub.worker.fair_pick).
+        Index(
+            "ix_events_due_by_route",
+            "route",
             "next_attempt_at",
             postgresql_where=text(DUE_PREDICATE),
             sqlite_where=text(DUE_PREDICATE),

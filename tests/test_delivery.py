@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -293,8 +294,10 @@ def test_a_replay_starts_the_retry_schedule_again(
 
 
 def test_bulk_replay_by_status_and_route(client, db, key, add_route, worker, scripted, runner):
+    # Calls are counted across routes, and routes take turns: four entries cover the three
+    # `later` calls whichever turn the `other` event's call takes.
     add_route(
-        "later", [{"connector": "scripted", "config": {"fail": ["permanent"] * 3}}], mode="async"
+        "later", [{"connector": "scripted", "config": {"fail": ["permanent"] * 4}}], mode="async"
     )
     add_route("other", [{"connector": "scripted", "config": {}}], mode="async")
     ids = [post(client, key).json["id"] for _ in range(3)]
@@ -427,6 +430,24 @@ def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_overwrite(
     # A late write by the first owner changes nothing.
     assert crashed.process(event_id) == "lease_lost"
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_an_idle_worker_leaves_an_event_whose_lease_is_still_live_alone(
+    app, client, db, key, add_route
+):
+    add_route("later", [{"connector": "text"}], mode="async")
+    event_id = post(client, key).json["id"]
+    app.config["LEASE_SECONDS"] = 60
+    assert Worker(app, name="busy").claim() == [event_id]  # delivering it, for a minute
+    app.config["WORKER_MAX_IDLE"] = 0.05  # the idle one looks often, expired leases too
+    idle = Worker(app, name="idle")
+    idle.start(2)
+    try:
+        time.sleep(1.0)
+    finally:
+        idle.stop(grace=1)
+    event = event_row(db, event_id)
+    assert (event.status, event.lease_owner, event.attempts) == ("processing", "busy", 1)
 
 
 def test_events_list_and_show(client, db, key, add_route, worker, runner):

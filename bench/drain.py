@@ -1,0 +1,48 @@
+"""The drain alone: 2 ``flask --app hub worker --concurrency 4`` processes delivering a
+backlog of events written in bulk (no wrk, no ingest run), through the text connector.
+
+    HUB_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/hub_bench \\
+        .venv/bin/python -m bench.drain --events 10000 --runs 3
+
+It prints one events/s figure per run; bench/throughput.py measures the same drain after
+its ingest runs, as part of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from bench.common import fresh_postgres
+from bench.throughput import Hub, Peak, run_drain
+from tests.rows import insert_events
+from tests.servers import Receiver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--routes", type=int, default=1, help="routes sharing the backlog")
+    args = parser.parse_args()
+    url = os.environ.get("HUB_BENCH_DATABASE_URL")
+    if not url:
+        raise SystemExit("set HUB_BENCH_DATABASE_URL to a PostgreSQL database to drop and fill")
+    os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"
+    workdir = Path(tempfile.mkdtemp(prefix="hub-drain-"))
+    peak = Peak()
+    with Receiver() as receiver:
+        for run in range(args.runs):
+            hub = Hub(fresh_postgres(url), receiver.url)
+            body = b'{"input": "hello hub"}'
+            insert_events(hub.db, "bench", args.events, body=body)
+            row = run_drain(hub, f"drain run {run + 1}", "bench", 2, workdir, peak)
+            print(f"{row.name}: {row.rate:,.0f} events/s ({row.note})", flush=True)
+            hub.db.engine.dispose()
+    peak.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Fair delivery: one route's backlog or slow receiver does not hold back another route.
+
+- in one process: a claim takes turns across routes, and a route holds at most its share
+  of a worker's delivery threads (``HUB_WORKER_ROUTE_SHARE``);
+- with real processes (2 ``flask --app hub worker --concurrency 4``, as the README deploys
+  them): a burst of 120 events to a receiver that takes 5 s, or a bulk replay of 20,000
+  events, and then one event of another sender on another route, delivered in under 5 s.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+import requests
+import sqlalchemy as sa
+from alembic import command
+
+from hub import events as event_store
+from hub.db import alembic_config, upgrade
+from hub.models import Event, utcnow
+from hub.testing_servers import Receiver
+from hub.worker import Worker
+from tests.procs import gunicorn, stop, wait_until, worker
+from tests.rows import event_row, insert_events
+
+pytestmark = pytest.mark.slow
+
+
+def forward_to(receiver: Receiver) -> list[dict]:
+    """A step that forwards the payload, with a timeout longer than a slow receiver takes."""
+    config = {
+        "url": receiver.url + "/in",
+        "timeout": 30,
+        "headers": {"X-Event-Id": "{{ event.id }}"},
+    }
+    return [{"connector": "http", "config": config}]
+
+
+def routes_of(db, ids: list[str]) -> list[str]:
+    return [event_row(db, event_id).route for event_id in ids]
+
+
+def test_a_claim_takes_turns_across_routes(app, db, add_route):
+    add_route("backlog", [{"connector": "text"}], mode="async")
+    add_route("quiet", [{"connector": "text"}], mode="async")
+    insert_events(db, "backlog", 50)
+    insert_events(db, "quiet", 2)  # due after all fifty
+    claimer = Worker(app, name="claimer")
+    claimer.threads = [None] * 8  # as if started with 8 delivery threads
+    taken = routes_of(db, claimer.claim(4))
+    assert taken == ["backlog", "quiet", "backlog", "quiet"]
+
+
+def test_a_route_not_known_quick_holds_at_most_its_share_of_a_workers_threads(app, db, add_route):
+    add_route("slow", [{"connector": "text"}], mode="async")
+    insert_events(db, "slow", 20)
+    app.config["WORKER_ROUTE_SHARE"] = 0.75
+    claimer = Worker(app, name="claimer")
+    claimer.threads = [None] * 4
+    assert len(claimer.claim(4)) == 3  # three threads of four
+    assert claimer.claim(4) == []  # still running: the fourth thread stays free
+    add_route("other", [{"connector": "text"}], mode="async")
+    insert_events(db, "other", 1)
+    assert routes_of(db, claimer.claim(4)) == ["other"]
+    first = next(iter(claimer._claimed))
+    claimer.process(first)  # a delivery of `slow` ends, quickly: no longer held to a share
+    assert routes_of(db, claimer.claim(4)) == ["slow"] * 4
+
+
+def start_workers(url: str, tmp_path, count: int = 2):
+    """``count`` worker processes as the README runs them, once each says it is delivering."""
+    procs = [worker(url, tmp_path / f"w{i}.log", concurrency=4) for i in range(count)]
+    for i in range(count):
+        wait_until(
+            lambda i=i: b"delivering with" in (tmp_path / f"w{i}.log").read_bytes(),
+            30,
+            what=f"worker {i} to start",
+        )
+    return procs
+
+
+@pytest.mark.parametrize("backlog", ["burst to a 5 s receiver", "bulk replay of 20,000"])
+def test_another_routes_event_is_delivered_within_seconds_behind_a_backlog(
+    app, client, db, make_key, add_route, receiver, database_url_for_test, tmp_path, backlog
+):
+    with Receiver(delay=5.0) as slow:
+        add_route("slow", forward_to(slow), mode="async")
+        add_route("bulk", forward_to(receiver), mode="async")
+        add_route("other", forward_to(receiver), mode="async")
+        if backlog.startswith("bulk"):
+            insert_events(db, "bulk", 20_000, status="delivered")
+        procs = start_workers(database_url_for_test, tmp_path)
+        try:
+            if backlog.startswith("burst"):
+                loud = make_key(name="loud")
+                for i in range(120):
+                    response = client.post(
+                        "/hooks/slow", json={"n": i}, headers={"X-API-Key": loud}
+                    )
+                    assert response.status_code == 202
+                slow.wait_for(6, timeout=15)  # the workers are busy with it
+                # Every idle thread has looked for work since (HUB_WORKER_MAX_IDLE is 2 s):
+                # each worker holds all the slow route may take of its threads.
+                time.sleep(2.5)
+            else:
+                filters = event_store.Filters(route="bulk", status="delivered")
+                replayed, _, _ = event_store.replay_matching(db, filters, examine=20_000)
+                assert replayed == 20_000
+                wait_until(lambda: len(receiver.requests) >= 100, 15, what="the drain to start")
+            quiet = make_key(name="quiet")
+            sent = time.monotonic()
+            response = client.post("/hooks/other", json={"hello": 1}, headers={"X-API-Key": quiet})
+            assert response.status_code == 202
+            event_id = response.json["id"]
+            wait_until(
+                lambda: event_row(db, event_id).status == "delivered",
+                5.0,
+                what=f"the other route's event behind the {backlog}",
+            )
+            waited = time.monotonic() - sent
+            # The slow route's events in flight (a call retried counts once).
+            slow_events = {r.headers["x-event-id"] for r in slow.requests}
+        finally:
+            for proc in procs:
+                stop(proc, signal.SIGKILL)
+    print(f"{backlog}: delivered {waited:.2f} s after its 202")
+    assert waited < 5.0
+    if backlog.startswith("burst"):
+        # The slow route held 3 of each worker's 4 threads, not all 8.
+        assert len(slow_events) == 6
+
+
+def test_the_migration_adds_the_route_index_to_a_filled_database_and_takes_it_away(
+    app, db, add_route
+):
+    add_route("backlog", [{"connector": "text"}], mode="async")
+    add_route("quiet", [{"connector": "text"}], mode="async")
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0009")
+    try:
+        insert_events(db, "backlog", 30)  # rows the previous schema holds
+        insert_events(db, "backlog", 10, status="delivered")
+        insert_events(db, "quiet", 1)
+        assert "ix_events_due_by_route" not in index_names(db)
+        upgrade(db)
+        assert "ix_events_due_by_route" in index_names(db)
+        claimer = Worker(app, name="claimer")
+        claimer.threads = [None] * 4
+        assert routes_of(db, claimer.claim(2)) == ["backlog", "quiet"]
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(db, conn), "0009")
+        assert "ix_events_due_by_route" not in index_names(db)
+        assert count_events(db) == 41
+    finally:
+        upgrade(db)
+
+
+def index_names(db) -> set[str]:
+    return {index["name"] for index in sa.inspect(db.engine).get_indexes("events")}
+
+
+def count_events(db) -> int:
+    with db.session() as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(Event))
+
+
+def test_the_fair_claim_walks_indexes_and_scans_no_table(app, db, add_route):
+    insert_events(db, "backlog", 5_000)
+    insert_events(db, "backlog", 5_000, status="delivered")
+    insert_events(db, "quiet", 1)
+    claimer = Worker(app, name="claimer")
+    claimer.threads = [None] * 4
+    claimer._busy["backlog"] = 1  # one of its events in flight: its room is in the statement
+    claim = sa.update(Event).where(claimer._fair_due(4, utcnow())).values(status="processing")
+    with db.engine.begin() as conn:
+        sql = str(claim.compile(conn, compile_kwargs={"literal_binds": True}))
+        if db.dialect == "postgresql":
+            conn.exec_driver_sql("ANALYZE events")
+            steps = [r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql)]
+            reads = [s for s in steps if re.search(r"Scan .*\bon events\b", s)]
+            used = {re.search(r"using (\w+) on events", s).group(1) for s in reads if "using" in s}
+        else:
+            steps = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+            reads = [s for s in steps if re.match(r"(SCAN|SEARCH) (e|x|events)\b", s)]
+            used = {re.search(r"INDEX (\w+)", s).group(1) for s in reads if "INDEX" in s}
+    plan = "\n".join(steps)
+    # Every read of events goes through the route index or the primary key: none walks
+    # another index and sorts what it found, none reads the table.
+    assert len(used) == 2 and "ix_events_due_by_route" in used, plan
+    assert all("using" in s or "INDEX" in s for s in reads), plan
+
+
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_the_embedded_worker_takes_turns_behind_a_bulk_replay(
+    db, make_key, add_route, receiver, database_url_for_test, tmp_path
+):
+    """``make run``'s shape: SQLite, one delivery thread in each of gunicorn's processes."""
+    add_route("bulk", forward_to(receiver), mode="async")
+    add_route("other", forward_to(receiver), mode="async")
+    insert_events(db, "bulk", 20_000, status="delivered")
+    with gunicorn(database_url_for_test, tmp_path / "web.log") as (_, base):
+        filters = event_store.Filters(route="bulk", status="delivered")
+        assert event_store.replay_matching(db, filters, examine=20_000)[0] == 20_000
+        wait_until(lambda: len(receiver.requests) >= 100, 15, what="the drain to start")
+        sent = time.monotonic()
+        response = requests.post(
+            base + "/hooks/other", json={"hello": 1}, headers={"X-API-Key": make_key()}, timeout=5
+        )
+        assert response.status_code == 202
+        event_id = response.json()["id"]
+        wait_until(
+            lambda: event_row(db, event_id).status == "delivered",
+            5.0,
+            what="the other route's event behind the bulk replay",
+        )
+        waited = time.monotonic() - sent
+    print(f"embedded: delivered {waited:.2f} s after its 202")
+    assert waited < 5.0
