@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import os
 import re
 
 import pytest
@@ -27,11 +28,29 @@ from hub import api_models as m
 from hub import events as event_store
 from hub.cli import events_list
 from hub.dashboard.views import FILTER_FIELDS
+from hub.db import Database, upgrade
+from tests.schema_check import scratch_postgres
 
 PAGING = {"limit", "cursor"}  # how to page, not what to find
 BOUNDED = {"q": "a body substring: no index can serve it; at most the scan window's rows"}
 API_FILTERS = sorted(set(m.EventQuery.model_fields) - PAGING - set(BOUNDED))
 CLI_FILTERS = sorted(p.name for p in events_list.params if p.name not in {"limit", "as_json"})
+
+
+@pytest.fixture(scope="module")
+def pg_database():
+    """A PostgreSQL database of this module's own, which no ANALYZE has seen.
+
+    The planner reads the statistics the last ANALYZE left, and TRUNCATE keeps them: on the
+    suite's shared database, after a test had analysed a backlog of 5,000 pending events,
+    ``status=pending`` looked common enough that walking ``received_at`` and filtering
+    seemed cheaper than the status index. Here every plan answers "can an index serve this
+    filter?", whatever ran before."""
+    with scratch_postgres(os.environ["HUB_TEST_DATABASE_URL"]) as url:
+        db = Database(url)
+        upgrade(db)
+        db.dispose()
+        yield url
 
 
 def raw_sample(name: str) -> object:
