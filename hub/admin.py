@@ -113,12 +113,8 @@ def list_keys(query: m.PageQuery):
         except ValueError:  # BadCursor, or a position that is not a key's
             raise bad_cursor("query") from None
     rows = key_store.list_keys(get_read_session(), after=after, limit=query.limit + 1)
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    return m.KeyList(
-        keys=[key_out(k) for k in rows],
-        next_cursor=paging.encode("keys", str(rows[-1].id)) if more else None,
-    )
+    rows, next_cursor = paging.one_page("keys", rows, query.limit, lambda k: str(k.id))
+    return m.KeyList(keys=[key_out(k) for k in rows], next_cursor=next_cursor)
 
 
 @api.route(
@@ -215,12 +211,8 @@ def list_routes(query: m.PageQuery):
     except paging.BadCursor:
         raise bad_cursor("query") from None
     rows = route_store.list_routes(get_read_session(), after=after, limit=query.limit + 1)
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    return m.RouteList(
-        routes=[route_out(r) for r in rows],
-        next_cursor=paging.encode("routes", rows[-1].name) if more else None,
-    )
+    rows, next_cursor = paging.one_page("routes", rows, query.limit, lambda r: r.name)
+    return m.RouteList(routes=[route_out(r) for r in rows], next_cursor=next_cursor)
 
 
 @api.route(

@@ -11,6 +11,10 @@ A page is ``limit`` rows (default 50, at most 500, the same for every listing) a
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
@@ -35,3 +39,12 @@ def decode(listing: str, text: str) -> str:
     if kind != listing or not position:
         raise BadCursor("not a cursor from this hub")
     return position
+
+
+def one_page(
+    listing: str, rows: Sequence[T], limit: int, position: Callable[[T], str]
+) -> tuple[list[T], str | None]:
+    """The first ``limit`` of ``rows`` (read as ``limit + 1``, the extra one telling that more
+    follow) and the cursor of the next page, naming the last row shown; None at the end."""
+    shown = list(rows[:limit])
+    return shown, encode(listing, position(shown[-1])) if len(rows) > limit else None
