@@ -16,12 +16,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HUB_ENV=production \
     HUB_HOST=0.0.0.0 \
-    HUB_PORT=8000
+    HUB_PORT=8000 \
+    HUB_DATA_DIR=/usr/local/var/hub-instance
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels webhook-hub
-# The hub runs as `hub` (uid 10001), owning nothing but Flask's instance folder of an
-# installed package (sys.prefix/var/hub-instance), which the app creates at start-up, and
-# the metrics directory in it (compose mounts one volume there for web and workers: a new
+# The hub runs as `hub` (uid 10001), owning nothing but its data directory (HUB_DATA_DIR,
+# set above; without it an installed hub would use ~/.local/share/webhook-hub), and the
+# metrics directory in it (compose mounts one volume there for web and workers: a new
 # volume takes this directory's owner).
 RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin hub \

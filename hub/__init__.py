@@ -7,7 +7,6 @@ hub installed, whether or not its tests use the hub.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +22,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from flask import Flask
 
     from hub.cache import TTLCache
-    from hub.config import is_setting, load_settings, warn_unknown_variables
+    from hub.config import data_dir, is_setting, load_settings, warn_unknown_variables
 
     settings = load_settings(config)  # SettingsError stops the start, one line per bad value
-    app = Flask(__name__, instance_relative_config=True)
+    # The instance folder is the data directory (HUB_DATA_DIR): the SQLite database, the
+    # development secret key and the metrics directory live there.
+    instance = data_dir(settings.data_dir or "")
+    app = Flask(__name__, instance_path=str(instance), instance_relative_config=True)
     app.config.from_mapping(settings.as_config())
     app.config.from_mapping({k: v for k, v in (config or {}).items() if not is_setting(k)})
-    os.makedirs(app.instance_path, exist_ok=True)
     app.json.sort_keys = False
 
     from hub import (

@@ -5,7 +5,9 @@ directory (the environment wins over the file, the file over the defaults), pars
 strictly and stops the start with one line per bad value. ``create_app`` copies the result
 into ``app.config`` under the names without the prefix (``app.config["SYNC_TIMEOUT"]``), which
 is what the rest of the hub reads. ``python -m hub.config --markdown`` prints the README's
-configuration table from the same model, so the table is the model's own description.
+configuration table from the same model, so the table is the model's own description;
+without options (and as ``hub config``) it prints where the data directory, the database, the
+secret key and the metrics are, then every effective setting, secrets masked.
 
 A new setting is one field of ``Settings``: its type (one of the aliases below, or a plain
 ``str``), ``Field(default, description=...)``, and the README table regenerated with
@@ -229,7 +231,17 @@ class Settings(BaseSettings):
     env: Environment = Field(
         "development",
         description="`production` refuses to start without `HUB_SECRET_KEY`; `development` "
-        "makes a key once under `instance/`",
+        "makes a key once in the data directory (`HUB_DATA_DIR`)",
+    )
+    data_dir: Directory = Field(
+        None,
+        description="directory of what the hub keeps on this machine: the embedded SQLite "
+        "database (`hub.db`), the development secret key (`secret_key`) and the metrics "
+        "directory (`metrics`); `hub config` prints where each one is",
+        json_schema_extra={
+            "shown": "`instance/` in a source checkout; for an installed hub "
+            "`$XDG_DATA_HOME/webhook-hub` (`~/.local/share/webhook-hub`)"
+        },
     )
     env_file: Text = Field(
         ".env",
@@ -247,12 +259,12 @@ class Settings(BaseSettings):
     database_url: DatabaseUrl = Field(
         None,
         description="SQLAlchemy URL of the database; `postgresql://user@host/db` uses psycopg 3",
-        json_schema_extra={"shown": "SQLite `instance/hub.db`"},
+        json_schema_extra={"shown": "SQLite `hub.db` in `HUB_DATA_DIR`"},
     )
     secret_key: SecretText = Field(
         None,
         description="encrypts route secrets; required when `HUB_ENV=production`",
-        json_schema_extra={"shown": "made under `instance/` in development"},
+        json_schema_extra={"shown": "made in `HUB_DATA_DIR` in development"},
     )
     host: Host = Field("127.0.0.1", description="address gunicorn (`make run`) listens on")
     port: Port = Field(8000, description="port gunicorn (`make run`) listens on")
@@ -326,7 +338,7 @@ class Settings(BaseSettings):
         "`flask --app hub worker` processes) keeps its counts for `/metrics` to add up; they "
         "must all share it",
         json_schema_extra={
-            "shown": "`metrics` in the instance folder under gunicorn and the worker command; "
+            "shown": "`metrics` in `HUB_DATA_DIR` under gunicorn and the worker command; "
             "in memory otherwise"
         },
     )
@@ -608,15 +620,50 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def default_instance_path() -> Path:
-    return project_root() / "instance"
+# The folder a hub installed from a wheel keeps its data in, under the user's data directory:
+# outside the virtualenv, so rebuilding the venv (or upgrading the hub) keeps them.
+DATA_DIR_NAME = "webhook-hub"
+
+
+def is_source_checkout() -> bool:
+    """True when the hub runs from a checkout (an editable install or PYTHONPATH): its
+    pyproject.toml is beside the package. A wheel's site-packages has none."""
+    return (project_root() / "pyproject.toml").is_file()
+
+
+def user_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$XDG_DATA_HOME/webhook-hub, or ~/.local/share/webhook-hub when XDG_DATA_HOME is unset
+    or not absolute (the XDG rule); %LOCALAPPDATA%\\webhook-hub on Windows."""
+    environ = os.environ if environ is None else environ
+    if sys.platform == "win32" and environ.get("LOCALAPPDATA"):
+        return Path(environ["LOCALAPPDATA"]) / DATA_DIR_NAME
+    xdg = environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / DATA_DIR_NAME
+
+
+def data_dir(configured: str | None = None) -> Path:
+    """The one place that decides the data directory (Flask's instance folder): HUB_DATA_DIR
+    (``configured``; None reads the settings, "" is unset), relative to the current
+    directory, else the checkout's instance/ folder (where `make run` has always kept its
+    database and key), else the user's data directory. Made if missing."""
+    if configured is None:
+        configured = load_settings().data_dir
+    if configured:
+        folder = Path(configured).expanduser().absolute()
+    elif is_source_checkout():
+        folder = project_root() / "instance"
+    else:
+        folder = user_data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def database_url(configured: str | None = None, instance_path: str | Path | None = None) -> str:
     """The one place that decides which database the hub talks to."""
     url = configured or load_settings().database_url
     if not url:
-        folder = Path(instance_path) if instance_path else default_instance_path()
+        folder = Path(instance_path) if instance_path else data_dir()
         folder.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{folder / 'hub.db'}"
     # Plain postgres URLs mean the psycopg 3 driver the hub ships with.
@@ -649,9 +696,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for message in unknown_variables():
         print(f"warning: {message}", file=sys.stderr)
+    # Comment lines first, so that the whole output still reads as a .env file.
+    for what, where in places(settings):
+        print(f"# {what}: {where}")
     for field, value in settings.model_dump().items():
         print(f"{variable(field)}={_masked(field, value)}")
     return 0
+
+
+def places(settings: Settings) -> list[tuple[str, str]]:
+    """Where this hub keeps its data, as ``hub config`` prints it: the data directory, the
+    database (its URL without a password), the secret key (a file, or the setting: never its
+    value) and the metrics directory."""
+    folder = data_dir(settings.data_dir or "")
+    if settings.secret_key:
+        key = "HUB_SECRET_KEY"
+    elif settings.env == "production":
+        key = "none: HUB_ENV=production needs HUB_SECRET_KEY"
+    else:
+        key = str(folder / "secret_key")
+    return [
+        ("data directory", str(folder)),
+        ("database", _without_password(database_url(settings.database_url, folder))),
+        ("secret key", key),
+        ("metrics directory", settings.metrics_dir or str(folder / "metrics")),
+    ]
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _masked(field: str, value: object) -> str:

@@ -1,6 +1,9 @@
 """gunicorn settings for the hub; HUB_HOST, HUB_PORT, HUB_WEB_WORKERS and HUB_WEB_THREADS
 (hub.config, like every setting) override them.
 
+It ships inside the package: `hub serve` passes it to gunicorn as ``python:hub.gunicorn_conf``,
+and the checkout's gunicorn.conf.py (Makefile, Dockerfile, tests) imports everything from it.
+
 In production gunicorn sits behind nginx (deploy/nginx.conf), which reads each request
 whole before passing it on: a gthread worker gives a connection a thread from its first
 byte, so 8 clients sending a byte a second would otherwise hold all 2 x 4 threads.

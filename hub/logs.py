@@ -6,7 +6,7 @@ request id, route, event id and key prefix where they are known); JSON's own esc
 ASCII only, means no value can end the line early. ``text`` is for a developer's terminal:
 ``EscapingFormatter`` writes every control character escaped (``x\\r\\nfake``), so a CR/LF
 that a URL brings (``/hooks/x%0D%0Afake``) can't start a forged line either. The hub's handler
-and gunicorn's (see gunicorn.conf.py) format the same way.
+and gunicorn's (see hub/gunicorn_conf.py) format the same way.
 
 What a line knows about comes from the request being answered (Flask's ``g``: the request id
 and the event row being written) or, outside a request, from ``bound(...)`` (a worker binds
@@ -183,7 +183,7 @@ def route_process_logs(kind: str) -> None:
     during a database cut). Python warnings, an exception no thread caught and an
     exception Python could only ignore (``__del__``) become records too, with their type
     only, as the JSON formatter keeps every record. gunicorn's own loggers keep their
-    handlers (gunicorn.conf.py formats them the same way). What C code writes to file
+    handlers (hub/gunicorn_conf.py formats them the same way). What C code writes to file
     descriptor 2 itself is not seen here: psycopg takes libpq's notices, so none is known.
     """
     root = logging.getLogger()

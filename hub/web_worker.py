@@ -6,7 +6,7 @@ Transfer-Encoding, obsolete header folding, a bad chunk size) before the hub see
 an HTML page. ``JsonRefusalWorker`` keeps gunicorn's decision (which status, what it logs,
 the access line) and replaces only the page: ``{"error": "sentence", "code": "..."}`` with
 ``Content-Type: application/json``, the same status, and the connection closed, as gunicorn
-does. gunicorn.conf.py names it as the worker class.
+does. hub/gunicorn_conf.py names it as the worker class.
 
 The sentence is the hub's, chosen by the exception's class: it never quotes the request
 (a malformed line can carry ``?api_key=``). Cost: one list of bytes per refusal.

@@ -85,11 +85,13 @@ def gunicorn(
     app: str = "hub:create_app()",
     bin_dir: Path = BIN,
     cwd: Path = ROOT,
+    command: list | None = None,
     **env: str,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """The hub under real gunicorn on 127.0.0.1; yields (process, base URL).
 
-    ``bin_dir`` is the virtualenv whose gunicorn runs (this one by default), ``cwd`` where.
+    ``bin_dir`` is the virtualenv whose gunicorn runs (this one by default), ``cwd`` where;
+    ``command`` starts it another way (`hub serve ...`), with the same log and settings.
 
     gunicorn binds port 0 and the test reads the port it got from its log, so two runs
     never race for a port. It runs without a control socket (one fixed path per user,
@@ -98,16 +100,12 @@ def gunicorn(
     """
     log = open(log_path, "ab")  # noqa: SIM115 - closed below
     start = log.tell()  # a test may start gunicorn twice on one log: read this run's lines
+    if command is None:
+        command = [bin_dir / "gunicorn", "-c", conf, "--no-control-socket", app]
     proc = subprocess.Popen(
-        [
-            str(bin_dir / "gunicorn"),
-            "-c",
-            str(conf),
-            "--no-control-socket",
-            app,
-        ],
+        [str(part) for part in command],
         cwd=cwd,
-        env=hub_env(database_url, HUB_PORT="0", HUB_WEB_WORKERS=str(workers), **env),
+        env=hub_env(database_url, **{"HUB_PORT": "0", "HUB_WEB_WORKERS": str(workers), **env}),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

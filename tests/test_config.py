@@ -256,7 +256,7 @@ def test_a_dotenv_file_in_the_current_directory_is_read(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    shown = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    shown = dict(line.split("=", 1) for line in done.stdout.splitlines() if line[0] != "#")
     assert shown["HUB_STEP_TRIES"] == "2"  # the environment wins over the file
     assert shown["HUB_SYNC_TIMEOUT"] == "7.0"  # the file over the default (25)
     assert shown["HUB_EMBEDDED_WORKER"] == "false"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -89,7 +91,8 @@ def test_the_wheel_installs_only_the_hub_package(venv, tmp_path):
         "import importlib.metadata as m, importlib.util as u, json, hub;"
         "files = m.distribution('webhook-hub').files;"
         "print(json.dumps({'hub': hub.__file__,"
-        " 'tops': sorted({f.parts[0] for f in files}),"
+        " 'tops': sorted({f.parts[0] for f in files if f.parts[0] != '..'}),"
+        " 'scripts': [f.name for f in files if f.parts[0] == '..'],"
         " 'mako': [str(f) for f in files if f.name == 'script.py.mako'],"
         " 'found': [n for n in ('connectors', 'tests', 'migrations') if u.find_spec(n)]}))"
     )
@@ -97,44 +100,55 @@ def test_the_wheel_installs_only_the_hub_package(venv, tmp_path):
     assert Path(seen["hub"]).is_relative_to(venv)
     assert seen["tops"] == ["hub", next(t for t in seen["tops"] if t.endswith(".dist-info"))]
     assert seen["mako"] == ["hub/migrations/script.py.mako"]
+    assert seen["scripts"] == ["hub"]  # the `hub` command, in the venv's bin/
     assert seen["found"] == []
 
 
 @pytest.mark.slow
-def test_the_image_prepares_the_instance_folder_an_installed_hub_uses(venv, tmp_path):
-    """Flask puts an installed package's instance folder under sys.prefix/var; the image's
-    unprivileged user must own it there (python:3.11-slim's prefix is /usr/local)."""
-    script = "from hub import create_app; import sys; print(create_app().instance_path)"
-    env = outside_env(venv, f"sqlite:///{tmp_path / 'hub.db'}")
-    assert run([venv / "bin" / "python", "-c", script], tmp_path, env).strip() == str(
-        venv / "var" / "hub-instance"
-    )
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "chown hub:hub /usr/local/var/hub-instance" in dockerfile
-
-
-@pytest.mark.slow
-def test_an_installed_hub_migrates_serves_and_delivers_from_any_directory(venv, tmp_path, receiver):
+def test_an_installed_hub_keeps_its_data_outside_the_venv_and_serves_with_the_hub_command(
+    venv, tmp_path, receiver
+):
+    """`pip install webhook-hub`, then the `hub` command alone, from a directory holding no
+    file of the checkout, on the embedded SQLite default: the database and the secret key go
+    to the user's data directory (outside the venv, so rebuilding it keeps them), `hub
+    config` says where, and `hub serve` runs gunicorn with the configuration in the wheel."""
     elsewhere = tmp_path / "elsewhere"  # neither the checkout nor a copy of any of it
     elsewhere.mkdir()
-    env = outside_env(venv, f"sqlite:///{tmp_path / 'hub.db'}")
-    flask = [venv / "bin" / "flask", "--app", "hub"]
+    data = tmp_path / "xdg" / "webhook-hub"
+    # No HUB_DATABASE_URL, no HUB_SECRET_KEY: the defaults a new user starts with.
+    env = outside_env(
+        venv, "", HUB_SECRET_KEY="", XDG_DATA_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path)
+    )
+    hub = venv / "bin" / "hub"
 
-    assert "newest schema" in run([*flask, "db", "upgrade"], elsewhere, env)
-    key = run([*flask, "keys", "create", "sender"], elsewhere, env).splitlines()[0]
-    admin = run([*flask, "keys", "create", "ops", "--admin"], elsewhere, env).splitlines()[0]
+    assert "newest schema" in run([hub, "db", "upgrade"], elsewhere, env)
+    key = run([hub, "keys", "create", "sender"], elsewhere, env).splitlines()[0]
+    admin = run([hub, "keys", "create", "ops", "--admin"], elsewhere, env).splitlines()[0]
     step = "http:" + json.dumps({"url": receiver.url + "/in"})
+    # The same commands under `flask --app hub`, on the same data.
+    flask = [venv / "bin" / "flask", "--app", "hub"]
     run([*flask, "routes", "add", "orders", "--mode", "async", "--step", step], elsewhere, env)
     assert list(elsewhere.iterdir()) == []  # nothing written into the working directory
+    assert sorted(p.name for p in data.iterdir()) == ["hub.db", "secret_key"]
 
-    # gunicorn from the fresh virtualenv, with the deployment's config file (the image copies
-    # it the same way), its embedded worker delivering.
+    shown = run([hub, "config"], elsewhere, env)
+    assert f"# data directory: {data}\n" in shown
+    assert f"# database: sqlite:///{data / 'hub.db'}\n" in shown
+    assert f"# secret key: {data / 'secret_key'}\n" in shown
+    assert (data / "secret_key").read_text().strip() not in shown
+
+    # gunicorn from the fresh virtualenv through `hub serve`, its embedded worker delivering;
+    # --port wins over HUB_PORT (here a port already taken, which gunicorn would refuse).
+    serve = [hub, "serve", "--port", "0", "--no-control-socket"]
+    taken = str(urlsplit(receiver.url).port)
     with gunicorn(
-        env["HUB_DATABASE_URL"],
+        "",
         tmp_path / "gunicorn.log",
         workers=1,
-        bin_dir=venv / "bin",
         cwd=elsewhere,
+        command=serve,
+        **{k: env[k] for k in ("HUB_SECRET_KEY", "XDG_DATA_HOME", "HOME", "PATH")},
+        HUB_PORT=taken,
         PYTHONPATH="",
     ) as (_, base):
         answer = requests.post(
@@ -153,3 +167,13 @@ def test_an_installed_hub_migrates_serves_and_delivers_from_any_directory(venv, 
         assert [(a["connector"], a["outcome"], a["http_status"]) for a in event["attempt_log"]] == [
             ("http", "ok", 200)
         ]
+    assert (data / "metrics").is_dir()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_image_sets_the_data_directory_its_user_owns():
+    """In the image the hub's user has no home to write in: HUB_DATA_DIR names the folder the
+    Dockerfile gives it (and compose mounts the metrics volume in)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (folder,) = re.findall(r"HUB_DATA_DIR=(\S+)", dockerfile)
+    assert f"chown hub:hub {folder} " in dockerfile
