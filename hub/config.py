@@ -655,7 +655,15 @@ def data_dir(configured: str | None = None) -> Path:
         folder = project_root() / "instance"
     else:
         folder = user_data_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise SettingsError(
+            [
+                f"HUB_DATA_DIR: the data directory {folder} can't be made ({exc.strerror}); "
+                "set HUB_DATA_DIR to a directory the hub may write in"
+            ]
+        ) from None
     return folder
 
 

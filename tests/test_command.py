@@ -121,3 +121,16 @@ def test_the_data_directory_defaults_to_the_checkouts_instance_folder():
 )
 def test_an_installed_hub_keeps_its_data_in_the_users_data_directory(environ, expected):
     assert user_data_dir(environ) == expected
+
+
+@pytest.mark.parametrize("command", [["config"], ["db", "upgrade"]])
+def test_a_data_directory_that_cannot_be_made_is_one_clear_line(tmp_path, command):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    env = clean_env(HUB_DATA_DIR=str(in_the_way / "data"))
+    done = hub(command, env, tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"HUB_DATA_DIR: the data directory {in_the_way / 'data'} can't be made (Not a "
+        "directory); set HUB_DATA_DIR to a directory the hub may write in"
+    )
