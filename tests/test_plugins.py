@@ -41,6 +41,10 @@ from tests.rows import summary
 
 WRITING = (ROOT / "docs" / "writing-a-connector.md").read_text()
 ROUTES = (ROOT / "docs" / "routes.md").read_text()
+# The fences of docs/writing-a-connector.md that the tests run (their titles show in the site).
+EXAMPLE = 'python title="hub_slack.py"'
+EXAMPLE_TEST = 'python title="tests/test_slack.py"'
+ENTRY_POINT_SNIPPET = 'toml title="pyproject.toml"'
 
 # The built-ins by name, wherever their modules live.
 BUILTINS = load_connectors(list(BUILTIN_CONNECTORS))
@@ -313,8 +317,8 @@ def test_new_package_passes_its_own_test_and_loads_once_installed_outside_the_ch
     assert f"pip install -e {target}" in created.stdout
     # The documented example and its test beside the generated ones: that test takes the
     # `receiver` fixture, which only the installed hub's pytest plugin can give here.
-    (target / "hub_slack.py").write_text(doc_block("python connector-example"))
-    (target / "tests" / "test_slack.py").write_text(doc_block("python connector-test"))
+    (target / "hub_slack.py").write_text(doc_block(EXAMPLE))
+    (target / "tests" / "test_slack.py").write_text(doc_block(EXAMPLE_TEST))
 
     run(
         "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation", "-e", target
@@ -540,7 +544,7 @@ def test_connectors_import_only_the_public_contract():
 
 
 def doc_block(tag: str) -> str:
-    match = re.search(rf"^```{tag}\n(.*?)^```$", WRITING, re.DOTALL | re.MULTILINE)
+    match = re.search(rf"^```{re.escape(tag)}\n(.*?)^```$", WRITING, re.DOTALL | re.MULTILINE)
     assert match, f"docs/writing-a-connector.md has no ```{tag} block"
     return match.group(1)
 
@@ -550,7 +554,7 @@ def doc_connector(monkeypatch) -> type[Connector]:
     """The example of docs/writing-a-connector.md, imported as the module ``hub_slack``."""
     module = types.ModuleType("hub_slack")
     exec(
-        compile(doc_block("python connector-example"), "docs/writing-a-connector.md", "exec"),
+        compile(doc_block(EXAMPLE), "docs/writing-a-connector.md", "exec"),
         module.__dict__,
     )
     monkeypatch.setitem(sys.modules, "hub_slack", module)
@@ -558,7 +562,7 @@ def doc_connector(monkeypatch) -> type[Connector]:
 
 
 def test_documented_example_connector_is_short_and_whole():
-    code = doc_block("python connector-example")
+    code = doc_block(EXAMPLE)
     assert len(code.splitlines()) < 40
     assert "import hub.models" not in code and "from hub.models" not in code
 
@@ -591,14 +595,14 @@ def test_documented_example_connector_runs_through_a_real_route(
 def test_documented_test_example_passes(doc_connector, receiver, monkeypatch):
     namespace: dict[str, Any] = {}
     exec(
-        compile(doc_block("python connector-test"), "docs/writing-a-connector.md", "exec"),
+        compile(doc_block(EXAMPLE_TEST), "docs/writing-a-connector.md", "exec"),
         namespace,
     )
     namespace["test_slack"](monkeypatch, receiver)
 
 
 def test_documented_entry_point_snippet_names_the_group_and_the_example():
-    snippet = tomllib.loads(doc_block("toml connector-entry-point"))
+    snippet = tomllib.loads(doc_block(ENTRY_POINT_SNIPPET))
     assert snippet["project"]["entry-points"][ENTRY_POINT_GROUP] == {
         "slack": "hub_slack:SlackConnector"
     }
