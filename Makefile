@@ -31,7 +31,7 @@ lint: $(STAMP)
 	@# when HUB_TEST_DATABASE_URL is set), then compare each with the models (`alembic check`).
 	$(BIN)/python -m tests.schema_check
 	@# The docs site, warnings as errors (a broken link between pages fails it).
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The docs site from docs/ (mkdocs.yml) into site/; open site/index.html.
 docs: $(STAMP)

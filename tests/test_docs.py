@@ -83,7 +83,7 @@ def test_the_readme_fits_on_a_screen_and_names_the_two_commands_first():
 
 def test_the_docs_site_builds_with_warnings_as_errors(tmp_path):
     done = subprocess.run(
-        [BIN / "mkdocs", "build", "--strict", "--quiet", "--site-dir", tmp_path / "site"],
+        [BIN / "mkdocs", "build", "--strict", "--site-dir", tmp_path / "site"],
         cwd=ROOT,
         capture_output=True,
         text=True,
