@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The hub's image: the wheel of this checkout and its runtime dependencies on a slim Python,
-# run as an unprivileged user. No test or lint tools, no source tree. See README "Deploy".
+# run as an unprivileged user. No test or lint tools, no source tree. See docs/operations.md, "Deploy".
 
 # Build stage: wheels for the hub and everything it declares in pyproject.toml.
 FROM python:3.11-slim AS build

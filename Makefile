@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format clean bench screenshots
+.PHONY: run test lint docs format clean bench screenshots
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,19 @@ lint: $(STAMP)
 	@# Every model change has its migration: migrate scratch databases (SQLite, and PostgreSQL
 	@# when HUB_TEST_DATABASE_URL is set), then compare each with the models (`alembic check`).
 	$(BIN)/python -m tests.schema_check
+	@# The docs site, warnings as errors (a broken link between pages fails it).
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The docs site from docs/ (mkdocs.yml) into site/; open site/index.html.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The hub beside bare Flask under wrk; PostgreSQL rows too with HUB_BENCH_DATABASE_URL set.
 bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 
-# The README's dashboard screenshots, taken by the browser tests (Debian's chromium).
+# The dashboard screenshots of docs/admin.md, taken by the browser tests (Debian's chromium).
 screenshots: $(STAMP)
 	HUB_TEST_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest tests/test_dashboard_browser.py
 
@@ -45,4 +51,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

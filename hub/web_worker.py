@@ -87,7 +87,7 @@ class _Captured:
 
 
 class JsonRefusalWorker(ThreadWorker):
-    """The gthread worker (2 x 4 threads as the README deploys it), refusing in JSON."""
+    """The gthread worker (2 x 4 threads as docs/operations.md deploys it), refusing in JSON."""
 
     def handle_error(self, req, client, addr, exc):  # gunicorn's signature
         captured = _Captured(client)

@@ -1,4 +1,4 @@
-"""One busy sender must not slow the others down: under real gunicorn as the README deploys
+"""One busy sender must not slow the others down: under real gunicorn as docs/operations.md deploys
 it (2 processes x 4 threads), a sync route whose receiver takes 5 s can't take every request
 thread (HUB_SYNC_RUNS_PER_ROUTE), and on SQLite an admin's heavy reads never take the write
 lock a sender's ingest needs (read sessions begin deferred)."""

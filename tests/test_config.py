@@ -1,6 +1,6 @@
 """The settings model (hub.config): strict parsing, one clear line per bad value at start-up
 (from `flask --app hub` and from gunicorn, with no traceback), .env, warnings about unknown
-HUB_* variables, and the README's table, which is generated from the model."""
+HUB_* variables, and the table of docs/configuration.md, which is generated from the model."""
 
 from __future__ import annotations
 
@@ -318,14 +318,14 @@ def test_flask_and_gunicorn_warn_about_a_typo_once(database_url_for_test, tmp_pa
     assert log.read_text().count(warning) == 1
 
 
-# --- the README ---
+# --- the docs' table ---
 
 
-def test_the_readme_table_is_the_models_own():
-    readme = (ROOT / "README.md").read_text()
+def test_the_configuration_page_table_is_the_models_own():
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     assert TABLE_START in readme and TABLE_END in readme
     table = readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
-    assert table == markdown_table(), "run `python -m hub.config --readme README.md`"
+    assert table == markdown_table(), "run `python -m hub.config --readme docs/configuration.md`"
     for field, info in Settings.model_fields.items():
         assert info.description, f"{variable(field)} has no description"
         assert f"| `{variable(field)}` |" in table

@@ -2,7 +2,7 @@
 the hub under real gunicorn with its embedded worker, delivering to a real local receiver.
 
 No browser is downloaded: Playwright launches /usr/bin/chromium. Where it is missing these
-tests skip and say so. The run takes the README's screenshots; `make screenshots`
+tests skip and say so. The run takes the docs' screenshots (docs/admin.md); `make screenshots`
 (HUB_TEST_SCREENSHOTS=docs/screenshots) keeps them in docs/screenshots/, any other run in a
 temporary folder, so a test run leaves the checkout as it found it.
 """

@@ -281,28 +281,28 @@ def test_env_example_names_every_variable_the_stack_reads():
     assert used <= named, f"not in .env.example: {used - named}"
 
 
-def test_every_hub_setting_the_deployment_names_is_in_the_readme_table():
-    readme = (ROOT / "README.md").read_text()
+def test_every_hub_setting_the_deployment_names_is_in_the_configuration_table():
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     table = set(re.findall(r"^\| `(HUB_[A-Z0-9_]+)`", readme, re.MULTILINE))
     table |= set(re.findall(r"\| `HUB_[A-Z0-9_]+` / `(HUB_[A-Z0-9_]+)`", readme))
     files = [COMPOSE_TEXT, (ROOT / ".env.example").read_text(), (ROOT / "Dockerfile").read_text()]
     named = {name for text in files for name in re.findall(r"\bHUB_[A-Z0-9_]+", text)}
-    assert named and named <= table, f"not in the README's configuration table: {named - table}"
+    assert named and named <= table, f"not in docs/configuration.md's table: {named - table}"
 
 
-# --- the README's Deploy section ---
+# --- the Deploy section of docs/operations.md ---
 
 
 def deploy_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operations.md").read_text()
     section = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"^```sh\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
-    assert blocks, "README's Deploy section has no ```sh block"
+    assert blocks, "docs/operations.md's Deploy section has no ```sh block"
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     return [line.split("  #")[0].strip() for line in lines if line.startswith("docker compose")]
 
 
-def test_the_readme_deploy_steps_name_services_and_commands_that_exist(app):
+def test_the_documented_deploy_steps_name_services_and_commands_that_exist(app):
     commands = deploy_commands()
     assert any("--scale worker=4" in c for c in commands)
     runner = app.test_cli_runner()

@@ -2,7 +2,7 @@
 
 - in one process: a claim takes turns across routes, and a route holds at most its share
   of a worker's delivery threads (``HUB_WORKER_ROUTE_SHARE``);
-- with real processes (2 ``flask --app hub worker --concurrency 4``, as the README deploys
+- with real processes (2 ``flask --app hub worker --concurrency 4``, as docs/operations.md deploys
   them): a burst of 120 events to a receiver that takes 5 s, or a bulk replay of 20,000
   events, and then one event of another sender on another route, delivered in under 5 s.
 """
@@ -71,7 +71,7 @@ def test_a_route_not_known_quick_holds_at_most_its_share_of_a_workers_threads(ap
 
 
 def start_workers(url: str, tmp_path, count: int = 2):
-    """``count`` worker processes as the README runs them, once each says it is delivering."""
+    """``count`` worker processes as the docs run them, once each says it is delivering."""
     procs = [worker(url, tmp_path / f"w{i}.log", concurrency=4) for i in range(count)]
     for i in range(count):
         wait_until(

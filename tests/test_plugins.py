@@ -1,5 +1,6 @@
 """A developer adds a connector: entry points, HUB_CONNECTORS, `connectors list` and `new`,
-the contract checks in hub.testing, and the README's example run through a real route."""
+the contract checks in hub.testing, and the example of docs/writing-a-connector.md run through
+a real route."""
 
 from __future__ import annotations
 
@@ -38,7 +39,12 @@ from hub.testing import check_class, check_connector
 from tests.procs import ROOT, clean_env
 from tests.rows import summary
 
-README = (ROOT / "README.md").read_text()
+WRITING = (ROOT / "docs" / "writing-a-connector.md").read_text()
+ROUTES = (ROOT / "docs" / "routes.md").read_text()
+# The fences of docs/writing-a-connector.md that the tests run (their titles show in the site).
+EXAMPLE = 'python title="hub_slack.py"'
+EXAMPLE_TEST = 'python title="tests/test_slack.py"'
+ENTRY_POINT_SNIPPET = 'toml title="pyproject.toml"'
 
 # The built-ins by name, wherever their modules live.
 BUILTINS = load_connectors(list(BUILTIN_CONNECTORS))
@@ -309,10 +315,10 @@ def test_new_package_passes_its_own_test_and_loads_once_installed_outside_the_ch
         "tests/test_greet.py",
     ]
     assert f"pip install -e {target}" in created.stdout
-    # The README's example and its test beside the generated ones: that test takes the
+    # The documented example and its test beside the generated ones: that test takes the
     # `receiver` fixture, which only the installed hub's pytest plugin can give here.
-    (target / "hub_slack.py").write_text(readme_block("python connector-example"))
-    (target / "tests" / "test_slack.py").write_text(readme_block("python connector-test"))
+    (target / "hub_slack.py").write_text(doc_block(EXAMPLE))
+    (target / "tests" / "test_slack.py").write_text(doc_block(EXAMPLE_TEST))
 
     run(
         "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation", "-e", target
@@ -534,35 +540,38 @@ def test_connectors_import_only_the_public_contract():
                     assert not alias.name.startswith("hub"), f"{path.name}: {alias.name}"
 
 
-# --- the README ---
+# --- the docs: docs/writing-a-connector.md and docs/routes.md ---
 
 
-def readme_block(tag: str) -> str:
-    match = re.search(rf"^```{tag}\n(.*?)^```$", README, re.DOTALL | re.MULTILINE)
-    assert match, f"README.md has no ```{tag} block"
+def doc_block(tag: str) -> str:
+    match = re.search(rf"^```{re.escape(tag)}\n(.*?)^```$", WRITING, re.DOTALL | re.MULTILINE)
+    assert match, f"docs/writing-a-connector.md has no ```{tag} block"
     return match.group(1)
 
 
 @pytest.fixture
-def readme_connector(monkeypatch) -> type[Connector]:
-    """The README's example connector, imported as the module ``hub_slack``."""
+def doc_connector(monkeypatch) -> type[Connector]:
+    """The example of docs/writing-a-connector.md, imported as the module ``hub_slack``."""
     module = types.ModuleType("hub_slack")
-    exec(compile(readme_block("python connector-example"), "README.md", "exec"), module.__dict__)
+    exec(
+        compile(doc_block(EXAMPLE), "docs/writing-a-connector.md", "exec"),
+        module.__dict__,
+    )
     monkeypatch.setitem(sys.modules, "hub_slack", module)
     return module.SlackConnector
 
 
-def test_readme_example_connector_is_short_and_whole():
-    code = readme_block("python connector-example")
+def test_documented_example_connector_is_short_and_whole():
+    code = doc_block(EXAMPLE)
     assert len(code.splitlines()) < 40
     assert "import hub.models" not in code and "from hub.models" not in code
 
 
-def test_readme_example_connector_runs_through_a_real_route(
-    readme_connector, app, client, key, add_route, receiver, monkeypatch, db
+def test_documented_example_connector_runs_through_a_real_route(
+    doc_connector, app, client, key, add_route, receiver, monkeypatch, db
 ):
     monkeypatch.setenv("SLACK_WEBHOOK_URL", receiver.url + "/services/T0/B0/x")
-    app.extensions["hub.connectors"].register(readme_connector)
+    app.extensions["hub.connectors"].register(doc_connector)
     add_route(
         "notify", [{"connector": "slack", "config": {"text": "New issue: {{ payload.title }}"}}]
     )
@@ -583,24 +592,27 @@ def test_readme_example_connector_runs_through_a_real_route(
     assert (failed.status_code, failed.json["code"]) == (500, "not_configured")
 
 
-def test_readme_test_example_passes(readme_connector, receiver, monkeypatch):
+def test_documented_test_example_passes(doc_connector, receiver, monkeypatch):
     namespace: dict[str, Any] = {}
-    exec(compile(readme_block("python connector-test"), "README.md", "exec"), namespace)
+    exec(
+        compile(doc_block(EXAMPLE_TEST), "docs/writing-a-connector.md", "exec"),
+        namespace,
+    )
     namespace["test_slack"](monkeypatch, receiver)
 
 
-def test_readme_entry_point_snippet_names_the_group_and_the_example():
-    snippet = tomllib.loads(readme_block("toml connector-entry-point"))
+def test_documented_entry_point_snippet_names_the_group_and_the_example():
+    snippet = tomllib.loads(doc_block(ENTRY_POINT_SNIPPET))
     assert snippet["project"]["entry-points"][ENTRY_POINT_GROUP] == {
         "slack": "hub_slack:SlackConnector"
     }
 
 
-def test_readme_documents_every_builtin_config_field():
+def test_routes_page_documents_every_builtin_config_field():
     for cls in (TextConnector, OpenAIChatConnector, HttpForwardConnector):
         heading = f"### `{cls.name}`"
-        assert heading in README
-        section = README.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        assert heading in ROUTES
+        section = ROUTES.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
         config: type[BaseModel] = cls.Config
         for field in config.model_fields:
-            assert f"| `{field}` |" in section, f"README lacks {cls.name}.{field}"
+            assert f"| `{field}` |" in section, f"docs/routes.md lacks {cls.name}.{field}"

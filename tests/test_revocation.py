@@ -1,7 +1,7 @@
 """Revocation is immediate everywhere: once the revocation of a key has answered, the key's
 next request is 401 in every process, whichever one it reaches.
 
-Real processes, as the README deploys the hub: gunicorn with 2 worker processes and a
+Real processes, as docs/operations.md deploys the hub: gunicorn with 2 worker processes and a
 `flask --app hub worker`; the key is revoked through each face in turn (the admin API,
 `keys revoke`, the dashboard). Before each revocation the key is used in BOTH gunicorn
 processes (each connection's server-side socket is traced to the process that accepted
