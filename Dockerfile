@@ -6,7 +6,10 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The package and the two top-level folders pyproject.toml maps into it (hub.builtin, hub.migrations).
 COPY hub ./hub
+COPY connectors ./connectors
+COPY migrations ./migrations
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Runtime stage: installs those wheels only (no compiler, no index, no pip cache).

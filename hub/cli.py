@@ -494,7 +494,7 @@ def connectors_list(as_json: bool) -> None:
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write a package of its own here (with a pyproject.toml declaring the entry point) "
-    "instead of hub/builtin/NAME.py and tests/test_NAME.py in the hub's checkout "
+    "instead of connectors/NAME.py and tests/test_NAME.py in the hub's checkout "
     "(the current directory).",
 )
 def connectors_new(name: str, directory: Path | None) -> None:

@@ -14,6 +14,7 @@ are the same plain transaction.
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,8 +174,10 @@ def _close_session(_exc: BaseException | None) -> None:
             session.close()
 
 
-#: The migrations ship inside the package, so an installed hub finds them wherever it runs.
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: The migrations ship inside the package as hub.migrations, so an installed hub finds them
+#: wherever it runs. In the checkout they are the top-level migrations/ folder, mapped into hub
+#: by pyproject.toml: the import system, not a path beside this file, says where they are.
+MIGRATIONS = Path(importlib.util.find_spec("hub.migrations").origin).resolve().parent
 
 
 def alembic_config(db: Database, connection=None):

@@ -2,9 +2,10 @@
 
 Two layouts:
 
-- in the hub's checkout (no ``--dir``): ``NAME.py`` in the package of the built-ins
-  (``hub/builtin/``, where ``BUILTIN_CONNECTORS`` says they live) and ``tests/test_NAME.py``,
-  registered by adding one line to ``BUILTIN_CONNECTORS``;
+- in the hub's checkout (no ``--dir``): ``NAME.py`` in the folder of the built-ins
+  (``connectors/``, which pyproject.toml's ``package-dir`` installs as ``hub.builtin``, the
+  package ``BUILTIN_CONNECTORS`` names) and ``tests/test_NAME.py``, registered by adding one
+  line to ``BUILTIN_CONNECTORS``;
 - a package of its own (``--dir PATH``): ``PATH/NAME.py``, ``PATH/tests/test_NAME.py`` and a
   ``PATH/pyproject.toml`` declaring the ``hub.connectors`` entry point, so that
   ``pip install -e PATH`` is all the hub needs to load it. Its test passes as written, with
@@ -16,6 +17,7 @@ from __future__ import annotations
 import keyword
 import re
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,13 +137,26 @@ def builtin_package() -> str:
     return packages.pop()
 
 
+def package_folder(root: Path, package: str) -> Path:
+    """Where the checkout at ``root`` keeps a dotted package: its pyproject.toml's
+    ``[tool.setuptools.package-dir]`` mapping (hub.builtin is connectors/), else the dotted
+    path itself."""
+    try:
+        config = tomllib.loads((root / "pyproject.toml").read_text())
+        mapping = config["tool"]["setuptools"]["package-dir"]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        mapping = {}
+    folder = mapping.get(package) if isinstance(mapping, dict) else None
+    return root / (folder if isinstance(folder, str) else package.replace(".", "/"))
+
+
 def write_connector(name: str, directory: Path | None, builtin_root: Path) -> Scaffold:
     """Write the starter files; never overwrite an existing file."""
     check_name(name)
     cls = class_name(name)
     if directory is None:
         package = builtin_package()
-        builtins = builtin_root.joinpath(*package.split("."))
+        builtins = package_folder(builtin_root, package)
         if not builtins.is_dir():
             where = builtins.relative_to(builtin_root).as_posix()
             raise ValueError(

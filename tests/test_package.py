@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -60,9 +61,11 @@ def venv(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(
-        ROOT / "hub", source / "hub", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    # The three folders pyproject.toml maps into the one package hub.
+    for folder in ("hub", "connectors", "migrations"):
+        shutil.copytree(
+            ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     wheels = work / "wheels"
     pip = [BIN / "python", "-m", "pip"]
     run([*pip, "wheel", "--no-deps", "--quiet", "-w", wheels, source], work, timeout=PIP_TIMEOUT)
@@ -95,14 +98,44 @@ def test_the_wheel_installs_only_the_hub_package(venv, tmp_path):
         " 'tops': sorted({f.parts[0] for f in files if f.parts[0] != '..'}),"
         " 'scripts': [f.name for f in files if f.parts[0] == '..'],"
         " 'mako': [str(f) for f in files if f.name == 'script.py.mako'],"
+        " 'files': sorted(f.as_posix() for f in files if f.suffix == '.py'),"
+        " 'builtin': u.find_spec('hub.builtin.text').origin,"
+        " 'migrations': u.find_spec('hub.migrations').origin,"
         " 'found': [n for n in ('connectors', 'tests', 'migrations') if u.find_spec(n)]}))"
     )
     seen = json.loads(run([venv / "bin" / "python", "-c", script], tmp_path, outside_env(venv, "")))
     assert Path(seen["hub"]).is_relative_to(venv)
     assert seen["tops"] == ["hub", next(t for t in seen["tops"] if t.endswith(".dist-info"))]
     assert seen["mako"] == ["hub/migrations/script.py.mako"]
+    # The repository's connectors/ and migrations/ land inside hub, under their import names.
+    builtins = {f.rpartition("/")[2] for f in seen["files"] if f.startswith("hub/builtin/")}
+    assert builtins == {p.name for p in (ROOT / "connectors").glob("*.py")}
+    assert "hub/migrations/env.py" in seen["files"]
+    versions = [f for f in seen["files"] if f.startswith("hub/migrations/versions/")]
+    assert len(versions) == len(list((ROOT / "migrations" / "versions").glob("*.py"))) > 0
+    assert Path(seen["builtin"]).is_relative_to(Path(seen["hub"]).parent)
+    assert Path(seen["migrations"]).is_relative_to(Path(seen["hub"]).parent)
+    assert not [f for f in seen["files"] if f.startswith(("connectors/", "migrations/"))]
     assert seen["scripts"] == ["hub"]  # the `hub` command, in the venv's bin/
     assert seen["found"] == []
+
+
+def test_the_editable_install_maps_connectors_and_migrations_into_hub(tmp_path):
+    """`make` installs the checkout with `pip install -e .`: from any directory, hub.builtin and
+    hub.migrations are the checkout's top-level connectors/ and migrations/ folders."""
+    script = (
+        "import importlib.util as u, json;"
+        "print(json.dumps([u.find_spec(n).origin for n in"
+        " ('hub', 'hub.builtin', 'hub.builtin.text', 'hub.migrations')]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    origins = json.loads(run([sys.executable, "-c", script], tmp_path, env))
+    assert origins == [
+        str(ROOT / "hub" / "__init__.py"),
+        str(ROOT / "connectors" / "__init__.py"),
+        str(ROOT / "connectors" / "text.py"),
+        str(ROOT / "migrations" / "__init__.py"),
+    ]
 
 
 @pytest.mark.slow

@@ -340,22 +340,44 @@ def test_new_package_passes_its_own_test_and_loads_once_installed_outside_the_ch
     assert "4 passed" in hub_tests.stdout
 
 
+@pytest.mark.slow
 def test_new_in_the_hub_checkout_writes_a_builtin_whose_test_passes(runner, tmp_path, monkeypatch):
-    # A copy of the checkout's shape: the package the built-ins live in, and tests/.
+    """In a checkout the built-ins live in connectors/ (installed as hub.builtin): the new
+    connector lands there, and its test passes once the checkout is installed as `make` does."""
     package = scaffold.builtin_package()
-    top = package.split(".")[0]
-    shutil.copytree(ROOT / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "__init__.py").write_text("")
-    monkeypatch.chdir(tmp_path)
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, checkout / name)
+    for folder in ("hub", "connectors", "migrations"):
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ROOT / folder, checkout / folder, ignore=ignore)
+    (checkout / "tests").mkdir()
+    (checkout / "tests" / "__init__.py").write_text("")
+    monkeypatch.chdir(checkout)
     result = runner.invoke(args=["connectors", "new", "word_count"])
     assert result.exit_code == 0, result.output
-    written = Path(*package.split("."), "word_count.py")
-    assert f"wrote {written.as_posix()}" in result.output
+    assert "wrote connectors/word_count.py" in result.output
+    assert not (checkout / "hub" / "builtin").exists()
     assert f'"word_count": "{package}.word_count:WordCountConnector"' in result.output
-    source = (tmp_path / written).read_text()
+    source = (checkout / "connectors" / "word_count.py").read_text()
     assert "class WordCountConnector(Connector):" in source
-    ran = run_pytest(tmp_path, "tests/test_word_count.py")
+    # The copy installed editable, as `make` installs the checkout: hub.builtin.word_count is
+    # the new connectors/word_count.py.
+    python = hub_venv(tmp_path / "venv")
+    pip = [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    installed = subprocess.run(
+        [*pip, "-e", str(checkout)], capture_output=True, text=True, env=outside_env(), timeout=120
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    ran = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_word_count.py"],
+        cwd=checkout,
+        env=outside_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "3 passed" in ran.stdout
 
