@@ -32,10 +32,10 @@ from sqlalchemy import insert
 
 from bench.wakeup import fresh_postgres
 from hub import create_app
-from hub.api_models import EventQuery
-from hub.db import Database, upgrade
-from hub.keys import create_key
-from hub.models import Event, new_event_id
+from hub.services.keys import create_key
+from hub.store.db import Database, upgrade
+from hub.store.models import Event, new_event_id
+from hub.web.schemas import EventQuery
 
 STATUS_SHARES = [("delivered", 80), ("failed", 5), ("dead", 2), ("rejected", 10), ("duplicate", 3)]
 ROUTES = [f"route-{i:02d}" for i in range(20)]
@@ -190,7 +190,7 @@ def cases(cursor: str, count: int) -> list[tuple[str, dict]]:
 
 def add_keys(db: Database, count: int) -> None:
     """``count`` keys as `keys create` writes them (the digests need not match a secret)."""
-    from hub.models import ApiKey
+    from hub.store.models import ApiKey
 
     now = datetime.now(UTC)
     with db.engine.begin() as conn:

@@ -26,10 +26,10 @@ from sqlalchemy import insert, select
 
 from bench.admin_scale import ROUTES, fill, scale_app
 from bench.common import write_section
-from hub.db import Database
-from hub.keys import create_key
-from hub.models import Attempt, Event, new_event_id
-from hub.routes import save_routes
+from hub.services.keys import create_key
+from hub.services.routes import save_routes
+from hub.store.db import Database
+from hub.store.models import Attempt, Event, new_event_id
 
 TARGET_MS = 200.0
 BURST_STATUSES = ["delivered"] * 85 + ["failed"] * 4 + ["dead"] * 2 + ["rejected"] * 9

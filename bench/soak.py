@@ -40,10 +40,10 @@ from sqlalchemy import func, make_url, select, text
 
 from bench.common import children, fresh_postgres, rss_kb, write_section
 from hub import create_app
-from hub.db import upgrade
-from hub.keys import create_key
-from hub.models import Event
-from hub.routes import ensure_demo_routes, save_routes
+from hub.services.keys import create_key
+from hub.services.routes import ensure_demo_routes, save_routes
+from hub.store.db import upgrade
+from hub.store.models import Event
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
 from tests.tcpproxy import TcpProxy

@@ -44,10 +44,10 @@ from sqlalchemy import create_engine, func, select, text
 
 from bench.common import children, fresh_postgres, rss_kb, write_section
 from hub import create_app
-from hub.db import upgrade
-from hub.keys import create_key
-from hub.models import Attempt, Event
-from hub.routes import ensure_demo_routes, save_routes
+from hub.services.keys import create_key
+from hub.services.routes import ensure_demo_routes, save_routes
+from hub.store.db import upgrade
+from hub.store.models import Attempt, Event
 from tests.procs import gunicorn, worker
 from tests.servers import Receiver
 

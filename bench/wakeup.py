@@ -21,9 +21,9 @@ from sqlalchemy import make_url
 
 from bench.common import fresh_postgres
 from hub import create_app
-from hub.db import upgrade
-from hub.keys import create_key
-from hub.routes import save_routes
+from hub.services.keys import create_key
+from hub.services.routes import save_routes
+from hub.store.db import upgrade
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver
 

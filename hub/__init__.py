@@ -21,8 +21,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # and the pytest plugin (hub.pytest_plugin) must not load Flask into other projects.
     from flask import Flask
 
-    from hub.cache import TTLCache
     from hub.config import data_dir, is_setting, load_settings, warn_unknown_variables
+    from hub.store.cache import TTLCache
 
     settings = load_settings(config)  # SettingsError stops the start, one line per bad value
     # The instance folder is the data directory (HUB_DATA_DIR): the SQLite database, the
@@ -33,24 +33,16 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.from_mapping({k: v for k, v in (config or {}).items() if not is_setting(k)})
     app.json.sort_keys = False
 
-    from hub import (
-        admin,
-        cli,
-        crypto,
-        dashboard,
-        db,
-        errors,
-        ingest,
-        logs,
-        metrics,
-        openapi,
-        ratelimit,
-        secret_key,
-        system,
-    )
+    from hub import cli, dashboard, secret_key
     from hub.connectors import load_connectors
-    from hub.groupcommit import GroupCommitter
-    from hub.worker import Notifier
+    from hub.ops import logs, metrics
+    from hub.services import intake as ingest
+    from hub.services import ratelimit
+    from hub.services.delivery import Notifier
+    from hub.store import crypto, db
+    from hub.store.groupcommit import GroupCommitter
+    from hub.web import admin_api as admin
+    from hub.web import errors, openapi, system
 
     logs.init_app(app)
     warn_unknown_variables()

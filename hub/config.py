@@ -90,7 +90,7 @@ def _rate(value: object) -> str:
         return ""
     if not isinstance(value, str):
         raise ValueError("not a rate")
-    from hub.ratelimit import normalise
+    from hub.services.ratelimit import normalise
 
     return normalise(value.strip())
 
@@ -331,7 +331,7 @@ class Settings(BaseSettings):
     )
     rate_limit_prefix: Text = Field("hub:rl:", description="prefix of the rate-limit keys in Redis")
 
-    # --- metrics (hub/metrics.py, docs/operations.md "Metrics") ---
+    # --- metrics (hub/ops/metrics.py, docs/operations.md "Metrics") ---
     metrics_dir: Directory = Field(
         None,
         description="directory where every process of one deployment (gunicorn's workers, "

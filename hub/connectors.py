@@ -27,8 +27,8 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hub.redact import is_credential_header
-from hub.templating import is_template
+from hub.ops.redact import is_credential_header
+from hub.services.templating import is_template
 
 ENTRY_POINT_GROUP = "hub.connectors"
 DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024  # HUB_MAX_RESPONSE_BYTES
@@ -107,7 +107,7 @@ class BadResponseError(PermanentError):
 #: A config field holding a credential: ``api_key: Secret = Field(description=...)``.
 Secret = Annotated[str, Field(json_schema_extra={"secret": True})]
 #: Headers for a call, as a dict: those named like credentials (Authorization, X-Api-Key,
-#: anything ``hub.redact.is_credential_header`` says) are secret, the others are not.
+#: anything ``hub.ops.redact.is_credential_header`` says) are secret, the others are not.
 CredentialHeaders = Annotated[dict[str, str], Field(json_schema_extra={"secret": "by_name"})]
 
 

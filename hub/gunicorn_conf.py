@@ -17,7 +17,7 @@ import sys
 from gunicorn.glogging import Logger
 
 from hub.config import load_settings
-from hub.logs import choose_format, formatter
+from hub.ops.logs import choose_format, formatter
 
 # Every setting is checked here, before gunicorn starts anything: a bad value stops it with
 # one line per problem (SettingsError is a SystemExit, which gunicorn lets through).
@@ -26,8 +26,8 @@ bind = f"{_hub.host}:{_hub.port}"
 workers = _hub.web_workers
 threads = _hub.web_threads
 # gunicorn's gthread worker whose own refusals (400, 414, 431 ...) are the hub's JSON
-# (hub/web_worker.py).
-worker_class = "hub.web_worker.JsonRefusalWorker"
+# (hub/web/gunicorn_worker.py).
+worker_class = "hub.web.gunicorn_worker.JsonRefusalWorker"
 timeout = 60
 graceful_timeout = 30
 # An idle kept-alive connection waits in the worker's poller, not on a thread; short all
@@ -106,7 +106,8 @@ def on_starting(server):
     or instance/metrics): made, emptied of the files of this host's processes no longer
     running, and named to the workers forked from here. A database nobody migrated is
     said at once too (requests that need it answer 503 until then)."""
-    from hub import create_app, metrics
+    from hub import create_app
+    from hub.ops import metrics
 
     refuse_an_address_in_use(server)
     app = create_app()
@@ -115,7 +116,7 @@ def on_starting(server):
 
 
 def say_when_the_schema_is_behind(server, app):
-    from hub.db import SCHEMA_OUTDATED, current_revision, head_revision
+    from hub.store.db import SCHEMA_OUTDATED, current_revision, head_revision
 
     db = app.extensions["hub.db"]
     try:
@@ -157,8 +158,8 @@ def refuse_an_address_in_use(server):
 def post_worker_init(worker):
     """Each web process delivers async events on a thread of its own unless
     HUB_EMBEDDED_WORKER=false (then run `flask --app hub worker` processes beside it)."""
-    from hub import metrics
-    from hub.worker import start_embedded
+    from hub.ops import metrics
+    from hub.services.delivery import start_embedded
 
     metrics.process_started("web")
     start_embedded(worker.wsgi)
@@ -166,7 +167,7 @@ def post_worker_init(worker):
 
 def child_exit(server, worker):
     """A web process ended (or was killed): its live gauges go; its counts stay summed."""
-    from hub import metrics
+    from hub.ops import metrics
 
     metrics.process_died(worker.pid)
 

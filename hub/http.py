@@ -55,7 +55,7 @@ from hub.connectors import (
     RetryableError,
     StepContext,
 )
-from hub.redact import REDACTED, is_credential_header, is_sensitive_query
+from hub.ops.redact import REDACTED, is_credential_header, is_sensitive_query
 
 __all__ = [
     "DEFAULT_TIMEOUT",

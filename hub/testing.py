@@ -28,9 +28,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from hub.connectors import Connector, ConnectorError, Registry, StepConfigError, StepContext
-from hub.models import Event
-from hub.pipeline import template_context
-from hub.templating import TemplateProblem, check_config, render_config
+from hub.services.pipeline import template_context
+from hub.services.templating import TemplateProblem, check_config, render_config
+from hub.store.models import Event
 
 __all__ = ["check_class", "check_connector", "make_context"]
 

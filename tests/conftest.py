@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from hub import create_app
-from hub.db import Database, upgrade
-from hub.keys import create_key
-from hub.routes import save_routes
+from hub.services.keys import create_key
+from hub.services.routes import save_routes
+from hub.store.db import Database, upgrade
 from tests.schema_check import scratch_postgres
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from hub.models import Attempt, Event
+from hub.store.models import Attempt, Event
 
 
 def events(db) -> list[Event]:
@@ -37,7 +37,7 @@ def insert_events(db, route: str, count: int, status: str = "pending", body: byt
 
     import sqlalchemy as sa
 
-    from hub.models import utcnow
+    from hub.store.models import utcnow
 
     now = utcnow()
     ended = status not in ("pending", "retrying")

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from hub.models import Attempt, Event, new_event_id, utcnow
+from hub.store.models import Attempt, Event, new_event_id, utcnow
 
 
 @pytest.fixture
@@ -489,8 +489,8 @@ def test_a_page_is_one_index_range_without_a_sort(sqlite_template, tmp_path, fil
     """SQLite's plan for each listing query walks the migration's index, in order."""
     from sqlalchemy import event as sa_event
 
-    from hub import events as event_store
-    from hub.db import Database
+    from hub.services import events as event_store
+    from hub.store.db import Database
 
     path = tmp_path / "plan.db"
     shutil.copy(sqlite_template, path)

@@ -8,8 +8,8 @@ import json
 import sqlalchemy as sa
 from alembic import command
 
-from hub.db import alembic_config, upgrade
-from hub.models import JSONType, utcnow
+from hub.store.db import alembic_config, upgrade
+from hub.store.models import JSONType, utcnow
 from tests.rows import events
 
 API_KEYS = sa.table(

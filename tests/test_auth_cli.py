@@ -8,7 +8,7 @@ import json
 from sqlalchemy import select
 
 from hub import signatures
-from hub.models import ApiKey, Route
+from hub.store.models import ApiKey, Route
 
 BODY = b'{"input": "rotate me"}'
 JSON = {"Content-Type": "application/json"}

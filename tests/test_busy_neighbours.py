@@ -14,8 +14,8 @@ import pytest
 import requests
 from sqlalchemy import func, select, text, update
 
-from hub.db import Database, ReadOnlySession
-from hub.models import ApiKey, Event
+from hub.store.db import Database, ReadOnlySession
+from hub.store.models import ApiKey, Event
 from tests.procs import gunicorn
 from tests.servers import Receiver
 

@@ -6,8 +6,8 @@ import json
 
 from sqlalchemy import select
 
-from hub.keys import digest
-from hub.models import ApiKey, Route
+from hub.services.keys import digest
+from hub.store.models import ApiKey, Route
 
 
 def test_keys_create_prints_once_and_stores_only_the_digest(runner, db):

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, update
 from sqlalchemy import select as sql_select
 
-from hub.models import Event, utcnow
+from hub.store.models import Event, utcnow
 from tests.procs import BIN, ROOT, hub_env
 
 

@@ -25,7 +25,7 @@ from hub.config import (
     unknown_variables,
     variable,
 )
-from hub.worker import start_embedded
+from hub.services.delivery import start_embedded
 from tests.procs import BIN, ROOT, clean_env, gunicorn, hub_env
 
 FLAG = "expected true or false (also 1/0, yes/no, on/off)"

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from hub import create_app
-from hub import keys as key_store
 from hub.config import SettingsError
 from hub.dashboard import session as dash_session
-from hub.models import ApiKey, Base, DashboardSession, Event, Route, new_event_id, utcnow
+from hub.services import keys as key_store
+from hub.store.models import ApiKey, Base, DashboardSession, Event, Route, new_event_id, utcnow
 
 HOME = "/dashboard/"
 PAGES = [

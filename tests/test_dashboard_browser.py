@@ -20,10 +20,10 @@ import pytest
 import requests
 
 from hub import create_app
-from hub.db import upgrade
-from hub.keys import create_key
-from hub.models import Event, new_event_id, utcnow
-from hub.routes import save_routes
+from hub.services.keys import create_key
+from hub.services.routes import save_routes
+from hub.store.db import upgrade
+from hub.store.models import Event, new_event_id, utcnow
 from tests.procs import ROOT, gunicorn
 from tests.servers import Receiver
 

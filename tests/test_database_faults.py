@@ -15,8 +15,8 @@ import requests
 from sqlalchemy import create_engine, exc, make_url, select, text
 
 from hub import create_app
-from hub.db import is_unavailable
-from hub.models import Event
+from hub.store.db import is_unavailable
+from hub.store.models import Event
 from tests.conftest import PG_URL
 from tests.procs import closed_port, gunicorn, stop, wait_until, worker
 from tests.tcpproxy import TcpProxy

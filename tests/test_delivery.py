@@ -15,8 +15,8 @@ from sqlalchemy import func, select, update
 from werkzeug.serving import make_server
 
 from hub.connectors import Connector, PermanentError, RetryableError
-from hub.models import Attempt, Event, utcnow
-from hub.worker import Worker
+from hub.services.delivery import Worker
+from hub.store.models import Attempt, Event, utcnow
 from tests.conftest import PG_URL
 from tests.rows import event_row
 from tests.servers import Reply
@@ -575,7 +575,7 @@ def test_a_new_event_wakes_a_worker_in_another_process_by_notify(
 
 
 def test_purge_also_drops_rate_limit_windows_of_quiet_buckets(db, runner):
-    from hub.models import RateCounter
+    from hub.store.models import RateCounter
 
     now = utcnow()
     with db.session() as session:

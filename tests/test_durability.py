@@ -21,8 +21,8 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from hub.models import Attempt, Event
-from hub.worker import Worker
+from hub.services.delivery import Worker
+from hub.store.models import Attempt, Event
 from tests.conftest import PG_URL
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import event_row, insert_events

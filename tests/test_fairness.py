@@ -18,11 +18,11 @@ import requests
 import sqlalchemy as sa
 from alembic import command
 
-from hub import events as event_store
-from hub.db import alembic_config, upgrade
-from hub.models import Event, utcnow
+from hub.services import events as event_store
+from hub.services.delivery import Worker
+from hub.store.db import alembic_config, upgrade
+from hub.store.models import Event, utcnow
 from hub.testing_servers import Receiver
-from hub.worker import Worker
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import event_row, insert_events
 

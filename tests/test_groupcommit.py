@@ -8,9 +8,9 @@ import threading
 import pytest
 from sqlalchemy import event, exc, func, select
 
-from hub.db import Database
-from hub.groupcommit import GroupCommitter, row_of
-from hub.models import Event, utcnow
+from hub.store.db import Database
+from hub.store.groupcommit import GroupCommitter, row_of
+from hub.store.models import Event, utcnow
 from tests.procs import closed_port
 
 

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from hub import keys
-from hub.models import ApiKey, Event, utcnow
+from hub.services import keys
+from hub.store.models import ApiKey, Event, utcnow
 from tests.rows import attempts, events
 
 
@@ -299,7 +299,7 @@ def test_a_payload_without_the_steps_field_is_logged_permanent_and_answers_422(
 
 
 def test_no_stack_trace_in_an_unexpected_error(client, app, db, key, shout, monkeypatch):
-    from hub import ingest
+    from hub.services import intake as ingest
 
     def explode(accepted):
         raise RuntimeError("SELECT secret FROM internals")

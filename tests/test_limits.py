@@ -18,8 +18,8 @@ from pydantic import BaseModel
 import hub.http as http
 from hub.connectors import Connector, PermanentError, RetryableError, StepContext
 from hub.deadline import DeadlineExceeded, call_before, interrupting
-from hub.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
-from hub.worker import Worker
+from hub.services.delivery import Worker
+from hub.services.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
 from tests.rows import attempts, events, summary
 from tests.servers import Reply
 from tests.test_http import make_ctx as step_context

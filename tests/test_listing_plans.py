@@ -23,12 +23,12 @@ import pytest
 from sqlalchemy import Column, event
 from sqlalchemy.sql import visitors
 
-from hub import admin as admin_api
-from hub import api_models as m
-from hub import events as event_store
 from hub.cli import events_list
 from hub.dashboard.views import FILTER_FIELDS
-from hub.db import Database, upgrade
+from hub.services import events as event_store
+from hub.store.db import Database, upgrade
+from hub.web import admin_api as admin_api
+from hub.web import schemas as m
 from tests.schema_check import scratch_postgres
 
 PAGING = {"limit", "cursor"}  # how to page, not what to find

@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from hub import paging
-from hub.db import alembic_config, upgrade
-from hub.models import Event, new_event_id, utcnow
+from hub.services import paging
+from hub.store.db import alembic_config, upgrade
+from hub.store.models import Event, new_event_id, utcnow
 from tests.test_admin_api import add_event
 
 LISTINGS = {"keys": "prefix", "routes": "name"}

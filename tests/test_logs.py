@@ -19,8 +19,8 @@ import requests
 from hub import create_app
 from hub.config import SettingsError
 from hub.connectors import Connector, EmptyConfig
-from hub.logs import EscapingFormatter, JsonFormatter, bound, choose_format, escape_controls
-from hub.worker import Worker
+from hub.ops.logs import EscapingFormatter, JsonFormatter, bound, choose_format, escape_controls
+from hub.services.delivery import Worker
 from tests.procs import ROOT, gunicorn, hub_env, wait_until
 from tests.rows import event_row, events
 

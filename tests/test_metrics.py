@@ -20,14 +20,14 @@ from sqlalchemy import func, select
 
 from hub import create_app
 from hub.config import SettingsError
-from hub.metrics import (
+from hub.ops.metrics import (
     HOST,
     QUEUE_CACHE_SECONDS,
     ProcessFiles,
     make_directory,
     remove_ended,
 )
-from hub.models import Attempt, Event
+from hub.store.models import Attempt, Event
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.servers import Receiver, Reply
 

@@ -12,11 +12,12 @@ import requests
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub import create_app, redact
+from hub import create_app
 from hub.connectors import Connector, Secret, StepContext
-from hub.keys import generate
-from hub.models import Route
-from hub.worker import Worker
+from hub.ops import redact
+from hub.services.delivery import Worker
+from hub.services.keys import generate
+from hub.store.models import Route
 from tests.procs import gunicorn
 from tests.servers import Reply
 from tests.test_dashboard import sign_in

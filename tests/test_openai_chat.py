@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hub.routes import RouteInvalid
+from hub.services.routes import RouteInvalid
 from tests.rows import attempts, events, summary
 from tests.servers import FakeOpenAI, Reply
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from hub.connectors import Connector, StepContext
-from hub.routes import RouteInvalid
+from hub.services.routes import RouteInvalid
 from tests.rows import attempts, events, summary
 from tests.servers import FakeOpenAI, Receiver
 

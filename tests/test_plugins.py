@@ -24,7 +24,8 @@ import pytest
 import requests
 from pydantic import BaseModel
 
-from hub import create_app, scaffold
+from hub import create_app
+from hub.cli import scaffold
 from hub.connectors import (
     BUILTIN_CONNECTORS,
     ENTRY_POINT_GROUP,
@@ -34,7 +35,7 @@ from hub.connectors import (
     StepContext,
     load_connectors,
 )
-from hub.routes import RouteInvalid, save_routes
+from hub.services.routes import RouteInvalid, save_routes
 from hub.testing import check_class, check_connector
 from tests.procs import ROOT, clean_env
 from tests.rows import summary
@@ -218,7 +219,7 @@ def test_a_loaded_plugin_serves_routes_and_is_listed(plugin_app):
     assert 'field: string = "text"  Payload field to reverse.' in listing
     assert "openai" not in listing
     db = plugin_app.extensions["hub.db"]
-    from hub.keys import create_key
+    from hub.services.keys import create_key
 
     with db.session() as session:
         save_routes(session, [{"name": "rev", "steps": [{"connector": "reverse"}]}], registry)

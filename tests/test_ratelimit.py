@@ -20,9 +20,10 @@ import redis
 import requests
 from sqlalchemy import func, select
 
-from hub import create_app, ratelimit
-from hub.models import Event, RateCounter
-from hub.ratelimit import DatabaseLimiter, Rate
+from hub import create_app
+from hub.services import ratelimit
+from hub.services.ratelimit import DatabaseLimiter, Rate
+from hub.store.models import Event, RateCounter
 from tests.procs import gunicorn, wait_until
 
 REDIS_URL = os.environ.get("HUB_TEST_REDIS_URL")
@@ -251,7 +252,7 @@ def redis_app(database_url: str, prefix: str, secret_key: str, redis_url: str):
 @needs_redis
 def test_redis_counts_for_every_instance(app, db, add_route, database_url_for_test, redis_prefix):
     add_route("r", STEPS, rate_limit="3/hour")
-    from hub.keys import create_key
+    from hub.services.keys import create_key
 
     with db.session() as session:
         _, key = create_key(session, "k", None, None, "5/hour")

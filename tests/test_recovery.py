@@ -19,8 +19,8 @@ import pytest
 import requests
 from sqlalchemy import text, update
 
-from hub.models import Event, utcnow
-from hub.worker import SYNC_LEASE_PREFIX, Worker
+from hub.services.delivery import SYNC_LEASE_PREFIX, Worker
+from hub.store.models import Event, utcnow
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import attempts, event_row, events
 from tests.servers import Reply

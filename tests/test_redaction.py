@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hub.redact import REDACTED, is_credential_header
+from hub.ops.redact import REDACTED, is_credential_header
 from tests.rows import attempts, events
 
 CREDENTIALS = {

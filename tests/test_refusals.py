@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from hub import create_app
 from hub.config import SettingsError
-from hub.ingest import HEADERS_CUT
+from hub.services.intake import HEADERS_CUT
 from tests.procs import gunicorn
 from tests.rows import events
 from tests.test_ratelimit import (  # noqa: F401 (redis_prefix is a fixture)

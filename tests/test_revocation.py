@@ -24,9 +24,9 @@ from pathlib import Path
 import requests
 from sqlalchemy import func, select
 
-from hub.db import Database
-from hub.keys import create_key
-from hub.models import ApiKey, utcnow
+from hub.services.keys import create_key
+from hub.store.db import Database
+from hub.store.models import ApiKey, utcnow
 from tests.procs import BIN, ROOT, gunicorn, hub_env, stop, wait_until, worker
 
 # Each round revokes through one face: the admin API, the CLI (a process of its own), the

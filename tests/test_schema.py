@@ -6,8 +6,8 @@ import pytest
 from alembic import command
 from sqlalchemy import JSON, text
 
-from hub.db import alembic_config
-from hub.models import Base
+from hub.store.db import alembic_config
+from hub.store.models import Base
 from tests.conftest import PG_URL
 
 

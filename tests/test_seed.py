@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from hub.models import Attempt, Event
+from hub.store.models import Attempt, Event
 
 
 @pytest.fixture
 def demo(app, db):
-    from hub.routes import ensure_demo_routes
+    from hub.services.routes import ensure_demo_routes
 
     with db.session() as session:
         assert ensure_demo_routes(session, app.extensions["hub.connectors"]) == ["process", "chat"]

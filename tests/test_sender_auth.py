@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import select, text
 
 from hub import create_app, signatures
-from hub.crypto import SecretBox
-from hub.models import Event, Route
 from hub.secret_key import MissingSecretKey
+from hub.store.crypto import SecretBox
+from hub.store.models import Event, Route
 from tests.procs import ROOT, clean_env
 from tests.test_signatures import (
     GITHUB_BODY,
@@ -419,7 +419,7 @@ INVALID = [
 
 @pytest.mark.parametrize("fields, message", INVALID)
 def test_invalid_auth_settings_are_refused_naming_the_field(app, db, add_route, fields, message):
-    from hub.routes import RouteInvalid
+    from hub.services.routes import RouteInvalid
 
     with pytest.raises(RouteInvalid) as caught:
         add_route("bad", **fields)

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from hub.worker import Worker
+from hub.services.delivery import Worker
 from tests.procs import gunicorn
 from tests.rows import attempts, event_row, events
 from tests.servers import Reply
@@ -276,7 +276,7 @@ def test_a_receiver_answer_nested_too_deep_fails_the_step_permanently(
 
 @pytest.fixture
 def demo(app, db):
-    from hub.routes import ensure_demo_routes
+    from hub.services.routes import ensure_demo_routes
 
     with db.session() as session:
         ensure_demo_routes(session, app.extensions["hub.connectors"])

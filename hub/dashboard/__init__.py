@@ -2,8 +2,8 @@
 
 Jinja templates and a small plain script, every file served by the hub itself; a
 Content-Security-Policy without inline script or style on every answer. The pages are thin
-views over the service layer the admin API uses (``hub.keys``, ``hub.routes``,
-``hub.events``). HUB_DASHBOARD=false leaves it out entirely (its paths answer 404).
+views over the service layer the admin API uses (``hub.services.keys``, ``hub.services.routes``,
+``hub.services.events``). HUB_DASHBOARD=false leaves it out entirely (its paths answer 404).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from flask import current_app, g, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import delete, func, select, update
 
-from hub import keys as key_store
-from hub.db import get_session
-from hub.models import DashboardSession, utcnow
+from hub.services import keys as key_store
+from hub.store.db import get_session
+from hub.store.models import DashboardSession, utcnow
 
 COOKIE = "hub_dashboard"
 SALT = "hub.dashboard.session"

@@ -27,17 +27,20 @@ from flask import (
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub import admin as admin_api
-from hub import api_models as m
-from hub import errors, ingest, ratelimit, signatures, step_secrets
-from hub import events as event_store
-from hub import keys as key_store
-from hub import routes as route_store
+from hub import signatures
 from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts
 from hub.dashboard import session as dash
-from hub.db import get_db, get_read_session, get_session
-from hub.models import Event, utcnow
+from hub.services import events as event_store
+from hub.services import intake as ingest
+from hub.services import keys as key_store
+from hub.services import ratelimit, step_secrets
+from hub.services import routes as route_store
+from hub.store.db import get_db, get_read_session, get_session
+from hub.store.models import Event, utcnow
+from hub.web import admin_api as admin_api
+from hub.web import errors
+from hub.web import schemas as m
 
 bp = Blueprint(
     "dashboard",

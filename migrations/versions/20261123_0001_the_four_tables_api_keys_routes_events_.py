@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
-import hub.models
+import hub.store.models
 
 revision: str = '0001'
 down_revision: str | Sequence[str] | None = None
@@ -26,10 +26,10 @@ def upgrade() -> None:
     sa.Column('prefix', sa.String(length=16), nullable=False),
     sa.Column('digest', sa.String(length=64), nullable=False),
     sa.Column('scopes', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('created_at', hub.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', hub.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('revoked_at', hub.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('last_used_at', hub.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', hub.store.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', hub.store.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_used_at', hub.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('prefix', name=op.f('uq_api_keys_prefix'))
     )
@@ -41,7 +41,7 @@ def upgrade() -> None:
     sa.Column('method', sa.String(length=10), nullable=False),
     sa.Column('path', sa.String(length=2000), nullable=False),
     sa.Column('query', sa.Text(), nullable=True),
-    sa.Column('received_at', hub.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('headers', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('content_type', sa.String(length=200), nullable=True),
     sa.Column('body', sa.LargeBinary(), nullable=True),
@@ -51,12 +51,12 @@ def upgrade() -> None:
     sa.Column('reason', sa.String(length=32), nullable=True),
     sa.Column('response_status', sa.Integer(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', hub.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('lease_until', hub.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_attempt_at', hub.store.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_until', hub.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('lease_owner', sa.String(length=64), nullable=True),
     sa.Column('result', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('completed_at', hub.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('completed_at', hub.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_events'))
     )
     with op.batch_alter_table('events', schema=None) as batch_op:
@@ -80,8 +80,8 @@ def upgrade() -> None:
     sa.Column('retry_schedule', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True),
     sa.Column('rate_limit', sa.String(length=32), nullable=True),
     sa.Column('enabled', sa.Boolean(), nullable=False),
-    sa.Column('created_at', hub.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', hub.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_routes')),
     sa.UniqueConstraint('name', name=op.f('uq_routes_name'))
     )
@@ -92,7 +92,7 @@ def upgrade() -> None:
     sa.Column('step_index', sa.Integer(), nullable=False),
     sa.Column('connector', sa.String(length=64), nullable=False),
     sa.Column('try_number', sa.Integer(), nullable=False),
-    sa.Column('started_at', hub.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('duration_ms', sa.Integer(), nullable=False),
     sa.Column('outcome', sa.String(length=16), nullable=False),
     sa.Column('http_status', sa.Integer(), nullable=True),

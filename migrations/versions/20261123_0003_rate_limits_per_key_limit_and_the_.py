@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import hub.models
+import hub.store.models
 
 revision: str = '0003'
 down_revision: str | Sequence[str] | None = '0002'
@@ -23,7 +23,7 @@ def upgrade() -> None:
     sa.Column('bucket', sa.String(length=200), nullable=False),
     sa.Column('window_start', sa.BigInteger(), autoincrement=False, nullable=False),
     sa.Column('count', sa.Integer(), nullable=False),
-    sa.Column('expires_at', hub.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('bucket', 'window_start', name=op.f('pk_rate_counters'))
     )
     with op.batch_alter_table('api_keys', schema=None) as batch_op:

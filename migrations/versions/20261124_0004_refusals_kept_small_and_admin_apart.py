@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import hub.models
+import hub.store.models
 
 revision: str = '0004'
 down_revision: str | Sequence[str] | None = '0003'
@@ -23,7 +23,7 @@ depends_on: str | Sequence[str] | None = None
 api_keys = sa.table(
     'api_keys',
     sa.column('id', sa.Integer()),
-    sa.column('scopes', hub.models.JSONType),
+    sa.column('scopes', hub.store.models.JSONType),
     sa.column('is_admin', sa.Boolean()),
 )
 

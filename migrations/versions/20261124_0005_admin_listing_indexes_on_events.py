@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import hub.models
+import hub.store.models
 
 revision: str = '0005'
 down_revision: str | Sequence[str] | None = '0004'

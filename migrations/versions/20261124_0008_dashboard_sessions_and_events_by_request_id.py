@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import hub.models
+import hub.store.models
 
 revision: str = '0008'
 down_revision: str | Sequence[str] | None = '0007'
@@ -27,9 +27,9 @@ def upgrade() -> None:
     op.create_table('dashboard_sessions',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('key_prefix', sa.String(length=16), nullable=False),
-    sa.Column('created_at', hub.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', hub.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('ended_at', hub.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', hub.store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('ended_at', hub.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_dashboard_sessions'))
     )
     with op.batch_alter_table('dashboard_sessions', schema=None) as batch_op:

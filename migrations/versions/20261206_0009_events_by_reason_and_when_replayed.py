@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import hub.models
+import hub.store.models
 
 revision: str = '0009'
 down_revision: str | Sequence[str] | None = '0008'
@@ -32,7 +32,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table('events', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('replayed_at', hub.models.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('replayed_at', hub.store.models.UTCDateTime(timezone=True), nullable=True))
         batch_op.create_index('ix_events_reason_received_at_id', ['reason', 'received_at', 'id'], unique=False)
         batch_op.drop_index('ix_events_request_id')
         batch_op.create_index('ix_events_request_id_received_at_id', ['request_id', 'received_at', 'id'], unique=False)

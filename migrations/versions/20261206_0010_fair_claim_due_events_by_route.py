@@ -1,6 +1,6 @@
 """fair claim: due events by route
 
-Workers take due events in turns across routes (hub.worker.fair_pick): one route's backlog
+Workers take due events in turns across routes (hub.services.delivery.fair_pick): one route's backlog
 or slow receiver no longer holds back the others. The claim jumps from one route's oldest
 due event to the next route's along a partial index on (route, next_attempt_at) over
 pending and retrying rows, an index probe a route, instead of reading every waiting event.

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, insert, inspect
 
-from hub.db import Database, is_unavailable
+from hub.store.db import Database, is_unavailable
 
 T = TypeVar("T")
 

@@ -38,7 +38,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from hub.models import Event, utcnow
+from hub.store.models import Event, utcnow
 
 log = logging.getLogger("hub.metrics")
 

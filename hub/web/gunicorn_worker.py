@@ -22,7 +22,7 @@ from gunicorn import util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
-from hub.errors import CODES, MESSAGES
+from hub.web.errors import CODES, MESSAGES
 
 # The most specific class first: what a sender reads about its own malformed request.
 SENTENCES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...] = (

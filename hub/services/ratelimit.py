@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from hub.models import RateCounter
+from hub.store.models import RateCounter
 
 log = logging.getLogger("hub.ratelimit")
 
@@ -198,7 +198,7 @@ def optional_rate(text: object, setting: str) -> Rate | None:
 
 
 def init_app(app: Flask) -> None:
-    # Refusals per remote address (hub.ingest) are counted by the same limiter.
+    # Refusals per remote address (hub.services.intake) are counted by the same limiter.
     url = app.config.get("REDIS_URL")
     if url:
         import redis

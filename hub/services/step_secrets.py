@@ -4,7 +4,7 @@ A string in a step's config is secret when its connector's Config declares it so
 (``hub.connectors.Secret``, or a credential-named entry of ``CredentialHeaders``, such as the
 http connector's ``Authorization`` header), or when it holds a hub API key (by shape, in any
 field). ``seal_steps`` (routes.save_routes) replaces each one by ``hub-sealed:<token>``
-(hub.crypto); ``shown_steps`` (the API, the CLI, the dashboard) replaces each by its mask
+(hub.store.crypto); ``shown_steps`` (the API, the CLI, the dashboard) replaces each by its mask
 (``…abcd``); ``opened_config`` (the pipeline) gives the real values back, and the list of
 them, which the attempt copy is scrubbed of.
 
@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from hub.connectors import Registry, secret_paths
-from hub.crypto import SecretBox, SecretsUnreadable, is_sealed, looks_masked, mask
-from hub.redact import KEY_SHAPE, is_credential_header
+from hub.ops.redact import KEY_SHAPE, is_credential_header
+from hub.store.crypto import SecretBox, SecretsUnreadable, is_sealed, looks_masked, mask
 
 Path = tuple[str | int, ...]
 UNREADABLE = "[encrypted]"

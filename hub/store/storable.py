@@ -3,7 +3,7 @@
 PostgreSQL refuses some values that JSON and Python allow: NUL (U+0000) in TEXT and in JSONB
 strings, lone UTF-16 surrogates (``\\ud800``: not Unicode characters, so not UTF-8), and NaN
 or ±Infinity in JSONB. SQLite takes them all, but the hub stores the same thing on both. The
-column types in ``hub.models`` pass what they write through ``text`` and ``json_value``, so a
+column types in ``hub.store.models`` pass what they write through ``text`` and ``json_value``, so a
 receiver's answer, a header or an error message can never make a write fail and strand an
 event.
 

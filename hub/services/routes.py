@@ -7,7 +7,7 @@ rate limit checked, nothing half-saved.
 
 Signing secrets are plaintext only inside a RouteSpec on its way in: ``save`` seals them
 with the app's SecretBox, and ``to_dict`` shows them masked. Secrets in step configs
-likewise (hub.step_secrets): sealed by ``save_routes``, masked by ``to_dict``.
+likewise (hub.services.step_secrets): sealed by ``save_routes``, masked by ``to_dict``.
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub import ratelimit, signatures, step_secrets
-from hub.cache import TTLCache
+from hub import signatures
 from hub.connectors import (
     Registry,
     StepConfigError,
     UnknownConnectorError,
     describe_validation_error,
 )
-from hub.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
-from hub.models import Route
-from hub.templating import TemplateProblem, check_config, check_filter
+from hub.services import ratelimit, step_secrets
+from hub.services.templating import TemplateProblem, check_config, check_filter
+from hub.store.cache import TTLCache
+from hub.store.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
+from hub.store.models import Route
 
 ROUTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_RETRY_SCHEDULE = [30, 120, 600, 3600, 21600]
@@ -114,7 +115,7 @@ class RouteSpec(BaseModel):
 
 def _longest() -> int:
     """The longest time the hub counts in (keys' lifetimes too): 100 years, in seconds."""
-    from hub.keys import MAX_DURATION_SECONDS
+    from hub.services.keys import MAX_DURATION_SECONDS
 
     return MAX_DURATION_SECONDS
 

@@ -5,7 +5,7 @@ few seconds; a change made elsewhere takes effect in every process within that t
 at once in the process that made it (it clears its cache).
 
 Never for what must take effect at once everywhere: API keys are read on every request,
-so a revoked or expired key is refused on its next request in every process (hub.keys).
+so a revoked or expired key is refused on its next request in every process (hub.services.keys).
 """
 
 from __future__ import annotations

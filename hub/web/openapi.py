@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from hub.connectors import describe_validation_error
-from hub.errors import error_response
+from hub.web.errors import error_response
 
 OPENAPI_VERSION = "3.1.0"
 _PATH_PARAM = re.compile(r"\{([a-z_]+)\}")
@@ -307,6 +307,6 @@ def docs_page():
 
 def init_app(app: Flask) -> None:
     """Serve the document of the operations every blueprint declared, and its page."""
-    from hub import public_api  # noqa: F401  (declares the public endpoints)
+    from hub.web import public_api  # noqa: F401  (declares the public endpoints)
 
     app.register_blueprint(bp)

@@ -25,10 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from hub import keys as key_store
-from hub.db import Database
-from hub.models import Attempt, Event, iso_time, utcnow
-from hub.paging import BadCursor
+from hub.services import keys as key_store
+from hub.services.paging import BadCursor
+from hub.store.db import Database
+from hub.store.models import Attempt, Event, iso_time, utcnow
 
 STATUSES = (
     "pending",

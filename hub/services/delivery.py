@@ -32,12 +32,13 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import TextClause, and_, bindparam, case, not_, or_, select, text, update
 
-from hub import logs, metrics, pipeline
-from hub import routes as route_store
-from hub.db import Database
-from hub.groupcommit import GroupCommitter, row_of
-from hub.models import DUE_PREDICATE, Attempt, Event, utcnow
-from hub.templating import TemplateLimits
+from hub.ops import logs, metrics
+from hub.services import pipeline
+from hub.services import routes as route_store
+from hub.services.templating import TemplateLimits
+from hub.store.db import Database
+from hub.store.groupcommit import GroupCommitter, row_of
+from hub.store.models import DUE_PREDICATE, Attempt, Event, utcnow
 
 log = logging.getLogger("hub.worker")
 

@@ -1,7 +1,7 @@
 """Keyset pages for the admin listings: an opaque cursor names the last row a page showed,
 and the next page reads the rows after it along an index, never with OFFSET.
 
-Events page by (received_at, id) (``hub.events``); keys by id and routes by name, with
+Events page by (received_at, id) (``hub.services.events``); keys by id and routes by name, with
 the cursors made here. A cursor says which listing it belongs to, so one from the keys
 listing is refused by the routes listing (a 400 naming the cursor), like an altered one.
 A page is ``limit`` rows (default 50, at most 500, the same for every listing) and

@@ -28,8 +28,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from hub import ratelimit
-from hub.models import ApiKey, DashboardSession, utcnow
+from hub.services import ratelimit
+from hub.store.models import ApiKey, DashboardSession, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 ALL_ROUTES = "*"

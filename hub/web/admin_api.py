@@ -17,18 +17,18 @@ from typing import Any
 from flask import Blueprint, current_app, g, request
 from pydantic import BaseModel
 
-from hub import api_models as m
-from hub import events as event_store
-from hub import keys as key_store
-from hub import paging
-from hub import routes as route_store
-from hub.crypto import SecretBox, SecretsUnreadable
-from hub.db import get_db, get_read_session, get_session
-from hub.errors import error_response
-from hub.ingest import presented_key
-from hub.models import ApiKey, Event, utcnow
-from hub.openapi import ApiError, api, invalid
-from hub.worker import notify
+from hub.services import events as event_store
+from hub.services import keys as key_store
+from hub.services import paging
+from hub.services import routes as route_store
+from hub.services.delivery import notify
+from hub.services.intake import presented_key
+from hub.store.crypto import SecretBox, SecretsUnreadable
+from hub.store.db import get_db, get_read_session, get_session
+from hub.store.models import ApiKey, Event, utcnow
+from hub.web import schemas as m
+from hub.web.errors import error_response
+from hub.web.openapi import ApiError, api, invalid
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 log = logging.getLogger("hub.admin")

@@ -1,7 +1,7 @@
 """The bodies the hub's HTTP API reads and writes, as pydantic models.
 
 The admin views validate requests with them and shape their answers with them, and
-``hub.openapi`` builds the document from them: one description of each payload.
+``hub.web.openapi`` builds the document from them: one description of each payload.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from hub import keys as key_store
-from hub import ratelimit
-from hub.events import STATUSES, parse_time
-from hub.paging import PAGE_DEFAULT, PAGE_MAX
-from hub.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
+from hub.services import keys as key_store
+from hub.services import ratelimit
+from hub.services.events import STATUSES, parse_time
+from hub.services.paging import PAGE_DEFAULT, PAGE_MAX
+from hub.services.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
 
 EventStatus = Literal[STATUSES]  # type: ignore[valid-type]
 

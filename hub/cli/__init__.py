@@ -23,13 +23,16 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from hub import events as event_store
-from hub import keys as key_store
-from hub import ratelimit, scaffold
-from hub import routes as route_store
+from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
-from hub.crypto import SecretBox, SecretsUnreadable
-from hub.db import (
+from hub.services import events as event_store
+from hub.services import keys as key_store
+from hub.services import ratelimit
+from hub.services import routes as route_store
+from hub.services.delivery import notify
+from hub.signatures import SCHEMES
+from hub.store.crypto import SecretBox, SecretsUnreadable
+from hub.store.db import (
     SCHEMA_OUTDATED,
     Database,
     current_revision,
@@ -39,9 +42,7 @@ from hub.db import (
     is_unavailable,
     upgrade,
 )
-from hub.models import Event, utcnow
-from hub.signatures import SCHEMES
-from hub.worker import notify
+from hub.store.models import Event, utcnow
 
 # Exit statuses (2 is click's usage error).
 FAILED = 1
@@ -683,8 +684,8 @@ def worker_command(concurrency: int, once: bool) -> None:
     import signal
     import threading
 
-    from hub import metrics
-    from hub.worker import Worker
+    from hub.ops import metrics
+    from hub.services.delivery import Worker
 
     app = current_app._get_current_object()
     # A worker on a database it can't use would log the same failure forever: say so, once.

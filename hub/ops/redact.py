@@ -3,7 +3,7 @@
 Two rules, used by every writer of a row or a line (ingest, attempt copies, the log
 formatters): a value is a secret by its *name* (a credential header, a sensitive query or
 JSON field), or by its *shape*: anything in the hub's own key format (``hk_<prefix>_<secret>``,
-see hub.keys) is cut to ``hk_<prefix>_[redacted]`` wherever it appears, named or not. The
+see hub.services.keys) is cut to ``hk_<prefix>_[redacted]`` wherever it appears, named or not. The
 shape check costs a substring search when no ``hk_`` is present (about 0.1 µs per header
 value, 1 µs per log line; see SECURITY.md for the per-request figure).
 """
@@ -39,8 +39,8 @@ SENSITIVE_WORDS = ("secret", "token", "password", "signature", "api_key", "apike
 SENSITIVE_QUERY = frozenset(
     {"api_key", "apikey", "key", "token", "access_token", "secret", "auth", "sig", "signature"}
 )
-# The hub's key format (hub.keys.KEY_RE, unanchored): the prefix is public (events keep it),
-# the 43 characters after it are the secret. A key cut short at the end of a kept prefix
+# The hub's key format (hub.services.keys.KEY_RE, unanchored): the prefix is public (events keep
+# it), the 43 characters after it are the secret. A key cut short at the end of a kept prefix
 # (a refused body) still matches with what is left of its secret.
 KEY_SHAPE = re.compile(r"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")
 KEY_SHAPE_BYTES = re.compile(rb"(hk_[0-9a-f]{8}_)[A-Za-z0-9_-]{1,43}")

@@ -10,8 +10,10 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub import keys, metrics
-from hub.db import (
+from hub.ops import metrics
+from hub.services import keys
+from hub.services.intake import presented_key
+from hub.store.db import (
     UPGRADE_COMMAND,
     current_revision,
     get_db,
@@ -19,8 +21,7 @@ from hub.db import (
     head_revision,
     is_unavailable,
 )
-from hub.errors import database_unavailable, error_response, schema_outdated
-from hub.ingest import presented_key
+from hub.web.errors import database_unavailable, error_response, schema_outdated
 
 bp = Blueprint("system", __name__)
 log = logging.getLogger("hub.system")

@@ -6,8 +6,8 @@ shapes as models, and the document test checks every real answer against them.
 
 from __future__ import annotations
 
-from hub import api_models as m
-from hub.openapi import api
+from hub.web import schemas as m
+from hub.web.openapi import api
 
 SENDER_ERRORS = {
     400: ("The body is not valid JSON, or a required field is missing", None),

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from hub import storable
+from hub.store import storable
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -66,7 +66,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 class StorableJSON(TypeDecorator):
     """JSON (JSONB on PostgreSQL) for values from outside: what JSONB can't hold is kept as
-    its JSON text (``hub.storable.json_value``), so writing a value never fails."""
+    its JSON text (``hub.store.storable.json_value``), so writing a value never fails."""
 
     impl = JSON
     cache_ok = True
@@ -79,7 +79,7 @@ class StorableJSON(TypeDecorator):
 
 
 class StorableText(TypeDecorator):
-    """Text from outside: NUL and lone surrogates escaped (``hub.storable.text``), which
+    """Text from outside: NUL and lone surrogates escaped (``hub.store.storable.text``), which
     PostgreSQL's TEXT refuses; a ``String(n)`` stays within its length."""
 
     impl = Text
@@ -193,7 +193,7 @@ class Event(Base):
             sqlite_where=text(DUE_PREDICATE),
         ),
         # The same, within each route: a fair claim takes turns across routes by jumping
-        # from one route's oldest due event to the next route's (hub.worker.fair_pick).
+        # from one route's oldest due event to the next route's (hub.services.delivery.fair_pick).
         Index(
             "ix_events_due_by_route",
             "route",

@@ -21,15 +21,18 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 from sqlalchemy import Connection, and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from hub import crypto, keys, logs, metrics, pipeline, ratelimit, redact, signatures, storable
-from hub import routes as route_store
+from hub import signatures
 from hub.connectors import lookup_path
-from hub.db import get_db, get_read_session, get_session
-from hub.errors import error_response
-from hub.groupcommit import row_of
-from hub.models import Attempt, Event, Route, new_event_id, utcnow
-from hub.templating import TemplateLimits
-from hub.worker import sync_lease
+from hub.ops import logs, metrics, redact
+from hub.services import keys, pipeline, ratelimit
+from hub.services import routes as route_store
+from hub.services.delivery import sync_lease
+from hub.services.templating import TemplateLimits
+from hub.store import crypto, storable
+from hub.store.db import get_db, get_read_session, get_session
+from hub.store.groupcommit import row_of
+from hub.store.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.web.errors import error_response
 
 bp = Blueprint("ingest", __name__)
 log = logging.getLogger("hub.ingest")
@@ -812,7 +815,7 @@ def accept_or_reject(route_name: str):
 def commit_new_event(session: Session, event: Event) -> None:
     """Commit the request's new event, which then leaves the session (later writes to it are
     statements of their own). Its commit is shared with the other requests of this process
-    committing at the same moment (hub.groupcommit); an event with a dedup key is committed
+    committing at the same moment (hub.store.groupcommit); an event with a dedup key is committed
     in the request's own transaction instead, which holds its dedup lock until then."""
     if event.dedup_key:
         session.commit()

@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from hub import metrics, redact, step_secrets, storable
 from hub.connectors import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ConnectorError,
@@ -30,11 +29,14 @@ from hub.connectors import (
     StepContext,
     UnknownConnectorError,
 )
-from hub.crypto import SecretBox, SecretsUnreadable
 from hub.deadline import DeadlineExceeded, call_before
 from hub.http import DEFAULT_TRIES, retry_policy
-from hub.models import Attempt, Event, Route, utcnow
-from hub.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
+from hub.ops import metrics, redact
+from hub.services import step_secrets
+from hub.services.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
+from hub.store import storable
+from hub.store.crypto import SecretBox, SecretsUnreadable
+from hub.store.models import Attempt, Event, Route, utcnow
 
 log = logging.getLogger("hub.pipeline")
 
@@ -206,7 +208,7 @@ def run(
     """Run every step of ``route`` for ``event``; ``record`` receives each attempt row, and
     ``before_call``, where given, is called before each connector call (the worker writes the
     rows of the calls before it there: each call is on record before the next one starts).
-    ``secrets`` opens the sealed secrets of step configs (hub.step_secrets)."""
+    ``secrets`` opens the sealed secrets of step configs (hub.services.step_secrets)."""
     if payload is None:
         try:
             payload = decode_payload(event.body or b"", event.content_type, max_depth)

@@ -7,7 +7,7 @@ import logging
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
-from hub.db import (
+from hub.store.db import (
     SCHEMA_OUTDATED,
     end_request_session,
     get_db,

@@ -30,7 +30,7 @@ from typing import Any
 
 from flask import Flask, g, has_request_context, request
 
-from hub import redact
+from hub.ops import redact
 
 # C0 controls, DEL, C1 controls and the Unicode line and paragraph separators.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
