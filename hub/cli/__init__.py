@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -423,15 +424,8 @@ def secret_add(name: str, secret: str | None) -> None:
     """
     if secret is None:
         secret = click.prompt("Secret", hide_input=True)
-    with get_db().session() as session:
-        try:
-            count = route_store.add_secret(session, name, secret, registry(), secret_box())
-        except LookupError as exc:
-            fail(str(exc))
-        except SecretsUnreadable:
-            fail(_unreadable(name))
-        except route_store.RouteInvalid as exc:
-            fail(_invalid(exc))
+    with get_db().session() as session, route_change(name):
+        count = route_store.add_secret(session, name, secret, registry(), secret_box())
     click.echo(f"route {name!r} now has {count} secrets; any one verifies")
 
 
@@ -441,16 +435,23 @@ def secret_add(name: str, secret: str | None) -> None:
 def secret_remove(name: str, which: str) -> None:
     """Remove a secret named by its value, its number in `routes show` (from 1), or its
     last characters (as `routes show` masks it)."""
-    with get_db().session() as session:
-        try:
-            count = route_store.remove_secret(session, name, which, registry(), secret_box())
-        except LookupError as exc:
-            fail(str(exc))
-        except SecretsUnreadable:
-            fail(_unreadable(name))
-        except route_store.RouteInvalid as exc:
-            fail(_invalid(exc))
+    with get_db().session() as session, route_change(name):
+        count = route_store.remove_secret(session, name, which, registry(), secret_box())
     click.echo(f"route {name!r} now has {count} secret{'s' if count != 1 else ''}")
+
+
+@contextmanager
+def route_change(name: str) -> Iterator[None]:
+    """One way to say why a change to route ``name``'s secrets was refused: no such route,
+    secrets sealed under another key, or a route the change would make invalid."""
+    try:
+        yield
+    except LookupError as exc:
+        fail(str(exc))
+    except SecretsUnreadable:
+        fail(_unreadable(name))
+    except route_store.RouteInvalid as exc:
+        fail(_invalid(exc))
 
 
 def _unreadable(name: str) -> str:
