@@ -42,9 +42,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from hub.store import crypto, db
     from hub.store.groupcommit import GroupCommitter
     from hub.web import admin_api as admin
-    from hub.web import errors, openapi, system
+    from hub.web import context, errors, hooks, openapi, seed, system
 
     logs.init_app(app)
+    context.init_app(app)
     warn_unknown_variables()
     secret_key.init_app(app)
     crypto.init_app(app)
@@ -69,7 +70,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         proxies = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     app.register_blueprint(system.bp)
-    app.register_blueprint(ingest.bp)
+    ingest.init_app(app)
+    app.register_blueprint(hooks.bp)
+    app.register_blueprint(seed.bp)
     app.register_blueprint(admin.bp)
     openapi.init_app(app)
     cli.init_app(app)

@@ -453,3 +453,40 @@ def test_in_json_mode_every_stderr_line_of_a_process_is_one_json_object(tmp_path
     crashes = [record for record in records if record["logger"] == "hub.crash"]
     assert {record.get("exc_type") for record in crashes} == {"ZeroDivisionError", "RuntimeError"}
     assert "Traceback" not in done.stderr
+
+
+CONTEXT = {"request_id", "route", "event_id", "key_prefix"}
+
+
+def test_a_request_s_values_do_not_reach_the_next_request_on_the_same_thread(
+    client, db, make_key, add_route, json_lines_of_hub
+):
+    """The test client answers every request on this one thread, as a server thread answers
+    one request after another: each line carries its own request's values and no other's."""
+    add_route("orders")
+    page = client.get("/dashboard/sign-in").get_data(as_text=True)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page).group(1)
+    outsider = make_key(scopes=["elsewhere"])
+    first = client.post(
+        "/hooks/orders", json={}, headers={"X-API-Key": outsider, "X-Request-ID": "first-1"}
+    )
+    assert first.status_code == 403
+    second = client.post(
+        "/dashboard/sign-in",
+        data={"key": "hk_wrong_key", "csrf_token": csrf},
+        headers={"X-Request-ID": "second-2"},
+    )
+    assert second.status_code == 401
+    logging.getLogger("hub.test").info("between requests")
+    lines = {line["message"]: line for line in json_lines_of_hub()}
+    refused_first = next(line for m, line in lines.items() if m.startswith("rejected"))
+    assert refused_first["request_id"] == "first-1"
+    [event] = [e for e in events(db) if e.request_id == "first-1"]
+    assert refused_first["event_id"] == event.id
+    assert (refused_first["route"], refused_first["key_prefix"]) == (
+        "orders",
+        outsider.split("_")[1],
+    )
+    refused_second = lines["dashboard: sign-in refused (unauthorized)"]
+    assert {k: v for k, v in refused_second.items() if k in CONTEXT} == {"request_id": "second-2"}
+    assert not CONTEXT & set(lines["between requests"])

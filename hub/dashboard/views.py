@@ -186,7 +186,7 @@ def sign_in():
         return page("dashboard/sign_in.html", next=request.args.get("next", ""))
     session = get_session()
     limiter = current_app.extensions["hub.ratelimit"]
-    rate = ingest.refusal_rate()
+    rate = ingest.refusal_rate(current_app.config)
     target = request.form.get("next", "")
 
     def refuse(status: int, message: str):
@@ -201,7 +201,7 @@ def sign_in():
         # (a valid key still signs in: an admin is not locked out by a flood beside them).
         log.warning("dashboard: sign-in refused (%s)", exc.code)
         if rate is not None:
-            decision = limiter.peek(session, ingest.refusal_bucket(), rate)
+            decision = limiter.peek(session, ingest.refusal_bucket(request.remote_addr), rate)
             if not decision.allowed:
                 session.commit()
                 return refuse(
@@ -209,7 +209,7 @@ def sign_in():
                     "Too many refused requests from this address: try again in "
                     f"{decision.retry_after} s.",
                 )
-            ratelimit.check(limiter, session, [(ingest.refusal_bucket(), rate)])
+            ratelimit.check(limiter, session, [(ingest.refusal_bucket(request.remote_addr), rate)])
         session.commit()
         message = {
             "revoked": "This API key has been revoked.",

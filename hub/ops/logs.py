@@ -8,10 +8,13 @@ ASCII only, means no value can end the line early. ``text`` is for a developer's
 that a URL brings (``/hooks/x%0D%0Afake``) can't start a forged line either. The hub's handler
 and gunicorn's (see hub/gunicorn_conf.py) format the same way.
 
-What a line knows about comes from the request being answered (Flask's ``g``: the request id
-and the event row being written) or, outside a request, from ``bound(...)`` (a worker binds
-the event it delivers). Every request gets an id: the sender's ``X-Request-ID`` when it is a
-sane token, a new one otherwise; it is answered in ``X-Request-ID`` and kept on the event.
+What a line knows about is bound in a context variable, never read from Flask: the web face
+binds each request's id when the request starts and resets it at its end (hub/web/context.py),
+intake binds the event row it is writing (``event``: its route, id and key prefix are read
+from the row as they become known), and a worker binds the event it delivers. ``bind`` sets
+values until ``unbind``, ``bound(...)`` for a block, ``values()`` reads them. Every request
+gets an id: the sender's ``X-Request-ID`` when it is a sane token (``request_id_from``), a new
+one otherwise; it is answered in ``X-Request-ID`` and kept on the event.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, g, has_request_context, request
+from flask import Flask
 
 from hub.ops import redact
 
@@ -67,29 +70,43 @@ def choose_format(configured: Any, env: Any) -> str:
 # --- what a line knows about ---
 
 
+def bind(**fields: Any) -> contextvars.Token:
+    """Lines logged from now on (in this thread, and in threads that copy its context) carry
+    ``fields`` too, until ``unbind`` with the token returned. ``event`` may be an Event row:
+    a line then names its route, id and key prefix as loaded at the time of the line."""
+    return _bound.set({**(_bound.get() or {}), **fields})
+
+
+def unbind(token: contextvars.Token) -> None:
+    """Back to what was bound before the ``bind`` that gave ``token`` (and every later one)."""
+    _bound.reset(token)
+
+
 @contextlib.contextmanager
 def bound(**fields: Any) -> Iterator[None]:
-    """Lines logged inside the block (in this thread, and in threads that copy its context)
-    carry ``fields``."""
-    token = _bound.set({**(_bound.get() or {}), **fields})
+    """Lines logged inside the block carry ``fields``; what is bound inside it ends with it."""
+    token = bind(**fields)
     try:
         yield
     finally:
-        _bound.reset(token)
+        unbind(token)
+
+
+def values() -> dict[str, Any]:
+    """What is bound now (a copy)."""
+    return dict(_bound.get() or {})
 
 
 def context_fields() -> dict[str, Any]:
     """The request id, route, event id and key prefix this thread is working for, where known."""
-    found: dict[str, Any] = dict(_bound.get() or {})
-    if has_request_context():
-        found.setdefault("request_id", g.get("hub_request_id"))
-        event = g.get("hub_event")
-        if event is not None:
-            # Only what is loaded: a log line must never make the ORM go to the database.
-            loaded = vars(event)
-            found.setdefault("route", loaded.get("route"))
-            found.setdefault("event_id", loaded.get("id"))
-            found.setdefault("key_prefix", loaded.get("key_prefix"))
+    found = values()
+    event = found.get("event")
+    if event is not None:
+        # Only what is loaded: a log line must never make the ORM go to the database.
+        loaded = vars(event)
+        found.setdefault("route", loaded.get("route"))
+        found.setdefault("event_id", loaded.get("id"))
+        found.setdefault("key_prefix", loaded.get("key_prefix"))
     return {name: found[name] for name in CONTEXT_FIELDS if found.get(name) is not None}
 
 
@@ -167,11 +184,9 @@ def request_id_from(value: str | None) -> str:
     return new_request_id()
 
 
-def current_request_id() -> str:
-    """This request's id (made on first use)."""
-    if "hub_request_id" not in g:
-        g.hub_request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
-    return g.hub_request_id
+def current_request_id() -> str | None:
+    """The id of the request being answered, as bound; None outside a request."""
+    return values().get("request_id")
 
 
 def route_process_logs(kind: str) -> None:
@@ -221,18 +236,8 @@ def _exc_info(args: Any) -> tuple:
 
 def init_app(app: Flask) -> None:
     """Log lines go to stderr in the chosen format (see ``route_process_logs``; tests keep
-    pytest's capture), and every request gets an id, answered on every response, error or
-    not."""
+    pytest's capture). The web face gives every request its id (hub/web/context.py)."""
     kind = choose_format(app.config.get("LOG_FORMAT"), app.config.get("ENV"))
     app.config["LOG_FORMAT"] = kind
     if not app.testing:
         route_process_logs(kind)
-
-    @app.before_request
-    def take_request_id() -> None:
-        current_request_id()
-
-    @app.after_request
-    def answer_request_id(response):
-        response.headers[REQUEST_ID_HEADER] = current_request_id()
-        return response

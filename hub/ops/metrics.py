@@ -31,13 +31,14 @@ import threading
 import time
 from typing import Any
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, current_app
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from hub.ops import logs
 from hub.store.models import Event, utcnow
 
 log = logging.getLogger("hub.metrics")
@@ -53,8 +54,6 @@ QUEUE_COUNT_CAP = 100_000
 QUEUE_CACHE_SECONDS = 2.0
 # A connector call: from a local transform (milliseconds) to a slow model (a minute).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# The endpoints whose requests hub_http_requests_total counts.
-COUNTED_ENDPOINTS = frozenset({"ingest.hook", "ingest.api_process", "ingest.api_chat"})
 # The files prometheus_client writes per process: <kind>_<pid>.db
 # prometheus_client names a process's files <kind>_<identifier>.db; the hub's identifier is
 # <host>-<pid>, so processes of several hosts or containers may share one directory (a
@@ -183,8 +182,9 @@ def label(value: object) -> str:
 
 
 def route_label() -> str:
-    """The route of the request being answered, if it exists (ingest notes it once found)."""
-    return label(g.get("hub_known_route") or UNKNOWN)
+    """The route of the request being answered, if it exists: intake binds it as
+    ``known_route`` (hub.ops.logs) once found."""
+    return label(logs.values().get("known_route") or UNKNOWN)
 
 
 def event_ended(route: str | None, status: str, count: int = 1) -> None:
@@ -219,11 +219,9 @@ def process_died(pid: int) -> None:
         mark_process_dead(process_identifier(pid), _directory)
 
 
-def count_request(response: Response) -> Response:
-    """After each /hooks and /api request: its route and the status answered."""
-    if request.endpoint in COUNTED_ENDPOINTS:
-        metrics().requests.labels(route_label(), str(response.status_code)).inc()
-    return response
+def request_answered(status: int) -> None:
+    """A /hooks or /api request was answered ``status`` (the web face calls it after each)."""
+    metrics().requests.labels(route_label(), str(status)).inc()
 
 
 # --- the directory, at a server's start ---
@@ -392,4 +390,3 @@ def init_app(app: Flask) -> None:
     if configured:
         use(str(configured))
     app.extensions["hub.metrics.queue"] = QueueCollector(app)
-    app.after_request(count_request)

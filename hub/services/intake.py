@@ -1,4 +1,11 @@
-"""Inbound: POST /hooks/<route>, and the seed's /api/process and /api/chat.
+"""Inbound: what happens to a request for /hooks/<route>, /api/process or /api/chat.
+
+The web face (hub/web/hooks.py, hub/web/seed.py) reads Flask's request into an ``Incoming``
+value and answers with what comes back: ``accept`` gives an ``Accepted`` event or an
+``Answer`` (a refusal, or a repeated delivery's reply); ``enqueue`` and ``run_sync`` take
+an accepted event on. Nothing here reads Flask's request globals; what log lines and
+metrics need to know (the event being written, the route found) is bound with
+``hub.ops.logs.bind`` in the caller's scope, which the web face opens per request.
 
 Every request that reaches these URLs becomes an ``events`` row, accepted or turned away,
 so an admin can always see who knocked and why they were refused. A refusal costs little:
@@ -13,13 +20,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request, url_for
+from flask import current_app
 from sqlalchemy import Connection, and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
+from werkzeug.datastructures import Headers
 
 from hub import signatures
 from hub.connectors import lookup_path
@@ -28,16 +37,12 @@ from hub.services import keys, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
 from hub.services.templating import TemplateLimits
-from hub.store import crypto, storable
-from hub.store.db import get_db, get_read_session, get_session
+from hub.store import crypto
+from hub.store.db import get_db, get_session
 from hub.store.groupcommit import row_of
 from hub.store.models import Attempt, Event, Route, new_event_id, utcnow
-from hub.web.errors import error_response
 
-bp = Blueprint("ingest", __name__)
 log = logging.getLogger("hub.ingest")
-
-ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 # Auth modes whose key is checked before the body is read: a stranger costs no body read.
 KEY_FIRST = ("key", "key+signature")
@@ -94,52 +99,124 @@ class AddressThrottled(Exception):
         self.retry_after = retry_after
 
 
+def _no_body(_size: int) -> bytes:
+    return b""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A request as intake sees it, its parts as values: what the web face read from Flask's
+    request, or what a caller without one (a test, a tool) writes itself.
+
+    ``headers`` is kept as a case-insensitive ``Headers``; ``query_string`` is the raw query
+    (latin-1 decoded); ``read(n)`` returns at most ``n`` bytes of the body (the request's
+    stream: intake never asks it for more than HUB_MAX_BODY_BYTES + 1).
+    """
+
+    method: str
+    route_name: str
+    path: str
+    headers: Headers | Mapping[str, str] | Iterable[tuple[str, str]] = ()
+    args: Mapping[str, str] = field(default_factory=dict)
+    query_string: str = ""
+    remote_addr: str | None = None
+    request_id: str | None = None
+    content_type: str | None = None
+    content_length: int | None = None
+    read: Callable[[int], bytes] = _no_body
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.headers, Headers):
+            object.__setattr__(self, "headers", Headers(self.headers))
+
+    @property
+    def key(self) -> str | None:
+        return key_from(self.headers, self.args)
+
+
+@dataclass
+class Reception:
+    """What intake learns about one request while it checks it."""
+
+    incoming: Incoming
+    event: Event
+    # The presented key as read from the database (or why it was refused), read once.
+    verified: keys.KeyInfo | keys.KeyRefused | None = None
+    # A valid key or signature: its refusals are not counted against the address.
+    sender_known: bool = False
+    # Headers the route's signature scheme signs with: redacted wherever they are kept.
+    signature_headers: set[str] = field(default_factory=set)
+
+
 @dataclass
 class Accepted:
     event: Event
     route: Route
     key: keys.KeyInfo | None
     payload: Any
+    reception: Reception
+    # The route whose sync slot this request holds; ``give_sync_slot`` gives it back.
+    sync_slot: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a request that goes no further is answered: an error (``message`` and ``code``,
+    a JSON error body) or, for a repeated delivery, ``body``; ``headers`` go with either."""
+
+    status: int
+    message: str | None = None
+    code: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: dict[str, Any] | None = None
+
+
+def key_from(headers: Headers, args: Mapping[str, str]) -> str | None:
+    """The API key from X-API-Key, ``Authorization: Bearer``, or ``?api_key=`` (in that order)."""
+    key = headers.get("X-API-Key")
+    if key:
+        return key
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return args.get("api_key")
 
 
 def presented_key() -> str | None:
-    """The API key from X-API-Key, ``Authorization: Bearer``, or ``?api_key=`` (in that order)."""
-    key = request.headers.get("X-API-Key")
-    if key:
-        return key
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.args.get("api_key")
+    """The API key of the request being answered (see ``key_from``)."""
+    from flask import request  # the admin API's and /system's: its home is the web face
+
+    return key_from(request.headers, request.args)
 
 
-def new_event(route_name: str) -> Event:
+def new_event(incoming: Incoming) -> Event:
     """The request's row; headers and body are set once the hub knows whether it accepts it."""
     return Event(
         id=new_event_id(),
-        route=redact.keys_in_text(route_name[:200]),  # a key typed as the route's name
-        method=request.method,
-        path=redact.keys_in_text(request.path[:2000]),
-        query=(redact.query_string(request.query_string.decode("latin-1")) or "")[:2000] or None,
-        remote_addr=(request.remote_addr or "")[:64] or None,
-        request_id=logs.current_request_id(),
+        # a key typed as the route's name
+        route=redact.keys_in_text(incoming.route_name[:200]),
+        method=incoming.method,
+        path=redact.keys_in_text(incoming.path[:2000]),
+        query=(redact.query_string(incoming.query_string) or "")[:2000] or None,
+        remote_addr=(incoming.remote_addr or "")[:64] or None,
+        request_id=incoming.request_id,
         received_at=utcnow(),
         headers={},
-        content_type=(request.content_type or "")[:200] or None,
-        body_size=min(request.content_length, 2**62) if request.content_length else None,
+        content_type=(incoming.content_type or "")[:200] or None,
+        body_size=min(incoming.content_length, 2**62) if incoming.content_length else None,
         status="pending",
         attempts=0,
     )
 
 
-def kept_headers(refused: bool) -> dict[str, str]:
+def kept_headers(rx: Reception, refused: bool) -> dict[str, str]:
     """The request's headers, redacted and capped: tightly for a refused request, generously
     for an accepted one. What does not fit is dropped (or a value cut short) and an entry
     named ``(cut)``, which no real header can be called, says how much there was."""
     config = current_app.config
     most = int(config["REFUSED_HEADERS" if refused else "STORED_HEADERS"])
     budget = int(config["REFUSED_HEADER_BYTES" if refused else "STORED_HEADER_BYTES"])
-    redacted = redact.headers(request.headers.items(), extra=g.get("hub_signature_headers", ()))
+    redacted = redact.headers(rx.incoming.headers.items(), extra=rx.signature_headers)
     kept: dict[str, str] = {}
     used = 0
     for name, value in redacted.items():
@@ -154,13 +231,14 @@ def kept_headers(refused: bool) -> dict[str, str]:
     return kept
 
 
-def read_body(event: Event, limit: int) -> bytes:
+def read_body(rx: Reception, limit: int) -> bytes:
     """At most ``limit`` bytes of the body; Rejected(413) without reading further."""
-    declared = request.content_length
+    event = rx.event
+    declared = rx.incoming.content_length
     if declared is not None and declared > limit:
         raise Rejected(413, "too_large", f"Request body is larger than {limit} bytes")
     try:
-        body = request.stream.read(limit + 1)
+        body = rx.incoming.read(limit + 1)
     # Whatever the server raises while reading is the client's doing: gunicorn's
     # InvalidChunkSize (a chunk size such as `zz`), NoMoreData, an OSError on a hang-up.
     except Exception as exc:
@@ -177,12 +255,8 @@ def read_body(event: Event, limit: int) -> bytes:
     return body
 
 
-def request_event() -> Event:
-    return g.hub_event
-
-
 def authenticate(
-    session: Session, route: Route, body: bytes, key: keys.KeyInfo | None
+    session: Session, rx: Reception, route: Route, body: bytes, key: keys.KeyInfo | None
 ) -> tuple[keys.KeyInfo | None, bool]:
     """Finish what the route's ``auth`` asks of the sender, with the body in hand:
     (the key used, if any; whether a signature was verified).
@@ -196,16 +270,16 @@ def authenticate(
     if mode == "key":
         return key, False
     if mode in ("signature", "key+signature"):
-        check_signature(route, body)
+        check_signature(rx, route, body)
         return key, True
-    if not presented_key():
-        check_signature(route, body)
+    if not rx.incoming.key:
+        check_signature(rx, route, body)
         return None, True
     try:
-        return check_key(session, route), False
+        return check_key(session, rx, route), False
     except Rejected as key_refused:
         try:
-            check_signature(route, body)
+            check_signature(rx, route, body)
         except Rejected as signature_refused:
             if signature_refused.status >= 500:
                 raise
@@ -213,34 +287,34 @@ def authenticate(
         return None, True
 
 
-def verified_key() -> keys.KeyInfo:
+def verified_key(rx: Reception) -> keys.KeyInfo:
     """The presented key, read from the database once per request (the refusal budget and
     the route's key check both ask), or KeyRefused.
 
     It is read in a read session of its own: on SQLite it takes no write lock (the request
     must not hold one while it reads the body), on PostgreSQL it is one autocommit round
     trip (``keys.key_row``)."""
-    known = g.get("hub_verified_key")
+    known = rx.verified
     if known is None:
         with get_db().read_session() as reading:
             try:
-                known = keys.authenticate(reading, presented_key())
+                known = keys.authenticate(reading, rx.incoming.key)
             except keys.KeyRefused as exc:
                 known = exc
-        g.hub_verified_key = known
+        rx.verified = known
     if isinstance(known, keys.KeyRefused):
         raise known
     return known
 
 
-def check_key(session: Session, route: Route) -> keys.KeyInfo:
-    presented = presented_key()
-    event = request_event()
+def check_key(session: Session, rx: Reception, route: Route) -> keys.KeyInfo:
+    presented = rx.incoming.key
+    event = rx.event
     match = keys.KEY_RE.match((presented or "").strip())
     if match:  # who claimed to knock; whose key it really was is known only once verified
         event.presented_prefix = match.group(1)
     try:
-        info = verified_key()
+        info = verified_key(rx)
     except keys.KeyRefused as exc:
         if exc.info is not None:  # the real key, revoked or expired
             event.key_prefix = exc.info.prefix
@@ -251,7 +325,7 @@ def check_key(session: Session, route: Route) -> keys.KeyInfo:
         detail = "no API key" if not presented else message
         raise Rejected(401, "unauthorized", message, detail=detail) from None
     event.key_prefix = info.prefix
-    g.hub_sender_known = True
+    rx.sender_known = True
     if not info.allows_route(route.name):
         raise Rejected(
             403,
@@ -263,7 +337,7 @@ def check_key(session: Session, route: Route) -> keys.KeyInfo:
     return info
 
 
-def check_signature(route: Route, body: bytes) -> None:
+def check_signature(rx: Reception, route: Route, body: bytes) -> None:
     """Rejected(401) unless one of the route's secrets signed the raw ``body``.
 
     The sender hears only "Invalid signature"; the event keeps the admin-facing cause.
@@ -288,7 +362,7 @@ def check_signature(route: Route, body: bytes) -> None:
         signatures.verify(
             route.verify_scheme or "",
             body=body,
-            headers=request.headers,
+            headers=rx.incoming.headers,
             secrets=secrets,
             options=route.verify_options,
         )
@@ -303,7 +377,7 @@ def check_signature(route: Route, body: bytes) -> None:
             code="internal_error",
             detail="the route's signature verifier is misconfigured",
         ) from None
-    g.hub_sender_known = True
+    rx.sender_known = True
 
 
 def signed_headers(route: Route) -> set[str]:
@@ -333,7 +407,7 @@ def enforce_rate_limits(session: Session, route: Route, key: keys.KeyInfo | None
         )
 
 
-def receive(route_name: str) -> Accepted:
+def receive(incoming: Incoming) -> Accepted:
     """Check a request and write its event row; Rejected (already logged) if it fails.
 
     The order keeps refusals cheap: the address's refusal budget, the method, the route and
@@ -343,10 +417,13 @@ def receive(route_name: str) -> Accepted:
     async routes commit it before answering.
     """
     session = get_session()
-    event = g.hub_event = new_event(route_name)
-    throttled_for = check_refusal_budget(session, route_name)
+    route_name = incoming.route_name
+    event = new_event(incoming)
+    rx = Reception(incoming, event)
+    logs.bind(event=event)  # its lines name the event, its route and (once known) its key
+    throttled_for = check_refusal_budget(session, rx)
     try:
-        if request.method != "POST":
+        if incoming.method != "POST":
             raise Rejected(
                 405,
                 "method_not_allowed",
@@ -354,41 +431,42 @@ def receive(route_name: str) -> Accepted:
                 headers={"Allow": "POST"},
             )
         route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
-        g.hub_known_route = route.name if route is not None else None  # a bounded metrics label
+        if route is not None:  # a bounded metrics label
+            logs.bind(known_route=route.name)
         if route is None or not route.enabled:
             raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
         if route.verify_scheme:  # whatever the scheme calls its signature header
-            g.hub_signature_headers = signed_headers(route)
+            rx.signature_headers = signed_headers(route)
         mode = route.auth or "key"
         limit = int(current_app.config["MAX_BODY_BYTES"])
-        key = check_key(session, route) if mode in KEY_FIRST else None
+        key = check_key(session, rx, route) if mode in KEY_FIRST else None
         if mode == "key":
             enforce_rate_limits(session, route, key)
-            body, signed = read_body(event, limit), False
+            body, signed = read_body(rx, limit), False
         else:
-            body = read_body(event, limit)
-            key, signed = authenticate(session, route, body, key)
+            body = read_body(rx, limit)
+            key, signed = authenticate(session, rx, route, body, key)
             enforce_rate_limits(session, route, key)
         event.key_prefix = key.prefix if key else None
         try:
             payload = pipeline.decode_payload(
-                body, request.content_type, pipeline.max_json_depth(current_app.config)
+                body, incoming.content_type, pipeline.max_json_depth(current_app.config)
             )
         except pipeline.PayloadError as exc:
             status = 415 if exc.code == "unsupported_media_type" else 400
             raise Rejected(status, exc.code, exc.message) from None
-        event.dedup_key = dedup_key(route, payload, signed)
+        event.dedup_key = dedup_key(incoming.headers, route, payload, signed)
         if event.dedup_key:
-            check_duplicate(session, route, event)
+            check_duplicate(session, rx, route)
     except Rejected as rejection:
         if throttled_for is not None and 400 <= rejection.status < 500:
             session.rollback()
             raise AddressThrottled(throttled_for) from None
-        record_rejection(session, event, rejection)
+        record_rejection(session, rx, rejection)
         raise
-    event.headers = kept_headers(refused=False)
+    event.headers = kept_headers(rx, refused=False)
     session.add(event)
-    return Accepted(event=event, route=route, key=key, payload=payload)
+    return Accepted(event=event, route=route, key=key, payload=payload, reception=rx)
 
 
 class SyncSlots:
@@ -435,9 +513,9 @@ def sync_runs_per_route(config) -> int:
     return int(config.get("SYNC_RUNS_PER_ROUTE") or max(1, int(config["WEB_THREADS"]) // 2))
 
 
-@bp.record_once
-def _make_sync_slots(state) -> None:
-    state.app.extensions["hub.sync_slots"] = SyncSlots()
+def init_app(app) -> None:
+    """The process's sync slots (see SyncSlots)."""
+    app.extensions["hub.sync_slots"] = SyncSlots()
 
 
 class SyncBusy(Exception):
@@ -456,14 +534,13 @@ class SyncBusy(Exception):
 
 
 def take_sync_slot(event: Event, route: str) -> None:
-    """Hold one of the route's sync slots to the end of the request, waiting up to
+    """Hold one of the route's sync slots (``give_sync_slot`` gives it back), waiting up to
     HUB_SYNC_BUSY_WAIT; else end the (committed) event ``rejected``, reason ``sync_busy``,
     and raise SyncBusy. Called with no transaction open: on SQLite a wait inside one would
     hold the write lock the running requests need to record their outcome."""
     config = current_app.config
     most = sync_runs_per_route(config)
     if current_app.extensions["hub.sync_slots"].take(route, most, float(config["SYNC_BUSY_WAIT"])):
-        g.hub_sync_slot = route
         return
     busy = SyncBusy(route, most)
     ending = {
@@ -485,32 +562,31 @@ def take_sync_slot(event: Event, route: str) -> None:
     raise busy
 
 
-@bp.errorhandler(SyncBusy)
-def sync_busy_response(busy: SyncBusy):
-    response, status = error_response(503, busy.message, "sync_busy")
-    response.headers["Retry-After"] = str(SYNC_BUSY_RETRY_AFTER)
-    return response, status
-
-
-@bp.teardown_request
-def _give_back_sync_slot(_exc: BaseException | None) -> None:
-    route = g.pop("hub_sync_slot", None)
+def give_sync_slot(accepted: Accepted) -> None:
+    """Give back the sync slot ``run_sync`` took for ``accepted``, if it holds one."""
+    route, accepted.sync_slot = accepted.sync_slot, None
     if route is not None:
         current_app.extensions["hub.sync_slots"].give(route)
 
 
-def refusal_bucket() -> str:
+def busy_answer(busy: SyncBusy) -> Answer:
+    return Answer(
+        503, busy.message, "sync_busy", headers={"Retry-After": str(SYNC_BUSY_RETRY_AFTER)}
+    )
+
+
+def refusal_bucket(remote_addr: str | None) -> str:
     """Refusals are counted per remote address: the socket peer, or what the nearest
     trusted proxy saw (HUB_TRUSTED_PROXIES)."""
-    return f"refusals:{(request.remote_addr or '-')[:64]}"
+    return f"refusals:{(remote_addr or '-')[:64]}"
 
 
-def refusal_rate() -> ratelimit.Rate | None:
-    """HUB_REFUSAL_LIMIT (checked at start-up), or None when it is off."""
-    return ratelimit.optional_rate(current_app.config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
+def refusal_rate(config: Mapping[str, Any]) -> ratelimit.Rate | None:
+    """HUB_REFUSAL_LIMIT (checked at start-up) in the app's ``config``, or None when it is off."""
+    return ratelimit.optional_rate(config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
 
 
-def check_refusal_budget(session: Session, route_name: str) -> int | None:
+def check_refusal_budget(session: Session, rx: Reception) -> int | None:
     """Whether this address spent HUB_REFUSAL_LIMIT: None, or the seconds until it frees.
 
     A valid key passes first (a sender behind the same NAT as a flood is not locked out,
@@ -521,35 +597,39 @@ def check_refusal_budget(session: Session, route_name: str) -> int | None:
     locked out by a flood from an address it shares; receive() answers any refusal then
     with the same 429 and no row.
     """
-    rate = refusal_rate()
+    rate = refusal_rate(current_app.config)
     if rate is None:
         return None
-    if presented_key():  # a valid key always passes (read once; check_key reuses it)
+    if rx.incoming.key:  # a valid key always passes (read once; check_key reuses it)
         try:
-            verified_key()
+            verified_key(rx)
             return None
         except keys.KeyRefused:
             pass
-    decision = current_app.extensions["hub.ratelimit"].peek(session, refusal_bucket(), rate)
+    bucket = refusal_bucket(rx.incoming.remote_addr)
+    decision = current_app.extensions["hub.ratelimit"].peek(session, bucket, rate)
     if decision.allowed:
         return None
-    route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
+    lookup = current_app.extensions["hub.routes"]
+    route = route_store.lookup(session, rx.incoming.route_name, lookup)
     if route is None or (route.auth or "key") in KEY_FIRST:
         raise AddressThrottled(decision.retry_after)
     return decision.retry_after
 
 
-def count_refusal(session: Session, event: Event, rejection: Rejected) -> None:
+def count_refusal(session: Session, rx: Reception, rejection: Rejected) -> None:
     """Count a refusal of a sender the hub could not identify against its address.
 
     Refusals of a verified sender (a valid key without the scope, a bad body behind a good
     signature, its own rate limit) are not counted: that sender is known and has its own
     limits. The refusal that spends the budget says so on its event.
     """
-    rate = refusal_rate()
-    if rate is None or g.get("hub_sender_known") or not 400 <= rejection.status < 500:
+    rate = refusal_rate(current_app.config)
+    if rate is None or rx.sender_known or not 400 <= rejection.status < 500:
         return
-    decision = current_app.extensions["hub.ratelimit"].hit(session, refusal_bucket(), rate)
+    bucket = refusal_bucket(rx.incoming.remote_addr)
+    decision = current_app.extensions["hub.ratelimit"].hit(session, bucket, rate)
+    event = rx.event
     if decision.count == decision.limit:
         event.last_error = (
             f"{event.last_error}; refusal limit reached ({rate}): this address's requests "
@@ -568,7 +648,7 @@ class Duplicate(Exception):
         self.original = original
 
 
-def dedup_key(route: Route, payload: Any, signed: bool) -> str | None:
+def dedup_key(headers: Headers, route: Route, payload: Any, signed: bool) -> str | None:
     """The sender's name for this delivery: a known header, or the route's JSON path.
 
     When a signature was verified, what it covers comes first (the scheme's signed id
@@ -581,14 +661,14 @@ def dedup_key(route: Route, payload: Any, signed: bool) -> str | None:
         sources += [SIGNED_ID_HEADERS.get(route.verify_scheme or ""), None]
     sources += [*DEDUP_HEADERS, None]
     for header in sources:
-        value = header_id(header) if header else path_id(route, payload)
+        value = header_id(headers, header) if header else path_id(route, payload)
         if value:
             return value
     return None
 
 
-def header_id(header: str) -> str | None:
-    value = (request.headers.get(header) or "").strip()
+def header_id(headers: Headers, header: str) -> str | None:
+    value = (headers.get(header) or "").strip()
     return value[:300] or None
 
 
@@ -604,10 +684,11 @@ def path_id(route: Route, payload: Any) -> str | None:
     return None
 
 
-def check_duplicate(session: Session, route: Route, event: Event) -> None:
+def check_duplicate(session: Session, rx: Reception, route: Route) -> None:
     """Duplicate (recorded, answered with the original's id) when this sender's delivery
     was accepted before; Rejected(409) while the first copy still runs in a sync request
     (it may yet fail, and then this copy must be processed)."""
+    event = rx.event
     original = find_original(session, route, event.key_prefix, event.dedup_key or "")
     if original is None:
         return
@@ -623,7 +704,7 @@ def check_duplicate(session: Session, route: Route, event: Event) -> None:
     event.duplicate_of = original.id
     event.response_status = 200
     event.completed_at = utcnow()
-    event.headers = kept_headers(refused=False)
+    event.headers = kept_headers(rx, refused=False)
     session.add(event)
     session.commit()
     metrics.event_ended(route.name, "duplicate")
@@ -666,18 +747,19 @@ def find_original(session: Session, route: Route, sender: str | None, key: str) 
     )
 
 
-def record_rejection(session: Session, event: Event, rejection: Rejected) -> None:
+def record_rejection(session: Session, rx: Reception, rejection: Rejected) -> None:
     """Keep a refusal small: its headers capped, its body's size and a short prefix."""
+    event = rx.event
     session.rollback()
     keep = int(current_app.config["REFUSED_BODY_BYTES"])
     event.body = redact.kept_body(event.body, keep)
-    event.headers = kept_headers(refused=True)
+    event.headers = kept_headers(rx, refused=True)
     event.status = "rejected"
     event.reason = rejection.reason
     event.response_status = rejection.status
     event.last_error = redact.keys_in_text(rejection.detail[:500])  # it may quote the URL
     event.completed_at = utcnow()
-    count_refusal(session, event, rejection)
+    count_refusal(session, rx, rejection)
     session.add(event)
     session.commit()
     metrics.refused(rejection.reason)
@@ -686,18 +768,13 @@ def record_rejection(session: Session, event: Event, rejection: Rejected) -> Non
     )
 
 
-def rejection_response(rejection: Rejected) -> Response:
-    response, status = error_response(rejection.status, rejection.message, rejection.code)
-    for name, value in rejection.headers.items():
-        response.headers[name] = value
-    return response, status
-
-
 def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     """Run a sync route inside the request and commit the event with its attempts.
 
     ``status_of(outcome)`` is the HTTP status the view will answer a failure with (default
     ``failure_status``); it is kept on the event, so dedup knows the sender heard an error.
+    The run holds one of the route's sync slots (SyncBusy if none frees in time): the caller
+    gives it back with ``give_sync_slot`` once the sender is answered.
     """
     session = get_session()
     config = current_app.config
@@ -713,6 +790,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     # for one of the route's slots).
     commit_new_event(session, event)
     take_sync_slot(event, route.name)
+    accepted.sync_slot = route.name
     attempts: list[Attempt] = []
     try:
         outcome = pipeline.run(
@@ -793,23 +871,25 @@ def failure_status(outcome: pipeline.Outcome) -> int:
     return FAILURE_STATUS.get(outcome.code or "", 502)
 
 
-def accept_or_reject(route_name: str):
-    """``(Accepted, None)``, or ``(None, response)`` for a turned-away or repeated request."""
+def accept(incoming: Incoming) -> Accepted | Answer:
+    """The request's event accepted (added to the session, not yet committed), or what the
+    sender is told instead: its refusal (recorded, unless its address spent its refusals),
+    or the original's id for a repeated delivery. Binds the event and the route found for
+    log lines and metrics (``hub.ops.logs.bind``) in the caller's scope."""
     try:
-        return receive(route_name), None
+        return receive(incoming)
     except Rejected as rejection:
-        return None, rejection_response(rejection)
+        return Answer(rejection.status, rejection.message, rejection.code, rejection.headers)
     except Duplicate as dup:
-        return None, ({"id": dup.original, "duplicate": True}, 200)
+        return Answer(200, body={"id": dup.original, "duplicate": True})
     except AddressThrottled as throttled:
         metrics.refused("too_many_refusals", recorded=False)
-        response, status = error_response(
+        return Answer(
             429,
             "Too many refused requests from this address; try again later",
             "too_many_refusals",
+            headers={"Retry-After": str(throttled.retry_after)},
         )
-        response.headers["Retry-After"] = str(throttled.retry_after)
-        return None, (response, status)
 
 
 def commit_new_event(session: Session, event: Event) -> None:
@@ -826,8 +906,8 @@ def commit_new_event(session: Session, event: Event) -> None:
     current_app.extensions["hub.commits"].insert(Event.__table__, row_of(event))
 
 
-def enqueue(accepted: Accepted, **extra):
-    """Commit an async event as due now, wake the workers, and answer 202."""
+def enqueue(accepted: Accepted) -> None:
+    """Commit an async event as due now (the sender is answered 202) and wake the workers."""
     session = get_session()
     event = accepted.event
     event.status = "pending"
@@ -836,8 +916,6 @@ def enqueue(accepted: Accepted, **extra):
     commit_new_event(session, event)  # the 202 leaves only once the event is durable
     current_app.extensions["hub.wakeup"].set()
     current_app.extensions["hub.notifier"].poke()
-    status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
-    return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
 
 
 def slack_challenge(accepted: Accepted) -> str | None:
@@ -854,125 +932,22 @@ def slack_challenge(accepted: Accepted) -> str | None:
     return None
 
 
-@bp.route("/hooks/<route_name>", methods=ANY_METHOD)
-def hook(route_name: str):
-    accepted, error = accept_or_reject(route_name)
-    if error:
-        return error
+def answer_challenge(accepted: Accepted) -> dict[str, str] | None:
+    """The answer to Slack's ``url_verification`` (its event ended delivered), or None for
+    an event to run."""
     challenge = slack_challenge(accepted)
-    if challenge is not None:
-        finish(
-            accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge})
-        )
-        accepted.event.response_status = 200
-        get_session().commit()
-        metrics.event_ended(accepted.route.name, "delivered")
-        return {"challenge": challenge}, 200
-    if accepted.route.mode == "async":
-        return enqueue(accepted)
-    outcome = run_sync(accepted)
-    event = accepted.event
-    if outcome.status == pipeline.DELIVERED:
-        result = storable.json_answer(outcome.result)
-        return {"id": event.id, "status": event.status, "result": result}, 200
-    if outcome.status == pipeline.FILTERED:
-        return {"id": event.id, "status": event.status}, 200
-    return error_response(
-        failure_status(outcome), outcome.error, outcome.code or "step_failed", id=event.id
-    )
+    if challenge is None:
+        return None
+    finish(accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge}))
+    accepted.event.response_status = 200
+    get_session().commit()
+    metrics.event_ended(accepted.route.name, "delivered")
+    return {"challenge": challenge}
 
 
-@bp.get("/events/<event_id>")
-def event_status(event_id: str):
-    """An event's status: for the key that sent it, its acceptance, status, times and
-    counts; for an admin key, everything (its result, error and attempt log)."""
-    session = get_read_session()
-    presented = presented_key()
-    try:
-        info = keys.authenticate(session, presented)
-    except keys.KeyRefused:
-        return error_response(401)
-    # No event id holds NUL, and PostgreSQL can't even compare one that does.
-    event = session.get(Event, event_id[:32]) if "\x00" not in event_id else None
-    if event is None or not (info.is_admin or event.key_prefix == info.prefix):
-        return error_response(404, "No such event", "not_found")
-    if info.is_admin:  # the sender's fields and all the rest
-        return {**event.sender_dict(), **event.to_dict(with_attempts=True)}, 200
-    return event.sender_dict(), 200
-
-
-# --- The seed's API: the same hub underneath, the article's request and response shapes ---
-
-
-def seed_invalid(accepted: Accepted, status: int, message: str, code: str):
-    """Turn a seed request away after auth (a missing field) and keep the cause."""
+def refuse_accepted(accepted: Accepted, status: int, message: str, code: str) -> Answer:
+    """Turn an accepted request away after all (the seed's missing field) and keep the cause."""
     session = get_session()
     session.expunge(accepted.event)
-    record_rejection(session, accepted.event, Rejected(status, code, message))
-    return error_response(status, message, code)
-
-
-@bp.route("/api/process", methods=ANY_METHOD)
-def api_process():
-    accepted, error = accept_or_reject("process")
-    if error:
-        return error
-    data = accepted.payload
-    if not isinstance(data, dict) or "input" not in data:
-        return seed_invalid(accepted, 400, "Missing required field: input", "missing_field")
-    if accepted.route.mode == "async":
-        return enqueue(accepted, task_id=accepted.event.id)
-    outcome = run_sync(accepted)
-    if outcome.status == pipeline.DELIVERED:
-        return {"success": True, "result": outcome.result, "input": data["input"]}, 200
-    return error_response(
-        failure_status(outcome), outcome.error, outcome.code or "step_failed", id=accepted.event.id
-    )
-
-
-# The seed's chat errors, by the failure's code.
-CHAT_ERRORS = {
-    "not_configured": (500, "API key not configured"),
-    "bad_response": (500, "Unexpected API response format"),
-    # The hub's own fault, not the upstream's: the seed's catch-all sentence.
-    "bad_config": (500, "Unknown error occurred"),
-    "connector_bug": (500, "Unknown error occurred"),
-    "internal_error": (500, "Unknown error occurred"),
-}
-
-
-def chat_failure(outcome: pipeline.Outcome) -> tuple[int, str, str]:
-    """(status, sentence, code) of a chat run that did not deliver, as the seed answered;
-    a message that doesn't fit the step is the sender's mistake (422)."""
-    if outcome.code in ("bad_input", "template_limit"):
-        return 422, outcome.error or "Unprocessable request", outcome.code
-    if outcome.code in CHAT_ERRORS:
-        status, sentence = CHAT_ERRORS[outcome.code]
-        return status, sentence, outcome.code or "error"
-    if outcome.code == "timeout" or outcome.code == "upstream_timeout":
-        return 504, "API request timed out", "timeout"
-    return 502, outcome.error or "API request failed", "upstream_error"
-
-
-@bp.route("/api/chat", methods=ANY_METHOD)
-def api_chat():
-    accepted, error = accept_or_reject("chat")
-    if error:
-        return error
-    data = accepted.payload
-    message = data.get("message") if isinstance(data, dict) else None
-    if not message:
-        return seed_invalid(accepted, 400, "Message is required", "missing_field")
-    if accepted.route.mode == "async":
-        return enqueue(accepted, task_id=accepted.event.id)
-    outcome = run_sync(accepted, status_of=lambda o: chat_failure(o)[0])
-    if outcome.status == pipeline.DELIVERED:
-        result = outcome.result if isinstance(outcome.result, dict) else {}
-        return {
-            "success": True,
-            "user_message": message,
-            "assistant_message": result.get("assistant_message"),
-            "tokens_used": result.get("tokens_used"),
-        }, 200
-    status, sentence, code = chat_failure(outcome)
-    return error_response(status, sentence, code, id=accepted.event.id)
+    record_rejection(session, accepted.reception, Rejected(status, code, message))
+    return Answer(status, message, code)

@@ -1,7 +1,7 @@
 """The public endpoints in the OpenAPI document: /health, /ready, /hooks, /events, /api.
 
-Their views (``system``, ``ingest``) answer with plain dicts; these declarations give their
-shapes as models, and the document test checks every real answer against them.
+Their views (``system``, ``hooks``, ``seed``) answer with plain dicts; these declarations give
+their shapes as models, and the document test checks every real answer against them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""POST /hooks/<route> and GET /events/<id>: the webhook intake's HTTP face.
+
+A view reads Flask's request into an ``Incoming`` value (``incoming``), hands it to
+hub.services.intake, and turns what comes back into the JSON answer: an accepted async event
+is answered 202 with its status URL, a sync one with its run's result or error, a refusal
+with its status, sentence, code and headers (``answer``). A sync run holds one of its route's
+slots to the end of the request.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, g, request, url_for
+
+from hub.services import intake, keys, pipeline
+from hub.store import storable
+from hub.store.db import get_read_session
+from hub.store.models import Event
+from hub.web.context import request_id
+from hub.web.errors import error_response
+
+bp = Blueprint("hooks", __name__)
+
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def incoming(route_name: str) -> intake.Incoming:
+    """The request being answered, as intake takes it."""
+    return intake.Incoming(
+        method=request.method,
+        route_name=route_name,
+        path=request.path,
+        headers=request.headers,
+        args=request.args,
+        query_string=request.query_string.decode("latin-1"),
+        remote_addr=request.remote_addr,
+        request_id=request_id(),
+        content_type=request.content_type,
+        content_length=request.content_length,
+        read=request.stream.read,
+    )
+
+
+def answer(told: intake.Answer):
+    """The JSON response for what intake told the sender."""
+    if told.body is not None:
+        response, status = told.body, told.status
+        return response, status, dict(told.headers)
+    response, status = error_response(told.status, told.message, told.code)
+    for name, value in told.headers.items():
+        response.headers[name] = value
+    return response, status
+
+
+def status_url(event: Event) -> str:
+    return url_for("hooks.event_status", event_id=event.id, _external=True)
+
+
+def enqueue(accepted: intake.Accepted, **extra):
+    """Commit the async event and answer 202 with where to follow it."""
+    intake.enqueue(accepted)
+    event = accepted.event
+    return {"id": event.id, **extra, "status": "pending", "status_url": status_url(event)}, 202
+
+
+def run_sync(accepted: intake.Accepted, status_of=None):
+    """Run a sync event; the route's slot it holds is given back when the request ends."""
+    g.hub_sync_held = accepted
+    if status_of is None:
+        return intake.run_sync(accepted)
+    return intake.run_sync(accepted, status_of=status_of)
+
+
+def give_back_sync_slot(_exc: BaseException | None) -> None:
+    accepted = g.pop("hub_sync_held", None)
+    if accepted is not None:
+        intake.give_sync_slot(accepted)
+
+
+def sync_busy_response(busy: intake.SyncBusy):
+    return answer(intake.busy_answer(busy))
+
+
+bp.teardown_request(give_back_sync_slot)
+bp.register_error_handler(intake.SyncBusy, sync_busy_response)
+
+
+@bp.route("/hooks/<route_name>", methods=ANY_METHOD)
+def hook(route_name: str):
+    accepted = intake.accept(incoming(route_name))
+    if isinstance(accepted, intake.Answer):
+        return answer(accepted)
+    challenge = intake.answer_challenge(accepted)
+    if challenge is not None:
+        return challenge, 200
+    if accepted.route.mode == "async":
+        return enqueue(accepted)
+    outcome = run_sync(accepted)
+    event = accepted.event
+    if outcome.status == pipeline.DELIVERED:
+        result = storable.json_answer(outcome.result)
+        return {"id": event.id, "status": event.status, "result": result}, 200
+    if outcome.status == pipeline.FILTERED:
+        return {"id": event.id, "status": event.status}, 200
+    return error_response(
+        intake.failure_status(outcome), outcome.error, outcome.code or "step_failed", id=event.id
+    )
+
+
+@bp.get("/events/<event_id>")
+def event_status(event_id: str):
+    """An event's status: for the key that sent it, its acceptance, status, times and
+    counts; for an admin key, everything (its result, error and attempt log)."""
+    session = get_read_session()
+    presented = intake.presented_key()
+    try:
+        info = keys.authenticate(session, presented)
+    except keys.KeyRefused:
+        return error_response(401)
+    # No event id holds NUL, and PostgreSQL can't even compare one that does.
+    event = session.get(Event, event_id[:32]) if "\x00" not in event_id else None
+    if event is None or not (info.is_admin or event.key_prefix == info.prefix):
+        return error_response(404, "No such event", "not_found")
+    if info.is_admin:  # the sender's fields and all the rest
+        return {**event.sender_dict(), **event.to_dict(with_attempts=True)}, 200
+    return event.sender_dict(), 200
