@@ -1,4 +1,4 @@
-"""The `hub` command (hub.cli.main): the same commands as `flask --app hub`, plus `hub serve`
+"""The `hub` command (hub.__main__.main): the same commands as `flask --app hub`, plus `hub serve`
 and `hub config`; and where the hub keeps its data (hub.config.data_dir). The wheel test
 (tests/test_package.py) runs the installed command end to end."""
 
@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from hub import create_app
-from hub.cli import main
+from hub.__main__ import main
 from hub.config import data_dir, project_root, user_data_dir
 from tests.procs import BIN, ROOT, clean_env, hub_env
 

@@ -35,7 +35,6 @@ from sqlalchemy import TextClause, and_, bindparam, case, not_, or_, select, tex
 from hub.ops import logs, metrics
 from hub.services import pipeline
 from hub.services import routes as route_store
-from hub.services.templating import TemplateLimits
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
 from hub.store.models import DUE_PREDICATE, Attempt, Event, utcnow
@@ -248,7 +247,6 @@ class Worker:
     def __init__(self, app: Flask, name: str | None = None):
         self.app = app
         self.db: Database = app.extensions["hub.db"]
-        self.registry = app.extensions["hub.connectors"]
         self.routes = app.extensions["hub.routes"]
         self.lease = float(app.config["LEASE_SECONDS"])
         self.route_share = float(app.config["WORKER_ROUTE_SHARE"])
@@ -445,16 +443,10 @@ class Worker:
             outcome = pipeline.run(
                 event,
                 route,
-                self.registry,
+                pipeline.RunOptions.of_app(self.app),
                 record=record,
                 before_call=before_call,
                 deadline=deadline,
-                tries=int(self.app.config["STEP_TRIES"]),
-                copy_bytes=int(self.app.config["ATTEMPT_COPY_BYTES"]),
-                max_depth=pipeline.max_json_depth(self.app.config),
-                template_limits=TemplateLimits.from_config(self.app.config),
-                max_response_bytes=int(self.app.config["MAX_RESPONSE_BYTES"]),
-                secrets=self.app.extensions["hub.secrets"],
             )
         except Exception as exc:  # never let one event take the worker down
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.

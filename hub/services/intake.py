@@ -36,7 +36,6 @@ from hub.ops import logs, metrics, redact
 from hub.services import keys, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
-from hub.services.templating import TemplateLimits
 from hub.store import crypto
 from hub.store.db import get_db, get_session
 from hub.store.groupcommit import row_of
@@ -796,16 +795,10 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
         outcome = pipeline.run(
             event,
             route,
-            current_app.extensions["hub.connectors"],
+            pipeline.RunOptions.of_app(current_app),
             payload=accepted.payload,
             record=attempts.append,
             deadline=time.monotonic() + timeout,
-            tries=int(config["STEP_TRIES"]),
-            copy_bytes=int(config["ATTEMPT_COPY_BYTES"]),
-            max_depth=pipeline.max_json_depth(config),
-            template_limits=TemplateLimits.from_config(config),
-            max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
-            secrets=current_app.extensions["hub.secrets"],
         )
     except Exception as exc:  # a hub bug: the event still ends, with its cause
         log.error("event %s: pipeline error %s", event.id, type(exc).__name__)

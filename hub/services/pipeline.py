@@ -1,8 +1,13 @@
 """Runs one event through its route's steps and records every connector call as an attempt.
 
 The pipeline knows nothing of HTTP requests or workers: ingest calls it inside a request
-(sync routes), the worker calls it for claimed events (async routes). Both get an
-``Outcome`` back and decide what the event's status becomes.
+(sync routes), the worker calls it for claimed events (async routes). Both pass the app's
+``RunOptions`` (connectors, secret key, limits from the settings), get an ``Outcome`` back
+and decide what the event's status becomes.
+
+A step is prepared (secrets opened, config rendered, connector built), then its connector is
+called under the run's deadline, at most HUB_STEP_TRIES times while its error is retryable;
+every call, and a preparation that fails, is one attempt row.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from hub.connectors import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    Connector,
     ConnectorError,
     PermanentError,
     Registry,
@@ -37,6 +43,9 @@ from hub.services.templating import TemplateLimits, TemplateProblem, evaluate_fi
 from hub.store import storable
 from hub.store.crypto import SecretBox, SecretsUnreadable
 from hub.store.models import Attempt, Event, Route, utcnow
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger("hub.pipeline")
 
@@ -188,64 +197,81 @@ def describe_bug(exc: BaseException) -> str:
     return f"connector bug: {type(exc).__name__}: {exc}{where}"[:1000]
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What every run of an app shares: its connectors, the key that opens step secrets, and
+    the limits from its settings (``RunOptions.of_app``)."""
+
+    registry: Registry
+    secrets: SecretBox | None = None
+    tries: int = DEFAULT_TRIES
+    copy_bytes: int = 4096
+    max_depth: int = DEFAULT_MAX_DEPTH
+    template_limits: TemplateLimits = TemplateLimits()
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def of_app(cls, app: Flask) -> RunOptions:
+        """The app's connectors and secret key, and HUB_STEP_TRIES, HUB_ATTEMPT_COPY_BYTES,
+        HUB_MAX_JSON_DEPTH, HUB_TEMPLATE_* and HUB_MAX_RESPONSE_BYTES as they are now."""
+        config = app.config
+        return cls(
+            registry=app.extensions["hub.connectors"],
+            secrets=app.extensions["hub.secrets"],
+            tries=int(config["STEP_TRIES"]),
+            copy_bytes=int(config["ATTEMPT_COPY_BYTES"]),
+            max_depth=max_json_depth(config),
+            template_limits=TemplateLimits.from_config(config),
+            max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
+        )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays the same across the steps of one run of an event."""
+
+    event: Event
+    route: Route
+    payload: Any
+    options: RunOptions
+    record: Callable[[Attempt], None]
+    before_call: Callable[[], None] | None
+    deadline: float | None
+
+
 def run(
     event: Event,
     route: Route,
-    registry: Registry,
+    options: RunOptions,
     *,
     payload: Any = None,
     record: Callable[[Attempt], None],
     before_call: Callable[[], None] | None = None,
     deadline: float | None = None,
-    tries: int = DEFAULT_TRIES,
-    copy_bytes: int = 4096,
-    max_depth: int = DEFAULT_MAX_DEPTH,
-    sleep: Callable[[float], None] = time.sleep,
-    template_limits: TemplateLimits = TemplateLimits(),
-    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-    secrets: SecretBox | None = None,
 ) -> Outcome:
     """Run every step of ``route`` for ``event``; ``record`` receives each attempt row, and
     ``before_call``, where given, is called before each connector call (the worker writes the
     rows of the calls before it there: each call is on record before the next one starts).
-    ``secrets`` opens the sealed secrets of step configs (hub.services.step_secrets)."""
+    ``options.secrets`` opens the sealed secrets of step configs (hub.services.step_secrets)."""
     if payload is None:
         try:
-            payload = decode_payload(event.body or b"", event.content_type, max_depth)
+            payload = decode_payload(event.body or b"", event.content_type, options.max_depth)
         except PayloadError as exc:
             return Outcome(FAILED, error=exc.message, code=exc.code)
     outputs: list[Any] = []
     if route.filter:
+        context = template_context(event, payload, outputs)
         try:
-            keep = evaluate_filter(
-                route.filter, template_context(event, payload, outputs), template_limits, deadline
-            )
+            keep = evaluate_filter(route.filter, context, options.template_limits, deadline)
         except TemplateProblem as exc:
             return _template_failed(exc, "bad_filter")
         if not keep:
             return Outcome(FILTERED)
+    this_run = _Run(event, route, payload, options, record, before_call, deadline)
     current = payload
     for index, step in enumerate(route.steps or []):
-        outcome = _run_step(
-            event,
-            route,
-            registry,
-            index,
-            step,
-            payload=payload,
-            current=current,
-            outputs=outputs,
-            record=record,
-            before_call=before_call,
-            deadline=deadline,
-            tries=tries,
-            copy_bytes=copy_bytes,
-            max_depth=max_depth,
-            sleep=sleep,
-            template_limits=template_limits,
-            max_response_bytes=max_response_bytes,
-            secrets=secrets,
-        )
+        outcome = _run_step(_Step.start(this_run, index, step, outputs), step, current)
         if outcome.status != DELIVERED:
             outcome.step_index = index
             return outcome
@@ -254,39 +280,33 @@ def run(
     return Outcome(DELIVERED, result=current)
 
 
-def _run_step(
-    event: Event,
-    route: Route,
-    registry: Registry,
-    index: int,
-    step: dict[str, Any],
-    *,
-    payload: Any,
-    current: Any,
-    outputs: list[Any],
-    record: Callable[[Attempt], None],
-    before_call: Callable[[], None] | None,
-    deadline: float | None,
-    tries: int,
-    copy_bytes: int,
-    max_depth: int,
-    sleep: Callable[[float], None],
-    template_limits: TemplateLimits,
-    max_response_bytes: int,
-    secrets: SecretBox | None,
-) -> Outcome:
-    name = step.get("connector", "?")
-    hidden: list[str] = []  # the step's secret values, cut from every copy and error
-    run_number = max(event.attempts, 1)
+@dataclass
+class _Step:
+    """One step of a run: its place, its connector's name, the outputs of the steps before
+    it, and the step's secret values (cut from every copy and error), known once opened."""
 
-    def attempt_row(try_number: int, started, t0: float, outcome: str, **extra) -> Attempt:
+    run: _Run
+    index: int
+    name: str
+    outputs: list[Any]
+    run_number: int  # the event's delivery run this is (1 for a sync route's only one)
+    hidden: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, run: _Run, index: int, entry: dict[str, Any], outputs: list[Any]) -> _Step:
+        name = entry.get("connector", "?")
+        return cls(run, index, name, outputs, run_number=max(run.event.attempts, 1))
+
+    def attempt_row(
+        self, try_number: int, started: datetime, t0: float, outcome: str, **extra: Any
+    ) -> Attempt:
         # Every connector call's row is built here, so every call is counted here.
-        metrics.attempt_done(name, outcome, time.monotonic() - t0)
+        metrics.attempt_done(self.name, outcome, time.monotonic() - t0)
         return Attempt(
-            event_id=event.id,
-            run=run_number,
-            step_index=index,
-            connector=name,
+            event_id=self.run.event.id,
+            run=self.run_number,
+            step_index=self.index,
+            connector=self.name,
             try_number=try_number,
             started_at=started,
             duration_ms=int((time.monotonic() - t0) * 1000),
@@ -294,125 +314,183 @@ def _run_step(
             **extra,
         )
 
+    def context(self) -> StepContext:
+        """What the connector is told of the event, the run and the steps before it."""
+        event = self.run.event
+        return StepContext(
+            event_id=event.id,
+            route=self.run.route.name,
+            step_index=self.index,
+            payload=self.run.payload,
+            outputs=list(self.outputs),
+            logger=logging.getLogger(f"hub.connector.{self.name}"),
+            attempt=self.run_number,
+            request_id=event.request_id,
+            deadline=self.run.deadline,
+            max_response_bytes=self.run.options.max_response_bytes,
+        )
+
+
+def _run_step(step: _Step, entry: dict[str, Any], current: Any) -> Outcome:
+    """Prepare the step (``entry`` is its entry in the route's steps), then call its connector on
+    ``current`` (the previous step's output) until a try ends it, at most HUB_STEP_TRIES."""
+    deadline = step.run.deadline
     if deadline is not None and time.monotonic() >= deadline:
         return Outcome(FAILED, error="deadline passed before the step started", code="timeout")
+    connector = _prepare(step, entry)
+    if isinstance(connector, Outcome):
+        return connector
+    options = step.run.options
+    last: Outcome | None = None
+    try_number = 0
     try:
-        opened, hidden = step_secrets.opened_config(
-            step.get("config") or {}, secrets, registry, name
+        policy = retry_policy(
+            options.tries, deadline=deadline, sleep=options.sleep, connector=step.name
         )
-        config = render_config(
-            opened, template_context(event, payload, outputs), template_limits, deadline
+        for attempt in policy:
+            with attempt:
+                try_number += 1
+                last, error = _try_once(step, connector, current, try_number)
+                if error is not None:
+                    raise error
+                return last
+    except ConnectorError:
+        assert last is not None
+        return last
+    raise AssertionError("unreachable: the retry loop always returns or raises")
+
+
+def _prepare(step: _Step, entry: dict[str, Any]) -> Connector | Outcome:
+    """The step's connector, built from its config with secrets opened and templates
+    rendered; or, when that fails, the failed outcome (recorded as the step's one attempt)."""
+    this_run = step.run
+    options = this_run.options
+    try:
+        opened, step.hidden = step_secrets.opened_config(
+            entry.get("config") or {}, options.secrets, options.registry, step.name
         )
-        connector = registry.build(name, config)
+        context = template_context(this_run.event, this_run.payload, step.outputs)
+        rendered = render_config(opened, context, options.template_limits, this_run.deadline)
+        return options.registry.build(step.name, rendered)
     except SecretsUnreadable:
-        message = f"{name}: a secret of the step's config does not open with this HUB_SECRET_KEY"
-        record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
-        log.warning("event %s step %d (%s): %s", event.id, index, name, message)
-        return Outcome(FAILED, error=message, code="bad_config")
+        message = (
+            f"{step.name}: a secret of the step's config does not open with this HUB_SECRET_KEY"
+        )
+        outcome = Outcome(FAILED, error=message, code="bad_config")
     except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
-        message = redact.values_in_text(str(exc), hidden)
+        message = redact.values_in_text(str(exc), step.hidden)
         outcome = (
             _template_failed(exc, "bad_config")
             if isinstance(exc, TemplateProblem)
             else Outcome(FAILED, error=message, code="bad_config")
         )
-        kind = "retryable" if outcome.status == RETRYABLE else "permanent"
-        record(attempt_row(1, utcnow(), time.monotonic(), kind, error=message))
-        log.warning("event %s step %d (%s): %s", event.id, index, name, message)
-        return outcome
+    kind = "retryable" if outcome.status == RETRYABLE else "permanent"
+    this_run.record(step.attempt_row(1, utcnow(), time.monotonic(), kind, error=message))
+    log.warning("event %s step %d (%s): %s", this_run.event.id, step.index, step.name, message)
+    return outcome
 
-    try_number = 0
 
-    def record_call(ctx: StepContext, started, t0: float, outcome: str, **extra) -> None:
-        """Record this try of the step with its exchange (what was sent and answered)."""
+@dataclass(frozen=True)
+class _Call:
+    """One try of a step's connector: its number, its context (which holds the exchange:
+    what was sent and answered) and when it started."""
+
+    step: _Step
+    try_number: int
+    ctx: StepContext
+    started: datetime
+    t0: float
+
+    def record(self, outcome: str, **extra: Any) -> None:
+        """Record this try of the step with its exchange."""
+        step = self.step
         if extra.get("error"):
-            extra["error"] = redact.values_in_text(extra["error"], hidden)
-        row = attempt_row(try_number, started, t0, outcome, **extra)
-        record(_with_exchange(row, ctx, copy_bytes, hidden))
+            extra["error"] = redact.values_in_text(extra["error"], step.hidden)
+        row = step.attempt_row(self.try_number, self.started, self.t0, outcome, **extra)
+        step.run.record(_with_exchange(row, self.ctx, step.run.options.copy_bytes, step.hidden))
 
-    last: Outcome | None = None
-    step_logger = logging.getLogger(f"hub.connector.{name}")
+
+def _try_once(
+    step: _Step, connector: Connector, current: Any, try_number: int
+) -> tuple[Outcome, ConnectorError | None]:
+    """Call the connector once, stopped at the run's deadline, and record the call: its
+    outcome, and the error to raise for the retry policy when it did not deliver."""
+    ctx = step.context()
+    if step.run.before_call is not None:
+        step.run.before_call()
+    call = _Call(step, try_number, ctx, utcnow(), time.monotonic())
     try:
-        for attempt in retry_policy(tries, deadline=deadline, sleep=sleep, connector=name):
-            with attempt:
-                try_number += 1
-                ctx = StepContext(
-                    event_id=event.id,
-                    route=route.name,
-                    step_index=index,
-                    payload=payload,
-                    outputs=list(outputs),
-                    logger=step_logger,
-                    attempt=run_number,
-                    request_id=event.request_id,
-                    deadline=deadline,
-                    max_response_bytes=max_response_bytes,
-                )
-                if before_call is not None:
-                    before_call()
-                started, t0 = utcnow(), time.monotonic()
-                try:
-                    try:
-                        # Stopped at the deadline whatever it is doing, even sleeping;
-                        # interrupted only in the connector's own code, never a library's.
-                        output = call_before(deadline, connector.run, current, ctx)
-                    except DeadlineExceeded:
-                        raise RetryableError(
-                            "the step was still running at its deadline and was stopped",
-                            code="timeout",
-                        ) from None
-                except ConnectorError as exc:
-                    exc.message = redact.values_in_text(exc.message, hidden)
-                    kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
-                    status = exc.status or ctx.exchange.status
-                    record_call(
-                        ctx, started, t0, kind, http_status=status, error=exc.message[:2000]
-                    )
-                    last = Outcome(
-                        RETRYABLE if kind == "retryable" else FAILED,
-                        error=exc.message,
-                        code=exc.code,
-                        http_status=status,
-                        retry_after=getattr(exc, "retry_after", None),
-                    )
-                    log.warning(
-                        "event %s step %d (%s) try %d: %s",
-                        event.id,
-                        index,
-                        name,
-                        try_number,
-                        exc.message[:300],
-                    )
-                    raise
-                except Exception as exc:  # permanent, never retried
-                    if isinstance(exc, RecursionError):  # a receiver's answer nested very deep
-                        message, code = (
-                            f"{name}: the step's data nests too deep to be read",
-                            "too_deep",
-                        )
-                    else:  # a bug in the connector
-                        message, code = describe_bug(exc), "connector_bug"
-                        message = redact.values_in_text(message, hidden)
-                    record_call(ctx, started, t0, "permanent", error=message)
-                    level = logging.ERROR if code == "connector_bug" else logging.WARNING
-                    log.log(level, "event %s step %d (%s): %s", event.id, index, name, message)
-                    last = Outcome(FAILED, error=message, code=code)
-                    raise PermanentError(message) from None
-                if storable.depth(output, max_depth) > max_depth:
-                    message = (
-                        f"{name}: the step's output nests deeper than {max_depth} levels "
-                        "(HUB_MAX_JSON_DEPTH)"
-                    )
-                    record_call(ctx, started, t0, "permanent", error=message)
-                    log.warning("event %s step %d (%s): %s", event.id, index, name, message)
-                    last = Outcome(FAILED, error=message, code="too_deep")
-                    raise PermanentError(message)
-                record_call(ctx, started, t0, "ok")  # the exchange's status is recorded
-                return Outcome(DELIVERED, result=_jsonable(output))
-    except ConnectorError:
-        assert last is not None
-        return last
-    raise AssertionError("unreachable: the retry loop always returns or raises")
+        output = _call_before_deadline(connector, current, ctx)
+    except ConnectorError as exc:
+        return _connector_failed(call, exc), exc
+    except Exception as exc:  # permanent, never retried
+        outcome = _call_broke(call, exc)
+        return outcome, PermanentError(outcome.error or "")
+    max_depth = step.run.options.max_depth
+    if storable.depth(output, max_depth) > max_depth:
+        message = (
+            f"{step.name}: the step's output nests deeper than {max_depth} levels "
+            "(HUB_MAX_JSON_DEPTH)"
+        )
+        call.record("permanent", error=message)
+        _log_step(logging.WARNING, step, message)
+        return Outcome(FAILED, error=message, code="too_deep"), PermanentError(message)
+    call.record("ok")  # the exchange's status is recorded
+    return Outcome(DELIVERED, result=_jsonable(output)), None
+
+
+def _call_before_deadline(connector: Connector, current: Any, ctx: StepContext) -> Any:
+    try:
+        # Stopped at the deadline whatever it is doing, even sleeping;
+        # interrupted only in the connector's own code, never a library's.
+        return call_before(ctx.deadline, connector.run, current, ctx)
+    except DeadlineExceeded:
+        raise RetryableError(
+            "the step was still running at its deadline and was stopped", code="timeout"
+        ) from None
+
+
+def _connector_failed(call: _Call, exc: ConnectorError) -> Outcome:
+    """A connector's own error: retryable or permanent as it says, its secrets cut."""
+    step = call.step
+    exc.message = redact.values_in_text(exc.message, step.hidden)
+    kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
+    status = exc.status or call.ctx.exchange.status
+    call.record(kind, http_status=status, error=exc.message[:2000])
+    outcome = Outcome(
+        RETRYABLE if kind == "retryable" else FAILED,
+        error=exc.message,
+        code=exc.code,
+        http_status=status,
+        retry_after=getattr(exc, "retry_after", None),
+    )
+    log.warning(
+        "event %s step %d (%s) try %d: %s",
+        step.run.event.id,
+        step.index,
+        step.name,
+        call.try_number,
+        exc.message[:300],
+    )
+    return outcome
+
+
+def _call_broke(call: _Call, exc: Exception) -> Outcome:
+    """Any other exception from the connector fails the step for good: data nested too
+    deep to read, or a bug in the connector."""
+    step = call.step
+    if isinstance(exc, RecursionError):  # a receiver's answer nested very deep
+        message, code = f"{step.name}: the step's data nests too deep to be read", "too_deep"
+    else:  # a bug in the connector
+        message, code = describe_bug(exc), "connector_bug"
+        message = redact.values_in_text(message, step.hidden)
+    call.record("permanent", error=message)
+    _log_step(logging.ERROR if code == "connector_bug" else logging.WARNING, step, message)
+    return Outcome(FAILED, error=message, code=code)
+
+
+def _log_step(level: int, step: _Step, message: str) -> None:
+    log.log(level, "event %s step %d (%s): %s", step.run.event.id, step.index, step.name, message)
 
 
 def _template_failed(exc: TemplateProblem, code: str) -> Outcome:
