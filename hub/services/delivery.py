@@ -668,11 +668,18 @@ class Worker:
                 self.stopping.wait(self.max_idle)
 
 
-def notify(session) -> None:
-    """Tell listening workers that events are due (sent when the transaction commits); for
-    rare callers such as a replay. Ingest pokes the Notifier instead."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+def wake(app: Flask, *, wait: bool = False) -> None:
+    """Tell the workers that events are due, once they are committed (a new event, a
+    replay): an idle worker of this process at once (``hub.wakeup``), those of other
+    processes by PostgreSQL's NOTIFY, which the Notifier sends from its own thread shortly
+    after. ``wait`` sends the NOTIFY before returning: a command that ends right after it
+    would take the Notifier's thread down unsent."""
+    app.extensions["hub.wakeup"].set()
+    notifier: Notifier = app.extensions["hub.notifier"]
+    if wait:
+        notifier.send()
+    else:
+        notifier.poke()
 
 
 class Notifier:
@@ -702,6 +709,13 @@ class Notifier:
                         target=self._run, name="hub-notify", daemon=True
                     )
                     self._thread.start()
+
+    def send(self) -> None:
+        """NOTIFY now, in this thread (raises if the database is unreachable)."""
+        if self.db.dialect != "postgresql":
+            return
+        with self.db.session() as session:
+            session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
     def _run(self) -> None:
         conn = None

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from hub import signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
-from hub.services import keys, pipeline, ratelimit
+from hub.services import delivery, keys, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
 from hub.services.templating import TemplateLimits
@@ -32,6 +32,7 @@ from hub.store import crypto, storable
 from hub.store.db import get_db, get_read_session, get_session
 from hub.store.groupcommit import row_of
 from hub.store.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.web.auth import presented_key
 from hub.web.errors import error_response
 
 bp = Blueprint("ingest", __name__)
@@ -100,17 +101,6 @@ class Accepted:
     route: Route
     key: keys.KeyInfo | None
     payload: Any
-
-
-def presented_key() -> str | None:
-    """The API key from X-API-Key, ``Authorization: Bearer``, or ``?api_key=`` (in that order)."""
-    key = request.headers.get("X-API-Key")
-    if key:
-        return key
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.args.get("api_key")
 
 
 def new_event(route_name: str) -> Event:
@@ -834,8 +824,7 @@ def enqueue(accepted: Accepted, **extra):
     event.response_status = 202
     event.next_attempt_at = event.received_at
     commit_new_event(session, event)  # the 202 leaves only once the event is durable
-    current_app.extensions["hub.wakeup"].set()
-    current_app.extensions["hub.notifier"].poke()
+    delivery.wake(current_app)
     status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
     return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
 
