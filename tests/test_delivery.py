@@ -589,8 +589,8 @@ def test_a_new_event_wakes_a_worker_in_another_process_by_notify(client, key, ad
 def test_a_replay_on_any_face_wakes_a_worker_in_another_process(
     app, client, runner, db, make_key, listener
 ):
-    """The admin API, the dashboard and `events replay` (which sends its NOTIFY before the
-    command ends) all wake the workers of other processes."""
+    """The admin API, the dashboard and `events replay` all wake the workers of other
+    processes."""
     insert_events(db, "orders", 1, status="dead")
     event_id = events(db)[0].id
 

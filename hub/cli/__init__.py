@@ -628,7 +628,7 @@ def events_replay(event_ids, status, route, since) -> None:
 def _wake(replayed: list[str]) -> None:
     """Tell workers, here and elsewhere, that replayed events are due."""
     if replayed:
-        delivery.wake(current_app, wait=True)
+        delivery.wake(current_app)
 
 
 @events_cli.command("purge")

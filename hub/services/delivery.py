@@ -668,18 +668,18 @@ class Worker:
                 self.stopping.wait(self.max_idle)
 
 
-def wake(app: Flask, *, wait: bool = False) -> None:
-    """Tell the workers that events are due, once they are committed (a new event, a
-    replay): an idle worker of this process at once (``hub.wakeup``), those of other
-    processes by PostgreSQL's NOTIFY, which the Notifier sends from its own thread shortly
-    after. ``wait`` sends the NOTIFY before returning: a command that ends right after it
-    would take the Notifier's thread down unsent."""
+def wake(app: Flask, *, soon: bool = False) -> None:
+    """Tell the workers that committed events are due: an idle worker of this process at
+    once (``hub.wakeup``), those of other processes by PostgreSQL's NOTIFY, sent now, in
+    this thread (a replay: rare, and a command ends right after it). ``soon`` leaves the
+    NOTIFY to the Notifier's thread, which sends one for many callers: ingest's, where one
+    per request would serialise the commits."""
     app.extensions["hub.wakeup"].set()
     notifier: Notifier = app.extensions["hub.notifier"]
-    if wait:
-        notifier.send()
-    else:
+    if soon:
         notifier.poke()
+    else:
+        notifier.send()
 
 
 class Notifier:

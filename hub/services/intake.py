@@ -824,7 +824,7 @@ def enqueue(accepted: Accepted, **extra):
     event.response_status = 202
     event.next_attempt_at = event.received_at
     commit_new_event(session, event)  # the 202 leaves only once the event is durable
-    delivery.wake(current_app)
+    delivery.wake(current_app, soon=True)
     status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
     return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
 
