@@ -58,7 +58,10 @@ def test_no_key_is_401_and_a_plain_key_is_403_everywhere_under_admin(client, key
     assert no_key.get_json()["code"] == "unauthorized"
     plain = client.open(path, method=method, headers={"X-API-Key": key})
     assert plain.status_code == 403
-    assert plain.get_json() == {"error": "This API key is not an admin key", "code": "forbidden"}
+    assert plain.get_json() == {
+        "error": "This API key is not an admin key; make one with `hub keys create --admin NAME`",
+        "code": "forbidden",
+    }
 
 
 def admin_endpoints(app) -> list[tuple[str, str, str]]:

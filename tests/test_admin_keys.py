@@ -3,14 +3,18 @@ called admin, `--admin` makes an admin key, and the migration moves old admin sc
 
 from __future__ import annotations
 
+import html
 import json
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 
+from hub.services import keys as key_store
 from hub.store.db import alembic_config, upgrade
 from hub.store.models import JSONType, utcnow
 from tests.rows import events
+from tests.test_dashboard import sign_in, token
 
 API_KEYS = sa.table(
     "api_keys",
@@ -125,3 +129,43 @@ def test_the_migration_turns_admin_scopes_into_admin_keys_and_back(db):
             ]
     finally:
         upgrade(db)
+
+
+@pytest.mark.parametrize(
+    "field,value,sentence",
+    [
+        ("name", "", "give the key a name of 1 to 100 characters"),
+        ("name", "n" * 101, "give the key a name of 1 to 100 characters"),
+        ("expires_in", "soon", "not a duration: 'soon' (use a number and s, m, h, d or w"),
+        ("expires_in", "9999999w", "duration too long: '9999999w' (at most 100 years)"),
+        ("expires_in", "1" * 40 + "d", "too long: at most 32 characters"),
+        ("rate_limit", "lots", "not a rate: 'lots' (use a number per second, minute or hour)"),
+        ("rate_limit", "0/hour", "not a rate: '0/hour' (the number must be at least 1)"),
+    ],
+)
+def test_a_new_keys_input_is_refused_in_the_same_words_on_every_face(
+    app, runner, client, make_key, db, field, value, sentence
+):
+    """The admin API, the dashboard's key form and `keys create` check a new key's input
+    with one function: each names the field its own way, and says the same about it."""
+    given = {"name": "ok", field: value}
+    api = client.post("/admin/api/keys", json=given, headers={"X-API-Key": make_key(admin=True)})
+    assert api.status_code == 422 and api.json["code"] == "invalid"
+    assert [e for e in api.json["errors"] if e.startswith(f"body.{field}: {sentence}")], api.json
+
+    signed_in = app.test_client()
+    assert sign_in(signed_in, make_key(admin=True)).status_code == 303
+    form = signed_in.post(
+        "/dashboard/keys", data={**given, "csrf_token": token(signed_in, "/dashboard/keys")}
+    )
+    assert form.status_code == 422
+    assert f"{field}: {sentence}" in html.unescape(form.get_data(as_text=True))
+
+    option = {"expires_in": "--expires-in", "rate_limit": "--rate"}.get(field)
+    args = ["keys", "create", value] if field == "name" else ["keys", "create", "ok", option, value]
+    cli = runner.invoke(args=args)
+    assert cli.exit_code == 1
+    assert f"{option or 'NAME'}: {sentence}" in cli.stderr
+
+    with db.session() as session:  # nothing was made by any of them
+        assert {k.name for k in key_store.list_keys(session)} == {"test"}

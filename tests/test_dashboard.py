@@ -147,7 +147,7 @@ def test_keys_that_may_not_sign_in_are_refused_with_a_reason(client, make_key, d
     assert client.get(HOME).status_code == 302  # still signed out
 
     bad = sign_in(client, "hk_00000000_" + "x" * 43)
-    assert bad.status_code == 401 and "not a valid API key" in bad.get_data(as_text=True)
+    assert bad.status_code == 401 and "Invalid API key" in bad.get_data(as_text=True)
 
     revoked = make_key(admin=True, name="gone")
     with db.session() as session:

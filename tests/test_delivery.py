@@ -18,8 +18,9 @@ from hub.connectors import Connector, PermanentError, RetryableError
 from hub.services.delivery import Worker
 from hub.store.models import Attempt, Event, utcnow
 from tests.conftest import PG_URL
-from tests.rows import event_row
+from tests.rows import event_row, events, insert_events
 from tests.servers import Reply
+from tests.test_dashboard import sign_in, token
 
 
 class Script(BaseModel):
@@ -541,16 +542,12 @@ def test_an_idle_worker_backs_off_instead_of_hammering_the_database(app):
     assert 2 <= len(looks) <= 12
 
 
-@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
-@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
-def test_a_new_event_wakes_a_worker_in_another_process_by_notify(
-    database_url_for_test, client, key, add_route
-):
+@pytest.fixture
+def listener(database_url_for_test):
+    """A worker of another process, listening only: a second app that shares the database,
+    not the in-process wake-up, so only PostgreSQL's NOTIFY can reach it."""
     from hub import create_app
 
-    add_route("later", [{"connector": "text"}], mode="async")
-    # A second app stands for the worker process: it shares the database, not the
-    # in-process wake-up, so only PostgreSQL's NOTIFY can reach it.
     other = create_app(
         {
             "TESTING": True,
@@ -561,17 +558,69 @@ def test_a_new_event_wakes_a_worker_in_another_process_by_notify(
     )
     worker = Worker(other, name="listener")
     worker.start(0)  # the LISTEN thread only
-    try:
-        listening = False
-        for _ in range(50):  # until the LISTEN connection is up and hears the 202's NOTIFY
-            assert post(client, key).status_code == 202
-            if worker.wakeup.wait(0.2):
-                listening = True
-                break
-        assert listening
-    finally:
-        worker.stopping.set()
-        other.extensions["hub.db"].dispose()
+    yield worker
+    worker.stopping.set()
+    other.extensions["hub.db"].dispose()
+
+
+def heard(worker: Worker, act) -> bool:
+    """Act until the listener hears it (its LISTEN connection comes up in its own time)."""
+    for _ in range(50):
+        worker.wakeup.clear()
+        act()
+        if worker.wakeup.wait(0.2):
+            return True
+    return False
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
+def test_a_new_event_wakes_a_worker_in_another_process_by_notify(client, key, add_route, listener):
+    add_route("later", [{"connector": "text"}], mode="async")
+
+    def new_event():
+        assert post(client, key).status_code == 202
+
+    assert heard(listener, new_event)
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
+def test_a_replay_on_any_face_wakes_a_worker_in_another_process(
+    app, client, runner, db, make_key, listener
+):
+    """The admin API, the dashboard and `events replay` all wake the workers of other
+    processes."""
+    insert_events(db, "orders", 1, status="dead")
+    event_id = events(db)[0].id
+
+    def dead_again() -> None:
+        with db.session() as session:
+            session.get(Event, event_id).status = "dead"
+
+    admin = {"X-API-Key": make_key(admin=True)}
+    dashboard = app.test_client()
+    assert sign_in(dashboard, make_key(admin=True)).status_code == 303
+
+    def by_api():
+        dead_again()
+        assert client.post(f"/admin/api/events/{event_id}/replay", headers=admin).status_code == 200
+
+    def by_dashboard():
+        dead_again()
+        replayed = dashboard.post(
+            f"/dashboard/events/{event_id}/replay",
+            data={"csrf_token": token(dashboard, "/dashboard/")},
+        )
+        assert replayed.status_code == 303
+
+    def by_command():
+        dead_again()
+        assert runner.invoke(args=["events", "replay", event_id]).exit_code == 0
+
+    assert heard(listener, by_api)
+    assert heard(listener, by_dashboard)
+    assert heard(listener, by_command)
 
 
 def test_purge_also_drops_rate_limit_windows_of_quiet_buckets(db, runner):

@@ -23,8 +23,6 @@ FLASK_GLOBALS = {"request", "g", "session"}
 ALLOWED = {
     # The database session of each app context is kept on ``g`` and closed at its teardown.
     ("hub/store/db.py", None, "g"),
-    # The admin API's and /system's key reader; its place is the web face.
-    ("hub/services/intake.py", "presented_key", "request"),
 }
 
 

@@ -27,7 +27,6 @@ from hub.cli import events_list
 from hub.dashboard.views import FILTER_FIELDS
 from hub.services import events as event_store
 from hub.store.db import Database, upgrade
-from hub.web import admin_api as admin_api
 from hub.web import schemas as m
 from tests.schema_check import scratch_postgres
 
@@ -124,7 +123,7 @@ def assert_index_range(plan: list, columns: set[str]) -> None:
 def test_each_admin_api_and_dashboard_filter_reads_an_index_range(db, name):
     query = m.EventQuery.model_validate({name: raw_sample(name)})
     with db.session() as session:
-        statement = event_store.listing_query(session, admin_api.filters(query), limit=50)
+        statement = event_store.listing_query(session, event_store.Filters.of(query), limit=50)
         columns = filtered_columns(statement)
         assert columns, f"{name}: the filter does not reach the listing's query"
         assert_index_range(plan_of(session, statement), columns)
@@ -149,7 +148,7 @@ def test_each_pair_of_filters_is_one_index_range_or_bounded_by_the_window(db, pa
     query = m.EventQuery.model_validate(given)
     with db.session() as session:
         statement = event_store.listing_query(
-            session, admin_api.filters(query), limit=50, window=1234
+            session, event_store.Filters.of(query), limit=50, window=1234
         )
         plan = plan_of(session, statement)
         columns = filtered_columns(statement)
@@ -173,7 +172,7 @@ def test_each_unindexed_filter_reads_at_most_its_window_newest_first(db, name):
     query = m.EventQuery.model_validate({name: raw_sample(name)})
     with db.session() as session:
         statement = event_store.listing_query(
-            session, admin_api.filters(query), text=query.q, window=1234
+            session, event_store.Filters.of(query), text=query.q, window=1234
         )
         assert statement._limit == 1234
         plan = plan_of(session, statement)

@@ -58,7 +58,7 @@ def test_metrics_refused_without_credentials(app, client, make_key):
     missing = client.get("/metrics")
     assert missing.status_code == 401
     assert missing.json == {
-        "error": "Metrics need the metrics token or an admin API key",
+        "error": "No API key was given: this needs an admin key",
         "code": "unauthorized",
     }
     assert missing.headers["WWW-Authenticate"].startswith("Bearer")

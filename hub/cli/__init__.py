@@ -27,13 +27,12 @@ from flask.cli import AppGroup, with_appcontext
 
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
+from hub.services import delivery, ratelimit
 from hub.services import events as event_store
 from hub.services import keys as key_store
-from hub.services import ratelimit
 from hub.services import routes as route_store
-from hub.services.delivery import notify
 from hub.signatures import SCHEMES
-from hub.store.crypto import SecretBox, SecretsUnreadable
+from hub.store.crypto import SecretsUnreadable, get_box
 from hub.store.db import (
     SCHEMA_OUTDATED,
     Database,
@@ -88,10 +87,6 @@ def registry() -> Registry:
     return current_app.extensions["hub.connectors"]
 
 
-def secret_box() -> SecretBox:
-    return current_app.extensions["hub.secrets"]
-
-
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     rows = [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -135,7 +130,7 @@ def db_upgrade() -> None:
 
 def seal_stored_secrets(db: Database) -> None:
     with db.session() as session:
-        for name in route_store.seal_stored_secrets(session, registry(), secret_box()):
+        for name in route_store.seal_stored_secrets(session, registry(), get_box()):
             click.echo(f"route {name!r}: step secrets stored in clear are now encrypted")
 
 
@@ -159,6 +154,15 @@ def init_command() -> None:
 # --- keys ---
 
 
+# The options of `keys create` by the fields of keys.create_from_input.
+KEY_OPTIONS = {
+    "name": "NAME",
+    "scopes": "--scope",
+    "expires_in": "--expires-in",
+    "rate_limit": "--rate",
+}
+
+
 @keys_cli.command("create")
 @click.argument("name")
 @click.option(
@@ -171,16 +175,13 @@ def keys_create(
     name: str, scopes: tuple[str, ...], admin: bool, expires_in: str | None, rate: str | None
 ) -> None:
     """Create a key and print it once (only its digest is stored)."""
-    try:
-        lifetime = key_store.parse_duration(expires_in) if expires_in else None
-        if rate:
-            rate = ratelimit.normalise(rate)
-    except ValueError as exc:
-        fail(str(exc))
     with get_db().session() as session:
-        row, key = key_store.create_key(
-            session, name, list(scopes) or None, lifetime, rate, admin=admin
-        )
+        try:
+            row, key = key_store.create_from_input(
+                session, name, scopes, admin=admin, expires_in=expires_in, rate_limit=rate
+            )
+        except key_store.KeyInvalid as exc:
+            fail("; ".join(f"{KEY_OPTIONS[f]}: {reason}" for f, reason in exc.problems))
         click.echo(key)
         click.echo(
             f"prefix {row.prefix}{', admin' if row.is_admin else ''}, "
@@ -325,7 +326,7 @@ def routes_add(
         if not replace and route_store.get(session, name) is not None:
             fail(f"route {name!r} exists; use --replace to overwrite it")
         try:
-            route_store.save_routes(session, [data], registry(), secret_box())
+            route_store.save_routes(session, [data], registry(), get_box())
         except route_store.RouteInvalid as exc:
             fail(_invalid(exc))
     click.echo(f"route {name!r} saved: POST /hooks/{name}")
@@ -353,8 +354,7 @@ def routes_list(as_json: bool) -> None:
     """Every route: name, mode, steps, enabled."""
     with get_db().read_session() as session:
         rows = [
-            route_store.to_dict(r, secret_box(), registry())
-            for r in route_store.list_routes(session)
+            route_store.to_dict(r, get_box(), registry()) for r in route_store.list_routes(session)
         ]
     emit(
         rows,
@@ -381,7 +381,7 @@ def routes_show(name: str) -> None:
             fail(f"no route named {name!r}")
         click.echo(
             json.dumps(
-                route_store.to_dict(route, secret_box(), registry()), indent=2, ensure_ascii=False
+                route_store.to_dict(route, get_box(), registry()), indent=2, ensure_ascii=False
             )
         )
 
@@ -408,7 +408,7 @@ def routes_apply(path: str) -> None:
         nothing_to_do(f"{path} holds no routes")
     with get_db().session() as session:
         try:
-            results = route_store.save_routes(session, items, registry(), secret_box())
+            results = route_store.save_routes(session, items, registry(), get_box())
         except route_store.RouteInvalid as exc:
             fail(_invalid(exc))
     for name, action in results:
@@ -426,7 +426,7 @@ def secret_add(name: str, secret: str | None) -> None:
     if secret is None:
         secret = click.prompt("Secret", hide_input=True)
     with get_db().session() as session, route_change(name):
-        count = route_store.add_secret(session, name, secret, registry(), secret_box())
+        count = route_store.add_secret(session, name, secret, registry(), get_box())
     click.echo(f"route {name!r} now has {count} secrets; any one verifies")
 
 
@@ -437,7 +437,7 @@ def secret_remove(name: str, which: str) -> None:
     """Remove a secret named by its value, its number in `routes show` (from 1), or its
     last characters (as `routes show` masks it)."""
     with get_db().session() as session, route_change(name):
-        count = route_store.remove_secret(session, name, which, registry(), secret_box())
+        count = route_store.remove_secret(session, name, which, registry(), get_box())
     click.echo(f"route {name!r} now has {count} secret{'s' if count != 1 else ''}")
 
 
@@ -606,7 +606,7 @@ def events_replay(event_ids, status, route, since) -> None:
             click.echo(f"skipped {event_id}: {reason}", err=True)
         missing = [i for i, reason in skipped.items() if reason == event_store.NO_SUCH_EVENT]
         if missing:
-            _wake(db, done)
+            _wake(done)
             fail(f"no such event: {', '.join(missing)}")
         if not done:
             nothing_to_do("none of these events can be replayed now")
@@ -624,15 +624,13 @@ def events_replay(event_ids, status, route, since) -> None:
         if not done:
             nothing_to_do(f"no {status} event to replay matches")
         click.echo(f"replayed {len(done)} event(s)")
-    _wake(db, done)
+    _wake(done)
 
 
-def _wake(db: Database, replayed: list[str]) -> None:
+def _wake(replayed: list[str]) -> None:
     """Tell workers, here and elsewhere, that replayed events are due."""
-    current_app.extensions["hub.wakeup"].set()
     if replayed:
-        with db.session() as session:
-            notify(session)
+        delivery.wake(current_app)
 
 
 @events_cli.command("purge")

@@ -31,16 +31,17 @@ from hub import signatures
 from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts
 from hub.dashboard import session as dash
+from hub.services import delivery, ratelimit, step_secrets
 from hub.services import events as event_store
 from hub.services import intake as ingest
 from hub.services import keys as key_store
-from hub.services import ratelimit, step_secrets
 from hub.services import routes as route_store
+from hub.store.crypto import get_box
 from hub.store.db import get_db, get_read_session, get_session
 from hub.store.models import Event, utcnow
-from hub.web import admin_api as admin_api
 from hub.web import errors
 from hub.web import schemas as m
+from hub.web.auth import Refusal, check_admin_key, log_admin_change
 
 bp = Blueprint(
     "dashboard",
@@ -100,7 +101,7 @@ def guard():
 def finish(response):
     if "admin_prefix" in g:
         # Log the change with the admin key and forget cached keys and routes, as the API does.
-        response = admin_api.after_change(response)
+        response = log_admin_change(response)
     return dash.save(response, url_for("dashboard.overview"))
 
 
@@ -193,14 +194,14 @@ def sign_in():
         return page("dashboard/sign_in.html", status, error=message, next=target)
 
     presented = request.form.get("key", "").strip()
-    try:
-        info = key_store.authenticate(session, presented)
-    except key_store.KeyRefused as exc:
-        # A stranger's guess counts against this address's refusal budget, as a refused
-        # webhook does; once it is spent, every guess is answered 429 until the window ends
-        # (a valid key still signs in: an admin is not locked out by a flood beside them).
-        log.warning("dashboard: sign-in refused (%s)", exc.code)
-        if rate is not None:
+    checked = check_admin_key(presented)
+    if isinstance(checked, Refusal):
+        log.warning("dashboard: sign-in refused (%s)", checked.reason)
+        # A stranger's guess (not a known key that lacks admin rights) counts against this
+        # address's refusal budget, as a refused webhook does; once it is spent, every guess
+        # is answered 429 until the window ends (a valid key still signs in: an admin is not
+        # locked out by a flood beside them).
+        if checked.status == 401 and rate is not None:
             decision = limiter.peek(session, ingest.refusal_bucket(request.remote_addr), rate)
             if not decision.allowed:
                 session.commit()
@@ -211,19 +212,8 @@ def sign_in():
                 )
             ratelimit.check(limiter, session, [(ingest.refusal_bucket(request.remote_addr), rate)])
         session.commit()
-        message = {
-            "revoked": "This API key has been revoked.",
-            "expired": "This API key has expired.",
-        }.get(exc.code, "That is not a valid API key.")
-        return refuse(401, message)
-    if not info.is_admin:
-        session.commit()
-        log.warning("dashboard: sign-in refused, key %s is not an admin key", info.prefix)
-        return refuse(
-            403,
-            "This key is not an admin key. The dashboard needs one made with "
-            "`flask --app hub keys create --admin NAME`.",
-        )
+        return refuse(checked.status, checked.sentence)
+    info = checked
     key_store.touch(session, info)
     session.commit()
     dash.sign_in(info, presented)
@@ -365,7 +355,7 @@ def events():
         try:
             result = event_store.search(
                 session,
-                admin_api.filters(query),
+                event_store.Filters.of(query),
                 limit=PAGE,
                 cursor=query.cursor,
                 text=query.q,
@@ -403,7 +393,7 @@ def events_tail():
         after_at = after_id = None
     if query is None or errors or after_at is None:
         return "", 204
-    filters = admin_api.filters(query)
+    filters = event_store.Filters.of(query)
     since = max(filters.since, after_at) if filters.since else after_at
     result = event_store.search(
         get_read_session(),
@@ -482,7 +472,7 @@ def replay_event(event_id: str):
     event = get_event_or_404(event_id)
     if event_store.replay(session, [event.id]):
         session.commit()
-        admin_api.wake_workers()
+        delivery.wake(current_app)
         dash.flash(f"Event {event.id} is queued again.")
     else:
         session.rollback()
@@ -501,14 +491,14 @@ def replay_events():
         errors = ["q: a bulk replay cannot filter by body text; remove it to replay"]
     if query is None or errors:
         return page("dashboard/replay.html", 400, errors=errors, args=args, raw=raw, count=None)
-    filters = admin_api.filters(query)
+    filters = event_store.Filters.of(query)
     cap = int(current_app.config["ADMIN_REPLAY_MAX"])
     if request.method == "GET":
         count = event_store.count_replayable(get_read_session(), filters, cap)
         return page("dashboard/replay.html", count=count, cap=cap, args=args, raw=raw, errors=[])
     replayed, examined, more = event_store.replay_matching(get_db(), filters, examine=cap)
     if replayed:
-        admin_api.wake_workers()
+        delivery.wake(current_app)
     message = f"Replayed {replayed} of the {examined} matching events looked at."
     if more:
         message += " More matched: replay again for the next ones."
@@ -527,7 +517,7 @@ def retry_text(schedule: list[int] | None) -> str:
 def steps_shown(steps: list[dict]) -> list[dict]:
     registry = current_app.extensions["hub.connectors"]
     shown = []
-    for step in step_secrets.shown_steps(steps, admin_api.box(), registry):
+    for step in step_secrets.shown_steps(steps, get_box(), registry):
         name = step.get("connector", "?")
         described = registry.get(name).description if name in registry else "not loaded"
         config = json.dumps(step.get("config") or {}, indent=2, ensure_ascii=False)
@@ -555,7 +545,7 @@ def get_route_or_404(name: str):
 @bp.get("/routes/<name>")
 def route_detail(name: str):
     route = get_route_or_404(name)
-    data = route_store.to_dict(route, admin_api.box(), current_app.extensions["hub.connectors"])
+    data = route_store.to_dict(route, get_box(), current_app.extensions["hub.connectors"])
     return page(
         "dashboard/route.html",
         route=route,
@@ -570,7 +560,7 @@ def route_detail(name: str):
 def route_enabled(name: str):
     route = get_route_or_404(name)
     enabled = request.form.get("enabled") == "true"
-    data = route_store.changed_data(route, admin_api.box(), {"enabled": enabled}, whole=False)
+    data = route_store.changed_data(route, get_box(), {"enabled": enabled}, whole=False)
     problems = save_route(data)
     if problems:
         dash.flash("Not changed: " + "; ".join(problems), "error")
@@ -584,7 +574,11 @@ def save_route(data: dict[str, Any]) -> list[str]:
     session = get_session()
     try:
         route_store.save_route(
-            session, data, current_app.extensions["hub.connectors"], admin_api.box(), environ={}
+            session,
+            data,
+            current_app.extensions["hub.connectors"],
+            get_box(),
+            environ={},
         )
     except route_store.RouteInvalid as exc:
         session.rollback()
@@ -615,7 +609,7 @@ def route_form_values(route=None) -> dict[str, str]:
     registry = current_app.extensions["hub.connectors"]
     steps = [
         {"connector": s.get("connector"), "config": s.get("config") or {}}
-        for s in step_secrets.shown_steps(route.steps, admin_api.box(), registry)
+        for s in step_secrets.shown_steps(route.steps, get_box(), registry)
     ]
     return {
         "name": route.name,
@@ -696,7 +690,7 @@ def route_form(route=None):
         if not errors:
             if route is not None:
                 changes = {k: v for k, v in data.items() if k != "name"}
-                data = route_store.changed_data(route, admin_api.box(), changes, whole=True)
+                data = route_store.changed_data(route, get_box(), changes, whole=True)
             errors = save_route(data)
         if not errors:
             dash.flash(f"Route {data['name']} saved.")
@@ -753,29 +747,21 @@ def keys():
                 )
                 return redirect(url_for("dashboard.keys"), 303)
         values = {k: request.form.get(k, "").strip() for k in values}
-        body = {
-            "name": values["name"],
-            "scopes": values["scopes"].replace(",", " ").split(),
-            "admin": values["admin"] == "true",
-            "expires_in": values["expires_in"] or None,
-            "rate_limit": values["rate_limit"] or None,
-        }
+        session = get_session()
         try:
-            key_in = m.KeyIn.model_validate(body)
-        except ValidationError as exc:
-            errors = describe_validation_error(exc)
+            row, secret = key_store.create_from_input(
+                session,
+                values["name"],
+                values["scopes"].replace(",", " ").split(),
+                admin=values["admin"] == "true",
+                expires_in=values["expires_in"] or None,
+                rate_limit=values["rate_limit"] or None,
+            )
+        except key_store.KeyInvalid as exc:
+            session.rollback()
+            errors = exc.errors
             status = 422
         else:
-            session = get_session()
-            lifetime = key_store.parse_duration(key_in.expires_in) if key_in.expires_in else None
-            row, secret = key_store.create_key(
-                session,
-                key_in.name,
-                key_in.scopes or None,
-                lifetime,
-                key_in.rate_limit,
-                admin=key_in.admin,
-            )
             session.commit()
             if form_id:
                 g.dash["made"] = [*made, [form_id, row.prefix]][-MADE_FORMS:]

@@ -660,11 +660,18 @@ class Worker:
                 self.stopping.wait(self.max_idle)
 
 
-def notify(session) -> None:
-    """Tell listening workers that events are due (sent when the transaction commits); for
-    rare callers such as a replay. Ingest pokes the Notifier instead."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+def wake(app: Flask, *, soon: bool = False) -> None:
+    """Tell the workers that committed events are due: an idle worker of this process at
+    once (``hub.wakeup``), those of other processes by PostgreSQL's NOTIFY, sent now, in
+    this thread (a replay: rare, and a command ends right after it). ``soon`` leaves the
+    NOTIFY to the Notifier's thread, which sends one for many callers: ingest's, where one
+    per request would serialise the commits."""
+    app.extensions["hub.wakeup"].set()
+    notifier: Notifier = app.extensions["hub.notifier"]
+    if soon:
+        notifier.poke()
+    else:
+        notifier.send()
 
 
 class Notifier:
@@ -694,6 +701,13 @@ class Notifier:
                         target=self._run, name="hub-notify", daemon=True
                     )
                     self._thread.start()
+
+    def send(self) -> None:
+        """NOTIFY now, in this thread (raises if the database is unreachable)."""
+        if self.db.dialect != "postgresql":
+            return
+        with self.db.session() as session:
+            session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
     def _run(self) -> None:
         conn = None

@@ -238,6 +238,21 @@ class Filters:
     until: datetime | None = None
     request_id: str | None = None
 
+    @classmethod
+    def of(cls, given: Any) -> Filters:
+        """The filters an admin gave: anything with ``route``, ``status``, ``reason``,
+        ``key`` (a key's prefix), ``since``, ``until`` and ``request_id`` (the admin API's
+        and the dashboard's event query, a bulk replay's body)."""
+        return cls(
+            route=given.route,
+            status=given.status,
+            reason=given.reason,
+            key_prefix=given.key,
+            since=given.since,
+            until=given.until,
+            request_id=given.request_id,
+        )
+
     def apply(self, query: Select) -> Select:
         query = matching(query, self.route, self.status, self.since, self.request_id)
         if self.reason:

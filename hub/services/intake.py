@@ -33,7 +33,7 @@ from werkzeug.datastructures import Headers
 from hub import signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
-from hub.services import keys, pipeline, ratelimit
+from hub.services import delivery, keys, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
 from hub.store import crypto
@@ -181,13 +181,6 @@ def key_from(headers: Headers, args: Mapping[str, str]) -> str | None:
     return args.get("api_key")
 
 
-def presented_key() -> str | None:
-    """The API key of the request being answered (see ``key_from``)."""
-    from flask import request  # the admin API's and /system's: its home is the web face
-
-    return key_from(request.headers, request.args)
-
-
 def new_event(incoming: Incoming) -> Event:
     """The request's row; headers and body are set once the hub knows whether it accepts it."""
     return Event(
@@ -317,12 +310,8 @@ def check_key(session: Session, rx: Reception, route: Route) -> keys.KeyInfo:
     except keys.KeyRefused as exc:
         if exc.info is not None:  # the real key, revoked or expired
             event.key_prefix = exc.info.prefix
-        message = {
-            "revoked": "API key has been revoked",
-            "expired": "API key has expired",
-        }.get(exc.code, "Invalid API key")
-        detail = "no API key" if not presented else message
-        raise Rejected(401, "unauthorized", message, detail=detail) from None
+        detail = "no API key" if not presented else exc.sentence
+        raise Rejected(401, "unauthorized", exc.sentence, detail=detail) from None
     event.key_prefix = info.prefix
     rx.sender_known = True
     if not info.allows_route(route.name):
@@ -907,8 +896,7 @@ def enqueue(accepted: Accepted) -> None:
     event.response_status = 202
     event.next_attempt_at = event.received_at
     commit_new_event(session, event)  # the 202 leaves only once the event is durable
-    current_app.extensions["hub.wakeup"].set()
-    current_app.extensions["hub.notifier"].poke()
+    delivery.wake(current_app, soon=True)
 
 
 def slack_challenge(accepted: Accepted) -> str | None:

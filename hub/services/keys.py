@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -36,6 +37,11 @@ ALL_ROUTES = "*"
 LAST_USED_EVERY = timedelta(minutes=1)
 # Longer lifetimes or ages than this are refused (a datetime cannot hold them).
 MAX_DURATION_SECONDS = 100 * 366 * 86400
+# What a user may ask of a new key (create_from_input).
+MAX_NAME = 100
+MAX_SCOPES = 100
+MAX_SCOPE = 64
+MAX_SETTING = 32  # characters of a lifetime or a rate
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,21 @@ class KeyRefused(Exception):
     refusal can be told apart from a guess that merely borrowed a real key's prefix.
     """
 
+    #: What the caller hears, the same on every face (webhooks, admin API, dashboard, /metrics).
+    SENTENCES = {
+        "unauthorized": "Invalid API key",
+        "revoked": "API key has been revoked",
+        "expired": "API key has expired",
+    }
+
     def __init__(self, code: str, info: KeyInfo | None = None):
         super().__init__(code)
         self.code = code
         self.info = info
+
+    @property
+    def sentence(self) -> str:
+        return self.SENTENCES[self.code]
 
 
 def digest(key: str) -> str:
@@ -129,6 +146,60 @@ def create_key(
     session.add(row)
     session.flush()
     return row, key
+
+
+class KeyInvalid(ValueError):
+    """What a user asked of a new key, refused: ``problems`` are (field, reason) pairs,
+    every one found; each face names the fields its own way (``body.name``, ``--rate``)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        self.errors = [f"{field}: {reason}" for field, reason in problems]
+        super().__init__("; ".join(self.errors))
+
+
+def create_from_input(
+    session: Session,
+    name: str,
+    scopes: Sequence[str] = (),
+    *,
+    admin: bool = False,
+    expires_in: str | None = None,
+    rate_limit: str | None = None,
+) -> tuple[ApiKey, str]:
+    """Check what a user asked for and create the key: ``name`` (1 to 100 characters),
+    ``scopes`` (at most 100 route names of 1 to 64 characters; none: every route), admin
+    rights, a lifetime such as ``30d`` and a rate such as ``1000/hour``, as the admin API,
+    the dashboard's key form and ``keys create`` take them. KeyInvalid lists every problem,
+    in the same words for all of them; nothing is written then."""
+    problems: list[tuple[str, str]] = []
+    if not 1 <= len(name) <= MAX_NAME:
+        problems.append(("name", f"give the key a name of 1 to {MAX_NAME} characters"))
+    if len(scopes) > MAX_SCOPES:
+        problems.append(("scopes", f"at most {MAX_SCOPES} routes; use * for every route"))
+    if any(not 1 <= len(scope) <= MAX_SCOPE for scope in scopes):
+        problems.append(("scopes", f"each is a route's name of 1 to {MAX_SCOPE} characters"))
+    lifetime = None
+    if expires_in:
+        try:
+            lifetime = parse_duration(capped(expires_in))
+        except ValueError as exc:
+            problems.append(("expires_in", str(exc)))
+    if rate_limit:
+        try:
+            rate_limit = ratelimit.normalise(capped(rate_limit))
+        except ValueError as exc:
+            problems.append(("rate_limit", str(exc)))
+    if problems:
+        raise KeyInvalid(problems)
+    return create_key(session, name, list(scopes), lifetime, rate_limit or None, admin=admin)
+
+
+def capped(text: str) -> str:
+    """``text``, or ValueError when it is too long to be a duration or a rate."""
+    if len(text) > MAX_SETTING:
+        raise ValueError(f"too long: at most {MAX_SETTING} characters, such as 30d or 100/hour")
+    return text
 
 
 def key_info(row: ApiKey | Row) -> KeyInfo:

@@ -16,7 +16,7 @@ import json
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flask import Flask
+from flask import Flask, current_app
 
 HKDF_INFO = b"hub route secrets"
 MASK = "…"
@@ -92,3 +92,8 @@ def looks_masked(secret: str) -> bool:
 
 def init_app(app: Flask) -> None:
     app.extensions["hub.secrets"] = SecretBox(app.config["SECRET_KEY"])
+
+
+def get_box() -> SecretBox:
+    """The current app's SecretBox, made by ``init_app`` from HUB_SECRET_KEY."""
+    return current_app.extensions["hub.secrets"]

@@ -11,29 +11,25 @@ Every call that changes something is logged with the admin key's prefix.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, g
 from pydantic import BaseModel
 
+from hub.services import delivery, paging
 from hub.services import events as event_store
 from hub.services import keys as key_store
-from hub.services import paging
 from hub.services import routes as route_store
-from hub.services.delivery import notify
-from hub.services.intake import presented_key
-from hub.store.crypto import SecretBox, SecretsUnreadable
+from hub.store.crypto import SecretsUnreadable, get_box
 from hub.store.db import get_db, get_read_session, get_session
 from hub.store.models import ApiKey, Event, utcnow
 from hub.web import schemas as m
+from hub.web.auth import Refusal, check_admin_key, log_admin_change, presented_key
 from hub.web.errors import error_response
 from hub.web.openapi import ApiError, api, invalid
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-log = logging.getLogger("hub.admin")
 
-CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 NAME = {"name": "The route's name"}
 PREFIX = {"prefix": "The key's public prefix (hk_PREFIX_...)"}
 EVENT_ID = {"event_id": "The event's id (evt_...)"}
@@ -41,37 +37,17 @@ EVENT_ID = {"event_id": "The event's id (evt_...)"}
 
 @bp.before_request
 def require_admin_key():
-    session = get_session()
-    try:
-        info = key_store.authenticate(session, presented_key())
-    except key_store.KeyRefused as exc:
-        message = {"revoked": "API key has been revoked", "expired": "API key has expired"}
-        return error_response(401, message.get(exc.code, "Invalid API key"), "unauthorized")
-    if not info.is_admin:
-        return error_response(403, "This API key is not an admin key", "forbidden")
-    g.admin_prefix = info.prefix
+    checked = check_admin_key(presented_key())
     # End the lookup's transaction: on SQLite it holds the write lock, which the views'
     # own short transactions (bulk replay, waking the workers) must be able to take.
-    session.commit()
+    get_session().commit()
+    if isinstance(checked, Refusal):
+        return checked.response()
+    g.admin_prefix = checked.prefix
     return None
 
 
-@bp.after_request
-def after_change(response):
-    """Every change is logged with the admin key's prefix (the hub's log format escapes
-    control characters), and this process forgets the routes it had cached: the change
-    reaches its ingest at once, other processes within their cache's seconds (keys are
-    never cached: a revoked key is refused at once everywhere)."""
-    if request.method in CHANGES and "admin_prefix" in g:
-        current_app.extensions["hub.routes"].clear()
-        log.info(
-            "admin key %s: %s %s -> %d",
-            g.admin_prefix,
-            request.method,
-            request.path[:200],
-            response.status_code,
-        )
-    return response
+bp.after_request(log_admin_change)
 
 
 @bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -79,10 +55,6 @@ def after_change(response):
 def unknown(rest: str):
     """Reached only with an admin key (the check above runs first)."""
     return error_response(404, "No such admin endpoint", "not_found")
-
-
-def box() -> SecretBox:
-    return current_app.extensions["hub.secrets"]
 
 
 def not_found(what: str) -> ApiError:
@@ -128,10 +100,17 @@ def list_keys(query: m.PageQuery):
 )
 def create_key(body: m.KeyIn):
     session = get_session()
-    lifetime = key_store.parse_duration(body.expires_in) if body.expires_in else None
-    row, secret = key_store.create_key(
-        session, body.name, body.scopes or None, lifetime, body.rate_limit, admin=body.admin
-    )
+    try:
+        row, secret = key_store.create_from_input(
+            session,
+            body.name,
+            body.scopes,
+            admin=body.admin,
+            expires_in=body.expires_in,
+            rate_limit=body.rate_limit,
+        )
+    except key_store.KeyInvalid as exc:
+        raise invalid(exc.errors, "body") from None
     session.commit()
     return key_out(row, m.KeyCreated, key=secret), 201
 
@@ -175,7 +154,7 @@ def revoke_key(prefix: str):
 
 def route_out(route) -> m.RouteOut:
     registry = current_app.extensions["hub.connectors"]
-    return m.RouteOut.model_validate(route_store.to_dict(route, box(), registry))
+    return m.RouteOut.model_validate(route_store.to_dict(route, get_box(), registry))
 
 
 def save(data: dict[str, Any]):
@@ -184,7 +163,11 @@ def save(data: dict[str, Any]):
     try:
         # ${VAR} references are for route files on the server, never for the API.
         route, action = route_store.save_route(
-            session, data, current_app.extensions["hub.connectors"], box(), environ={}
+            session,
+            data,
+            current_app.extensions["hub.connectors"],
+            get_box(),
+            environ={},
         )
     except route_store.RouteInvalid as exc:
         session.rollback()
@@ -262,7 +245,7 @@ def put_route(name: str, body: m.RoutePut):
         raise invalid(["name: must be the name in the URL"], "body")
     changes = body.model_dump(exclude_unset=True) | {"name": name}
     route = route_store.get(get_session(), name)
-    data = route_store.changed_data(route, box(), changes, whole=True) if route else changes
+    data = route_store.changed_data(route, get_box(), changes, whole=True) if route else changes
     route, action = save(data)
     return route_out(route), 201 if action == "created" else 200
 
@@ -282,7 +265,7 @@ def patch_route(name: str, body: m.RoutePatch):
     if route is None:
         raise not_found("route")
     changes = body.model_dump(exclude_unset=True)
-    route, _ = save(route_store.changed_data(route, box(), changes, whole=False))
+    route, _ = save(route_store.changed_data(route, get_box(), changes, whole=False))
     return route_out(route)
 
 
@@ -343,7 +326,7 @@ def rotate(change) -> m.SecretsOut:
 )
 def add_secret(name: str, body: m.SecretIn):
     registry = current_app.extensions["hub.connectors"]
-    count = rotate(lambda s: route_store.add_secret(s, name, body.secret, registry, box()))
+    count = rotate(lambda s: route_store.add_secret(s, name, body.secret, registry, get_box()))
     return m.SecretsOut(route=name, secrets=count), 201
 
 
@@ -358,7 +341,7 @@ def add_secret(name: str, body: m.SecretIn):
 )
 def remove_secret(name: str, which: str):
     registry = current_app.extensions["hub.connectors"]
-    count = rotate(lambda s: route_store.remove_secret(s, name, which, registry, box()))
+    count = rotate(lambda s: route_store.remove_secret(s, name, which, registry, get_box()))
     return m.SecretsOut(route=name, secrets=count)
 
 
@@ -389,18 +372,6 @@ def list_connectors():
 # --- events ---
 
 
-def filters(query: m.EventFilters) -> event_store.Filters:
-    return event_store.Filters(
-        route=query.route,
-        status=query.status,
-        reason=query.reason,
-        key_prefix=query.key,
-        since=query.since,
-        until=query.until,
-        request_id=query.request_id,
-    )
-
-
 def bad_cursor(where: str) -> ApiError:
     return ApiError(
         400, f"{where}.cursor: not a cursor from this hub (use next_cursor)", "bad_cursor"
@@ -420,7 +391,7 @@ def list_events(query: m.EventQuery):
     try:
         page = event_store.search(
             get_read_session(),
-            filters(query),
+            event_store.Filters.of(query),
             limit=query.limit,
             cursor=query.cursor,
             text=query.q,
@@ -461,12 +432,6 @@ def get_event(event_id: str):
     )
 
 
-def wake_workers() -> None:
-    current_app.extensions["hub.wakeup"].set()
-    with get_db().session() as session:
-        notify(session)
-
-
 @api.route(
     bp,
     "POST",
@@ -488,7 +453,7 @@ def replay_event(event_id: str):
     if not event_store.replay(session, [event.id]):
         raise ApiError(409, f"An event that is {event.status} cannot be replayed", "not_replayable")
     session.commit()
-    wake_workers()
+    delivery.wake(current_app)
     return m.ReplayOut(id=event.id, status="pending")
 
 
@@ -516,14 +481,14 @@ def replay_events(body: m.BulkReplayIn):
     try:
         replayed, examined, cursor = event_store.replay_matching(
             get_db(),
-            filters(body),
+            event_store.Filters.of(body),
             cursor=body.cursor,
             examine=int(current_app.config["ADMIN_REPLAY_MAX"]),
         )
     except event_store.BadCursor:
         raise bad_cursor("body") from None
     if replayed:
-        wake_workers()
+        delivery.wake(current_app)
     return m.BulkReplayOut(replayed=replayed, examined=examined, next_cursor=cursor)
 
 

@@ -15,6 +15,7 @@ from hub.services import intake, keys, pipeline
 from hub.store import storable
 from hub.store.db import get_read_session
 from hub.store.models import Event
+from hub.web.auth import presented_key
 from hub.web.context import request_id
 from hub.web.errors import error_response
 
@@ -111,7 +112,7 @@ def event_status(event_id: str):
     """An event's status: for the key that sent it, its acceptance, status, times and
     counts; for an admin key, everything (its result, error and attempt log)."""
     session = get_read_session()
-    presented = intake.presented_key()
+    presented = presented_key()
     try:
         info = keys.authenticate(session, presented)
     except keys.KeyRefused:

@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hub.services import keys as key_store
-from hub.services import ratelimit
 from hub.services.events import STATUSES, parse_time
 from hub.services.paging import PAGE_DEFAULT, PAGE_MAX
 from hub.services.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
@@ -19,22 +18,13 @@ from hub.services.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpe
 EventStatus = Literal[STATUSES]  # type: ignore[valid-type]
 
 
-def _duration(value: str) -> str:
-    key_store.parse_duration(value)
-    return value
-
-
-def _rate(value: str) -> str:
-    return ratelimit.normalise(value)
-
-
 TimeBound = Annotated[str, Field(max_length=64), AfterValidator(parse_time)]
-Duration = Annotated[
-    str, Field(max_length=32, pattern=r"^\s*\d+\s*[smhdw]\s*$"), AfterValidator(_duration)
-]
-Rate = Annotated[
-    str, Field(max_length=32, pattern=r"^\s*\d{1,9}\s*/\s*[a-z]+\s*$"), AfterValidator(_rate)
-]
+
+
+def documented(**limits: Any) -> Any:
+    """Limits the document shows for a field that ``hub.services`` checks (in its own words,
+    the same on every face), not the model."""
+    return Field(json_schema_extra=limits)
 
 
 class Strict(BaseModel):
@@ -175,14 +165,28 @@ class ChatOut(BaseModel):
 # --- admin: keys ---
 
 
+# A new key's values are checked by keys.create_from_input, as the dashboard's key form's
+# and `keys create`'s are (the same sentences on every face); the document shows the limits.
 class KeyIn(Strict):
-    name: str = Field(min_length=1, max_length=100)
-    scopes: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        default_factory=list, max_length=100, description="Routes the key may post to; * for all"
-    )
+    name: Annotated[str, documented(minLength=1, maxLength=key_store.MAX_NAME)]
+    scopes: Annotated[
+        list[Annotated[str, documented(minLength=1, maxLength=key_store.MAX_SCOPE)]],
+        documented(maxItems=key_store.MAX_SCOPES),
+    ] = Field(default_factory=list, description="Routes the key may post to; * for all")
     admin: bool = Field(False, description="The key may use the admin API and every route")
-    expires_in: Duration | None = Field(None, description="Lifetime such as 30d, 12h, 2w")
-    rate_limit: Rate | None = Field(None, description="Most requests, such as 1000/hour")
+    expires_in: (
+        Annotated[
+            str, documented(maxLength=key_store.MAX_SETTING, pattern=r"^\s*\d+\s*[smhdw]\s*$")
+        ]
+        | None
+    ) = Field(None, description="Lifetime such as 30d, 12h, 2w")
+    rate_limit: (
+        Annotated[
+            str,
+            documented(maxLength=key_store.MAX_SETTING, pattern=r"^\s*\d{1,9}\s*/\s*[a-z]+\s*$"),
+        ]
+        | None
+    ) = Field(None, description="Most requests, such as 1000/hour")
 
 
 class KeyOut(BaseModel):

@@ -11,8 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
 from hub.ops import metrics
-from hub.services import keys
-from hub.services.intake import presented_key
 from hub.store.db import (
     UPGRADE_COMMAND,
     current_revision,
@@ -21,7 +19,8 @@ from hub.store.db import (
     head_revision,
     is_unavailable,
 )
-from hub.web.errors import database_unavailable, error_response, schema_outdated
+from hub.web.auth import Refusal, check_admin_key, presented_key
+from hub.web.errors import database_unavailable, schema_outdated
 
 bp = Blueprint("system", __name__)
 log = logging.getLogger("hub.system")
@@ -63,21 +62,17 @@ def metrics_text():
 
 def refuse_scraper():
     """None when the request may read the metrics: HUB_METRICS_TOKEN as a bearer token (what
-    Prometheus is given), or an admin API key; otherwise the JSON 401 or 403."""
+    Prometheus is given), or an admin API key; otherwise the admin key's refusal (401 with
+    a WWW-Authenticate challenge, or 403), worded as on every admin face."""
     token = current_app.extensions["hub.metrics.token"]
     presented = presented_key()
     if token and presented and hmac.compare_digest(presented.encode(), token.encode()):
         return None
-    session = get_session()
-    try:
-        info = keys.authenticate(session, presented)
-    except keys.KeyRefused:
-        response, status = error_response(
-            401, "Metrics need the metrics token or an admin API key", "unauthorized"
-        )
+    checked = check_admin_key(presented)
+    get_session().commit()  # end the lookup's transaction (on SQLite, its lock with it)
+    if not isinstance(checked, Refusal):
+        return None
+    response, status = checked.response()
+    if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="hub metrics"'
-        return response, status
-    session.commit()  # end the lookup's transaction (on SQLite, its lock with it)
-    if not info.is_admin:
-        return error_response(403, "This API key is not an admin key", "forbidden")
-    return None
+    return response, status
