@@ -31,7 +31,7 @@ from hub.services.templating import TemplateLimits
 from hub.store import crypto, storable
 from hub.store.db import get_db, get_read_session, get_session
 from hub.store.groupcommit import row_of
-from hub.store.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.store.models import Attempt, Event, EventStatus, Route, new_event_id, utcnow
 from hub.web.errors import error_response
 
 bp = Blueprint("ingest", __name__)
@@ -127,7 +127,7 @@ def new_event(route_name: str) -> Event:
         headers={},
         content_type=(request.content_type or "")[:200] or None,
         body_size=min(request.content_length, 2**62) if request.content_length else None,
-        status="pending",
+        status=EventStatus.PENDING,
         attempts=0,
     )
 
@@ -467,7 +467,7 @@ def take_sync_slot(event: Event, route: str) -> None:
         return
     busy = SyncBusy(route, most)
     ending = {
-        "status": "rejected",
+        "status": EventStatus.REJECTED,
         "reason": "sync_busy",
         "attempts": 0,
         "response_status": 503,
@@ -611,7 +611,7 @@ def check_duplicate(session: Session, route: Route, event: Event) -> None:
     original = find_original(session, route, event.key_prefix, event.dedup_key or "")
     if original is None:
         return
-    if original.status == "processing" and original.response_status is None:
+    if original.status == EventStatus.PROCESSING and original.response_status is None:
         raise Rejected(
             409,
             "in_progress",
@@ -619,14 +619,14 @@ def check_duplicate(session: Session, route: Route, event: Event) -> None:
             headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER)},
             detail=f"the first copy, {original.id}, is still running",
         )
-    event.status = "duplicate"
+    event.status = EventStatus.DUPLICATE
     event.duplicate_of = original.id
     event.response_status = 200
     event.completed_at = utcnow()
     event.headers = kept_headers(refused=False)
     session.add(event)
     session.commit()
-    metrics.event_ended(route.name, "duplicate")
+    metrics.event_ended(route.name, EventStatus.DUPLICATE)
     raise Duplicate(original.id)
 
 
@@ -648,7 +648,7 @@ def find_original(session: Session, route: Route, sender: str | None, key: str) 
     since = utcnow() - timedelta(seconds=route.dedup_window)
     answered_2xx = or_(
         Event.response_status.between(200, 299),
-        and_(Event.response_status.is_(None), Event.status != "failed"),
+        and_(Event.response_status.is_(None), Event.status != EventStatus.FAILED),
     )
     same_sender = Event.key_prefix == sender if sender else Event.key_prefix.is_(None)
     return session.scalar(
@@ -658,7 +658,7 @@ def find_original(session: Session, route: Route, sender: str | None, key: str) 
             Event.dedup_key == key,
             same_sender,
             Event.received_at >= since,
-            Event.status.not_in(("rejected", "duplicate")),
+            Event.status.not_in((EventStatus.REJECTED, EventStatus.DUPLICATE)),
             answered_2xx,
         )
         .order_by(Event.received_at)
@@ -672,7 +672,7 @@ def record_rejection(session: Session, event: Event, rejection: Rejected) -> Non
     keep = int(current_app.config["REFUSED_BODY_BYTES"])
     event.body = redact.kept_body(event.body, keep)
     event.headers = kept_headers(refused=True)
-    event.status = "rejected"
+    event.status = EventStatus.REJECTED
     event.reason = rejection.reason
     event.response_status = rejection.status
     event.last_error = redact.keys_in_text(rejection.detail[:500])  # it may quote the URL
@@ -703,7 +703,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     config = current_app.config
     event, route = accepted.event, accepted.route
     timeout = float(config["SYNC_TIMEOUT"])
-    event.status = "processing"
+    event.status = EventStatus.PROCESSING
     event.attempts = 1
     # A sync lease: if this process dies, a worker's reaper marks the event failed once the
     # lease has run out (it is never redelivered: the sender got no answer and will retry).
@@ -766,9 +766,9 @@ def record_unrecorded(event_id: str, exc: Exception) -> None:
         with get_db().session() as session:
             session.execute(
                 update(Event.__table__)
-                .where(Event.id == event_id, Event.status == "processing")
+                .where(Event.id == event_id, Event.status == EventStatus.PROCESSING)
                 .values(
-                    status="failed",
+                    status=EventStatus.FAILED,
                     last_error=f"the outcome could not be recorded ({type(exc).__name__})",
                     completed_at=utcnow(),
                     next_attempt_at=None,
@@ -830,14 +830,14 @@ def enqueue(accepted: Accepted, **extra):
     """Commit an async event as due now, wake the workers, and answer 202."""
     session = get_session()
     event = accepted.event
-    event.status = "pending"
+    event.status = EventStatus.PENDING
     event.response_status = 202
     event.next_attempt_at = event.received_at
     commit_new_event(session, event)  # the 202 leaves only once the event is durable
     current_app.extensions["hub.wakeup"].set()
     current_app.extensions["hub.notifier"].poke()
     status_url = url_for("ingest.event_status", event_id=event.id, _external=True)
-    return {"id": event.id, **extra, "status": "pending", "status_url": status_url}, 202
+    return {"id": event.id, **extra, "status": EventStatus.PENDING, "status_url": status_url}, 202
 
 
 def slack_challenge(accepted: Accepted) -> str | None:
@@ -866,7 +866,7 @@ def hook(route_name: str):
         )
         accepted.event.response_status = 200
         get_session().commit()
-        metrics.event_ended(accepted.route.name, "delivered")
+        metrics.event_ended(accepted.route.name, EventStatus.DELIVERED)
         return {"challenge": challenge}, 200
     if accepted.route.mode == "async":
         return enqueue(accepted)

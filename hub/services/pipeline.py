@@ -36,11 +36,12 @@ from hub.services import step_secrets
 from hub.services.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
 from hub.store import storable
 from hub.store.crypto import SecretBox, SecretsUnreadable
-from hub.store.models import Attempt, Event, Route, utcnow
+from hub.store.models import Attempt, AttemptOutcome, Event, EventStatus, Route, utcnow
 
 log = logging.getLogger("hub.pipeline")
 
-DELIVERED, FAILED, RETRYABLE, FILTERED = "delivered", "failed", "retryable", "filtered"
+DELIVERED, FAILED, FILTERED = EventStatus.DELIVERED, EventStatus.FAILED, EventStatus.FILTERED
+RETRYABLE = AttemptOutcome.RETRYABLE
 
 
 @dataclass
@@ -61,7 +62,7 @@ def end_state(outcome: Outcome, now: datetime) -> dict[str, Any]:
     if outcome.status in (DELIVERED, FILTERED):
         values = {"status": outcome.status, "result": outcome.result, "last_error": None}
     else:
-        values = {"status": "failed", "last_error": (outcome.error or "failed")[:2000]}
+        values = {"status": FAILED, "last_error": (outcome.error or "failed")[:2000]}
     return {**values, "completed_at": now, "next_attempt_at": None}
 
 
@@ -306,7 +307,7 @@ def _run_step(
         connector = registry.build(name, config)
     except SecretsUnreadable:
         message = f"{name}: a secret of the step's config does not open with this HUB_SECRET_KEY"
-        record(attempt_row(1, utcnow(), time.monotonic(), "permanent", error=message))
+        record(attempt_row(1, utcnow(), time.monotonic(), AttemptOutcome.PERMANENT, error=message))
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
         return Outcome(FAILED, error=message, code="bad_config")
     except (TemplateProblem, StepConfigError, UnknownConnectorError) as exc:
@@ -316,7 +317,7 @@ def _run_step(
             if isinstance(exc, TemplateProblem)
             else Outcome(FAILED, error=message, code="bad_config")
         )
-        kind = "retryable" if outcome.status == RETRYABLE else "permanent"
+        kind = RETRYABLE if outcome.status == RETRYABLE else AttemptOutcome.PERMANENT
         record(attempt_row(1, utcnow(), time.monotonic(), kind, error=message))
         log.warning("event %s step %d (%s): %s", event.id, index, name, message)
         return outcome
@@ -363,13 +364,15 @@ def _run_step(
                         ) from None
                 except ConnectorError as exc:
                     exc.message = redact.values_in_text(exc.message, hidden)
-                    kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
+                    kind = (
+                        RETRYABLE if isinstance(exc, RetryableError) else AttemptOutcome.PERMANENT
+                    )
                     status = exc.status or ctx.exchange.status
                     record_call(
                         ctx, started, t0, kind, http_status=status, error=exc.message[:2000]
                     )
                     last = Outcome(
-                        RETRYABLE if kind == "retryable" else FAILED,
+                        RETRYABLE if kind == RETRYABLE else FAILED,
                         error=exc.message,
                         code=exc.code,
                         http_status=status,
@@ -393,7 +396,7 @@ def _run_step(
                     else:  # a bug in the connector
                         message, code = describe_bug(exc), "connector_bug"
                         message = redact.values_in_text(message, hidden)
-                    record_call(ctx, started, t0, "permanent", error=message)
+                    record_call(ctx, started, t0, AttemptOutcome.PERMANENT, error=message)
                     level = logging.ERROR if code == "connector_bug" else logging.WARNING
                     log.log(level, "event %s step %d (%s): %s", event.id, index, name, message)
                     last = Outcome(FAILED, error=message, code=code)
@@ -403,11 +406,13 @@ def _run_step(
                         f"{name}: the step's output nests deeper than {max_depth} levels "
                         "(HUB_MAX_JSON_DEPTH)"
                     )
-                    record_call(ctx, started, t0, "permanent", error=message)
+                    record_call(ctx, started, t0, AttemptOutcome.PERMANENT, error=message)
                     log.warning("event %s step %d (%s): %s", event.id, index, name, message)
                     last = Outcome(FAILED, error=message, code="too_deep")
                     raise PermanentError(message)
-                record_call(ctx, started, t0, "ok")  # the exchange's status is recorded
+                record_call(
+                    ctx, started, t0, AttemptOutcome.OK
+                )  # the exchange's status is recorded
                 return Outcome(DELIVERED, result=_jsonable(output))
     except ConnectorError:
         assert last is not None

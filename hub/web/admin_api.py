@@ -25,7 +25,7 @@ from hub.services.delivery import notify
 from hub.services.intake import presented_key
 from hub.store.crypto import SecretBox, SecretsUnreadable
 from hub.store.db import get_db, get_read_session, get_session
-from hub.store.models import ApiKey, Event, utcnow
+from hub.store.models import ApiKey, Event, EventStatus, utcnow
 from hub.web import schemas as m
 from hub.web.errors import error_response
 from hub.web.openapi import ApiError, api, invalid
@@ -489,7 +489,7 @@ def replay_event(event_id: str):
         raise ApiError(409, f"An event that is {event.status} cannot be replayed", "not_replayable")
     session.commit()
     wake_workers()
-    return m.ReplayOut(id=event.id, status="pending")
+    return m.ReplayOut(id=event.id, status=EventStatus.PENDING)
 
 
 @api.route(
