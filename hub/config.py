@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hub.rates import normalise
+
 PREFIX = "HUB_"
 # Variables of the test suite and the benchmarks, read by them and never by the hub.
 NOT_SETTINGS = ("HUB_TEST_", "HUB_BENCH_")
@@ -90,8 +92,6 @@ def _rate(value: object) -> str:
         return ""
     if not isinstance(value, str):
         raise ValueError("not a rate")
-    from hub.services.ratelimit import normalise
-
     return normalise(value.strip())
 
 

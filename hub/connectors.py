@@ -9,7 +9,8 @@ Connectors import this module and ``hub.http``, nothing else from the hub.
 A config field that holds a credential says so with ``Secret`` (a string) or
 ``CredentialHeaders`` (a dict of headers, whose credential-named entries are secret): the
 hub then keeps its value encrypted at rest, shows it masked in every face (API, CLI,
-dashboard), and cuts it from attempt copies; ``run`` gets the real value.
+dashboard), and cuts it from attempt copies; ``run`` gets the real value. A config value
+containing ``{{`` or ``{%`` is a template (``is_template``), rendered when the step runs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hub.ops.redact import is_credential_header
-from hub.services.templating import is_template
 
 ENTRY_POINT_GROUP = "hub.connectors"
 DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024  # HUB_MAX_RESPONSE_BYTES
@@ -220,6 +220,11 @@ def lookup_path(payload: Any, path: str) -> Any:
         else:
             raise KeyError(path)
     return value
+
+
+def is_template(value: Any) -> bool:
+    """Whether a step config value is a Jinja template (rendered when the step runs)."""
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
 class UnknownConnectorError(LookupError):

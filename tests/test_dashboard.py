@@ -16,7 +16,16 @@ from hub import create_app
 from hub.config import SettingsError
 from hub.dashboard import session as dash_session
 from hub.services import keys as key_store
-from hub.store.models import ApiKey, Base, DashboardSession, Event, Route, new_event_id, utcnow
+from hub.store.models import (
+    ApiKey,
+    Attempt,
+    Base,
+    DashboardSession,
+    Event,
+    Route,
+    new_event_id,
+    utcnow,
+)
 
 HOME = "/dashboard/"
 PAGES = [
@@ -541,6 +550,40 @@ def test_overview_charts_the_last_hour_per_route(signed_in, add_route, db):
     assert oldest and oldest.group(1).endswith(" s")
     fragment = signed_in.get("/dashboard/?fragment=1").get_data(as_text=True)
     assert "<html" not in fragment and "bar-delivered" in fragment
+
+
+def test_the_overview_tiles_count_the_hour_by_status_and_link_the_refusals(signed_in, db):
+    add_events(db, "orders", ["delivered"] * 3 + ["failed"] * 2 + ["dead"] + ["rejected"] * 4)
+    html = signed_in.get(HOME).get_data(as_text=True)
+
+    def tile(label: str) -> str:
+        found = re.search(rf'tile-label">{label}</span><span class="tile-value">(\d+)<', html)
+        return found.group(1) if found else ""
+
+    assert [tile(n) for n in ("Delivered", "Failed", "Dead", "Refused")] == ["3", "2", "1", "4"]
+    assert 'href="/dashboard/events?status=rejected&amp;reason=unauthorized&amp;since=1h"' in html
+
+
+def test_an_event_page_shows_the_next_try_only_while_the_event_waits_for_one(signed_in, db):
+    waiting, done = add_events(db, "orders", ["retrying", "failed"])
+    with db.session() as session:
+        for event_id in (waiting, done):  # a failed event's stale time is not shown
+            session.get(Event, event_id).next_attempt_at = utcnow()
+        session.add(
+            Attempt(
+                event_id=waiting,
+                step_index=0,
+                connector="http",
+                outcome="retryable",
+                http_status=503,
+            )
+        )
+    html = signed_in.get(f"/dashboard/events/{waiting}").get_data(as_text=True)
+    assert "<dt>Next try</dt>" in html
+    assert '<span class="badge badge-retrying">retryable</span>' in html
+    assert "<dt>Next try</dt>" not in signed_in.get(f"/dashboard/events/{done}").get_data(
+        as_text=True
+    )
 
 
 def test_events_are_listed_newest_first_and_paged_by_cursor(signed_in, db):

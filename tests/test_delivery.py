@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from werkzeug.serving import make_server
@@ -193,6 +194,41 @@ def test_retryable_failures_follow_the_schedule_then_dead(
     assert event.completed_at is not None and "503" in event.last_error
     assert [a.outcome for a in attempt_rows(db, event_id)] == ["retryable"] * 3
     assert [a.run for a in attempt_rows(db, event_id)] == [1, 2, 3]
+
+
+def test_a_scheduled_retry_is_not_counted_as_an_end_state_in_the_metrics(
+    client, db, key, make_key, add_route, worker, scripted
+):
+    add_route(
+        "later",
+        [{"connector": "scripted", "config": {"fail": ["retry"] * 10}}],
+        mode="async",
+        retry_schedule=[60],
+    )
+    admin = make_key(admin=True)
+
+    def ended() -> dict[str, float]:
+        """hub_events_total of the route, by status."""
+        text = client.get("/metrics", headers={"X-API-Key": admin}).text
+        return {
+            sample.labels["status"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "hub_events_total" and sample.labels["route"] == "later"
+        }
+
+    before = ended()
+    event_id = post(client, key).json["id"]
+    worker.run_once()
+    assert event_row(db, event_id).status == "retrying"
+    assert ended() == before
+
+    make_due(db, event_id)
+    worker.run_once()
+    assert event_row(db, event_id).status == "dead"
+    after = ended()
+    assert after.get("dead", 0) - before.get("dead", 0) == 1
+    assert "retrying" not in after
 
 
 def test_retry_after_from_the_far_side_stretches_the_delay(

@@ -20,9 +20,10 @@ import redis
 import requests
 from sqlalchemy import func, select
 
-from hub import create_app
+from hub import create_app, rates
+from hub.rates import Rate
 from hub.services import ratelimit
-from hub.services.ratelimit import DatabaseLimiter, Rate
+from hub.services.ratelimit import DatabaseLimiter
 from hub.store.models import Event, RateCounter
 from tests.procs import gunicorn, wait_until
 
@@ -67,14 +68,14 @@ def statuses(client, n: int, route: str = "r", key: str | None = None) -> list[i
     ],
 )
 def test_parse_rates(text, rate):
-    assert ratelimit.parse(text) == rate
-    assert ratelimit.normalise(text) == str(rate)
+    assert rates.parse(text) == rate
+    assert rates.normalise(text) == str(rate)
 
 
 @pytest.mark.parametrize("text", ["", "100", "100/day", "-1/minute", "0/minute", "x/minute"])
 def test_parse_refuses_what_is_not_a_rate(text):
     with pytest.raises(ValueError, match="not a rate"):
-        ratelimit.parse(text)
+        rates.parse(text)
 
 
 def test_window_and_retry_after():

@@ -528,7 +528,9 @@ def _since(value: str | None):
 
 @events_cli.command("list")
 @click.option("--route", help="Only this route.")
-@click.option("--status", type=click.Choice(event_store.STATUSES), help="Only this status.")
+@click.option(
+    "--status", type=click.Choice([s.value for s in event_store.STATUSES]), help="Only this status."
+)
 @click.option("--since", help="Received after an ISO time or within an age such as 2h.")
 @click.option("--request-id", help="Only events this X-Request-ID brought (from a log, an answer).")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
@@ -581,7 +583,9 @@ def events_show(event_id: str) -> None:
 @events_cli.command("replay")
 @click.argument("event_ids", nargs=-1)
 @click.option(
-    "--status", type=click.Choice(event_store.REPLAYABLE), help="Replay every such event."
+    "--status",
+    type=click.Choice([s.value for s in event_store.REPLAYABLE]),
+    help="Replay every such event.",
 )
 @click.option("--route", help="With --status: only this route.")
 @click.option("--since", help="With --status: received after an ISO time or within an age.")

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
+from hub.store.models import EventStatus
+
 # What the chart stacks, bottom up, and the event statuses each series counts.
 SERIES = (
-    ("delivered", ("delivered",)),
-    ("failed", ("failed",)),
-    ("dead", ("dead",)),
-    ("refused", ("rejected",)),
+    ("delivered", (EventStatus.DELIVERED,)),
+    ("failed", (EventStatus.FAILED,)),
+    ("dead", (EventStatus.DEAD,)),
+    ("refused", (EventStatus.REJECTED,)),
 )
 WIDTH, HEIGHT = 240, 60
 

@@ -38,7 +38,7 @@ from hub.services import keys as key_store
 from hub.services import routes as route_store
 from hub.store.crypto import get_box
 from hub.store.db import get_db, get_read_session, get_session
-from hub.store.models import Event, utcnow
+from hub.store.models import DUE_STATUSES, AttemptOutcome, Event, EventStatus, utcnow
 from hub.web import errors
 from hub.web import schemas as m
 from hub.web.auth import Refusal, check_admin_key, log_admin_change
@@ -108,6 +108,16 @@ def finish(response):
 @bp.app_template_global()
 def csrf_token() -> str:
     return dash.csrf_token()
+
+
+@bp.context_processor
+def statuses() -> dict[str, Any]:
+    """The event statuses and call outcomes the templates name, from their one definition."""
+    return {
+        "EventStatus": EventStatus,
+        "AttemptOutcome": AttemptOutcome,
+        "DUE_STATUSES": DUE_STATUSES,
+    }
 
 
 @bp.app_template_filter("when")
@@ -459,7 +469,8 @@ def event_detail(event_id: str):
         "result_cut": result_cut,
         "replayable": replayable,
         "why_not": why_not,
-        "in_flight": event.status in ("pending", "processing", "retrying"),
+        "in_flight": event.status
+        in (EventStatus.PENDING, EventStatus.PROCESSING, EventStatus.RETRYING),
     }
     if fragment():
         return page("dashboard/_event.html", **context)

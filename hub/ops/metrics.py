@@ -13,7 +13,8 @@ this host's processes no longer running when it starts; a process that ends take
 gauge (hub_processes) with it.
 
 Queue depth and the age of the oldest due event are read from the database when scraped
-(two or three indexed, bounded queries, remembered for QUEUE_CACHE_SECONDS).
+(two or three indexed, bounded queries, remembered for QUEUE_CACHE_SECONDS), by the reading
+function ``init_app`` is given: this module knows no table.
 
 Label values never come from the network unchecked: a route label is the name of a route
 that exists, or ``(unknown)``; every label value is cut to LABEL_MAX characters.
@@ -29,6 +30,8 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app
@@ -36,18 +39,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from hub.ops import logs
-from hub.store.models import Event, utcnow
 
 log = logging.getLogger("hub.metrics")
 
 UNKNOWN = "(unknown)"
 LABEL_MAX = 64
-# Events reaching these statuses are counted in hub_events_total (the end states).
-END_STATES = frozenset({"rejected", "duplicate", "filtered", "delivered", "failed", "dead"})
-DUE_STATUSES = ("pending", "retrying")
 # The queue queries count at most this many rows: a backlog larger than this reads as this.
 QUEUE_COUNT_CAP = 100_000
 # Seconds the queue gauges are remembered: a storm of scrapes costs one query per process.
@@ -188,18 +186,19 @@ def route_label() -> str:
 
 
 def event_ended(route: str | None, status: str, count: int = 1) -> None:
-    """An event reached ``status``; only end states are counted. ``route`` is trusted: the
-    name on an accepted event (a rejected one is counted by ``refused``)."""
-    if status in END_STATES and count:
+    """An event reached the end state ``status`` (the caller says only those). ``route`` is
+    trusted: the name on an accepted event (a rejected one is counted by ``refused``)."""
+    if count:
         metrics().events.labels(label(route or UNKNOWN), status).inc(count)
 
 
-def refused(reason: str, recorded: bool = True) -> None:
-    """A request turned away for ``reason``; ``recorded``: its event row was written."""
+def refused(reason: str, recorded_as: str | None) -> None:
+    """A request turned away for ``reason``; ``recorded_as``: the status its event row was
+    written with, or None when no row was written."""
     m = metrics()
     m.refusals.labels(label(reason)).inc()
-    if recorded:
-        m.events.labels(route_label(), "rejected").inc()
+    if recorded_as is not None:
+        m.events.labels(route_label(), recorded_as).inc()
 
 
 def attempt_done(connector: str, outcome: str, seconds: float) -> None:
@@ -289,17 +288,22 @@ class ProcessFiles(MultiProcessCollector):
 # --- the queue, read from the database at scrape time ---
 
 
-class QueueCollector(Collector):
-    """hub_queue_* gauges from the database, remembered for ``ttl`` seconds."""
+# (due, waiting, oldest due next_attempt_at): events due now and events waiting, each
+# counted up to QUEUE_COUNT_CAP, and when the event due longest became due (None: none is).
+QueueReading = tuple[int, int, datetime | None]
 
-    def __init__(self, app: Flask, ttl: float = QUEUE_CACHE_SECONDS):
-        self.app = app
+
+class QueueCollector(Collector):
+    """hub_queue_* gauges from ``query`` (the database), remembered for ``ttl`` seconds."""
+
+    def __init__(self, query: Callable[[], QueueReading], ttl: float = QUEUE_CACHE_SECONDS):
+        self._query = query
         self.ttl = ttl
         self._lock = threading.Lock()
         self._read_at = -1e9
-        self._read: tuple[int, int, Any] | None = None
+        self._read: QueueReading | None = None
 
-    def read(self) -> tuple[int, int, Any] | None:
+    def read(self) -> QueueReading | None:
         """(due, waiting, oldest due next_attempt_at) or None when the database failed."""
         with self._lock:
             if time.monotonic() - self._read_at >= self.ttl:
@@ -310,30 +314,6 @@ class QueueCollector(Collector):
                     self._read = None
                 self._read_at = time.monotonic()
             return self._read
-
-    def _query(self) -> tuple[int, int, Any]:
-        now = utcnow()
-        due = Event.status.in_(DUE_STATUSES) & (Event.next_attempt_at <= now)
-        with self.app.extensions["hub.db"].read_session() as session:
-
-            def capped_count(*where) -> int:
-                rows = select(Event.id).where(*where).limit(QUEUE_COUNT_CAP).subquery()
-                return int(session.scalar(select(func.count()).select_from(rows)) or 0)
-
-            # min() per status walks the due index (status, next_attempt_at) to its first row.
-            oldest = [
-                session.scalar(
-                    select(func.min(Event.next_attempt_at)).where(
-                        Event.status == status, Event.next_attempt_at <= now
-                    )
-                )
-                for status in DUE_STATUSES
-            ]
-            return (
-                capped_count(due),
-                capped_count(Event.status.in_(DUE_STATUSES)),
-                min((t for t in oldest if t is not None), default=None),
-            )
 
     def collect(self):
         read = self.read()
@@ -356,7 +336,7 @@ class QueueCollector(Collector):
             f"Events waiting for delivery, due now or scheduled later (at most {QUEUE_COUNT_CAP}).",
             value=waiting,
         )
-        age = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
+        age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
         yield GaugeMetricFamily(
             "hub_queue_oldest_due_age_seconds",
             "Seconds the longest-waiting due event has been due (0 when none is).",
@@ -381,12 +361,13 @@ def exposition() -> bytes:
     return generate_latest(registry)
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, read_queue: Callable[[int], QueueReading]) -> None:
     """The counters' home (HUB_METRICS_DIR when set), the request counter, the queue
-    collector; system.py serves GET /metrics."""
+    collector reading the queue with ``read_queue(QUEUE_COUNT_CAP)``; system.py serves
+    GET /metrics."""
     # HUB_METRICS_TOKEN, checked by the settings model (at least 16 characters).
     app.extensions["hub.metrics.token"] = app.config.get("METRICS_TOKEN") or None
     configured = app.config.get("METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
         use(str(configured))
-    app.extensions["hub.metrics.queue"] = QueueCollector(app)
+    app.extensions["hub.metrics.queue"] = QueueCollector(lambda: read_queue(QUEUE_COUNT_CAP))

@@ -37,7 +37,7 @@ from hub.services import pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
-from hub.store.models import DUE_PREDICATE, Attempt, Event, utcnow
+from hub.store.models import DUE_PREDICATE, Attempt, Event, EventStatus, utcnow
 
 log = logging.getLogger("hub.worker")
 
@@ -80,12 +80,12 @@ def reap_sync_events(db: Database) -> list[str]:
             session.execute(
                 update(Event.__table__)
                 .where(
-                    Event.status == "processing",
+                    Event.status == EventStatus.PROCESSING,
                     Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
                     Event.lease_until < now,
                 )
                 .values(
-                    status="failed",
+                    status=EventStatus.FAILED,
                     last_error=SYNC_PROCESS_DIED,
                     completed_at=now,
                     next_attempt_at=None,
@@ -97,7 +97,7 @@ def reap_sync_events(db: Database) -> list[str]:
         )
     for event_id, route in reaped:
         log.warning("event %s: %s", event_id, SYNC_PROCESS_DIED)
-        metrics.event_ended(route, "failed")
+        metrics.event_ended(route, EventStatus.FAILED)
     return [event_id for event_id, _ in reaped]
 
 
@@ -330,7 +330,7 @@ class Worker:
     @staticmethod
     def _expired(now):
         return and_(
-            Event.status == "processing",
+            Event.status == EventStatus.PROCESSING,
             Event.lease_until < now,
             or_(
                 Event.lease_owner.is_(None),
@@ -356,12 +356,12 @@ class Worker:
     def _claim(self, chosen, now) -> list[Event]:
         """Lease the events ``chosen`` names (a condition on their ids, locked on PostgreSQL:
         ``_fair_due`` or ``_expired_oldest``)."""
-        expired = Event.status == "processing"
+        expired = Event.status == EventStatus.PROCESSING
         statement = (
             update(Event)
             .where(chosen)
             .values(
-                status="processing",
+                status=EventStatus.PROCESSING,
                 lease_owner=self.name,
                 lease_until=now + timedelta(seconds=self.lease),
                 attempts=Event.attempts + 1,
@@ -491,7 +491,8 @@ class Worker:
             log.warning("event %s: lease lost before the outcome was written", event.id)
             return "lease_lost"
         log.info("event %s run %d: %s", event.id, event.attempts, values["status"])
-        metrics.event_ended(event.route, values["status"])
+        if values["status"] != EventStatus.RETRYING:
+            metrics.event_ended(event.route, values["status"])
         return values["status"]
 
     def _ending(
@@ -506,10 +507,10 @@ class Worker:
         delay = retry_delay(schedule_of(schedule), event.retries, outcome.retry_after)
         values["last_error"] = (outcome.error or "retryable failure")[:2000]
         if delay is None:
-            values.update(status="dead", completed_at=now, next_attempt_at=None)
+            values.update(status=EventStatus.DEAD, completed_at=now, next_attempt_at=None)
         else:
             values.update(
-                status="retrying",
+                status=EventStatus.RETRYING,
                 retries=event.retries + 1,
                 next_attempt_at=now + timedelta(seconds=delay),
             )
@@ -537,7 +538,10 @@ class Worker:
                 update(Event.__table__)
                 .where(Event.id.in_(event_ids), Event.lease_owner == self.name)
                 .values(
-                    status="retrying", lease_owner=None, lease_until=None, next_attempt_at=utcnow()
+                    status=EventStatus.RETRYING,
+                    lease_owner=None,
+                    lease_until=None,
+                    next_attempt_at=utcnow(),
                 )
             )
         log.info("handed back %d event(s)", len(event_ids))

@@ -28,26 +28,23 @@ from sqlalchemy.orm import Session
 from hub.services import keys as key_store
 from hub.services.paging import BadCursor
 from hub.store.db import Database
-from hub.store.models import Attempt, Event, iso_time, utcnow
+from hub.store.models import DUE_STATUSES, Attempt, Event, EventStatus, due, iso_time, utcnow
 
-STATUSES = (
-    "pending",
-    "processing",
-    "retrying",
-    "delivered",
-    "failed",
-    "dead",
-    "filtered",
-    "duplicate",
-    "rejected",
-)
+STATUSES = tuple(EventStatus)
 # Statuses a replay may take: any event not in flight. Processing and retrying events count
 # only without a live lease. Rejected and duplicate events were never accepted: replaying one
 # would run a request the hub refused (bypassing its authentication), so they never are.
-REPLAYABLE = ("delivered", "failed", "dead", "filtered", "processing", "retrying")
-ENDED = ("delivered", "failed", "dead", "filtered")
-NEVER_ACCEPTED = ("rejected", "duplicate")
-FINISHED = ("delivered", "failed", "dead", "filtered", "duplicate", "rejected")
+REPLAYABLE = (
+    EventStatus.DELIVERED,
+    EventStatus.FAILED,
+    EventStatus.DEAD,
+    EventStatus.FILTERED,
+    EventStatus.PROCESSING,
+    EventStatus.RETRYING,
+)
+ENDED = (EventStatus.DELIVERED, EventStatus.FAILED, EventStatus.DEAD, EventStatus.FILTERED)
+NEVER_ACCEPTED = (EventStatus.REJECTED, EventStatus.DUPLICATE)
+FINISHED = (*ENDED, *NEVER_ACCEPTED)
 
 
 def matching(
@@ -93,7 +90,7 @@ def not_in_flight(now: datetime):
     return or_(
         Event.status.in_(ENDED),
         and_(
-            Event.status.in_(("processing", "retrying")),
+            Event.status.in_((EventStatus.PROCESSING, EventStatus.RETRYING)),
             or_(Event.lease_until.is_(None), Event.lease_until < now),
         ),
     )
@@ -113,7 +110,7 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
         update(Event.__table__)
         .where(Event.id.in_(ids), not_in_flight(now))
         .values(
-            status="pending",
+            status=EventStatus.PENDING,
             next_attempt_at=utcnow(),
             completed_at=None,
             replayed_at=now,
@@ -144,7 +141,7 @@ def why_not_replayed(session: Session, event_ids: Iterable[str]) -> dict[str, st
                 f"{event.status}: never accepted, so never replayed (that would run a "
                 "request the hub turned away)"
             )
-        elif event.status == "pending":
+        elif event.status == EventStatus.PENDING:
             reasons[event_id] = "pending: already waiting for delivery"
         elif event.lease_until is not None and event.lease_until >= now:
             until = f"{event.lease_until:%H:%M:%S}"
@@ -444,7 +441,7 @@ def _any_left(db: Database, filters: Filters, cursor: str) -> bool:
 
 
 # Events whose processing time counts in the statistics.
-PROCESSED = ("delivered", "failed", "dead")
+PROCESSED = (EventStatus.DELIVERED, EventStatus.FAILED, EventStatus.DEAD)
 
 
 @dataclass
@@ -610,9 +607,6 @@ def timeline(
     return Timeline(since, until, buckets, counted, cutoff is not None, routes)
 
 
-DUE = ("pending", "retrying")
-
-
 @dataclass
 class Queue:
     """Events waiting for a worker: how many (counted up to a cap), by route, and when the
@@ -626,29 +620,47 @@ class Queue:
 
 def queue(session: Session, now: datetime, cap: int = 10_000) -> Queue:
     """The queue's depth counted along the due index, stopping past ``cap`` events."""
-    waiting = select(Event.route).where(Event.status.in_(DUE)).limit(cap + 1).subquery()
+    waiting = select(Event.route).where(Event.status.in_(DUE_STATUSES)).limit(cap + 1).subquery()
     by_route = {
         route: int(n)
         for route, n in session.execute(
             select(waiting.c.route, func.count()).group_by(waiting.c.route)
         )
     }
-    oldest = None
-    for status in DUE:  # one index seek each: (status, next_attempt_at)
-        first = session.scalar(
+    depth = sum(by_route.values())
+    return Queue(min(depth, cap), depth > cap, by_route, oldest_due(session, now))
+
+
+def oldest_due(session: Session, now: datetime) -> datetime | None:
+    """The next_attempt_at of the event due longest, None when none is due: one index seek
+    for each due status, (status, next_attempt_at) to its first row."""
+    oldest = [
+        session.scalar(
             select(Event.next_attempt_at)
-            .where(
-                Event.status == status,
-                Event.next_attempt_at.is_not(None),
-                Event.next_attempt_at <= now,
-            )
+            .where(due(now, (status,)))
             .order_by(Event.next_attempt_at)
             .limit(1)
         )
-        if first is not None and (oldest is None or first < oldest):
-            oldest = first
-    depth = sum(by_route.values())
-    return Queue(min(depth, cap), depth > cap, by_route, oldest)
+        for status in DUE_STATUSES
+    ]
+    return min((t for t in oldest if t is not None), default=None)
+
+
+def queue_gauges(db: Database, cap: int) -> tuple[int, int, datetime | None]:
+    """What the queue gauges show: events due now, events waiting (due now or later), each
+    counted up to ``cap``, and the next_attempt_at of the event due longest."""
+    now = utcnow()
+    with db.read_session() as session:
+
+        def capped_count(where) -> int:
+            rows = select(Event.id).where(where).limit(cap).subquery()
+            return int(session.scalar(select(func.count()).select_from(rows)) or 0)
+
+        return (
+            capped_count(due(now)),
+            capped_count(Event.status.in_(DUE_STATUSES)),
+            oldest_due(session, now),
+        )
 
 
 def count_replayable(session: Session, filters: Filters, cap: int) -> int:

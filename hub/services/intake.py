@@ -30,7 +30,7 @@ from sqlalchemy import Connection, and_, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
-from hub import signatures
+from hub import rates, signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
 from hub.services import delivery, keys, pipeline, ratelimit
@@ -39,7 +39,7 @@ from hub.services.delivery import sync_lease
 from hub.store import crypto
 from hub.store.db import get_db, get_session
 from hub.store.groupcommit import row_of
-from hub.store.models import Attempt, Event, Route, new_event_id, utcnow
+from hub.store.models import Attempt, Event, EventStatus, Route, new_event_id, utcnow
 
 log = logging.getLogger("hub.ingest")
 
@@ -196,7 +196,7 @@ def new_event(incoming: Incoming) -> Event:
         headers={},
         content_type=(incoming.content_type or "")[:200] or None,
         body_size=min(incoming.content_length, 2**62) if incoming.content_length else None,
-        status="pending",
+        status=EventStatus.PENDING,
         attempts=0,
     )
 
@@ -379,9 +379,9 @@ def enforce_rate_limits(session: Session, route: Route, key: keys.KeyInfo | None
     """Rejected(429) with Retry-After when the key's or the route's limit is spent."""
     limits = []
     if key is not None and key.rate_limit:
-        limits.append((f"key:{key.prefix}", ratelimit.parse(key.rate_limit)))
+        limits.append((f"key:{key.prefix}", rates.parse(key.rate_limit)))
     if route.rate_limit:
-        limits.append((f"route:{route.name}", ratelimit.parse(route.rate_limit)))
+        limits.append((f"route:{route.name}", rates.parse(route.rate_limit)))
     if not limits:
         return
     refused = ratelimit.check(current_app.extensions["hub.ratelimit"], session, limits)
@@ -532,7 +532,7 @@ def take_sync_slot(event: Event, route: str) -> None:
         return
     busy = SyncBusy(route, most)
     ending = {
-        "status": "rejected",
+        "status": EventStatus.REJECTED,
         "reason": "sync_busy",
         "attempts": 0,
         "response_status": 503,
@@ -545,7 +545,7 @@ def take_sync_slot(event: Event, route: str) -> None:
         setattr(event, column, value)
     ended = update(Event.__table__).where(Event.id == event.id).values(**ending)
     current_app.extensions["hub.commits"].run(lambda shared: shared.execute(ended))
-    metrics.refused("sync_busy")
+    metrics.refused("sync_busy", EventStatus.REJECTED)
     log.info("rejected %s %s: sync_busy (503)", event.id, route[:64])
     raise busy
 
@@ -569,7 +569,7 @@ def refusal_bucket(remote_addr: str | None) -> str:
     return f"refusals:{(remote_addr or '-')[:64]}"
 
 
-def refusal_rate(config: Mapping[str, Any]) -> ratelimit.Rate | None:
+def refusal_rate(config: Mapping[str, Any]) -> rates.Rate | None:
     """HUB_REFUSAL_LIMIT (checked at start-up) in the app's ``config``, or None when it is off."""
     return ratelimit.optional_rate(config.get("REFUSAL_LIMIT"), "REFUSAL_LIMIT")
 
@@ -680,7 +680,7 @@ def check_duplicate(session: Session, rx: Reception, route: Route) -> None:
     original = find_original(session, route, event.key_prefix, event.dedup_key or "")
     if original is None:
         return
-    if original.status == "processing" and original.response_status is None:
+    if original.status == EventStatus.PROCESSING and original.response_status is None:
         raise Rejected(
             409,
             "in_progress",
@@ -688,14 +688,14 @@ def check_duplicate(session: Session, rx: Reception, route: Route) -> None:
             headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER)},
             detail=f"the first copy, {original.id}, is still running",
         )
-    event.status = "duplicate"
+    event.status = EventStatus.DUPLICATE
     event.duplicate_of = original.id
     event.response_status = 200
     event.completed_at = utcnow()
     event.headers = kept_headers(rx, refused=False)
     session.add(event)
     session.commit()
-    metrics.event_ended(route.name, "duplicate")
+    metrics.event_ended(route.name, EventStatus.DUPLICATE)
     raise Duplicate(original.id)
 
 
@@ -717,7 +717,7 @@ def find_original(session: Session, route: Route, sender: str | None, key: str) 
     since = utcnow() - timedelta(seconds=route.dedup_window)
     answered_2xx = or_(
         Event.response_status.between(200, 299),
-        and_(Event.response_status.is_(None), Event.status != "failed"),
+        and_(Event.response_status.is_(None), Event.status != EventStatus.FAILED),
     )
     same_sender = Event.key_prefix == sender if sender else Event.key_prefix.is_(None)
     return session.scalar(
@@ -727,7 +727,7 @@ def find_original(session: Session, route: Route, sender: str | None, key: str) 
             Event.dedup_key == key,
             same_sender,
             Event.received_at >= since,
-            Event.status.not_in(("rejected", "duplicate")),
+            Event.status.not_in((EventStatus.REJECTED, EventStatus.DUPLICATE)),
             answered_2xx,
         )
         .order_by(Event.received_at)
@@ -742,7 +742,7 @@ def record_rejection(session: Session, rx: Reception, rejection: Rejected) -> No
     keep = int(current_app.config["REFUSED_BODY_BYTES"])
     event.body = redact.kept_body(event.body, keep)
     event.headers = kept_headers(rx, refused=True)
-    event.status = "rejected"
+    event.status = EventStatus.REJECTED
     event.reason = rejection.reason
     event.response_status = rejection.status
     event.last_error = redact.keys_in_text(rejection.detail[:500])  # it may quote the URL
@@ -750,7 +750,7 @@ def record_rejection(session: Session, rx: Reception, rejection: Rejected) -> No
     count_refusal(session, rx, rejection)
     session.add(event)
     session.commit()
-    metrics.refused(rejection.reason)
+    metrics.refused(rejection.reason, EventStatus.REJECTED)
     log.info(
         "rejected %s %s: %s (%d)", event.id, event.route[:64], rejection.reason, rejection.status
     )
@@ -768,7 +768,7 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     config = current_app.config
     event, route = accepted.event, accepted.route
     timeout = float(config["SYNC_TIMEOUT"])
-    event.status = "processing"
+    event.status = EventStatus.PROCESSING
     event.attempts = 1
     # A sync lease: if this process dies, a worker's reaper marks the event failed once the
     # lease has run out (it is never redelivered: the sender got no answer and will retry).
@@ -826,9 +826,9 @@ def record_unrecorded(event_id: str, exc: Exception) -> None:
         with get_db().session() as session:
             session.execute(
                 update(Event.__table__)
-                .where(Event.id == event_id, Event.status == "processing")
+                .where(Event.id == event_id, Event.status == EventStatus.PROCESSING)
                 .values(
-                    status="failed",
+                    status=EventStatus.FAILED,
                     last_error=f"the outcome could not be recorded ({type(exc).__name__})",
                     completed_at=utcnow(),
                     next_attempt_at=None,
@@ -865,7 +865,7 @@ def accept(incoming: Incoming) -> Accepted | Answer:
     except Duplicate as dup:
         return Answer(200, body={"id": dup.original, "duplicate": True})
     except AddressThrottled as throttled:
-        metrics.refused("too_many_refusals", recorded=False)
+        metrics.refused("too_many_refusals", None)
         return Answer(
             429,
             "Too many refused requests from this address; try again later",
@@ -892,7 +892,7 @@ def enqueue(accepted: Accepted) -> None:
     """Commit an async event as due now (the sender is answered 202) and wake the workers."""
     session = get_session()
     event = accepted.event
-    event.status = "pending"
+    event.status = EventStatus.PENDING
     event.response_status = 202
     event.next_attempt_at = event.received_at
     commit_new_event(session, event)  # the 202 leaves only once the event is durable
@@ -922,7 +922,7 @@ def answer_challenge(accepted: Accepted) -> dict[str, str] | None:
     finish(accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge}))
     accepted.event.response_status = 200
     get_session().commit()
-    metrics.event_ended(accepted.route.name, "delivered")
+    metrics.event_ended(accepted.route.name, EventStatus.DELIVERED)
     return {"challenge": challenge}
 
 

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from hub.services import ratelimit
+from hub import rates
 from hub.store.models import ApiKey, DashboardSession, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
@@ -125,7 +125,7 @@ def create_key(
     ``rate_limit`` such as ``1000/hour`` caps this key's requests (ValueError if malformed).
     """
     if rate_limit is not None:
-        rate_limit = ratelimit.normalise(rate_limit)
+        rate_limit = rates.normalise(rate_limit)
     for _ in range(5):
         prefix, key = generate()
         if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
@@ -187,7 +187,7 @@ def create_from_input(
             problems.append(("expires_in", str(exc)))
     if rate_limit:
         try:
-            rate_limit = ratelimit.normalise(capped(rate_limit))
+            rate_limit = rates.normalise(capped(rate_limit))
         except ValueError as exc:
             problems.append(("rate_limit", str(exc)))
     if problems:

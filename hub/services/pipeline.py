@@ -42,14 +42,15 @@ from hub.services import step_secrets
 from hub.services.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
 from hub.store import storable
 from hub.store.crypto import SecretBox, SecretsUnreadable
-from hub.store.models import Attempt, Event, Route, utcnow
+from hub.store.models import Attempt, AttemptOutcome, Event, EventStatus, Route, utcnow
 
 if TYPE_CHECKING:
     from flask import Flask
 
 log = logging.getLogger("hub.pipeline")
 
-DELIVERED, FAILED, RETRYABLE, FILTERED = "delivered", "failed", "retryable", "filtered"
+DELIVERED, FAILED, FILTERED = EventStatus.DELIVERED, EventStatus.FAILED, EventStatus.FILTERED
+RETRYABLE = AttemptOutcome.RETRYABLE
 
 
 @dataclass
@@ -70,7 +71,7 @@ def end_state(outcome: Outcome, now: datetime) -> dict[str, Any]:
     if outcome.status in (DELIVERED, FILTERED):
         values = {"status": outcome.status, "result": outcome.result, "last_error": None}
     else:
-        values = {"status": "failed", "last_error": (outcome.error or "failed")[:2000]}
+        values = {"status": FAILED, "last_error": (outcome.error or "failed")[:2000]}
     return {**values, "completed_at": now, "next_attempt_at": None}
 
 
@@ -384,7 +385,7 @@ def _prepare(step: _Step, entry: dict[str, Any]) -> Connector | Outcome:
             if isinstance(exc, TemplateProblem)
             else Outcome(FAILED, error=message, code="bad_config")
         )
-    kind = "retryable" if outcome.status == RETRYABLE else "permanent"
+    kind = RETRYABLE if outcome.status == RETRYABLE else AttemptOutcome.PERMANENT
     this_run.record(step.attempt_row(1, utcnow(), time.monotonic(), kind, error=message))
     log.warning("event %s step %d (%s): %s", this_run.event.id, step.index, step.name, message)
     return outcome
@@ -432,10 +433,10 @@ def _try_once(
             f"{step.name}: the step's output nests deeper than {max_depth} levels "
             "(HUB_MAX_JSON_DEPTH)"
         )
-        call.record("permanent", error=message)
+        call.record(AttemptOutcome.PERMANENT, error=message)
         _log_step(logging.WARNING, step, message)
         return Outcome(FAILED, error=message, code="too_deep"), PermanentError(message)
-    call.record("ok")  # the exchange's status is recorded
+    call.record(AttemptOutcome.OK)  # the exchange's status is recorded
     return Outcome(DELIVERED, result=_jsonable(output)), None
 
 
@@ -454,11 +455,11 @@ def _connector_failed(call: _Call, exc: ConnectorError) -> Outcome:
     """A connector's own error: retryable or permanent as it says, its secrets cut."""
     step = call.step
     exc.message = redact.values_in_text(exc.message, step.hidden)
-    kind = "retryable" if isinstance(exc, RetryableError) else "permanent"
+    kind = RETRYABLE if isinstance(exc, RetryableError) else AttemptOutcome.PERMANENT
     status = exc.status or call.ctx.exchange.status
     call.record(kind, http_status=status, error=exc.message[:2000])
     outcome = Outcome(
-        RETRYABLE if kind == "retryable" else FAILED,
+        RETRYABLE if kind == RETRYABLE else FAILED,
         error=exc.message,
         code=exc.code,
         http_status=status,
@@ -484,7 +485,7 @@ def _call_broke(call: _Call, exc: Exception) -> Outcome:
     else:  # a bug in the connector
         message, code = describe_bug(exc), "connector_bug"
         message = redact.values_in_text(message, step.hidden)
-    call.record("permanent", error=message)
+    call.record(AttemptOutcome.PERMANENT, error=message)
     _log_step(logging.ERROR if code == "connector_bug" else logging.WARNING, step, message)
     return Outcome(FAILED, error=message, code=code)
 

@@ -1,7 +1,7 @@
 """Rate limits per route and per key, counted in a store every worker shares.
 
-A limit is ``N/second``, ``N/minute`` or ``N/hour``, counted in fixed windows aligned to the
-clock. The count lives in the database (``rate_counters``, one upserted row per bucket and
+A limit is ``N/second``, ``N/minute`` or ``N/hour`` (its grammar is ``hub.rates``, which the
+settings read too), counted in fixed windows aligned to the clock. The count lives in the database (``rate_counters``, one upserted row per bucket and
 window) or, when HUB_REDIS_URL is set, in Redis (INCR + EXPIRE): never in process memory,
 so two gunicorn workers, or two machines, share one budget.
 """
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 
 from flask import Flask
 from sqlalchemy import delete, select
@@ -23,24 +21,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from hub.rates import Rate, parse
 from hub.store.models import RateCounter
 
 log = logging.getLogger("hub.ratelimit")
-
-PERIODS = {"second": 1, "minute": 60, "hour": 3600}
-_UNITS = {"s": "second", "sec": "second", "m": "minute", "min": "minute", "h": "hour"}
-_UNITS.update({u: u for u in PERIODS})
-_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*/\s*([a-z]+)\s*$")
-
-
-@dataclass(frozen=True)
-class Rate:
-    limit: int
-    period: int  # seconds
-
-    def __str__(self) -> str:
-        unit = next(u for u, s in PERIODS.items() if s == self.period)
-        return f"{self.limit}/{unit}"
 
 
 @dataclass(frozen=True)
@@ -49,24 +33,6 @@ class Decision:
     count: int
     limit: int
     retry_after: int  # whole seconds until the window frees, at least 1
-
-
-@lru_cache(maxsize=1024)
-def parse(text: str) -> Rate:
-    """``100/minute`` (also ``/second``, ``/hour``, ``/s``, ``/m``, ``/h``) as a Rate."""
-    match = _RATE_RE.match((text or "").lower())
-    unit = _UNITS.get(match.group(2)) if match else None
-    if not match or unit is None:
-        raise ValueError(f"not a rate: {text!r} (use a number per second, minute or hour)")
-    limit = int(match.group(1))
-    if limit < 1:
-        raise ValueError(f"not a rate: {text!r} (the number must be at least 1)")
-    return Rate(limit, PERIODS[unit])
-
-
-def normalise(text: str) -> str:
-    """The canonical spelling of a rate, so ``100/min`` and ``100/minute`` compare equal."""
-    return str(parse(text))
 
 
 def window(rate: Rate, now: float) -> tuple[int, int]:

@@ -24,14 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub import signatures
+from hub import rates, signatures
 from hub.connectors import (
     Registry,
     StepConfigError,
     UnknownConnectorError,
     describe_validation_error,
 )
-from hub.services import ratelimit, step_secrets
+from hub.services import step_secrets
 from hub.services.templating import TemplateProblem, check_config, check_filter
 from hub.store.cache import TTLCache
 from hub.store.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
@@ -175,7 +175,7 @@ def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
     errors: list[str] = []
     if spec.rate_limit is not None:
         try:
-            spec.rate_limit = ratelimit.normalise(spec.rate_limit)
+            spec.rate_limit = rates.normalise(spec.rate_limit)
         except ValueError as exc:
             errors.append(f"rate_limit: {exc}")
     verify = spec.verify

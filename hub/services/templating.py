@@ -1,7 +1,8 @@
 """Step config templates and route filters, rendered in Jinja's sandbox, within limits.
 
-A config string containing ``{{`` or ``{%`` is a template over ``payload`` (the event's
-body), ``steps`` (earlier outputs), ``previous`` (the last output) and ``headers``.
+A config string containing ``{{`` or ``{%`` (``hub.connectors.is_template``, the kit's, as
+a connector's config may hold one) is a template over ``payload`` (the event's body),
+``steps`` (earlier outputs), ``previous`` (the last output) and ``headers``.
 Templates are parsed when a route is saved, so a typo is refused then, not at 3 a.m.
 
 The sender controls what a template loops over and multiplies, so every render has two
@@ -28,6 +29,7 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from markupsafe import Markup
 
+from hub.connectors import is_template
 from hub.deadline import DeadlineExceeded, interrupting
 
 
@@ -251,10 +253,6 @@ class LimitedEnvironment(SandboxedEnvironment):
 _env = LimitedEnvironment(undefined=StrictUndefined, autoescape=False)
 # Filters read fields that may be absent: a missing field is simply false there.
 _filter_env = LimitedEnvironment(autoescape=False)
-
-
-def is_template(value: Any) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
 @lru_cache(maxsize=512)

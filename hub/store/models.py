@@ -3,6 +3,7 @@ rate-limit counters, and the dashboard's sign-ins."""
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 from datetime import UTC, datetime
@@ -98,9 +99,35 @@ class StorableString(StorableText):
 
 BigID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
-# Events a worker may claim, written out (not bound) so the planner can match the partial
-# indexes ix_events_due_at and ix_events_due_by_route.
-DUE_PREDICATE = "status IN ('pending', 'retrying')"
+
+class EventStatus(enum.StrEnum):
+    """Where an event stands; stored, answered and documented as its value ("pending")."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEAD = "dead"
+    FILTERED = "filtered"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How one connector call ended: ``ok``, ``retryable`` or ``permanent`` (a failure that
+    another try would not mend)."""
+
+    OK = "ok"
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+
+
+# Events waiting for a worker; due once their next_attempt_at has come (``due``).
+DUE_STATUSES = (EventStatus.PENDING, EventStatus.RETRYING)
+# The same, written out (not bound) so the planner can match the partial indexes
+# ix_events_due_at and ix_events_due_by_route: status IN ('pending', 'retrying').
+DUE_PREDICATE = "status IN ({})".format(", ".join(f"'{status}'" for status in DUE_STATUSES))
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -294,7 +321,7 @@ class Event(Base):
         return {
             "id": self.id,
             "route": self.route,
-            "accepted": self.status != "rejected",
+            "accepted": self.status != EventStatus.REJECTED,
             "status": self.status,
             "reason": self.reason,
             "request_id": self.request_id,
@@ -304,6 +331,12 @@ class Event(Base):
             "completed_at": iso_time(self.completed_at),
             "duplicate_of": self.duplicate_of,
         }
+
+
+def due(now: datetime, statuses: tuple[EventStatus, ...] = DUE_STATUSES):
+    """The condition on events a worker may claim at ``now``: waiting (``DUE_STATUSES``) and
+    their next_attempt_at come; ``statuses`` narrows it to some of them."""
+    return Event.status.in_(statuses) & (Event.next_attempt_at <= now)
 
 
 class Attempt(Base):

@@ -22,7 +22,7 @@ from hub.services import keys as key_store
 from hub.services import routes as route_store
 from hub.store.crypto import SecretsUnreadable, get_box
 from hub.store.db import get_db, get_read_session, get_session
-from hub.store.models import ApiKey, Event, utcnow
+from hub.store.models import ApiKey, Event, EventStatus, utcnow
 from hub.web import schemas as m
 from hub.web.auth import Refusal, check_admin_key, log_admin_change, presented_key
 from hub.web.errors import error_response
@@ -454,7 +454,7 @@ def replay_event(event_id: str):
         raise ApiError(409, f"An event that is {event.status} cannot be replayed", "not_replayable")
     session.commit()
     delivery.wake(current_app)
-    return m.ReplayOut(id=event.id, status="pending")
+    return m.ReplayOut(id=event.id, status=EventStatus.PENDING)
 
 
 @api.route(

@@ -60,7 +60,7 @@ def enqueue(accepted: intake.Accepted, **extra):
     """Commit the async event and answer 202 with where to follow it."""
     intake.enqueue(accepted)
     event = accepted.event
-    return {"id": event.id, **extra, "status": "pending", "status_url": status_url(event)}, 202
+    return {"id": event.id, **extra, "status": event.status, "status_url": status_url(event)}, 202
 
 
 def run_sync(accepted: intake.Accepted, status_of=None):
