@@ -27,6 +27,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@# The direction of imports between the layers (pyproject.toml [tool.importlinter]).
+	$(BIN)/lint-imports --no-cache
 	@# Every model change has its migration: migrate scratch databases (SQLite, and PostgreSQL
 	@# when HUB_TEST_DATABASE_URL is set), then compare each with the models (`alembic check`).
 	$(BIN)/python -m tests.schema_check
