@@ -1,9 +1,10 @@
 """Rate limits per route and per key, counted in a store every worker shares.
 
 A limit is ``N/second``, ``N/minute`` or ``N/hour`` (its grammar is ``hub.rates``, which the
-settings read too), counted in fixed windows aligned to the clock. The count lives in the database (``rate_counters``, one upserted row per bucket and
-window) or, when HUB_REDIS_URL is set, in Redis (INCR + EXPIRE): never in process memory,
-so two gunicorn workers, or two machines, share one budget.
+settings read too), counted in fixed windows aligned to the clock. The count lives in the
+database (``rate_counters``, one upserted row per bucket and window) or, when HUB_REDIS_URL
+is set, in Redis (INCR + EXPIRE): never in process memory, so two gunicorn workers, or two
+machines, share one budget.
 """
 
 from __future__ import annotations
