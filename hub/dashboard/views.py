@@ -582,19 +582,11 @@ def route_enabled(name: str):
 
 def save_route(data: dict[str, Any]) -> list[str]:
     """Save through the same function as the API (``None`` problems: saved)."""
-    session = get_session()
+    registry = current_app.extensions["hub.connectors"]
     try:
-        route_store.save_route(
-            session,
-            data,
-            current_app.extensions["hub.connectors"],
-            get_box(),
-            environ={},
-        )
+        route_store.save_submitted(get_session(), data, registry, get_box())
     except route_store.RouteInvalid as exc:
-        session.rollback()
         return exc.errors
-    session.commit()
     return []
 
 

@@ -464,6 +464,22 @@ def save_route(
     return route, action
 
 
+def save_submitted(
+    session: Session, data: dict[str, Any], registry: Registry, box: SecretBox
+) -> tuple[Route, str]:
+    """Save one route an admin sent over HTTP (the admin API or the dashboard), committed.
+
+    ``${VAR}`` references are for route files on the server, never for what comes over the
+    wire, so none is expanded; a RouteInvalid leaves the session rolled back."""
+    try:
+        saved = save_route(session, data, registry, box, environ={})
+    except RouteInvalid:
+        session.rollback()
+        raise
+    session.commit()
+    return saved
+
+
 def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole: bool) -> dict:
     """The route's data with ``changes`` applied: every field when ``whole`` (a
     replacement), else only those given (a patch).

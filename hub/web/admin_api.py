@@ -159,21 +159,11 @@ def route_out(route) -> m.RouteOut:
 
 def save(data: dict[str, Any]):
     """Validate and save one route; 422 with the same sentences `routes add` prints."""
-    session = get_session()
+    registry = current_app.extensions["hub.connectors"]
     try:
-        # ${VAR} references are for route files on the server, never for the API.
-        route, action = route_store.save_route(
-            session,
-            data,
-            current_app.extensions["hub.connectors"],
-            get_box(),
-            environ={},
-        )
+        return route_store.save_submitted(get_session(), data, registry, get_box())
     except route_store.RouteInvalid as exc:
-        session.rollback()
         raise invalid(exc.errors, "body") from None
-    session.commit()
-    return route, action
 
 
 @api.route(
