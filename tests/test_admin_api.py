@@ -506,7 +506,9 @@ def test_a_page_is_one_index_range_without_a_sort(sqlite_template, tmp_path, fil
     )
     cursor = event_store.encode_cursor(utcnow(), "evt_zzzz")
     with db.session() as session:
-        event_store.search(session, event_store.Filters(**filters), limit=50, cursor=cursor)
+        event_store.search(
+            session, event_store.Listing(event_store.Filters(**filters), limit=50, cursor=cursor)
+        )
         sql, params = next((s, p) for s, p in statements if "LIMIT" in s)
         plan = " ".join(
             row[-1]

@@ -123,7 +123,9 @@ def assert_index_range(plan: list, columns: set[str]) -> None:
 def test_each_admin_api_and_dashboard_filter_reads_an_index_range(db, name):
     query = m.EventQuery.model_validate({name: raw_sample(name)})
     with db.session() as session:
-        statement = event_store.listing_query(session, event_store.Filters.of(query), limit=50)
+        statement = event_store.listing_query(
+            session, event_store.Listing(event_store.Filters.of(query))
+        )
         columns = filtered_columns(statement)
         assert columns, f"{name}: the filter does not reach the listing's query"
         assert_index_range(plan_of(session, statement), columns)
@@ -148,7 +150,7 @@ def test_each_pair_of_filters_is_one_index_range_or_bounded_by_the_window(db, pa
     query = m.EventQuery.model_validate(given)
     with db.session() as session:
         statement = event_store.listing_query(
-            session, event_store.Filters.of(query), limit=50, window=1234
+            session, event_store.Listing(event_store.Filters.of(query), window=1234)
         )
         plan = plan_of(session, statement)
         columns = filtered_columns(statement)
@@ -172,7 +174,7 @@ def test_each_unindexed_filter_reads_at_most_its_window_newest_first(db, name):
     query = m.EventQuery.model_validate({name: raw_sample(name)})
     with db.session() as session:
         statement = event_store.listing_query(
-            session, event_store.Filters.of(query), text=query.q, window=1234
+            session, event_store.Listing(event_store.Filters.of(query), text=query.q, window=1234)
         )
         assert statement._limit == 1234
         plan = plan_of(session, statement)

@@ -363,14 +363,14 @@ def events():
     result = None
     if query is not None:
         try:
-            result = event_store.search(
-                session,
+            listing = event_store.Listing(
                 event_store.Filters.of(query),
                 limit=PAGE,
                 cursor=query.cursor,
                 text=query.q,
                 window=search_window(),
             )
+            result = event_store.search(session, listing)
         except event_store.BadCursor:
             errors = ["cursor: not a cursor from this hub; start again from the newest"]
     rows = result.events if result else []
@@ -405,13 +405,13 @@ def events_tail():
         return "", 204
     filters = event_store.Filters.of(query)
     since = max(filters.since, after_at) if filters.since else after_at
-    result = event_store.search(
-        get_read_session(),
+    listing = event_store.Listing(
         dataclasses.replace(filters, since=since),
         limit=TAIL_MAX,
         text=query.q,
         window=search_window(),
     )
+    result = event_store.search(get_read_session(), listing)
     rows = []
     for row in result.events:
         received = datetime.fromisoformat(row["received_at"])

@@ -326,15 +326,20 @@ class Page:
     scanned: int | None = None
 
 
-def search(
-    session: Session,
-    filters: Filters,
-    *,
-    limit: int = 50,
-    cursor: str | None = None,
-    text: str | None = None,
-    window: int = 2_000,
-) -> Page:
+@dataclass(frozen=True)
+class Listing:
+    """What one call of the listing asks: events matching ``filters``, a page of ``limit``
+    past ``cursor``, optionally only those whose raw body holds ``text``; ``window`` bounds
+    the rows a check no index answers may scan."""
+
+    filters: Filters
+    limit: int = 50
+    cursor: str | None = None
+    text: str | None = None
+    window: int = 2_000
+
+
+def search(session: Session, listing: Listing) -> Page:
     """One page of events, newest first, and the cursor of the next (None at the end).
 
     Never counts the table: a page reads ``limit + 1`` rows along an index. ``text`` looks
@@ -343,7 +348,8 @@ def search(
     fewer matches than a page, the cursor still moves past them, so the admin pages on
     through a large table at a bounded cost per call.
     """
-    query = listing_query(session, filters, limit=limit, cursor=cursor, text=text, window=window)
+    query = listing_query(session, listing)
+    limit = listing.limit
     if "hit" not in query.selected_columns:
         rows = session.execute(query).all()
         more = len(rows) > limit
@@ -356,7 +362,7 @@ def search(
     last = None
     if len(hits) > limit:
         last = hits[limit - 1]
-    elif len(scanned) == window:
+    elif len(scanned) == listing.window:
         last = scanned[-1]
     hits = hits[:limit]
     events = _summaries(session, [r.id for r in hits])
@@ -364,27 +370,19 @@ def search(
     return Page(events, next_cursor, scanned=len(scanned))
 
 
-def listing_query(
-    session: Session,
-    filters: Filters,
-    *,
-    limit: int = 50,
-    cursor: str | None = None,
-    text: str | None = None,
-    window: int = 2_000,
-) -> Select:
+def listing_query(session: Session, listing: Listing) -> Select:
     """What ``search`` runs: (id, received_at) of ``limit + 1`` matching events past the
     cursor, newest first, along one index range; or, with ``text`` or filters one range
     does not answer, the ``window`` rows of that range past the cursor and whether each
     matches the rest (a ``hit`` column: the scan's bound). Raises BadCursor."""
-    ranged, checks = filters.split()
-    if text is not None:
-        checks.append(_body_contains(session, text))
-    base = ranged.apply(_older_than(select(Event.id, Event.received_at), cursor))
+    ranged, checks = listing.filters.split()
+    if listing.text is not None:
+        checks.append(_body_contains(session, listing.text))
+    base = ranged.apply(_older_than(select(Event.id, Event.received_at), listing.cursor))
     if not checks:
-        return base.order_by(*NEWEST_FIRST).limit(limit + 1)
+        return base.order_by(*NEWEST_FIRST).limit(listing.limit + 1)
     hit = and_(*checks).label("hit")
-    return base.add_columns(hit).order_by(*NEWEST_FIRST).limit(window)
+    return base.add_columns(hit).order_by(*NEWEST_FIRST).limit(listing.window)
 
 
 def _summaries(session: Session, ids: list[str]) -> list[dict]:

@@ -379,14 +379,14 @@ def bad_cursor(where: str) -> ApiError:
 )
 def list_events(query: m.EventQuery):
     try:
-        page = event_store.search(
-            get_read_session(),
+        listing = event_store.Listing(
             event_store.Filters.of(query),
             limit=query.limit,
             cursor=query.cursor,
             text=query.q,
             window=int(current_app.config["ADMIN_SEARCH_WINDOW"]),
         )
+        page = event_store.search(get_read_session(), listing)
     except event_store.BadCursor:
         raise bad_cursor("query") from None
     return m.EventPage(
