@@ -1,5 +1,10 @@
-"""The four tables the hub is made of (api_keys, routes, events, attempts), the shared
-rate-limit counters, and the dashboard's sign-ins."""
+"""The tables the hub is made of (api_keys, routes and their destinations, events and their
+deliveries, attempts), the shared rate-limit counters, and the dashboard's sign-ins.
+
+A route fans out to its destinations; an accepted event gets one delivery per destination,
+claimed, retried and ended on its own; each connector call is an attempt of one delivery.
+The event's own status, attempts, result and error are a roll-up of its deliveries
+(``hub.services.delivery.rollup``)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
     text,
 )
@@ -110,6 +116,8 @@ class EventStatus(enum.StrEnum):
     FAILED = "failed"
     DEAD = "dead"
     FILTERED = "filtered"
+    # Every delivery ended, some delivered (or filtered) and some dead or failed.
+    PARTIAL = "partial"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
 
@@ -123,10 +131,11 @@ class AttemptOutcome(enum.StrEnum):
     PERMANENT = "permanent"
 
 
-# Events waiting for a worker; due once their next_attempt_at has come (``due``).
+# Deliveries (and events) waiting for a worker; due once their next_attempt_at has come (``due``).
 DUE_STATUSES = (EventStatus.PENDING, EventStatus.RETRYING)
 # The same, written out (not bound) so the planner can match the partial indexes
-# ix_events_due_at and ix_events_due_by_route: status IN ('pending', 'retrying').
+# ix_deliveries_due_at and ix_deliveries_due_by_route (and the events' ones):
+# status IN ('pending', 'retrying').
 DUE_PREDICATE = "status IN ({})".format(", ".join(f"'{status}'" for status in DUE_STATUSES))
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -140,6 +149,11 @@ def new_event_id() -> str:
         value, rem = divmod(value, 32)
         chars.append(_CROCKFORD[rem])
     return "evt_" + "".join(reversed(chars))
+
+
+def new_delivery_id() -> str:
+    """``dlv_`` + 26 characters, made like an event's id: they sort by time too."""
+    return "dlv_" + new_event_id()[4:]
 
 
 class Base(DeclarativeBase):
@@ -204,6 +218,48 @@ class Route(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    # Where its events go, in order; read with the route (a cached route carries them).
+    destinations: Mapped[list[Destination]] = relationship(
+        back_populates="route",
+        order_by="Destination.position",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="selectin",
+    )
+
+
+DEFAULT_DESTINATION = "default"
+
+
+class Destination(Base):
+    """One place a route's events go: its own steps, filter and retry schedule. A route
+    given plain ``steps`` has one, named "default"; the route's own steps, filter and
+    retry_schedule columns stay equal to its first destination's (sync runs read them).
+
+    max_in_flight, rate, ordering_key and breaker are stored for the delivery controls that
+    read them; None (or no breaker) means off."""
+
+    __tablename__ = "destinations"
+    __table_args__ = (UniqueConstraint("route_id", "name", name="uq_destinations_route_id_name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    route_id: Mapped[int] = mapped_column(ForeignKey("routes.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[list[Any]] = mapped_column(default=list)
+    filter: Mapped[str | None] = mapped_column(Text)
+    retry_schedule: Mapped[list[Any] | None]
+    max_in_flight: Mapped[int | None]
+    rate: Mapped[str | None] = mapped_column(String(32))
+    ordering_key: Mapped[str | None] = mapped_column(Text)
+    breaker: Mapped[dict[str, Any] | None]
+    # active | paused | open | half_open, when and why it last changed.
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    state_changed_at: Mapped[datetime | None]
+    state_reason: Mapped[str | None] = mapped_column(Text)
+
+    route: Mapped[Route] = relationship(back_populates="destinations")
 
 
 class Event(Base):
@@ -333,10 +389,70 @@ class Event(Base):
         }
 
 
+class Delivery(Base):
+    """One accepted event on its way to one destination: what workers claim. Its status
+    follows the events' set (pending, processing, retrying, delivered, filtered, failed,
+    dead); its attempts are the connector calls made for it."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        # Due deliveries, oldest first, and the same within each route (the fair claim's
+        # lanes, hub.services.delivery.fair_pick): partial indexes of pending and retrying rows.
+        Index(
+            "ix_deliveries_due_at",
+            "next_attempt_at",
+            postgresql_where=text(DUE_PREDICATE),
+            sqlite_where=text(DUE_PREDICATE),
+        ),
+        Index(
+            "ix_deliveries_due_by_route",
+            "route",
+            "next_attempt_at",
+            postgresql_where=text(DUE_PREDICATE),
+            sqlite_where=text(DUE_PREDICATE),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_delivery_id)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    # The destination's row; None once it is removed from its route (the name stays).
+    destination_id: Mapped[int | None] = mapped_column(
+        ForeignKey("destinations.id", ondelete="SET NULL"), index=True
+    )
+    route: Mapped[str] = mapped_column(StorableString(200))
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    # Runs so far (a replay keeps counting), and durable retries since last queued.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[Any | None] = mapped_column(StorableJSON)
+    last_error: Mapped[str | None] = mapped_column(StorableText)
+    completed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def to_dict(self, attempts: list[Attempt] | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "destination": self.destination,
+            "status": self.status,
+            "runs": self.attempts,
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "last_error": self.last_error,
+            "completed_at": iso_time(self.completed_at),
+            "result": self.result,
+        }
+        if attempts is not None:
+            data["attempts"] = [a.to_dict() for a in attempts]
+        return data
+
+
 def due(now: datetime, statuses: tuple[EventStatus, ...] = DUE_STATUSES):
-    """The condition on events a worker may claim at ``now``: waiting (``DUE_STATUSES``) and
-    their next_attempt_at come; ``statuses`` narrows it to some of them."""
-    return Event.status.in_(statuses) & (Event.next_attempt_at <= now)
+    """The condition on deliveries a worker may claim at ``now``: waiting (``DUE_STATUSES``)
+    and their next_attempt_at come; ``statuses`` narrows it to some of them."""
+    return Delivery.status.in_(statuses) & (Delivery.next_attempt_at <= now)
 
 
 class Attempt(Base):
@@ -346,7 +462,11 @@ class Attempt(Base):
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
     event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
-    # Which delivery of the event this call belongs to (1 for the first, more after retries).
+    # The delivery (one destination of the event) this call was made for.
+    delivery_id: Mapped[str | None] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="CASCADE"), index=True
+    )
+    # Which run of the delivery this call belongs to (1 for the first, more after retries).
     run: Mapped[int] = mapped_column(Integer, default=1)
     step_index: Mapped[int] = mapped_column(Integer)
     connector: Mapped[str] = mapped_column(String(64))
