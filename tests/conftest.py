@@ -23,7 +23,16 @@ from tests.schema_check import scratch_postgres
 
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
-TABLES = ("attempts", "events", "routes", "api_keys", "rate_counters", "dashboard_sessions")
+TABLES = (
+    "attempts",
+    "deliveries",
+    "events",
+    "destinations",
+    "routes",
+    "api_keys",
+    "rate_counters",
+    "dashboard_sessions",
+)
 
 # ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's
 # pytest plugin (entry point pytest11); named here as well, for runs with plugin autoloading

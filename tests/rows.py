@@ -66,3 +66,39 @@ def insert_events(db, route: str, count: int, status: str = "pending", body: byt
     rows = sa.select(event_id, *columns).select_from(counter)
     with db.session() as session:
         session.execute(sa.insert(table).from_select(["id", *values], rows))
+        # and each accepted one its delivery to the route's first destination, as ingest
+        # writes it
+        if status not in ("rejected", "duplicate"):
+            insert_deliveries(session, prefix, route)
+
+
+def insert_deliveries(session, prefix: str, route: str) -> None:
+    """One delivery, to ``route``'s first destination, for each event whose id starts with
+    ``prefix``, carrying the event's delivery columns."""
+    import sqlalchemy as sa
+
+    from hub.store.models import Delivery, Destination, Route
+
+    events = Event.__table__
+    destination = (
+        sa.select(Destination.id, Destination.name)
+        .join(Route, Route.id == Destination.route_id)
+        .where(Route.name == route, Destination.position == 0)
+        .subquery()
+    )
+    copied = ["status", "attempts", "retries", "next_attempt_at", "completed_at"]
+    rows = sa.select(
+        (sa.literal("dlv_") + sa.func.substr(events.c.id, 5)).label("id"),
+        events.c.id.label("event_id"),
+        destination.c.id.label("destination_id"),
+        events.c.route,
+        sa.func.coalesce(destination.c.name, "default").label("destination"),
+        sa.literal(0).label("position"),
+        *[events.c[column] for column in copied],
+        events.c.received_at.label("created_at"),
+    ).select_from(events.outerjoin(destination, sa.true()))
+    rows = rows.where(events.c.id.startswith(prefix))
+    columns = ["id", "event_id", "destination_id", "route", "destination", "position"]
+    session.execute(
+        sa.insert(Delivery.__table__).from_select([*columns, *copied, "created_at"], rows)
+    )

@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 
 from hub.connectors import Connector, PermanentError, RetryableError
 from hub.services.delivery import Worker
-from hub.store.models import Attempt, Event, utcnow
+from hub.store.models import Attempt, Delivery, Event, utcnow
 from tests.conftest import PG_URL
 from tests.rows import event_row, events, insert_events
 from tests.servers import Reply
@@ -75,9 +75,14 @@ def attempt_rows(db, event_id) -> list[Attempt]:
 
 
 def make_due(db, event_id) -> None:
-    """Skip the wait of the retry schedule."""
+    """Skip the wait of the retry schedule (of the event's deliveries that wait)."""
     with db.session() as session:
         session.execute(update(Event).where(Event.id == event_id).values(next_attempt_at=utcnow()))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.event_id == event_id, Delivery.next_attempt_at.is_not(None))
+            .values(next_attempt_at=utcnow())
+        )
 
 
 def run_and_put_off(worker, db, event_id) -> tuple[float, float]:

@@ -1,6 +1,12 @@
-"""Delivery: claim due events from the database, run them, write how they ended.
+"""Delivery: claim due deliveries from the database, run them, write how they ended.
 
-A claim is one atomic statement that moves due events to ``processing`` under a lease
+An accepted event has one delivery per destination of its route; each is claimed, run
+(that destination's filter and steps), retried on that destination's schedule and ended on
+its own, so a destination that was called successfully is never called again because
+another one failed. The event's own status, runs, result and error are the roll-up of its
+deliveries (``rollup``), written in the same transaction as each delivery's outcome.
+
+A claim is one atomic statement that moves due deliveries to ``processing`` under a lease
 (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines
 share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). It takes
 due events in turns across routes, and a route holds at most ``HUB_WORKER_ROUTE_SHARE`` of
@@ -37,7 +43,17 @@ from hub.services import pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
-from hub.store.models import DUE_PREDICATE, Attempt, Event, EventStatus, utcnow
+from hub.store.models import (
+    DUE_PREDICATE,
+    DUE_STATUSES,
+    Attempt,
+    Delivery,
+    Destination,
+    Event,
+    EventStatus,
+    Route,
+    utcnow,
+)
 
 log = logging.getLogger("hub.worker")
 
@@ -75,7 +91,24 @@ def reap_sync_events(db: Database) -> list[str]:
     retries by itself.
     """
     now = utcnow()
+    ended = {
+        "status": EventStatus.FAILED,
+        "last_error": SYNC_PROCESS_DIED,
+        "completed_at": now,
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "lease_until": None,
+    }
     with db.session() as session:
+        session.execute(
+            update(Delivery.__table__)
+            .where(
+                Delivery.status == EventStatus.PROCESSING,
+                Delivery.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
+                Delivery.lease_until < now,
+            )
+            .values(**ended)
+        )
         reaped = list(
             session.execute(
                 update(Event.__table__)
@@ -99,6 +132,21 @@ def reap_sync_events(db: Database) -> list[str]:
         log.warning("event %s: %s", event_id, SYNC_PROCESS_DIED)
         metrics.event_ended(route, EventStatus.FAILED)
     return [event_id for event_id, _ in reaped]
+
+
+def destination_named(route: Route, name: str) -> Destination | None:
+    """The route's destination called ``name``, or None once it is removed."""
+    for destination in route_store.destinations_of(route):
+        if destination.name == name:
+            return destination
+    return None
+
+
+def schedule_for(route: Route, destination: Destination) -> list[int] | None:
+    """The destination's retry schedule, else the route's (None: the hub's default)."""
+    if destination.retry_schedule is not None:
+        return destination.retry_schedule
+    return route.retry_schedule
 
 
 def schedule_of(schedule: list[int] | None) -> list[int]:
@@ -151,7 +199,7 @@ heads AS (
     SELECT h.id, o.lane_turn, o.room,
            row_number() OVER (PARTITION BY o.route ORDER BY h.next_attempt_at, h.id) AS turn
     FROM open_lanes o CROSS JOIN LATERAL (
-        SELECT e.id, e.next_attempt_at FROM events e
+        SELECT e.id, e.next_attempt_at FROM deliveries e
         WHERE e.route >= o.route AND e.route <= o.route AND {_DUE}
           AND e.next_attempt_at <= :now
         ORDER BY e.route, e.next_attempt_at LIMIT LEAST(o.room, :n)
@@ -161,8 +209,8 @@ heads AS (
 heads AS (
     SELECT e.id, o.lane_turn, o.room,
            row_number() OVER (PARTITION BY o.route ORDER BY e.next_attempt_at, e.id) AS turn
-    FROM open_lanes o JOIN events e ON e.id IN (
-        SELECT x.id FROM events x INDEXED BY ix_events_due_by_route
+    FROM open_lanes o JOIN deliveries e ON e.id IN (
+        SELECT x.id FROM deliveries x INDEXED BY ix_deliveries_due_by_route
         WHERE x.route = o.route AND {_DUE.replace("e.", "x.")} AND x.next_attempt_at <= :now
         ORDER BY x.next_attempt_at LIMIT :n)
 )""",
@@ -178,8 +226,8 @@ heads AS (
 # the first route (14 ms at 20,000 waiting): it is told the index (0.1 ms). Routes are put
 # in turn byte by byte, as Python compares them with the route served last.
 _EVENTS = {
-    "postgresql": "events e",
-    "sqlite": "events e INDEXED BY ix_events_due_by_route",
+    "postgresql": "deliveries e",
+    "sqlite": "deliveries e INDEXED BY ix_deliveries_due_by_route",
 }
 _COLLATE = {"postgresql": ' COLLATE "C"', "sqlite": ""}
 
@@ -218,8 +266,8 @@ def fair_pick(
     return (
         text(sql)
         .bindparams(**params)
-        .bindparams(bindparam("now", now, type_=Event.next_attempt_at.type))
-        .columns(Event.id)
+        .bindparams(bindparam("now", now, type_=Delivery.next_attempt_at.type))
+        .columns(Delivery.id)
     )
 
 
@@ -229,11 +277,11 @@ def rotation(after: str):
     return lambda lane: (lane <= after, lane)
 
 
-def in_turns(events: list[Event], after: str) -> list[Event]:
-    """Claimed events in the order ``fair_pick`` chose them: turns across routes."""
-    lanes: dict[str, list[Event]] = collections.defaultdict(list)
-    for event in sorted(events, key=lambda e: (e.next_attempt_at, e.id)):
-        lanes[event.route].append(event)
+def in_turns(deliveries: list[Delivery], after: str) -> list[Delivery]:
+    """Claimed deliveries in the order ``fair_pick`` chose them: turns across routes."""
+    lanes: dict[str, list[Delivery]] = collections.defaultdict(list)
+    for delivery in sorted(deliveries, key=lambda d: (d.next_attempt_at, d.id)):
+        lanes[delivery.route].append(delivery)
     order = sorted(lanes, key=rotation(after))
     turns = []
     for turn in range(max((len(v) for v in lanes.values()), default=0)):
@@ -241,8 +289,75 @@ def in_turns(events: list[Event], after: str) -> list[Event]:
     return turns
 
 
+# Of the deliveries still on their way, the most active first: what the event shows.
+_ACTIVE = (EventStatus.PROCESSING, EventStatus.PENDING, EventStatus.RETRYING)
+_REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
+
+
+def rolled_up_status(statuses: Sequence[str]) -> str:
+    """An event's status from its deliveries': while any is on its way, the most active of
+    those (processing, then pending, then retrying); once all ended: ``delivered`` if every
+    one was delivered or filtered (``filtered`` if all were filtered), ``partial`` if some
+    were and others ended dead or failed, ``failed`` if all failed, else ``dead``."""
+    for status in _ACTIVE:
+        if status in statuses:
+            return status
+    if statuses and all(s == EventStatus.FILTERED for s in statuses):
+        return EventStatus.FILTERED
+    if all(s in _REACHED for s in statuses):
+        return EventStatus.DELIVERED
+    if any(s in _REACHED for s in statuses):
+        return EventStatus.PARTIAL
+    if all(s == EventStatus.FAILED for s in statuses):
+        return EventStatus.FAILED
+    return EventStatus.DEAD
+
+
+def rollup(conn, event_id: str, latest: str | None = None) -> str | None:
+    """Write the event's status, runs, next attempt, completion, result and error as the
+    roll-up of its deliveries (``rolled_up_status``; ``latest``: the delivery that just
+    ended, whose error is the latest); the status written, or None for an event with no
+    delivery. On PostgreSQL the event's row is locked first, so two deliveries ending at
+    once each see the other's outcome: the second waits for the first's commit."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(Event.id).where(Event.id == event_id).with_for_update())
+    rows = conn.execute(
+        select(
+            Delivery.id,
+            Delivery.status,
+            Delivery.attempts,
+            Delivery.retries,
+            Delivery.next_attempt_at,
+            Delivery.completed_at,
+            Delivery.result,
+            Delivery.last_error,
+        )
+        .where(Delivery.event_id == event_id)
+        .order_by(Delivery.position, Delivery.id)
+    ).all()
+    if not rows:
+        return None
+    status = rolled_up_status([row.status for row in rows])
+    waiting = [
+        row.next_attempt_at for row in rows if row.status in DUE_STATUSES and row.next_attempt_at
+    ]
+    ended = status not in _ACTIVE
+    errors = sorted((row.id != latest, n) for n, row in enumerate(rows) if row.last_error)
+    values = {
+        "status": status,
+        "attempts": sum(row.attempts for row in rows),
+        "retries": max(row.retries for row in rows),
+        "next_attempt_at": None if ended else min(waiting, default=None),
+        "completed_at": max(row.completed_at for row in rows) if ended else None,
+        "result": rows[0].result,
+        "last_error": (None if status in _REACHED or not errors else rows[errors[0][1]].last_error),
+    }
+    conn.execute(update(Event.__table__).where(Event.id == event_id).values(**values))
+    return status
+
+
 class Worker:
-    """Claims and delivers events; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
+    """Claims and runs deliveries; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
 
     def __init__(self, app: Flask, name: str | None = None):
         self.app = app
@@ -259,14 +374,14 @@ class Worker:
         self._lock = threading.Lock()
         # Commits shared with this process's other delivery threads (and its web requests).
         self.commits: GroupCommitter = app.extensions["hub.commits"]
-        # Ids of the events claimed for the delivery threads and not yet started (next_event).
+        # Ids of the deliveries claimed for the delivery threads and not yet started.
         self._ready: collections.deque[str] = collections.deque()
-        # Each event this worker claimed and has not yet started: its row as claimed, and
-        # time.monotonic() of the claim.
-        self._claimed: dict[str, tuple[Event, float]] = {}
+        # Each delivery this worker claimed and has not yet started: its row as claimed,
+        # and time.monotonic() of the claim.
+        self._claimed: dict[str, tuple[Delivery, float]] = {}
         self._claim_lock = threading.Lock()
-        # Events of each route this worker claimed and has not finished (ready or running),
-        # and the route it served last: the next claim starts its turns past it.
+        # Deliveries of each route this worker claimed and has not finished (ready or
+        # running), and the route it served last: the next claim starts its turns past it.
         self._busy: collections.Counter[str] = collections.Counter()
         self._last_lane = ""
         # time.monotonic() of the start of each delivery running now, and the routes whose
@@ -279,17 +394,17 @@ class Worker:
     # --- claiming ---
 
     def claim(self, limit: int = 1) -> list[str]:
-        """Move up to ``limit`` due events to ``processing`` under this worker's lease; their
-        ids, taken in turns across routes (see ``fair_pick``). The rows are read in the same
-        statement and kept for ``process``, which then needs no query of its own.
+        """Move up to ``limit`` due deliveries to ``processing`` under this worker's lease;
+        their ids, taken in turns across routes (see ``fair_pick``). The rows are read in
+        the same statement and kept for ``process``.
 
-        Events whose lease ran out (a worker died) are looked for apart from due ones: one
-        query with an OR of both scans the whole table instead of walking the due index.
+        Deliveries whose lease ran out (a worker died) are looked for apart from due ones:
+        one query with an OR of both scans the whole table instead of walking the due index.
         They are looked for when nothing is due, and at least once every reaper interval,
         so a busy hub takes them back too.
         """
         now = utcnow()
-        claimed: list[Event] = []
+        claimed: list[Delivery] = []
         if self._expired_look_due():
             claimed = self._claim(self._expired_oldest(limit, now), now)
         if len(claimed) < limit:
@@ -299,21 +414,22 @@ class Worker:
             claimed = self._claim(self._expired_oldest(limit, now), now)
         at = time.monotonic()
         with self._lock:
-            for event in claimed:
-                self._claimed[event.id] = (event, at)
-                self._busy[event.route] += 1
+            for delivery in claimed:
+                self._claimed[delivery.id] = (delivery, at)
+                self._busy[delivery.route] += 1
             if claimed:
                 self._last_lane = max(
-                    (event.route for event in claimed), key=rotation(self._last_lane)
+                    (delivery.route for delivery in claimed), key=rotation(self._last_lane)
                 )
-        return [event.id for event in claimed]
+        return [delivery.id for delivery in claimed]
 
     def _room(self) -> tuple[int, dict[str, int]]:
-        """How many events a route may hold in this process, and the room left to the routes
-        it holds some of: ``HUB_WORKER_ROUTE_SHARE`` of the delivery threads. A route whose
-        last delivery here took under PREFETCH_AGE is not held to it: it frees its threads
-        before another route's event would notice, and a claim takes a batch of it for the
-        threads about to be free (a drain held to its share ran at two thirds the rate)."""
+        """How many deliveries a route may hold in this process, and the room left to the
+        routes it holds some of: ``HUB_WORKER_ROUTE_SHARE`` of the delivery threads. A route
+        whose last delivery here took under PREFETCH_AGE is not held to it: it frees its
+        threads before another route's delivery would notice, and a claim takes a batch of
+        it for the threads about to be free (a drain held to its share ran at two thirds
+        the rate)."""
         threads = max(1, len(self.threads))
         share = max(1, int(threads * self.route_share))
         with self._lock:
@@ -325,16 +441,16 @@ class Worker:
 
     def _fair_due(self, limit: int, now):
         share, room = self._room()
-        return Event.id.in_(fair_pick(self.db.dialect, limit, now, self._last_lane, share, room))
+        return Delivery.id.in_(fair_pick(self.db.dialect, limit, now, self._last_lane, share, room))
 
     @staticmethod
     def _expired(now):
         return and_(
-            Event.status == EventStatus.PROCESSING,
-            Event.lease_until < now,
+            Delivery.status == EventStatus.PROCESSING,
+            Delivery.lease_until < now,
             or_(
-                Event.lease_owner.is_(None),
-                not_(Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True)),
+                Delivery.lease_owner.is_(None),
+                not_(Delivery.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True)),
             ),
         )
 
@@ -347,61 +463,73 @@ class Worker:
         return True
 
     def _expired_oldest(self, limit: int, now):
-        candidates = select(Event.id).where(self._expired(now))
-        candidates = candidates.order_by(Event.next_attempt_at).limit(limit)
+        candidates = select(Delivery.id).where(self._expired(now))
+        candidates = candidates.order_by(Delivery.next_attempt_at).limit(limit)
         if self.db.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
-        return Event.id.in_(candidates)
+        return Delivery.id.in_(candidates)
 
-    def _claim(self, chosen, now) -> list[Event]:
-        """Lease the events ``chosen`` names (a condition on their ids, locked on PostgreSQL:
-        ``_fair_due`` or ``_expired_oldest``)."""
-        expired = Event.status == EventStatus.PROCESSING
+    def _claim(self, chosen, now) -> list[Delivery]:
+        """Lease the deliveries ``chosen`` names (a condition on their ids, locked on
+        PostgreSQL: ``_fair_due`` or ``_expired_oldest``)."""
+        expired = Delivery.status == EventStatus.PROCESSING
         statement = (
-            update(Event)
+            update(Delivery)
             .where(chosen)
             .values(
                 status=EventStatus.PROCESSING,
                 lease_owner=self.name,
                 lease_until=now + timedelta(seconds=self.lease),
-                attempts=Event.attempts + 1,
+                attempts=Delivery.attempts + 1,
                 # A delivery that died counts against the retry schedule, like a failure.
-                retries=case((expired, Event.retries + 1), else_=Event.retries),
-                last_error=case((expired, LEASE_EXPIRED), else_=Event.last_error),
+                retries=case((expired, Delivery.retries + 1), else_=Delivery.retries),
+                last_error=case((expired, LEASE_EXPIRED), else_=Delivery.last_error),
             )
-            .returning(Event)
+            .returning(Delivery)
             .execution_options(synchronize_session=False)
         )
         with self.db.session() as session:
-            return list(session.scalars(statement))
+            claimed = list(session.scalars(statement))
+            if claimed:  # their events show that they are on their way
+                session.execute(
+                    update(Event.__table__)
+                    .where(
+                        Event.id.in_({d.event_id for d in claimed}),
+                        Event.status.in_(DUE_STATUSES),
+                    )
+                    .values(status=EventStatus.PROCESSING)
+                )
+            return claimed
 
     # --- delivering ---
 
-    def process(self, event_id: str) -> str:
-        """Run one claimed event through its route and record the outcome; returns its status."""
+    def process(self, delivery_id: str) -> str:
+        """Run one claimed delivery through its destination and record the outcome; returns
+        its status."""
         with self._lock:
-            self.in_flight.add(event_id)
-            event, claimed_at = self._claimed.pop(event_id, (None, time.monotonic()))
-            self._started[event_id] = time.monotonic()
-        lane = event.route if event is not None else None
+            self.in_flight.add(delivery_id)
+            delivery, claimed_at = self._claimed.pop(delivery_id, (None, time.monotonic()))
+            self._started[delivery_id] = time.monotonic()
+        lane = delivery.route if delivery is not None else None
         try:
-            if event is None:  # claimed by another Worker object (tests, tools)
-                with self.db.session() as session:
-                    event = session.get(Event, event_id)
-                if event is None:
-                    return "missing"
-            # Its lines say which event, and which request brought it.
+            with self.db.session() as session:
+                if delivery is None:  # claimed by another Worker object (tests, tools)
+                    delivery = session.get(Delivery, delivery_id)
+                event = session.get(Event, delivery.event_id) if delivery is not None else None
+            if delivery is None or event is None:
+                return "missing"
+            # Its lines say which event and destination, and which request brought it.
             with logs.bound(
                 event_id=event.id,
                 request_id=event.request_id,
                 route=event.route,
                 key_prefix=event.key_prefix,
             ):
-                return self._process(event, claimed_at)
+                return self._process(delivery, event, claimed_at)
         finally:
             with self._lock:
-                self.in_flight.discard(event_id)
-                started = self._started.pop(event_id, None)
+                self.in_flight.discard(delivery_id)
+                started = self._started.pop(delivery_id, None)
                 if lane is not None:
                     self._busy[lane] -= 1
                     if started is not None and time.monotonic() - started < PREFETCH_AGE:
@@ -409,18 +537,29 @@ class Worker:
                     else:
                         self._fast.discard(lane)
 
-    def _process(self, event: Event, claimed_at: float) -> str:
+    def _process(self, delivery: Delivery, event: Event, claimed_at: float) -> str:
         with self.db.sessionmaker() as session:  # a query only when the route isn't cached
             route = route_store.lookup(session, event.route, self.routes)
         if route is None or not route.enabled:
             outcome = pipeline.Outcome(
                 pipeline.FAILED, error=f"route {event.route!r} no longer exists or is disabled"
             )
-            return self._finish(event, None, outcome)
-        if event.retries > len(schedule_of(route.retry_schedule)):
-            # Claimed again after its deliveries kept dying, with the schedule used up.
-            deaths = pipeline.Outcome(pipeline.RETRYABLE, error=event.last_error or LEASE_EXPIRED)
-            return self._finish(event, route.retry_schedule, deaths)
+            return self._finish(delivery, None, outcome)
+        destination = destination_named(route, delivery.destination)
+        if destination is None:
+            outcome = pipeline.Outcome(
+                pipeline.FAILED,
+                error=f"destination {delivery.destination!r} of route {route.name!r} "
+                "no longer exists",
+            )
+            return self._finish(delivery, None, outcome)
+        schedule = schedule_for(route, destination)
+        if delivery.retries > len(schedule_of(schedule)):
+            # Claimed again after its runs kept dying, with the schedule used up.
+            deaths = pipeline.Outcome(
+                pipeline.RETRYABLE, error=delivery.last_error or LEASE_EXPIRED
+            )
+            return self._finish(delivery, schedule, deaths)
 
         # Each call is on record before the next call starts, or with the run's outcome: a
         # crash later keeps the log of it. Written then rather than at once, the last call's
@@ -437,106 +576,121 @@ class Worker:
                 del unwritten[0]
 
         # Stop starting new tries well before the lease runs out, so no other worker
-        # can claim the event while this one is still delivering it.
+        # can claim the delivery while this one is still running it.
         deadline = claimed_at + self.lease - min(30.0, self.lease * 0.2)
         try:
             outcome = pipeline.run(
                 event,
                 route,
                 pipeline.RunOptions.of_app(self.app),
+                destination=destination,
+                delivery=delivery,
                 record=record,
                 before_call=before_call,
                 deadline=deadline,
             )
-        except Exception as exc:  # never let one event take the worker down
+        except Exception as exc:  # never let one delivery take the worker down
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
             log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
-        return self._finish(event, route.retry_schedule, outcome, unwritten)
+        return self._finish(delivery, schedule, outcome, unwritten)
 
     def _finish(
         self,
-        event: Event,
+        delivery: Delivery,
         schedule: list[int] | None,
         outcome: pipeline.Outcome,
         attempts: Sequence[dict[str, Any]] = (),
     ) -> str:
-        """Write how the run ended, with the rows of its calls not yet written. An outcome
-        that can't be written is a failed attempt: the event follows the retry schedule to
-        ``dead``, its calls still on record; a call's row that can't be written is one too,
-        and only then is the row left out. If even that write fails, the lease runs out and
-        the next claim counts against the schedule."""
+        """Write how the run ended, with the rows of its calls not yet written, and the
+        event's roll-up. An outcome that can't be written is a failed attempt: the delivery
+        follows the retry schedule to ``dead``, its calls still on record; a call's row that
+        can't be written is one too, and only then is the row left out. If even that write
+        fails, the lease runs out and the next claim counts against the schedule."""
         try:
-            values = self._ending(event, schedule, outcome)
-            changed = self._write_ending(event, values, attempts)
+            values = self._ending(delivery, schedule, outcome)
+            changed = self._write_ending(delivery, values, attempts)
         except Exception as exc:
-            log.error("event %s: outcome not recorded (%s)", event.id, type(exc).__name__)
+            log.error("event %s: outcome not recorded (%s)", delivery.event_id, type(exc).__name__)
             unrecorded = pipeline.Outcome(
                 pipeline.RETRYABLE,
                 error=f"the outcome could not be recorded ({type(exc).__name__})",
             )
-            values = self._ending(event, schedule, unrecorded)
+            values = self._ending(delivery, schedule, unrecorded)
             try:
-                changed = self._write_ending(event, values, attempts)
+                changed = self._write_ending(delivery, values, attempts)
             except Exception as again:
                 if not attempts:
                     raise
-                log.error("event %s: a call not recorded (%s)", event.id, type(again).__name__)
+                log.error(
+                    "event %s: a call not recorded (%s)", delivery.event_id, type(again).__name__
+                )
                 unstorable = pipeline.Outcome(
                     pipeline.RETRYABLE, error=f"hub error: {type(again).__name__}"
                 )
-                values = self._ending(event, schedule, unstorable)
-                changed = self._write_ending(event, values)
+                values = self._ending(delivery, schedule, unstorable)
+                changed = self._write_ending(delivery, values)
         if not changed:
-            log.warning("event %s: lease lost before the outcome was written", event.id)
+            log.warning("event %s: lease lost before the outcome was written", delivery.event_id)
             return "lease_lost"
-        log.info("event %s run %d: %s", event.id, event.attempts, values["status"])
+        log.info(
+            "event %s to %s run %d: %s",
+            delivery.event_id,
+            delivery.destination,
+            delivery.attempts,
+            values["status"],
+        )
         if values["status"] != EventStatus.RETRYING:
-            metrics.event_ended(event.route, values["status"])
+            metrics.event_ended(delivery.route, values["status"])
         return values["status"]
 
     def _ending(
-        self, event: Event, schedule: list[int] | None, outcome: pipeline.Outcome
+        self, delivery: Delivery, schedule: list[int] | None, outcome: pipeline.Outcome
     ) -> dict[str, Any]:
-        """The event's columns after a run: an end state, or the next retry per ``schedule``."""
+        """The delivery's columns after a run: an end state, or the next retry per
+        ``schedule``."""
         now = utcnow()
         values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
         if outcome.status != pipeline.RETRYABLE:
             values.update(pipeline.end_state(outcome, now))
             return values
-        delay = retry_delay(schedule_of(schedule), event.retries, outcome.retry_after)
+        delay = retry_delay(schedule_of(schedule), delivery.retries, outcome.retry_after)
         values["last_error"] = (outcome.error or "retryable failure")[:2000]
         if delay is None:
             values.update(status=EventStatus.DEAD, completed_at=now, next_attempt_at=None)
         else:
             values.update(
                 status=EventStatus.RETRYING,
-                retries=event.retries + 1,
+                retries=delivery.retries + 1,
                 next_attempt_at=now + timedelta(seconds=delay),
             )
         return values
 
     def _write_ending(
-        self, event: Event, values: dict[str, Any], attempts: Sequence[dict[str, Any]] = ()
+        self, delivery: Delivery, values: dict[str, Any], attempts: Sequence[dict[str, Any]] = ()
     ) -> int:
         statement = (
-            update(Event.__table__)
-            .where(Event.id == event.id, Event.lease_owner == self.name)
+            update(Delivery.__table__)
+            .where(Delivery.id == delivery.id, Delivery.lease_owner == self.name)
             .values(**values)
         )
-        return self.commits.run(
-            lambda conn: conn.execute(statement).rowcount,
-            [(Attempt.__table__, row) for row in attempts],
-        )
 
-    def release(self, event_ids: set[str]) -> None:
-        """Hand leases back (a stopping worker): the events are due again at once."""
-        if not event_ids:
+        def write(conn) -> int:
+            changed = conn.execute(statement).rowcount
+            if changed:
+                rollup(conn, delivery.event_id, delivery.id)
+            return changed
+
+        return self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
+
+    def release(self, delivery_ids: set[str]) -> None:
+        """Hand leases back (a stopping worker): the deliveries are due again at once."""
+        if not delivery_ids:
             return
         with self.db.session() as session:
             session.execute(
-                update(Event.__table__)
-                .where(Event.id.in_(event_ids), Event.lease_owner == self.name)
+                update(Delivery.__table__)
+                .where(Delivery.id.in_(delivery_ids), Delivery.lease_owner == self.name)
                 .values(
                     status=EventStatus.RETRYING,
                     lease_owner=None,
@@ -544,7 +698,7 @@ class Worker:
                     next_attempt_at=utcnow(),
                 )
             )
-        log.info("handed back %d event(s)", len(event_ids))
+        log.info("handed back %d deliveries", len(delivery_ids))
 
     # --- loops ---
 

@@ -28,7 +28,16 @@ from sqlalchemy.orm import Session
 from hub.services import keys as key_store
 from hub.services.paging import BadCursor
 from hub.store.db import Database
-from hub.store.models import DUE_STATUSES, Attempt, Event, EventStatus, due, iso_time, utcnow
+from hub.store.models import (
+    DUE_STATUSES,
+    Attempt,
+    Delivery,
+    Event,
+    EventStatus,
+    due,
+    iso_time,
+    utcnow,
+)
 
 STATUSES = tuple(EventStatus)
 # Statuses a replay may take: any event not in flight. Processing and retrying events count
@@ -36,13 +45,22 @@ STATUSES = tuple(EventStatus)
 # would run a request the hub refused (bypassing its authentication), so they never are.
 REPLAYABLE = (
     EventStatus.DELIVERED,
+    EventStatus.PARTIAL,
     EventStatus.FAILED,
     EventStatus.DEAD,
     EventStatus.FILTERED,
     EventStatus.PROCESSING,
     EventStatus.RETRYING,
 )
-ENDED = (EventStatus.DELIVERED, EventStatus.FAILED, EventStatus.DEAD, EventStatus.FILTERED)
+ENDED = (
+    EventStatus.DELIVERED,
+    EventStatus.PARTIAL,
+    EventStatus.FAILED,
+    EventStatus.DEAD,
+    EventStatus.FILTERED,
+)
+# Deliveries that reached their destination (or were meant not to): a replay leaves them.
+REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
 NEVER_ACCEPTED = (EventStatus.REJECTED, EventStatus.DUPLICATE)
 FINISHED = (*ENDED, *NEVER_ACCEPTED)
 
@@ -99,8 +117,11 @@ def not_in_flight(now: datetime):
 def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
     """Put events that are not in flight back to pending; the ids that were replayed.
 
-    Attempts keep counting, so the log shows every delivery, and the retry schedule
-    starts again from its first delay. ``why_not_replayed`` says why the others were not.
+    Of each event, the deliveries that did not end delivered or filtered go back to
+    pending: a destination that was reached is not called again. An event whose every
+    delivery was reached is delivered again whole. Attempts keep counting, so the log shows
+    every run, and the retry schedule starts again from its first delay.
+    ``why_not_replayed`` says why the others were not.
     """
     ids = list(event_ids)
     if not ids:
@@ -120,7 +141,37 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
         )
         .returning(Event.id)
     )
-    return list(replayed)
+    replayed = list(replayed)
+    if replayed:
+        _replay_deliveries(session, replayed, now)
+    return replayed
+
+
+def _replay_deliveries(session: Session, event_ids: list[str], now: datetime) -> None:
+    """The replayed events' deliveries back to pending: those not reached, or all of an
+    event's when every one was reached."""
+    free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
+    again = {
+        "status": EventStatus.PENDING,
+        "next_attempt_at": now,
+        "completed_at": None,
+        "retries": 0,
+        "lease_owner": None,
+        "lease_until": None,
+    }
+    unreached = set(
+        session.scalars(
+            update(Delivery.__table__)
+            .where(Delivery.event_id.in_(event_ids), Delivery.status.not_in(REACHED), free)
+            .values(**again)
+            .returning(Delivery.event_id)
+        )
+    )
+    whole = [event_id for event_id in event_ids if event_id not in unreached]
+    if whole:
+        session.execute(
+            update(Delivery.__table__).where(Delivery.event_id.in_(whole), free).values(**again)
+        )
 
 
 NO_SUCH_EVENT = "no such event"
@@ -204,6 +255,7 @@ def purge(db: Database, older_than: datetime, batch: int = 500) -> int:
             if not ids:
                 return total
             session.execute(delete(Attempt).where(Attempt.event_id.in_(ids)))
+            session.execute(delete(Delivery).where(Delivery.event_id.in_(ids)))
             session.execute(delete(Event).where(Event.id.in_(ids)))
         total += len(ids)
 
@@ -617,8 +669,11 @@ class Queue:
 
 
 def queue(session: Session, now: datetime, cap: int = 10_000) -> Queue:
-    """The queue's depth counted along the due index, stopping past ``cap`` events."""
-    waiting = select(Event.route).where(Event.status.in_(DUE_STATUSES)).limit(cap + 1).subquery()
+    """The queue's depth (deliveries waiting) counted along the due index, stopping past
+    ``cap``."""
+    waiting = (
+        select(Delivery.route).where(Delivery.status.in_(DUE_STATUSES)).limit(cap + 1).subquery()
+    )
     by_route = {
         route: int(n)
         for route, n in session.execute(
@@ -630,13 +685,13 @@ def queue(session: Session, now: datetime, cap: int = 10_000) -> Queue:
 
 
 def oldest_due(session: Session, now: datetime) -> datetime | None:
-    """The next_attempt_at of the event due longest, None when none is due: one index seek
-    for each due status, (status, next_attempt_at) to its first row."""
+    """The next_attempt_at of the delivery due longest, None when none is due: one index
+    seek for each due status, (status, next_attempt_at) to its first row."""
     oldest = [
         session.scalar(
-            select(Event.next_attempt_at)
+            select(Delivery.next_attempt_at)
             .where(due(now, (status,)))
-            .order_by(Event.next_attempt_at)
+            .order_by(Delivery.next_attempt_at)
             .limit(1)
         )
         for status in DUE_STATUSES
@@ -645,18 +700,18 @@ def oldest_due(session: Session, now: datetime) -> datetime | None:
 
 
 def queue_gauges(db: Database, cap: int) -> tuple[int, int, datetime | None]:
-    """What the queue gauges show: events due now, events waiting (due now or later), each
-    counted up to ``cap``, and the next_attempt_at of the event due longest."""
+    """What the queue gauges show: deliveries due now, deliveries waiting (due now or
+    later), each counted up to ``cap``, and the next_attempt_at of the one due longest."""
     now = utcnow()
     with db.read_session() as session:
 
         def capped_count(where) -> int:
-            rows = select(Event.id).where(where).limit(cap).subquery()
+            rows = select(Delivery.id).where(where).limit(cap).subquery()
             return int(session.scalar(select(func.count()).select_from(rows)) or 0)
 
         return (
             capped_count(due(now)),
-            capped_count(Event.status.in_(DUE_STATUSES)),
+            capped_count(Delivery.status.in_(DUE_STATUSES)),
             oldest_due(session, now),
         )
 
@@ -666,6 +721,23 @@ def count_replayable(session: Session, filters: Filters, cap: int) -> int:
     ``cap + 1`` (more than ``cap`` says "more than one bulk replay looks at")."""
     query = filters.apply(select(Event.id)).where(not_in_flight(utcnow())).limit(cap + 1)
     return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+
+
+def deliveries(session: Session, event_id: str) -> list[dict[str, Any]]:
+    """The event's deliveries in its route's order, each with its attempts."""
+    rows = list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.event_id == event_id)
+            .order_by(Delivery.position, Delivery.id)
+        )
+    )
+    calls: dict[str | None, list[Attempt]] = {}
+    for attempt in session.scalars(
+        select(Attempt).where(Attempt.event_id == event_id).order_by(Attempt.id)
+    ):
+        calls.setdefault(attempt.delivery_id, []).append(attempt)
+    return [row.to_dict(calls.get(row.id, [])) for row in rows]
 
 
 def latest_attempts(session: Session, event_id: str, limit: int) -> tuple[list[Attempt], bool]:

@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import Connection, and_, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, delete, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
@@ -39,7 +39,17 @@ from hub.services.delivery import sync_lease
 from hub.store import crypto
 from hub.store.db import get_db, get_session
 from hub.store.groupcommit import row_of
-from hub.store.models import Attempt, Event, EventStatus, Route, new_event_id, utcnow
+from hub.store.models import (
+    Attempt,
+    Delivery,
+    Event,
+    EventStatus,
+    Route,
+    first_delivery_id,
+    new_delivery_id,
+    new_event_id,
+    utcnow,
+)
 
 log = logging.getLogger("hub.ingest")
 
@@ -544,7 +554,13 @@ def take_sync_slot(event: Event, route: str) -> None:
     for column, value in ending.items():
         setattr(event, column, value)
     ended = update(Event.__table__).where(Event.id == event.id).values(**ending)
-    current_app.extensions["hub.commits"].run(lambda shared: shared.execute(ended))
+    undelivered = delete(Delivery.__table__).where(Delivery.event_id == event.id)
+
+    def write(shared: Connection) -> None:
+        shared.execute(undelivered)  # a refused request has no deliveries
+        shared.execute(ended)
+
+    current_app.extensions["hub.commits"].run(write)
     metrics.refused("sync_busy", EventStatus.REJECTED)
     log.info("rejected %s %s: sync_busy (503)", event.id, route[:64])
     raise busy
@@ -773,18 +789,27 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     # A sync lease: if this process dies, a worker's reaper marks the event failed once the
     # lease has run out (it is never redelivered: the sender got no answer and will retry).
     event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
+    # The first destination runs here, under the same lease; the others go to the workers.
+    deliveries = new_deliveries(event, route)
+    first = deliveries[0]
+    first.status, first.attempts, first.next_attempt_at = EventStatus.PROCESSING, 1, None
+    first.lease_owner, first.lease_until = event.lease_owner, event.lease_until
     # Commit before running: the request is on record even if the process dies, and no
     # database lock is held while connectors talk to the outside world (nor while waiting
     # for one of the route's slots).
-    commit_new_event(session, event)
+    commit_new_event(session, event, deliveries)
     take_sync_slot(event, route.name)
     accepted.sync_slot = route.name
+    if len(deliveries) > 1:
+        delivery.wake(current_app, soon=True)
     attempts: list[Attempt] = []
     try:
         outcome = pipeline.run(
             event,
             route,
             pipeline.RunOptions.of_app(current_app),
+            destination=route_store.destinations_of(route)[0],
+            delivery=first,
             payload=accepted.payload,
             record=attempts.append,
             deadline=time.monotonic() + timeout,
@@ -802,11 +827,17 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     event_id = event.id
     rows = [row_of(attempt) for attempt in attempts]
     ended = update(Event.__table__).where(Event.id == event_id).values(**ending)
+    first_values = {k: v for k, v in ending.items() if k != "response_status"}
+    first_ended = update(Delivery.__table__).where(Delivery.id == first.id).values(**first_values)
+    fan_out = len(deliveries) > 1
 
     def write(shared: Connection) -> None:
         if rows:
             shared.execute(insert(Attempt.__table__), rows)
+        shared.execute(first_ended)
         shared.execute(ended)
+        if fan_out:  # the others may still be on their way: the event is their roll-up
+            delivery.rollup(shared, event_id, first.id)
 
     try:
         current_app.extensions["hub.commits"].run(write)
@@ -822,19 +853,29 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
 def record_unrecorded(event_id: str, exc: Exception) -> None:
     """A sync outcome that could not be written: end the event ``failed`` with the cause, in a
     transaction of its own (if even that fails, the reaper does it when the lease runs out)."""
+    failed = {
+        "status": EventStatus.FAILED,
+        "last_error": f"the outcome could not be recorded ({type(exc).__name__})",
+        "completed_at": utcnow(),
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "lease_until": None,
+    }
     try:
         with get_db().session() as session:
             session.execute(
+                update(Delivery.__table__)
+                .where(
+                    Delivery.event_id == event_id,
+                    Delivery.status == EventStatus.PROCESSING,
+                    Delivery.lease_owner.startswith(delivery.SYNC_LEASE_PREFIX, autoescape=True),
+                )
+                .values(**failed)
+            )
+            session.execute(
                 update(Event.__table__)
                 .where(Event.id == event_id, Event.status == EventStatus.PROCESSING)
-                .values(
-                    status=EventStatus.FAILED,
-                    last_error=f"the outcome could not be recorded ({type(exc).__name__})",
-                    completed_at=utcnow(),
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    lease_until=None,
-                )
+                .values(**failed)
             )
     except Exception as again:
         log.error("event %s: outcome not recorded (%s)", event_id, type(again).__name__)
@@ -874,28 +915,57 @@ def accept(incoming: Incoming) -> Accepted | Answer:
         )
 
 
-def commit_new_event(session: Session, event: Event) -> None:
-    """Commit the request's new event, which then leaves the session (later writes to it are
-    statements of their own). Its commit is shared with the other requests of this process
-    committing at the same moment (hub.store.groupcommit); an event with a dedup key is committed
-    in the request's own transaction instead, which holds its dedup lock until then."""
+def new_deliveries(event: Event, route: Route) -> list[Delivery]:
+    """One delivery of ``event`` for each destination of ``route``, pending and due now."""
+    return [
+        Delivery(
+            id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
+            event_id=event.id,
+            destination_id=destination.id,
+            route=event.route,
+            destination=destination.name,
+            position=position,
+            status=EventStatus.PENDING,
+            attempts=0,
+            retries=0,
+            next_attempt_at=event.received_at,
+            created_at=event.received_at,
+        )
+        for position, destination in enumerate(route_store.destinations_of(route))
+    ]
+
+
+def commit_new_event(session: Session, event: Event, deliveries: list[Delivery]) -> None:
+    """Commit the request's new event with its deliveries; the event then leaves the
+    session (later writes to it are statements of their own). Its commit is shared with the
+    other requests of this process committing at the same moment (hub.store.groupcommit);
+    an event with a dedup key is committed in the request's own transaction instead, which
+    holds its dedup lock until then."""
     if event.dedup_key:
+        session.flush()  # the event's row before its deliveries'
+        session.add_all(deliveries)
         session.commit()
         session.expunge(event)
+        for row in deliveries:
+            session.expunge(row)
         return
     session.expunge(event)
     session.commit()  # what else this request wrote (a key's last use): usually nothing
-    current_app.extensions["hub.commits"].insert(Event.__table__, row_of(event))
+    current_app.extensions["hub.commits"].insert_rows(
+        [(Event.__table__, row_of(event))] + [(Delivery.__table__, row_of(d)) for d in deliveries]
+    )
 
 
 def enqueue(accepted: Accepted) -> None:
-    """Commit an async event as due now (the sender is answered 202) and wake the workers."""
+    """Commit an async event as due now with one delivery per destination of its route (the
+    sender is answered 202) and wake the workers."""
     session = get_session()
     event = accepted.event
     event.status = EventStatus.PENDING
     event.response_status = 202
     event.next_attempt_at = event.received_at
-    commit_new_event(session, event)  # the 202 leaves only once the event is durable
+    deliveries = new_deliveries(event, accepted.route)
+    commit_new_event(session, event, deliveries)  # the 202 leaves once the event is durable
     delivery.wake(current_app, soon=True)
 
 

@@ -1,4 +1,5 @@
-"""Runs one event through its route's steps and records every connector call as an attempt.
+"""Runs one event through one destination's steps (a delivery) and records every connector
+call as an attempt of that delivery.
 
 The pipeline knows nothing of HTTP requests or workers: ingest calls it inside a request
 (sync routes), the worker calls it for claimed events (async routes). Both pass the app's
@@ -42,7 +43,16 @@ from hub.services import step_secrets
 from hub.services.templating import TemplateLimits, TemplateProblem, evaluate_filter, render_config
 from hub.store import storable
 from hub.store.crypto import SecretBox, SecretsUnreadable
-from hub.store.models import Attempt, AttemptOutcome, Event, EventStatus, Route, utcnow
+from hub.store.models import (
+    Attempt,
+    AttemptOutcome,
+    Delivery,
+    Destination,
+    Event,
+    EventStatus,
+    Route,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -239,6 +249,7 @@ class _Run:
     record: Callable[[Attempt], None]
     before_call: Callable[[], None] | None
     deadline: float | None
+    delivery: Delivery | None = None
 
 
 def run(
@@ -246,32 +257,37 @@ def run(
     route: Route,
     options: RunOptions,
     *,
+    destination: Destination | None = None,
+    delivery: Delivery | None = None,
     payload: Any = None,
     record: Callable[[Attempt], None],
     before_call: Callable[[], None] | None = None,
     deadline: float | None = None,
 ) -> Outcome:
-    """Run every step of ``route`` for ``event``; ``record`` receives each attempt row, and
-    ``before_call``, where given, is called before each connector call (the worker writes the
-    rows of the calls before it there: each call is on record before the next one starts).
-    ``options.secrets`` opens the sealed secrets of step configs (hub.services.step_secrets)."""
+    """Run the filter and every step of ``destination`` (default: the route's own, its
+    first destination's) for ``event``; ``record`` receives each attempt row (of
+    ``delivery``, where given), and ``before_call``, where given, is called before each
+    connector call (the worker writes the rows of the calls before it there: each call is
+    on record before the next one starts). ``options.secrets`` opens the sealed secrets of
+    step configs (hub.services.step_secrets)."""
+    target: Route | Destination = destination if destination is not None else route
     if payload is None:
         try:
             payload = decode_payload(event.body or b"", event.content_type, options.max_depth)
         except PayloadError as exc:
             return Outcome(FAILED, error=exc.message, code=exc.code)
     outputs: list[Any] = []
-    if route.filter:
+    if target.filter:
         context = template_context(event, payload, outputs)
         try:
-            keep = evaluate_filter(route.filter, context, options.template_limits, deadline)
+            keep = evaluate_filter(target.filter, context, options.template_limits, deadline)
         except TemplateProblem as exc:
             return _template_failed(exc, "bad_filter")
         if not keep:
             return Outcome(FILTERED)
-    this_run = _Run(event, route, payload, options, record, before_call, deadline)
+    this_run = _Run(event, route, payload, options, record, before_call, deadline, delivery)
     current = payload
-    for index, step in enumerate(route.steps or []):
+    for index, step in enumerate(target.steps or []):
         outcome = _run_step(_Step.start(this_run, index, step, outputs), step, current)
         if outcome.status != DELIVERED:
             outcome.step_index = index
@@ -290,13 +306,14 @@ class _Step:
     index: int
     name: str
     outputs: list[Any]
-    run_number: int  # the event's delivery run this is (1 for a sync route's only one)
+    run_number: int  # the delivery's run this is (1 for a sync route's first destination)
     hidden: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, run: _Run, index: int, entry: dict[str, Any], outputs: list[Any]) -> _Step:
         name = entry.get("connector", "?")
-        return cls(run, index, name, outputs, run_number=max(run.event.attempts, 1))
+        runs = run.delivery.attempts if run.delivery is not None else run.event.attempts
+        return cls(run, index, name, outputs, run_number=max(runs, 1))
 
     def attempt_row(
         self, try_number: int, started: datetime, t0: float, outcome: str, **extra: Any
@@ -305,6 +322,7 @@ class _Step:
         metrics.attempt_done(self.name, outcome, time.monotonic() - t0)
         return Attempt(
             event_id=self.run.event.id,
+            delivery_id=self.run.delivery.id if self.run.delivery is not None else None,
             run=self.run_number,
             step_index=self.index,
             connector=self.name,

@@ -5,9 +5,16 @@ so a route is checked the same way wherever it comes from: every step's config a
 its connector's pydantic ``Config``, every template parsed, its signature verifier and
 rate limit checked, nothing half-saved.
 
+A route fans out to one or more named destinations, each with its own steps, filter and
+retry schedule (``"destinations": [...]``). A route given plain ``steps`` (and ``filter``,
+``retry_schedule``) and no destinations has one destination named "default"; its JSON
+shows both forms, so clients that read ``steps`` keep reading them. The route's own steps,
+filter and retry_schedule columns are kept equal to its first destination's.
+
 Signing secrets are plaintext only inside a RouteSpec on its way in: ``save`` seals them
 with the app's SecretBox, and ``to_dict`` shows them masked. Secrets in step configs
-likewise (hub.services.step_secrets): sealed by ``save_routes``, masked by ``to_dict``.
+likewise (hub.services.step_secrets), destination by destination: sealed by
+``save_routes``, masked by ``to_dict``.
 """
 
 from __future__ import annotations
@@ -35,9 +42,13 @@ from hub.services import step_secrets
 from hub.services.templating import TemplateProblem, check_config, check_filter
 from hub.store.cache import TTLCache
 from hub.store.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
-from hub.store.models import Route
+from hub.store.models import DEFAULT_DESTINATION, Destination, Route
 
 ROUTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# A destination's name: a lower-case slug, unique within its route.
+DESTINATION_NAME_PATTERN = ROUTE_NAME_PATTERN
+# What a destination holds that a route given plain steps holds itself.
+DESTINATION_FIELDS = ("steps", "filter", "retry_schedule")
 DEFAULT_RETRY_SCHEDULE = [30, 120, 600, 3600, 21600]
 # What a sender must show: an API key, a valid signature, both, or either.
 AuthMode = Literal["key", "signature", "key+signature", "key|signature"]
@@ -77,6 +88,30 @@ class VerifySpec(BaseModel):
     secrets_env: list[str] = Field(default_factory=list)
 
 
+def _positive_delays(value: list[int] | None) -> list[int] | None:
+    if value is not None and any(v <= 0 for v in value):
+        raise ValueError("every retry delay must be a positive number of seconds")
+    if value is not None and any(v > _longest() for v in value):
+        raise ValueError("a retry delay can be at most 100 years")
+    return value
+
+
+class DestinationSpec(BaseModel):
+    """One destination of a route: where its events go, delivered on their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=DESTINATION_NAME_PATTERN,
+        description="A lower-case slug, unique within the route",
+    )
+    steps: list[StepSpec] = Field(default_factory=list)
+    filter: str | None = None
+    retry_schedule: list[int] | None = None
+
+    _positive = field_validator("retry_schedule")(_positive_delays)
+
+
 class RouteSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -88,20 +123,23 @@ class RouteSpec(BaseModel):
     dedup_path: str | None = None
     dedup_window: int = Field(86400, ge=0)
     retry_schedule: list[int] | None = None
+    # Where the route's events go, each delivered (retried, ended) on its own. Without it,
+    # steps, filter and retry_schedule make one destination, "default".
+    destinations: list[DestinationSpec] | None = Field(
+        None,
+        description=(
+            "Where the route's events go, each destination delivered, retried and ended on "
+            "its own; without it, the route's steps, filter and retry_schedule are one "
+            'destination named "default"'
+        ),
+    )
     # None means "signature" when a verifier is given, else "key".
     auth: AuthMode | None = None
     verify: VerifySpec | None = None
     rate_limit: str | None = None
     enabled: bool = True
 
-    @field_validator("retry_schedule")
-    @classmethod
-    def _positive(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(v <= 0 for v in value):
-            raise ValueError("every retry delay must be a positive number of seconds")
-        if value is not None and any(v > _longest() for v in value):
-            raise ValueError("a retry delay can be at most 100 years")
-        return value
+    _positive = field_validator("retry_schedule")(_positive_delays)
 
     @field_validator("dedup_window")
     @classmethod
@@ -135,39 +173,110 @@ def parse_step(text: str) -> dict[str, Any]:
     return {"connector": name, "config": config}
 
 
+def one_form(data: Any) -> Any:
+    """``data`` with its destinations in one form: a route's JSON as shown holds both its
+    ``destinations`` and, for a lone "default" one, the same steps, filter and
+    retry_schedule at the top; those are dropped when they say the same thing. Otherwise
+    a route gives either ``destinations`` or top-level steps (RouteInvalid)."""
+    if not isinstance(data, dict) or data.get("destinations") is None:
+        return data
+    top = {k: data[k] for k in DESTINATION_FIELDS if data.get(k) not in (None, [])}
+    data = {k: v for k, v in data.items() if k not in DESTINATION_FIELDS}
+    destinations = data["destinations"]
+    if top:
+        lone = (
+            isinstance(destinations, list)
+            and len(destinations) == 1
+            and isinstance(destinations[0], dict)
+            and destinations[0].get("name") == DEFAULT_DESTINATION
+        )
+        if not lone or any(destinations[0].get(k) != v for k, v in top.items()):
+            raise RouteInvalid(
+                str(data.get("name", "?")),
+                [
+                    "destinations: give steps, filter and retry_schedule inside each "
+                    "destination, or give no destinations"
+                ],
+            )
+    return data
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """Pydantic's errors as sentences; a place inside a destination is written as a path
+    (``destinations[1].steps[0].connector``)."""
+    out = []
+    for line in describe_validation_error(exc):
+        if line.startswith("destinations."):
+            where, sep, message = line.partition(": ")
+            line = re.sub(r"\.(\d+)", r"[\1]", where) + sep + message
+        out.append(line)
+    return out
+
+
 def validate(
     data: dict[str, Any], registry: Registry, environ: Mapping[str, str] | None = None
 ) -> RouteSpec:
     """A RouteSpec, or RouteInvalid listing every problem found.
 
     Secrets named by ``${VAR}`` or ``secrets_env`` are read from ``environ`` (default
-    os.environ); the returned spec holds their values and an explicit ``auth``.
+    os.environ); the returned spec holds their values and an explicit ``auth``. Its
+    ``destinations`` are always set (one "default" for a route given plain steps), and its
+    steps, filter and retry_schedule are the first destination's.
     """
     name = str(data.get("name", "?")) if isinstance(data, dict) else "?"
+    data = one_form(data)
     try:
         spec = RouteSpec.model_validate(data)
     except ValidationError as exc:
-        raise RouteInvalid(name, describe_validation_error(exc)) from None
+        raise RouteInvalid(name, validation_problems(exc)) from None
     errors: list[str] = _check_auth(spec, os.environ if environ is None else environ)
-    for index, step in enumerate(spec.steps):
-        where = f"steps[{index}] ({step.connector})"
+    given = spec.destinations is not None
+    if spec.destinations is None:
+        spec.destinations = [
+            DestinationSpec(
+                name=DEFAULT_DESTINATION,
+                steps=spec.steps,
+                filter=spec.filter,
+                retry_schedule=spec.retry_schedule,
+            )
+        ]
+    elif not spec.destinations:
+        errors.append("destinations: a route needs at least one destination")
+    names = [d.name for d in spec.destinations]
+    for index, destination in enumerate(spec.destinations):
+        where = f"destinations[{index}]." if given else ""
+        if names.index(destination.name) != index:
+            errors.append(f"{where}name: {destination.name!r} is the name of another destination")
+        errors += _step_problems(destination, registry, where)
+    if spec.destinations:
+        first = spec.destinations[0]
+        spec.steps, spec.filter = first.steps, first.filter
+        spec.retry_schedule = first.retry_schedule
+    if errors:
+        raise RouteInvalid(spec.name, errors)
+    return spec
+
+
+def _step_problems(destination: DestinationSpec, registry: Registry, prefix: str) -> list[str]:
+    """What is wrong with a destination's steps and filter; ``prefix`` says where it is."""
+    errors = []
+    for index, step in enumerate(destination.steps):
+        where = f"{prefix}steps[{index}] ({step.connector})"
         try:
             check_config(step.config)
             registry.validate_unrendered(step.connector, step.config)
         except UnknownConnectorError as exc:
-            errors.append(f"steps[{index}]: {str(exc).strip(chr(34))}")
+            errors.append(f"{prefix}steps[{index}]: {str(exc).strip(chr(34))}")
         except StepConfigError as exc:
             errors.extend(f"{where}: {e}" for e in exc.errors)
         except TemplateProblem as exc:
             errors.append(f"{where}: {exc}")
-    if spec.filter:
+    if destination.filter:
         try:
-            check_filter(spec.filter)
+            check_filter(destination.filter)
         except TemplateProblem as exc:
-            errors.append(str(exc))
-    if errors:
-        raise RouteInvalid(spec.name, errors)
-    return spec
+            errors.append(f"{prefix}filter: {exc}" if prefix else str(exc))
+    return errors
 
 
 def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
@@ -249,10 +358,20 @@ def save(
     if route is None:
         route = Route(name=spec.name)
         session.add(route)
-    values = spec.model_dump(exclude={"verify"})
+    values = spec.model_dump(exclude={"verify", "destinations"})
     values["steps"] = [s.model_dump() for s in spec.steps]
     for key, value in values.items():
         setattr(route, key, value)
+    kept = {d.name: d for d in route.destinations}
+    destinations = []
+    for position, given in enumerate(spec.destinations or ()):
+        destination = kept.get(given.name) or Destination(name=given.name)
+        destination.position = position
+        destination.steps = [s.model_dump() for s in given.steps]
+        destination.filter = given.filter
+        destination.retry_schedule = given.retry_schedule
+        destinations.append(destination)
+    route.destinations = destinations
     if spec.verify is None:
         route.verify_scheme = route.verify_options = route.secrets_encrypted = None
     else:
@@ -290,19 +409,11 @@ def save_routes(
     for item in items:
         name = item.get("name") if isinstance(item, dict) else None
         stored = get(session, name) if isinstance(name, str) else None
-        if stored is not None and "steps" in item:  # masks sent back mean "unchanged"
-            item = {**item, "steps": step_secrets.restore_masks(item["steps"], box, stored.steps)}
+        if stored is not None:  # masks sent back mean "unchanged"
+            item = _masks_restored(item, stored, box)
         try:
             spec = validate(item, registry, environ)
-            steps, sealing = step_secrets.seal_steps(
-                [s.model_dump() for s in spec.steps],
-                registry,
-                box,
-                stored.steps if stored is not None else None,
-            )
-            if sealing:
-                raise RouteInvalid(spec.name, sealing)
-            spec.steps = [StepSpec.model_validate(s) for s in steps]
+            _seal(spec, stored, registry, box, given="destinations" in item)
             specs.append(spec)
         except RouteInvalid as exc:
             problems.append(exc)
@@ -324,11 +435,105 @@ def save_routes(
     return results
 
 
+def destinations_of(route: Route) -> list[Destination]:
+    """The route's destinations in order; a route saved without any (made outside
+    ``save``) has one, "default", of its own steps, filter and retry schedule."""
+    if route.destinations:
+        return list(route.destinations)
+    return [
+        Destination(
+            name=DEFAULT_DESTINATION,
+            position=0,
+            steps=route.steps or [],
+            filter=route.filter,
+            retry_schedule=route.retry_schedule,
+        )
+    ]
+
+
+def _lone_default(route: Route) -> bool:
+    destinations = destinations_of(route)
+    return len(destinations) == 1 and destinations[0].name == DEFAULT_DESTINATION
+
+
+def _stored_steps(stored: Route | None, name: str) -> list[dict[str, Any]] | None:
+    """The steps, as saved, of ``stored``'s destination called ``name``."""
+    if stored is None:
+        return None
+    for destination in destinations_of(stored):
+        if destination.name == name:
+            return destination.steps
+    return None
+
+
+def _masks_restored(item: Any, stored: Route, box: SecretBox | None) -> Any:
+    """``item`` with the masks it sends back unchanged put back to the stored secrets: in
+    its top-level steps (the first destination's) and in each destination's, by name."""
+    if not isinstance(item, dict):
+        return item
+    if "steps" in item:
+        item = {**item, "steps": step_secrets.restore_masks(item["steps"], box, stored.steps)}
+    if isinstance(item.get("destinations"), list):
+        item = {
+            **item,
+            "destinations": [
+                {**d, "steps": step_secrets.restore_masks(d["steps"], box, before)}
+                if isinstance(d, dict)
+                and "steps" in d
+                and (before := _stored_steps(stored, str(d.get("name")))) is not None
+                else d
+                for d in item["destinations"]
+            ],
+        }
+    return item
+
+
+def _seal(
+    spec: RouteSpec, stored: Route | None, registry: Registry, box: SecretBox | None, given: bool
+) -> None:
+    """Seal the secrets of every destination's steps in place (RouteInvalid if one can't
+    be); an unchanged secret keeps the token stored for it."""
+    problems = []
+    for index, destination in enumerate(spec.destinations or ()):
+        steps, sealing = step_secrets.seal_steps(
+            [s.model_dump() for s in destination.steps],
+            registry,
+            box,
+            _stored_steps(stored, destination.name),
+        )
+        prefix = f"destinations[{index}]." if given else ""
+        problems += [prefix + problem for problem in sealing]
+        destination.steps = [StepSpec.model_validate(s) for s in steps]
+    if problems:
+        raise RouteInvalid(spec.name, problems)
+    if spec.destinations:
+        spec.steps = spec.destinations[0].steps
+
+
 def _comparable(route: Route, box: SecretBox | None) -> dict[str, Any]:
+    return _editable(route, box, with_secrets=False)
+
+
+def _editable(route: Route, box: SecretBox | None, *, with_secrets: bool) -> dict[str, Any]:
+    """The route as validate() reads it, in one form (top-level steps for a lone "default"
+    destination, else ``destinations``), with step secrets in clear; the signing secrets
+    opened too ``with_secrets`` (SecretsUnreadable if they don't), else as far as they
+    open."""
     data = to_dict(route)
-    data["steps"] = step_secrets.opened_steps(route.steps, box)
+    if _lone_default(route):
+        del data["destinations"]
+        data["steps"] = step_secrets.opened_steps(route.steps, box)
+    else:
+        for key in DESTINATION_FIELDS:
+            data.pop(key, None)
+        for shown, destination in zip(data["destinations"], destinations_of(route), strict=True):
+            shown["steps"] = step_secrets.opened_steps(destination.steps, box)
     if data["verify"] is not None:
-        data["verify"]["secrets"] = _stored_secrets(route, box) if box else None
+        if with_secrets:
+            assert box is not None
+            data["verify"]["secrets"] = box.open(route.secrets_encrypted)
+        else:
+            data["verify"]["secrets"] = _stored_secrets(route, box) if box else None
     return data
 
 
@@ -365,15 +570,28 @@ def to_dict(
             "options": route.verify_options or {},
             "secrets": shown,
         }
+    destinations = [
+        {
+            "name": d.name,
+            "steps": step_secrets.shown_steps(d.steps, box, registry),
+            "filter": d.filter,
+            "retry_schedule": d.retry_schedule,
+        }
+        for d in destinations_of(route)
+    ]
+    # A lone "default" destination shows at the top too, as routes were shown before
+    # they had destinations: clients reading steps, filter and retry_schedule still can.
+    lone = _lone_default(route)
     return {
         "name": route.name,
         "description": route.description,
         "mode": route.mode,
-        "steps": step_secrets.shown_steps(route.steps, box, registry),
-        "filter": route.filter,
+        "steps": destinations[0]["steps"] if lone else None,
+        "filter": route.filter if lone else None,
         "dedup_path": route.dedup_path,
         "dedup_window": route.dedup_window,
-        "retry_schedule": route.retry_schedule,
+        "retry_schedule": route.retry_schedule if lone else None,
+        "destinations": destinations,
         "auth": route.auth,
         "verify": verify,
         "rate_limit": route.rate_limit,
@@ -386,11 +604,7 @@ def spec_data(route: Route, box: SecretBox) -> dict[str, Any]:
 
     Raises SecretsUnreadable when the stored secrets do not decrypt.
     """
-    data = to_dict(route)
-    data["steps"] = step_secrets.opened_steps(route.steps, box)
-    if data["verify"] is not None:
-        data["verify"]["secrets"] = box.open(route.secrets_encrypted)
-    return data
+    return _editable(route, box, with_secrets=True)
 
 
 def _verified(session: Session, name: str, box: SecretBox) -> tuple[Route, dict[str, Any]]:
@@ -490,10 +704,24 @@ def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole
     try:
         current = spec_data(route, box)
     except SecretsUnreadable:
-        current = to_dict(route)
-        current["steps"] = step_secrets.opened_steps(route.steps, box)
+        current = _editable(route, box, with_secrets=False)
         if current["verify"] is not None:
             current["verify"]["secrets"] = []
+    if not whole and changes.get("destinations") is not None:
+        # The destinations given replace the route's steps, filter and schedule.
+        current = {k: v for k, v in current.items() if k not in DESTINATION_FIELDS}
+    elif (
+        not whole
+        and any(changes.get(k) is not None for k in DESTINATION_FIELDS)
+        and "destinations" in current
+    ):
+        raise RouteInvalid(
+            route.name,
+            [
+                "steps, filter and retry_schedule: the route has several destinations; "
+                "change them inside destinations"
+            ],
+        )
     data = {"name": route.name, **({} if whole else current), **changes}
     verify = changes.get("verify")
     old = current["verify"]
@@ -512,9 +740,23 @@ def seal_stored_secrets(session: Session, registry: Registry, box: SecretBox) ->
     declared secret fields and holds the key). The names of the routes changed."""
     sealed = []
     for route in list_routes(session):
-        steps, problems = step_secrets.seal_steps(route.steps or [], registry, box, route.steps)
-        if not problems and steps != route.steps:
-            route.steps = steps
+        changed = False
+        if not route.destinations:  # made outside save: its own steps are its destination
+            steps, problems = step_secrets.seal_steps(route.steps or [], registry, box, route.steps)
+            if not problems and steps != route.steps:
+                route.steps = steps
+                sealed.append(route.name)
+            continue
+        for position, destination in enumerate(route.destinations):
+            steps, problems = step_secrets.seal_steps(
+                destination.steps or [], registry, box, destination.steps
+            )
+            if not problems and steps != destination.steps:
+                destination.steps = steps
+                if position == 0:
+                    route.steps = steps
+                changed = True
+        if changed:
             sealed.append(route.name)
     session.flush()
     return sealed

@@ -74,6 +74,11 @@ class GroupCommitter:
         to the database as one multi-row INSERT."""
         self._submit(_Work(None, [(table, row)]))
 
+    def insert_rows(self, rows: Iterable[tuple[Table, dict[str, Any]]]) -> None:
+        """Insert ``rows`` (``(table, row)``: an event and its deliveries, say) in one
+        transaction, committed when this returns."""
+        self._submit(_Work(None, rows))
+
     def _submit(self, work: _Work) -> Any:
         with self._lock:
             self._queue.append(work)
@@ -137,10 +142,21 @@ class GroupCommitter:
         for work in batch:
             for table, row in work.rows:
                 rows.setdefault(table, []).append(row)
-        for table, group in rows.items():
+        # Tables a row refers to first (an event before its deliveries), whatever the order
+        # the pieces came in.
+        order = {table: n for n, table in enumerate(_sorted_tables(rows))}
+        for table, group in sorted(rows.items(), key=lambda item: order[item[0]]):
             for same_columns in _by_columns(group):
                 conn.execute(insert(table), same_columns)
         return [work.fn(conn) if work.fn is not None else None for work in batch]
+
+
+def _sorted_tables(rows: dict[Table, list[dict]]) -> list[Table]:
+    tables = list(rows)
+    if not tables:
+        return tables
+    known = tables[0].metadata.sorted_tables
+    return sorted(tables, key=lambda t: known.index(t) if t in known else len(known))
 
 
 def _by_columns(rows: list[dict]) -> list[list[dict]]:

@@ -156,6 +156,12 @@ def new_delivery_id() -> str:
     return "dlv_" + new_event_id()[4:]
 
 
+def first_delivery_id(event_id: str) -> str:
+    """The id of an event's delivery to its route's first destination: the event's own,
+    ``dlv_`` for ``evt_`` (as migration 0011 named the deliveries it made)."""
+    return "dlv_" + event_id[4:]
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONType, list[Any]: JSONType}
@@ -421,6 +427,9 @@ class Delivery(Base):
     )
     route: Mapped[str] = mapped_column(StorableString(200))
     destination: Mapped[str] = mapped_column(String(64))
+    # The destination's place in its route when the event came (0: the first, whose result
+    # is the event's).
+    position: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16))
     # Runs so far (a replay keeps counting), and durable retries since last queued.
     attempts: Mapped[int] = mapped_column(Integer, default=0)

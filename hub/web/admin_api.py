@@ -406,12 +406,14 @@ def list_events(query: m.EventQuery):
     responses={200: ("The event", m.EventDetail), 404: ("No such event", None)},
 )
 def get_event(event_id: str):
-    event = get_read_session().get(Event, event_id[:32])
+    session = get_read_session()
+    event = session.get(Event, event_id[:32])
     if event is None:
         raise not_found("event")
     return m.EventDetail.model_validate(
         event.to_dict(with_attempts=True)
         | {
+            "deliveries": event_store.deliveries(session, event.id),
             "method": event.method,
             "path": event.path,
             "query": event.query,
@@ -429,6 +431,9 @@ def get_event(event_id: str):
     summary="Put one event back in the queue (its attempts keep counting)",
     tag="events",
     path_params=EVENT_ID,
+    description="The event's deliveries that did not end delivered or filtered go back to "
+    "pending: a destination that was reached is not called again. An event whose every "
+    "delivery was reached is delivered again to all of its destinations.",
     responses={
         200: ("Queued again", m.ReplayOut),
         404: ("No such event", None),
@@ -455,7 +460,9 @@ def replay_event(event_id: str):
     tag="events",
     body=m.BulkReplayIn,
     description="Looks at most at HUB_ADMIN_REPLAY_MAX matching events per call, newest "
-    "first; next_cursor says more matched: send the same body with that cursor.",
+    "first; next_cursor says more matched: send the same body with that cursor. Each "
+    "event is replayed as one replay does: only its deliveries that were not reached "
+    "(all of them when every one was).",
     responses={
         200: ("How many were replayed", m.BulkReplayOut),
         400: ("No filter and no all=true, or a bad cursor", None),

@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from hub.connectors import describe_validation_error
+from hub.services.routes import validation_problems
 from hub.web.errors import error_response
 
 OPENAPI_VERSION = "3.1.0"
@@ -220,7 +220,7 @@ def parse(model: type[BaseModel], data: Any, where: str) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise invalid(describe_validation_error(exc), where) from None
+        raise invalid(validation_problems(exc), where) from None
 
 
 def json_body() -> Any:

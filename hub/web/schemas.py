@@ -13,7 +13,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from hub.services import keys as key_store
 from hub.services.events import STATUSES, parse_time
 from hub.services.paging import PAGE_DEFAULT, PAGE_MAX
-from hub.services.routes import ROUTE_NAME_PATTERN, AuthMode, RouteSpec, StepSpec
+from hub.services.routes import (
+    ROUTE_NAME_PATTERN,
+    AuthMode,
+    DestinationSpec,
+    RouteSpec,
+    StepSpec,
+)
 
 EventStatus = Literal[STATUSES]  # type: ignore[valid-type]
 
@@ -115,8 +121,24 @@ class EventSummary(BaseModel):
     duplicate_of: str | None
 
 
-class EventOut(EventSummary):
+class DeliveryOut(BaseModel):
+    """The event on its way to one destination of its route, delivered on its own."""
+
+    id: str
+    destination: str = Field(description="The destination's name")
+    status: str = Field(
+        description="pending, processing, retrying, delivered, filtered, failed or dead"
+    )
+    runs: int = Field(description="Runs of the destination's steps so far (replays included)")
+    next_attempt_at: str | None
+    last_error: str | None
+    completed_at: str | None
     result: Any = None
+    attempts: list[AttemptOut] = Field(description="Every connector call made for it")
+
+
+class EventOut(EventSummary):
+    result: Any = Field(None, description="The first destination's result")
     attempt_log: list[AttemptOut]
 
 
@@ -243,6 +265,9 @@ class RoutePatch(Strict):
     dedup_path: str | None = None
     dedup_window: int | None = Field(None, ge=0)
     retry_schedule: list[int] | None = None
+    destinations: list[DestinationSpec] | None = Field(
+        None, description="Replace the route's destinations (and so its steps)"
+    )
     auth: AuthMode | None = None
     verify: VerifyPatch | None = None
     rate_limit: str | None = None
@@ -255,15 +280,25 @@ class VerifyOut(BaseModel):
     secrets: list[str] | str = Field(description="Masked: whsec_…abcd; never the secret")
 
 
+class DestinationOut(BaseModel):
+    name: str
+    steps: list[dict[str, Any]] = Field(description="Secrets in step configs masked")
+    filter: str | None
+    retry_schedule: list[int] | None
+
+
 class RouteOut(BaseModel):
     name: str
     description: str | None
     mode: str
-    steps: list[dict[str, Any]]
+    steps: list[dict[str, Any]] | None = Field(
+        description='The "default" destination\'s, for a route that has only it; else null'
+    )
     filter: str | None
     dedup_path: str | None
     dedup_window: int
     retry_schedule: list[int] | None
+    destinations: list[DestinationOut] = Field(description="In order; the first answers sync")
     auth: str
     verify: VerifyOut | None
     rate_limit: str | None
@@ -344,6 +379,10 @@ class EventPage(BaseModel):
 
 
 class EventDetail(EventOut):
+    deliveries: list[DeliveryOut] = Field(
+        description="One per destination of its route, in the route's order (none for a "
+        "refused request or a duplicate); the event's status is their roll-up"
+    )
     method: str
     path: str
     query: str | None

@@ -66,6 +66,7 @@ def upgrade() -> None:
     sa.Column('destination_id', sa.Integer(), nullable=True),
     sa.Column('route', sa.String(length=200), nullable=False),
     sa.Column('destination', sa.String(length=64), nullable=False),
+    sa.Column('position', sa.Integer(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('retries', sa.Integer(), nullable=False),
@@ -100,10 +101,10 @@ def upgrade() -> None:
     )
     # Each accepted event: one delivery to it, carrying the event's delivery columns.
     op.execute(
-        "INSERT INTO deliveries (id, event_id, destination_id, route, destination, status,"
+        "INSERT INTO deliveries (id, event_id, destination_id, route, destination, position, status,"
         " attempts, retries, next_attempt_at, lease_until, lease_owner, result, last_error,"
         " completed_at, created_at)"
-        " SELECT 'dlv_' || substr(e.id, 5), e.id, d.id, e.route, 'default', e.status,"
+        " SELECT 'dlv_' || substr(e.id, 5), e.id, d.id, e.route, 'default', 0, e.status,"
         " e.attempts, e.retries, e.next_attempt_at, e.lease_until, e.lease_owner, e.result,"
         " e.last_error, e.completed_at, e.received_at"
         " FROM events e LEFT JOIN routes r ON r.name = e.route"

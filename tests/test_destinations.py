@@ -1,0 +1,167 @@
+"""A route fans out to destinations, each delivered on its own: a destination that was
+reached is never called again because another one failed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select, update
+
+from hub.services.delivery import Worker, rollup
+from hub.store.models import Delivery, EventStatus
+from hub.testing_servers import Receiver
+from tests.rows import event_row
+from tests.servers import Reply
+
+
+@pytest.fixture
+def admin(make_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key(admin=True)}"}
+
+
+@pytest.fixture
+def receiver_b():
+    with Receiver() as server:
+        yield server
+
+
+def http(receiver) -> list[dict]:
+    return [{"connector": "http", "config": {"url": receiver.url + "/in"}}]
+
+
+def wait_until(check, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_a_destination_reached_is_not_called_again_while_another_is_retried(
+    app, client, db, key, admin, receiver, receiver_b
+):
+    """A receives the webhook exactly once; B answers 500 twice, is retried on its own
+    schedule and gets it on its third call; the event ends delivered, and the admin API
+    shows both deliveries with their calls."""
+    app.config["STEP_TRIES"] = 1  # one call a run: each 500 is a durable retry
+    route = {
+        "name": "orders",
+        "mode": "async",
+        "destinations": [
+            {"name": "a", "steps": http(receiver)},
+            {"name": "b", "steps": http(receiver_b), "retry_schedule": [1, 1, 1]},
+        ],
+    }
+    created = client.post("/admin/api/routes", json=route, headers=admin)
+    assert created.status_code == 201, created.json
+    assert [d["name"] for d in created.json["destinations"]] == ["a", "b"]
+    receiver_b.script(Reply(500, {"down": True}), Reply(500, {"down": True}))
+
+    answer = client.post("/hooks/orders", json={"order": 1}, headers={"X-API-Key": key})
+    assert answer.status_code == 202
+    event_id = answer.json["id"]
+    worker = Worker(app, name="fan-out")
+    worker.start(2)
+    try:
+        wait_until(lambda: event_row(db, event_id).status == "delivered")
+    finally:
+        worker.stop(grace=5)
+
+    assert len(receiver.requests) == 1
+    assert len(receiver_b.requests) == 3
+    assert receiver.requests[0].json() == receiver_b.requests[-1].json() == {"order": 1}
+
+    shown = client.get(f"/admin/api/events/{event_id}", headers=admin).json
+    assert shown["status"] == "delivered"
+    deliveries = {d["destination"]: d for d in shown["deliveries"]}
+    assert [d["destination"] for d in shown["deliveries"]] == ["a", "b"]
+    assert deliveries["a"]["status"] == "delivered"
+    assert [a["outcome"] for a in deliveries["a"]["attempts"]] == ["ok"]
+    assert deliveries["b"]["status"] == "delivered"
+    assert [a["outcome"] for a in deliveries["b"]["attempts"]] == ["retryable", "retryable", "ok"]
+    assert [a["http_status"] for a in deliveries["b"]["attempts"]] == [500, 500, 200]
+    assert [a["run"] for a in deliveries["b"]["attempts"]] == [1, 2, 3]
+
+    # What the sender sees: acceptance and overall status, no destination.
+    sender = client.get(f"/events/{event_id}", headers={"X-API-Key": key}).json
+    assert sender["status"] == "delivered" and "deliveries" not in sender
+
+
+def test_a_route_given_steps_is_one_default_destination(client, admin, receiver):
+    """Today's route bodies keep working, and their JSON keeps its top-level steps."""
+    route = {"name": "plain", "mode": "async", "steps": http(receiver), "retry_schedule": [5]}
+    created = client.post("/admin/api/routes", json=route, headers=admin).json
+    assert created["steps"] == http(receiver) and created["retry_schedule"] == [5]
+    assert created["destinations"] == [
+        {"name": "default", "steps": http(receiver), "filter": None, "retry_schedule": [5]}
+    ]
+    # What GET shows can be sent back as it is.
+    again = client.put("/admin/api/routes/plain", json=created, headers=admin)
+    assert again.status_code == 200, again.json
+    patched = client.patch("/admin/api/routes/plain", json={"filter": "true"}, headers=admin)
+    assert patched.json["destinations"][0]["filter"] == "true"
+
+
+def test_destination_problems_name_their_place(client, admin, receiver):
+    route = {
+        "name": "bad",
+        "destinations": [
+            {"name": "a", "steps": http(receiver)},
+            {"name": "b", "steps": [{"config": {}}]},
+            {"name": "a", "steps": []},
+            {"name": "Not A Slug", "steps": []},
+        ],
+    }
+    answer = client.post("/admin/api/routes", json=route, headers=admin)
+    assert answer.status_code == 422
+    text = str(answer.json)
+    assert "destinations[1].steps[0].connector" in text
+    assert "destinations[3].name" in text
+    route["destinations"] = [route["destinations"][0], {"name": "b"}, {"name": "a"}]
+    answer = client.post("/admin/api/routes", json=route, headers=admin)
+    assert "destinations[2].name: 'a' is the name of another destination" in str(answer.json)
+    both = {"name": "both", "steps": http(receiver), "destinations": [{"name": "x"}]}
+    answer = client.post("/admin/api/routes", json=both, headers=admin)
+    assert answer.status_code == 422 and "inside each destination" in str(answer.json)
+
+
+def test_two_deliveries_ending_at_once_both_count_in_the_event(
+    client, db, key, admin, receiver, receiver_b
+):
+    """Each ending locks the event before reading its deliveries: the second waits for the
+    first's commit and sees it, so the event does not stay `processing`."""
+    route = {
+        "name": "pair",
+        "mode": "async",
+        "destinations": [{"name": "a", "steps": http(receiver)}, {"name": "b", "steps": []}],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    event_id = client.post("/hooks/pair", json={}, headers={"X-API-Key": key}).json["id"]
+    with db.session() as session:
+        ids = list(
+            session.scalars(
+                select(Delivery.id).where(Delivery.event_id == event_id).order_by(Delivery.position)
+            )
+        )
+        session.execute(update(Delivery).values(status=EventStatus.PROCESSING))
+    ended = {"status": EventStatus.DELIVERED, "completed_at": event_row(db, event_id).received_at}
+
+    first = db.engine.connect()
+    first.begin()
+    first.execute(update(Delivery).where(Delivery.id == ids[0]).values(**ended))
+    rollup(first, event_id, ids[0])  # holds the event's row until it commits
+
+    def second_ends() -> None:
+        with db.engine.begin() as second:
+            second.execute(update(Delivery).where(Delivery.id == ids[1]).values(**ended))
+            rollup(second, event_id, ids[1])
+
+    other = threading.Thread(target=second_ends)
+    other.start()
+    time.sleep(0.5)  # the second reaches the event's lock (or SQLite's write lock) and waits
+    first.commit()
+    first.close()
+    other.join(10)
+    assert event_row(db, event_id).status == "delivered"
