@@ -17,9 +17,9 @@ from werkzeug.serving import make_server
 
 from hub.connectors import Connector, PermanentError, RetryableError
 from hub.services.delivery import Worker
-from hub.store.models import Attempt, Delivery, Event, utcnow
+from hub.store.models import Attempt, Delivery, Event, first_delivery_id, utcnow
 from tests.conftest import PG_URL
-from tests.rows import event_row, events, insert_events
+from tests.rows import delivery_row, event_row, events, insert_events
 from tests.servers import Reply
 from tests.test_dashboard import sign_in, token
 
@@ -457,20 +457,21 @@ def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_overwrite(
     event_id = post(client, key).json["id"]
     app.config["LEASE_SECONDS"] = 60
     crashed = Worker(app, name="crashed")
-    assert crashed.claim() == [event_id]
+    delivery_id = first_delivery_id(event_id)  # what workers claim: the event's delivery
+    assert crashed.claim() == [delivery_id]
     rescuer = Worker(app, name="rescuer")
     assert rescuer.claim() == []  # the lease still holds
     with db.session() as session:  # the crashed worker's lease runs out
         session.execute(
-            update(Event)
-            .where(Event.id == event_id)
+            update(Delivery)
+            .where(Delivery.id == delivery_id)
             .values(lease_until=utcnow() - timedelta(seconds=1))
         )
-    assert rescuer.claim() == [event_id]
+    assert rescuer.claim() == [delivery_id]
     assert event_row(db, event_id).attempts == 2
-    assert rescuer.process(event_id) == "delivered"
+    assert rescuer.process(delivery_id) == "delivered"
     # A late write by the first owner changes nothing.
-    assert crashed.process(event_id) == "lease_lost"
+    assert crashed.process(delivery_id) == "lease_lost"
     assert event_row(db, event_id).status == "delivered"
 
 
@@ -480,7 +481,8 @@ def test_an_idle_worker_leaves_an_event_whose_lease_is_still_live_alone(
     add_route("later", [{"connector": "text"}], mode="async")
     event_id = post(client, key).json["id"]
     app.config["LEASE_SECONDS"] = 60
-    assert Worker(app, name="busy").claim() == [event_id]  # delivering it, for a minute
+    delivery_id = first_delivery_id(event_id)
+    assert Worker(app, name="busy").claim() == [delivery_id]  # delivering it, for a minute
     app.config["WORKER_MAX_IDLE"] = 0.05  # the idle one looks often, expired leases too
     idle = Worker(app, name="idle")
     idle.start(2)
@@ -488,8 +490,9 @@ def test_an_idle_worker_leaves_an_event_whose_lease_is_still_live_alone(
         time.sleep(1.0)
     finally:
         idle.stop(grace=1)
-    event = event_row(db, event_id)
-    assert (event.status, event.lease_owner, event.attempts) == ("processing", "busy", 1)
+    delivery = delivery_row(db, delivery_id)  # the lease is the delivery's
+    assert (delivery.status, delivery.lease_owner, delivery.attempts) == ("processing", "busy", 1)
+    assert (event_row(db, event_id).status, event_row(db, event_id).attempts) == ("processing", 1)
 
 
 def test_events_list_and_show(client, db, key, add_route, worker, runner):
@@ -536,8 +539,9 @@ def test_stop_hands_back_what_is_in_flight(app, client, db, key, add_route):
     add_route("later", [{"connector": "text"}], mode="async")
     event_id = post(client, key).json["id"]
     worker = Worker(app, name="stopping")
-    assert worker.claim() == [event_id]
-    worker.in_flight.add(event_id)  # as if a delivery thread were inside it
+    delivery_id = first_delivery_id(event_id)
+    assert worker.claim() == [delivery_id]
+    worker.in_flight.add(delivery_id)  # as if a delivery thread were inside it
     worker.stop(grace=0)
     event = event_row(db, event_id)
     assert (event.status, event.lease_owner) == ("retrying", None)

@@ -21,10 +21,10 @@ from alembic import command
 from hub.services import events as event_store
 from hub.services.delivery import Worker
 from hub.store.db import alembic_config, upgrade
-from hub.store.models import Event, utcnow
+from hub.store.models import Delivery, Event, utcnow
 from hub.testing_servers import Receiver
 from tests.procs import gunicorn, stop, wait_until, worker
-from tests.rows import event_row, insert_events
+from tests.rows import delivery_row, event_row, insert_events
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,8 @@ def forward_to(receiver: Receiver) -> list[dict]:
 
 
 def routes_of(db, ids: list[str]) -> list[str]:
-    return [event_row(db, event_id).route for event_id in ids]
+    """The routes of the deliveries claimed."""
+    return [delivery_row(db, delivery_id).route for delivery_id in ids]
 
 
 def test_a_claim_takes_turns_across_routes(app, db, add_route):
@@ -174,22 +175,24 @@ def test_the_fair_claim_walks_indexes_and_scans_no_table(app, db, add_route):
     claimer = Worker(app, name="claimer")
     claimer.threads = [None] * 4
     claimer._busy["backlog"] = 1  # one of its events in flight: its room is in the statement
-    claim = sa.update(Event).where(claimer._fair_due(4, utcnow())).values(status="processing")
+    claim = sa.update(Delivery).where(claimer._fair_due(4, utcnow())).values(status="processing")
     with db.engine.begin() as conn:
         sql = str(claim.compile(conn, compile_kwargs={"literal_binds": True}))
         if db.dialect == "postgresql":
-            conn.exec_driver_sql("ANALYZE events")
+            conn.exec_driver_sql("ANALYZE deliveries")
             steps = [r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql)]
-            reads = [s for s in steps if re.search(r"Scan .*\bon events\b", s)]
-            used = {re.search(r"using (\w+) on events", s).group(1) for s in reads if "using" in s}
+            reads = [s for s in steps if re.search(r"Scan .*\bon deliveries\b", s)]
+            used = {
+                re.search(r"using (\w+) on deliveries", s).group(1) for s in reads if "using" in s
+            }
         else:
             steps = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
-            reads = [s for s in steps if re.match(r"(SCAN|SEARCH) (e|x|events)\b", s)]
+            reads = [s for s in steps if re.match(r"(SCAN|SEARCH) (e|x|deliveries)\b", s)]
             used = {re.search(r"INDEX (\w+)", s).group(1) for s in reads if "INDEX" in s}
     plan = "\n".join(steps)
-    # Every read of events goes through the route index or the primary key: none walks
-    # another index and sorts what it found, none reads the table.
-    assert len(used) == 2 and "ix_events_due_by_route" in used, plan
+    # Every read of deliveries (what workers claim) goes through the route index or the
+    # primary key: none walks another index and sorts what it found, none reads the table.
+    assert len(used) == 2 and "ix_deliveries_due_by_route" in used, plan
     assert all("using" in s or "INDEX" in s for s in reads), plan
 
 

@@ -20,7 +20,7 @@ import requests
 from sqlalchemy import text, update
 
 from hub.services.delivery import SYNC_LEASE_PREFIX, Worker
-from hub.store.models import Event, utcnow
+from hub.store.models import Delivery, Event, first_delivery_id, utcnow
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import attempts, event_row, events
 from tests.servers import Reply
@@ -67,14 +67,23 @@ def refuse(db):
 
 
 def make_due(db, event_id: str) -> None:
+    """Skip the wait of the retry schedule (of the event's deliveries that wait)."""
     with db.session() as session:
         session.execute(update(Event).where(Event.id == event_id).values(next_attempt_at=utcnow()))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.event_id == event_id, Delivery.next_attempt_at.is_not(None))
+            .values(next_attempt_at=utcnow())
+        )
 
 
 def expire_lease(db, event_id: str) -> None:
+    """The lease of the event's delivery runs out (its worker died)."""
     past = utcnow() - timedelta(seconds=1)
     with db.session() as session:
-        session.execute(update(Event).where(Event.id == event_id).values(lease_until=past))
+        session.execute(
+            update(Delivery).where(Delivery.event_id == event_id).values(lease_until=past)
+        )
 
 
 def post(client, key, route: str, body=None):
@@ -150,7 +159,7 @@ def test_a_delivery_that_keeps_dying_ends_dead_after_the_schedule(
     event_id = post(client, key, "later").json["id"]
     doomed = Worker(app, name="doomed")
     for run in (1, 2, 3):  # claimed, then the worker dies: the lease runs out
-        assert doomed.claim(1) == [event_id]
+        assert doomed.claim(1) == [first_delivery_id(event_id)]
         event = event_row(db, event_id)
         assert (event.status, event.attempts, event.retries) == ("processing", run, run - 1)
         expire_lease(db, event_id)
@@ -194,7 +203,7 @@ def test_a_delivery_that_died_once_is_delivered_and_counted(
 ):
     add_route("later", [{"connector": "http", "config": {"url": receiver.url}}], mode="async")
     event_id = post(client, key, "later").json["id"]
-    assert Worker(app, name="doomed").claim(1) == [event_id]
+    assert Worker(app, name="doomed").claim(1) == [first_delivery_id(event_id)]
     expire_lease(db, event_id)
     assert Worker(app).run_once() == 1
     event = event_row(db, event_id)
@@ -222,6 +231,19 @@ def sync_event(db, *, expired: bool) -> str:
     )
     with db.session() as session:
         session.add(event)
+        session.flush()
+        session.add(  # its delivery to the route's first destination, running in the request
+            Delivery(
+                id=first_delivery_id(event.id),
+                event_id=event.id,
+                route=event.route,
+                destination="default",
+                status=event.status,
+                attempts=1,
+                lease_owner=event.lease_owner,
+                lease_until=event.lease_until,
+            )
+        )
     return event.id
 
 

@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import TextClause, and_, bindparam, case, not_, or_, select, text, update
+from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, select, text, update
 
 from hub.ops import logs, metrics
 from hub.services import pipeline
@@ -352,6 +352,8 @@ def rollup(conn, event_id: str, latest: str | None = None) -> str | None:
         "result": rows[0].result,
         "last_error": (None if status in _REACHED or not errors else rows[errors[0][1]].last_error),
     }
+    if ended:
+        values.update(lease_owner=None, lease_until=None)
     conn.execute(update(Event.__table__).where(Event.id == event_id).values(**values))
     return status
 
@@ -490,14 +492,16 @@ class Worker:
         )
         with self.db.session() as session:
             claimed = list(session.scalars(statement))
-            if claimed:  # their events show that they are on their way
+            if claimed:  # their events show that they are on their way, and the runs
+                mine = Delivery.event_id == Event.id
                 session.execute(
                     update(Event.__table__)
-                    .where(
-                        Event.id.in_({d.event_id for d in claimed}),
-                        Event.status.in_(DUE_STATUSES),
+                    .where(Event.id.in_(sorted({d.event_id for d in claimed})))
+                    .values(
+                        status=EventStatus.PROCESSING,
+                        attempts=select(func.sum(Delivery.attempts)).where(mine).scalar_subquery(),
+                        retries=select(func.max(Delivery.retries)).where(mine).scalar_subquery(),
                     )
-                    .values(status=EventStatus.PROCESSING)
                 )
             return claimed
 
@@ -687,8 +691,8 @@ class Worker:
         """Hand leases back (a stopping worker): the deliveries are due again at once."""
         if not delivery_ids:
             return
-        with self.db.session() as session:
-            session.execute(
+        with self.db.engine.begin() as conn:
+            handed = conn.scalars(
                 update(Delivery.__table__)
                 .where(Delivery.id.in_(delivery_ids), Delivery.lease_owner == self.name)
                 .values(
@@ -697,7 +701,10 @@ class Worker:
                     lease_until=None,
                     next_attempt_at=utcnow(),
                 )
-            )
+                .returning(Delivery.event_id)
+            ).all()
+            for event_id in sorted(set(handed)):
+                rollup(conn, event_id)
         log.info("handed back %d deliveries", len(delivery_ids))
 
     # --- loops ---
