@@ -21,8 +21,10 @@ from hub.store.models import (
     Attempt,
     Base,
     DashboardSession,
+    Delivery,
     Event,
     Route,
+    first_delivery_id,
     new_event_id,
     utcnow,
 )
@@ -96,6 +98,20 @@ def add_events(db, route: str, statuses: list[str], **fields) -> list[str]:
             )
             session.add(event)
             ids.append(event.id)
+            if status not in ("rejected", "duplicate"):  # and its delivery, as ingest writes
+                session.flush()
+                session.add(
+                    Delivery(
+                        id=first_delivery_id(event.id),
+                        event_id=event.id,
+                        route=route,
+                        destination="default",
+                        status=status,
+                        attempts=1,
+                        completed_at=event.completed_at,
+                        next_attempt_at=event.next_attempt_at,
+                    )
+                )
     return ids
 
 

@@ -26,16 +26,20 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from hub.services import keys as key_store
+from hub.services import routes as route_store
 from hub.services.paging import BadCursor
 from hub.store.db import Database
 from hub.store.models import (
+    DEFAULT_DESTINATION,
     DUE_STATUSES,
     Attempt,
     Delivery,
     Event,
     EventStatus,
     due,
+    first_delivery_id,
     iso_time,
+    new_delivery_id,
     utcnow,
 )
 
@@ -172,6 +176,40 @@ def _replay_deliveries(session: Session, event_ids: list[str], now: datetime) ->
         session.execute(
             update(Delivery.__table__).where(Delivery.event_id.in_(whole), free).values(**again)
         )
+        _deliveries_for_bare(session, whole, now)
+
+
+def _deliveries_for_bare(session: Session, event_ids: list[str], now: datetime) -> None:
+    """An event kept with no delivery (written by hand, or by a tool) gets one, pending,
+    for each destination its route has now."""
+    bare = session.execute(
+        select(Event.id, Event.route).where(
+            Event.id.in_(event_ids),
+            ~select(Delivery.id).where(Delivery.event_id == Event.id).exists(),
+        )
+    ).all()
+    for event_id, route_name in bare:
+        route = route_store.get(session, route_name)
+        targets = route_store.destinations_of(route) if route is not None else []
+        names = [(d.id, d.name) for d in targets] or [(None, DEFAULT_DESTINATION)]
+        session.add_all(
+            Delivery(
+                id=first_delivery_id(event_id) if position == 0 else new_delivery_id(),
+                event_id=event_id,
+                destination_id=destination_id,
+                route=route_name,
+                destination=name,
+                position=position,
+                status=EventStatus.PENDING,
+                attempts=0,
+                retries=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+            for position, (destination_id, name) in enumerate(names)
+        )
+    if bare:
+        session.flush()
 
 
 NO_SUCH_EVENT = "no such event"
