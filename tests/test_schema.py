@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import JSON, text
 
-from hub.store.db import alembic_config
-from hub.store.models import Base
+from hub.store.db import alembic_config, upgrade
+from hub.store.models import (
+    Attempt,
+    Base,
+    Delivery,
+    Destination,
+    EventStatus,
+    first_delivery_id,
+    new_event_id,
+    utcnow,
+)
 from tests.conftest import PG_URL
 
 
@@ -44,3 +56,166 @@ def test_json_columns_are_jsonb_on_postgresql(db):
             )
         )
     assert {column: types.get(column) for column in expected} == dict.fromkeys(expected, "jsonb")
+
+
+# --- migration 0011 on a database 0010 filled: routes become destinations, events deliveries ---
+
+ROUTES_0010 = sa.table(
+    "routes",
+    *(sa.column(c) for c in ("name", "mode", "auth", "filter", "dedup_window", "enabled")),
+    sa.column("steps", sa.JSON),
+    sa.column("retry_schedule", sa.JSON),
+    sa.column("created_at", sa.DateTime(timezone=True)),
+    sa.column("updated_at", sa.DateTime(timezone=True)),
+)
+EVENTS_0010 = sa.table(
+    "events",
+    *(sa.column(c) for c in ("id", "route", "method", "path", "status", "lease_owner")),
+    *(sa.column(c) for c in ("attempts", "retries", "last_error")),
+    sa.column("headers", sa.JSON),
+    sa.column("result", sa.JSON),
+    *(
+        sa.column(c, sa.DateTime(timezone=True))
+        for c in ("received_at", "next_attempt_at", "lease_until", "completed_at")
+    ),
+)
+ATTEMPTS_0010 = sa.table(
+    "attempts",
+    *(sa.column(c) for c in ("event_id", "run", "step_index", "connector", "try_number")),
+    *(sa.column(c) for c in ("duration_ms", "outcome")),
+    sa.column("started_at", sa.DateTime(timezone=True)),
+)
+OLD_STATUSES = [s for s in EventStatus if s != EventStatus.PARTIAL]  # what 0010 could hold
+PER_STATUS = 3
+
+
+def fill_0010(db) -> dict[str, dict]:
+    """Two routes and PER_STATUS events of each route in every status 0010 knew, each
+    accepted one with an attempt per run; the events' rows by id."""
+    now = utcnow()
+    steps = [{"connector": "text", "config": {}}]
+    routes = [
+        {
+            "name": name,
+            "mode": "async",
+            "auth": "key",
+            "filter": flt,
+            "dedup_window": 60,
+            "enabled": True,
+            "steps": steps,
+            "retry_schedule": schedule,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for name, flt, schedule in [("orders", "true", [5, 50]), ("other", None, None)]
+    ]
+    events, attempts = {}, []
+    for n in range(PER_STATUS):
+        for route in ("orders", "other"):
+            for status in OLD_STATUSES:
+                ended = status not in ("pending", "retrying", "processing")
+                row = {
+                    "id": new_event_id(),
+                    "route": route,
+                    "method": "POST",
+                    "path": f"/hooks/{route}",
+                    "status": status,
+                    "attempts": n + 1,
+                    "retries": n,
+                    "last_error": f"error {n}"
+                    if status in ("dead", "failed", "retrying")
+                    else None,
+                    "headers": {},
+                    "result": {"n": n} if status == "delivered" else None,
+                    "received_at": now - timedelta(seconds=n),
+                    "next_attempt_at": None if ended else now + timedelta(seconds=n),
+                    "lease_owner": "w:1" if status == "processing" else None,
+                    "lease_until": now + timedelta(minutes=1) if status == "processing" else None,
+                    "completed_at": now if ended else None,
+                }
+                events[row["id"]] = row
+                if status not in ("rejected", "duplicate"):
+                    attempts += [
+                        {
+                            "event_id": row["id"],
+                            "run": run,
+                            "step_index": 0,
+                            "connector": "text",
+                            "try_number": 1,
+                            "duration_ms": 1,
+                            "outcome": "ok",
+                            "started_at": now,
+                        }
+                        for run in range(1, n + 2)
+                    ]
+    with db.engine.begin() as conn:
+        conn.execute(ROUTES_0010.insert(), routes)
+        conn.execute(EVENTS_0010.insert(), list(events.values()))
+        conn.execute(ATTEMPTS_0010.insert(), attempts)
+    return events
+
+
+def test_migration_0011_gives_each_route_a_destination_and_each_event_its_delivery(db):
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0010")
+    try:
+        events = fill_0010(db)
+        upgrade(db)
+        with db.session() as session:
+            destinations = {
+                (d.route.name, d.name): d for d in session.scalars(sa.select(Destination))
+            }
+            deliveries = {d.event_id: d for d in session.scalars(sa.select(Delivery))}
+            attempts = list(session.scalars(sa.select(Attempt)))
+        assert set(destinations) == {("orders", "default"), ("other", "default")}
+        orders = destinations[("orders", "default")]
+        assert (orders.steps, orders.filter, orders.retry_schedule) == (
+            [{"connector": "text", "config": {}}],
+            "true",
+            [5, 50],
+        )
+        assert (orders.position, orders.state, orders.max_in_flight) == (0, "active", None)
+        accepted = {i: e for i, e in events.items() if e["status"] not in ("rejected", "duplicate")}
+        assert len(events) == 2 * PER_STATUS * len(OLD_STATUSES)
+        assert set(deliveries) == set(accepted)  # one each, and none for a refusal or a copy
+        for event_id, event in accepted.items():
+            delivery = deliveries[event_id]
+            carried = {
+                column: getattr(delivery, column)
+                for column in (
+                    "status",
+                    "attempts",
+                    "retries",
+                    "last_error",
+                    "result",
+                    "lease_owner",
+                    "next_attempt_at",
+                    "lease_until",
+                    "completed_at",
+                )
+            }
+            assert carried == {column: event[column] for column in carried}, event_id
+            assert delivery.id == first_delivery_id(event_id)
+            assert delivery.destination_id == destinations[(event["route"], "default")].id
+            assert (delivery.route, delivery.destination) == (event["route"], "default")
+        assert attempts and all(a.delivery_id == first_delivery_id(a.event_id) for a in attempts)
+        print(f"0011 converted {len(accepted)} of {len(events)} events, {len(attempts)} attempts")
+
+        with db.engine.begin() as conn:  # and back: the tables go, the events stay
+            command.downgrade(alembic_config(db, conn), "0010")
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == len(events)
+            assert not sa.inspect(conn).has_table("deliveries")
+    finally:
+        upgrade(db)
+
+
+def test_migration_0011_will_not_downgrade_a_route_of_several_destinations(db, add_route):
+    add_route("fan", destinations=[{"name": "a"}, {"name": "b"}])
+    with (
+        pytest.raises(RuntimeError, match="more than one destination.*: fan"),
+        db.engine.begin() as conn,
+    ):
+        command.downgrade(alembic_config(db, conn), "0010")
+    with db.session() as session:  # nothing changed
+        assert len(session.scalars(sa.select(Destination)).all()) == 2
