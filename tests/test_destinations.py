@@ -165,3 +165,57 @@ def test_two_deliveries_ending_at_once_both_count_in_the_event(
     first.close()
     other.join(10)
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_a_sync_route_answers_with_its_first_destination_and_queues_the_others(
+    app, client, db, key, admin, receiver
+):
+    route = {
+        "name": "shout",
+        "mode": "sync",
+        "destinations": [
+            {"name": "answer", "steps": [{"connector": "text"}]},
+            {"name": "copy", "steps": http(receiver)},
+        ],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    answer = client.post("/hooks/shout", json={"input": "hi"}, headers={"X-API-Key": key})
+    assert answer.status_code == 200
+    assert answer.json["result"]["processed"] == "HI"
+    assert receiver.requests == []  # the other destination is the workers'
+    event_id = answer.json["id"]
+    assert event_row(db, event_id).status == "pending"
+    assert Worker(app, name="after").run_once() == 1
+    assert len(receiver.requests) == 1
+    event = event_row(db, event_id)
+    assert (event.status, event.result["processed"]) == ("delivered", "HI")
+    shown = client.get(f"/admin/api/events/{event_id}", headers=admin).json
+    assert [(d["destination"], d["status"]) for d in shown["deliveries"]] == [
+        ("answer", "delivered"),
+        ("copy", "delivered"),
+    ]
+
+
+def test_a_replay_calls_again_only_the_destinations_not_reached(
+    app, client, db, key, admin, receiver, receiver_b
+):
+    app.config["STEP_TRIES"] = 1
+    route = {
+        "name": "pair",
+        "mode": "async",
+        "destinations": [
+            {"name": "a", "steps": http(receiver)},
+            {"name": "b", "steps": http(receiver_b), "retry_schedule": []},
+        ],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    receiver_b.script(Reply(500, {"down": True}))
+    event_id = client.post("/hooks/pair", json={}, headers={"X-API-Key": key}).json["id"]
+    worker = Worker(app, name="once")
+    worker.run_once()
+    event = event_row(db, event_id)
+    assert event.status == "partial" and "500" in event.last_error
+    assert client.post(f"/admin/api/events/{event_id}/replay", headers=admin).status_code == 200
+    worker.run_once()
+    assert (len(receiver.requests), len(receiver_b.requests)) == (1, 2)
+    assert event_row(db, event_id).status == "delivered"
