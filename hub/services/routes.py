@@ -410,6 +410,7 @@ def save_routes(
         name = item.get("name") if isinstance(item, dict) else None
         stored = get(session, name) if isinstance(name, str) else None
         if stored is not None:  # masks sent back mean "unchanged"
+            item = _one_change(item, to_dict(stored, box, registry))
             item = _masks_restored(item, stored, box)
         try:
             spec = validate(item, registry, environ)
@@ -464,6 +465,32 @@ def _stored_steps(stored: Route | None, name: str) -> list[dict[str, Any]] | Non
         if destination.name == name:
             return destination.steps
     return None
+
+
+def _one_change(item: Any, shown: dict[str, Any]) -> Any:
+    """A route's JSON as shown (both forms, for a lone "default" destination) sent back with
+    one of the two forms edited: a top-level field changed from what is stored wins (a
+    client that knows only ``steps`` edits those, and sends back the destinations it was
+    shown as they were); else the destination's."""
+    destinations = item.get("destinations") if isinstance(item, dict) else None
+    if not (
+        isinstance(destinations, list)
+        and len(destinations) == 1
+        and isinstance(destinations[0], dict)
+        and destinations[0].get("name") == DEFAULT_DESTINATION
+        and shown.get("steps") is not None
+    ):
+        return item
+    item, destination = dict(item), dict(destinations[0])
+    for key in DESTINATION_FIELDS:
+        if key not in item or item[key] == destination.get(key):
+            continue
+        if item[key] != shown.get(key):  # the top-level one was edited
+            destination[key] = item[key]
+        else:
+            item[key] = destination.get(key)
+    item["destinations"] = [destination]
+    return item
 
 
 def _masks_restored(item: Any, stored: Route, box: SecretBox | None) -> Any:
@@ -671,6 +698,9 @@ def save_route(
     environ: Mapping[str, str] | None = None,
 ) -> tuple[Route, str]:
     """One route through ``save_routes``; RouteInvalid names each of its own problems."""
+    stored = get(session, data["name"]) if isinstance(data.get("name"), str) else None
+    if stored is not None:
+        data = _one_change(data, to_dict(stored, box, registry))
     validate(data, registry, environ)  # the field-by-field errors of this one route
     ((name, action),) = save_routes(session, [data], registry, box, environ)
     route = get(session, name)
