@@ -99,35 +99,21 @@ def reap_sync_events(db: Database) -> list[str]:
         "lease_owner": None,
         "lease_until": None,
     }
-    with db.session() as session:
-        session.execute(
-            update(Delivery.__table__)
+
+    def died(table):  # the sync runs of ``table`` (deliveries, events) whose process died
+        return (
+            update(table.__table__)
             .where(
-                Delivery.status == EventStatus.PROCESSING,
-                Delivery.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
-                Delivery.lease_until < now,
+                table.status == EventStatus.PROCESSING,
+                table.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
+                table.lease_until < now,
             )
             .values(**ended)
         )
-        reaped = list(
-            session.execute(
-                update(Event.__table__)
-                .where(
-                    Event.status == EventStatus.PROCESSING,
-                    Event.lease_owner.startswith(SYNC_LEASE_PREFIX, autoescape=True),
-                    Event.lease_until < now,
-                )
-                .values(
-                    status=EventStatus.FAILED,
-                    last_error=SYNC_PROCESS_DIED,
-                    completed_at=now,
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    lease_until=None,
-                )
-                .returning(Event.id, Event.route)
-            )
-        )
+
+    with db.session() as session:
+        session.execute(died(Delivery))
+        reaped = list(session.execute(died(Event).returning(Event.id, Event.route)))
     for event_id, route in reaped:
         log.warning("event %s: %s", event_id, SYNC_PROCESS_DIED)
         metrics.event_ended(route, EventStatus.FAILED)
