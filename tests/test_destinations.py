@@ -3,6 +3,7 @@ reached is never called again because another one failed."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -83,6 +84,10 @@ def test_a_destination_reached_is_not_called_again_while_another_is_retried(
     assert [a["outcome"] for a in deliveries["b"]["attempts"]] == ["retryable", "retryable", "ok"]
     assert [a["http_status"] for a in deliveries["b"]["attempts"]] == [500, 500, 200]
     assert [a["run"] for a in deliveries["b"]["attempts"]] == [1, 2, 3]
+
+    # `events show` lists them too.
+    cli = app.test_cli_runner().invoke(args=["events", "show", event_id])
+    assert [d["status"] for d in json.loads(cli.output)["deliveries"]] == ["delivered"] * 2
 
     # What the sender sees: acceptance and overall status, no destination.
     sender = client.get(f"/events/{event_id}", headers={"X-API-Key": key}).json

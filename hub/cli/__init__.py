@@ -568,12 +568,13 @@ def events_list(route, status, since, request_id, limit, as_json) -> None:
 @events_cli.command("show")
 @click.argument("event_id")
 def events_show(event_id: str) -> None:
-    """An event with its headers, body and every connector call."""
+    """An event with its headers, body, deliveries and every connector call."""
     with get_db().read_session() as session:
         event = session.get(Event, event_id)
         if event is None:
             fail(f"no event {event_id!r}")
         data = event.to_dict(with_attempts=True)
+        data["deliveries"] = event_store.deliveries(session, event.id)
         data["headers"] = event.headers
         data["query"] = event.query
         data["body"] = (event.body or b"").decode("utf-8", "replace")
