@@ -30,6 +30,7 @@ import os
 import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -299,28 +300,37 @@ def rolled_up_status(statuses: Sequence[str]) -> str:
     return EventStatus.DEAD
 
 
-def rollup(conn, event_id: str, latest: str | None = None) -> str | None:
+# What a roll-up reads of each delivery.
+ROLLED = (
+    "id",
+    "status",
+    "attempts",
+    "retries",
+    "next_attempt_at",
+    "completed_at",
+    "result",
+    "last_error",
+)
+
+
+def rollup(conn, event_id: str, latest: str | None = None, alone: Any = None) -> str | None:
     """Write the event's status, runs, next attempt, completion, result and error as the
     roll-up of its deliveries (``rolled_up_status``; ``latest``: the delivery that just
     ended, whose error is the latest); the status written, or None for an event with no
     delivery. On PostgreSQL the event's row is locked first, so two deliveries ending at
-    once each see the other's outcome: the second waits for the first's commit."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(Event.id).where(Event.id == event_id).with_for_update())
-    rows = conn.execute(
-        select(
-            Delivery.id,
-            Delivery.status,
-            Delivery.attempts,
-            Delivery.retries,
-            Delivery.next_attempt_at,
-            Delivery.completed_at,
-            Delivery.result,
-            Delivery.last_error,
-        )
-        .where(Delivery.event_id == event_id)
-        .order_by(Delivery.position, Delivery.id)
-    ).all()
+    once each see the other's outcome: the second waits for the first's commit. ``alone``,
+    the ROLLED columns of an event's only delivery as they now stand, is rolled up without
+    reading anything: no other delivery can end at the same time."""
+    if alone is not None:
+        rows = [alone]
+    else:
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(Event.id).where(Event.id == event_id).with_for_update())
+        rows = conn.execute(
+            select(*(getattr(Delivery, column) for column in ROLLED))
+            .where(Delivery.event_id == event_id)
+            .order_by(Delivery.position, Delivery.id)
+        ).all()
     if not rows:
         return None
     status = rolled_up_status([row.status for row in rows])
@@ -367,6 +377,10 @@ class Worker:
         # Each delivery this worker claimed and has not yet started: its row as claimed,
         # and time.monotonic() of the claim.
         self._claimed: dict[str, tuple[Delivery, float]] = {}
+        # The event of each delivery claimed and not yet finished (read by the claim), and
+        # the deliveries that are their event's only one (their roll-up reads nothing).
+        self._events: dict[str, Event] = {}
+        self._alone: set[str] = set()
         self._claim_lock = threading.Lock()
         # Deliveries of each route this worker claimed and has not finished (ready or
         # running), and the route it served last: the next claim starts its turns past it.
@@ -478,18 +492,31 @@ class Worker:
         )
         with self.db.session() as session:
             claimed = list(session.scalars(statement))
-            if claimed:  # their events show that they are on their way, and the runs
-                mine = Delivery.event_id == Event.id
-                session.execute(
-                    update(Event.__table__)
-                    .where(Event.id.in_(sorted({d.event_id for d in claimed})))
-                    .values(
-                        status=EventStatus.PROCESSING,
-                        attempts=select(func.sum(Delivery.attempts)).where(mine).scalar_subquery(),
-                        retries=select(func.max(Delivery.retries)).where(mine).scalar_subquery(),
-                    )
+            if not claimed:
+                return claimed
+            # Their events show that they are on their way, and the runs; read back in the
+            # same statement (the run needs the event), with how many deliveries each has.
+            mine = Delivery.event_id == Event.id
+            events = session.execute(
+                update(Event)
+                .where(Event.id.in_(sorted({d.event_id for d in claimed})))
+                .values(
+                    status=EventStatus.PROCESSING,
+                    attempts=select(func.sum(Delivery.attempts)).where(mine).scalar_subquery(),
+                    retries=select(func.max(Delivery.retries)).where(mine).scalar_subquery(),
                 )
-            return claimed
+                .returning(Event, select(func.count()).where(mine).scalar_subquery())
+                .execution_options(synchronize_session=False)
+            ).all()
+        read = {event.id: (event, siblings) for event, siblings in events}
+        with self._lock:
+            for delivery in claimed:
+                event, siblings = read.get(delivery.event_id, (None, 0))
+                if event is not None:
+                    self._events[delivery.id] = event
+                if siblings == 1:
+                    self._alone.add(delivery.id)
+        return claimed
 
     # --- delivering ---
 
@@ -500,12 +527,13 @@ class Worker:
             self.in_flight.add(delivery_id)
             delivery, claimed_at = self._claimed.pop(delivery_id, (None, time.monotonic()))
             self._started[delivery_id] = time.monotonic()
+            event = self._events.pop(delivery_id, None)
         lane = delivery.route if delivery is not None else None
         try:
-            with self.db.session() as session:
-                if delivery is None:  # claimed by another Worker object (tests, tools)
-                    delivery = session.get(Delivery, delivery_id)
-                event = session.get(Event, delivery.event_id) if delivery is not None else None
+            if delivery is None or event is None:  # claimed by another Worker object (tests)
+                with self.db.session() as session:
+                    delivery = delivery or session.get(Delivery, delivery_id)
+                    event = session.get(Event, delivery.event_id) if delivery else None
             if delivery is None or event is None:
                 return "missing"
             # Its lines say which event and destination, and which request brought it.
@@ -519,6 +547,7 @@ class Worker:
         finally:
             with self._lock:
                 self.in_flight.discard(delivery_id)
+                self._alone.discard(delivery_id)
                 started = self._started.pop(delivery_id, None)
                 if lane is not None:
                     self._busy[lane] -= 1
@@ -665,10 +694,15 @@ class Worker:
             .values(**values)
         )
 
+        alone = None
+        if delivery.id in self._alone:
+            stands = {column: getattr(delivery, column) for column in ROLLED} | values
+            alone = types.SimpleNamespace(**{column: stands[column] for column in ROLLED})
+
         def write(conn) -> int:
             changed = conn.execute(statement).rowcount
             if changed:
-                rollup(conn, delivery.event_id, delivery.id)
+                rollup(conn, delivery.event_id, delivery.id, alone)
             return changed
 
         return self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
@@ -791,6 +825,7 @@ class Worker:
         with self._lock:
             left = set(self.in_flight)  # claimed for a thread that never started it, too
             self._claimed.clear()
+            self._events.clear()
         self._ready.clear()
         self.release(left)
 
