@@ -903,3 +903,35 @@ def test_a_body_search_reads_a_bounded_window_per_page_and_pages_on(app, admin_k
         assert re.findall(r'href="/dashboard/events/(evt_[0-9a-z]+)"', rest) == [ids[3]]
     finally:
         small.extensions["hub.db"].dispose()
+
+
+def test_a_route_with_several_destinations_is_never_collapsed_by_the_route_form(
+    signed_in, receiver, db, client, admin_key
+):
+    """The form edits one pipeline: on a route that fans out it says where to change it and
+    saves nothing, so the route keeps every destination."""
+    route = {
+        "name": "fanned",
+        "mode": "async",
+        "destinations": [
+            {"name": "crm", "steps": [{"connector": "text", "config": {}}]},
+            {"name": "archive", "steps": [{"connector": "http", "config": {"url": receiver.url}}]},
+        ],
+    }
+    made = client.put("/admin/api/routes/fanned", json=route, headers={"X-API-Key": admin_key})
+    assert made.status_code in (200, 201), made.get_json()
+
+    shown = signed_in.get("/dashboard/routes/fanned/edit").get_data(as_text=True)
+    assert "delivers to several destinations" in shown
+    form = {
+        "name": "fanned",
+        "mode": "async",
+        "steps": json.dumps([{"connector": "text", "config": {}}]),
+        "enabled": "true",
+        "csrf_token": token(signed_in, HOME),
+    }
+    refused = signed_in.post("/dashboard/routes/fanned/edit", data=form)
+    assert refused.status_code == 422
+    assert "hub routes apply" in refused.get_data(as_text=True)
+    answer = client.get("/admin/api/routes/fanned", headers={"X-API-Key": admin_key})
+    assert [d["name"] for d in answer.get_json()["destinations"]] == ["crm", "archive"]

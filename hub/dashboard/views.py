@@ -38,7 +38,14 @@ from hub.services import keys as key_store
 from hub.services import routes as route_store
 from hub.store.crypto import get_box
 from hub.store.db import get_db, get_read_session, get_session
-from hub.store.models import DUE_STATUSES, AttemptOutcome, Event, EventStatus, utcnow
+from hub.store.models import (
+    DEFAULT_DESTINATION,
+    DUE_STATUSES,
+    AttemptOutcome,
+    Event,
+    EventStatus,
+    utcnow,
+)
 from hub.web import errors
 from hub.web import schemas as m
 from hub.web.auth import Refusal, check_admin_key, log_admin_change
@@ -678,12 +685,27 @@ def route_form_data(form, route) -> tuple[dict[str, Any], list[str]]:
     return data, problems
 
 
+#: The form edits a route's steps, filter and schedule as one pipeline; a route that fans out
+#: is changed where its destinations are written whole, never collapsed into one by a save.
+FANS_OUT = (
+    "destinations: this route delivers to several destinations, which this form cannot "
+    "edit yet; change it with `hub routes apply` or the admin API"
+)
+
+
+def fans_out(route) -> bool:
+    destinations = route_store.destinations_of(route)
+    return len(destinations) > 1 or destinations[0].name != DEFAULT_DESTINATION
+
+
 def route_form(route=None):
     registry = current_app.extensions["hub.connectors"]
     values = route_form_values(route)
     errors: list[str] = []
     status = 200
-    if request.method == "POST":
+    if route is not None and fans_out(route):
+        errors, status = [FANS_OUT], 200 if request.method == "GET" else 422
+    elif request.method == "POST":
         values = {k: request.form.get(k, "") for k in values}
         if route is not None:
             values["name"] = route.name
