@@ -90,7 +90,7 @@ def insert_deliveries(session, prefix: str, route: str) -> None:
 
     events = Event.__table__
     destination = (
-        sa.select(Destination.id, Destination.name)
+        sa.select(Destination.name)
         .join(Route, Route.id == Destination.route_id)
         .where(Route.name == route, Destination.position == 0)
         .subquery()
@@ -99,7 +99,6 @@ def insert_deliveries(session, prefix: str, route: str) -> None:
     rows = sa.select(
         (sa.literal("dlv_") + sa.func.substr(events.c.id, 5)).label("id"),
         events.c.id.label("event_id"),
-        destination.c.id.label("destination_id"),
         events.c.route,
         sa.func.coalesce(destination.c.name, "default").label("destination"),
         sa.literal(0).label("position"),
@@ -107,7 +106,7 @@ def insert_deliveries(session, prefix: str, route: str) -> None:
         events.c.received_at.label("created_at"),
     ).select_from(events.outerjoin(destination, sa.true()))
     rows = rows.where(events.c.id.startswith(prefix))
-    columns = ["id", "event_id", "destination_id", "route", "destination", "position"]
+    columns = ["id", "event_id", "route", "destination", "position"]
     session.execute(
         sa.insert(Delivery.__table__).from_select([*columns, *copied, "created_at"], rows)
     )

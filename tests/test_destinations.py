@@ -224,3 +224,47 @@ def test_a_replay_calls_again_only_the_destinations_not_reached(
     worker.run_once()
     assert (len(receiver.requests), len(receiver_b.requests)) == (1, 2)
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_a_process_with_a_stale_route_cache_still_accepts_after_a_destination_is_removed(
+    app, client, db, key, admin, receiver, receiver_b
+):
+    """Another process still has the route with both destinations in its cache when an admin
+    removes one: its next webhook is accepted all the same (no row that fails to insert, no
+    batch of other senders' events failed with it), and the delivery to the removed
+    destination ends with a sentence saying so."""
+    from hub import create_app
+
+    route = {
+        "name": "orders",
+        "mode": "async",
+        "destinations": [
+            {"name": "a", "steps": http(receiver)},
+            {"name": "b", "steps": http(receiver_b)},
+        ],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    stale = create_app({**{k: app.config[k] for k in ("TESTING", "DATABASE_URL", "SECRET_KEY")},
+                        "ROUTE_CACHE_SECONDS": 300})  # fmt: skip
+    try:
+        sender = stale.test_client()
+        first = sender.post("/hooks/orders", json={"n": 1}, headers={"X-API-Key": key})
+        assert first.status_code == 202  # the route, both destinations, now in its cache
+        only_a = {**route, "destinations": route["destinations"][:1]}
+        assert client.put("/admin/api/routes/orders", json=only_a, headers=admin).status_code == 200
+        second = sender.post("/hooks/orders", json={"n": 2}, headers={"X-API-Key": key})
+        assert second.status_code == 202, second.json
+    finally:
+        stale.extensions["hub.db"].dispose()
+
+    worker = Worker(app, name="after-removal")
+    worker.start(2)
+    try:
+        wait_until(lambda: event_row(db, second.json["id"]).status in ("partial", "dead"))
+    finally:
+        worker.stop(grace=5)
+    shown = client.get(f"/admin/api/events/{second.json['id']}", headers=admin).json
+    ended = {d["destination"]: d for d in shown["deliveries"]}
+    assert ended["a"]["status"] == "delivered"
+    assert ended["b"]["status"] == "failed"
+    assert "no longer exists" in ended["b"]["last_error"]

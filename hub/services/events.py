@@ -191,12 +191,11 @@ def _deliveries_for_bare(session: Session, event_ids: list[str], now: datetime) 
     for event_id, route_name in bare:
         route = route_store.get(session, route_name)
         targets = route_store.destinations_of(route) if route is not None else []
-        names = [(d.id, d.name) for d in targets] or [(None, DEFAULT_DESTINATION)]
+        names = [d.name for d in targets] or [DEFAULT_DESTINATION]
         session.add_all(
             Delivery(
                 id=first_delivery_id(event_id) if position == 0 else new_delivery_id(),
                 event_id=event_id,
-                destination_id=destination_id,
                 route=route_name,
                 destination=name,
                 position=position,
@@ -206,7 +205,7 @@ def _deliveries_for_bare(session: Session, event_ids: list[str], now: datetime) 
                 next_attempt_at=now,
                 created_at=now,
             )
-            for position, (destination_id, name) in enumerate(names)
+            for position, name in enumerate(names)
         )
     if bare:
         session.flush()

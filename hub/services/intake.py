@@ -921,7 +921,6 @@ def new_deliveries(event: Event, route: Route) -> list[Delivery]:
         Delivery(
             id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
             event_id=event.id,
-            destination_id=destination.id,
             route=event.route,
             destination=destination.name,
             position=position,

@@ -421,10 +421,9 @@ class Delivery(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_delivery_id)
     event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
-    # The destination's row; None once it is removed from its route (the name stays).
-    destination_id: Mapped[int | None] = mapped_column(
-        ForeignKey("destinations.id", ondelete="SET NULL"), index=True
-    )
+    # Which destination of which route, by name: a worker finds its steps in the route as it
+    # stands then (a destination removed meanwhile ends the delivery, with a sentence), and a
+    # process whose route cache is a few seconds old never writes a row that fails to insert.
     route: Mapped[str] = mapped_column(StorableString(200))
     destination: Mapped[str] = mapped_column(String(64))
     # The destination's place in its route when the event came (0: the first, whose result

@@ -63,7 +63,6 @@ def upgrade() -> None:
     op.create_table('deliveries',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('event_id', sa.String(length=32), nullable=False),
-    sa.Column('destination_id', sa.Integer(), nullable=True),
     sa.Column('route', sa.String(length=200), nullable=False),
     sa.Column('destination', sa.String(length=64), nullable=False),
     sa.Column('position', sa.Integer(), nullable=False),
@@ -77,13 +76,11 @@ def upgrade() -> None:
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('completed_at', UTC, nullable=True),
     sa.Column('created_at', UTC, nullable=False),
-    sa.ForeignKeyConstraint(['destination_id'], ['destinations.id'], name=op.f('fk_deliveries_destination_id_destinations'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['event_id'], ['events.id'], name=op.f('fk_deliveries_event_id_events'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_deliveries'))
     )
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_deliveries_event_id'), ['event_id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_deliveries_destination_id'), ['destination_id'], unique=False)
         batch_op.create_index('ix_deliveries_due_at', ['next_attempt_at'], unique=False,
                               postgresql_where=sa.text(DUE), sqlite_where=sa.text(DUE))
         batch_op.create_index('ix_deliveries_due_by_route', ['route', 'next_attempt_at'], unique=False,
@@ -101,14 +98,13 @@ def upgrade() -> None:
     )
     # Each accepted event: one delivery to it, carrying the event's delivery columns.
     op.execute(
-        "INSERT INTO deliveries (id, event_id, destination_id, route, destination, position, status,"
+        "INSERT INTO deliveries (id, event_id, route, destination, position, status,"
         " attempts, retries, next_attempt_at, lease_until, lease_owner, result, last_error,"
         " completed_at, created_at)"
-        " SELECT 'dlv_' || substr(e.id, 5), e.id, d.id, e.route, 'default', 0, e.status,"
+        " SELECT 'dlv_' || substr(e.id, 5), e.id, e.route, 'default', 0, e.status,"
         " e.attempts, e.retries, e.next_attempt_at, e.lease_until, e.lease_owner, e.result,"
         " e.last_error, e.completed_at, e.received_at"
-        " FROM events e LEFT JOIN routes r ON r.name = e.route"
-        " LEFT JOIN destinations d ON d.route_id = r.id AND d.name = 'default'"
+        " FROM events e"
         " WHERE e.status NOT IN ('rejected', 'duplicate')"
     )
     op.execute(
@@ -135,7 +131,6 @@ def downgrade() -> None:
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_index('ix_deliveries_due_by_route', postgresql_where=sa.text(DUE), sqlite_where=sa.text(DUE))
         batch_op.drop_index('ix_deliveries_due_at', postgresql_where=sa.text(DUE), sqlite_where=sa.text(DUE))
-        batch_op.drop_index(batch_op.f('ix_deliveries_destination_id'))
         batch_op.drop_index(batch_op.f('ix_deliveries_event_id'))
     op.drop_table('deliveries')
     with op.batch_alter_table('destinations', schema=None) as batch_op:
