@@ -39,6 +39,22 @@ def test_keys_list_and_revoke(runner, make_key):
     assert missing.exit_code == 1 and "no key" in missing.output
 
 
+def test_routes_list_shows_each_destination_of_a_route_that_fans_out(runner, tmp_path):
+    routes = tmp_path / "fanout.yaml"
+    routes.write_text(
+        "routes:\n"
+        "  - name: fanout\n"
+        "    mode: async\n"
+        "    destinations:\n"
+        "      - {name: shout, steps: [{connector: text}]}\n"
+        "      - {name: twice, steps: [{connector: text}, {connector: text}]}\n"
+    )
+    assert runner.invoke(args=["routes", "apply", str(routes)]).exit_code == 0
+    listed = runner.invoke(args=["routes", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "shout: text; twice: text > text" in listed.output
+
+
 def test_keys_create_rejects_a_bad_duration(runner):
     result = runner.invoke(args=["keys", "create", "x", "--expires-in", "soon"])
     assert result.exit_code == 1

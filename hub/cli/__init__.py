@@ -351,7 +351,7 @@ def _invalid(exc: route_store.RouteInvalid) -> str:
 @routes_cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def routes_list(as_json: bool) -> None:
-    """Every route: name, mode, steps, enabled."""
+    """Every route: name, mode, steps (each destination's, for a route that fans out), enabled."""
     with get_db().read_session() as session:
         rows = [
             route_store.to_dict(r, get_box(), registry()) for r in route_store.list_routes(session)
@@ -365,10 +365,21 @@ def routes_list(as_json: bool) -> None:
             r["mode"],
             r["auth"] + (f" ({r['verify']['scheme']})" if r["verify"] else ""),
             r["rate_limit"] or "-",
-            " > ".join(s["connector"] for s in r["steps"]) or "-",
+            pipelines(r),
             "yes" if r["enabled"] else "no",
         ],
     )
+
+
+def pipelines(route: dict) -> str:
+    """A route's steps as `text > http`, or each destination's as `crm: http; log: text`."""
+
+    def chain(steps: list[dict]) -> str:
+        return " > ".join(s["connector"] for s in steps) or "-"
+
+    if route["steps"] is not None:
+        return chain(route["steps"])
+    return "; ".join(f"{d['name']}: {chain(d['steps'])}" for d in route["destinations"])
 
 
 @routes_cli.command("show")
