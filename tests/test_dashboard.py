@@ -935,3 +935,58 @@ def test_a_route_with_several_destinations_is_never_collapsed_by_the_route_form(
     assert "hub routes apply" in refused.get_data(as_text=True)
     answer = client.get("/admin/api/routes/fanned", headers={"X-API-Key": admin_key})
     assert [d["name"] for d in answer.get_json()["destinations"]] == ["crm", "archive"]
+
+
+def test_an_event_of_a_route_that_fans_out_shows_each_delivery_with_its_own_attempts(
+    signed_in, receiver, db, client, app, admin_key, make_key
+):
+    """The event page puts the deliveries side by side, each with its status and its own
+    calls; the routes page lists each destination with its steps."""
+    from hub.services.delivery import Worker
+
+    route = {
+        "name": "fanned",
+        "mode": "async",
+        "destinations": [
+            {"name": "shout", "steps": [{"connector": "text", "config": {"field": "msg"}}]},
+            {"name": "archive", "steps": [{"connector": "http", "config": {"url": receiver.url}}]},
+        ],
+    }
+    made = client.put("/admin/api/routes/fanned", json=route, headers={"X-API-Key": admin_key})
+    assert made.status_code in (200, 201), made.get_json()
+    sent = client.post("/hooks/fanned", json={"msg": "hi"}, headers={"X-API-Key": make_key()})
+    assert sent.status_code == 202
+    event_id = sent.get_json()["id"]
+    worker = Worker(app, name="fan-page")
+    worker.start(2)
+    try:
+        end = time.monotonic() + 20
+        while db_status(db, event_id) != "delivered":
+            assert time.monotonic() < end, "the event was not delivered in time"
+            time.sleep(0.05)
+    finally:
+        worker.stop(grace=5)
+
+    html = signed_in.get(f"/dashboard/events/{event_id}").get_data(as_text=True)
+    cards = dict(
+        re.findall(
+            r'<section class="card delivery" data-destination="(\w+)">(.*?)</section>', html, re.S
+        )
+    )
+    assert list(cards) == ["shout", "archive"]
+    for card in cards.values():
+        assert "badge-delivered" in card and "<dt>Runs</dt><dd>1</dd>" in card
+    assert "<code>text</code>" in cards["shout"] and "<code>http</code>" not in cards["shout"]
+    assert "<code>http</code>" in cards["archive"] and "HTTP 200" in cards["archive"]
+    assert "<code>text</code>" not in cards["archive"]
+
+    listed = signed_in.get("/dashboard/routes").get_data(as_text=True)
+    row = re.search(r'href="/dashboard/routes/fanned">.*?</tr>', listed, re.S).group(0)
+    assert "<strong>shout</strong>: <code>text</code>" in row
+    assert "<strong>archive</strong>: <code>http</code>" in row
+    assert "no steps" not in row
+
+
+def db_status(db, event_id: str) -> str:
+    with db.session() as session:
+        return session.get(Event, event_id).status

@@ -460,6 +460,15 @@ def event_detail(event_id: str):
     session = get_read_session()
     event = get_event_or_404(event_id)
     attempts, older = event_store.latest_attempts(session, event.id, MAX_ATTEMPTS)
+    # Each delivery (one destination of the event) with its own attempts, side by side;
+    # attempts made before deliveries existed stay in the event's one list.
+    rows = event_store.delivery_rows(session, event.id)
+    by_delivery: dict[str | None, list] = {}
+    for attempt in attempts:
+        by_delivery.setdefault(attempt.delivery_id, []).append(attempt)
+    known = {row.id for row in rows}
+    deliveries = [(row, by_delivery.get(row.id, [])) for row in rows]
+    loose = [a for a in attempts if a.delivery_id not in known]
     body, pretty, body_cut = shown_text(event.body)
     result, result_cut = shown_json(event.result) if event.result is not None else ("", False)
     replayable = event.status in event_store.REPLAYABLE
@@ -467,6 +476,8 @@ def event_detail(event_id: str):
     context = {
         "event": event,
         "attempts": attempts,
+        "deliveries": deliveries,
+        "loose_attempts": loose,
         "older_attempts": older,
         "body": body,
         "pretty": pretty,
@@ -545,10 +556,15 @@ def steps_shown(steps: list[dict]) -> list[dict]:
 
 @bp.get("/routes")
 def routes():
-    listed = route_store.list_routes(get_read_session())
+    listed = route_store.list_routes(get_read_session())[: MAX_ROUTES + 1]
+    shown = listed[:MAX_ROUTES]
+    # A route that fans out lists each destination with its own steps (its top-level
+    # steps are the first destination's only).
+    fanning = {r.name: route_store.destinations_of(r) for r in shown if fans_out(r)}
     return page(
         "dashboard/routes.html",
-        routes=listed[:MAX_ROUTES],
+        routes=shown,
+        fanning=fanning,
         more=len(listed) > MAX_ROUTES,
     )
 

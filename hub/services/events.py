@@ -760,15 +760,20 @@ def count_replayable(session: Session, filters: Filters, cap: int) -> int:
     return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
 
 
-def deliveries(session: Session, event_id: str) -> list[dict[str, Any]]:
-    """The event's deliveries in its route's order, each with its attempts."""
-    rows = list(
+def delivery_rows(session: Session, event_id: str) -> list[Delivery]:
+    """The event's deliveries in its route's order."""
+    return list(
         session.scalars(
             select(Delivery)
             .where(Delivery.event_id == event_id)
             .order_by(Delivery.position, Delivery.id)
         )
     )
+
+
+def deliveries(session: Session, event_id: str) -> list[dict[str, Any]]:
+    """The event's deliveries in its route's order, each with its attempts."""
+    rows = delivery_rows(session, event_id)
     calls: dict[str | None, list[Attempt]] = {}
     for attempt in session.scalars(
         select(Attempt).where(Attempt.event_id == event_id).order_by(Attempt.id)
