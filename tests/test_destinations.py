@@ -268,3 +268,59 @@ def test_a_process_with_a_stale_route_cache_still_accepts_after_a_destination_is
     assert ended["a"]["status"] == "delivered"
     assert ended["b"]["status"] == "failed"
     assert "no longer exists" in ended["b"]["last_error"]
+
+
+def test_the_sender_sees_its_events_status_never_the_destinations(
+    app, client, db, key, admin, receiver, receiver_b
+):
+    """GET /events/<id> with the key that sent the event answers its acceptance and overall
+    status: no destination's name, URL, forwarded header or answer, no attempt, even for a
+    sync route whose POST answered with its first destination's result."""
+    receiver.script(Reply(200, {"backend": "internal-answer-77"}))
+    forward = {
+        "url": receiver.url + "/internal/crm",
+        "headers": {"X-Trace": "trace-value-42", "Authorization": "Bearer crm-token-9"},
+    }
+    route = {
+        "name": "orders",
+        "mode": "sync",
+        "destinations": [
+            {"name": "crm", "steps": [{"connector": "http", "config": forward}]},
+            {"name": "archive", "steps": http(receiver_b)},
+        ],
+    }
+    created = client.post("/admin/api/routes", json=route, headers=admin)
+    assert created.status_code == 201, created.json
+    answer = client.post("/hooks/orders", json={"order": 1}, headers={"X-API-Key": key})
+    assert answer.status_code == 200, answer.json
+    event_id = answer.json["id"]
+    worker = Worker(app, name="sender-view")
+    worker.start(1)
+    try:
+        wait_until(lambda: event_row(db, event_id).status == "delivered")
+    finally:
+        worker.stop(grace=5)
+    assert receiver.requests[0].headers["x-trace"] == "trace-value-42"
+    # An admin sees where it went (so the sender's view below has something to hide).
+    full = client.get(f"/events/{event_id}", headers=admin).get_data(as_text=True)
+    assert "/internal/crm" in full and "internal-answer-77" in full
+
+    sent = client.get(f"/events/{event_id}", headers={"X-API-Key": key})
+    assert sent.status_code == 200
+    shown = sent.json
+    assert shown["id"] == event_id and shown["status"] == "delivered" and shown["accepted"]
+    assert shown["received_at"] and shown["completed_at"]
+    text = sent.get_data(as_text=True)
+    for hidden in (
+        receiver.url,
+        receiver_b.url,
+        "/internal/crm",
+        "trace-value-42",
+        "crm-token-9",
+        "internal-answer-77",
+        '"crm"',
+        '"archive"',
+    ):
+        assert hidden not in text, hidden
+    assert not {"deliveries", "destinations", "result", "last_error"} & set(shown)
+    assert not isinstance(shown.get("attempts"), list)  # a count of runs, never the calls
