@@ -40,6 +40,16 @@ def wait_until(check, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def deliver(app, db, event_id: str, threads: int = 2) -> None:
+    """Run a worker until the event is delivered."""
+    worker = Worker(app, name="deliver")
+    worker.start(threads)
+    try:
+        wait_until(lambda: event_row(db, event_id).status == "delivered")
+    finally:
+        worker.stop(grace=5)
+
+
 def test_a_destination_reached_is_not_called_again_while_another_is_retried(
     app, client, db, key, admin, receiver, receiver_b
 ):
@@ -63,12 +73,7 @@ def test_a_destination_reached_is_not_called_again_while_another_is_retried(
     answer = client.post("/hooks/orders", json={"order": 1}, headers={"X-API-Key": key})
     assert answer.status_code == 202
     event_id = answer.json["id"]
-    worker = Worker(app, name="fan-out")
-    worker.start(2)
-    try:
-        wait_until(lambda: event_row(db, event_id).status == "delivered")
-    finally:
-        worker.stop(grace=5)
+    deliver(app, db, event_id)
 
     assert len(receiver.requests) == 1
     assert len(receiver_b.requests) == 3
@@ -294,12 +299,7 @@ def test_the_sender_sees_its_events_status_never_the_destinations(
     answer = client.post("/hooks/orders", json={"order": 1}, headers={"X-API-Key": key})
     assert answer.status_code == 200, answer.json
     event_id = answer.json["id"]
-    worker = Worker(app, name="sender-view")
-    worker.start(1)
-    try:
-        wait_until(lambda: event_row(db, event_id).status == "delivered")
-    finally:
-        worker.stop(grace=5)
+    deliver(app, db, event_id, threads=1)
     assert receiver.requests[0].headers["x-trace"] == "trace-value-42"
     # An admin sees where it went (so the sender's view below has something to hide).
     full = client.get(f"/events/{event_id}", headers=admin).get_data(as_text=True)
