@@ -207,3 +207,31 @@ def test_a_disabled_route_still_delivers_what_it_accepted(app, client, db, key, 
     drain(app)
     assert [r.json() for r in receiver.requests] == [{"n": 0}]
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_pause_and_resume_from_the_dashboard(app, client, db, key, admin, receiver, receiver_b):
+    from tests.test_dashboard import sign_in, token
+
+    fan_out(client, admin, receiver, receiver_b)
+    dashboard = app.test_client()
+    assert sign_in(dashboard, admin["Authorization"].split()[1]).status_code == 303
+    page = "/dashboard/routes/orders"
+    shown = dashboard.get(page).get_data(as_text=True)
+    assert 'id="destination-b"' in shown and 'id="pause-b"' in shown
+    paused = dashboard.post(
+        f"{page}/destinations/b/pause",
+        data={"csrf_token": token(dashboard, page), "reason": "upgrade"},
+    )
+    assert paused.status_code == 303
+    ids = post(client, key, 2)
+    drain(app)
+    assert receiver_b.requests == [] and len(receiver.requests) == 2
+    shown = dashboard.get(page).get_data(as_text=True)
+    assert 'id="resume-b"' in shown and "2 held" in shown and "upgrade" in shown
+    resumed = dashboard.post(
+        f"{page}/destinations/b/resume", data={"csrf_token": token(dashboard, page)}
+    )
+    assert resumed.status_code == 303
+    drain(app)
+    assert [r.json() for r in receiver_b.requests] == [{"n": 0}, {"n": 1}]
+    assert [event_row(db, i).status for i in ids] == ["delivered"] * 2
