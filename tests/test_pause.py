@@ -235,3 +235,11 @@ def test_pause_and_resume_from_the_dashboard(app, client, db, key, admin, receiv
     drain(app)
     assert [r.json() for r in receiver_b.requests] == [{"n": 0}, {"n": 1}]
     assert [event_row(db, i).status for i in ids] == ["delivered"] * 2
+
+
+def test_metrics_count_held_deliveries(app, client, key, admin, receiver, receiver_b):
+    fan_out(client, admin, receiver, receiver_b)
+    client.post("/admin/api/routes/orders/destinations/b/pause", headers=admin)
+    post(client, key, 2)
+    scraped = client.get("/metrics", headers=admin).get_data(as_text=True)
+    assert "hub_queue_held_deliveries 2.0" in scraped
