@@ -243,3 +243,44 @@ def test_metrics_count_held_deliveries(app, client, key, admin, receiver, receiv
     post(client, key, 2)
     scraped = client.get("/metrics", headers=admin).get_data(as_text=True)
     assert "hub_queue_held_deliveries 2.0" in scraped
+
+
+def test_a_delivery_called_when_the_pause_comes_is_held_instead_of_retried(
+    app, client, db, key, admin, receiver, receiver_b
+):
+    """The call in progress finishes; its retryable failure makes it held, not retrying,
+    and the resume sends it again."""
+    import threading
+    import time
+
+    from tests.servers import Reply
+
+    app.config["STEP_TRIES"] = 1
+    fan_out(client, admin, receiver, receiver_b)
+    receiver_b.script(Reply(500, {"down": True}, delay=1.0))
+    [event_id] = post(client, key, 1)
+    worker = Worker(app, name="mid-call")
+    b_id = deliveries_of(db, "b")[0].id
+    for _ in range(2):
+        [claimed] = worker.claim(limit=1)
+        if claimed != b_id:
+            worker.process(claimed)  # a's
+    runs = [threading.Thread(target=worker.process, args=(b_id,))]
+    for run in runs:
+        run.start()
+    end = time.monotonic() + 10
+    while not receiver_b.requests and time.monotonic() < end:
+        time.sleep(0.01)
+    assert (
+        client.post("/admin/api/routes/orders/destinations/b/pause", headers=admin).json["held"]
+        == 0
+    )  # being called: not waiting
+    for run in runs:
+        run.join(10)
+    [b] = deliveries_of(db, "b")
+    assert (b.status, b.attempts) == ("held", 1) and attempts_of(db, "b") == 1
+    assert event_row(db, event_id).status == "held"
+    client.post("/admin/api/routes/orders/destinations/b/resume", headers=admin)
+    drain(app)
+    assert len(receiver_b.requests) == 2
+    assert event_row(db, event_id).status == "delivered"
