@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from sqlalchemy import func, select
 
 from hub.services.delivery import Worker
 from hub.store.models import Attempt, Delivery
-from hub.testing_servers import Receiver
+from tests import test_destinations
 from tests.rows import event_row
 
-
-@pytest.fixture
-def admin(make_key) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_key(admin=True)}"}
-
-
-@pytest.fixture
-def receiver_b():
-    with Receiver() as server:
-        yield server
-
-
-def http(receiver) -> list[dict]:
-    return [{"connector": "http", "config": {"url": receiver.url + "/in"}}]
+admin = test_destinations.admin  # fixtures
+receiver_b = test_destinations.receiver_b
+http = test_destinations.http
 
 
 def fan_out(client, admin, receiver, receiver_b) -> None:

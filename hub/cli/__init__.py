@@ -406,12 +406,7 @@ def routes_show(name: str) -> None:
 @click.option("--reason", help="Why, shown with the destination's state.")
 def routes_pause(route: str, destination: str, reason: str | None) -> None:
     """Pause a destination: the route still accepts webhooks, its deliveries are held."""
-    with get_db().sessionmaker() as session:  # the change commits itself
-        try:
-            state = destination_store.pause(session, route, destination, reason)
-        except destination_store.NoSuchDestination as exc:
-            fail(str(exc))
-    click.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
+    change_destination(lambda session: destination_store.pause(session, route, destination, reason))
 
 
 @routes_cli.command("resume")
@@ -419,9 +414,16 @@ def routes_pause(route: str, destination: str, reason: str | None) -> None:
 @click.argument("destination")
 def routes_resume(route: str, destination: str) -> None:
     """Resume a paused destination: its held deliveries go out, oldest first."""
+    change_destination(
+        lambda session: destination_store.resume(session, route, destination, current_app)
+    )
+
+
+def change_destination(change) -> None:
+    """Run a pause or resume and print the destination as JSON (an unknown one fails)."""
     with get_db().sessionmaker() as session:  # the change commits itself
         try:
-            state = destination_store.resume(session, route, destination, current_app)
+            state = change(session)
         except destination_store.NoSuchDestination as exc:
             fail(str(exc))
     click.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
