@@ -123,6 +123,14 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", "/admin/api/routes/{name}/secrets", secrets, json={"secret": NEW_SECRET}, **a)
     call("DELETE", "/admin/api/routes/{name}/secrets/{which}", secrets + "/1", **a)
     call("DELETE", "/admin/api/routes/{name}/secrets/{which}", secrets + "/1", **a)
+    pause = "/admin/api/routes/{name}/destinations/{destination}/pause"
+    resume = "/admin/api/routes/{name}/destinations/{destination}/resume"
+    default = "/admin/api/routes/orders/destinations/default"
+    call("POST", pause, default + "/pause", json={"reason": "upgrade"}, **a)
+    call("POST", pause, default + "/pause", **a)  # no body, already paused
+    call("POST", pause, default + "/pause", json={"reason": 5}, **a)
+    call("POST", resume, default + "/resume", **a)
+    call("POST", resume, "/admin/api/routes/orders/destinations/nope/resume", **a)
     call("DELETE", "/admin/api/routes/{name}", "/admin/api/routes/signed", **a)
     call("GET", "/admin/api/events", query_string={"limit": 1}, **a)
     call("GET", "/admin/api/events", query_string={"q": "n", "route": "orders"}, **a)

@@ -28,6 +28,7 @@ from flask.cli import AppGroup, with_appcontext
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
 from hub.services import delivery, ratelimit
+from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
 from hub.services import routes as route_store
@@ -75,7 +76,9 @@ class Commands(AppGroup):
 
 
 keys_cli = Commands("keys", help="Create, list and revoke API keys.")
-routes_cli = Commands("routes", help="Add, list, show, remove and apply routes.")
+routes_cli = Commands(
+    "routes", help="Add, list, show, remove and apply routes; pause and resume destinations."
+)
 secret_cli = Commands("secret", help="Add or remove a route's signing secrets (rotation).")
 routes_cli.add_command(secret_cli)
 db_cli = Commands("db", help="Database schema.")
@@ -395,6 +398,35 @@ def routes_show(name: str) -> None:
                 route_store.to_dict(route, get_box(), registry()), indent=2, ensure_ascii=False
             )
         )
+
+
+@routes_cli.command("pause")
+@click.argument("route")
+@click.argument("destination")
+@click.option("--reason", help="Why, shown with the destination's state.")
+def routes_pause(route: str, destination: str, reason: str | None) -> None:
+    """Pause a destination: the route still accepts webhooks, its deliveries are held."""
+    change_destination(lambda session: destination_store.pause(session, route, destination, reason))
+
+
+@routes_cli.command("resume")
+@click.argument("route")
+@click.argument("destination")
+def routes_resume(route: str, destination: str) -> None:
+    """Resume a paused destination: its held deliveries go out, oldest first."""
+    change_destination(
+        lambda session: destination_store.resume(session, route, destination, current_app)
+    )
+
+
+def change_destination(change) -> None:
+    """Run a pause or resume and print the destination as JSON (an unknown one fails)."""
+    with get_db().sessionmaker() as session:  # the change commits itself
+        try:
+            state = change(session)
+        except destination_store.NoSuchDestination as exc:
+            fail(str(exc))
+    click.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
 
 
 @routes_cli.command("remove")

@@ -32,6 +32,7 @@ from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts
 from hub.dashboard import session as dash
 from hub.services import delivery, ratelimit, step_secrets
+from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import intake as ingest
 from hub.services import keys as key_store
@@ -587,7 +588,42 @@ def route_detail(name: str):
         steps=steps_shown(route.steps),
         retries=retry_text(route.retry_schedule),
         default_retries=route.retry_schedule is None,
+        destinations=destinations_shown(route),
     )
+
+
+def destinations_shown(route) -> list[dict[str, Any]]:
+    """Each destination of the route with its steps, state and held deliveries."""
+    held = destination_store.held_counts(get_session(), route.name)
+    return [
+        {
+            "name": destination.name,
+            "state": destination.state or "active",
+            "state_changed_at": destination.state_changed_at,
+            "state_reason": destination.state_reason,
+            "held": held.get(destination.name, 0),
+            "steps": steps_shown(destination.steps or []),
+        }
+        for destination in route.destinations
+    ]
+
+
+@bp.post("/routes/<name>/destinations/<destination>/<action>")
+def destination_state(name: str, destination: str, action: str):
+    """Pause or resume one destination, as the API and the CLI do."""
+    if action not in ("pause", "resume"):
+        abort(404)
+    session = get_session()
+    try:
+        if action == "pause":
+            reason = (request.form.get("reason") or "").strip() or None
+            state = destination_store.pause(session, name, destination, reason)
+        else:
+            state = destination_store.resume(session, name, destination, current_app)
+    except destination_store.NoSuchDestination:
+        abort(404)
+    dash.flash(f"Destination {destination} is {state.state}; {state.held} held.")
+    return redirect(url_for("dashboard.route_detail", name=name), 303)
 
 
 @bp.post("/routes/<name>/enabled")

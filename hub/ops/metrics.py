@@ -290,7 +290,7 @@ class ProcessFiles(MultiProcessCollector):
 
 # (due, waiting, oldest due next_attempt_at): events due now and events waiting, each
 # counted up to QUEUE_COUNT_CAP, and when the event due longest became due (None: none is).
-QueueReading = tuple[int, int, datetime | None]
+QueueReading = tuple[int, int, datetime | None, int]
 
 
 class QueueCollector(Collector):
@@ -324,7 +324,7 @@ class QueueCollector(Collector):
         yield ok
         if read is None:
             return
-        due, waiting, oldest = read
+        due, waiting, oldest, held = read
         yield GaugeMetricFamily(
             "hub_queue_due_events",
             f"Events due for delivery now (pending or retrying, their time come; at most "
@@ -335,6 +335,11 @@ class QueueCollector(Collector):
             "hub_queue_waiting_events",
             f"Events waiting for delivery, due now or scheduled later (at most {QUEUE_COUNT_CAP}).",
             value=waiting,
+        )
+        yield GaugeMetricFamily(
+            "hub_queue_held_deliveries",
+            f"Deliveries held for a paused destination (at most {QUEUE_COUNT_CAP}).",
+            value=held,
         )
         age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
         yield GaugeMetricFamily(

@@ -129,6 +129,18 @@ def destination_named(route: Route, name: str) -> Destination | None:
     return None
 
 
+PAUSED = "paused"
+
+
+def destination_state(route: str, name: str):
+    """The query for the state of the destination ``name`` of the route ``route``."""
+    return (
+        select(Destination.state)
+        .join(Route, Route.id == Destination.route_id)
+        .where(Route.name == route, Destination.name == name)
+    )
+
+
 def schedule_for(route: Route, destination: Destination) -> list[int] | None:
     """The destination's retry schedule, else the route's (None: the hub's default)."""
     if destination.retry_schedule is not None:
@@ -283,12 +295,15 @@ _REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
 
 def rolled_up_status(statuses: Sequence[str]) -> str:
     """An event's status from its deliveries': while any is on its way, the most active of
-    those (processing, then pending, then retrying); once all ended: ``delivered`` if every
+    those (processing, then pending, then retrying), else ``held`` while any waits for its
+    paused destination; once all ended: ``delivered`` if every
     one was delivered or filtered (``filtered`` if all were filtered), ``partial`` if some
     were and others ended dead or failed, ``failed`` if all failed, else ``dead``."""
     for status in _ACTIVE:
         if status in statuses:
             return status
+    if EventStatus.HELD in statuses:
+        return EventStatus.HELD
     if statuses and all(s == EventStatus.FILTERED for s in statuses):
         return EventStatus.FILTERED
     if all(s in _REACHED for s in statuses):
@@ -337,7 +352,7 @@ def rollup(conn, event_id: str, latest: str | None = None, alone: Any = None) ->
     waiting = [
         row.next_attempt_at for row in rows if row.status in DUE_STATUSES and row.next_attempt_at
     ]
-    ended = status not in _ACTIVE
+    ended = status not in _ACTIVE and status != EventStatus.HELD
     errors = sorted((row.id != latest, n) for n, row in enumerate(rows) if row.last_error)
     values = {
         "status": status,
@@ -559,9 +574,10 @@ class Worker:
     def _process(self, delivery: Delivery, event: Event, claimed_at: float) -> str:
         with self.db.sessionmaker() as session:  # a query only when the route isn't cached
             route = route_store.lookup(session, event.route, self.routes)
-        if route is None or not route.enabled:
+        # A disabled route refuses new webhooks only: what it accepted is still delivered.
+        if route is None:
             outcome = pipeline.Outcome(
-                pipeline.FAILED, error=f"route {event.route!r} no longer exists or is disabled"
+                pipeline.FAILED, error=f"route {event.route!r} no longer exists"
             )
             return self._finish(delivery, None, outcome)
         destination = destination_named(route, delivery.destination)
@@ -572,6 +588,8 @@ class Worker:
                 "no longer exists",
             )
             return self._finish(delivery, None, outcome)
+        if self._paused(delivery):  # this process's route cache may be seconds old
+            return self._hold(delivery)
         schedule = schedule_for(route, destination)
         if delivery.retries > len(schedule_of(schedule)):
             # Claimed again after its runs kept dying, with the schedule used up.
@@ -613,6 +631,39 @@ class Worker:
             log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
         return self._finish(delivery, schedule, outcome, unwritten)
+
+    def _paused(self, delivery: Delivery) -> bool:
+        """Whether the delivery's destination is paused, as the database says now."""
+        with self.db.engine.connect() as conn:
+            return conn.scalar(destination_state(delivery.route, delivery.destination)) == PAUSED
+
+    def _hold(self, delivery: Delivery) -> str:
+        """Put a claimed delivery of a paused destination back, ``held``: no run counted,
+        no attempt written."""
+
+        def write(conn) -> int:
+            changed = conn.execute(
+                update(Delivery.__table__)
+                .where(Delivery.id == delivery.id, Delivery.lease_owner == self.name)
+                .values(
+                    status=EventStatus.HELD,
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=Delivery.attempts - 1,
+                )
+            ).rowcount
+            if changed:
+                rollup(conn, delivery.event_id)
+            return changed
+
+        if not self.commits.run(write, []):
+            return "lease_lost"
+        log.info(
+            "event %s to %s: held, its destination is paused",
+            delivery.event_id,
+            delivery.destination,
+        )
+        return EventStatus.HELD
 
     def _finish(
         self,
@@ -659,7 +710,7 @@ class Worker:
             delivery.attempts,
             values["status"],
         )
-        if values["status"] != EventStatus.RETRYING:
+        if values["status"] not in (EventStatus.RETRYING, EventStatus.HELD):
             metrics.event_ended(delivery.route, values["status"])
         return values["status"]
 
@@ -678,8 +729,9 @@ class Worker:
         if delay is None:
             values.update(status=EventStatus.DEAD, completed_at=now, next_attempt_at=None)
         else:
+            # Paused while it was being called: it waits for the resume, not for its retry.
             values.update(
-                status=EventStatus.RETRYING,
+                status=EventStatus.HELD if self._paused(delivery) else EventStatus.RETRYING,
                 retries=delivery.retries + 1,
                 next_attempt_at=now + timedelta(seconds=delay),
             )

@@ -736,9 +736,10 @@ def oldest_due(session: Session, now: datetime) -> datetime | None:
     return min((t for t in oldest if t is not None), default=None)
 
 
-def queue_gauges(db: Database, cap: int) -> tuple[int, int, datetime | None]:
+def queue_gauges(db: Database, cap: int) -> tuple[int, int, datetime | None, int]:
     """What the queue gauges show: deliveries due now, deliveries waiting (due now or
-    later), each counted up to ``cap``, and the next_attempt_at of the one due longest."""
+    later), each counted up to ``cap``, the next_attempt_at of the one due longest, and the
+    deliveries held for a paused destination (up to ``cap``)."""
     now = utcnow()
     with db.read_session() as session:
 
@@ -750,6 +751,7 @@ def queue_gauges(db: Database, cap: int) -> tuple[int, int, datetime | None]:
             capped_count(due(now)),
             capped_count(Delivery.status.in_(DUE_STATUSES)),
             oldest_due(session, now),
+            capped_count(Delivery.status == EventStatus.HELD),
         )
 
 

@@ -916,7 +916,8 @@ def accept(incoming: Incoming) -> Accepted | Answer:
 
 
 def new_deliveries(event: Event, route: Route) -> list[Delivery]:
-    """One delivery of ``event`` for each destination of ``route``, pending and due now."""
+    """One delivery of ``event`` for each destination of ``route``, pending and due now
+    (``held`` for a paused destination: it waits for the resume, in its order)."""
     return [
         Delivery(
             id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
@@ -924,7 +925,9 @@ def new_deliveries(event: Event, route: Route) -> list[Delivery]:
             route=event.route,
             destination=destination.name,
             position=position,
-            status=EventStatus.PENDING,
+            status=(
+                EventStatus.HELD if destination.state == delivery.PAUSED else EventStatus.PENDING
+            ),
             attempts=0,
             retries=0,
             next_attempt_at=event.received_at,
@@ -964,6 +967,9 @@ def enqueue(accepted: Accepted) -> None:
     event.response_status = 202
     event.next_attempt_at = event.received_at
     deliveries = new_deliveries(event, accepted.route)
+    event.status = delivery.rolled_up_status([row.status for row in deliveries])
+    if event.status == EventStatus.HELD:
+        event.next_attempt_at = None
     commit_new_event(session, event, deliveries)  # the 202 leaves once the event is durable
     delivery.wake(current_app, soon=True)
 

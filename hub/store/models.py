@@ -112,6 +112,8 @@ class EventStatus(enum.StrEnum):
     PENDING = "pending"
     PROCESSING = "processing"
     RETRYING = "retrying"
+    # Waiting for its paused destination to be resumed: not due, no run counted.
+    HELD = "held"
     DELIVERED = "delivered"
     FAILED = "failed"
     DEAD = "dead"

@@ -17,6 +17,7 @@ from flask import Blueprint, current_app, g
 from pydantic import BaseModel
 
 from hub.services import delivery, paging
+from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
 from hub.services import routes as route_store
@@ -274,6 +275,59 @@ def delete_route(name: str):
         raise not_found("route")
     session.commit()
     return m.RouteRemoved(name=name, removed=True)
+
+
+DESTINATION = NAME | {"destination": "The destination's name, within the route"}
+NO_DESTINATION = {404: ("No route has this name, or it has no such destination", None)}
+
+
+def destination_change(change, name: str, destination: str) -> m.DestinationStateOut:
+    try:
+        state = change(get_session(), name, destination)
+    except destination_store.NoSuchDestination as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    return m.DestinationStateOut(**state.to_dict())
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/routes/{name}/destinations/{destination}/pause",
+    summary="Pause a destination: its deliveries are held, the route still accepts webhooks",
+    tag="routes",
+    path_params=DESTINATION,
+    body=m.PauseIn,
+    body_optional=True,
+    description="Waiting deliveries (pending, retrying) become held, keeping their order; "
+    "new ones are created held. No run is counted while paused. Pausing a paused "
+    "destination changes nothing.",
+    responses={200: ("The destination", m.DestinationStateOut)} | NO_DESTINATION,
+)
+def pause_destination(name: str, destination: str, body: m.PauseIn):
+    return destination_change(
+        lambda session, r, d: destination_store.pause(session, r, d, body.reason),
+        name,
+        destination,
+    )
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/routes/{name}/destinations/{destination}/resume",
+    summary="Resume a paused destination: its held deliveries go out, oldest first",
+    tag="routes",
+    path_params=DESTINATION,
+    description="Held deliveries become pending and due now, in the order they were "
+    "received. Resuming an active destination changes nothing.",
+    responses={200: ("The destination", m.DestinationStateOut)} | NO_DESTINATION,
+)
+def resume_destination(name: str, destination: str):
+    return destination_change(
+        lambda session, r, d: destination_store.resume(session, r, d, current_app),
+        name,
+        destination,
+    )
 
 
 ROTATION_ERRORS = {

@@ -62,6 +62,7 @@ class Operation:
     query: type[BaseModel] | None = None
     body: type[BaseModel] | None = None
     body_schema: dict[str, Any] | None = None  # a free-form body (webhooks): any JSON
+    body_optional: bool = False  # no body at all reads as ``{}``
     secured: bool = True
     description: str | None = None
     path_params: dict[str, str] = field(default_factory=dict)
@@ -99,7 +100,8 @@ class Api:
                     if op.query is not None:
                         path_args["query"] = parse(op.query, request.args.to_dict(), "query")
                     if op.body is not None:
-                        path_args["body"] = parse(op.body, json_body(), "body")
+                        given = json_body() if request.get_data() or not op.body_optional else {}
+                        path_args["body"] = parse(op.body, given, "body")
                     return respond(view(**path_args))
                 except ApiError as exc:
                     return api_error_response(exc)
@@ -165,7 +167,10 @@ def _operation(op: Operation, refs: dict) -> dict[str, Any]:
         out["parameters"] += _query_parameters(op.query)
     if op.body is not None:
         schema = refs[(op.body, "validation")]
-        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        out["requestBody"] = {
+            "required": not op.body_optional,
+            "content": {"application/json": {"schema": schema}},
+        }
     elif op.body_schema is not None:
         out["requestBody"] = {
             "required": True,

@@ -315,6 +315,19 @@ class RouteRemoved(BaseModel):
     removed: bool
 
 
+class PauseIn(Strict):
+    reason: str | None = Field(None, max_length=500, description="Why, shown with the state")
+
+
+class DestinationStateOut(BaseModel):
+    route: str
+    name: str
+    state: str = Field(description="active or paused")
+    state_changed_at: str | None
+    state_reason: str | None
+    held: int = Field(description="How many of its deliveries wait for the resume")
+
+
 class SecretIn(Strict):
     secret: str = Field(min_length=1, max_length=1000)
 
