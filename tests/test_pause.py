@@ -272,3 +272,24 @@ def test_a_delivery_called_when_the_pause_comes_is_held_instead_of_retried(
     drain(app)
     assert len(receiver_b.requests) == 2
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_a_sync_route_whose_first_destination_is_paused_answers_202_held(
+    app, client, db, key, admin, receiver
+):
+    """A paused destination is not called, even by a sync route's request: the sender hears
+    202 with the event held (as from an async route), and the resume delivers it."""
+    route = {"name": "orders", "mode": "sync", "steps": http(receiver)}
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    pause = "/admin/api/routes/orders/destinations/default/pause"
+    assert client.post(pause, json={}, headers=admin).status_code == 200
+    answer = client.post("/hooks/orders", json={"n": 1}, headers={"X-API-Key": key})
+    assert answer.status_code == 202, answer.json
+    assert answer.json["status"] == "held" and "status_url" in answer.json
+    drain(app)
+    assert receiver.requests == []
+    resume = "/admin/api/routes/orders/destinations/default/resume"
+    assert client.post(resume, headers=admin).status_code == 200
+    drain(app)
+    assert [r.json() for r in receiver.requests] == [{"n": 1}]
+    assert event_row(db, answer.json["id"]).status == "delivered"

@@ -958,6 +958,13 @@ def commit_new_event(session: Session, event: Event, deliveries: list[Delivery])
     )
 
 
+def waits_for_resume(accepted: Accepted) -> bool:
+    """A sync route whose first destination is paused cannot answer with its result: its
+    event is stored and answered as an async one (202, ``held``), delivered on resume."""
+    first = route_store.destinations_of(accepted.route)[0]
+    return first.state == delivery.PAUSED
+
+
 def enqueue(accepted: Accepted) -> None:
     """Commit an async event as due now with one delivery per destination of its route (the
     sender is answered 202) and wake the workers."""

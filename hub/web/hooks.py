@@ -93,7 +93,7 @@ def hook(route_name: str):
     challenge = intake.answer_challenge(accepted)
     if challenge is not None:
         return challenge, 200
-    if accepted.route.mode == "async":
+    if accepted.route.mode == "async" or intake.waits_for_resume(accepted):
         return enqueue(accepted)
     outcome = run_sync(accepted)
     event = accepted.event

@@ -32,7 +32,7 @@ def api_process():
         return answer(
             intake.refuse_accepted(accepted, 400, "Missing required field: input", "missing_field")
         )
-    if accepted.route.mode == "async":
+    if accepted.route.mode == "async" or intake.waits_for_resume(accepted):
         return enqueue(accepted, task_id=accepted.event.id)
     outcome = run_sync(accepted)
     if outcome.status == pipeline.DELIVERED:
@@ -78,7 +78,7 @@ def api_chat():
     message = data.get("message") if isinstance(data, dict) else None
     if not message:
         return answer(intake.refuse_accepted(accepted, 400, "Message is required", "missing_field"))
-    if accepted.route.mode == "async":
+    if accepted.route.mode == "async" or intake.waits_for_resume(accepted):
         return enqueue(accepted, task_id=accepted.event.id)
     outcome = run_sync(accepted, status_of=lambda o: chat_failure(o)[0])
     if outcome.status == pipeline.DELIVERED:
