@@ -32,6 +32,20 @@ def http(receiver) -> list[dict]:
     return [{"connector": "http", "config": {"url": receiver.url + "/in"}}]
 
 
+def fan_out(client, admin, receiver, receiver_b) -> dict:
+    """Route "orders", async, to destinations a and b (an http step to each receiver)."""
+    route = {
+        "name": "orders",
+        "mode": "async",
+        "destinations": [
+            {"name": "a", "steps": http(receiver)},
+            {"name": "b", "steps": http(receiver_b)},
+        ],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    return route
+
+
 def wait_until(check, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
     while not check():
@@ -240,15 +254,7 @@ def test_a_process_with_a_stale_route_cache_still_accepts_after_a_destination_is
     destination ends with a sentence saying so."""
     from hub import create_app
 
-    route = {
-        "name": "orders",
-        "mode": "async",
-        "destinations": [
-            {"name": "a", "steps": http(receiver)},
-            {"name": "b", "steps": http(receiver_b)},
-        ],
-    }
-    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    route = fan_out(client, admin, receiver, receiver_b)
     stale = create_app({**{k: app.config[k] for k in ("TESTING", "DATABASE_URL", "SECRET_KEY")},
                         "ROUTE_CACHE_SECONDS": 300})  # fmt: skip
     try:

@@ -16,18 +16,7 @@ from tests.rows import event_row
 admin = test_destinations.admin  # fixtures
 receiver_b = test_destinations.receiver_b
 http = test_destinations.http
-
-
-def fan_out(client, admin, receiver, receiver_b) -> None:
-    route = {
-        "name": "orders",
-        "mode": "async",
-        "destinations": [
-            {"name": "a", "steps": http(receiver)},
-            {"name": "b", "steps": http(receiver_b)},
-        ],
-    }
-    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+fan_out = test_destinations.fan_out
 
 
 def post(client, key, n: int) -> list[str]:
