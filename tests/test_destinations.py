@@ -330,3 +330,28 @@ def test_the_sender_sees_its_events_status_never_the_destinations(
         assert hidden not in text, hidden
     assert not {"deliveries", "destinations", "result", "last_error"} & set(shown)
     assert not isinstance(shown.get("attempts"), list)  # a count of runs, never the calls
+
+
+def test_an_event_that_fans_out_is_counted_once_when_its_last_delivery_ends(
+    app, client, db, key, admin, receiver, receiver_b
+):
+    """hub_events_total counts events that reached an end state: one event to two
+    destinations is one `delivered`, counted when the second delivery ends, not one per
+    delivery."""
+    from tests.test_metrics import parse, value
+
+    fan_out(client, admin, receiver, receiver_b)
+
+    def delivered() -> float:
+        scraped = parse(client.get("/metrics", headers=admin).get_data(as_text=True))
+        return value(scraped, "hub_events_total", route="orders", status="delivered")
+
+    before = delivered()
+    answer = client.post("/hooks/orders", json={"n": 1}, headers={"X-API-Key": key})
+    assert answer.status_code == 202
+    worker = Worker(app, name="count-once")
+    while worker.run_once():
+        pass
+    assert event_row(db, answer.json["id"]).status == "delivered"
+    assert len(receiver.requests) == len(receiver_b.requests) == 1
+    assert delivered() - before == 1

@@ -396,6 +396,8 @@ class Worker:
         # the deliveries that are their event's only one (their roll-up reads nothing).
         self._events: dict[str, Event] = {}
         self._alone: set[str] = set()
+        # The event's status each delivery's ending rolled up to, for the end-state count.
+        self._rolled: dict[str, str | None] = {}
         self._claim_lock = threading.Lock()
         # Deliveries of each route this worker claimed and has not finished (ready or
         # running), and the route it served last: the next claim starts its turns past it.
@@ -700,6 +702,7 @@ class Worker:
                 )
                 values = self._ending(delivery, schedule, unstorable)
                 changed = self._write_ending(delivery, values)
+        rolled = self._rolled.pop(delivery.id, None)
         if not changed:
             log.warning("event %s: lease lost before the outcome was written", delivery.event_id)
             return "lease_lost"
@@ -710,8 +713,9 @@ class Worker:
             delivery.attempts,
             values["status"],
         )
-        if values["status"] not in (EventStatus.RETRYING, EventStatus.HELD):
-            metrics.event_ended(delivery.route, values["status"])
+        if rolled is not None and rolled not in _ACTIVE and rolled != EventStatus.HELD:
+            # The event's end (its last delivery ended), counted once whatever its fan-out.
+            metrics.event_ended(delivery.route, rolled)
         return values["status"]
 
     def _ending(
@@ -754,7 +758,7 @@ class Worker:
         def write(conn) -> int:
             changed = conn.execute(statement).rowcount
             if changed:
-                rollup(conn, delivery.event_id, delivery.id, alone)
+                self._rolled[delivery.id] = rollup(conn, delivery.event_id, delivery.id, alone)
             return changed
 
         return self.commits.run(write, [(Attempt.__table__, row) for row in attempts])

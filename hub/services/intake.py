@@ -846,7 +846,8 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
         session.close()  # its connection back to the pool: SQLite's write lock with it
         record_unrecorded(event_id, exc)
         raise
-    metrics.event_ended(event.route, event.status)
+    if not fan_out:  # else the event ends with its last delivery, counted by the worker
+        metrics.event_ended(event.route, event.status)
     return outcome
 
 
