@@ -101,12 +101,13 @@ def insert_deliveries(session, prefix: str, route: str) -> None:
         events.c.id.label("event_id"),
         events.c.route,
         sa.func.coalesce(destination.c.name, "default").label("destination"),
+        (events.c.route + "/" + sa.func.coalesce(destination.c.name, "default")).label("lane"),
         sa.literal(0).label("position"),
         *[events.c[column] for column in copied],
         events.c.received_at.label("created_at"),
     ).select_from(events.outerjoin(destination, sa.true()))
     rows = rows.where(events.c.id.startswith(prefix))
-    columns = ["id", "event_id", "route", "destination", "position"]
+    columns = ["id", "event_id", "route", "destination", "lane", "position"]
     session.execute(
         sa.insert(Delivery.__table__).from_select([*columns, *copied, "created_at"], rows)
     )

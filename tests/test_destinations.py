@@ -119,13 +119,68 @@ def test_a_route_given_steps_is_one_default_destination(client, admin, receiver)
     created = client.post("/admin/api/routes", json=route, headers=admin).json
     assert created["steps"] == http(receiver) and created["retry_schedule"] == [5]
     assert created["destinations"] == [
-        {"name": "default", "steps": http(receiver), "filter": None, "retry_schedule": [5]}
+        {
+            "name": "default",
+            "steps": http(receiver),
+            "filter": None,
+            "retry_schedule": [5],
+            "max_in_flight": None,
+            "rate": None,
+            "ordering_key": None,
+            "breaker": None,
+        }
     ]
     # What GET shows can be sent back as it is.
     again = client.put("/admin/api/routes/plain", json=created, headers=admin)
     assert again.status_code == 200, again.json
     patched = client.patch("/admin/api/routes/plain", json={"filter": "true"}, headers=admin)
     assert patched.json["destinations"][0]["filter"] == "true"
+
+
+def test_a_destination_takes_its_delivery_controls_and_shows_them_back(client, admin, receiver):
+    controls = {
+        "max_in_flight": 4,
+        "rate": "10/s",
+        "ordering_key": "{{ payload.customer.id }}",
+        "breaker": {},
+    }
+    route = {
+        "name": "controlled",
+        "mode": "async",
+        "destinations": [{"name": "default", "steps": http(receiver), **controls}],
+    }
+    created = client.post("/admin/api/routes", json=route, headers=admin)
+    assert created.status_code == 201, created.json
+    shown = created.json["destinations"][0]
+    assert {key: shown[key] for key in controls} == {
+        **controls,
+        "rate": "10/second",
+        "breaker": {"failures": 5, "cool_down": 30, "max_cool_down": 3600},
+    }
+    # A "default" destination with controls is shown as a destination, not as plain steps,
+    # so sending back what GET shows keeps them.
+    assert created.json["steps"] is None
+    again = client.put("/admin/api/routes/controlled", json=created.json, headers=admin)
+    assert again.status_code == 200, again.json
+    assert again.json["destinations"] == [shown]
+
+    bad = {
+        "name": "bad",
+        "destinations": [
+            {
+                "name": "a",
+                "max_in_flight": 0,
+                "rate": "fast",
+                "breaker": {"cool_down": 60, "max_cool_down": 10},
+            }
+        ],
+    }
+    answer = client.post("/admin/api/routes", json=bad, headers=admin)
+    assert answer.status_code == 422
+    text = str(answer.json)
+    assert "destinations[0].max_in_flight" in text
+    assert "destinations[0].rate" in text and "not a rate" in text
+    assert "max_cool_down must be at least cool_down" in text
 
 
 def test_destination_problems_name_their_place(client, admin, receiver):

@@ -85,7 +85,9 @@ ATTEMPTS_0010 = sa.table(
     *(sa.column(c) for c in ("duration_ms", "outcome")),
     sa.column("started_at", sa.DateTime(timezone=True)),
 )
-OLD_STATUSES = [s for s in EventStatus if s != EventStatus.PARTIAL]  # what 0010 could hold
+OLD_STATUSES = [
+    s for s in EventStatus if s not in (EventStatus.PARTIAL, EventStatus.QUEUED)
+]  # what 0010 could hold
 PER_STATUS = 3
 
 
@@ -218,3 +220,54 @@ def test_migration_0011_will_not_downgrade_a_route_of_several_destinations(db, a
         command.downgrade(alembic_config(db, conn), "0010")
     with db.session() as session:  # nothing changed
         assert len(session.scalars(sa.select(Destination)).all()) == 2
+
+
+# --- migration 0012 on a database 0011 filled: lanes and the controls' state ---
+
+
+def test_migration_0012_gives_each_delivery_its_lane_and_keeps_every_attempt(db):
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0010")
+    try:
+        events = fill_0010(db)
+        with db.engine.begin() as conn:
+            command.upgrade(alembic_config(db, conn), "0011")
+        with db.engine.connect() as conn:
+            before = {
+                table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar()
+                for table in ("events", "deliveries", "attempts")
+            }
+        assert before["attempts"] > 0 and before["deliveries"] > 0
+        upgrade(db)
+        with db.session() as session:
+            deliveries = list(session.scalars(sa.select(Delivery)))
+            after = {
+                "events": len(events),
+                "deliveries": len(deliveries),
+                "attempts": session.scalar(sa.select(sa.func.count()).select_from(Attempt)),
+            }
+            destination = session.scalar(sa.select(Destination))
+        # Nothing lost: on SQLite a copy of the deliveries table would have taken the
+        # attempts with it (ON DELETE CASCADE).
+        assert after == before
+        assert {d.lane for d in deliveries} == {"orders/default", "other/default"}
+        assert all(
+            d.lane == f"{d.route}/{d.destination}" and d.order_key is None for d in deliveries
+        )
+        assert (destination.breaker_failures, destination.rate_next_at) == (0, None)
+        indexes = {i["name"] for i in sa.inspect(db.engine).get_indexes("deliveries")}
+        assert {"ix_deliveries_due_by_lane", "ix_deliveries_order"} <= indexes
+        assert "ix_deliveries_due_by_route" not in indexes
+
+        with db.engine.begin() as conn:  # and back: the columns go, every row stays
+            command.downgrade(alembic_config(db, conn), "0011")
+        with db.engine.connect() as conn:
+            kept = {
+                table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar()
+                for table in ("events", "deliveries", "attempts")
+            }
+            assert kept == before
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("deliveries")}
+            assert "lane" not in columns and not sa.inspect(conn).has_table("destination_changes")
+    finally:
+        upgrade(db)

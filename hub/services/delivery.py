@@ -9,9 +9,9 @@ deliveries (``rollup``), written in the same transaction as each delivery's outc
 A claim is one atomic statement that moves due deliveries to ``processing`` under a lease
 (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines
 share one database; SQLite: ``UPDATE ... RETURNING`` under its single write lock). It takes
-due events in turns across routes, and a route holds at most ``HUB_WORKER_ROUTE_SHARE`` of
-a worker's delivery threads: one route's backlog or slow receiver cannot hold back another
-route's events (``fair_pick``). A worker
+due deliveries in turns across lanes (a lane is one destination of one route), and a lane
+holds at most ``HUB_WORKER_ROUTE_SHARE`` of a worker's delivery threads: one destination's
+backlog or slow receiver cannot hold back another's deliveries (``fair_pick``). A worker
 that dies leaves a lease that expires, and the event is claimed again: delivery is
 at-least-once, and a receiver that must not see a repeat dedups on the event id.
 
@@ -163,70 +163,71 @@ def retry_delay(schedule: list[int], retries: int, retry_after: float | None) ->
 # One definition of "due" for the fair claim's statement: the partial index's own predicate.
 _DUE = DUE_PREDICATE.replace("status", "e.status")
 
-# The routes with events waiting, one index probe each (ix_events_due_by_route): a walk
-# that jumps from one route to the next instead of reading every waiting event.
+# The lanes (a route's destination: ``lane_of``) with deliveries waiting, one index probe
+# each (ix_deliveries_due_by_lane): a walk that jumps from one lane to the next instead of
+# reading every waiting delivery.
 _LANES = f"""
-lanes(route) AS (
-    SELECT (SELECT e.route FROM {{events}} WHERE {_DUE} ORDER BY e.route LIMIT 1)
+lanes(lane) AS (
+    SELECT (SELECT e.lane FROM {{events}} WHERE {_DUE} ORDER BY e.lane LIMIT 1)
     UNION ALL
-    SELECT (SELECT e.route FROM {{events}} WHERE {_DUE} AND e.route > lanes.route
-            ORDER BY e.route LIMIT 1)
-    FROM lanes WHERE lanes.route IS NOT NULL
+    SELECT (SELECT e.lane FROM {{events}} WHERE {_DUE} AND e.lane > lanes.lane
+            ORDER BY e.lane LIMIT 1)
+    FROM lanes WHERE lanes.lane IS NOT NULL
 )"""
 
-# Of those, the routes with an event due now and room left in this worker, in turn from
-# the one past the route served last (at most one route for each event asked for).
+# Of those, the lanes with a delivery due now and room left, in turn from the one past the
+# lane served last (at most one lane for each delivery asked for).
 _OPEN_LANES = f"""
 open_lanes AS (
-    SELECT l.route, l.room,
-           row_number() OVER (ORDER BY l.route{{c}} <= :after, l.route{{c}}) AS lane_turn
-    FROM (SELECT route, {{room}} AS room FROM lanes WHERE route IS NOT NULL) l
+    SELECT l.lane, l.room,
+           row_number() OVER (ORDER BY l.lane{{c}} <= :after, l.lane{{c}}) AS lane_turn
+    FROM (SELECT lane, {{room}} AS room FROM lanes WHERE lane IS NOT NULL) l
     WHERE l.room > 0 AND (
         SELECT e.next_attempt_at FROM {{events}}
-        WHERE e.route >= l.route AND e.route <= l.route AND {_DUE}
-        ORDER BY e.route, e.next_attempt_at LIMIT 1) <= :now
-    ORDER BY l.route{{c}} <= :after, l.route{{c}}
+        WHERE e.lane >= l.lane AND e.lane <= l.lane AND {_DUE}
+        ORDER BY e.lane, e.next_attempt_at LIMIT 1) <= :now
+    ORDER BY l.lane{{c}} <= :after, l.lane{{c}}
     LIMIT :n
 )"""
 
-# The first due events of each open route, oldest first, numbered within the route.
+# The first due deliveries of each open lane, oldest first, numbered within the lane.
 # PostgreSQL locks them as it reads them (SKIP LOCKED: another worker's claim of the
 # moment is passed over, not waited for); SQLite's single writer needs no lock.
 _HEADS = {
     "postgresql": f"""
 heads AS (
     SELECT h.id, o.lane_turn, o.room,
-           row_number() OVER (PARTITION BY o.route ORDER BY h.next_attempt_at, h.id) AS turn
+           row_number() OVER (PARTITION BY o.lane ORDER BY h.next_attempt_at, h.id) AS turn
     FROM open_lanes o CROSS JOIN LATERAL (
         SELECT e.id, e.next_attempt_at FROM deliveries e
-        WHERE e.route >= o.route AND e.route <= o.route AND {_DUE}
+        WHERE e.lane >= o.lane AND e.lane <= o.lane AND {_DUE}
           AND e.next_attempt_at <= :now
-        ORDER BY e.route, e.next_attempt_at LIMIT LEAST(o.room, :n)
+        ORDER BY e.lane, e.next_attempt_at LIMIT LEAST(o.room, :n)
         FOR UPDATE SKIP LOCKED) h
 )""",
     "sqlite": f"""
 heads AS (
     SELECT e.id, o.lane_turn, o.room,
-           row_number() OVER (PARTITION BY o.route ORDER BY e.next_attempt_at, e.id) AS turn
+           row_number() OVER (PARTITION BY o.lane ORDER BY e.next_attempt_at, e.id) AS turn
     FROM open_lanes o JOIN deliveries e ON e.id IN (
-        SELECT x.id FROM deliveries x INDEXED BY ix_deliveries_due_by_route
-        WHERE x.route = o.route AND {_DUE.replace("e.", "x.")} AND x.next_attempt_at <= :now
+        SELECT x.id FROM deliveries x INDEXED BY ix_deliveries_due_by_lane
+        WHERE x.lane = o.lane AND {_DUE.replace("e.", "x.")} AND x.next_attempt_at <= :now
         ORDER BY x.next_attempt_at LIMIT :n)
 )""",
 }
 
 
-# PostgreSQL reads a route's events as the range [route, route] ordered by (route,
-# next_attempt_at), the route index's own order, which no other index gives: written
-# `route = ...`, the planner drops the route from the order (it is fixed) and, with one big
-# route in its statistics, walks ix_events_due_at instead, reading every other route's
-# waiting events to reach this route's first (5,000 entries for one event). SQLite's
-# planner, without statistics, walks the status index and sorts every waiting event for
-# the first route (14 ms at 20,000 waiting): it is told the index (0.1 ms). Routes are put
-# in turn byte by byte, as Python compares them with the route served last.
+# PostgreSQL reads a lane's deliveries as the range [lane, lane] ordered by (lane,
+# next_attempt_at), the lane index's own order, which no other index gives: written
+# `lane = ...`, the planner drops the lane from the order (it is fixed) and, with one big
+# lane in its statistics, walks ix_deliveries_due_at instead, reading every other lane's
+# waiting deliveries to reach this lane's first (5,000 entries for one delivery). SQLite's
+# planner, without statistics, walks the status index and sorts every waiting delivery of
+# the first lane (14 ms at 20,000 waiting): it is told the index (0.1 ms). Lanes are put
+# in turn byte by byte, as Python compares them with the lane served last.
 _EVENTS = {
     "postgresql": "deliveries e",
-    "sqlite": "deliveries e INDEXED BY ix_deliveries_due_by_route",
+    "sqlite": "deliveries e INDEXED BY ix_deliveries_due_by_lane",
 }
 _COLLATE = {"postgresql": ' COLLATE "C"', "sqlite": ""}
 
@@ -234,21 +235,21 @@ _COLLATE = {"postgresql": ' COLLATE "C"', "sqlite": ""}
 def fair_pick(
     dialect: str, limit: int, now: datetime, after: str, share: int, room: dict[str, int]
 ) -> TextClause:
-    """The ids of up to ``limit`` due events taken in turns across routes: the oldest due
-    event of each route with room, starting past route ``after``, then the second of each,
-    and so on. A route may hold ``share`` events of this worker; ``room`` is what is left
-    to the routes it holds some of already.
+    """The ids of up to ``limit`` due deliveries taken in turns across lanes (a lane is one
+    destination of one route, ``lane_of``): the oldest due delivery of each lane with room,
+    starting past lane ``after``, then the second of each, and so on. A lane may hold
+    ``share`` deliveries of this worker; ``room`` is what is left to the lanes it holds
+    some of already (or may take at all).
 
-    One statement, each step an index probe (ix_events_due_by_route): two for each route
-    with events waiting, then the events taken. A route is a lane here; once routes have
-    several destinations, a destination is.
+    One statement, each step an index probe (ix_deliveries_due_by_lane): two for each lane
+    with deliveries waiting, then the deliveries taken.
     """
     params: dict[str, Any] = {"n": limit, "after": after, "share": share}
     cases = []
     for i, (lane, left) in enumerate(sorted(room.items())):
         params[f"lane_{i}"], params[f"left_{i}"] = lane, left
         cases.append(f"WHEN :lane_{i} THEN :left_{i}")
-    room_sql = f"CASE route {' '.join(cases)} ELSE :share END" if cases else ":share"
+    room_sql = f"CASE lane {' '.join(cases)} ELSE :share END" if cases else ":share"
     sql = (
         (
             "WITH RECURSIVE"
@@ -271,16 +272,16 @@ def fair_pick(
 
 
 def rotation(after: str):
-    """Sort key of the turn order that starts past route ``after``: the routes after it,
+    """Sort key of the turn order that starts past lane ``after``: the lanes after it,
     then the others from the start (the order ``fair_pick`` serves them in)."""
     return lambda lane: (lane <= after, lane)
 
 
 def in_turns(deliveries: list[Delivery], after: str) -> list[Delivery]:
-    """Claimed deliveries in the order ``fair_pick`` chose them: turns across routes."""
+    """Claimed deliveries in the order ``fair_pick`` chose them: turns across lanes."""
     lanes: dict[str, list[Delivery]] = collections.defaultdict(list)
     for delivery in sorted(deliveries, key=lambda d: (d.next_attempt_at, d.id)):
-        lanes[delivery.route].append(delivery)
+        lanes[delivery.lane].append(delivery)
     order = sorted(lanes, key=rotation(after))
     turns = []
     for turn in range(max((len(v) for v in lanes.values()), default=0)):
@@ -399,12 +400,12 @@ class Worker:
         # The event's status each delivery's ending rolled up to, for the end-state count.
         self._rolled: dict[str, str | None] = {}
         self._claim_lock = threading.Lock()
-        # Deliveries of each route this worker claimed and has not finished (ready or
-        # running), and the route it served last: the next claim starts its turns past it.
+        # Deliveries of each lane this worker claimed and has not finished (ready or
+        # running), and the lane it served last: the next claim starts its turns past it.
         self._busy: collections.Counter[str] = collections.Counter()
         self._last_lane = ""
-        # time.monotonic() of the start of each delivery running now, and the routes whose
-        # last delivery here was quick (unknown routes count as slow).
+        # time.monotonic() of the start of each delivery running now, and the lanes whose
+        # last delivery here was quick (unknown lanes count as slow).
         self._started: dict[str, float] = {}
         self._fast: set[str] = set()
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
@@ -414,7 +415,7 @@ class Worker:
 
     def claim(self, limit: int = 1) -> list[str]:
         """Move up to ``limit`` due deliveries to ``processing`` under this worker's lease;
-        their ids, taken in turns across routes (see ``fair_pick``). The rows are read in
+        their ids, taken in turns across lanes (see ``fair_pick``). The rows are read in
         the same statement and kept for ``process``.
 
         Deliveries whose lease ran out (a worker died) are looked for apart from due ones:
@@ -435,18 +436,18 @@ class Worker:
         with self._lock:
             for delivery in claimed:
                 self._claimed[delivery.id] = (delivery, at)
-                self._busy[delivery.route] += 1
+                self._busy[delivery.lane] += 1
             if claimed:
                 self._last_lane = max(
-                    (delivery.route for delivery in claimed), key=rotation(self._last_lane)
+                    (delivery.lane for delivery in claimed), key=rotation(self._last_lane)
                 )
         return [delivery.id for delivery in claimed]
 
     def _room(self) -> tuple[int, dict[str, int]]:
-        """How many deliveries a route may hold in this process, and the room left to the
-        routes it holds some of: ``HUB_WORKER_ROUTE_SHARE`` of the delivery threads. A route
+        """How many deliveries a lane may hold in this process, and the room left to the
+        lanes it holds some of: ``HUB_WORKER_ROUTE_SHARE`` of the delivery threads. A lane
         whose last delivery here took under PREFETCH_AGE is not held to it: it frees its
-        threads before another route's delivery would notice, and a claim takes a batch of
+        threads before another lane's delivery would notice, and a claim takes a batch of
         it for the threads about to be free (a drain held to its share ran at two thirds
         the rate)."""
         threads = max(1, len(self.threads))
@@ -545,7 +546,7 @@ class Worker:
             delivery, claimed_at = self._claimed.pop(delivery_id, (None, time.monotonic()))
             self._started[delivery_id] = time.monotonic()
             event = self._events.pop(delivery_id, None)
-        lane = delivery.route if delivery is not None else None
+        lane = delivery.lane if delivery is not None else None
         try:
             if delivery is None or event is None:  # claimed by another Worker object (tests)
                 with self.db.session() as session:

@@ -39,6 +39,7 @@ from hub.store.models import (
     due,
     first_delivery_id,
     iso_time,
+    lane_of,
     new_delivery_id,
     utcnow,
 )
@@ -198,6 +199,7 @@ def _deliveries_for_bare(session: Session, event_ids: list[str], now: datetime) 
                 event_id=event_id,
                 route=route_name,
                 destination=name,
+                lane=lane_of(route_name, name),
                 position=position,
                 status=EventStatus.PENDING,
                 attempts=0,

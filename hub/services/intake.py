@@ -46,6 +46,7 @@ from hub.store.models import (
     EventStatus,
     Route,
     first_delivery_id,
+    lane_of,
     new_delivery_id,
     new_event_id,
     utcnow,
@@ -925,6 +926,7 @@ def new_deliveries(event: Event, route: Route) -> list[Delivery]:
             event_id=event.id,
             route=event.route,
             destination=destination.name,
+            lane=lane_of(event.route, destination.name),
             position=position,
             status=(
                 EventStatus.HELD if destination.state == delivery.PAUSED else EventStatus.PENDING

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -49,6 +56,12 @@ ROUTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DESTINATION_NAME_PATTERN = ROUTE_NAME_PATTERN
 # What a destination holds that a route given plain steps holds itself.
 DESTINATION_FIELDS = ("steps", "filter", "retry_schedule")
+# A destination's delivery controls: given only inside ``destinations``.
+CONTROL_FIELDS = ("max_in_flight", "rate", "ordering_key", "breaker")
+# The breaker's defaults (docs/destinations.md).
+BREAKER_FAILURES = 5
+BREAKER_COOL_DOWN = 30
+BREAKER_MAX_COOL_DOWN = 3600
 DEFAULT_RETRY_SCHEDULE = [30, 120, 600, 3600, 21600]
 # What a sender must show: an API key, a valid signature, both, or either.
 AuthMode = Literal["key", "signature", "key+signature", "key|signature"]
@@ -96,6 +109,33 @@ def _positive_delays(value: list[int] | None) -> list[int] | None:
     return value
 
 
+class BreakerSpec(BaseModel):
+    """A destination's circuit breaker: after ``failures`` consecutive retryable failures
+    its deliveries are held; after ``cool_down`` seconds one probe is tried, and each probe
+    that fails doubles the cool-down, up to ``max_cool_down``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failures: int = Field(
+        BREAKER_FAILURES, ge=1, le=10_000, description="Consecutive retryable failures that open it"
+    )
+    cool_down: int = Field(
+        BREAKER_COOL_DOWN, ge=1, le=86_400, description="Seconds open before the first probe"
+    )
+    max_cool_down: int = Field(
+        BREAKER_MAX_COOL_DOWN,
+        ge=1,
+        le=7 * 86_400,
+        description="The longest cool-down, in seconds, however many probes failed",
+    )
+
+    @model_validator(mode="after")
+    def _longest_last(self) -> BreakerSpec:
+        if self.max_cool_down < self.cool_down:
+            raise ValueError("max_cool_down must be at least cool_down")
+        return self
+
+
 class DestinationSpec(BaseModel):
     """One destination of a route: where its events go, delivered on their own."""
 
@@ -108,8 +148,37 @@ class DestinationSpec(BaseModel):
     steps: list[StepSpec] = Field(default_factory=list)
     filter: str | None = None
     retry_schedule: list[int] | None = None
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Deliveries called at once, across every worker process (none: no cap)",
+    )
+    rate: str | None = Field(
+        None, description='Deliveries started per second, minute or hour ("10/second")'
+    )
+    ordering_key: str | None = Field(
+        None,
+        max_length=500,
+        description=(
+            'A template ("{{ payload.customer.id }}"): one key\'s deliveries start one '
+            "after another, in the order accepted"
+        ),
+    )
+    breaker: BreakerSpec | None = Field(
+        None, description="A circuit breaker ({} for the defaults; none: off)"
+    )
 
     _positive = field_validator("retry_schedule")(_positive_delays)
+
+    @field_validator("rate")
+    @classmethod
+    def _a_rate(cls, value: str | None) -> str | None:
+        return None if value is None else rates.normalise(value)
+
+    def controlled(self) -> bool:
+        """Whether any delivery control (cap, rate, ordering, breaker) is set."""
+        return any(getattr(self, name) is not None for name in CONTROL_FIELDS)
 
 
 class RouteSpec(BaseModel):
@@ -140,6 +209,13 @@ class RouteSpec(BaseModel):
     enabled: bool = True
 
     _positive = field_validator("retry_schedule")(_positive_delays)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _none_is_no_steps(cls, value: Any) -> Any:
+        # A route with destinations is shown with "steps": null; sent back as it is shown,
+        # that means no top-level steps.
+        return [] if value is None else value
 
     @field_validator("dedup_window")
     @classmethod
@@ -370,6 +446,10 @@ def save(
         destination.steps = [s.model_dump() for s in given.steps]
         destination.filter = given.filter
         destination.retry_schedule = given.retry_schedule
+        destination.max_in_flight = given.max_in_flight
+        destination.rate = given.rate
+        destination.ordering_key = given.ordering_key
+        destination.breaker = None if given.breaker is None else given.breaker.model_dump()
         destinations.append(destination)
     route.destinations = destinations
     if spec.verify is None:
@@ -453,8 +533,13 @@ def destinations_of(route: Route) -> list[Destination]:
 
 
 def _lone_default(route: Route) -> bool:
+    """Whether the route is plain steps: one "default" destination with no controls."""
     destinations = destinations_of(route)
-    return len(destinations) == 1 and destinations[0].name == DEFAULT_DESTINATION
+    return (
+        len(destinations) == 1
+        and destinations[0].name == DEFAULT_DESTINATION
+        and all(getattr(destinations[0], name, None) is None for name in CONTROL_FIELDS)
+    )
 
 
 def _stored_steps(stored: Route | None, name: str) -> list[dict[str, Any]] | None:
@@ -603,6 +688,10 @@ def to_dict(
             "steps": step_secrets.shown_steps(d.steps, box, registry),
             "filter": d.filter,
             "retry_schedule": d.retry_schedule,
+            "max_in_flight": d.max_in_flight,
+            "rate": d.rate,
+            "ordering_key": d.ordering_key,
+            "breaker": d.breaker,
         }
         for d in destinations_of(route)
     ]

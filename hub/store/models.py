@@ -112,8 +112,11 @@ class EventStatus(enum.StrEnum):
     PENDING = "pending"
     PROCESSING = "processing"
     RETRYING = "retrying"
-    # Waiting for its paused destination to be resumed: not due, no run counted.
+    # Waiting for its paused destination to be resumed, or for its open circuit to close:
+    # not due, no run counted.
     HELD = "held"
+    # Waiting for the delivery before it with the same ordering key to end: not due.
+    QUEUED = "queued"
     DELIVERED = "delivered"
     FAILED = "failed"
     DEAD = "dead"
@@ -136,9 +139,21 @@ class AttemptOutcome(enum.StrEnum):
 # Deliveries (and events) waiting for a worker; due once their next_attempt_at has come (``due``).
 DUE_STATUSES = (EventStatus.PENDING, EventStatus.RETRYING)
 # The same, written out (not bound) so the planner can match the partial indexes
-# ix_deliveries_due_at and ix_deliveries_due_by_route (and the events' ones):
+# ix_deliveries_due_at and ix_deliveries_due_by_lane (and the events' ones):
 # status IN ('pending', 'retrying').
 DUE_PREDICATE = "status IN ({})".format(", ".join(f"'{status}'" for status in DUE_STATUSES))
+# Deliveries not yet ended: waiting, held, queued or being called.
+UNFINISHED_STATUSES = (
+    EventStatus.PENDING,
+    EventStatus.RETRYING,
+    EventStatus.PROCESSING,
+    EventStatus.HELD,
+    EventStatus.QUEUED,
+)
+# An ordered destination's deliveries not yet ended (ix_deliveries_order's predicate).
+ORDERED_PREDICATE = "order_key IS NOT NULL AND status IN ({})".format(
+    ", ".join(f"'{status}'" for status in UNFINISHED_STATUSES)
+)
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -151,6 +166,19 @@ def new_event_id() -> str:
         value, rem = divmod(value, 32)
         chars.append(_CROCKFORD[rem])
     return "evt_" + "".join(reversed(chars))
+
+
+def lane_of(route: str, destination: str) -> str:
+    """A delivery's lane: its route and destination, what the fair claim takes turns across."""
+    return f"{route}/{destination}"
+
+
+def _lane_default(context: Any) -> str | None:
+    """A delivery's lane when the row was written without one (its route and destination)."""
+    if context is None:
+        return None
+    values = context.get_current_parameters()
+    return lane_of(values["route"], values["destination"])
 
 
 def new_delivery_id() -> str:
@@ -266,6 +294,14 @@ class Destination(Base):
     state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
     state_changed_at: Mapped[datetime | None]
     state_reason: Mapped[str | None] = mapped_column(Text)
+    # The circuit breaker: consecutive retryable failures, when an open circuit lets a probe
+    # through (half-open), and the cool-down an open circuit waits next.
+    breaker_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    breaker_retry_at: Mapped[datetime | None]
+    breaker_cool_down: Mapped[int | None]
+    # The rate: the time from which the destination's next delivery may start (a GCRA's
+    # theoretical arrival time), shared by every worker process through this row.
+    rate_next_at: Mapped[datetime | None]
 
     route: Mapped[Route] = relationship(back_populates="destinations")
 
@@ -413,11 +449,20 @@ class Delivery(Base):
             sqlite_where=text(DUE_PREDICATE),
         ),
         Index(
-            "ix_deliveries_due_by_route",
-            "route",
+            "ix_deliveries_due_by_lane",
+            "lane",
             "next_attempt_at",
             postgresql_where=text(DUE_PREDICATE),
             sqlite_where=text(DUE_PREDICATE),
+        ),
+        # An ordered destination's deliveries by key, in the order they were accepted.
+        Index(
+            "ix_deliveries_order",
+            "lane",
+            "order_key",
+            "id",
+            postgresql_where=text(ORDERED_PREDICATE),
+            sqlite_where=text(ORDERED_PREDICATE),
         ),
     )
 
@@ -428,6 +473,13 @@ class Delivery(Base):
     # process whose route cache is a few seconds old never writes a row that fails to insert.
     route: Mapped[str] = mapped_column(StorableString(200))
     destination: Mapped[str] = mapped_column(String(64))
+    # route/destination (``lane_of``): what the fair claim takes turns across.
+    lane: Mapped[str] = mapped_column(
+        String(140), default=lambda ctx: _lane_default(ctx), server_default=""
+    )
+    # The destination's ordering key rendered for this event (None: unordered): one key's
+    # deliveries start one after another, in the order they were accepted.
+    order_key: Mapped[str | None] = mapped_column(String(200))
     # The destination's place in its route when the event came (0: the first, whose result
     # is the event's).
     position: Mapped[int] = mapped_column(Integer, default=0)
@@ -463,6 +515,36 @@ def due(now: datetime, statuses: tuple[EventStatus, ...] = DUE_STATUSES):
     """The condition on deliveries a worker may claim at ``now``: waiting (``DUE_STATUSES``)
     and their next_attempt_at come; ``statuses`` narrows it to some of them."""
     return Delivery.status.in_(statuses) & (Delivery.next_attempt_at <= now)
+
+
+class DestinationChange(Base):
+    """One change of a destination's state (active, paused, open, half_open): to what,
+    from what, why, and by whom ("breaker", or the admin: a key prefix or "cli:<user>")."""
+
+    __tablename__ = "destination_changes"
+    __table_args__ = (
+        Index("ix_destination_changes_route_destination_at", "route", "destination", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    route: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    previous: Mapped[str | None] = mapped_column(String(16))
+    cause: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(100))
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "destination": self.destination,
+            "state": self.state,
+            "previous": self.previous,
+            "cause": self.cause,
+            "actor": self.actor,
+            "at": iso_time(self.at),
+        }
 
 
 class Attempt(Base):

@@ -280,11 +280,21 @@ class VerifyOut(BaseModel):
     secrets: list[str] | str = Field(description="Masked: whsec_…abcd; never the secret")
 
 
+class BreakerOut(BaseModel):
+    failures: int
+    cool_down: int
+    max_cool_down: int
+
+
 class DestinationOut(BaseModel):
     name: str
     steps: list[dict[str, Any]] = Field(description="Secrets in step configs masked")
     filter: str | None
     retry_schedule: list[int] | None
+    max_in_flight: int | None = Field(description="Deliveries called at once (null: no cap)")
+    rate: str | None = Field(description='Deliveries started per period ("10/second")')
+    ordering_key: str | None = Field(description="The template whose value orders deliveries")
+    breaker: BreakerOut | None = Field(description="The circuit breaker's settings (null: off)")
 
 
 class RouteOut(BaseModel):
