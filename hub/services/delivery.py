@@ -292,19 +292,24 @@ def in_turns(deliveries: list[Delivery], after: str) -> list[Delivery]:
 # Of the deliveries still on their way, the most active first: what the event shows.
 _ACTIVE = (EventStatus.PROCESSING, EventStatus.PENDING, EventStatus.RETRYING)
 _REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
+# Not ended, and not due: held (paused destination, open circuit), queued (behind the
+# delivery before it with the same ordering key).
+_WAITING = (EventStatus.HELD, EventStatus.QUEUED)
 
 
 def rolled_up_status(statuses: Sequence[str]) -> str:
     """An event's status from its deliveries': while any is on its way, the most active of
     those (processing, then pending, then retrying), else ``held`` while any waits for its
-    paused destination; once all ended: ``delivered`` if every
+    paused (or open) destination, else ``queued`` while any waits for the delivery before it
+    with the same ordering key; once all ended: ``delivered`` if every
     one was delivered or filtered (``filtered`` if all were filtered), ``partial`` if some
     were and others ended dead or failed, ``failed`` if all failed, else ``dead``."""
     for status in _ACTIVE:
         if status in statuses:
             return status
-    if EventStatus.HELD in statuses:
-        return EventStatus.HELD
+    for status in _WAITING:
+        if status in statuses:
+            return status
     if statuses and all(s == EventStatus.FILTERED for s in statuses):
         return EventStatus.FILTERED
     if all(s in _REACHED for s in statuses):
@@ -353,7 +358,7 @@ def rollup(conn, event_id: str, latest: str | None = None, alone: Any = None) ->
     waiting = [
         row.next_attempt_at for row in rows if row.status in DUE_STATUSES and row.next_attempt_at
     ]
-    ended = status not in _ACTIVE and status != EventStatus.HELD
+    ended = status not in _ACTIVE and status not in _WAITING
     errors = sorted((row.id != latest, n) for n, row in enumerate(rows) if row.last_error)
     values = {
         "status": status,
@@ -714,7 +719,7 @@ class Worker:
             delivery.attempts,
             values["status"],
         )
-        if rolled is not None and rolled not in _ACTIVE and rolled != EventStatus.HELD:
+        if rolled is not None and rolled not in _ACTIVE and rolled not in _WAITING:
             # The event's end (its last delivery ended), counted once whatever its fan-out.
             metrics.event_ended(delivery.route, rolled)
         return values["status"]
