@@ -1,4 +1,4 @@
-"""Fair delivery: one route's backlog or slow receiver does not hold back another route.
+"""Fair delivery: one destination's backlog or slow receiver does not hold back another.
 
 - in one process: a claim takes turns across routes, and a route holds at most its share
   of a worker's delivery threads (``HUB_WORKER_ROUTE_SHARE``);
@@ -21,7 +21,7 @@ from alembic import command
 from hub.services import events as event_store
 from hub.services.delivery import Worker
 from hub.store.db import alembic_config, upgrade
-from hub.store.models import Delivery, Event, utcnow
+from hub.store.models import Delivery, Destination, Event, utcnow
 from hub.testing_servers import Receiver
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import delivery_row, event_row, insert_events
@@ -53,6 +53,35 @@ def test_a_claim_takes_turns_across_routes(app, db, add_route):
     claimer.threads = [None] * 8  # as if started with 8 delivery threads
     taken = routes_of(db, claimer.claim(4))
     assert taken == ["backlog", "quiet", "backlog", "quiet"]
+
+
+def test_a_claim_takes_turns_across_the_destinations_of_one_route(
+    app, client, db, make_key, add_route
+):
+    """A destination's backlog does not hold back another destination of the same route."""
+    text_step = [{"connector": "text"}]
+    add_route("fan", mode="async", destinations=[{"name": "a"}, {"name": "b"}])
+    with db.session() as session:  # steps of their own: the route helper gives none
+        for destination in session.scalars(sa.select(Destination)):
+            destination.steps = text_step
+    key = make_key()
+    for n in range(10):
+        assert (
+            client.post("/hooks/fan", json={"n": n}, headers={"X-API-Key": key}).status_code == 202
+        )
+    with db.session() as session:  # b has caught up but for the last event: a has a backlog
+        last_b = session.scalars(
+            sa.select(Delivery.id).where(Delivery.destination == "b").order_by(Delivery.id)
+        ).all()[-1]
+        session.execute(
+            sa.update(Delivery)
+            .where(Delivery.destination == "b", Delivery.id != last_b)
+            .values(status="delivered", next_attempt_at=None)
+        )
+    claimer = Worker(app, name="claimer")
+    claimer.threads = [None] * 8
+    taken = [delivery_row(db, delivery_id).destination for delivery_id in claimer.claim(2)]
+    assert taken == ["a", "b"]
 
 
 def test_a_route_not_known_quick_holds_at_most_its_share_of_a_workers_threads(app, db, add_route):
