@@ -411,9 +411,10 @@ class Settings(BaseSettings):
     worker_route_share: Share = Field(
         0.75,
         description="the largest share of a worker process's delivery threads (`--concurrency`) "
-        "one route may hold at once, at least one thread, until its deliveries prove quick "
-        "(under 0.5 s): the others stay free for other routes, so a slow receiver cannot take "
-        "them all",
+        "one destination of a route may hold at once, at least one thread, until its "
+        "deliveries prove quick (under 0.5 s): the others stay free for other destinations, so "
+        "a slow receiver cannot take them all (the name is older than destinations; a route of "
+        "one destination holds what it held)",
     )
     worker_grace: SecondsOrZero = Field(
         25.0,
