@@ -9,10 +9,13 @@ import threading
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from sqlalchemy import select, update
 
 from hub.rates import Rate
 from hub.services.delivery import Worker, rate_tokens
+from hub.store.db import alembic_config, upgrade
 from hub.store.models import Delivery, Destination, EventStatus, utcnow
 from hub.testing_servers import Receiver
 from tests.conftest import PG_URL
@@ -236,3 +239,26 @@ def test_two_worker_processes_start_a_rated_destinations_deliveries_at_its_rate(
     assert len(starts) == 12
     assert most_in_any_second(starts) <= 5 + 1, sorted(b - min(starts) for b in starts)
     assert max(starts) - min(starts) >= 11 * 0.2 - 0.2
+
+
+def test_migration_0013_indexes_the_deliveries_in_flight_and_keeps_every_row(
+    db, add_route, receiver
+):
+    """On a database 0012 filled: the partial index of deliveries in flight comes, every
+    row stays; and back."""
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0012")
+    try:
+        capped_route(add_route, receiver, max_in_flight=2)
+        insert_events(db, "capped", 3)
+        upgrade(db)
+        indexes = {i["name"] for i in sa.inspect(db.engine).get_indexes("deliveries")}
+        assert "ix_deliveries_in_flight" in indexes
+        assert counts(db, "capped") == {"pending": 3}
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(db, conn), "0012")
+        indexes = {i["name"] for i in sa.inspect(db.engine).get_indexes("deliveries")}
+        assert "ix_deliveries_in_flight" not in indexes
+        assert counts(db, "capped") == {"pending": 3}
+    finally:
+        upgrade(db)

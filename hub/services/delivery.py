@@ -445,7 +445,8 @@ class Controls:
         """A worker's room per lane, no lane past its destination's."""
         merged = dict(room)
         for lane, left in self.room.items():
-            merged[lane] = max(0, min(room.get(lane, share), left))
+            if lane in room or left < share:  # else the worker's share is the smaller
+                merged[lane] = max(0, min(room.get(lane, share), left))
         return merged
 
     def spend(self, conn, claimed: Sequence[Delivery]) -> None:
