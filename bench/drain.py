@@ -2,7 +2,7 @@
 backlog of events written in bulk (no wrk, no ingest run), through the text connector.
 
     HUB_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/hub_bench \\
-        .venv/bin/python -m bench.drain --events 10000 --runs 3
+        .venv/bin/python -m bench.drain --events 10000 --runs 3 [--controlled]
 
 It prints one events/s figure per run; bench/throughput.py measures the same drain after
 its ingest runs, as part of ``make bench``.
@@ -17,8 +17,32 @@ from pathlib import Path
 
 from bench.common import fresh_postgres
 from bench.throughput import Hub, Peak, run_drain
+from hub.services.routes import save_routes
 from tests.rows import insert_events
 from tests.servers import Receiver
+
+
+def add_controlled_route(hub: Hub) -> None:
+    """A route whose one destination has a cap and a rate: the claims' controlled path."""
+    route = {
+        "name": "paced",
+        "mode": "async",
+        "destinations": [
+            {
+                "name": "default",
+                "steps": [{"connector": "text"}],
+                "max_in_flight": 5,
+                "rate": "10/second",
+            }
+        ],
+    }
+    with hub.db.session() as session:
+        save_routes(
+            session,
+            [route],
+            hub.app.extensions["hub.connectors"],
+            hub.app.extensions["hub.secrets"],
+        )
 
 
 def main() -> None:
@@ -26,6 +50,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--routes", type=int, default=1, help="routes sharing the backlog")
+    parser.add_argument(
+        "--controlled",
+        action="store_true",
+        help="add a route whose destination has a max_in_flight and a rate (no events): "
+        "every claim then reads and locks it",
+    )
     args = parser.parse_args()
     url = os.environ.get("HUB_BENCH_DATABASE_URL")
     if not url:
@@ -38,6 +68,8 @@ def main() -> None:
             hub = Hub(fresh_postgres(url), receiver.url)
             body = b'{"input": "hello hub"}'
             insert_events(hub.db, "bench", args.events, body=body)
+            if args.controlled:
+                add_controlled_route(hub)
             row = run_drain(hub, f"drain run {run + 1}", "bench", 2, workdir, peak)
             print(f"{row.name}: {row.rate:,.0f} events/s ({row.note})", flush=True)
             hub.db.engine.dispose()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -39,6 +40,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, select, text, update
 
+from hub import rates
 from hub.ops import logs, metrics
 from hub.services import pipeline
 from hub.services import routes as route_store
@@ -47,12 +49,14 @@ from hub.store.groupcommit import GroupCommitter, row_of
 from hub.store.models import (
     DUE_PREDICATE,
     DUE_STATUSES,
+    IN_FLIGHT_PREDICATE,
     Attempt,
     Delivery,
     Destination,
     Event,
     EventStatus,
     Route,
+    lane_of,
     utcnow,
 )
 
@@ -375,6 +379,128 @@ def rollup(conn, event_id: str, latest: str | None = None, alone: Any = None) ->
     return status
 
 
+# --- a destination's max_in_flight and rate, held across every worker process ---
+#
+# A claim reads the destinations with a cap or a rate (``controls``) in its own transaction,
+# before its statement: on PostgreSQL it locks their rows (FOR UPDATE SKIP LOCKED), so two
+# claims never count the same destination's room at once, and a destination another
+# process is claiming for at this moment gets no room in this claim (nothing waits for it,
+# and claims of other destinations are not serialised); on SQLite the claim's BEGIN
+# IMMEDIATE already makes it the only writer. A capped destination's room is its cap less
+# its deliveries in flight (``processing`` under a live lease: claimed ones not yet started,
+# and a sync request's run, count too); a rated one's is the starts its rate allows now
+# (``rate_tokens``). The claim passes them to ``fair_pick`` (a lane with no room takes no
+# claim slot of another), then moves each rated destination's next start on by what it
+# took, and its commit releases the locks. A delivery that can't be taken now stays due,
+# untouched.
+
+# A hub whose destinations have no cap nor rate (most) does not read them at each claim:
+# a look that found none is kept this long in the route cache (``HUB_ROUTE_CACHE_SECONDS``,
+# cleared by a route saved through this process), like any other change to a route.
+NO_CONTROLS = " no controls"  # never a route's name (ROUTE_NAME_PATTERN)
+
+_CONTROLLED = "(d.max_in_flight IS NOT NULL OR d.rate IS NOT NULL)"
+_CONTROLS = {
+    # The rows locked are read in the CTE: their latest version (rate_next_at as the claim
+    # that held the lock last wrote it), whatever the statement's snapshot.
+    "postgresql": f"""
+WITH mine AS MATERIALIZED (
+    SELECT d.id, d.rate_next_at FROM destinations d WHERE {_CONTROLLED}
+    ORDER BY d.id FOR UPDATE SKIP LOCKED
+)
+SELECT d.id, r.name AS route, d.name, d.max_in_flight, d.rate,
+       mine.rate_next_at, mine.id IS NOT NULL AS mine
+FROM destinations d JOIN routes r ON r.id = d.route_id LEFT JOIN mine ON mine.id = d.id
+WHERE {_CONTROLLED}""",
+    "sqlite": f"""
+SELECT d.id, r.name AS route, d.name, d.max_in_flight, d.rate, d.rate_next_at, 1 AS mine
+FROM destinations d JOIN routes r ON r.id = d.route_id
+WHERE {_CONTROLLED}""",
+}
+
+
+def rate_burst(rate: rates.Rate) -> int:
+    """How many deliveries a rated destination may start at once after a quiet spell: a
+    tenth of its limit, at least one ("5/second": 1, "100/second": 10, "600/hour": 60)."""
+    return max(1, rate.limit // 10)
+
+
+def rate_tokens(rate: rates.Rate, next_at: datetime | None, now: datetime) -> int:
+    """How many deliveries a destination of ``rate`` may start at ``now`` (GCRA): one each
+    ``period / limit`` from ``next_at`` (when the rate lets the next one start; None: never
+    used), and up to ``rate_burst`` of them ahead of time."""
+    interval = rate.period / rate.limit
+    ahead = ((next_at - now).total_seconds() if next_at is not None else 0.0) / interval
+    return max(0, min(rate_burst(rate), math.floor(rate_burst(rate) - max(ahead, 0.0) + 1e-9)))
+
+
+class Controls:
+    """The room a claim may give each controlled lane, and what it must write back."""
+
+    def __init__(self, room: dict[str, int], rated: dict[str, tuple[int, rates.Rate, datetime]]):
+        self.room = room  # lane -> deliveries it may take now (0: none)
+        self.rated = rated  # lane -> (destination id, rate, its next start from now on)
+
+    def within(self, room: dict[str, int], share: int) -> dict[str, int]:
+        """A worker's room per lane, no lane past its destination's."""
+        merged = dict(room)
+        for lane, left in self.room.items():
+            if lane in room or left < share:  # else the worker's share is the smaller
+                merged[lane] = max(0, min(room.get(lane, share), left))
+        return merged
+
+    def spend(self, conn, claimed: Sequence[Delivery]) -> None:
+        """Move each rated destination's next start on by the deliveries taken."""
+        taken = collections.Counter(d.lane for d in claimed if d.lane in self.rated)
+        for lane, n in taken.items():
+            destination_id, rate, next_at = self.rated[lane]
+            conn.execute(
+                update(Destination.__table__)
+                .where(Destination.id == destination_id)
+                .values(rate_next_at=next_at + timedelta(seconds=n * rate.period / rate.limit))
+            )
+
+
+def read_controls(session, now: datetime) -> Controls | None:
+    """The room of every destination with a cap or a rate (locked, see above), or None when
+    no destination has one."""
+    controls = text(_CONTROLS[session.bind.dialect.name]).columns(
+        rate_next_at=Destination.rate_next_at.type
+    )
+    rows = session.execute(controls).all()
+    if not rows:
+        return None
+    lanes = {lane_of(row.route, row.name): row for row in rows}
+    capped = sorted(lane for lane, row in lanes.items() if row.mine and row.max_in_flight)
+    in_flight: dict[str, int] = {}
+    if capped:
+        count = text(
+            "SELECT lane, count(*) AS n FROM deliveries "
+            f"WHERE {IN_FLIGHT_PREDICATE} AND lane IN :lanes AND lease_until > :now "
+            "GROUP BY lane"
+        ).bindparams(
+            bindparam("lanes", capped, expanding=True),
+            bindparam("now", now, type_=Delivery.lease_until.type),
+        )
+        in_flight = {lane: n for lane, n in session.execute(count)}
+    room: dict[str, int] = {}
+    rated: dict[str, tuple[int, rates.Rate, datetime]] = {}
+    for lane, row in lanes.items():
+        if not row.mine:  # another process is claiming for it at this moment
+            room[lane] = 0
+            continue
+        left = math.inf
+        if row.max_in_flight:
+            left = row.max_in_flight - in_flight.get(lane, 0)
+        if row.rate:
+            rate = rates.parse(row.rate)
+            next_at = row.rate_next_at
+            left = min(left, rate_tokens(rate, next_at, now))
+            rated[lane] = (row.id, rate, max(next_at or now, now))
+        room[lane] = max(0, int(left))
+    return Controls(room, rated)
+
+
 class Worker:
     """Claims and runs deliveries; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
 
@@ -431,12 +557,12 @@ class Worker:
         now = utcnow()
         claimed: list[Delivery] = []
         if self._expired_look_due():
-            claimed = self._claim(self._expired_oldest(limit, now), now)
+            claimed = self._claim(self._expired_oldest, limit, now)
         if len(claimed) < limit:
-            due = self._claim(self._fair_due(limit - len(claimed), now), now)
+            due = self._claim(self._fair_due, limit - len(claimed), now)
             claimed += in_turns(due, self._last_lane)
         if not claimed:
-            claimed = self._claim(self._expired_oldest(limit, now), now)
+            claimed = self._claim(self._expired_oldest, limit, now)
         at = time.monotonic()
         with self._lock:
             for delivery in claimed:
@@ -464,8 +590,10 @@ class Worker:
                 if n > 0
             }
 
-    def _fair_due(self, limit: int, now):
+    def _fair_due(self, session, limit: int, now, controls: Controls | None):
         share, room = self._room()
+        if controls is not None:
+            room = controls.within(room, share)
         return Delivery.id.in_(fair_pick(self.db.dialect, limit, now, self._last_lane, share, room))
 
     @staticmethod
@@ -487,34 +615,63 @@ class Worker:
             self.next_expired_look = now + self.max_idle * REAP_EVERY_IDLES
         return True
 
-    def _expired_oldest(self, limit: int, now):
+    def _expired_oldest(self, session, limit: int, now, controls: Controls | None):
         candidates = select(Delivery.id).where(self._expired(now))
+        if controls is not None:
+            full = sorted(lane for lane, left in controls.room.items() if left <= 0)
+            candidates = candidates.add_columns(Delivery.lane).where(Delivery.lane.not_in(full))
         candidates = candidates.order_by(Delivery.next_attempt_at).limit(limit)
         if self.db.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
-        return Delivery.id.in_(candidates)
+        if controls is None:
+            return Delivery.id.in_(candidates)
+        # Claimed again, a delivery is in flight again: no more of a lane than its room.
+        room = dict(controls.room)
+        chosen = []
+        for delivery_id, lane in session.execute(candidates):
+            if lane in room:
+                if room[lane] <= 0:
+                    continue
+                room[lane] -= 1
+            chosen.append(delivery_id)
+        return Delivery.id.in_(chosen)
 
-    def _claim(self, chosen, now) -> list[Delivery]:
-        """Lease the deliveries ``chosen`` names (a condition on their ids, locked on
-        PostgreSQL: ``_fair_due`` or ``_expired_oldest``)."""
+    def _controls(self, session, now) -> Controls | None:
+        """The controlled destinations' room for this claim (``read_controls``), or None
+        while this process knows that none has a cap or a rate."""
+        if self.routes.get(NO_CONTROLS) is not None:
+            return None
+        controls = read_controls(session, now)
+        if controls is None:
+            self.routes.put(NO_CONTROLS, (None,))
+        return controls
+
+    def _claim(self, pick, limit: int, now) -> list[Delivery]:
+        """Lease the deliveries ``pick`` chooses (``_fair_due`` or ``_expired_oldest``: a
+        condition on their ids, locked on PostgreSQL), within the room of the destinations
+        with a cap or a rate, read and locked first in the same transaction."""
         expired = Delivery.status == EventStatus.PROCESSING
-        statement = (
-            update(Delivery)
-            .where(chosen)
-            .values(
-                status=EventStatus.PROCESSING,
-                lease_owner=self.name,
-                lease_until=now + timedelta(seconds=self.lease),
-                attempts=Delivery.attempts + 1,
-                # A delivery that died counts against the retry schedule, like a failure.
-                retries=case((expired, Delivery.retries + 1), else_=Delivery.retries),
-                last_error=case((expired, LEASE_EXPIRED), else_=Delivery.last_error),
-            )
-            .returning(Delivery)
-            .execution_options(synchronize_session=False)
+        lease = dict(
+            status=EventStatus.PROCESSING,
+            lease_owner=self.name,
+            lease_until=now + timedelta(seconds=self.lease),
+            attempts=Delivery.attempts + 1,
+            # A delivery that died counts against the retry schedule, like a failure.
+            retries=case((expired, Delivery.retries + 1), else_=Delivery.retries),
+            last_error=case((expired, LEASE_EXPIRED), else_=Delivery.last_error),
         )
         with self.db.session() as session:
+            controls = self._controls(session, now)
+            statement = (
+                update(Delivery)
+                .where(pick(session, limit, now, controls))
+                .values(**lease)
+                .returning(Delivery)
+                .execution_options(synchronize_session=False)
+            )
             claimed = list(session.scalars(statement))
+            if controls is not None:
+                controls.spend(session, claimed)
             if not claimed:
                 return claimed
             # Their events show that they are on their way, and the runs; read back in the

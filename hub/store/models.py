@@ -150,6 +150,9 @@ UNFINISHED_STATUSES = (
     EventStatus.HELD,
     EventStatus.QUEUED,
 )
+# Deliveries being called (or claimed and about to be), written out like DUE_PREDICATE so
+# the planner matches the partial index ix_deliveries_in_flight.
+IN_FLIGHT_PREDICATE = "status = 'processing'"
 # An ordered destination's deliveries not yet ended (ix_deliveries_order's predicate).
 ORDERED_PREDICATE = "order_key IS NOT NULL AND status IN ({})".format(
     ", ".join(f"'{status}'" for status in UNFINISHED_STATUSES)
@@ -454,6 +457,15 @@ class Delivery(Base):
             "next_attempt_at",
             postgresql_where=text(DUE_PREDICATE),
             sqlite_where=text(DUE_PREDICATE),
+        ),
+        # Deliveries being called, by lane: what a claim counts against a destination's
+        # max_in_flight (hub.services.delivery), one small range however many rows ended.
+        Index(
+            "ix_deliveries_in_flight",
+            "lane",
+            "lease_until",
+            postgresql_where=text(IN_FLIGHT_PREDICATE),
+            sqlite_where=text(IN_FLIGHT_PREDICATE),
         ),
         # An ordered destination's deliveries by key, in the order they were accepted.
         Index(
