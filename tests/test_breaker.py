@@ -265,3 +265,33 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_back_with_few_attempt
     ]
     assert (log[-1]["previous"], log[-1]["state"]) == ("half_open", "active")
     assert log[0]["cause"].startswith("3 consecutive failures; last: POST 127.0.0.1 answered 503")
+
+
+def test_an_admin_opens_and_closes_a_circuit_from_the_dashboard(
+    app, client, db, key, admin, receiver
+):
+    from tests.test_dashboard import sign_in, token
+
+    breaker_route(client, admin, receiver, {"failures": 3, "cool_down": 60, "max_cool_down": 60})
+    dashboard = app.test_client()
+    assert sign_in(dashboard, admin["Authorization"].split()[1]).status_code == 303
+    page = "/dashboard/routes/orders"
+    assert 'id="open-b"' in dashboard.get(page).get_data(as_text=True)
+    opened = dashboard.post(
+        f"{page}/destinations/b/open",
+        data={"csrf_token": token(dashboard, page), "reason": "flaky receiver"},
+    )
+    assert opened.status_code == 303
+    ids = post(client, key, 2)
+    drain(app)
+    assert receiver.requests == []
+    shown = dashboard.get(page).get_data(as_text=True)
+    assert 'id="close-b"' in shown and "2 held" in shown and "flaky receiver" in shown
+    closed = dashboard.post(
+        f"{page}/destinations/b/close", data={"csrf_token": token(dashboard, page)}
+    )
+    assert closed.status_code == 303
+    drain(app)
+    assert [r.json()["n"] for r in receiver.requests] == [0, 1]
+    assert [event_row(db, i).status for i in ids] == ["delivered"] * 2
+    assert [c["actor"].split(":")[0] for c in changes(client, admin)] == ["dashboard"] * 2
