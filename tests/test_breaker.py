@@ -24,7 +24,7 @@ from tests.rows import event_row
 admin = test_destinations.admin  # fixture
 http = test_destinations.http
 
-BREAKER = {"failures": 3, "cool_down": 1, "max_cool_down": 4}
+BREAKER = {"failures": 3, "cool_down": 1, "max_cool_down": 2}
 
 
 def breaker_route(client, admin, receiver, breaker=BREAKER, schedule=(60,)) -> None:

@@ -296,7 +296,7 @@ class Destination(Base):
     state_changed_at: Mapped[datetime | None]
     state_reason: Mapped[str | None] = mapped_column(Text)
     # The circuit breaker: consecutive retryable failures, when an open circuit lets a probe
-    # through (half-open), and the cool-down an open circuit waits next.
+    # through (half-open), and the cool-down it waited last (a failed probe doubles it).
     breaker_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     breaker_retry_at: Mapped[datetime | None]
     breaker_cool_down: Mapped[int | None]
