@@ -36,9 +36,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from hub import cli, dashboard, secret_key
     from hub.connectors import load_connectors
     from hub.ops import logs, metrics
+    from hub.services import breaker, ratelimit
     from hub.services import events as event_store
     from hub.services import intake as ingest
-    from hub.services import ratelimit
     from hub.services.delivery import Notifier
     from hub.store import crypto, db
     from hub.store.groupcommit import GroupCommitter
@@ -60,7 +60,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.commits"] = GroupCommitter(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
-    metrics.init_app(app, lambda cap: event_store.queue_gauges(app.extensions["hub.db"], cap))
+    metrics.init_app(
+        app,
+        lambda cap: event_store.queue_gauges(app.extensions["hub.db"], cap),
+        lambda cap: breaker.state_gauges(app.extensions["hub.db"], cap),
+    )
     if app.config["TRUSTED_PROXIES"]:
         # The client address is X-Forwarded-For's Nth entry from the right: what the nearest
         # trusted proxy saw; the scheme likewise X-Forwarded-Proto's, so a request that reached

@@ -28,6 +28,7 @@ TABLES = (
     "deliveries",
     "events",
     "destinations",
+    "destination_changes",
     "routes",
     "api_keys",
     "rate_counters",

@@ -131,6 +131,13 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", pause, default + "/pause", json={"reason": 5}, **a)
     call("POST", resume, default + "/resume", **a)
     call("POST", resume, "/admin/api/routes/orders/destinations/nope/resume", **a)
+    circuit = "/admin/api/routes/{name}/destinations/{destination}/"
+    call("POST", circuit + "open", default + "/open", **a)  # no breaker: 409
+    call("POST", circuit + "close", default + "/close", json={"reason": "x"}, **a)
+    call("POST", circuit + "close", "/admin/api/routes/orders/destinations/nope/close", **a)
+    call("GET", circuit + "changes", default + "/changes", query_string={"limit": 5}, **a)
+    call("GET", circuit + "changes", default + "/changes", query_string={"limit": 0}, **a)
+    call("GET", circuit + "changes", "/admin/api/routes/orders/destinations/nope/changes", **a)
     call("DELETE", "/admin/api/routes/{name}", "/admin/api/routes/signed", **a)
     call("GET", "/admin/api/events", query_string={"limit": 1}, **a)
     call("GET", "/admin/api/events", query_string={"q": "n", "route": "orders"}, **a)

@@ -255,8 +255,13 @@ def test_migration_0012_gives_each_delivery_its_lane_and_keeps_every_attempt(db)
             d.lane == f"{d.route}/{d.destination}" and d.order_key is None for d in deliveries
         )
         assert (destination.breaker_failures, destination.rate_next_at) == (0, None)
+        assert (destination.state, destination.breaker_probe) == ("active", None)
         indexes = {i["name"] for i in sa.inspect(db.engine).get_indexes("deliveries")}
-        assert {"ix_deliveries_due_by_lane", "ix_deliveries_order"} <= indexes
+        assert {
+            "ix_deliveries_due_by_lane",
+            "ix_deliveries_order",
+            "ix_deliveries_held_by_lane",
+        } <= indexes
         assert "ix_deliveries_due_by_route" not in indexes
 
         with db.engine.begin() as conn:  # and back: the columns go, every row stays
@@ -269,5 +274,7 @@ def test_migration_0012_gives_each_delivery_its_lane_and_keeps_every_attempt(db)
             assert kept == before
             columns = {c["name"] for c in sa.inspect(conn).get_columns("deliveries")}
             assert "lane" not in columns and not sa.inspect(conn).has_table("destination_changes")
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("destinations")}
+            assert "breaker_probe" not in columns
     finally:
         upgrade(db)

@@ -77,7 +77,9 @@ class Commands(AppGroup):
 
 keys_cli = Commands("keys", help="Create, list and revoke API keys.")
 routes_cli = Commands(
-    "routes", help="Add, list, show, remove and apply routes; pause and resume destinations."
+    "routes",
+    help="Add, list, show, remove and apply routes; pause and resume destinations, open "
+    "and close their circuits.",
 )
 secret_cli = Commands("secret", help="Add or remove a route's signing secrets (rotation).")
 routes_cli.add_command(secret_cli)
@@ -406,7 +408,11 @@ def routes_show(name: str) -> None:
 @click.option("--reason", help="Why, shown with the destination's state.")
 def routes_pause(route: str, destination: str, reason: str | None) -> None:
     """Pause a destination: the route still accepts webhooks, its deliveries are held."""
-    change_destination(lambda session: destination_store.pause(session, route, destination, reason))
+    change_destination(
+        lambda session: destination_store.pause(
+            session, route, destination, reason, actor=cli_actor()
+        )
+    )
 
 
 @routes_cli.command("resume")
@@ -415,16 +421,70 @@ def routes_pause(route: str, destination: str, reason: str | None) -> None:
 def routes_resume(route: str, destination: str) -> None:
     """Resume a paused destination: its held deliveries go out, oldest first."""
     change_destination(
-        lambda session: destination_store.resume(session, route, destination, current_app)
+        lambda session: destination_store.resume(
+            session, route, destination, current_app, actor=cli_actor()
+        )
     )
 
 
+@routes_cli.command("open")
+@click.argument("route")
+@click.argument("destination")
+@click.option("--reason", help="Why, shown with the destination's state.")
+def routes_open(route: str, destination: str, reason: str | None) -> None:
+    """Open a destination's circuit: its deliveries are held until a probe succeeds."""
+    change_destination(
+        lambda session: destination_store.open_circuit(
+            session, route, destination, reason, actor=cli_actor()
+        )
+    )
+
+
+@routes_cli.command("close")
+@click.argument("route")
+@click.argument("destination")
+@click.option("--reason", help="Why, shown with the change.")
+def routes_close(route: str, destination: str, reason: str | None) -> None:
+    """Close a destination's circuit: its held deliveries go out, oldest first."""
+    change_destination(
+        lambda session: destination_store.close_circuit(
+            session, route, destination, current_app, reason, actor=cli_actor()
+        )
+    )
+
+
+@routes_cli.command("changes")
+@click.argument("route")
+@click.argument("destination")
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+def routes_changes(route: str, destination: str, limit: int) -> None:
+    """The changes of a destination's state (pause, resume, its circuit), newest first."""
+    with get_db().session() as session:
+        try:
+            rows = destination_store.changes(session, route, destination, limit)
+        except destination_store.NoSuchDestination as exc:
+            fail(str(exc))
+        shown = [row.to_dict() for row in rows]
+    click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+
+
+def cli_actor() -> str:
+    """Who made a change from the terminal, for the change's record: cli:<os user>."""
+    try:
+        import getpass
+
+        return f"cli:{getpass.getuser()}"[:100]
+    except Exception:  # no user name (a container's bare uid)
+        return f"cli:uid-{os.getuid()}" if hasattr(os, "getuid") else "cli"
+
+
 def change_destination(change) -> None:
-    """Run a pause or resume and print the destination as JSON (an unknown one fails)."""
+    """Run a pause, resume, open or close and print the destination as JSON (an unknown
+    one, or a change that does not apply, fails)."""
     with get_db().sessionmaker() as session:  # the change commits itself
         try:
             state = change(session)
-        except destination_store.NoSuchDestination as exc:
+        except (destination_store.NoSuchDestination, destination_store.StateConflict) as exc:
             fail(str(exc))
     click.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
 

@@ -602,6 +602,9 @@ def destinations_shown(route) -> list[dict[str, Any]]:
             "state_changed_at": destination.state_changed_at,
             "state_reason": destination.state_reason,
             "held": held.get(destination.name, 0),
+            "breaker": bool(destination.breaker),
+            "failures": destination.breaker_failures or 0,
+            "retry_at": destination.breaker_retry_at,
             "steps": steps_shown(destination.steps or []),
         }
         for destination in route.destinations
@@ -610,18 +613,29 @@ def destinations_shown(route) -> list[dict[str, Any]]:
 
 @bp.post("/routes/<name>/destinations/<destination>/<action>")
 def destination_state(name: str, destination: str, action: str):
-    """Pause or resume one destination, as the API and the CLI do."""
-    if action not in ("pause", "resume"):
+    """Pause or resume one destination, or open or close its circuit, as the API and the
+    CLI do."""
+    if action not in ("pause", "resume", "open", "close"):
         abort(404)
     session = get_session()
+    actor = f"dashboard:{g.admin.prefix}"
+    reason = (request.form.get("reason") or "").strip() or None
     try:
         if action == "pause":
-            reason = (request.form.get("reason") or "").strip() or None
-            state = destination_store.pause(session, name, destination, reason)
+            state = destination_store.pause(session, name, destination, reason, actor=actor)
+        elif action == "resume":
+            state = destination_store.resume(session, name, destination, current_app, actor=actor)
+        elif action == "open":
+            state = destination_store.open_circuit(session, name, destination, reason, actor=actor)
         else:
-            state = destination_store.resume(session, name, destination, current_app)
+            state = destination_store.close_circuit(
+                session, name, destination, current_app, reason, actor=actor
+            )
     except destination_store.NoSuchDestination:
         abort(404)
+    except destination_store.StateConflict as exc:
+        dash.flash(str(exc), "error")
+        return redirect(url_for("dashboard.route_detail", name=name), 303)
     dash.flash(f"Destination {destination} is {state.state}; {state.held} held.")
     return redirect(url_for("dashboard.route_detail", name=name), 303)
 

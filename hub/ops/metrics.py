@@ -102,6 +102,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=None,
         )
+        self.breaker_openings = Counter(
+            "hub_breaker_openings",
+            "Times a destination's circuit breaker opened (by itself or by an admin), by "
+            "route and destination.",
+            ["route", "destination"],
+            registry=None,
+        )
         self.processes = Gauge(
             "hub_processes",
             "Hub processes running, by kind (web, worker).",
@@ -117,6 +124,7 @@ class Metrics:
             self.refusals,
             self.attempts,
             self.attempt_seconds,
+            self.breaker_openings,
             self.processes,
         ]
 
@@ -190,6 +198,11 @@ def event_ended(route: str | None, status: str, count: int = 1) -> None:
     trusted: the name on an accepted event (a rejected one is counted by ``refused``)."""
     if count:
         metrics().events.labels(label(route or UNKNOWN), status).inc(count)
+
+
+def breaker_opened(route: str, destination: str) -> None:
+    """A destination's circuit opened."""
+    metrics().breaker_openings.labels(label(route), label(destination)).inc()
 
 
 def refused(reason: str, recorded_as: str | None) -> None:
@@ -349,6 +362,52 @@ class QueueCollector(Collector):
         )
 
 
+# The destinations whose state /metrics shows (those not active) are read up to this many.
+DESTINATION_STATE_CAP = 1_000
+
+
+class DestinationCollector(Collector):
+    """hub_destination_state from ``query`` (the database: (route, destination, state) of
+    the destinations not active), remembered for ``ttl`` seconds."""
+
+    def __init__(
+        self, query: Callable[[], list[tuple[str, str, str]]], ttl: float = QUEUE_CACHE_SECONDS
+    ):
+        self._query = query
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._read_at = -1e9
+        self._read: list[tuple[str, str, str]] | None = None
+
+    def read(self) -> list[tuple[str, str, str]] | None:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.ttl:
+                try:
+                    self._read = self._query()
+                except Exception as exc:  # the scrape still answers, without these
+                    log.warning(
+                        "destination metrics: database unavailable (%s)", type(exc).__name__
+                    )
+                    self._read = None
+                self._read_at = time.monotonic()
+            return self._read
+
+    def collect(self):
+        read = self.read()
+        if read is None:
+            return
+        gauge = GaugeMetricFamily(
+            "hub_destination_state",
+            "1 for each destination that is not active, by route, destination and state "
+            "(paused, open, half_open); active ones are left out (at most "
+            f"{DESTINATION_STATE_CAP}).",
+            labels=["route", "destination", "state"],
+        )
+        for route, destination, state in read:
+            gauge.add_metric([label(route), label(destination), label(state)], 1)
+        yield gauge
+
+
 # --- the scrape ---
 
 
@@ -363,10 +422,17 @@ def exposition() -> bytes:
         for metric in metrics().all():
             registry.register(metric)
     registry.register(current_app.extensions["hub.metrics.queue"])
+    destinations = current_app.extensions.get("hub.metrics.destinations")
+    if destinations is not None:
+        registry.register(destinations)
     return generate_latest(registry)
 
 
-def init_app(app: Flask, read_queue: Callable[[int], QueueReading]) -> None:
+def init_app(
+    app: Flask,
+    read_queue: Callable[[int], QueueReading],
+    read_destinations: Callable[[int], list[tuple[str, str, str]]] | None = None,
+) -> None:
     """The counters' home (HUB_METRICS_DIR when set), the request counter, the queue
     collector reading the queue with ``read_queue(QUEUE_COUNT_CAP)``; system.py serves
     GET /metrics."""
@@ -376,3 +442,7 @@ def init_app(app: Flask, read_queue: Callable[[int], QueueReading]) -> None:
     if configured:
         use(str(configured))
     app.extensions["hub.metrics.queue"] = QueueCollector(lambda: read_queue(QUEUE_COUNT_CAP))
+    if read_destinations is not None:
+        app.extensions["hub.metrics.destinations"] = DestinationCollector(
+            lambda: read_destinations(DESTINATION_STATE_CAP)
+        )

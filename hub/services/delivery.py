@@ -42,7 +42,7 @@ from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, selec
 
 from hub import rates
 from hub.ops import logs, metrics
-from hub.services import pipeline
+from hub.services import breaker, pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -137,9 +137,10 @@ PAUSED = "paused"
 
 
 def destination_state(route: str, name: str):
-    """The query for the state of the destination ``name`` of the route ``route``."""
+    """The query for the state of the destination ``name`` of the route ``route``, and
+    its circuit's probe (breaker.holds)."""
     return (
-        select(Destination.state)
+        select(Destination.state, Destination.breaker_probe)
         .join(Route, Route.id == Destination.route_id)
         .where(Route.name == route, Destination.name == name)
     )
@@ -540,6 +541,7 @@ class Worker:
         self._started: dict[str, float] = {}
         self._fast: set[str] = set()
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
+        self.next_breaker_tick = 0.0  # time.monotonic() of the next look at open circuits
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
 
     # --- claiming ---
@@ -755,13 +757,15 @@ class Worker:
             return self._finish(delivery, None, outcome)
         if self._paused(delivery):  # this process's route cache may be seconds old
             return self._hold(delivery)
+        # Its breaker counts the run's ending (None: no breaker).
+        breaker_of = destination if destination.breaker else None
         schedule = schedule_for(route, destination)
         if delivery.retries > len(schedule_of(schedule)):
             # Claimed again after its runs kept dying, with the schedule used up.
             deaths = pipeline.Outcome(
                 pipeline.RETRYABLE, error=delivery.last_error or LEASE_EXPIRED
             )
-            return self._finish(delivery, schedule, deaths)
+            return self._finish(delivery, schedule, deaths, destination=breaker_of)
 
         # Each call is on record before the next call starts, or with the run's outcome: a
         # crash later keeps the log of it. Written then rather than at once, the last call's
@@ -795,16 +799,19 @@ class Worker:
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
             log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
-        return self._finish(delivery, schedule, outcome, unwritten)
+        return self._finish(delivery, schedule, outcome, unwritten, destination=breaker_of)
 
     def _paused(self, delivery: Delivery) -> bool:
-        """Whether the delivery's destination is paused, as the database says now."""
+        """Whether the delivery must wait instead of being called, as the database says
+        now: its destination paused or its circuit open, or half-open and the delivery not
+        its probe (breaker.holds)."""
         with self.db.engine.connect() as conn:
-            return conn.scalar(destination_state(delivery.route, delivery.destination)) == PAUSED
+            row = conn.execute(destination_state(delivery.route, delivery.destination)).first()
+        return row is not None and breaker.holds(row.state, row.breaker_probe, delivery.id)
 
     def _hold(self, delivery: Delivery) -> str:
-        """Put a claimed delivery of a paused destination back, ``held``: no run counted,
-        no attempt written."""
+        """Put a claimed delivery of a paused destination (or open circuit) back, ``held``:
+        no run counted, no attempt written."""
 
         def write(conn) -> int:
             changed = conn.execute(
@@ -824,7 +831,7 @@ class Worker:
         if not self.commits.run(write, []):
             return "lease_lost"
         log.info(
-            "event %s to %s: held, its destination is paused",
+            "event %s to %s: held, its destination is paused or its circuit open",
             delivery.event_id,
             delivery.destination,
         )
@@ -836,15 +843,17 @@ class Worker:
         schedule: list[int] | None,
         outcome: pipeline.Outcome,
         attempts: Sequence[dict[str, Any]] = (),
+        destination: Destination | None = None,
     ) -> str:
         """Write how the run ended, with the rows of its calls not yet written, and the
-        event's roll-up. An outcome that can't be written is a failed attempt: the delivery
-        follows the retry schedule to ``dead``, its calls still on record; a call's row that
-        can't be written is one too, and only then is the row left out. If even that write
-        fails, the lease runs out and the next claim counts against the schedule."""
+        event's roll-up, and the count of ``destination``'s circuit breaker if given. An
+        outcome that can't be written is a failed attempt: the delivery follows the retry
+        schedule to ``dead``, its calls still on record; a call's row that can't be written
+        is one too, and only then is the row left out. If even that write fails, the lease
+        runs out and the next claim counts against the schedule."""
         try:
             values = self._ending(delivery, schedule, outcome)
-            changed = self._write_ending(delivery, values, attempts)
+            changed = self._write_ending(delivery, values, attempts, destination)
         except Exception as exc:
             log.error("event %s: outcome not recorded (%s)", delivery.event_id, type(exc).__name__)
             unrecorded = pipeline.Outcome(
@@ -853,7 +862,7 @@ class Worker:
             )
             values = self._ending(delivery, schedule, unrecorded)
             try:
-                changed = self._write_ending(delivery, values, attempts)
+                changed = self._write_ending(delivery, values, attempts, destination)
             except Exception as again:
                 if not attempts:
                     raise
@@ -864,7 +873,7 @@ class Worker:
                     pipeline.RETRYABLE, error=f"hub error: {type(again).__name__}"
                 )
                 values = self._ending(delivery, schedule, unstorable)
-                changed = self._write_ending(delivery, values)
+                changed = self._write_ending(delivery, values, (), destination)
         rolled = self._rolled.pop(delivery.id, None)
         if not changed:
             log.warning("event %s: lease lost before the outcome was written", delivery.event_id)
@@ -905,26 +914,55 @@ class Worker:
         return values
 
     def _write_ending(
-        self, delivery: Delivery, values: dict[str, Any], attempts: Sequence[dict[str, Any]] = ()
+        self,
+        delivery: Delivery,
+        values: dict[str, Any],
+        attempts: Sequence[dict[str, Any]] = (),
+        destination: Destination | None = None,
     ) -> int:
+        """Write the delivery's ``values`` and its event's roll-up; with a ``destination``
+        whose breaker is on, count the ending on it in the same transaction (which may hold
+        the delivery instead: ``values`` then says so once committed)."""
         statement = (
             update(Delivery.__table__)
             .where(Delivery.id == delivery.id, Delivery.lease_owner == self.name)
             .values(**values)
         )
-
-        alone = None
-        if delivery.id in self._alone:
-            stands = {column: getattr(delivery, column) for column in ROLLED} | values
-            alone = types.SimpleNamespace(**{column: stands[column] for column in ROLLED})
+        spec = breaker.spec_of(destination.breaker) if destination is not None else None
+        turned: list[breaker.Turn | None] = [None]
 
         def write(conn) -> int:
             changed = conn.execute(statement).rowcount
+            turned[0] = turn = None
+            final = values
+            if changed and spec is not None and destination.id is not None:
+                turn = turned[0] = breaker.after_run(conn, destination.id, spec, delivery, values)
+                if turn is not None and turn.values:
+                    conn.execute(
+                        update(Delivery.__table__)
+                        .where(Delivery.id == delivery.id)
+                        .values(**turn.values)
+                    )
+                    final = values | turn.values
             if changed:
+                alone = None
+                if delivery.id in self._alone:
+                    stands = {column: getattr(delivery, column) for column in ROLLED} | final
+                    alone = types.SimpleNamespace(**{column: stands[column] for column in ROLLED})
                 self._rolled[delivery.id] = rollup(conn, delivery.event_id, delivery.id, alone)
+                for event_id in sorted(set(turn.events if turn else ()) - {delivery.event_id}):
+                    rollup(conn, event_id)
             return changed
 
-        return self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
+        changed = self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
+        turn = turned[0]
+        if changed and turn is not None:
+            if turn.values:
+                values.update(turn.values)
+            breaker.announce(turn.changes)
+            if turn.released:
+                wake(self.app, soon=True)
+        return changed
 
     def release(self, delivery_ids: set[str]) -> None:
         """Hand leases back (a stopping worker): the deliveries are due again at once."""
@@ -951,6 +989,7 @@ class Worker:
     def run_once(self, limit: int = 100) -> int:
         """Deliver what is due now, one event at a time; the number delivered (tests, cron)."""
         self.reap()
+        self.breaker_tick()
         done = 0
         while done < limit and not self.stopping.is_set():
             claimed = self.claim(1)
@@ -989,6 +1028,33 @@ class Worker:
         except Exception as exc:
             log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
 
+    def breaker_tick(self) -> None:
+        """One look at the open circuits (breaker.tick): a cool-down that is over lets a
+        probe go. A database error waits a turn."""
+        try:
+            with self.db.engine.connect() as conn:
+                if not breaker.any_open(conn):  # the usual answer: a read, no write lock
+                    return
+            with self.db.engine.begin() as conn:
+                turn = breaker.tick(conn)
+                for event_id in sorted(set(turn.events)):
+                    rollup(conn, event_id)
+        except Exception as exc:
+            log.warning("circuit breaker look failed (%s); retrying later", type(exc).__name__)
+            return
+        breaker.announce(turn.changes)
+        if turn.released:
+            wake(self.app, soon=True)
+
+    def breaker_tick_when_due(self) -> None:
+        """A look at the open circuits if none ran in the last breaker.TICK_SECONDS."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self.next_breaker_tick:
+                return
+            self.next_breaker_tick = now + breaker.TICK_SECONDS
+        self.breaker_tick()
+
     def reap_when_due(self) -> None:
         """A reaper pass if none ran in the last 10 x HUB_WORKER_MAX_IDLE (one thread does it)."""
         now = time.monotonic()
@@ -1002,6 +1068,7 @@ class Worker:
         idle = MIN_IDLE
         while not self.stopping.is_set():
             self.reap_when_due()
+            self.breaker_tick_when_due()
             try:
                 claimed = self.next_event()
             except Exception as exc:  # the database went away: wait and try again

@@ -33,7 +33,7 @@ from werkzeug.datastructures import Headers
 from hub import rates, signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
-from hub.services import delivery, keys, pipeline, ratelimit
+from hub.services import breaker, delivery, keys, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
 from hub.store import crypto
@@ -919,7 +919,8 @@ def accept(incoming: Incoming) -> Accepted | Answer:
 
 def new_deliveries(event: Event, route: Route) -> list[Delivery]:
     """One delivery of ``event`` for each destination of ``route``, pending and due now
-    (``held`` for a paused destination: it waits for the resume, in its order)."""
+    (``held`` for a paused destination, or one whose circuit is open or half-open: it waits
+    for the resume or the circuit's close, in its order)."""
     return [
         Delivery(
             id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
@@ -929,7 +930,7 @@ def new_deliveries(event: Event, route: Route) -> list[Delivery]:
             lane=lane_of(event.route, destination.name),
             position=position,
             status=(
-                EventStatus.HELD if destination.state == delivery.PAUSED else EventStatus.PENDING
+                EventStatus.HELD if destination.state in breaker.HOLDING else EventStatus.PENDING
             ),
             attempts=0,
             retries=0,
@@ -962,10 +963,11 @@ def commit_new_event(session: Session, event: Event, deliveries: list[Delivery])
 
 
 def waits_for_resume(accepted: Accepted) -> bool:
-    """A sync route whose first destination is paused cannot answer with its result: its
-    event is stored and answered as an async one (202, ``held``), delivered on resume."""
+    """A sync route whose first destination is paused (or its circuit open) cannot answer
+    with its result: its event is stored and answered as an async one (202, ``held``),
+    delivered on resume."""
     first = route_store.destinations_of(accepted.route)[0]
-    return first.state == delivery.PAUSED
+    return first.state in breaker.HOLDING
 
 
 def enqueue(accepted: Accepted) -> None:

@@ -141,6 +141,7 @@ DUE_STATUSES = (EventStatus.PENDING, EventStatus.RETRYING)
 # The same, written out (not bound) so the planner can match the partial indexes
 # ix_deliveries_due_at and ix_deliveries_due_by_lane (and the events' ones):
 # status IN ('pending', 'retrying').
+HELD_PREDICATE = "status = 'held'"
 DUE_PREDICATE = "status IN ({})".format(", ".join(f"'{status}'" for status in DUE_STATUSES))
 # Deliveries not yet ended: waiting, held, queued or being called.
 UNFINISHED_STATUSES = (
@@ -298,10 +299,12 @@ class Destination(Base):
     state_changed_at: Mapped[datetime | None]
     state_reason: Mapped[str | None] = mapped_column(Text)
     # The circuit breaker: consecutive retryable failures, when an open circuit lets a probe
-    # through (half-open), and the cool-down an open circuit waits next.
+    # through (half-open), and the cool-down it waited last (a failed probe doubles it).
     breaker_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     breaker_retry_at: Mapped[datetime | None]
     breaker_cool_down: Mapped[int | None]
+    # The one held delivery a half-open circuit lets through (its id), else None.
+    breaker_probe: Mapped[str | None] = mapped_column(String(32))
     # The rate: the time from which the destination's next delivery may start (a GCRA's
     # theoretical arrival time), shared by every worker process through this row.
     rate_next_at: Mapped[datetime | None]
@@ -466,6 +469,16 @@ class Delivery(Base):
             "lease_until",
             postgresql_where=text(IN_FLIGHT_PREDICATE),
             sqlite_where=text(IN_FLIGHT_PREDICATE),
+        ),
+        # Each lane's held deliveries, oldest first: the probe a half-open circuit lets
+        # through, and the order they are let go in.
+        Index(
+            "ix_deliveries_held_by_lane",
+            "lane",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text(HELD_PREDICATE),
+            sqlite_where=text(HELD_PREDICATE),
         ),
         # An ordered destination's deliveries by key, in the order they were accepted.
         Index(

@@ -281,11 +281,16 @@ DESTINATION = NAME | {"destination": "The destination's name, within the route"}
 NO_DESTINATION = {404: ("No route has this name, or it has no such destination", None)}
 
 
+NOT_NOW = {409: ("The destination has no circuit breaker, or is paused", None)}
+
+
 def destination_change(change, name: str, destination: str) -> m.DestinationStateOut:
     try:
         state = change(get_session(), name, destination)
     except destination_store.NoSuchDestination as exc:
         raise ApiError(404, str(exc), "not_found") from None
+    except destination_store.StateConflict as exc:
+        raise ApiError(409, str(exc), "conflict") from None
     return m.DestinationStateOut(**state.to_dict())
 
 
@@ -305,7 +310,9 @@ def destination_change(change, name: str, destination: str) -> m.DestinationStat
 )
 def pause_destination(name: str, destination: str, body: m.PauseIn):
     return destination_change(
-        lambda session, r, d: destination_store.pause(session, r, d, body.reason),
+        lambda session, r, d: destination_store.pause(
+            session, r, d, body.reason, actor=g.admin_prefix
+        ),
         name,
         destination,
     )
@@ -324,9 +331,80 @@ def pause_destination(name: str, destination: str, body: m.PauseIn):
 )
 def resume_destination(name: str, destination: str):
     return destination_change(
-        lambda session, r, d: destination_store.resume(session, r, d, current_app),
+        lambda session, r, d: destination_store.resume(
+            session, r, d, current_app, actor=g.admin_prefix
+        ),
         name,
         destination,
+    )
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/routes/{name}/destinations/{destination}/open",
+    summary="Open a destination's circuit by hand: its deliveries are held until a probe",
+    tag="routes",
+    path_params=DESTINATION,
+    body=m.PauseIn,
+    body_optional=True,
+    description="As when its circuit breaker opens it: waiting deliveries become held, and "
+    "after the breaker's cool-down one probe delivery is tried (half_open); delivered, the "
+    "circuit closes. Needs a breaker on the destination; a paused destination is resumed, "
+    "not opened. Opening an open circuit changes nothing.",
+    responses={200: ("The destination", m.DestinationStateOut)} | NO_DESTINATION | NOT_NOW,
+)
+def open_destination(name: str, destination: str, body: m.PauseIn):
+    return destination_change(
+        lambda session, r, d: destination_store.open_circuit(
+            session, r, d, body.reason, actor=g.admin_prefix
+        ),
+        name,
+        destination,
+    )
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/routes/{name}/destinations/{destination}/close",
+    summary="Close a destination's circuit by hand: its held deliveries go out, oldest first",
+    tag="routes",
+    path_params=DESTINATION,
+    body=m.PauseIn,
+    body_optional=True,
+    description="The destination is active again with a fresh count of failures, and its "
+    "held deliveries become pending and due now, in the order they were received. Needs a "
+    "breaker on the destination; closing a closed circuit changes nothing.",
+    responses={200: ("The destination", m.DestinationStateOut)} | NO_DESTINATION | NOT_NOW,
+)
+def close_destination(name: str, destination: str, body: m.PauseIn):
+    return destination_change(
+        lambda session, r, d: destination_store.close_circuit(
+            session, r, d, current_app, body.reason, actor=g.admin_prefix
+        ),
+        name,
+        destination,
+    )
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/routes/{name}/destinations/{destination}/changes",
+    summary="The changes of a destination's state (pause, resume, its circuit), newest first",
+    tag="routes",
+    path_params=DESTINATION,
+    query=m.ChangesQuery,
+    responses={200: ("Its changes", m.DestinationChangeList)} | NO_DESTINATION,
+)
+def destination_changes(name: str, destination: str, query: m.ChangesQuery):
+    try:
+        rows = destination_store.changes(get_read_session(), name, destination, query.limit)
+    except destination_store.NoSuchDestination as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    return m.DestinationChangeList(
+        changes=[m.DestinationChangeOut(**row.to_dict()) for row in rows]
     )
 
 

@@ -332,10 +332,32 @@ class PauseIn(Strict):
 class DestinationStateOut(BaseModel):
     route: str
     name: str
-    state: str = Field(description="active or paused")
+    state: str = Field(description="active, paused, open or half_open (its circuit breaker)")
     state_changed_at: str | None
     state_reason: str | None
-    held: int = Field(description="How many of its deliveries wait for the resume")
+    held: int = Field(description="How many of its deliveries wait for the resume or the close")
+    failures: int = Field(description="Consecutive retryable failures its breaker counted")
+    retry_at: str | None = Field(description="When an open circuit lets a probe through")
+
+
+class ChangesQuery(Strict):
+    limit: int = Field(50, ge=1, le=200, description="Changes to show, newest first (at most 200)")
+
+
+class DestinationChangeOut(BaseModel):
+    route: str
+    destination: str
+    state: str = Field(description="The state it changed to")
+    previous: str | None = Field(description="The state it changed from")
+    cause: str | None
+    actor: str | None = Field(
+        description='Who: "breaker", an admin key\'s prefix, "cli:<user>" or "dashboard:<prefix>"'
+    )
+    at: str | None
+
+
+class DestinationChangeList(BaseModel):
+    changes: list[DestinationChangeOut] = Field(description="Newest first")
 
 
 class SecretIn(Strict):

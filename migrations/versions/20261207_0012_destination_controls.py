@@ -6,11 +6,14 @@ settings; this gives them their state):
 - `deliveries.lane` (route/destination): the fair claim takes turns across destinations,
   walking a partial index on (lane, next_attempt_at) of due rows, which replaces the one on
   (route, next_attempt_at). Filled from each delivery's route and destination.
+- `deliveries`: an index of each lane's held deliveries, oldest first (a half-open
+  circuit's probe, and the order they are let go in).
 - `deliveries.order_key`: an ordered destination's key for the delivery, and an index of
   the unfinished ones by (lane, order_key, id).
 - `destinations.breaker_failures`, `breaker_retry_at`, `breaker_cool_down`: the circuit
   breaker's count of consecutive failures, when an open circuit lets a probe through, and
-  its next cool-down; `rate_next_at`: when the rate lets the next delivery start.
+  its next cool-down, `breaker_probe`: the held delivery a half-open circuit lets through;
+  `rate_next_at`: when the rate lets the next delivery start.
 - `destination_changes`: each change of a destination's state, with its cause and actor.
 
 Nothing is lost either way: the downgrade drops the new columns and table (the settings
@@ -34,6 +37,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 DUE = "status IN ('pending', 'retrying')"
+HELD = "status = 'held'"
 ORDERED = (
     "order_key IS NOT NULL AND "
     "status IN ('pending', 'retrying', 'processing', 'held', 'queued')"
@@ -63,6 +67,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('breaker_retry_at', UTC, nullable=True))
         batch_op.add_column(sa.Column('breaker_cool_down', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('rate_next_at', UTC, nullable=True))
+        batch_op.add_column(sa.Column('breaker_probe', sa.String(length=32), nullable=True))
 
     # Added in place, never by copying the table: on SQLite a copy drops the old table,
     # and its attempts would go with it (ON DELETE CASCADE).
@@ -74,6 +79,8 @@ def upgrade() -> None:
         batch_op.drop_index('ix_deliveries_due_by_route', postgresql_where=sa.text(DUE), sqlite_where=sa.text(DUE))
         batch_op.create_index('ix_deliveries_due_by_lane', ['lane', 'next_attempt_at'], unique=False,
                               postgresql_where=sa.text(DUE), sqlite_where=sa.text(DUE))
+        batch_op.create_index('ix_deliveries_held_by_lane', ['lane', 'next_attempt_at', 'id'], unique=False,
+                              postgresql_where=sa.text(HELD), sqlite_where=sa.text(HELD))
         batch_op.create_index('ix_deliveries_order', ['lane', 'order_key', 'id'], unique=False,
                               postgresql_where=sa.text(ORDERED), sqlite_where=sa.text(ORDERED))
 
@@ -84,6 +91,7 @@ def downgrade() -> None:
     op.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'queued'")
     op.execute("UPDATE events SET status = 'pending' WHERE status = 'queued'")
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.drop_index('ix_deliveries_held_by_lane', postgresql_where=sa.text(HELD), sqlite_where=sa.text(HELD))
         batch_op.drop_index('ix_deliveries_order', postgresql_where=sa.text(ORDERED), sqlite_where=sa.text(ORDERED))
         batch_op.drop_index('ix_deliveries_due_by_lane', postgresql_where=sa.text(DUE), sqlite_where=sa.text(DUE))
         batch_op.create_index('ix_deliveries_due_by_route', ['route', 'next_attempt_at'], unique=False,
@@ -92,6 +100,7 @@ def downgrade() -> None:
     op.drop_column('deliveries', 'order_key')
     op.drop_column('deliveries', 'lane')
     with op.batch_alter_table('destinations', schema=None) as batch_op:
+        batch_op.drop_column('breaker_probe')
         batch_op.drop_column('rate_next_at')
         batch_op.drop_column('breaker_cool_down')
         batch_op.drop_column('breaker_retry_at')
