@@ -9,20 +9,27 @@ older than the pause finds the state in the database before calling and holds th
 delivery instead. Resuming sets the state back to ``active`` and makes the held
 deliveries pending and due now in their order, then wakes the workers. Pausing a paused
 destination (or resuming an active one) changes nothing.
+
+``overview`` is what the faces show of a route's destinations: each one's settings, state,
+deliveries in flight and backlog by status, in one statement per route whose every count
+stops at a cap, so a destination with a million waiting deliveries costs the same to show.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, literal, select, union_all, update
 from sqlalchemy.orm import Session
 
+from hub.connectors import Registry
 from hub.services import delivery
 from hub.services import routes as route_store
-from hub.store.models import Delivery, Destination, EventStatus, iso_time, utcnow
+from hub.store.crypto import SecretBox
+from hub.store.models import Delivery, Destination, EventStatus, iso_time, lane_of, utcnow
 
 ACTIVE = "active"
 PAUSED = delivery.PAUSED
@@ -149,3 +156,193 @@ def resume(session: Session, route: str, name: str, app: Flask | None = None) ->
         if waiting and app is not None:
             delivery.wake(app)
     return _answer(session, route, row)
+
+
+# --- what every face shows of a route's destinations: state, in flight, backlog ---
+
+# Deliveries waiting for their destination, by status: due (pending, retrying), held for a
+# paused or open destination, queued behind an earlier one of their ordering key.
+BACKLOG_STATUSES = (
+    EventStatus.PENDING,
+    EventStatus.RETRYING,
+    EventStatus.HELD,
+    EventStatus.QUEUED,
+)
+# Rows counted per destination before a figure says "more than": the queue gauges' bound.
+BACKLOG_CAP = 10_000
+# Destinations whose figures one statement reads (two capped branches each).
+DESTINATIONS_PER_STATEMENT = 100
+
+
+@dataclass
+class DestinationView:
+    """A destination as the faces show it: its settings (step secrets masked), its state,
+    how many of its deliveries are being called now, and how many wait, by status.
+
+    Each count reads at most ``cap`` + 1 rows of the destination: past that, ``in_flight``
+    or the backlog is "more than cap" (``*_capped``), and ``oldest_waiting_at`` is the oldest
+    among the rows read (the true oldest may be older)."""
+
+    route: str
+    name: str
+    position: int
+    settings: dict[str, Any]
+    state: str
+    state_changed_at: datetime | None
+    state_reason: str | None
+    in_flight: int
+    in_flight_capped: bool
+    backlog: dict[str, int]
+    backlog_capped: bool
+    oldest_waiting_at: datetime | None
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.backlog.values())
+
+    def oldest_waiting_seconds(self, now: datetime) -> float | None:
+        if self.oldest_waiting_at is None:
+            return None
+        return round(max(0.0, (now - self.oldest_waiting_at).total_seconds()), 3)
+
+    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        now = now or utcnow()
+        return {
+            "route": self.route,
+            "name": self.name,
+            "position": self.position,
+            "state": self.state,
+            "state_changed_at": iso_time(self.state_changed_at),
+            "state_reason": self.state_reason,
+            "in_flight": self.in_flight,
+            "in_flight_capped": self.in_flight_capped,
+            "backlog": dict(self.backlog),
+            "backlog_total": self.waiting,
+            "backlog_capped": self.backlog_capped,
+            "oldest_waiting_at": iso_time(self.oldest_waiting_at),
+            "oldest_waiting_seconds": self.oldest_waiting_seconds(now),
+            "settings": self.settings,
+        }
+
+
+def overview(
+    session: Session,
+    route: str,
+    box: SecretBox | None = None,
+    registry: Registry | None = None,
+    *,
+    only: str | None = None,
+    now: datetime | None = None,
+    cap: int = BACKLOG_CAP,
+) -> list[DestinationView]:
+    """Each destination of ``route`` in order (or only the one named ``only``): settings
+    as ``routes show`` shows them, state, in flight, backlog. Raises NoSuchDestination."""
+    found = route_store.get(session, route)
+    if found is None:
+        raise NoSuchDestination(f"No route is named {route!r}")
+    rows = route_store.destinations_of(found)
+    shown = route_store.to_dict(found, box, registry)["destinations"]
+    pairs = list(zip(rows, shown, strict=True))
+    if only is not None:
+        pairs = [(row, settings) for row, settings in pairs if row.name == only]
+        if not pairs:
+            raise NoSuchDestination(f"Route {route!r} has no destination named {only!r}")
+    now = now or utcnow()
+    figures: dict[str, _Figures] = {}
+    names = [row.name for row, _ in pairs]
+    for start in range(0, len(names), DESTINATIONS_PER_STATEMENT):
+        chunk = names[start : start + DESTINATIONS_PER_STATEMENT]
+        figures.update(_figures(session, found.name, chunk, now, cap))
+    views = []
+    for row, settings in pairs:
+        counted = figures.get(row.name) or _Figures()
+        views.append(
+            DestinationView(
+                route=found.name,
+                name=row.name,
+                position=row.position,
+                settings=settings,
+                state=row.state or ACTIVE,
+                state_changed_at=row.state_changed_at,
+                state_reason=row.state_reason,
+                in_flight=min(counted.in_flight, cap),
+                in_flight_capped=counted.in_flight > cap,
+                backlog=_at_most(counted.backlog, cap),
+                backlog_capped=sum(counted.backlog.values()) > cap,
+                oldest_waiting_at=counted.oldest,
+            )
+        )
+    return views
+
+
+@dataclass
+class _Figures:
+    in_flight: int = 0
+    backlog: dict[str, int] = field(default_factory=dict)
+    oldest: datetime | None = None
+
+
+def _figures(
+    session: Session, route: str, names: list[str], now: datetime, cap: int
+) -> dict[str, _Figures]:
+    """One statement: for each destination, its deliveries being called under a live
+    lease, and those waiting, each branch reading at most ``cap`` + 1 rows of its lane
+    (pending and retrying ones along ix_deliveries_due_by_lane)."""
+    branches = []
+    for name in names:
+        lane = lane_of(route, name)
+        calling = (
+            select(
+                Delivery.destination,
+                Delivery.status,
+                literal(None, type_=Delivery.__table__.c.created_at.type).label("since"),
+            )
+            .where(
+                Delivery.lane == lane,
+                Delivery.status == EventStatus.PROCESSING,
+                Delivery.lease_until > now,
+            )
+            .limit(cap + 1)
+            .subquery()
+        )
+        waiting = (
+            select(Delivery.destination, Delivery.status, Delivery.created_at.label("since"))
+            .where(Delivery.lane == lane, Delivery.status.in_(BACKLOG_STATUSES))
+            .limit(cap + 1)
+            .subquery()
+        )
+        branches += [select(*calling.c), select(*waiting.c)]
+    if not branches:
+        return {}
+    rows = union_all(*branches).subquery()
+    grouped = select(
+        rows.c.destination, rows.c.status, func.count(), func.min(rows.c.since)
+    ).group_by(rows.c.destination, rows.c.status)
+    figures: dict[str, _Figures] = {}
+    for name, status, n, since in session.execute(grouped):
+        item = figures.setdefault(name, _Figures())
+        if status == EventStatus.PROCESSING:
+            item.in_flight += int(n)
+            continue
+        item.backlog[status] = item.backlog.get(status, 0) + int(n)
+        if since is not None:
+            since = _utc(since)
+            item.oldest = since if item.oldest is None else min(item.oldest, since)
+    return figures
+
+
+def _utc(value: datetime | str) -> datetime:
+    """A time read back from an expression (SQLite answers text there, unzoned)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _at_most(read: dict[str, int], cap: int) -> dict[str, int]:
+    """The backlog by status as read, every status named; of ``cap`` + 1 rows read (the
+    sign that more wait), one less, so the figures add up to the cap they are shown with."""
+    backlog = {status.value: read.get(status, 0) for status in BACKLOG_STATUSES}
+    if sum(backlog.values()) > cap:
+        largest = max(backlog, key=lambda status: backlog[status])
+        backlog[largest] -= sum(backlog.values()) - cap
+    return backlog
