@@ -119,13 +119,22 @@ def test_the_api_shows_each_destination_with_its_state_in_flight_and_backlog(
 def test_a_backlog_stops_counting_at_its_cap_and_says_so(
     app, client, db, key, admin, receiver, receiver_b
 ):
+    """Due deliveries are counted per destination, held, queued and in-flight ones for the
+    route at once; either read stops past the cap and the figure says "at least"."""
     route_to_a_and_b(client, admin, receiver, receiver_b)
     post(client, key, 3)
+    client.post("/admin/api/routes/orders/destinations/b/pause", headers=admin)
     with db.session() as session:
         a, b = destination_store.overview(session, "orders", cap=2)
         assert (a.waiting, a.backlog_capped, a.backlog["pending"]) == (2, True, 2)
-        exact = destination_store.overview(session, "orders", only="b", cap=3)
-    assert [(v.name, v.waiting, v.backlog_capped) for v in exact] == [("b", 3, False)]
+        assert (b.backlog_capped, b.backlog["pending"], b.backlog["held"]) == (True, 0, 3)
+        exact = destination_store.overview(session, "orders", cap=3)
+    assert [(v.name, v.waiting, v.backlog_capped) for v in exact] == [
+        ("a", 3, False),
+        ("b", 3, False),
+    ]
+    shown = client.get("/admin/api/routes/orders/destinations/b", headers=admin).json
+    assert (shown["backlog_total"], shown["backlog_capped"]) == (3, False)
 
 
 def test_a_circuits_state_shows_in_every_face(app, client, db, admin, receiver, receiver_b):
