@@ -7,7 +7,7 @@ import re
 import pytest
 from jsonschema import Draft202012Validator
 
-from hub.store.models import Event, new_event_id, utcnow
+from hub.store.models import Event, first_delivery_id, new_event_id, utcnow
 
 SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 NEW_SECRET = "whsec_" + "bmV3LXNlY3JldC1uZXctc2VjcmV0LW5ldy1zZWNyZXQ"
@@ -138,6 +138,11 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("GET", circuit + "changes", default + "/changes", query_string={"limit": 5}, **a)
     call("GET", circuit + "changes", default + "/changes", query_string={"limit": 0}, **a)
     call("GET", circuit + "changes", "/admin/api/routes/orders/destinations/nope/changes", **a)
+    listed = "/admin/api/routes/{name}/destinations"
+    call("GET", listed, "/admin/api/routes/orders/destinations", **a)
+    call("GET", listed, "/admin/api/routes/nope/destinations", **a)
+    call("GET", listed + "/{destination}", default, **a)
+    call("GET", listed + "/{destination}", "/admin/api/routes/orders/destinations/nope", **a)
     call("DELETE", "/admin/api/routes/{name}", "/admin/api/routes/signed", **a)
     call("GET", "/admin/api/events", query_string={"limit": 1}, **a)
     call("GET", "/admin/api/events", query_string={"q": "n", "route": "orders"}, **a)
@@ -148,6 +153,12 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", "/admin/api/events/{event_id}/replay", f"/admin/api/events/{event.id}/replay", **a)
     call("POST", "/admin/api/events/replay", json={}, **a)
     call("POST", "/admin/api/events/replay", json={"route": "orders"}, **a)
+    aimed = {"route": "orders", "destination": "default", "status": "dead"}
+    call("POST", "/admin/api/events/replay", json=aimed, **a)
+    call("POST", "/admin/api/events/replay", json={"destination": "default"}, **a)
+    one = "/admin/api/deliveries/{delivery_id}/replay"
+    call("POST", one, f"/admin/api/deliveries/{first_delivery_id(event.id)}/replay", **a)
+    call("POST", one, "/admin/api/deliveries/dlv_nope/replay", **a)
     call("GET", "/admin/api/stats", query_string={"since": "1h"}, **a)
     call("GET", "/events/{event_id}", f"/events/{event.id}", headers={"X-API-Key": key})
     call("GET", "/events/{event_id}", f"/events/{event.id}", **a)  # the admin's whole view

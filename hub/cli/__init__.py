@@ -358,9 +358,9 @@ def _invalid(exc: route_store.RouteInvalid) -> str:
 def routes_list(as_json: bool) -> None:
     """Every route: name, mode, steps (each destination's, for a route that fans out), enabled."""
     with get_db().read_session() as session:
-        rows = [
-            route_store.to_dict(r, get_box(), registry()) for r in route_store.list_routes(session)
-        ]
+        listed = route_store.list_routes(session)
+        rows = [route_store.to_dict(r, get_box(), registry()) for r in listed]
+        states = {r.name: {d.name: d.state for d in route_store.destinations_of(r)} for r in listed}
     emit(
         rows,
         as_json,
@@ -370,21 +370,28 @@ def routes_list(as_json: bool) -> None:
             r["mode"],
             r["auth"] + (f" ({r['verify']['scheme']})" if r["verify"] else ""),
             r["rate_limit"] or "-",
-            pipelines(r),
+            pipelines(r, states.get(r["name"])),
             "yes" if r["enabled"] else "no",
         ],
     )
 
 
-def pipelines(route: dict) -> str:
-    """A route's steps as `text > http`, or each destination's as `crm: http; log: text`."""
+def pipelines(route: dict, states: dict[str, str] | None = None) -> str:
+    """A route's steps as `text > http`, or each destination's as `crm: http; log: text`;
+    a destination not active says its state: `crm: http [paused]`."""
 
     def chain(steps: list[dict]) -> str:
         return " > ".join(s["connector"] for s in steps) or "-"
 
+    def state(name: str) -> str:
+        shown = (states or {}).get(name) or destination_store.ACTIVE
+        return "" if shown == destination_store.ACTIVE else f" [{shown}]"
+
     if route["steps"] is not None:
-        return chain(route["steps"])
-    return "; ".join(f"{d['name']}: {chain(d['steps'])}" for d in route["destinations"])
+        return chain(route["steps"]) + state(route["destinations"][0]["name"])
+    return "; ".join(
+        f"{d['name']}: {chain(d['steps'])}{state(d['name'])}" for d in route["destinations"]
+    )
 
 
 @routes_cli.command("show")
@@ -476,6 +483,67 @@ def cli_actor() -> str:
         return f"cli:{getpass.getuser()}"[:100]
     except Exception:  # no user name (a container's bare uid)
         return f"cli:uid-{os.getuid()}" if hasattr(os, "getuid") else "cli"
+
+
+@routes_cli.command("destinations")
+@click.argument("route")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, with each one's settings.")
+def routes_destinations(route: str, as_json: bool) -> None:
+    """A route's destinations: state, deliveries in flight and waiting, settings."""
+    now = utcnow()
+    with get_db().read_session() as session:
+        try:
+            views = destination_store.overview(session, route, get_box(), registry(), now=now)
+        except destination_store.NoSuchDestination as exc:
+            fail(str(exc))
+    emit(
+        [view.to_dict(now) for view in views],
+        as_json,
+        ["NAME", "STATE", "IN FLIGHT", "BACKLOG", "OLDEST", "SETTINGS"],
+        lambda d: [
+            d["name"],
+            d["state"] + (f" ({d['state_reason']})" if d["state_reason"] else ""),
+            f"{d['in_flight']}{'+' if d['in_flight_capped'] else ''}",
+            backlog_text(d),
+            _age(d["oldest_waiting_seconds"]),
+            settings_text(d["settings"]),
+        ],
+    )
+
+
+def backlog_text(view: dict) -> str:
+    """`12 (pending 10, held 2)`; `10000+ (...)` when counting stopped at the cap."""
+    parts = [f"{status} {n}" for status, n in view["backlog"].items() if n]
+    total = f"{view['backlog_total']}{'+' if view['backlog_capped'] else ''}"
+    return total + (f" ({', '.join(parts)})" if parts else "")
+
+
+def settings_text(settings: dict) -> str:
+    """A destination's steps and the controls it sets, on one line."""
+    shown = [" > ".join(s["connector"] for s in settings["steps"]) or "no steps"]
+    if settings["filter"]:
+        shown.append("filtered")
+    if settings["retry_schedule"] is not None:
+        delays = ",".join(str(s) for s in settings["retry_schedule"])
+        shown.append(f"retries {delays}" if delays else "no retries")
+    if settings["max_in_flight"] is not None:
+        shown.append(f"max {settings['max_in_flight']} in flight")
+    if settings["rate"]:
+        shown.append(f"rate {settings['rate']}")
+    if settings["ordering_key"]:
+        shown.append(f"ordered by {settings['ordering_key']}")
+    if settings["breaker"]:
+        shown.append(f"breaker after {settings['breaker'].get('failures')} failures")
+    return "; ".join(shown)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
 
 
 def change_destination(change) -> None:
@@ -693,15 +761,25 @@ def events_show(event_id: str) -> None:
 )
 @click.option("--route", help="With --status: only this route.")
 @click.option("--since", help="With --status: received after an ISO time or within an age.")
-def events_replay(event_ids, status, route, since) -> None:
+@click.option(
+    "--destination",
+    help="Only this destination's delivery of each event (called again even if delivered); "
+    "in a bulk replay, of --route, --status being the delivery's.",
+)
+def events_replay(event_ids, status, route, since, destination) -> None:
     """Put events that are not in flight back in the queue; their attempts keep counting.
 
     Delivered, failed, dead and filtered events, and processing or retrying ones whose lease
-    has run out. Rejected and duplicate events never are: they were never accepted.
+    has run out. Rejected and duplicate events never are: they were never accepted. With
+    --destination, only that destination's deliveries that ended are replayed.
     """
     db = get_db()
-    if bool(event_ids) == bool(status):
+    bulk = bool(status) or (destination is not None and not event_ids)
+    if bool(event_ids) == bulk:
         fail("give event ids, or --status (with --route/--since) for a bulk replay")
+    if destination is not None:
+        replay_destination(db, event_ids, destination, status, route, since)
+        return
     if event_ids:
         with db.session() as session:
             done = event_store.replay(session, event_ids)
@@ -733,6 +811,57 @@ def events_replay(event_ids, status, route, since) -> None:
             nothing_to_do(f"no {status} event to replay matches")
         click.echo(f"replayed {len(done)} event(s)")
     _wake(done)
+
+
+def replay_destination(
+    db: Database,
+    event_ids: Sequence[str],
+    destination: str,
+    status: str | None,
+    route: str | None,
+    since: str | None,
+) -> None:
+    """`events replay --destination`: each named event's delivery to it, or (bulk) every
+    delivery of it matching --status, --route and --since."""
+    if event_ids:
+        done, missing = [], []
+        with db.session() as session:
+            for event_id in dict.fromkeys(event_ids):
+                try:
+                    row = event_store.delivery_of(session, event_id, destination)
+                    event_store.replay_delivery(session, row.id)
+                except event_store.NoSuchDelivery as exc:
+                    missing.append(event_id)
+                    click.echo(f"skipped {event_id}: {exc}", err=True)
+                except event_store.DeliveryNotReplayable as exc:
+                    click.echo(f"skipped {event_id}: {exc}", err=True)
+                else:
+                    done.append(event_id)
+                    click.echo(f"replayed {event_id} to {destination}")
+        _wake(done)
+        if missing:
+            fail(f"nothing to replay to {destination!r} for: {', '.join(missing)}")
+        if not done:
+            nothing_to_do(f"none of these deliveries to {destination!r} can be replayed now")
+        return
+    problems = event_store.aimed_problems(route, status, destination)
+    if problems:
+        fail("; ".join(f"--{p}" for p in problems))
+    filters = event_store.Filters(route=route, status=status, since=_since(since))
+    replayed = examined = 0
+    cursor = None
+    while True:
+        batch, looked, cursor = event_store.replay_matching(
+            db, filters, cursor=cursor, destination=destination
+        )
+        replayed, examined = replayed + batch, examined + looked
+        if batch:
+            delivery.wake(current_app)
+        if cursor is None:
+            break
+    if not replayed:
+        nothing_to_do(f"no delivery to {destination!r} of route {route!r} to replay matches")
+    click.echo(f"replayed {replayed} delivery(ies) to {destination} of {examined} looked at")
 
 
 def _wake(replayed: list[str]) -> None:

@@ -43,6 +43,7 @@ from hub.store.models import (
     DEFAULT_DESTINATION,
     DUE_STATUSES,
     AttemptOutcome,
+    Delivery,
     Event,
     EventStatus,
     utcnow,
@@ -488,6 +489,7 @@ def event_detail(event_id: str):
         "result_cut": result_cut,
         "replayable": replayable,
         "why_not": why_not,
+        "delivery_ended": event_store.DELIVERY_ENDED,
         "in_flight": event.status
         in (EventStatus.PENDING, EventStatus.PROCESSING, EventStatus.RETRYING),
     }
@@ -511,28 +513,62 @@ def replay_event(event_id: str):
     return redirect(url_for("dashboard.event_detail", event_id=event.id), 303)
 
 
+@bp.post("/deliveries/<delivery_id>/replay")
+def replay_delivery(delivery_id: str):
+    """Replay one delivery of an event (its destination is called again), as the API's
+    POST /admin/api/deliveries/<id>/replay does."""
+    session = get_session()
+    try:
+        row = event_store.replay_delivery(session, delivery_id)
+    except event_store.NoSuchDelivery:
+        abort(404)
+    except event_store.DeliveryNotReplayable as exc:
+        session.rollback()
+        dash.flash(f"Not replayed: {exc}.", "error")
+        row = session.get(Delivery, delivery_id[:32])
+    else:
+        session.commit()
+        delivery.wake(current_app)
+        dash.flash(f"The delivery to {row.destination} is queued again.")
+    return redirect(url_for("dashboard.event_detail", event_id=row.event_id), 303)
+
+
 @bp.route("/events/replay", methods=["GET", "POST"])
 def replay_events():
-    """Bulk replay of a filtered list: a confirmation that says how many, then the replay."""
+    """Bulk replay of a filtered list: a confirmation that says how many, then the replay.
+    With a destination (and its route), only that destination's deliveries."""
     source = request.args if request.method == "GET" else request.form
     query, raw, errors = event_query(source)
     args = filter_args(raw)
+    destination = (source.get("destination") or "").strip()[:64] or None
     if query is not None and query.q:
         errors = ["q: a bulk replay cannot filter by body text; remove it to replay"]
+    if query is not None and not errors:
+        errors = event_store.aimed_problems(query.route, query.status, destination)
+    shown = {"args": args, "raw": raw, "destination": destination}
     if query is None or errors:
-        return page("dashboard/replay.html", 400, errors=errors, args=args, raw=raw, count=None)
+        return page("dashboard/replay.html", 400, errors=errors, count=None, **shown)
     filters = event_store.Filters.of(query)
     cap = int(current_app.config["ADMIN_REPLAY_MAX"])
     if request.method == "GET":
-        count = event_store.count_replayable(get_read_session(), filters, cap)
-        return page("dashboard/replay.html", count=count, cap=cap, args=args, raw=raw, errors=[])
-    replayed, examined, more = event_store.replay_matching(get_db(), filters, examine=cap)
+        count = event_store.count_replayable(get_read_session(), filters, cap, destination)
+        return page("dashboard/replay.html", count=count, cap=cap, errors=[], **shown)
+    replayed, examined, more = event_store.replay_matching(
+        get_db(), filters, examine=cap, destination=destination
+    )
     if replayed:
         delivery.wake(current_app)
     message = f"Replayed {replayed} of the {examined} matching events looked at."
+    if destination is not None:
+        message = (
+            f"Replayed {replayed} deliveries to {destination} "
+            f"of the {examined} matching events looked at."
+        )
     if more:
         message += " More matched: replay again for the next ones."
     dash.flash(message)
+    if destination is not None:
+        return redirect(url_for("dashboard.route_detail", name=query.route), 303)
     return redirect(url_for("dashboard.events", **args), 303)
 
 
@@ -589,7 +625,23 @@ def route_detail(name: str):
         retries=retry_text(route.retry_schedule),
         default_retries=route.retry_schedule is None,
         destinations=destinations_shown(route),
+        figures=destination_figures(route.name),
     )
+
+
+def destination_figures(route: str) -> list[dict[str, Any]]:
+    """The route's destinations as the API's GET .../destinations answers them: state,
+    deliveries in flight and waiting (counted up to a cap), settings."""
+    registry = current_app.extensions["hub.connectors"]
+    now = utcnow()
+    views = destination_store.overview(get_session(), route, get_box(), registry, now=now)
+    shown = []
+    for view in views:
+        figures = view.to_dict(now)
+        waited = view.oldest_waiting_seconds(now)
+        figures["oldest_age"] = timedelta(seconds=waited) if waited is not None else None
+        shown.append(figures)
+    return shown
 
 
 def destinations_shown(route) -> list[dict[str, Any]]:

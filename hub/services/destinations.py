@@ -16,20 +16,29 @@ fresh count. Opening a circuit by hand (``open_circuit``) holds its deliveries a
 breaker does, with the breaker's first cool-down before a probe; closing it
 (``close_circuit``) lets its held deliveries go as resume does. Both need a breaker on
 the destination, and leave a paused destination alone (it is resumed, not closed).
+
+``overview`` is what the faces show of a route's destinations: each one's settings, state,
+deliveries in flight and backlog by status, in one statement per route whose every count
+stops at a cap, so a destination with a million waiting deliveries costs the same to show.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select, text, union_all
 from sqlalchemy.orm import Session
 
+from hub.connectors import Registry
 from hub.services import breaker, delivery
 from hub.services import routes as route_store
+from hub.store.crypto import SecretBox
 from hub.store.models import (
+    DUE_PREDICATE,
+    DUE_STATUSES,
     Delivery,
     Destination,
     DestinationChange,
@@ -272,3 +281,212 @@ def changes(
             .limit(max(1, min(limit, CHANGES_MAX)))
         )
     )
+
+
+# --- what every face shows of a route's destinations: state, in flight, backlog ---
+
+# Deliveries waiting for their destination, by status: due (pending, retrying), held for a
+# paused or open destination, queued behind an earlier one of their ordering key.
+BACKLOG_STATUSES = (
+    EventStatus.PENDING,
+    EventStatus.RETRYING,
+    EventStatus.HELD,
+    EventStatus.QUEUED,
+)
+# Statuses no index serves: read for the whole route at once (see _figures).
+OTHER_STATUSES = (EventStatus.PROCESSING, EventStatus.HELD, EventStatus.QUEUED)
+# Rows counted before a figure says "more than": the queue gauges' bound.
+BACKLOG_CAP = 10_000
+# Destinations whose figures one statement reads (two capped branches each).
+DESTINATIONS_PER_STATEMENT = 100
+
+
+@dataclass
+class DestinationView:
+    """A destination as the faces show it: its settings (step secrets masked), its state,
+    how many of its deliveries are being called now, and how many wait, by status.
+
+    The counts stop at a cap (``_figures``): past it, ``in_flight`` or the backlog is "at
+    least" (``*_capped``), and ``oldest_waiting_at`` is the oldest among the rows read (the
+    true oldest may be older)."""
+
+    route: str
+    name: str
+    position: int
+    settings: dict[str, Any]
+    state: str
+    state_changed_at: datetime | None
+    state_reason: str | None
+    in_flight: int
+    in_flight_capped: bool
+    backlog: dict[str, int]
+    backlog_capped: bool
+    oldest_waiting_at: datetime | None
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.backlog.values())
+
+    def oldest_waiting_seconds(self, now: datetime) -> float | None:
+        if self.oldest_waiting_at is None:
+            return None
+        return round(max(0.0, (now - self.oldest_waiting_at).total_seconds()), 3)
+
+    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        now = now or utcnow()
+        return {
+            "route": self.route,
+            "name": self.name,
+            "position": self.position,
+            "state": self.state,
+            "state_changed_at": iso_time(self.state_changed_at),
+            "state_reason": self.state_reason,
+            "in_flight": self.in_flight,
+            "in_flight_capped": self.in_flight_capped,
+            "backlog": dict(self.backlog),
+            "backlog_total": self.waiting,
+            "backlog_capped": self.backlog_capped,
+            "oldest_waiting_at": iso_time(self.oldest_waiting_at),
+            "oldest_waiting_seconds": self.oldest_waiting_seconds(now),
+            "settings": self.settings,
+        }
+
+
+def overview(
+    session: Session,
+    route: str,
+    box: SecretBox | None = None,
+    registry: Registry | None = None,
+    *,
+    only: str | None = None,
+    now: datetime | None = None,
+    cap: int = BACKLOG_CAP,
+) -> list[DestinationView]:
+    """Each destination of ``route`` in order (or only the one named ``only``): settings
+    as ``routes show`` shows them, state, in flight, backlog. Raises NoSuchDestination."""
+    found = route_store.get(session, route)
+    if found is None:
+        raise NoSuchDestination(f"No route is named {route!r}")
+    rows = route_store.destinations_of(found)
+    shown = route_store.to_dict(found, box, registry)["destinations"]
+    pairs = list(zip(rows, shown, strict=True))
+    if only is not None:
+        pairs = [(row, settings) for row, settings in pairs if row.name == only]
+        if not pairs:
+            raise NoSuchDestination(f"Route {route!r} has no destination named {only!r}")
+    now = now or utcnow()
+    figures: dict[str, _Figures] = {}
+    names = [row.name for row, _ in pairs]
+    for start in range(0, len(names), DESTINATIONS_PER_STATEMENT):
+        chunk = names[start : start + DESTINATIONS_PER_STATEMENT]
+        figures.update(_figures(session, found.name, chunk, now, cap))
+    views = []
+    for row, settings in pairs:
+        counted = figures.get(row.name) or _Figures()
+        views.append(
+            DestinationView(
+                route=found.name,
+                name=row.name,
+                position=row.position,
+                settings=settings,
+                state=row.state or ACTIVE,
+                state_changed_at=row.state_changed_at,
+                state_reason=row.state_reason,
+                in_flight=min(counted.in_flight, cap),
+                in_flight_capped=counted.others_capped and counted.in_flight > 0,
+                backlog=_at_most(counted.backlog, cap),
+                backlog_capped=counted.due() > cap
+                or (counted.others_capped and counted.waiting() > counted.due()),
+                oldest_waiting_at=counted.oldest,
+            )
+        )
+    return views
+
+
+@dataclass
+class _Figures:
+    in_flight: int = 0
+    backlog: dict[str, int] = field(default_factory=dict)
+    oldest: datetime | None = None
+    others_capped: bool = False  # more held, queued or in flight than were read
+
+    def due(self) -> int:
+        return sum(n for status, n in self.backlog.items() if status in DUE_STATUSES)
+
+    def waiting(self) -> int:
+        return sum(self.backlog.values())
+
+
+def _figures(
+    session: Session, route: str, names: list[str], now: datetime, cap: int
+) -> dict[str, _Figures]:
+    """One statement for the destinations ``names`` of ``route``: for each, its due
+    deliveries (pending, retrying) along ix_deliveries_due_by_lane, at most ``cap`` + 1;
+    and for them all together, those held, queued or being called under a live lease, at
+    most ``cap`` + 1 (no index serves these statuses: the read stops at the cap, or at the
+    end of the table when fewer wait)."""
+    branches = []
+    since = Delivery.created_at.label("since")
+    for name in names:
+        lane = lane_of(route, name)
+        # The lane as a range in the index's order, as the claim reads it (delivery.py's
+        # _EVENTS): written `lane = ...`, PostgreSQL walks ix_deliveries_due_at instead,
+        # past every other lane's due deliveries (15 ms for a lane with none, at 15,000).
+        due_rows = (
+            select(Delivery.destination, Delivery.status, since, literal(False).label("other"))
+            .where(Delivery.lane >= lane, Delivery.lane <= lane, text(DUE_PREDICATE))
+            .order_by(Delivery.lane, Delivery.next_attempt_at)
+            .limit(cap + 1)
+            .subquery()
+        )
+        branches.append(select(*due_rows.c))
+    other_rows = (
+        select(Delivery.destination, Delivery.status, since, literal(True).label("other"))
+        .where(
+            Delivery.lane.in_([lane_of(route, name) for name in names]),
+            Delivery.status.in_(OTHER_STATUSES),
+            (Delivery.status != EventStatus.PROCESSING) | (Delivery.lease_until > now),
+        )
+        .limit(cap + 1)
+        .subquery()
+    )
+    branches.append(select(*other_rows.c))
+    rows = union_all(*branches).subquery()
+    grouped = select(
+        rows.c.destination, rows.c.status, rows.c.other, func.count(), func.min(rows.c.since)
+    ).group_by(rows.c.destination, rows.c.status, rows.c.other)
+    figures: dict[str, _Figures] = {}
+    others = 0
+    for name, status, other, n, oldest in session.execute(grouped):
+        item = figures.setdefault(name, _Figures())
+        if other:
+            others += int(n)
+        if status == EventStatus.PROCESSING:
+            item.in_flight += int(n)
+            continue
+        item.backlog[status] = item.backlog.get(status, 0) + int(n)
+        if oldest is not None:
+            oldest = _utc(oldest)
+            item.oldest = oldest if item.oldest is None else min(item.oldest, oldest)
+    if others > cap:  # the read of held, queued and in-flight ones stopped at the cap
+        for item in figures.values():
+            item.others_capped = True
+    return figures
+
+
+def _utc(value: datetime | str) -> datetime:
+    """A time read back from an expression (SQLite answers text there, unzoned)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _at_most(read: dict[str, int], cap: int) -> dict[str, int]:
+    """The backlog by status as read, every status named. Of ``cap`` + 1 due rows read (the
+    sign that more are due) one less, so the due figures add up to the cap."""
+    backlog = {status.value: read.get(status, 0) for status in BACKLOG_STATUSES}
+    over = sum(backlog[status] for status in DUE_STATUSES) - cap
+    if over > 0:
+        largest = max(DUE_STATUSES, key=lambda status: backlog[status])
+        backlog[largest] -= over
+    return backlog

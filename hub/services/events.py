@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from hub.services import keys as key_store
 from hub.services import routes as route_store
+from hub.services.delivery import rollup
 from hub.services.paging import BadCursor
 from hub.store.db import Database
 from hub.store.models import (
@@ -239,6 +241,155 @@ def why_not_replayed(session: Session, event_ids: Iterable[str]) -> dict[str, st
         else:
             reasons[event_id] = f"{event.status}: not replayable"
     return reasons
+
+
+# --- replay of one destination's deliveries: one by id, or a bulk replay aimed at it ---
+
+# A delivery may be replayed once it has ended: reached, filtered out, or given up on. One
+# still on its way (pending, processing, retrying) or waiting (held, queued) is not: its
+# destination will be called anyway, and a second run would race the first.
+DELIVERY_ENDED = (
+    EventStatus.DELIVERED,
+    EventStatus.FILTERED,
+    EventStatus.FAILED,
+    EventStatus.DEAD,
+)
+_WHY_WAITING = {
+    EventStatus.PENDING: "already waiting for delivery",
+    EventStatus.RETRYING: "already waiting for its next try",
+    EventStatus.HELD: "held while its destination is paused or its circuit open; it goes "
+    "out when the destination is resumed",
+    EventStatus.QUEUED: "queued behind an earlier delivery of its ordering key",
+}
+
+
+class NoSuchDelivery(LookupError):
+    """No such delivery, event, or destination of the event; ``args[0]`` says which."""
+
+
+class DeliveryNotReplayable(ValueError):
+    """The delivery has not ended (or its event was never accepted); ``args[0]`` says why."""
+
+
+def replay_deliveries(session: Session, delivery_ids: Iterable[str]) -> list[str]:
+    """Put the ended ones of these deliveries back to pending, due now, and roll up their
+    events; the ids replayed. Unlike an event's replay, a delivery that was delivered is
+    called again: the admin named it. Its runs keep counting and its retry schedule starts
+    from its first delay; the event's other deliveries are left as they are."""
+    ids = list(delivery_ids)
+    if not ids:
+        return []
+    now = utcnow()
+    replayed = session.execute(
+        update(Delivery.__table__)
+        .where(Delivery.id.in_(ids), Delivery.status.in_(DELIVERY_ENDED))
+        .values(
+            status=EventStatus.PENDING,
+            next_attempt_at=now,
+            completed_at=None,
+            retries=0,
+            lease_owner=None,
+            lease_until=None,
+        )
+        .returning(Delivery.id, Delivery.event_id)
+    ).all()
+    event_ids = sorted({row.event_id for row in replayed})
+    if event_ids:
+        session.execute(
+            update(Event.__table__).where(Event.id.in_(event_ids)).values(replayed_at=now)
+        )
+        conn = session.connection()
+        for event_id in event_ids:
+            rollup(conn, event_id)
+    return [row.id for row in replayed]
+
+
+def replay_delivery(session: Session, delivery_id: str) -> Delivery:
+    """Replay one delivery (``replay_deliveries``); its row as it now stands. Raises
+    NoSuchDelivery, or DeliveryNotReplayable with the reason while it has not ended."""
+    row = session.get(Delivery, delivery_id[:32]) if "\x00" not in delivery_id else None
+    if row is None:
+        raise NoSuchDelivery(f"No delivery has the id {delivery_id[:40]!r}")
+    if not replay_deliveries(session, [row.id]):
+        raise DeliveryNotReplayable(why_delivery_not_replayed(row))
+    session.refresh(row)
+    return row
+
+
+def delivery_of(session: Session, event_id: str, destination: str) -> Delivery:
+    """The event's delivery to the destination named ``destination``. Raises
+    NoSuchDelivery (no such event, or none to that destination), or
+    DeliveryNotReplayable for an event that was never accepted (it has none)."""
+    event = session.get(Event, event_id[:32])
+    if event is None:
+        raise NoSuchDelivery(NO_SUCH_EVENT)
+    row = session.scalar(
+        select(Delivery).where(Delivery.event_id == event.id, Delivery.destination == destination)
+    )
+    if row is not None:
+        return row
+    if event.status in NEVER_ACCEPTED:
+        raise DeliveryNotReplayable(
+            f"{event.status}: never accepted, so it has no delivery to replay"
+        )
+    names = session.scalars(
+        select(Delivery.destination)
+        .where(Delivery.event_id == event.id)
+        .order_by(Delivery.position)
+    ).all()
+    known = ", ".join(names) or "none"
+    raise NoSuchDelivery(
+        f"event {event.id} has no delivery to a destination named {destination!r} "
+        f"(its destinations: {known})"
+    )
+
+
+def why_delivery_not_replayed(row: Delivery) -> str:
+    """Why a replay leaves the delivery alone, in a sentence."""
+    status = EventStatus(row.status)
+    if status == EventStatus.PROCESSING:
+        if row.lease_until is not None and row.lease_until >= utcnow():
+            until = f"{row.lease_until:%H:%M:%S}"
+            why = f"in flight (leased until {until} UTC)"
+        else:
+            why = "its call was cut off; the reaper puts it back once its lease has run out"
+    else:
+        why = _WHY_WAITING.get(status, "not replayable")
+    return (
+        f"the delivery to {row.destination!r} is {status}: {why}; only an ended delivery "
+        "(delivered, filtered, failed, dead) is replayed"
+    )
+
+
+def aimed_problems(route: str | None, status: str | None, destination: str | None) -> list[str]:
+    """What is wrong with a bulk replay aimed at one destination, field by field: a
+    destination's name means something only within its route, and the status is then its
+    delivery's, which must be one a replay takes."""
+    if destination is None:
+        return []
+    problems = []
+    if not re.fullmatch(route_store.DESTINATION_NAME_PATTERN, destination):
+        problems.append(
+            "destination: not a destination's name (lowercase letters, digits, - and _)"
+        )
+    if not route:
+        problems.append("destination: give the route too (a destination is named within its route)")
+    if status and status not in DELIVERY_ENDED:
+        problems.append(
+            "status: with a destination, the status is its delivery's: one of "
+            + ", ".join(s.value for s in DELIVERY_ENDED)
+        )
+    return problems
+
+
+def _aimed_at(query: Select, filters: Filters, destination: str) -> Select:
+    """``query`` joined to each event's delivery to ``destination``: the event filters but
+    status, and the delivery's status (``filters.status``, else any that ended)."""
+    statuses = (filters.status,) if filters.status else DELIVERY_ENDED
+    query = query.join(Delivery, Delivery.event_id == Event.id).where(
+        Delivery.destination == destination, Delivery.status.in_(statuses)
+    )
+    return replace(filters, status=None).apply(query)
 
 
 def matching_ids(
@@ -501,32 +652,48 @@ def replay_matching(
     cursor: str | None = None,
     examine: int = 10_000,
     batch: int = 500,
+    destination: str | None = None,
 ) -> tuple[int, int, str | None]:
     """Replay the events matching ``filters``, newest first, looking at most at ``examine``.
 
     Each batch is replayed in its own short transaction. Returns (replayed, examined,
-    next cursor or None when every match was looked at).
+    next cursor or None when every match was looked at). Aimed at a ``destination`` (of
+    ``filters.route``: ``aimed_problems``), only that destination's deliveries are replayed,
+    those whose status is ``filters.status`` (else any that ended), one per event looked at;
+    the events' other deliveries are left as they are.
     """
     replayed = examined = 0
     while examined < examine:
         take = min(batch, examine - examined)
-        query = filters.apply(_older_than(select(Event.id, Event.received_at), cursor))
+        query = _bulk_query(filters, destination, cursor)
         with db.session() as session:
             rows = session.execute(query.order_by(*NEWEST_FIRST).limit(take)).all()
-            if rows:
+            if rows and destination is None:
                 replayed += len(replay(session, [r.id for r in rows]))
+            elif rows:
+                replayed += len(replay_deliveries(session, [r.delivery_id for r in rows]))
         examined += len(rows)
         if len(rows) < take:
             return replayed, examined, None
         cursor = encode_cursor(rows[-1].received_at, rows[-1].id)
-    more = cursor is not None and _any_left(db, filters, cursor)
+    more = cursor is not None and _any_left(db, filters, cursor, destination)
     return replayed, examined, cursor if more else None
 
 
-def _any_left(db: Database, filters: Filters, cursor: str) -> bool:
+def _bulk_query(filters: Filters, destination: str | None, cursor: str | None) -> Select:
+    """A bulk replay's rows past ``cursor``: (id, received_at) of each matching event, and
+    with a destination the id of its delivery there."""
+    query = _older_than(select(Event.id, Event.received_at), cursor)
+    if destination is None:
+        return filters.apply(query)
+    return _aimed_at(query.add_columns(Delivery.id.label("delivery_id")), filters, destination)
+
+
+def _any_left(db: Database, filters: Filters, cursor: str, destination: str | None = None) -> bool:
     with db.read_session() as session:
-        query = filters.apply(_older_than(select(Event.id), cursor)).limit(1)
-        return session.scalar(query) is not None
+        return (
+            session.execute(_bulk_query(filters, destination, cursor).limit(1)).first() is not None
+        )
 
 
 # Events whose processing time counts in the statistics.
@@ -757,9 +924,16 @@ def queue_gauges(db: Database, cap: int) -> tuple[int, int, datetime | None, int
         )
 
 
-def count_replayable(session: Session, filters: Filters, cap: int) -> int:
+def count_replayable(
+    session: Session, filters: Filters, cap: int, destination: str | None = None
+) -> int:
     """How many events matching ``filters`` a replay would take now, counted up to
-    ``cap + 1`` (more than ``cap`` says "more than one bulk replay looks at")."""
+    ``cap + 1`` (more than ``cap`` says "more than one bulk replay looks at"); aimed at a
+    ``destination``, how many of its deliveries."""
+    if destination is not None:
+        query = _aimed_at(select(Delivery.id).select_from(Event), filters, destination)
+        query = query.limit(cap + 1)
+        return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
     query = filters.apply(select(Event.id)).where(not_in_flight(utcnow())).limit(cap + 1)
     return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
 

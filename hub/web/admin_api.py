@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from hub.services import delivery, paging
 from hub.services import destinations as destination_store
@@ -391,6 +392,26 @@ def close_destination(name: str, destination: str, body: m.PauseIn):
 @api.route(
     bp,
     "GET",
+    "/admin/api/routes/{name}/destinations",
+    summary="The route's destinations: settings, state, deliveries in flight and waiting",
+    tag="routes",
+    path_params=NAME,
+    description="Each count reads at most "
+    f"{destination_store.BACKLOG_CAP} deliveries of a destination; past that it says so "
+    "(in_flight_capped, backlog_capped) instead of counting on.",
+    responses={
+        200: ("The destinations, in order", m.DestinationViewList),
+        404: ("No route has this name", None),
+    },
+)
+def list_destinations(name: str):
+    views = destination_views(name)
+    return m.DestinationViewList(route=name, destinations=views)
+
+
+@api.route(
+    bp,
+    "GET",
     "/admin/api/routes/{name}/destinations/{destination}/changes",
     summary="The changes of a destination's state (pause, resume, its circuit), newest first",
     tag="routes",
@@ -406,6 +427,31 @@ def destination_changes(name: str, destination: str, query: m.ChangesQuery):
     return m.DestinationChangeList(
         changes=[m.DestinationChangeOut(**row.to_dict()) for row in rows]
     )
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/routes/{name}/destinations/{destination}",
+    summary="One destination: settings, state, deliveries in flight and waiting",
+    tag="routes",
+    path_params=DESTINATION,
+    responses={200: ("The destination", m.DestinationView)} | NO_DESTINATION,
+)
+def get_destination(name: str, destination: str):
+    return destination_views(name, destination)[0]
+
+
+def destination_views(name: str, only: str | None = None) -> list[m.DestinationView]:
+    registry = current_app.extensions["hub.connectors"]
+    now = utcnow()
+    try:
+        views = destination_store.overview(
+            get_read_session(), name, get_box(), registry, only=only, now=now
+        )
+    except destination_store.NoSuchDestination as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    return [m.DestinationView.model_validate(view.to_dict(now)) for view in views]
 
 
 ROTATION_ERRORS = {
@@ -587,6 +633,42 @@ def replay_event(event_id: str):
 @api.route(
     bp,
     "POST",
+    "/admin/api/deliveries/{delivery_id}/replay",
+    summary="Put one delivery (one destination of an event) back in the queue",
+    tag="events",
+    path_params={"delivery_id": "The delivery's id (dlv_..., in the event's deliveries)"},
+    description="Only a delivery that ended (delivered, filtered, failed or dead) is "
+    "replayed, and a delivered one is called again: it was named. Its runs keep counting; "
+    "the event's other deliveries are left as they are and its status is rolled up again.",
+    responses={
+        200: ("Queued again", m.DeliveryReplayOut),
+        404: ("No such delivery", None),
+        409: ("The delivery has not ended (in flight, waiting, held or queued)", None),
+    },
+)
+def replay_delivery(delivery_id: str):
+    session = get_session()
+    try:
+        row = event_store.replay_delivery(session, delivery_id)
+    except event_store.NoSuchDelivery as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    except event_store.DeliveryNotReplayable as exc:
+        raise ApiError(409, str(exc), "not_replayable") from None
+    event_status = session.scalar(select(Event.status).where(Event.id == row.event_id))
+    session.commit()
+    delivery.wake(current_app)
+    return m.DeliveryReplayOut(
+        id=row.id,
+        event_id=row.event_id,
+        destination=row.destination,
+        status=row.status,
+        event_status=event_status,
+    )
+
+
+@api.route(
+    bp,
+    "POST",
     "/admin/api/events/replay",
     summary="Replay every event matching the filters (all=true to replay without one)",
     tag="events",
@@ -594,7 +676,9 @@ def replay_event(event_id: str):
     description="Looks at most at HUB_ADMIN_REPLAY_MAX matching events per call, newest "
     "first; next_cursor says more matched: send the same body with that cursor. Each "
     "event is replayed as one replay does: only its deliveries that were not reached "
-    "(all of them when every one was).",
+    "(all of them when every one was). With a destination (and its route), only that "
+    "destination's deliveries are replayed, those whose own status is the status given "
+    "(any that ended when none is); the events' other deliveries are left alone.",
     responses={
         200: ("How many were replayed", m.BulkReplayOut),
         400: ("No filter and no all=true, or a bad cursor", None),
@@ -607,12 +691,16 @@ def replay_events(body: m.BulkReplayIn):
             "Give a filter (route, status, reason, key, since, until) or all=true",
             "filter_required",
         )
+    problems = event_store.aimed_problems(body.route, body.status, body.destination)
+    if problems:
+        raise invalid(problems, "body")
     try:
         replayed, examined, cursor = event_store.replay_matching(
             get_db(),
             event_store.Filters.of(body),
             cursor=body.cursor,
             examine=int(current_app.config["ADMIN_REPLAY_MAX"]),
+            destination=body.destination,
         )
     except event_store.BadCursor:
         raise bad_cursor("body") from None

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hub.services import keys as key_store
+from hub.services.destinations import BACKLOG_CAP
 from hub.services.events import STATUSES, parse_time
 from hub.services.paging import PAGE_DEFAULT, PAGE_MAX
 from hub.services.routes import (
@@ -360,6 +361,43 @@ class DestinationChangeList(BaseModel):
     changes: list[DestinationChangeOut] = Field(description="Newest first")
 
 
+class BacklogOut(BaseModel):
+    """A destination's deliveries waiting, by status."""
+
+    pending: int = Field(description="Due now or at their next attempt time")
+    retrying: int = Field(description="Waiting for their next try")
+    held: int = Field(description="Held while the destination is paused or its circuit open")
+    queued: int = Field(description="Behind an earlier delivery of their ordering key")
+
+
+class DestinationView(BaseModel):
+    """A destination as it stands: settings, state, deliveries in flight and waiting."""
+
+    route: str
+    name: str
+    position: int = Field(description="Its place in the route, from 0 (0 answers sync)")
+    state: str = Field(description="active, paused, open or half_open")
+    state_changed_at: str | None
+    state_reason: str | None
+    in_flight: int = Field(description="Deliveries being called now (under a live lease)")
+    in_flight_capped: bool = Field(description="More were in flight than counted")
+    backlog: BacklogOut
+    backlog_total: int = Field(description="The backlog's figures added up")
+    backlog_capped: bool = Field(
+        description=f"More than {BACKLOG_CAP} deliveries wait: counting stopped there"
+    )
+    oldest_waiting_at: str | None = Field(
+        description="When the oldest waiting delivery was created (of those counted)"
+    )
+    oldest_waiting_seconds: float | None = Field(description="Its age, in seconds")
+    settings: DestinationOut = Field(description="As the route shows it (secrets masked)")
+
+
+class DestinationViewList(BaseModel):
+    route: str
+    destinations: list[DestinationView] = Field(description="In the route's order")
+
+
 class SecretIn(Strict):
     secret: str = Field(min_length=1, max_length=1000)
 
@@ -441,12 +479,28 @@ class ReplayOut(BaseModel):
     status: str
 
 
+class DeliveryReplayOut(BaseModel):
+    id: str = Field(description="The delivery's id (dlv_...)")
+    event_id: str
+    destination: str
+    status: str = Field(description="The delivery's status: pending")
+    event_status: str = Field(description="The event's status, rolled up again")
+
+
 class BulkReplayIn(EventFilters):
     all: bool = Field(False, description="Required to replay without any filter")
+    destination: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Replay only this destination's deliveries (of the route given); "
+        "status is then the delivery's: delivered, filtered, failed or dead (any of them "
+        "when not given)",
+    )
 
 
 class BulkReplayOut(BaseModel):
-    replayed: int
+    replayed: int = Field(description="Events replayed; with a destination, its deliveries")
     examined: int
     next_cursor: str | None = Field(description="More events matched: send again with this")
 
