@@ -3,7 +3,7 @@
 - in one process: a claim takes turns across routes, and a route holds at most its share
   of a worker's delivery threads (``HUB_WORKER_ROUTE_SHARE``);
 - with real processes (2 ``flask --app hub worker --concurrency 4``, as docs/operations.md deploys
-  them): a burst of 120 events to a receiver that takes 5 s, or a bulk replay of 20,000
+  them): a burst of 120 events to a receiver that takes 5 s, or a bulk replay of 5,000
   events, and then one event of another sender on another route, delivered in under 5 s.
 """
 
@@ -112,7 +112,7 @@ def start_workers(url: str, tmp_path, count: int = 2):
     return procs
 
 
-@pytest.mark.parametrize("backlog", ["burst to a 5 s receiver", "bulk replay of 20,000"])
+@pytest.mark.parametrize("backlog", ["burst to a 5 s receiver", "bulk replay of 5,000"])
 def test_another_routes_event_is_delivered_within_seconds_behind_a_backlog(
     app, client, db, make_key, add_route, receiver, database_url_for_test, tmp_path, backlog
 ):
@@ -121,7 +121,7 @@ def test_another_routes_event_is_delivered_within_seconds_behind_a_backlog(
         add_route("bulk", forward_to(receiver), mode="async")
         add_route("other", forward_to(receiver), mode="async")
         if backlog.startswith("bulk"):
-            insert_events(db, "bulk", 20_000, status="delivered")
+            insert_events(db, "bulk", 5_000, status="delivered")
         procs = start_workers(database_url_for_test, tmp_path)
         try:
             if backlog.startswith("burst"):
@@ -137,8 +137,8 @@ def test_another_routes_event_is_delivered_within_seconds_behind_a_backlog(
                 time.sleep(2.5)
             else:
                 filters = event_store.Filters(route="bulk", status="delivered")
-                replayed, _, _ = event_store.replay_matching(db, filters, examine=20_000)
-                assert replayed == 20_000
+                replayed, _, _ = event_store.replay_matching(db, filters, examine=5_000)
+                assert replayed == 5_000
                 wait_until(lambda: len(receiver.requests) >= 100, 15, what="the drain to start")
             quiet = make_key(name="quiet")
             sent = time.monotonic()
@@ -239,10 +239,10 @@ def test_the_embedded_worker_takes_turns_behind_a_bulk_replay(
     """``make run``'s shape: SQLite, one delivery thread in each of gunicorn's processes."""
     add_route("bulk", forward_to(receiver), mode="async")
     add_route("other", forward_to(receiver), mode="async")
-    insert_events(db, "bulk", 20_000, status="delivered")
+    insert_events(db, "bulk", 5_000, status="delivered")
     with gunicorn(database_url_for_test, tmp_path / "web.log") as (_, base):
         filters = event_store.Filters(route="bulk", status="delivered")
-        assert event_store.replay_matching(db, filters, examine=20_000)[0] == 20_000
+        assert event_store.replay_matching(db, filters, examine=5_000)[0] == 5_000
         wait_until(lambda: len(receiver.requests) >= 100, 15, what="the drain to start")
         sent = time.monotonic()
         response = requests.post(
