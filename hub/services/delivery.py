@@ -40,7 +40,7 @@ from flask import Flask
 from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, select, text, update
 
 from hub.ops import logs, metrics
-from hub.services import pipeline
+from hub.services import ordering, pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -295,6 +295,9 @@ _REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
 # Not ended, and not due: held (paused destination, open circuit), queued (behind the
 # delivery before it with the same ordering key).
 _WAITING = (EventStatus.HELD, EventStatus.QUEUED)
+# A delivery's statuses after a run that keep its ordering key blocked: it is still its
+# key's one delivery on its way.
+_BLOCKING = (EventStatus.RETRYING, EventStatus.HELD)
 
 
 def rolled_up_status(statuses: Sequence[str]) -> str:
@@ -761,13 +764,26 @@ class Worker:
             stands = {column: getattr(delivery, column) for column in ROLLED} | values
             alone = types.SimpleNamespace(**{column: stands[column] for column in ROLLED})
 
+        # An ordered delivery that ended (a retry, or a hold, keeps its key blocked) lets
+        # the next of its key go, in the same transaction: no moment when the key has
+        # nothing on its way and nothing promoted (hub.services.ordering).
+        unblocks = delivery.order_key is not None and values["status"] not in _BLOCKING
+        promoted: list[str] = []
+
         def write(conn) -> int:
             changed = conn.execute(statement).rowcount
             if changed:
                 self._rolled[delivery.id] = rollup(conn, delivery.event_id, delivery.id, alone)
+                if unblocks:
+                    promoted[:] = [
+                        ordering.promote(conn, delivery.lane, delivery.order_key, locked=False)
+                    ]
             return changed
 
-        return self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
+        changed = self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
+        if changed and any(promoted):
+            self.wakeup.set()  # the next of the key is due now
+        return changed
 
     def release(self, delivery_ids: set[str]) -> None:
         """Hand leases back (a stopping worker): the deliveries are due again at once."""
@@ -826,9 +842,12 @@ class Worker:
             return self._ready.popleft() if self._ready else None
 
     def reap(self) -> None:
-        """One reaper pass (sync events whose process died); a database error waits a turn."""
+        """One reaper pass (sync events whose process died, ordered deliveries left queued
+        with nothing ahead of them); a database error waits a turn."""
         try:
             reap_sync_events(self.db)
+            if ordering.promote_stalled_in(self.db):
+                self.wakeup.set()
         except Exception as exc:
             log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
 

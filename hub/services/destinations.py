@@ -7,8 +7,9 @@ retrying deliveries to ``held`` in the same transaction, keeping their next atte
 Intake creates a paused destination's deliveries ``held``; a worker whose route cache is
 older than the pause finds the state in the database before calling and holds the
 delivery instead. Resuming sets the state back to ``active`` and makes the held
-deliveries pending and due now in their order, then wakes the workers. Pausing a paused
-destination (or resuming an active one) changes nothing.
+deliveries pending and due now in their order (an ordered destination's keys with
+nothing on their way promote their next: hub.services.ordering), then wakes the workers.
+Pausing a paused destination (or resuming an active one) changes nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from flask import Flask
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from hub.services import delivery
+from hub.services import delivery, ordering
 from hub.services import routes as route_store
-from hub.store.models import Delivery, Destination, EventStatus, iso_time, utcnow
+from hub.store.models import Delivery, Destination, EventStatus, iso_time, lane_of, utcnow
 
 ACTIVE = "active"
 PAUSED = delivery.PAUSED
@@ -145,7 +146,11 @@ def resume(session: Session, route: str, name: str, app: Flask | None = None) ->
             .returning(Delivery.event_id)
         ).all()
         _roll_up(session, waiting)
+        # Keys of an ordered destination with nothing held and nothing on its way (their
+        # head waited queued through the pause) go again; a held head is pending now, and
+        # its key's next waits for it.
+        promoted = ordering.promote_stalled(session.connection(), lane=lane_of(route, name))
         session.commit()
-        if waiting and app is not None:
+        if (waiting or promoted) and app is not None:
             delivery.wake(app)
     return _answer(session, route, row)
