@@ -135,6 +135,9 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
     if not ids:
         return []
     now = utcnow()
+    # The ordering keys its deliveries will be promoted in, locked before any row changes
+    # (hub.services.ordering).
+    ordering.lock_keys_of(session.connection(), ids)
     replayed = session.scalars(
         update(Event.__table__)
         .where(Event.id.in_(ids), not_in_flight(now))

@@ -983,7 +983,15 @@ def commit_new_event(session: Session, event: Event, deliveries: list[Delivery])
         )
     # Ordered deliveries were written queued: each that heads its key goes now, in a short
     # transaction of its own (its lock is never held across other requests' writes).
-    promoted = set(ordering.promote_new(current_app.extensions["hub.db"], deliveries))
+    # If the database fails here, the event is stored all the same: the workers' periodic
+    # pass promotes it (the sender must not retry what was accepted).
+    try:
+        promoted = set(ordering.promote_new(current_app.extensions["hub.db"], deliveries))
+    except Exception as exc:
+        log.warning(
+            "event %s: ordering promotion left to the workers (%s)", event.id, type(exc).__name__
+        )
+        promoted = set()
     for row in deliveries:
         if row.id in promoted:
             row.status = EventStatus.PENDING

@@ -132,6 +132,18 @@ def key_for(
     return value
 
 
+def lock_keys_of(conn: Connection, event_ids: list[str]) -> None:
+    """Take the locks of the ordering keys of these events' deliveries, in one order,
+    before a replay changes any row (it promotes them afterwards)."""
+    keys = conn.execute(
+        select(Delivery.lane, Delivery.order_key)
+        .where(Delivery.event_id.in_(event_ids), Delivery.order_key.is_not(None))
+        .distinct()
+    ).all()
+    for lane, key in sorted(keys):
+        lock(conn, lane, key)
+
+
 def lock(conn: Connection, lane: str, key: str) -> None:
     """Serialise promotions of (lane, key) until this transaction ends (PostgreSQL; SQLite
     has one writer at a time already)."""
@@ -173,31 +185,46 @@ def promote_keys(conn: Connection, keys: Iterable[tuple[str, str]]) -> list[str]
 
 def promote_new(db: Database, deliveries: Iterable[Delivery]) -> list[str]:
     """After the intake's commit: promote the keys of its ordered deliveries (each is
-    usually its key's head); the deliveries promoted. Its own short transaction: a lock held
-    in a group commit would be held across other requests' writes."""
-    keys = [(d.lane, d.order_key) for d in deliveries if d.order_key is not None]
-    if not keys:
-        return []
-    with db.engine.begin() as conn:
-        return promote_keys(conn, keys)
+    usually its key's head); the deliveries promoted. Short transactions of their own: a
+    lock held in a group commit would be held across other requests' writes."""
+    return _each_alone(db, {(d.lane, d.order_key) for d in deliveries if d.order_key is not None})
 
 
-def promote_stalled(conn: Connection, lane: str | None = None, most: int = 1000) -> list[str]:
-    """Promote the head of every key (of ``lane``, or of every lane) with a queued
-    delivery and nothing active; the deliveries promoted. One pass over the unfinished ordered
+def _each_alone(db: Database, keys: Iterable[tuple[str, str]]) -> list[str]:
+    """``promote`` each (lane, key) in a transaction of its own: a transaction never holds
+    one key's lock (and the rows its promotion locked) while waiting for another's."""
+    promoted = []
+    for lane, key in sorted(keys):
+        with db.engine.begin() as conn:
+            delivery_id = promote(conn, lane, key)
+        if delivery_id is not None:
+            promoted.append(delivery_id)
+    return promoted
+
+
+def stalled(conn: Connection, lane: str | None = None, most: int = 1000) -> list[tuple]:
+    """The (lane, key) pairs (of ``lane``, or of every lane) with a queued delivery and
+    nothing active: their head waits for a promotion. One pass over the unfinished ordered
     deliveries (ix_deliveries_order); ``most`` keys at a time."""
     sql = _STALLED.replace("{lane}", " AND d.lane = :lane" if lane is not None else "")
     params: dict[str, Any] = {"most": most}
     if lane is not None:
         params["lane"] = lane
-    stalled = conn.execute(text(sql), params).all()
-    return promote_keys(conn, [(row.lane, row.order_key) for row in stalled])
+    return [(row.lane, row.order_key) for row in conn.execute(text(sql), params)]
+
+
+def promote_stalled(conn: Connection, lane: str | None = None) -> list[str]:
+    """Promote the head of every stalled key (``stalled``) in this transaction; the
+    deliveries promoted."""
+    return promote_keys(conn, stalled(conn, lane))
 
 
 def promote_stalled_in(db: Database) -> list[str]:
-    """The worker's periodic pass: ``promote_stalled`` in a transaction of its own."""
-    with db.engine.begin() as conn:
-        promoted = promote_stalled(conn)
+    """The worker's periodic pass: the stalled keys' heads promoted, each key in a
+    transaction of its own."""
+    with db.read_session() as session:
+        keys = stalled(session.connection())
+    promoted = _each_alone(db, keys)
     if promoted:
         log.warning("promoted %d ordered deliveries left queued with nothing ahead", len(promoted))
     return promoted
