@@ -311,11 +311,13 @@ def test_a_key_that_renders_empty_or_missing_is_unordered_and_long_keys_are_hash
     answer = client.post("/hooks/orders", json={"n": 1}, headers={"X-API-Key": key})
     missing = answer.json["id"]
     long = post(client, key, "x" * 300, 2)["id"]
+    nul = post(client, key, "a\u0000b", 3)["id"]
     assert delivery_of(db, blank).order_key is None
     assert delivery_of(db, blank).status == EventStatus.PENDING
     assert delivery_of(db, missing).order_key is None
     hashed = delivery_of(db, long).order_key
     assert hashed.startswith("sha256:") and len(hashed) == 71
+    assert delivery_of(db, nul).order_key == "a\\u0000b"  # storable on PostgreSQL too
 
 
 def test_an_ordering_key_is_checked_when_the_route_is_saved(client, admin, keyed):

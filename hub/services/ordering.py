@@ -43,6 +43,7 @@ from sqlalchemy import Connection, bindparam, select, text, update
 from hub.ops import metrics
 from hub.services import delivery as delivery_service
 from hub.services.templating import TemplateLimits, TemplateProblem, render_config
+from hub.store import storable
 from hub.store.db import Database
 from hub.store.models import (
     ORDERED_PREDICATE,
@@ -124,11 +125,12 @@ def key_for(
             exc.code or "missing",
         )
         return None
-    value = str(value).strip()
+    # NUL and lone surrogates escaped: a key is text both databases can store.
+    value = storable.text(str(value).strip())
     if not value:
         return None
     if len(value) > MAX_KEY:
-        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
     return value
 
 
