@@ -27,7 +27,8 @@ was its key's one active delivery, so until that transaction commits every other
 promotion of the key sees it active and promotes nothing (and a lock there would be held
 across the other pieces of a group commit).
 
-Depends on the store and on hub.services.delivery's roll-up only.
+Uses the store, the template sandbox (hub.services.templating) and the roll-up of
+hub.services.delivery, which calls back into this module when an ordered delivery ends.
 """
 
 from __future__ import annotations
