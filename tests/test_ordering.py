@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import select, update
 
+from hub.services import events as event_store
 from hub.services.delivery import Worker
 from hub.store.models import Delivery, Event, EventStatus
 from tests import procs, test_destinations
@@ -388,3 +389,28 @@ def test_a_replayed_delivery_waits_behind_its_key(app, client, db, key, admin, k
     while worker.run_once():
         pass
     assert receiver.calls("c") == [(0, 200), (1, 500), (0, 200), (2, 200)]
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL")
+@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
+def test_two_promotions_of_one_key_follow_one_another(app, client, db, key, admin, keyed):
+    """A replay puts a delivery back in its key's queue and promotes it, not yet committed;
+    meanwhile another request of the same key is accepted. Its promotion waits for the
+    replay's commit and then sees the replayed delivery on its way: one delivery of the key
+    is pending, not two (each transaction alone would have seen the key free)."""
+    receiver = keyed(lambda body: 200)
+    ordered_route(client, admin, receiver.url)
+    first = post(client, key, "c", 0)["id"]
+    Worker(app, name="lock").run_once()
+    assert event_row(db, first).status == EventStatus.DELIVERED
+    answers: list[dict] = []
+    with db.session() as session:
+        assert event_store.replay(session, [first]) == [first]
+        second = threading.Thread(target=lambda: answers.append(post(client, key, "c", 1)))
+        second.start()
+        second.join(1.0)
+        assert second.is_alive()  # its promotion waits for this transaction's key lock
+    second.join(10)
+    assert answers[0]["status"] == "queued"
+    assert delivery_of(db, first).status == EventStatus.PENDING
+    assert delivery_of(db, answers[0]["id"]).status == EventStatus.QUEUED
