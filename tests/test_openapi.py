@@ -151,6 +151,11 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("GET", "/admin/api/events/{event_id}", f"/admin/api/events/{event.id}", **a)
     call("POST", "/admin/api/events/{event_id}/replay", f"/admin/api/events/{event.id}/replay", **a)
     call("POST", "/admin/api/events/{event_id}/replay", f"/admin/api/events/{event.id}/replay", **a)
+    skip = "/admin/api/deliveries/{delivery_id}/skip"
+    replayed = "/admin/api/deliveries/dlv_" + event.id[4:] + "/skip"  # the replay made it
+    call("POST", skip, replayed, **a)
+    call("POST", skip, replayed, **a)  # ended already: 409
+    call("POST", skip, "/admin/api/deliveries/dlv_nope/skip", **a)
     call("POST", "/admin/api/events/replay", json={}, **a)
     call("POST", "/admin/api/events/replay", json={"route": "orders"}, **a)
     aimed = {"route": "orders", "destination": "default", "status": "dead"}

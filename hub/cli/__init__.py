@@ -27,7 +27,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
-from hub.services import delivery, ratelimit
+from hub.services import delivery, ordering, ratelimit
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
@@ -868,6 +868,23 @@ def _wake(replayed: list[str]) -> None:
     """Tell workers, here and elsewhere, that replayed events are due."""
     if replayed:
         delivery.wake(current_app)
+
+
+@events_cli.command("skip")
+@click.argument("delivery_id")
+def events_skip(delivery_id: str) -> None:
+    """End a delivery that blocks its ordering key as failed ("skipped by an admin"); the
+    next delivery of its key goes. Exits 3 if it ended already."""
+    try:
+        skipped = ordering.skip(get_db(), delivery_id[:32])
+    except ordering.NoSuchDelivery as exc:
+        fail(str(exc))
+    except ordering.AlreadyEnded as exc:
+        nothing_to_do(str(exc))
+    except ordering.NotSkippable as exc:
+        fail(str(exc))
+    delivery.wake(current_app)
+    click.echo(f"skipped {skipped['id']} (event {skipped['event_id']}: {skipped['event_status']})")
 
 
 @events_cli.command("purge")

@@ -42,7 +42,7 @@ from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, selec
 
 from hub import rates
 from hub.ops import logs, metrics
-from hub.services import breaker, pipeline
+from hub.services import breaker, ordering, pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -300,6 +300,9 @@ _REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
 # Not ended, and not due: held (paused destination, open circuit), queued (behind the
 # delivery before it with the same ordering key).
 _WAITING = (EventStatus.HELD, EventStatus.QUEUED)
+# A delivery's statuses after a run that keep its ordering key blocked: it is still its
+# key's one delivery on its way.
+_BLOCKING = (EventStatus.RETRYING, EventStatus.HELD)
 
 
 def rolled_up_status(statuses: Sequence[str]) -> str:
@@ -931,6 +934,8 @@ class Worker:
         spec = breaker.spec_of(destination.breaker) if destination is not None else None
         turned: list[breaker.Turn | None] = [None]
 
+        promoted: list[str] = []
+
         def write(conn) -> int:
             changed = conn.execute(statement).rowcount
             turned[0] = turn = None
@@ -952,6 +957,14 @@ class Worker:
                 self._rolled[delivery.id] = rollup(conn, delivery.event_id, delivery.id, alone)
                 for event_id in sorted(set(turn.events if turn else ()) - {delivery.event_id}):
                     rollup(conn, event_id)
+                # An ordered delivery that ended (a retry, or a hold by its breaker, keeps
+                # its key blocked) lets the next of its key go, in the same transaction: no
+                # moment when the key has nothing on its way and nothing promoted
+                # (hub.services.ordering).
+                if delivery.order_key is not None and final["status"] not in _BLOCKING:
+                    promoted[:] = [
+                        ordering.promote(conn, delivery.lane, delivery.order_key, locked=False)
+                    ]
             return changed
 
         changed = self.commits.run(write, [(Attempt.__table__, row) for row in attempts])
@@ -962,6 +975,8 @@ class Worker:
             breaker.announce(turn.changes)
             if turn.released:
                 wake(self.app, soon=True)
+        if changed and any(promoted):
+            self.wakeup.set()  # the next of the key is due now
         return changed
 
     def release(self, delivery_ids: set[str]) -> None:
@@ -1022,9 +1037,12 @@ class Worker:
             return self._ready.popleft() if self._ready else None
 
     def reap(self) -> None:
-        """One reaper pass (sync events whose process died); a database error waits a turn."""
+        """One reaper pass (sync events whose process died, ordered deliveries left queued
+        with nothing ahead of them); a database error waits a turn."""
         try:
             reap_sync_events(self.db)
+            if ordering.promote_stalled_in(self.db):
+                self.wakeup.set()
         except Exception as exc:
             log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
 

@@ -8,8 +8,9 @@ retrying deliveries to ``held`` in the same transaction, keeping their next atte
 Intake creates a paused destination's deliveries ``held``; a worker whose route cache is
 older than the pause finds the state in the database before calling and holds the
 delivery instead. Resuming sets the state back to ``active`` and makes the held
-deliveries pending and due now in their order, then wakes the workers. Pausing a paused
-destination (or resuming an active one) changes nothing.
+deliveries pending and due now in their order (an ordered destination's keys with
+nothing on their way promote their next: hub.services.ordering), then wakes the workers.
+Pausing a paused destination (or resuming an active one) changes nothing.
 
 Pausing an open (or half-open) circuit makes it paused; resuming makes it active with a
 fresh count. Opening a circuit by hand (``open_circuit``) holds its deliveries as the
@@ -33,7 +34,7 @@ from sqlalchemy import func, literal, select, text, union_all
 from sqlalchemy.orm import Session
 
 from hub.connectors import Registry
-from hub.services import breaker, delivery
+from hub.services import breaker, delivery, ordering
 from hub.services import routes as route_store
 from hub.store.crypto import SecretBox
 from hub.store.models import (
@@ -178,12 +179,17 @@ def _let_go(
     for column, value in breaker.closed_values(now).items():
         setattr(row, column, value)
     session.flush()
-    waiting = breaker.release_held(session.connection(), lane_of(route, row.name), now)
+    lane = lane_of(route, row.name)
+    waiting = breaker.release_held(session.connection(), lane, now)
     _roll_up(session, waiting)
+    # Keys of an ordered destination with nothing held and nothing on its way (their head
+    # waited queued meanwhile) go again; a held head is pending now, and its key's next
+    # waits for it.
+    promoted = ordering.promote_stalled(session.connection(), lane=lane)
     change = _record(session, route, row, previous, cause, actor)
     session.commit()
     breaker.announce([change])
-    if waiting and app is not None:
+    if (waiting or promoted) and app is not None:
         delivery.wake(app)
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -26,7 +27,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from hub.services import delivery as delivery_service
 from hub.services import keys as key_store
+from hub.services import ordering, pipeline
 from hub.services import routes as route_store
 from hub.services.delivery import rollup
 from hub.services.paging import BadCursor
@@ -134,6 +137,9 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
     if not ids:
         return []
     now = utcnow()
+    # The ordering keys its deliveries will be promoted in, locked before any row changes
+    # (hub.services.ordering).
+    ordering.lock_keys_of(session.connection(), ids)
     replayed = session.scalars(
         update(Event.__table__)
         .where(Event.id.in_(ids), not_in_flight(now))
@@ -159,60 +165,89 @@ def _replay_deliveries(session: Session, event_ids: list[str], now: datetime) ->
     event's when every one was reached."""
     free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
     again = {
-        "status": EventStatus.PENDING,
+        # An ordered delivery goes back to its key's queue, in its place by id (the order
+        # its event was accepted in), behind the key's delivery on its way if any.
+        "status": case(
+            (Delivery.order_key.is_(None), EventStatus.PENDING), else_=EventStatus.QUEUED
+        ),
         "next_attempt_at": now,
         "completed_at": None,
         "retries": 0,
         "lease_owner": None,
         "lease_until": None,
     }
-    unreached = set(
-        session.scalars(
-            update(Delivery.__table__)
-            .where(Delivery.event_id.in_(event_ids), Delivery.status.not_in(REACHED), free)
-            .values(**again)
-            .returning(Delivery.event_id)
-        )
-    )
+    returned = (Delivery.event_id, Delivery.lane, Delivery.order_key)
+    rows = session.execute(
+        update(Delivery.__table__)
+        .where(Delivery.event_id.in_(event_ids), Delivery.status.not_in(REACHED), free)
+        .values(**again)
+        .returning(*returned)
+    ).all()
+    unreached = {row.event_id for row in rows}
     whole = [event_id for event_id in event_ids if event_id not in unreached]
     if whole:
-        session.execute(
-            update(Delivery.__table__).where(Delivery.event_id.in_(whole), free).values(**again)
-        )
-        _deliveries_for_bare(session, whole, now)
+        rows += session.execute(
+            update(Delivery.__table__)
+            .where(Delivery.event_id.in_(whole), free)
+            .values(**again)
+            .returning(*returned)
+        ).all()
+        rows += _deliveries_for_bare(session, whole, now)
+    ordered = [row for row in rows if row.order_key is not None]
+    if ordered:
+        conn = session.connection()
+        ordering.promote_keys(conn, [(row.lane, row.order_key) for row in ordered])
+        for event_id in sorted({row.event_id for row in ordered}):
+            delivery_service.rollup(conn, event_id)  # queued, or pending if promoted
 
 
-def _deliveries_for_bare(session: Session, event_ids: list[str], now: datetime) -> None:
+def _deliveries_for_bare(session: Session, event_ids: list[str], now: datetime) -> list[Any]:
     """An event kept with no delivery (written by hand, or by a tool) gets one, pending,
-    for each destination its route has now."""
-    bare = session.execute(
-        select(Event.id, Event.route).where(
+    for each destination its route has now (queued, with its key, for an ordered one);
+    each new delivery's (event_id, lane, order_key)."""
+    bare = session.scalars(
+        select(Event).where(
             Event.id.in_(event_ids),
             ~select(Delivery.id).where(Delivery.event_id == Event.id).exists(),
         )
     ).all()
-    for event_id, route_name in bare:
-        route = route_store.get(session, route_name)
+    made = []
+    for event in bare:
+        route = route_store.get(session, event.route)
         targets = route_store.destinations_of(route) if route is not None else []
-        names = [d.name for d in targets] or [DEFAULT_DESTINATION]
-        session.add_all(
-            Delivery(
-                id=first_delivery_id(event_id) if position == 0 else new_delivery_id(),
-                event_id=event_id,
-                route=route_name,
+        for position, name in enumerate([d.name for d in targets] or [DEFAULT_DESTINATION]):
+            key = _order_key(event, targets[position]) if targets else None
+            row = Delivery(
+                id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
+                event_id=event.id,
+                route=event.route,
                 destination=name,
-                lane=lane_of(route_name, name),
+                lane=lane_of(event.route, name),
+                order_key=key,
                 position=position,
-                status=EventStatus.PENDING,
+                status=EventStatus.PENDING if key is None else EventStatus.QUEUED,
                 attempts=0,
                 retries=0,
                 next_attempt_at=now,
                 created_at=now,
             )
-            for position, name in enumerate(names)
-        )
+            session.add(row)
+            made.append(row)
     if bare:
         session.flush()
+    return made
+
+
+def _order_key(event: Event, destination) -> str | None:
+    """An ordered destination's key for a stored event (None: unordered, or a body that
+    no longer decodes)."""
+    if not ordering.is_ordered(destination):
+        return None
+    try:
+        payload = pipeline.decode_payload(event.body or b"", event.content_type)
+    except pipeline.PayloadError:
+        return None
+    return ordering.key_for(destination, pipeline.template_context(event, payload, []))
 
 
 NO_SUCH_EVENT = "no such event"

@@ -33,9 +33,10 @@ from werkzeug.datastructures import Headers
 from hub import rates, signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
-from hub.services import breaker, delivery, keys, pipeline, ratelimit
+from hub.services import breaker, delivery, keys, ordering, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
+from hub.services.templating import TemplateLimits
 from hub.store import crypto
 from hub.store.db import get_db, get_session
 from hub.store.groupcommit import row_of
@@ -791,8 +792,11 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     # lease has run out (it is never redelivered: the sender got no answer and will retry).
     event.lease_owner, event.lease_until = sync_lease(timeout + float(config["SYNC_LEASE_MARGIN"]))
     # The first destination runs here, under the same lease; the others go to the workers.
-    deliveries = new_deliveries(event, route)
+    deliveries = new_deliveries(event, route, accepted.payload)
     first = deliveries[0]
+    # It runs here, now: a sync route's first destination is never ordered (routes refuse
+    # it), whatever an older route row says.
+    first.order_key = None
     first.status, first.attempts, first.next_attempt_at = EventStatus.PROCESSING, 1, None
     first.lease_owner, first.lease_until = event.lease_owner, event.lease_until
     # Commit before running: the request is on record even if the process dies, and no
@@ -917,28 +921,45 @@ def accept(incoming: Incoming) -> Accepted | Answer:
         )
 
 
-def new_deliveries(event: Event, route: Route) -> list[Delivery]:
+def new_deliveries(event: Event, route: Route, payload: Any = None) -> list[Delivery]:
     """One delivery of ``event`` for each destination of ``route``, pending and due now
     (``held`` for a paused destination, or one whose circuit is open or half-open: it waits
-    for the resume or the circuit's close, in its order)."""
-    return [
-        Delivery(
-            id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
-            event_id=event.id,
-            route=event.route,
-            destination=destination.name,
-            lane=lane_of(event.route, destination.name),
-            position=position,
-            status=(
-                EventStatus.HELD if destination.state in breaker.HOLDING else EventStatus.PENDING
-            ),
-            attempts=0,
-            retries=0,
-            next_attempt_at=event.received_at,
-            created_at=event.received_at,
+    for the resume or the circuit's close, in its order). An ordered destination's delivery
+    gets its key rendered over ``payload`` and the headers and is ``queued``, promoted after
+    the commit (``commit_new_event``; hub.services.ordering); held back, it is queued too
+    and its key's head is held once promoted."""
+    rows = []
+    context = None
+    for position, destination in enumerate(route_store.destinations_of(route)):
+        key = None
+        if ordering.is_ordered(destination):
+            if context is None:
+                context = pipeline.template_context(event, payload, [])
+            limits = TemplateLimits.from_config(current_app.config)
+            key = ordering.key_for(destination, context, limits)
+        if key is not None:
+            status = EventStatus.QUEUED
+        elif destination.state in breaker.HOLDING:
+            status = EventStatus.HELD
+        else:
+            status = EventStatus.PENDING
+        rows.append(
+            Delivery(
+                id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
+                event_id=event.id,
+                route=event.route,
+                destination=destination.name,
+                lane=lane_of(event.route, destination.name),
+                order_key=key,
+                position=position,
+                status=status,
+                attempts=0,
+                retries=0,
+                next_attempt_at=event.received_at,
+                created_at=event.received_at,
+            )
         )
-        for position, destination in enumerate(route_store.destinations_of(route))
-    ]
+    return rows
 
 
 def commit_new_event(session: Session, event: Event, deliveries: list[Delivery]) -> None:
@@ -954,12 +975,27 @@ def commit_new_event(session: Session, event: Event, deliveries: list[Delivery])
         session.expunge(event)
         for row in deliveries:
             session.expunge(row)
-        return
-    session.expunge(event)
-    session.commit()  # what else this request wrote (a key's last use): usually nothing
-    current_app.extensions["hub.commits"].insert_rows(
-        [(Event.__table__, row_of(event))] + [(Delivery.__table__, row_of(d)) for d in deliveries]
-    )
+    else:
+        session.expunge(event)
+        session.commit()  # what else this request wrote (a key's last use): usually nothing
+        current_app.extensions["hub.commits"].insert_rows(
+            [(Event.__table__, row_of(event))]
+            + [(Delivery.__table__, row_of(d)) for d in deliveries]
+        )
+    # Ordered deliveries were written queued: each that heads its key goes now, in a short
+    # transaction of its own (its lock is never held across other requests' writes).
+    # If the database fails here, the event is stored all the same: the workers' periodic
+    # pass promotes it (the sender must not retry what was accepted).
+    try:
+        promoted = set(ordering.promote_new(current_app.extensions["hub.db"], deliveries))
+    except Exception as exc:
+        log.warning(
+            "event %s: ordering promotion left to the workers (%s)", event.id, type(exc).__name__
+        )
+        promoted = set()
+    for row in deliveries:
+        if row.id in promoted:
+            row.status = EventStatus.PENDING
 
 
 def waits_for_resume(accepted: Accepted) -> bool:
@@ -978,11 +1014,13 @@ def enqueue(accepted: Accepted) -> None:
     event.status = EventStatus.PENDING
     event.response_status = 202
     event.next_attempt_at = event.received_at
-    deliveries = new_deliveries(event, accepted.route)
+    deliveries = new_deliveries(event, accepted.route, accepted.payload)
     event.status = delivery.rolled_up_status([row.status for row in deliveries])
-    if event.status == EventStatus.HELD:
+    if event.status in (EventStatus.HELD, EventStatus.QUEUED):
         event.next_attempt_at = None
     commit_new_event(session, event, deliveries)  # the 202 leaves once the event is durable
+    # What the sender is told: pending once its ordered deliveries were promoted.
+    event.status = delivery.rolled_up_status([row.status for row in deliveries])
     delivery.wake(current_app, soon=True)
 
 

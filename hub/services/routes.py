@@ -324,6 +324,7 @@ def validate(
         if names.index(destination.name) != index:
             errors.append(f"{where}name: {destination.name!r} is the name of another destination")
         errors += _step_problems(destination, registry, where)
+        errors += _ordering_problems(destination, where, spec.mode == "sync" and index == 0)
     if spec.destinations:
         first = spec.destinations[0]
         spec.steps, spec.filter = first.steps, first.filter
@@ -353,6 +354,25 @@ def _step_problems(destination: DestinationSpec, registry: Registry, prefix: str
         except TemplateProblem as exc:
             errors.append(f"{prefix}filter: {exc}" if prefix else str(exc))
     return errors
+
+
+def _ordering_problems(destination: DestinationSpec, prefix: str, runs_in_request: bool):
+    """What is wrong with a destination's ordering key: a template that does not parse, or
+    a destination that runs inside the request (a sync route's first), which can't wait
+    for the delivery before it."""
+    if destination.ordering_key is None:
+        return []
+    if runs_in_request:
+        return [
+            f"{prefix}ordering_key: a sync route's first destination runs inside the request "
+            "and can't wait for the delivery before it; order another destination, or make "
+            "the route async"
+        ]
+    try:
+        check_config(destination.ordering_key)
+    except TemplateProblem as exc:
+        return [f"{prefix}ordering_key: {exc}"]
+    return []
 
 
 def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:

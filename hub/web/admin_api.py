@@ -17,7 +17,7 @@ from flask import Blueprint, current_app, g
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from hub.services import delivery, paging
+from hub.services import delivery, ordering, paging
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
@@ -628,6 +628,36 @@ def replay_event(event_id: str):
     session.commit()
     delivery.wake(current_app)
     return m.ReplayOut(id=event.id, status=EventStatus.PENDING)
+
+
+DELIVERY_ID = {"delivery_id": "The delivery's id (dlv_...), as the event shows it"}
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/deliveries/{delivery_id}/skip",
+    summary="Skip a delivery: it ends failed, and the next of its ordering key goes",
+    tag="events",
+    path_params=DELIVERY_ID,
+    description="A delivery that blocks its ordering key (retrying, held, or waiting its "
+    'turn) ends failed, "skipped by an admin", and the next delivery of its key is '
+    "started. Any delivery not ended may be skipped, except one being called right now.",
+    responses={
+        200: ("Skipped", m.SkipOut),
+        404: ("No such delivery", None),
+        409: ("The delivery ended already, or is being called right now", None),
+    },
+)
+def skip_delivery(delivery_id: str):
+    try:
+        skipped = ordering.skip(get_db(), delivery_id[:32])
+    except ordering.NoSuchDelivery:
+        raise not_found("delivery") from None
+    except ordering.NotSkippable as exc:
+        raise ApiError(409, str(exc), "not_skippable") from None
+    delivery.wake(current_app)
+    return m.SkipOut(**skipped)
 
 
 @api.route(

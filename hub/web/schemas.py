@@ -487,6 +487,14 @@ class DeliveryReplayOut(BaseModel):
     event_status: str = Field(description="The event's status, rolled up again")
 
 
+class SkipOut(BaseModel):
+    id: str = Field(description="The delivery skipped")
+    event_id: str
+    status: str = Field(description="failed")
+    last_error: str = Field(description='"skipped by an admin"')
+    event_status: str | None = Field(description="The event's status now")
+
+
 class BulkReplayIn(EventFilters):
     all: bool = Field(False, description="Required to replay without any filter")
     destination: str | None = Field(
