@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from werkzeug.serving import make_server
 
 from hub.connectors import Connector, PermanentError, RetryableError
+from hub.services import delivery as delivery_module
 from hub.services.delivery import Worker
 from hub.store.models import Attempt, Delivery, Event, first_delivery_id, utcnow
 from tests.conftest import PG_URL
@@ -627,6 +628,27 @@ def test_a_new_event_wakes_a_worker_in_another_process_by_notify(client, key, ad
         assert post(client, key).status_code == 202
 
     assert heard(listener, new_event)
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
+def test_an_idle_notifier_gives_its_connection_back_and_a_new_event_still_wakes(
+    app, client, key, add_route, listener, monkeypatch
+):
+    """A web process that stops taking webhooks holds no database connection for NOTIFY."""
+    monkeypatch.setattr(delivery_module, "NOTIFIER_IDLE", 0.3)
+    add_route("later", [{"connector": "text"}], mode="async")
+    notifier = app.extensions["hub.notifier"]
+
+    def new_event():
+        assert post(client, key).status_code == 202
+
+    assert heard(listener, new_event)
+    thread = notifier._thread
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive() and notifier._thread is None  # ended, its connection closed
+    assert heard(listener, new_event)  # and started again by the next webhook
 
 
 @pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")

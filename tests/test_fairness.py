@@ -208,10 +208,13 @@ def test_the_fair_claim_walks_indexes_and_scans_no_table(app, db, add_route):
     insert_events(db, "quiet", 1)
     claimer = Worker(app, name="claimer")
     claimer.threads = [None] * 4
-    claimer._busy["backlog/default"] = (
-        1  # one of its events in flight: its room is in the statement
+    # One of its deliveries in flight: its room is in the statement.
+    claimer._busy["backlog/default"] = 1
+    claim = (
+        sa.update(Delivery)
+        .where(claimer._fair_due(None, 4, utcnow(), None))
+        .values(status="processing")
     )
-    claim = sa.update(Delivery).where(claimer._fair_due(4, utcnow())).values(status="processing")
     with db.engine.begin() as conn:
         sql = str(claim.compile(conn, compile_kwargs={"literal_binds": True}))
         if db.dialect == "postgresql":

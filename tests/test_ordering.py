@@ -391,6 +391,30 @@ def test_a_replayed_delivery_waits_behind_its_key(app, client, db, key, admin, k
     assert receiver.calls("c") == [(0, 200), (1, 500), (0, 200), (2, 200)]
 
 
+def test_one_replayed_delivery_waits_behind_its_key_too(app, client, db, key, admin, keyed):
+    """Replaying one delivery (not its event) keeps the key's order as well."""
+    app.config["STEP_TRIES"] = 1
+    blocking = {"on": False}
+    receiver = keyed(lambda body: 500 if blocking["on"] and body["n"] == 1 else 200)
+    ordered_route(client, admin, receiver.url, schedule=[60])
+    first = post(client, key, "c", 0)["id"]
+    worker = Worker(app, name="replay-one")
+    worker.run_once()
+    blocking["on"] = True
+    second = post(client, key, "c", 1)["id"]
+    worker.run_once()
+    assert delivery_of(db, second).status == EventStatus.RETRYING
+    one = delivery_of(db, first).id
+    replayed = client.post(f"/admin/api/deliveries/{one}/replay", headers=admin)
+    assert replayed.status_code == 200, replayed.json
+    assert delivery_of(db, first).status == EventStatus.QUEUED  # behind the retrying one
+    blocking["on"] = False
+    client.post(f"/admin/api/deliveries/{delivery_of(db, second).id}/skip", headers=admin)
+    while worker.run_once():
+        pass
+    assert receiver.calls("c") == [(0, 200), (1, 500), (0, 200)]
+
+
 @pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL")
 @pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
 def test_two_promotions_of_one_key_follow_one_another(app, client, db, key, admin, keyed):

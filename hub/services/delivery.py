@@ -1164,6 +1164,10 @@ def wake(app: Flask, *, soon: bool = False) -> None:
         notifier.send()
 
 
+# Seconds without a poke after which the Notifier's thread ends and closes its connection.
+NOTIFIER_IDLE = 10.0
+
+
 class Notifier:
     """Tells workers in other processes that events are due (PostgreSQL's NOTIFY).
 
@@ -1192,6 +1196,15 @@ class Notifier:
                     )
                     self._thread.start()
 
+    def _idle_out(self) -> bool:
+        """Whether the thread may end, idle: no poke came (decided under the lock poke
+        starts a thread under, so a poke either is seen here or starts a new thread)."""
+        with self._lock:
+            if self._poked.is_set():
+                return False
+            self._thread = None
+            return True
+
     def send(self) -> None:
         """NOTIFY now, in this thread (raises if the database is unreachable)."""
         if self.db.dialect != "postgresql":
@@ -1202,7 +1215,13 @@ class Notifier:
     def _run(self) -> None:
         conn = None
         while True:
-            self._poked.wait()
+            # Idle for a while, the thread ends and gives its connection back: a process
+            # that takes no webhooks holds none, and a poke starts the thread again.
+            if not self._poked.wait(NOTIFIER_IDLE) and self._idle_out():
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                return
             self._poked.clear()
             try:
                 if conn is None:

@@ -315,25 +315,38 @@ def replay_deliveries(session: Session, delivery_ids: Iterable[str]) -> list[str
     if not ids:
         return []
     now = utcnow()
+    conn = session.connection()
+    # An ordered delivery goes back to its key's queue, in its place by id, as in an
+    # event's replay: its key's locks are taken before any row changes.
+    keys = conn.execute(
+        select(Delivery.lane, Delivery.order_key)
+        .where(Delivery.id.in_(ids), Delivery.order_key.is_not(None))
+        .distinct()
+    ).all()
+    for lane, key in sorted(keys):
+        ordering.lock(conn, lane, key)
     replayed = session.execute(
         update(Delivery.__table__)
         .where(Delivery.id.in_(ids), Delivery.status.in_(DELIVERY_ENDED))
         .values(
-            status=EventStatus.PENDING,
+            status=case(
+                (Delivery.order_key.is_(None), EventStatus.PENDING), else_=EventStatus.QUEUED
+            ),
             next_attempt_at=now,
             completed_at=None,
             retries=0,
             lease_owner=None,
             lease_until=None,
         )
-        .returning(Delivery.id, Delivery.event_id)
+        .returning(Delivery.id, Delivery.event_id, Delivery.lane, Delivery.order_key)
     ).all()
     event_ids = sorted({row.event_id for row in replayed})
     if event_ids:
         session.execute(
             update(Event.__table__).where(Event.id.in_(event_ids)).values(replayed_at=now)
         )
-        conn = session.connection()
+        ordered = {(row.lane, row.order_key) for row in replayed if row.order_key is not None}
+        ordering.promote_keys(conn, ordered)  # locks held already: taken again, at once
         for event_id in event_ids:
             rollup(conn, event_id)
     return [row.id for row in replayed]
