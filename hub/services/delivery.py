@@ -1219,6 +1219,10 @@ class Notifier:
             # that takes no webhooks holds none, and a poke starts the thread again.
             if not self._poked.wait(NOTIFIER_IDLE) and self._idle_out():
                 if conn is not None:
+                    # Closed for good, not handed back: the engine's pool may have been
+                    # disposed meanwhile, and would leave it open to the garbage collector.
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
                     with contextlib.suppress(Exception):
                         conn.close()
                 return
