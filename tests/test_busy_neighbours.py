@@ -46,7 +46,9 @@ def post_async_while(base: str, route: str, key: str, busy: threading.Event) -> 
 # --- a slow sync receiver can't take the web threads ---
 
 
+# The sync slots are the web process's own: the database does not take part (SQLite only).
 @pytest.mark.slow
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
 def test_eight_requests_to_a_slow_sync_receiver_leave_other_senders_fast(
     database_url_for_test, add_route, make_key, tmp_path
 ):

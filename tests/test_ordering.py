@@ -382,6 +382,7 @@ def test_a_replayed_delivery_waits_behind_its_key(app, client, db, key, admin, k
     assert delivery_of(db, second).status == EventStatus.RETRYING
     replayed = client.post(f"/admin/api/events/{first}/replay", headers=admin)
     assert replayed.status_code == 200
+    assert replayed.json["status"] == "queued"  # the answer says where it stands
     assert delivery_of(db, first).status == EventStatus.QUEUED
     assert event_row(db, first).status == EventStatus.QUEUED
     blocking["on"] = False
@@ -407,6 +408,7 @@ def test_one_replayed_delivery_waits_behind_its_key_too(app, client, db, key, ad
     one = delivery_of(db, first).id
     replayed = client.post(f"/admin/api/deliveries/{one}/replay", headers=admin)
     assert replayed.status_code == 200, replayed.json
+    assert replayed.json["status"] == "queued"
     assert delivery_of(db, first).status == EventStatus.QUEUED  # behind the retrying one
     blocking["on"] = False
     client.post(f"/admin/api/deliveries/{delivery_of(db, second).id}/skip", headers=admin)

@@ -341,7 +341,9 @@ def test_new_package_passes_its_own_test_and_loads_once_installed_outside_the_ch
     assert "4 passed" in hub_tests.stdout
 
 
+# Scaffolding and installing a connector touches no database (SQLite only).
 @pytest.mark.slow
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
 def test_new_in_the_hub_checkout_writes_a_builtin_whose_test_passes(runner, tmp_path, monkeypatch):
     """In a checkout the built-ins live in connectors/ (installed as hub.builtin): the new
     connector lands there, and its test passes once the checkout is installed as `make` does."""

@@ -24,7 +24,7 @@ from hub.services import keys as key_store
 from hub.services import routes as route_store
 from hub.store.crypto import SecretsUnreadable, get_box
 from hub.store.db import get_db, get_read_session, get_session
-from hub.store.models import ApiKey, Event, EventStatus, utcnow
+from hub.store.models import ApiKey, Event, utcnow
 from hub.web import schemas as m
 from hub.web.auth import Refusal, check_admin_key, log_admin_change, presented_key
 from hub.web.errors import error_response
@@ -625,9 +625,10 @@ def replay_event(event_id: str):
         raise not_found("event")
     if not event_store.replay(session, [event.id]):
         raise ApiError(409, f"An event that is {event.status} cannot be replayed", "not_replayable")
+    status = session.scalar(select(Event.status).where(Event.id == event.id))
     session.commit()
     delivery.wake(current_app)
-    return m.ReplayOut(id=event.id, status=EventStatus.PENDING)
+    return m.ReplayOut(id=event.id, status=status)
 
 
 DELIVERY_ID = {"delivery_id": "The delivery's id (dlv_...), as the event shows it"}

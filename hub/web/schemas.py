@@ -476,14 +476,20 @@ class EventDetail(EventOut):
 
 class ReplayOut(BaseModel):
     id: str
-    status: str
+    status: str = Field(
+        description="The event's status now: pending, or queued when its deliveries wait "
+        "behind earlier ones of their ordering keys (held: its destinations are held back)"
+    )
 
 
 class DeliveryReplayOut(BaseModel):
     id: str = Field(description="The delivery's id (dlv_...)")
     event_id: str
     destination: str
-    status: str = Field(description="The delivery's status: pending")
+    status: str = Field(
+        description="The delivery's status: pending, or queued behind the delivery of its "
+        "ordering key on its way"
+    )
     event_status: str = Field(description="The event's status, rolled up again")
 
 
