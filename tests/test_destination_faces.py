@@ -12,9 +12,9 @@ from sqlalchemy import select, update
 
 from hub.services import destinations as destination_store
 from hub.services.delivery import Worker
-from hub.store.models import Delivery, Destination
+from hub.store.models import Delivery, Destination, utcnow
 from tests import test_destinations
-from tests.rows import event_row
+from tests.rows import event_row, insert_events
 from tests.servers import Reply
 from tests.test_dashboard import HOME, sign_in, token
 
@@ -119,15 +119,15 @@ def test_the_api_shows_each_destination_with_its_state_in_flight_and_backlog(
 def test_a_backlog_stops_counting_at_its_cap_and_says_so(
     app, client, db, key, admin, receiver, receiver_b
 ):
-    """Due deliveries are counted per destination, held, queued and in-flight ones for the
-    route at once; either read stops past the cap and the figure says "at least"."""
+    """Each destination's due, held, queued and in-flight deliveries are counted along their
+    own index; each read stops past the cap and the figure says "at least"."""
     route_to_a_and_b(client, admin, receiver, receiver_b)
     post(client, key, 3)
     client.post("/admin/api/routes/orders/destinations/b/pause", headers=admin)
     with db.session() as session:
         a, b = destination_store.overview(session, "orders", cap=2)
         assert (a.waiting, a.backlog_capped, a.backlog["pending"]) == (2, True, 2)
-        assert (b.backlog_capped, b.backlog["pending"], b.backlog["held"]) == (True, 0, 3)
+        assert (b.backlog_capped, b.backlog["pending"], b.backlog["held"]) == (True, 0, 2)
         exact = destination_store.overview(session, "orders", cap=3)
     assert [(v.name, v.waiting, v.backlog_capped) for v in exact] == [
         ("a", 3, False),
@@ -372,3 +372,28 @@ def test_the_sender_never_sees_a_failing_destinations_name_url_or_answer(
     for hidden in (receiver.url, receiver_b.url, "answer-of-a-31", "answer-of-b-77", '"b"'):
         assert hidden not in text, hidden
     assert not {"deliveries", "destinations", "result", "last_error"} & set(sent.json)
+
+
+def test_the_figures_read_no_delivery_that_has_ended(app, db, add_route):
+    """Each kind of waiting delivery is read along its own partial index: however many
+    delivered ones the table keeps, showing a destination reads none of them."""
+    add_route("orders", [{"connector": "text"}], mode="async")
+    insert_events(db, "orders", 5_000, status="delivered")
+    insert_events(db, "orders", 3, status="pending")
+    query = destination_store.figures_query("orders", ["default"], utcnow(), 10_000)
+    with db.engine.begin() as conn:
+        sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+        if db.dialect == "postgresql":
+            conn.exec_driver_sql("ANALYZE deliveries")
+            steps = [r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql)]
+            reads = [s for s in steps if re.search(r"Scan .*\bon deliveries\b", s)]
+            tables = [s for s in reads if "Seq Scan" in s]
+        else:
+            steps = [r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+            reads = [s for s in steps if re.match(r"(SCAN|SEARCH) deliveries\b", s)]
+            tables = [s for s in reads if "INDEX" not in s]
+    plan = "\n".join(steps)
+    assert len(reads) == 4 and not tables, plan  # four index reads, no table read
+    with db.session() as session:
+        (view,) = destination_store.overview(session, "orders")
+    assert (view.backlog["pending"], view.in_flight) == (3, 0)

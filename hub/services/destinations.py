@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import func, literal, select, text, union_all
+from sqlalchemy import and_, func, literal, select, text, union_all
 from sqlalchemy.orm import Session
 
 from hub.connectors import Registry
@@ -40,6 +40,9 @@ from hub.store.crypto import SecretBox
 from hub.store.models import (
     DUE_PREDICATE,
     DUE_STATUSES,
+    HELD_PREDICATE,
+    IN_FLIGHT_PREDICATE,
+    ORDERED_PREDICATE,
     Delivery,
     Destination,
     DestinationChange,
@@ -299,11 +302,10 @@ BACKLOG_STATUSES = (
     EventStatus.HELD,
     EventStatus.QUEUED,
 )
-# Statuses no index serves: read for the whole route at once (see _figures).
-OTHER_STATUSES = (EventStatus.PROCESSING, EventStatus.HELD, EventStatus.QUEUED)
 # Rows counted before a figure says "more than": the queue gauges' bound.
 BACKLOG_CAP = 10_000
-# Destinations whose figures one statement reads (two capped branches each).
+# Destinations whose figures one statement reads (four capped branches each: SQLite takes
+# at most 500 in one compound statement).
 DESTINATIONS_PER_STATEMENT = 100
 
 
@@ -426,58 +428,67 @@ class _Figures:
 def _figures(
     session: Session, route: str, names: list[str], now: datetime, cap: int
 ) -> dict[str, _Figures]:
-    """One statement for the destinations ``names`` of ``route``: for each, its due
-    deliveries (pending, retrying) along ix_deliveries_due_by_lane, at most ``cap`` + 1;
-    and for them all together, those held, queued or being called under a live lease, at
-    most ``cap`` + 1 (no index serves these statuses: the read stops at the cap, or at the
-    end of the table when fewer wait)."""
+    """The figures of the destinations ``names`` of ``route``, read by ``figures_query``;
+    a count past ``cap`` is ``cap``, and says so."""
+    figures: dict[str, _Figures] = {}
+    for name, status, other, n, oldest in session.execute(figures_query(route, names, now, cap)):
+        item = figures.setdefault(name, _Figures())
+        n = int(n)
+        if other and n > cap:  # the read of these stopped at the cap
+            item.others_capped = True
+            n = cap
+        if status == EventStatus.PROCESSING:
+            item.in_flight += n
+            continue
+        item.backlog[status] = item.backlog.get(status, 0) + n
+        if oldest is not None:
+            oldest = _utc(oldest)
+            item.oldest = oldest if item.oldest is None else min(item.oldest, oldest)
+    return figures
+
+
+def figures_query(route: str, names: list[str], now: datetime, cap: int):
+    """One statement for the destinations ``names`` of ``route``: for each, its deliveries
+    due (pending, retrying), held, queued, and being called under a live lease, each read
+    along its own partial index (ix_deliveries_due_by_lane, ix_deliveries_held_by_lane,
+    ix_deliveries_order, ix_deliveries_in_flight) and at most ``cap`` + 1 of each: what it
+    costs is bounded by the cap, whatever the size of the deliveries table. Rows of
+    (destination, status, other, count, oldest)."""
     branches = []
     since = Delivery.created_at.label("since")
     for name in names:
         lane = lane_of(route, name)
-        # The lane as a range in the index's order, as the claim reads it (delivery.py's
+        # The lane as a range in each index's order, as the claim reads it (delivery.py's
         # _EVENTS): written `lane = ...`, PostgreSQL walks ix_deliveries_due_at instead,
         # past every other lane's due deliveries (15 ms for a lane with none, at 15,000).
-        due_rows = (
-            select(Delivery.destination, Delivery.status, since, literal(False).label("other"))
-            .where(Delivery.lane >= lane, Delivery.lane <= lane, text(DUE_PREDICATE))
-            .order_by(Delivery.lane, Delivery.next_attempt_at)
-            .limit(cap + 1)
-            .subquery()
-        )
-        branches.append(select(*due_rows.c))
-    other_rows = (
-        select(Delivery.destination, Delivery.status, since, literal(True).label("other"))
-        .where(
-            Delivery.lane.in_([lane_of(route, name) for name in names]),
-            Delivery.status.in_(OTHER_STATUSES),
-            (Delivery.status != EventStatus.PROCESSING) | (Delivery.lease_until > now),
-        )
-        .limit(cap + 1)
-        .subquery()
-    )
-    branches.append(select(*other_rows.c))
+        in_lane = (Delivery.lane >= lane, Delivery.lane <= lane)
+        kinds = [
+            (text(DUE_PREDICATE), (Delivery.lane, Delivery.next_attempt_at), False),
+            (text(HELD_PREDICATE), (Delivery.lane, Delivery.next_attempt_at), True),
+            (
+                and_(text(ORDERED_PREDICATE), Delivery.status == EventStatus.QUEUED),
+                (Delivery.lane, Delivery.order_key, Delivery.id),
+                True,
+            ),
+            (
+                and_(text(IN_FLIGHT_PREDICATE), Delivery.lease_until > now),
+                (Delivery.lane, Delivery.lease_until),
+                True,
+            ),
+        ]
+        for where, order, other in kinds:
+            rows = (
+                select(Delivery.destination, Delivery.status, since, literal(other).label("other"))
+                .where(*in_lane, where)
+                .order_by(*order)
+                .limit(cap + 1)
+                .subquery()
+            )
+            branches.append(select(*rows.c))
     rows = union_all(*branches).subquery()
-    grouped = select(
+    return select(
         rows.c.destination, rows.c.status, rows.c.other, func.count(), func.min(rows.c.since)
     ).group_by(rows.c.destination, rows.c.status, rows.c.other)
-    figures: dict[str, _Figures] = {}
-    others = 0
-    for name, status, other, n, oldest in session.execute(grouped):
-        item = figures.setdefault(name, _Figures())
-        if other:
-            others += int(n)
-        if status == EventStatus.PROCESSING:
-            item.in_flight += int(n)
-            continue
-        item.backlog[status] = item.backlog.get(status, 0) + int(n)
-        if oldest is not None:
-            oldest = _utc(oldest)
-            item.oldest = oldest if item.oldest is None else min(item.oldest, oldest)
-    if others > cap:  # the read of held, queued and in-flight ones stopped at the cap
-        for item in figures.values():
-            item.others_capped = True
-    return figures
 
 
 def _utc(value: datetime | str) -> datetime:
