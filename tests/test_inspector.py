@@ -6,6 +6,7 @@ through the same intake as a webhook."""
 from __future__ import annotations
 
 import html as html_lib
+import json
 import os
 import re
 import shlex
@@ -236,6 +237,23 @@ def test_a_body_that_is_not_text_goes_through_base64_and_arrives_whole(signed_in
     assert saved.data == body and "attachment" in saved.headers["Content-Disposition"]
 
 
+def test_a_large_body_is_sent_from_the_file_the_page_links(signed_in, add_route, make_key):
+    add_route("orders", [])
+    body = json.dumps({"items": ["x" * 100] * 700}).encode()  # about 72 KiB
+    sent = signed_in.post(
+        "/hooks/orders",
+        data=body,
+        headers={"X-API-Key": make_key(), "Content-Type": "application/json"},
+    )
+    event_id = sent.get_json()["id"]
+    html = signed_in.get(f"/dashboard/events/{event_id}").get_data(as_text=True)
+    words = shlex.split(curl_of(html))
+    assert words[-2:] == ["--data-binary", f"@{event_id}.body"]
+    assert "x" * 100 not in curl_of(html)  # not written into the command
+    link = re.search(r'<a href="([^"]+)" download>save it</a>', html).group(1)
+    assert signed_in.get(link).data == body
+
+
 # --- test events ---
 
 
@@ -305,6 +323,15 @@ def test_a_test_event_honours_the_routes_rate_limit(signed_in, add_route, db):
     assert "Refused (429): Too many requests" in again.get_data(as_text=True)
     refused = latest_event(db, "orders")  # recorded as a webhook's refusal is
     assert refused.status == "rejected" and refused.reason == "rate_limited"
+
+
+def test_a_disabled_route_takes_no_test_event(signed_in, add_route, db):
+    add_route("orders", [], enabled=False)
+    before = events_count(db)
+    answer = send_test(signed_in, "orders", "{}")
+    assert answer.status_code == 409
+    assert "This route is disabled" in answer.get_data(as_text=True)
+    assert events_count(db) == before
 
 
 def test_a_test_event_needs_the_forms_csrf_token(signed_in, add_route, db):

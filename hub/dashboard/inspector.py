@@ -187,7 +187,7 @@ def curl_for(event: Any, url: str) -> Curl:
                 variables.append(name)
         return word.shell()
 
-    target = Word().text(url)
+    target = Word().redacted(url, "url")  # a key typed as the route's name is cut
     if event.query:
         target.text("?")
         pairs = parse_qsl(event.query, keep_blank_values=True)

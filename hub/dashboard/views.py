@@ -958,7 +958,11 @@ def revoke_key(prefix: str):
 
 def inspected(event: Event, attempts: list) -> dict[str, Any]:
     """The event page's reading of each attempt's call and the curl command for the webhook."""
-    url = url_for("hooks.hook", route_name=event.route, _external=True)
+    # Where the request came in (/hooks/<route>, or the seed's /api/process), on this hub.
+    if event.path.startswith("/"):
+        url = request.url_root.rstrip("/") + event.path
+    else:
+        url = url_for("hooks.hook", route_name=event.route, _external=True)
     return {
         "exchanges": {a.id: inspector.exchange_of(a) for a in attempts},
         "curl": inspector.curl_for(event, url),
@@ -1022,6 +1026,8 @@ def route_test(name: str):
     def refuse(message: str, status: int = 422):
         return route_page(route, status, test_form(route, body, typed, message))
 
+    if not route.enabled:
+        return refuse("This route is disabled (a webhook is answered 404): enable it first.", 409)
     headers, problem = typed_headers(typed)
     if problem:
         return refuse(problem)
