@@ -326,6 +326,20 @@ def test_a_key_is_created_copied_and_revoked(hub, page, context, console):
     no_violations(console)
 
 
+def test_a_test_event_is_sent_and_its_curl_command_copied(hub, page, context, console):
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=hub.base)
+    page.goto(hub.url("/dashboard/routes/billing"))
+    page.get_by_label("JSON body").fill('{"text": "from the form"}')
+    page.get_by_role("button", name="Send test event").click()
+    expect(page.locator("#test-event")).to_have_text("test")  # the event's page, marked
+    command = page.locator("#curl").inner_text()
+    assert "/hooks/billing" in command and "from the form" in command
+    page.get_by_role("button", name="Copy").click()
+    expect(page.locator('[data-copied-for="curl"]')).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == command
+    no_violations(console)
+
+
 def test_keyboard_alone_reaches_every_page(hub, page, console):
     page.goto(hub.url("/dashboard/"))
     page.keyboard.press("Tab")

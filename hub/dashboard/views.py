@@ -8,6 +8,7 @@ functions (and the same checks, with the same sentences) as ``/admin/api``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import secrets
@@ -29,9 +30,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hub import signatures
 from hub.connectors import config_fields, describe_validation_error
-from hub.dashboard import charts
+from hub.dashboard import charts, inspector
 from hub.dashboard import session as dash
-from hub.services import delivery, ratelimit, step_secrets
+from hub.services import delivery, pipeline, ratelimit, step_secrets
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import intake as ingest
@@ -51,6 +52,7 @@ from hub.store.models import (
 from hub.web import errors
 from hub.web import schemas as m
 from hub.web.auth import Refusal, check_admin_key, log_admin_change
+from hub.web.context import request_id
 
 bp = Blueprint(
     "dashboard",
@@ -492,6 +494,7 @@ def event_detail(event_id: str):
         "delivery_ended": event_store.DELIVERY_ENDED,
         "in_flight": event.status
         in (EventStatus.PENDING, EventStatus.PROCESSING, EventStatus.RETRYING),
+        **inspected(event, attempts),
     }
     if fragment():
         return page("dashboard/_event.html", **context)
@@ -615,10 +618,15 @@ def get_route_or_404(name: str):
 
 @bp.get("/routes/<name>")
 def route_detail(name: str):
-    route = get_route_or_404(name)
+    return route_page(get_route_or_404(name))
+
+
+def route_page(route, status: int = 200, form: dict[str, Any] | None = None):
+    """A route's page; ``form``: the test event form as sent, with its problem."""
     data = route_store.to_dict(route, get_box(), current_app.extensions["hub.connectors"])
     return page(
         "dashboard/route.html",
+        status,
         route=route,
         data=data,
         steps=steps_shown(route.steps),
@@ -626,6 +634,7 @@ def route_detail(name: str):
         default_retries=route.retry_schedule is None,
         destinations=destinations_shown(route),
         figures=destination_figures(route.name),
+        **(form or test_form(route)),
     )
 
 
@@ -942,6 +951,125 @@ def revoke_key(prefix: str):
     session.commit()
     dash.flash(f"Key {row.prefix} ({row.name}) is revoked.")
     return redirect(url_for("dashboard.keys"), 303)
+
+
+# --- the developer's inspector: attempts read as HTTP, copy as curl, test events ---
+
+
+def inspected(event: Event, attempts: list) -> dict[str, Any]:
+    """The event page's reading of each attempt's call and the curl command for the webhook."""
+    # Where the request came in (/hooks/<route>, or the seed's /api/process), on this hub.
+    if event.path.startswith("/"):
+        url = request.url_root.rstrip("/") + event.path
+    else:
+        url = url_for("hooks.hook", route_name=event.route, _external=True)
+    return {
+        "exchanges": {a.id: inspector.exchange_of(a) for a in attempts},
+        "curl": inspector.curl_for(event, url),
+        "test_sender": (event.remote_addr or "").startswith(ingest.TEST_SENDER),
+    }
+
+
+@bp.get("/events/<event_id>/body")
+def event_body(event_id: str):
+    """The body as received, to save and send again (``curl --data-binary @file``)."""
+    event = get_event_or_404(event_id)
+    return (
+        event.body or b"",
+        200,
+        {
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{event.id}.body"',
+        },
+    )
+
+
+TEST_BODY_CHARS = 64 * 1024  # of the last payload put in the form; a longer one is left out
+
+
+def test_form(route, body: str | None = None, headers: str = "", error: str | None = None):
+    """The route page's "send a test event" form: prefilled with the route's last payload
+    (indented), or ``{}``."""
+    if body is None:
+        body = "{}"
+        last = event_store.last_payload(get_read_session(), route.name)
+        shown = inspector.body_of(last) if last and len(last) <= TEST_BODY_CHARS else None
+        if shown is not None and shown.pretty:
+            body = shown.text
+    return {"test_body": body, "test_headers": headers, "test_error": error}
+
+
+def typed_headers(text: str) -> tuple[list[tuple[str, str]], str | None]:
+    """``Name: value`` lines as headers, or the sentence that says which line is not one."""
+    headers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon or not name or not all(c.isalnum() or c in "-_" for c in name):
+            return [], f"headers: line {number} is not `Name: value`"
+        if name.lower() not in ("content-type", "content-length", "host"):
+            headers.append((name, value.strip()))
+    return headers, None
+
+
+@bp.post("/routes/<name>/test")
+def route_test(name: str):
+    """Send a test event to the route through the same intake as a webhook, as the signed-in
+    admin: their key stands for the sender's key or signature, and every other check (the
+    route's rate limit, the body's size and depth, dedup) applies. Bad JSON stores nothing."""
+    route = get_route_or_404(name)
+    body = request.form.get("body", "")
+    typed = request.form.get("headers", "")
+
+    def refuse(message: str, status: int = 422):
+        return route_page(route, status, test_form(route, body, typed, message))
+
+    if not route.enabled:
+        return refuse("This route is disabled (a webhook is answered 404): enable it first.", 409)
+    headers, problem = typed_headers(typed)
+    if problem:
+        return refuse(problem)
+    raw = body.encode()
+    try:
+        pipeline.parse_json(raw or b"{}", pipeline.max_json_depth(current_app.config))
+    except pipeline.PayloadError as exc:
+        return refuse(f"body: {exc.message}")
+    get_session().commit()  # the route's lookup is done; intake starts its own transaction
+    incoming = ingest.Incoming(
+        method="POST",
+        route_name=route.name,
+        path=url_for("hooks.hook", route_name=route.name),
+        headers=[*headers, ("Content-Type", "application/json")],
+        request_id=request_id(),
+        content_type="application/json",
+        content_length=len(raw),
+        read=io.BytesIO(raw).read,
+        admin=g.admin,
+    )
+    accepted = ingest.accept(incoming)
+    if isinstance(accepted, ingest.Answer):
+        if accepted.body is not None and accepted.body.get("duplicate"):
+            original = accepted.body["id"]
+            dash.flash(f"A duplicate of {original} (same dedup key): it was not run again.")
+            return redirect(url_for("dashboard.event_detail", event_id=original), 303)
+        return refuse(f"Refused ({accepted.status}): {accepted.message}", accepted.status)
+    event_id = accepted.event.id
+    try:
+        if ingest.answer_challenge(accepted) is not None:
+            pass
+        elif accepted.route.mode == "async" or ingest.waits_for_resume(accepted):
+            ingest.enqueue(accepted)
+        else:
+            ingest.run_sync(accepted)
+    except ingest.SyncBusy as busy:
+        return refuse(busy.message, 503)
+    finally:
+        ingest.give_sync_slot(accepted)
+    log.info("dashboard: admin key %s sent test event %s to %s", g.admin.prefix, event_id, name)
+    dash.flash(f"Test event {event_id} sent to {name} as key {g.admin.prefix}.")
+    return redirect(url_for("dashboard.event_detail", event_id=event_id), 303)
 
 
 # --- connectors ---

@@ -1020,3 +1020,20 @@ def latest_attempts(session: Session, event_id: str, limit: int) -> tuple[list[A
         )
     )
     return list(reversed(rows[:limit])), len(rows) > limit
+
+
+def last_payload(session: Session, route: str, look: int = 20) -> bytes | None:
+    """The body of the newest accepted event of ``route`` among its last ``look`` requests
+    (refusals keep a prefix, not a body), or None; one walk of the route's time index."""
+    newest = session.scalar(
+        select(Event.id)
+        .where(
+            Event.id.in_(
+                select(Event.id).where(Event.route == route).order_by(*NEWEST_FIRST).limit(look)
+            ),
+            Event.status.not_in(NEVER_ACCEPTED),
+        )
+        .order_by(*NEWEST_FIRST)
+        .limit(1)
+    )
+    return session.scalar(select(Event.body).where(Event.id == newest)) if newest else None

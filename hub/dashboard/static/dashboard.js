@@ -66,28 +66,30 @@
     }, 2000);
   }
 
+  // <button data-copy="ID">: copies the text of the element ID (a new key's secret, a curl
+  // command). One listener on the document: it also serves parts a poll has replaced.
   function copyButtons() {
-    document.querySelectorAll("button[data-copy]").forEach(function (button) {
-      button.addEventListener("click", function () {
-        const id = button.dataset.copy;
-        const source = document.getElementById(id);
-        const said = document.querySelector('[data-copied-for="' + id + '"]');
-        const text = source ? source.textContent : "";
-        const done = function (message) { if (said) said.textContent = message; };
-        if (navigator.clipboard && window.isSecureContext) {
-          navigator.clipboard.writeText(text).then(
-            function () { done("Copied."); },
-            function () { done("Select the key and copy it."); }
-          );
-        } else {
-          const range = document.createRange();
-          range.selectNodeContents(source);
-          const selection = window.getSelection();
-          selection.removeAllRanges();
-          selection.addRange(range);
-          done(document.execCommand("copy") ? "Copied." : "Selected: copy it now.");
-        }
-      });
+    document.addEventListener("click", function (event) {
+      const button = event.target.closest ? event.target.closest("button[data-copy]") : null;
+      if (!button) return;
+      const id = button.dataset.copy;
+      const source = document.getElementById(id);
+      const said = document.querySelector('[data-copied-for="' + id + '"]');
+      const text = source ? source.textContent : "";
+      const done = function (message) { if (said) said.textContent = message; };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(
+          function () { done("Copied."); },
+          function () { done("Select the text and copy it."); }
+        );
+      } else if (source) {
+        const range = document.createRange();
+        range.selectNodeContents(source);
+        const selection = window.getSelection();
+        selection.removeAllRanges();
+        selection.addRange(range);
+        done(document.execCommand("copy") ? "Copied." : "Selected: copy it now.");
+      }
     });
   }
 
