@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -21,9 +22,10 @@ from werkzeug.serving import make_server
 
 from hub.store.db import alembic_config, upgrade
 from hub.store.models import Event, new_event_id, utcnow
-from tests.procs import BIN, ROOT, clean_env, gunicorn, stop, wait_until
+from tests.procs import BIN, ROOT, clean_env, closed_port, gunicorn, nginx, stop, wait_until
 from tests.tcpproxy import TcpProxy
 from tests.test_dashboard import sign_in
+from tests.test_front_door import certificate, render
 
 SECRET = "It's a Secret to Everybody"
 ROUTE = "gh"
@@ -57,12 +59,12 @@ def github_route(add_route):
     )
 
 
-def listen(*args: str, out: Path, err: Path) -> subprocess.Popen:
+def listen(*args: str, out: Path, err: Path, **env: str) -> subprocess.Popen:
     with open(out, "ab") as stdout, open(err, "ab") as stderr:
         return subprocess.Popen(
             [str(BIN / "hub"), "listen", *args],
             cwd=ROOT,
-            env=clean_env(PYTHONUNBUFFERED="1"),
+            env=clean_env(PYTHONUNBUFFERED="1", **env),
             stdout=stdout,
             stderr=stderr,
         )
@@ -141,6 +143,64 @@ def test_every_event_reaches_the_local_app_once_signed_though_the_connection_is_
     assert len(lines) == 10 and all(" 200 " in line and line.endswith(" ms") for line in lines)
 
 
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_hub_listen_works_through_the_shipped_nginx_configuration(
+    database_url_for_test, github_route, make_key, receiver, tmp_path
+):
+    """deploy/nginx.conf as shipped (TLS, buffering, its timeouts): a poll that waits its
+    whole HUB_LISTEN_WAIT with no event comes back through nginx, and events before and
+    after it reach the local app signed, with no reconnection."""
+    key = make_key(scopes=[ROUTE], name="listener")
+    cert, private = certificate(tmp_path)
+    settings = {"HUB_EMBEDDED_WORKER": "false", "HUB_LISTEN_SETTLE": "0.2", "HUB_LISTEN_WAIT": "2"}
+    with gunicorn(database_url_for_test, tmp_path / "web.log", workers=1, **settings) as (
+        _,
+        direct,
+    ):
+        for attempt in range(3):  # another run may take the port between pick and bind
+            port = closed_port()
+            config = render(tmp_path, port, int(direct.rsplit(":", 1)[1]), cert, private)
+            front = f"https://127.0.0.1:{port}"
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(nginx(config, tmp_path, front, cert))
+                break
+            except AssertionError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+        with stack:
+            out, err = tmp_path / "listen.out", tmp_path / "listen.err"
+            proc = listen(
+                ROUTE, "--forward", receiver.url, "--hub", front, "--key", key,
+                out=out, err=err, REQUESTS_CA_BUNDLE=str(cert),
+            )  # fmt: skip
+            try:
+                wait_until(lambda: b"listening to route" in err.read_bytes(), 15, what="listen")
+                sent = []
+                for n in range(3):
+                    if n == 2:
+                        time.sleep(2.5)  # a whole poll with nothing in it
+                    body, headers = github_signed({"n": n})
+                    answer = requests.post(
+                        f"{front}/hooks/{ROUTE}", data=body, headers=headers, timeout=5, verify=cert
+                    )
+                    assert answer.status_code == 202, answer.text
+                    sent.append(body)
+                receiver.wait_for(3, timeout=10)
+            finally:
+                stop(proc)
+    assert [r.body for r in receiver.requests] == sent
+    assert all(github_verifies(r.headers, r.body) for r in receiver.requests)
+    assert b"connection to the hub lost" not in err.read_bytes()
+    # Its polls went through nginx, each answered 200 (none cut by a timeout).
+    polls = [
+        line
+        for line in (tmp_path / "hub.access.log").read_text().splitlines()
+        if f"GET /listen/routes/{ROUTE} " in line
+    ]
+    assert len(polls) >= 3 and all(line.split('" ')[1].startswith("200 ") for line in polls)
+
+
 def test_a_key_out_of_scope_is_refused_and_a_key_holds_at_most_its_polls(
     app, client, github_route, make_key
 ):
@@ -216,6 +276,7 @@ def test_replay_forwards_the_event_without_the_hubs_credentials_and_records_the_
     assert event_id in line and " 200 " in line and line.endswith(" ms")
 
     shown = client.get(f"/admin/api/events/{event_id}", headers={"X-API-Key": admin}).get_json()
+    assert headers["X-Hub-Signature-256"] not in json.dumps(shown)  # shown redacted only
     (attempt,) = [a for a in shown["attempt_log"] if a["connector"] == "listen"]
     assert (attempt["outcome"], attempt["http_status"]) == ("ok", 200)
     assert attempt["duration_ms"] >= 0

@@ -76,6 +76,8 @@ class Listener:
         # The hub's key goes to the hub only; the local calls use a session of their own.
         self.http.headers["X-API-Key"] = key
         self.local = requests.Session()
+        # The local app is called directly: never through a proxy of the environment's.
+        self.local.trust_env = False
         self.reports: deque[tuple[str, dict[str, Any]]] = deque(maxlen=PENDING_REPORTS)
 
     def poll(self, route: str, after: str | None, wait: float = POLL_WAIT) -> dict[str, Any]:

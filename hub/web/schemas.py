@@ -566,6 +566,7 @@ class ListenQuery(Strict):
         20,
         ge=0,
         le=60,
+        allow_inf_nan=False,
         description="Seconds to wait for an event before answering with none (at most "
         "HUB_LISTEN_WAIT)",
     )
