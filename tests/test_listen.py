@@ -90,8 +90,12 @@ def test_every_event_reaches_the_local_app_once_signed_though_the_connection_is_
     GitHub signatures, five of them while the listener is cut off, each reaches the local
     receiver exactly once, and the receiver's own check of each signature passes."""
     key = make_key(scopes=[ROUTE], name="listener")
-    # Short polls: gunicorn stops once its last poll has been answered.
-    settings = {"HUB_EMBEDDED_WORKER": "false", "HUB_LISTEN_SETTLE": "0.2", "HUB_LISTEN_WAIT": "3"}
+    # One poll per key: a cut listener's poll must end at once for it to come back.
+    settings = {
+        "HUB_EMBEDDED_WORKER": "false",
+        "HUB_LISTEN_SETTLE": "0.2",
+        "HUB_LISTEN_STREAMS_PER_KEY": "1",
+    }
     with (
         gunicorn(database_url_for_test, tmp_path / "web.log", workers=1, **settings) as (_, base),
         TcpProxy("127.0.0.1", int(base.rsplit(":", 1)[1])) as proxy,
@@ -123,11 +127,19 @@ def test_every_event_reaches_the_local_app_once_signed_though_the_connection_is_
             for n in range(5):
                 post(n)
             receiver.wait_for(5, timeout=10)
-            proxy.cut()  # the listener is in its long poll: its connection drops
-            for n in range(5, 10):
-                post(n)
+            time.sleep(1.0)  # its answers reported, the listener waits in its next poll
+            proxy.cut()  # mid-poll: its connection drops
             wait_until(lambda: b"connection to the hub lost" in err.read_bytes(), 10, what="cut")
-            time.sleep(0.5)
+            # The cut poll gave its slot back when its connection closed, not 20 s later.
+            direct = f"{base}/listen/routes/{ROUTE}?wait=0"
+            wait_until(
+                lambda: requests.get(direct, headers={"X-API-Key": key}, timeout=5).ok,
+                3,
+                what="the cut poll's slot",
+            )
+            for n in range(5, 10):  # while the listener is cut off
+                post(n)
+            time.sleep(0.5)  # settled: a listener starting afresh would begin after them
             proxy.restore()
             receiver.wait_for(10, timeout=15)
             time.sleep(1.0)  # time for a copy to arrive, if one were sent twice

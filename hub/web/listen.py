@@ -15,9 +15,11 @@ holds at most HUB_LISTEN_STREAMS_PER_KEY polls at once in each process (429 past
 
 from __future__ import annotations
 
+import select
+import socket
 import time
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, current_app, g, request
 
 from hub.services import keys
 from hub.services import listen as listening
@@ -110,13 +112,32 @@ def listen_route(name: str, query: m.ListenQuery):
             with get_db().read_session() as reading:
                 found = listening.events_after(reading, name, after, query.limit, settle)
                 events = [listening.forwardable(event, box) for event in found]
-            if events or time.monotonic() >= deadline:
+            if events or time.monotonic() >= deadline or caller_left(request.environ):
                 break
             time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
     finally:
         slots.give(prefix)
     cursor = events[-1]["id"] if events else after
     return m.ListenPage(events=[m.ListenedEvent(**e) for e in events], cursor=cursor)
+
+
+def caller_left(environ) -> bool:
+    """Whether the listener (or nginx, on its behalf) closed the connection while its poll
+    waits: the poll ends then, giving back its thread and its slot at once rather than when
+    its wait runs out. Read from gunicorn's socket without taking anything from it; under
+    another server (the tests' werkzeug one) it is never known, and the wait runs out."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False  # open, nothing sent: the caller is still waiting
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except ConnectionError:
+        return True
+    except (OSError, ValueError):  # a socket that cannot be peeked at (TLS in gunicorn)
+        return False
 
 
 def listeners_busy():
