@@ -228,6 +228,10 @@ def test_a_key_out_of_scope_is_refused_and_a_key_holds_at_most_its_polls(
     hidden = client.get(f"/listen/events/{event_id}", headers={"X-API-Key": other})
     assert hidden.status_code == 404  # the same as an id that does not exist
     assert client.get(f"/listen/routes/{ROUTE}").status_code == 401
+    unknown = client.get("/listen/routes/nowhere?wait=0", headers={"X-API-Key": admin})
+    assert unknown.status_code == 404 and unknown.get_json()["code"] == "unknown_route"
+    # A key that may not see a route is not told whether it exists.
+    assert client.get("/listen/routes/nowhere", headers={"X-API-Key": other}).status_code == 403
     assert client.get(f"/listen/events/{event_id}", headers={"X-API-Key": admin}).status_code == 200
 
     held: list[int] = []

@@ -171,6 +171,7 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     far = {"wait": 0, "after": "evt_" + "z" * 26}  # an id from no time a clock can read
     call("GET", listened, "/listen/routes/orders", query_string=far, **a)
     call("GET", listened, "/listen/routes/orders", query_string={"after": "x"}, **a)
+    call("GET", listened, "/listen/routes/nowhere", query_string={"wait": 0}, **a)
     with db.session() as session:
         _, elsewhere = create_key(session, "elsewhere", ["elsewhere"], None, None)
     call("GET", listened, "/listen/routes/orders", headers={"X-API-Key": elsewhere})

@@ -23,6 +23,7 @@ from flask import Blueprint, current_app, g, request
 
 from hub.services import keys
 from hub.services import listen as listening
+from hub.services import routes as route_store
 from hub.store.crypto import get_box
 from hub.store.db import get_db, get_session
 from hub.store.models import Event
@@ -85,12 +86,16 @@ def visible_event(event_id: str) -> Event:
         200: ("Events after the cursor, and the cursor to send next", m.ListenPage),
         400: ("The cursor is not an event id", None),
         403: ("The key may not read this route", None),
+        404: ("No such route", None),
         429: ("This key already holds its most polls (HUB_LISTEN_STREAMS_PER_KEY)", None),
     },
 )
 def listen_route(name: str, query: m.ListenQuery):
     if not may_see(name):
         raise ApiError(403, f"This API key may not listen to route '{name[:100]}'", "forbidden")
+    with get_db().read_session() as reading:
+        if route_store.get(reading, name) is None:  # told only to a key that may see it
+            raise ApiError(404, f"No route named '{name[:100]}'", "unknown_route")
     config = current_app.config
     settle = float(config["LISTEN_SETTLE"])
     after = query.after or listening.start_cursor(settle)
