@@ -39,11 +39,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from hub.services import breaker, ratelimit
     from hub.services import events as event_store
     from hub.services import intake as ingest
+    from hub.services import listen as listen_service
     from hub.services.delivery import Notifier
     from hub.store import crypto, db
     from hub.store.groupcommit import GroupCommitter
     from hub.web import admin_api as admin
     from hub.web import context, errors, hooks, openapi, seed, system
+    from hub.web import listen as listen_api
 
     logs.init_app(app)
     context.init_app(app)
@@ -79,6 +81,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(hooks.bp)
     app.register_blueprint(seed.bp)
     app.register_blueprint(admin.bp)
+    listen_service.init_app(app)
+    app.register_blueprint(listen_api.bp)
     openapi.init_app(app)
     cli.init_app(app)
     dashboard.init_app(app)

@@ -1,8 +1,9 @@
 """``hub ...`` and ``python -m hub``: the hub's own command (pyproject's [project.scripts]).
 
 It runs the commands of ``flask --app hub`` (hub.cli: one definition of each serves both
-entries), building the app with ``create_app`` as ``flask --app hub`` does, plus two of its
-own that build no app: ``hub serve`` (gunicorn with hub/gunicorn_conf.py) and ``hub config``.
+entries), building the app with ``create_app`` as ``flask --app hub`` does, plus three of its
+own that build no app: ``hub serve`` (gunicorn with hub/gunicorn_conf.py), ``hub config``
+and ``hub listen`` (hub/cli/listen.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flask.cli import ScriptInfo
 
 from hub import create_app
 from hub.cli import COMMANDS
+from hub.cli.listen import listen_command
 
 
 class HubGroup(click.Group):
@@ -33,6 +35,8 @@ def main() -> None:
 
 for _command in COMMANDS:
     main.add_command(_command)
+# `hub listen` speaks HTTP to a running hub: it builds no app (not a `flask --app hub` command).
+main.add_command(listen_command)
 
 
 @main.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -32,8 +32,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from hub.rates import normalise
 
 PREFIX = "HUB_"
-# Variables of the test suite and the benchmarks, read by them and never by the hub.
-NOT_SETTINGS = ("HUB_TEST_", "HUB_BENCH_")
+# Variables of the test suite and the benchmarks, read by them and never by the hub; and
+# those of `hub listen`, a client of a running hub (its URL and the key it presents).
+NOT_SETTINGS = ("HUB_TEST_", "HUB_BENCH_", "HUB_URL", "HUB_API_KEY")
 ENV_FILE_VARIABLE = "HUB_ENV_FILE"
 
 log = logging.getLogger("hub.config")
@@ -372,6 +373,22 @@ class Settings(BaseSettings):
         30.0,
         description="seconds past `HUB_SYNC_TIMEOUT` after which a sync event whose process "
         "died is marked `failed` by a worker",
+    )
+    listen_wait: SecondsOrZero = Field(
+        20.0,
+        description="most seconds one `hub listen` poll waits for an event before it is "
+        "answered with none; below nginx's `proxy_read_timeout` (35 s in deploy/nginx.conf)",
+    )
+    listen_streams_per_key: Positive = Field(
+        2,
+        description="`hub listen` polls one key may hold open at once in each web process; "
+        "one more is answered `429 too_many_listeners` (all keys together hold at most half "
+        "of `HUB_WEB_THREADS`)",
+    )
+    listen_settle: SecondsOrZero = Field(
+        1.0,
+        description="seconds an accepted event waits before `hub listen` hands it out, so "
+        "that a listener's cursor never passes an event a concurrent request has yet to commit",
     )
     step_tries: Positive = Field(
         3, description="quick tries of a step inside one attempt, for transient errors"

@@ -23,13 +23,13 @@ def hub(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
     )
 
 
-def test_hub_help_lists_every_command_of_flask_app_hub_plus_serve_and_config(tmp_path):
+def test_hub_help_lists_every_command_of_flask_app_hub_plus_serve_config_and_listen(tmp_path):
     app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'hub.db'}", "SECRET_KEY": "k"})
     flask_commands = set(app.cli.list_commands(None))
     listed = CliRunner().invoke(main, ["--help"])
     assert listed.exit_code == 0, listed.output
     names = {line.split()[0] for line in listed.output.split("Commands:")[1].splitlines() if line}
-    assert names == flask_commands | {"serve", "config"}
+    assert names == flask_commands | {"serve", "config", "listen"}
     assert {"keys", "routes", "events", "db", "worker", "init", "connectors"} <= names
     # One definition serves both entries: the very same command objects.
     for name in flask_commands:

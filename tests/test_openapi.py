@@ -7,6 +7,7 @@ import re
 import pytest
 from jsonschema import Draft202012Validator
 
+from hub.services.keys import create_key
 from hub.store.models import Event, first_delivery_id, new_event_id, utcnow
 
 SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
@@ -165,6 +166,23 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", one, f"/admin/api/deliveries/{first_delivery_id(event.id)}/replay", **a)
     call("POST", one, "/admin/api/deliveries/dlv_nope/replay", **a)
     call("GET", "/admin/api/stats", query_string={"since": "1h"}, **a)
+    listened = "/listen/routes/{name}"
+    call("GET", listened, "/listen/routes/orders", query_string={"wait": 0}, **a)
+    far = {"wait": 0, "after": "evt_" + "z" * 26}  # an id from no time a clock can read
+    call("GET", listened, "/listen/routes/orders", query_string=far, **a)
+    call("GET", listened, "/listen/routes/orders", query_string={"after": "x"}, **a)
+    call("GET", listened, "/listen/routes/nowhere", query_string={"wait": 0}, **a)
+    with db.session() as session:
+        _, elsewhere = create_key(session, "elsewhere", ["elsewhere"], None, None)
+    call("GET", listened, "/listen/routes/orders", headers={"X-API-Key": elsewhere})
+    one_event = "/listen/events/{event_id}"
+    call("GET", one_event, f"/listen/events/{event.id}", **a)
+    call("GET", one_event, "/listen/events/evt_nope", **a)
+    answers = one_event + "/answers"
+    answered = {"status": 200, "duration_ms": 12}
+    call("POST", answers, f"/listen/events/{event.id}/answers", json=answered, **a)
+    call("POST", answers, f"/listen/events/{event.id}/answers", json={"status": 1000}, **a)
+    call("POST", answers, "/listen/events/evt_nope/answers", json=answered, **a)
     call("GET", "/events/{event_id}", f"/events/{event.id}", headers={"X-API-Key": key})
     call("GET", "/events/{event_id}", f"/events/{event.id}", **a)  # the admin's whole view
     call("GET", "/events/{event_id}", "/events/evt_nope", headers={"X-API-Key": key})

@@ -33,6 +33,7 @@ CHECKS = [
 @pytest.fixture
 def served(app, add_route, seed_routes, receiver) -> Iterator[str]:
     add_route("orders", [{"connector": "http", "config": {"url": receiver.url}}])
+    app.config.update(LISTEN_WAIT=0.2)  # each generated `hub listen` poll answers quickly
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -37,6 +37,7 @@ from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import intake as ingest
 from hub.services import keys as key_store
+from hub.services import listen as listening
 from hub.services import routes as route_store
 from hub.store.crypto import get_box
 from hub.store.db import get_db, get_read_session, get_session
@@ -472,6 +473,9 @@ def event_detail(event_id: str):
         by_delivery.setdefault(attempt.delivery_id, []).append(attempt)
     known = {row.id for row in rows}
     deliveries = [(row, by_delivery.get(row.id, [])) for row in rows]
+    # What local apps behind `hub listen` answered: attempts of no delivery, shown apart.
+    listened = [a for a in attempts if listening.is_listener_attempt(a)]
+    attempts = [a for a in attempts if not listening.is_listener_attempt(a)]
     loose = [a for a in attempts if a.delivery_id not in known]
     body, pretty, body_cut = shown_text(event.body)
     result, result_cut = shown_json(event.result) if event.result is not None else ("", False)
@@ -482,6 +486,7 @@ def event_detail(event_id: str):
         "attempts": attempts,
         "deliveries": deliveries,
         "loose_attempts": loose,
+        "listened": listened,
         "older_attempts": older,
         "body": body,
         "pretty": pretty,

@@ -17,6 +17,7 @@ its window ends; a request carrying a valid key still passes.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -243,6 +244,27 @@ def kept_headers(rx: Reception, refused: bool) -> dict[str, str]:
     if used < total:
         kept[HEADERS_CUT] = f"kept {len(kept)} of {len(redacted)} headers, {used} of {total} bytes"
     return kept
+
+
+# Headers that carry the hub's own credentials: never sealed, whatever a route's verifier reads.
+OWN_KEY_HEADERS = frozenset({"x-api-key", "authorization"})
+
+
+def sealed_signature_headers(rx: Reception) -> str | None:
+    """The headers the route's verifier read (redacted in ``headers``), sealed with the
+    SecretBox for `hub listen` to forward (hub.services.listen), or None. Only those: the
+    hub's own keys and any other credential stay redacted, and are never forwarded."""
+    names = rx.signature_headers and {h.lower() for h in rx.signature_headers}
+    if not names:
+        return None
+    kept = {
+        name.lower(): value
+        for name, value in rx.incoming.headers.items()
+        if name.lower() in names and name.lower() not in OWN_KEY_HEADERS
+    }
+    if not kept:
+        return None
+    return crypto.get_box().seal([json.dumps(kept)])
 
 
 def read_body(rx: Reception, limit: int) -> bytes:
@@ -482,6 +504,7 @@ def receive(incoming: Incoming) -> Accepted:
         record_rejection(session, rx, rejection)
         raise
     event.headers = kept_headers(rx, refused=False)
+    event.sealed_headers = sealed_signature_headers(rx)
     session.add(event)
     return Accepted(event=event, route=route, key=key, payload=payload, reception=rx)
 

@@ -365,6 +365,10 @@ class Event(Base):
     query: Mapped[str | None] = mapped_column(StorableText)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     headers: Mapped[dict[str, Any]] = mapped_column(StorableJSON, default=dict)
+    # The provider's signature headers of an accepted signed request (redacted in
+    # ``headers``), sealed with the route secrets' SecretBox: opened only for `hub listen`
+    # (hub.services.listen), so a local app can check the provider's signature itself.
+    sealed_headers: Mapped[str | None] = mapped_column(Text)
     content_type: Mapped[str | None] = mapped_column(StorableString(200))
     # The whole body of an accepted request; a short prefix at most of a refused one.
     body: Mapped[bytes | None] = mapped_column(LargeBinary)

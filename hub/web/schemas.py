@@ -550,3 +550,65 @@ class StatsOut(BaseModel):
     events: int = Field(description="Events counted (at most HUB_ADMIN_STATS_MAX_ROWS)")
     truncated: bool = Field(description="The window held more: only the newest were counted")
     routes: list[RouteStats]
+
+
+# --- hub listen ---
+
+EventCursor = Annotated[
+    str,
+    Field(
+        min_length=30,
+        max_length=30,
+        pattern=r"^evt_[0-9a-hjkmnp-tv-z]{26}$",
+        description="The id of the last event this listener forwarded; the answer starts "
+        "after it. Without it, the stream starts now.",
+    ),
+]
+
+
+class ListenQuery(Strict):
+    after: EventCursor | None = None
+    wait: float = Field(
+        20,
+        ge=0,
+        le=60,
+        allow_inf_nan=False,
+        description="Seconds to wait for an event before answering with none (at most "
+        "HUB_LISTEN_WAIT)",
+    )
+    limit: int = Field(20, ge=1, le=100, description="Most events in one answer")
+
+
+class ListenedEvent(BaseModel):
+    id: str
+    route: str
+    received_at: str | None
+    method: str
+    path: str = Field(description="What followed /hooks/<route> in the request's path")
+    query: str = Field(description="The query string, without credential parameters")
+    headers: dict[str, str] = Field(
+        description="The sender's headers, its signature headers included; never the hub's "
+        "credentials (API keys) nor hop-by-hop headers"
+    )
+    body_base64: str = Field(description="The body as it was received, base64")
+
+
+class ListenPage(BaseModel):
+    events: list[ListenedEvent] = Field(
+        description="Accepted events after the cursor, oldest first"
+    )
+    cursor: str = Field(description="Send back as `after` for the next events")
+
+
+class LocalAnswerIn(Strict):
+    status: int | None = Field(
+        None, ge=100, le=599, description="The local app's HTTP status; null if unreachable"
+    )
+    duration_ms: int = Field(ge=0, le=86_400_000)
+    error: str | None = Field(None, max_length=500, description="Why the call failed, if it did")
+
+
+class LocalAnswerOut(BaseModel):
+    event_id: str
+    run: int = Field(description="Which forwarding of this event by a listener this was")
+    outcome: str
