@@ -213,7 +213,10 @@ def children(pid: int) -> set[int]:
     return found
 
 
+# The counters live in each process's files (PROMETHEUS_MULTIPROC_DIR), whatever the
+# database: SQLite alone.
 @pytest.mark.slow
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
 def test_counters_add_up_across_gunicorn_workers_and_a_worker_process(
     database_url_for_test, db, make_key, add_route, tmp_path
 ):
