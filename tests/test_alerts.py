@@ -1,0 +1,319 @@
+"""Alerts: channels and rules, one alert per condition while it lasts, one "resolved"
+notice when it clears, evaluated once across processes, sent over real HTTP and SMTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from email import message_from_bytes, policy
+
+import pytest
+from aiosmtpd.controller import Controller
+from sqlalchemy import select, update
+
+from hub.services import alerts
+from hub.store.models import Alert, AlertSend, AlertState, Delivery
+from hub.testing_servers import Reply
+from tests import rows
+from tests.conftest import PG_URL
+from tests.procs import closed_port, stop, wait_until, worker
+
+TINY = 0.01  # the evaluator's interval in these tests: every call of evaluate() is a turn
+
+
+class Inbox:
+    """An SMTP server's handler that keeps every message it is given."""
+
+    def __init__(self):
+        self.messages: list = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+        with self.lock:
+            self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp():
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=closed_port())
+    controller.start()
+    inbox.port = controller.port
+    try:
+        yield inbox
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def admin(make_key):
+    return {"X-API-Key": make_key(admin=True, name="admin")}
+
+
+def evaluate(app):
+    time.sleep(TINY)  # the turn taken by the previous call is over
+    return alerts.evaluate(app.extensions["hub.db"], TINY)
+
+
+def send(app) -> int:
+    return alerts.send_pending(app.extensions["hub.db"], app.extensions["hub.secrets"], 5.0)
+
+
+def add_channel(client, admin, **channel):
+    answer = client.post("/admin/api/alert-channels", json=channel, headers=admin)
+    assert answer.status_code == 201, answer.json
+    return answer.json
+
+
+def add_rule(client, admin, **rule):
+    answer = client.post("/admin/api/alert-rules", json=rule, headers=admin)
+    assert answer.status_code == 201, answer.json
+    return answer.json
+
+
+def past_commit_lag():
+    time.sleep(alerts.COMMIT_LAG + 0.1)
+
+
+def alert_rows(db) -> list[Alert]:
+    with db.session() as session:
+        return list(session.scalars(select(Alert).order_by(Alert.id)))
+
+
+def test_a_storm_of_dead_deliveries_is_one_alert_that_counts_them_and_one_resolved(
+    app, client, admin, receiver, db
+):
+    """10,000 dead deliveries in two bursts: one firing message that says 5,000 (what the
+    first look saw), one alert that counts 10,000, and one resolved notice that says so."""
+    add_channel(client, admin, name="ops", kind="webhook", url=receiver.url + "/alerts")
+    add_rule(client, admin, name="dead-deliveries", kind="delivery_dead", window=1)
+    evaluate(app)  # the first look starts the cursors: nothing before it is news
+    rows.insert_events(db, "orders", 5000, status="dead")
+    past_commit_lag()
+    assert [n.kind for n in evaluate(app).notices] == ["firing"]
+    rows.insert_events(db, "orders", 5000, status="dead")
+    past_commit_lag()
+    assert evaluate(app).notices == []  # still the same condition: counted, not sent again
+    assert send(app) == 1
+    (firing,) = receiver.wait_for(1)
+    sent = firing.json()
+    assert sent["alert"]["state"] == "firing" and sent["alert"]["subject"] == "orders/default"
+    assert "5,000 deliveries to destination default of route orders went dead" in sent["text"]
+    (alert,) = alert_rows(db)
+    assert (alert.state, alert.count) == ("firing", 10000)
+
+    time.sleep(1.1)  # a window without a dead delivery: the condition cleared
+    assert [n.kind for n in evaluate(app).notices] == ["resolved"]
+    assert evaluate(app).notices == []
+    send(app)
+    resolved = receiver.wait_for(2)[1].json()
+    assert resolved["alert"]["state"] == "resolved"
+    assert "10,000 deliveries went dead" in resolved["text"]
+    (alert,) = alert_rows(db)
+    assert (alert.state, alert.count) == ("resolved", 10000)
+    listed = client.get("/admin/api/alerts", headers=admin).json["alerts"]
+    assert [s["kind"] for s in listed[0]["sends"]] == ["firing", "resolved"]
+    assert {s["status"] for s in listed[0]["sends"]} == {"sent"}
+
+
+def test_with_one_channel_and_no_rule_dead_deliveries_and_open_circuits_alert(
+    app, client, admin, receiver, db
+):
+    """The built-in rules: a fresh hub with one channel alerts on both, with no rule made."""
+    add_channel(client, admin, name="ops", kind="slack", url=receiver.url + "/slack")
+    names = {
+        r["name"]: r for r in client.get("/admin/api/alert-rules", headers=admin).json["rules"]
+    }
+    assert names["dead-deliveries"]["builtin"] and names["open-circuits"]["builtin"]
+    route = {
+        "name": "shop",
+        "destinations": [
+            {
+                "name": "crm",
+                "steps": [{"connector": "http", "config": {"url": receiver.url}}],
+                "breaker": {"failures": 3, "cool_down": 60, "max_cool_down": 60},
+            }
+        ],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    evaluate(app)
+    opened = client.post("/admin/api/routes/shop/destinations/crm/open", headers=admin)
+    assert opened.status_code == 200
+    rows.insert_events(db, "orders", 3, status="dead")
+    past_commit_lag()
+    assert sorted(n.alert.rule for n in evaluate(app).notices) == [
+        "dead-deliveries",
+        "open-circuits",
+    ]
+    send(app)
+    texts = sorted(r.json()["text"] for r in receiver.wait_for(2))
+    assert "3 deliveries to destination default of route orders went dead" in texts[0]
+    assert "the circuit of destination crm of route shop opened" in texts[1]
+
+
+def test_each_rule_fires_once_and_resolves_once_by_email(app, client, admin, smtp, db):
+    channel = {
+        "name": "mail",
+        "kind": "email",
+        "host": "127.0.0.1",
+        "port": smtp.port,
+        "sender": "hub@example.com",
+        "to": ["ops@example.com"],
+        "username": None,
+    }
+    add_channel(client, admin, **channel)
+    route = {
+        "name": "shop",
+        "destinations": [
+            {
+                "name": "crm",
+                "steps": [{"connector": "text"}],
+                "breaker": {"failures": 3, "cool_down": 60, "max_cool_down": 60},
+            }
+        ],
+    }
+    assert client.post("/admin/api/routes", json=route, headers=admin).status_code == 201
+    for name in ("dead-deliveries", "open-circuits"):  # built-ins off: one rule of each kind
+        assert client.delete(f"/admin/api/alert-rules/{name}", headers=admin).status_code == 200
+    add_rule(client, admin, name="circuit", kind="circuit_open", route="shop")
+    add_rule(client, admin, name="dead", kind="delivery_dead", route="ratio", window=1)
+    add_rule(
+        client, admin, name="ratio", kind="failure_ratio", route="ratio", threshold=0.5, window=2
+    )
+    add_rule(client, admin, name="late", kind="oldest_due", route="late", threshold=0.5)
+    add_rule(
+        client, admin, name="refused", kind="refusal_rate", route="spam", threshold=10, window=2
+    )
+    evaluate(app)
+
+    client.post("/admin/api/routes/shop/destinations/crm/open", headers=admin)
+    rows.insert_events(db, "ratio", 5, status="dead")
+    rows.insert_events(db, "late", 1, status="pending")
+    rows.insert_events(db, "spam", 3, status="rejected")  # 90 a minute over 2 s
+    past_commit_lag()
+    fired = evaluate(app).notices
+    assert sorted((n.alert.rule, n.kind) for n in fired) == [
+        ("circuit", "firing"),
+        ("dead", "firing"),
+        ("late", "firing"),
+        ("ratio", "firing"),
+        ("refused", "firing"),
+    ]
+    assert evaluate(app).notices == []  # while they last: no second message
+
+    client.post("/admin/api/routes/shop/destinations/crm/close", headers=admin)
+    with db.session() as session:  # the late delivery is delivered at last
+        session.execute(update(Delivery).where(Delivery.route == "late").values(status="delivered"))
+    time.sleep(2.1)  # the ratio's, the refusals' and the dead deliveries' windows pass
+    cleared = evaluate(app).notices
+    assert sorted((n.alert.rule, n.kind) for n in cleared) == [
+        ("circuit", "resolved"),
+        ("dead", "resolved"),
+        ("late", "resolved"),
+        ("ratio", "resolved"),
+        ("refused", "resolved"),
+    ]
+    assert evaluate(app).notices == []
+
+    while send(app):
+        pass
+    wait_until(lambda: len(smtp.messages) >= 10, 5, what="ten messages")
+    time.sleep(0.2)
+    subjects = sorted(m["Subject"].split(":")[0] for m in smtp.messages)
+    assert subjects == sorted(
+        f"[{notice}] {rule}"
+        for rule in ("circuit", "dead", "late", "ratio", "refused")
+        for notice in ("firing", "resolved")
+    )
+    assert all(m["To"] == "ops@example.com" for m in smtp.messages)
+    bodies = {m["Subject"].split(":")[0]: m.get_content() for m in smtp.messages}
+    assert "5 of the 5 deliveries to destination default of route ratio" in bodies["[firing] ratio"]
+    assert "route spam refused 3 requests" in bodies["[firing] refused"]
+    assert "destination crm of route shop is active again" in bodies["[resolved] circuit"]
+
+
+def test_a_failing_channel_is_recorded_and_holds_up_no_other(app, client, admin, receiver, db):
+    """A channel that answers 500 gets its tries and ends failed with the error; the other
+    channel's message arrives; nothing secret is in what the API shows."""
+    receiver.script(*[Reply(500)] * 3)
+    add_channel(client, admin, name="broken", kind="webhook", url=receiver.url + "/x?token=s3cr3t")
+    listed = client.get("/admin/api/alert-channels", headers=admin).json["channels"]
+    assert "s3cr3t" not in json.dumps(listed)
+    evaluate(app)
+    rows.insert_events(db, "orders", 1, status="dead")
+    past_commit_lag()
+    evaluate(app)
+    send(app)
+    with db.session() as session:
+        (row,) = session.scalars(select(AlertSend))
+    assert (row.status, row.attempts) == ("failed", 3)
+    assert "500" in row.error and "s3cr3t" not in row.error
+
+
+def test_a_test_alert_is_queued_by_the_api_and_sent_by_the_worker_thread(
+    app, client, admin, receiver
+):
+    add_channel(client, admin, name="ops", kind="webhook", url=receiver.url)
+    answer = client.post("/admin/api/alert-channels/ops/test", headers=admin)
+    assert answer.status_code == 202 and answer.json["status"] == "pending"
+    app.config["ALERT_INTERVAL"] = 0.05
+    runner = alerts.AlertRunner(app.extensions["hub.db"], app.extensions["hub.secrets"], app.config)
+    runner.start()
+    try:
+        (got,) = receiver.wait_for(1)
+    finally:
+        runner.stop()
+    assert "a test alert" in got.json()["text"]
+    tests = client.get("/admin/api/alerts", headers=admin).json["tests"]
+    assert tests[0]["status"] == "sent"
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+def test_two_worker_processes_on_postgresql_send_one_alert_and_one_resolved(
+    pg_database, tmp_path, receiver
+):
+    """Both processes evaluate every 50 ms; a burst of dead deliveries every 0.3 s for a
+    second is one alert, sent once, resolved once, its count exact."""
+    from hub import create_app
+
+    engine_url = pg_database
+    app = create_app(
+        {"TESTING": True, "DATABASE_URL": engine_url, "SECRET_KEY": "test-secret-key-for-the-hub"}
+    )
+    db = app.extensions["hub.db"]
+    from sqlalchemy import text
+
+    from tests.conftest import TABLES
+
+    with db.engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    with db.session() as session:
+        alerts.add_channel(
+            session,
+            app.extensions["hub.secrets"],
+            {"name": "ops", "kind": "webhook", "url": receiver.url},
+        )
+        alerts.add_rule(session, {"name": "dead-deliveries", "kind": "delivery_dead", "window": 1})
+    env = {"HUB_ALERT_INTERVAL": "0.05"}
+    procs = [worker(engine_url, tmp_path / f"w{i}.log", **env) for i in range(2)]
+    try:
+        time.sleep(2.0)  # both started and evaluating
+        for _ in range(4):
+            rows.insert_events(db, "orders", 250, status="dead")
+            time.sleep(0.3)
+        wait_until(lambda: len(receiver.requests) >= 2, 10, what="the resolved notice")
+        time.sleep(1.0)  # room for a second copy, were there one
+    finally:
+        for proc in procs:
+            stop(proc)
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+    states = [r.json()["alert"]["state"] for r in receiver.requests]
+    assert states == ["firing", "resolved"], logs[-3000:]
+    (alert,) = alert_rows(db)
+    assert (alert.state, alert.count) == ("resolved", 1000)
+    with db.session() as session:
+        ran_by = session.scalar(select(AlertState.ran_by))
+    assert ran_by
+    app.extensions["hub.db"].dispose()
