@@ -9,10 +9,13 @@ import time
 from email import message_from_bytes, policy
 
 import pytest
+import sqlalchemy as sa
 from aiosmtpd.controller import Controller
+from alembic import command
 from sqlalchemy import select, update
 
 from hub.services import alerts
+from hub.store.db import alembic_config, upgrade
 from hub.store.models import Alert, AlertSend, AlertState, Delivery
 from hub.testing_servers import Reply
 from tests import rows
@@ -317,3 +320,71 @@ def test_two_worker_processes_on_postgresql_send_one_alert_and_one_resolved(
         ran_by = session.scalar(select(AlertState.ran_by))
     assert ran_by
     app.extensions["hub.db"].dispose()
+
+
+def test_the_cli_adds_lists_tests_and_removes_channels_and_rules(runner, receiver, smtp):
+    ok = runner.invoke(
+        args=["alerts", "channels", "add", "hook", "webhook", "--url", receiver.url + "/t?k=s3cr3t"]
+    )
+    assert ok.exit_code == 0, ok.output
+    mail = [
+        "alerts", "channels", "add", "mail", "email", "--host", "127.0.0.1",
+        "--port", str(smtp.port), "--sender", "hub@example.com", "--to", "ops@example.com",
+    ]  # fmt: skip
+    assert runner.invoke(args=mail).exit_code == 0
+    bad = runner.invoke(args=["alerts", "channels", "add", "x", "email"])
+    assert bad.exit_code == 1 and "host: an email channel needs its SMTP server" in bad.output
+    listed = runner.invoke(args=["alerts", "channels", "list", "--json"])
+    assert [c["name"] for c in json.loads(listed.output)] == ["hook", "mail"]
+    assert "s3cr3t" not in listed.output
+    tested = runner.invoke(args=["alerts", "channels", "test", "hook"])
+    assert tested.exit_code == 0 and "sent a test alert to hook" in tested.output
+    assert "a test alert" in receiver.wait_for(1)[0].json()["text"]
+    assert runner.invoke(args=["alerts", "channels", "test", "mail"]).exit_code == 0
+    wait_until(lambda: smtp.messages, 5, what="the test email")
+    assert smtp.messages[0]["Subject"] == "[test] mail"
+
+    rule = [
+        "alerts",
+        "rules",
+        "add",
+        "late",
+        "oldest_due",
+        "--threshold",
+        "60",
+        "--channel",
+        "mail",
+    ]
+    assert runner.invoke(args=rule).exit_code == 0
+    assert runner.invoke(args=["alerts", "rules", "remove", "open-circuits"]).exit_code == 0
+    rules_out = runner.invoke(args=["alerts", "rules", "list"]).output
+    assert "late" in rules_out and "on (built-in)" in rules_out and "open-circuits" in rules_out
+    assert "off" in rules_out.splitlines()[-1]  # open-circuits, turned off
+    missing = runner.invoke(args=["alerts", "rules", "remove", "nope"])
+    assert missing.exit_code == 1 and "No alert rule is named 'nope'" in missing.output
+    assert runner.invoke(args=["alerts", "channels", "remove", "hook"]).exit_code == 0
+    assert runner.invoke(args=["alerts", "list"]).exit_code == 0
+
+
+def test_migration_0014_adds_the_alert_tables_and_keeps_every_delivery(db):
+    """On a database 0013 filled: the alert tables and the index of ended deliveries come,
+    every delivery stays; and back."""
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0013")
+    try:
+        assert not sa.inspect(db.engine).has_table("alerts")
+        rows.insert_events(db, "orders", 3, status="dead")
+        upgrade(db)
+        inspector = sa.inspect(db.engine)
+        for table in ("alert_channels", "alert_rules", "alerts", "alert_sends", "alert_state"):
+            assert inspector.has_table(table)
+        assert "ix_deliveries_ended_at" in {i["name"] for i in inspector.get_indexes("deliveries")}
+        with db.session() as session:
+            assert session.scalar(select(sa.func.count()).select_from(Delivery)) == 3
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(db, conn), "0013")
+        assert not sa.inspect(db.engine).has_table("alert_channels")
+        with db.session() as session:
+            assert session.scalar(select(sa.func.count()).select_from(Delivery)) == 3
+    finally:
+        upgrade(db)
