@@ -15,9 +15,10 @@ from alembic import command
 from sqlalchemy import select, update
 
 from hub.services import alerts
+from hub.services.delivery import Worker
 from hub.store.db import alembic_config, upgrade
 from hub.store.models import Alert, AlertSend, AlertState, Delivery
-from hub.testing_servers import Reply
+from hub.testing_servers import Receiver, Reply
 from tests import rows
 from tests.conftest import PG_URL
 from tests.procs import closed_port, stop, wait_until, worker
@@ -275,12 +276,14 @@ def test_a_test_alert_is_queued_by_the_api_and_sent_by_the_worker_thread(
 
 @pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
 def test_two_worker_processes_on_postgresql_send_one_alert_and_one_resolved(
-    pg_database, tmp_path, receiver
+    pg_database, tmp_path, receiver, monkeypatch
 ):
-    """Both processes evaluate every 50 ms; a burst of dead deliveries every 0.3 s for a
-    second is one alert, sent once, resolved once, its count exact."""
+    """Both processes evaluate every 20 ms; a burst of dead deliveries every 0.15 s for a
+    second is one alert, sent once, resolved once, its count exact (a window counted by
+    both would count it twice)."""
     from hub import create_app
 
+    monkeypatch.setenv("HUB_ALLOW_PRIVATE_TARGETS", "true")
     engine_url = pg_database
     app = create_app(
         {"TESTING": True, "DATABASE_URL": engine_url, "SECRET_KEY": "test-secret-key-for-the-hub"}
@@ -299,27 +302,41 @@ def test_two_worker_processes_on_postgresql_send_one_alert_and_one_resolved(
             {"name": "ops", "kind": "webhook", "url": receiver.url},
         )
         alerts.add_rule(session, {"name": "dead-deliveries", "kind": "delivery_dead", "window": 1})
-    env = {"HUB_ALERT_INTERVAL": "0.05"}
+    env = {"HUB_ALERT_INTERVAL": "0.02"}
     procs = [worker(engine_url, tmp_path / f"w{i}.log", **env) for i in range(2)]
+    evaluators: set[str] = set()  # the processes seen taking a turn
+
+    def evaluating() -> bool:
+        with db.session() as session:
+            ran_by = session.scalar(select(AlertState.ran_by))
+        if ran_by:
+            evaluators.add(ran_by)
+        return ran_by is not None
+
     try:
-        time.sleep(2.0)  # both started and evaluating
-        for _ in range(4):
-            rows.insert_events(db, "orders", 250, status="dead")
-            time.sleep(0.3)
-        wait_until(lambda: len(receiver.requests) >= 2, 10, what="the resolved notice")
+        wait_until(evaluating, 15, what="a worker's first evaluation")  # what follows is news
+        for _ in range(8):
+            rows.insert_events(db, "orders", 125, status="dead")
+            deadline = time.monotonic() + 0.15
+            while time.monotonic() < deadline:
+                evaluating()
+                time.sleep(0.02)
+        wait_until(
+            lambda: evaluating() and len(receiver.requests) >= 2, 10, what="the resolved notice"
+        )
         time.sleep(1.0)  # room for a second copy, were there one
     finally:
         for proc in procs:
             stop(proc)
-    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
-    states = [r.json()["alert"]["state"] for r in receiver.requests]
-    assert states == ["firing", "resolved"], logs[-3000:]
-    (alert,) = alert_rows(db)
-    assert (alert.state, alert.count) == ("resolved", 1000)
-    with db.session() as session:
-        ran_by = session.scalar(select(AlertState.ran_by))
-    assert ran_by
-    app.extensions["hub.db"].dispose()
+    try:
+        logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+        states = [r.json()["alert"]["state"] for r in receiver.requests]
+        assert states == ["firing", "resolved"], logs[-3000:]
+        (alert,) = alert_rows(db)
+        assert (alert.state, alert.count) == ("resolved", 1000)
+        assert len(evaluators) == 2  # both processes took turns: neither was idle
+    finally:
+        db.dispose()
 
 
 def test_the_cli_adds_lists_tests_and_removes_channels_and_rules(runner, receiver, smtp):
@@ -388,3 +405,37 @@ def test_migration_0014_adds_the_alert_tables_and_keeps_every_delivery(db):
             assert session.scalar(select(sa.func.count()).select_from(Delivery)) == 3
     finally:
         upgrade(db)
+
+
+def test_a_channel_that_hangs_slows_no_delivery_and_its_message_ends_failed(
+    app, client, admin, receiver, add_route, key, db
+):
+    """The alert sender waits on a channel that never answers in time while the worker's
+    delivery thread delivers five events at once; the message ends failed after its three
+    bounded tries, the timeout recorded."""
+    add_route("orders", [{"connector": "http", "config": {"url": receiver.url}}], mode="async")
+    app.config.update(ALERT_INTERVAL=0.05, ALERT_SEND_TIMEOUT=0.3)
+    with Receiver(delay=5) as hanging:
+        add_channel(client, admin, name="slow", kind="webhook", url=hanging.url)
+        assert client.post("/admin/api/alert-channels/slow/test", headers=admin).status_code == 202
+        running = Worker(app, name="isolation")
+        running.start(1)
+        try:
+
+            def message_status():
+                with db.session() as session:
+                    return session.scalar(select(AlertSend.status))
+
+            wait_until(lambda: message_status() == "sending", 5, what="the send to start")
+            started = time.monotonic()
+            for n in range(5):
+                answer = client.post("/hooks/orders", json={"n": n}, headers={"X-API-Key": key})
+                assert answer.status_code == 202
+            receiver.wait_for(5, timeout=5)
+            assert time.monotonic() - started < 2.0
+            wait_until(lambda: message_status() == "failed", 10, what="the send to give up")
+        finally:
+            running.stop(grace=2)
+    with db.session() as session:
+        (row,) = session.scalars(select(AlertSend))
+    assert row.attempts == alerts.SEND_TRIES and "timed out" in row.error.lower(), row.error

@@ -34,6 +34,7 @@ Log lines name channels, rules and error types, never a URL, a password or a bod
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -158,9 +159,31 @@ def _http_url(value: str | None, errors: list[str]) -> None:
     if not value:
         errors.append("url: a webhook or slack channel needs a URL")
         return
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        errors.append("url: is not a URL")
+        return
+    if parts.scheme not in ("http", "https") or not host:
         errors.append("url: must be an http:// or https:// URL with a host")
+    elif not http.allow_private_targets() and _is_local(host):
+        errors.append(
+            "url: points to a loopback, private or link-local address (allowed only with "
+            "HUB_ALLOW_PRIVATE_TARGETS=true)"
+        )
+
+
+def _is_local(host: str) -> bool:
+    """An obviously local host, refused when saved; hub.http checks every resolved address
+    (and the connected socket) again at each send."""
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return http.is_forbidden_address(host)
 
 
 def _check_channel(spec: ChannelSpec) -> list[str]:
@@ -400,18 +423,33 @@ def _plural(n: int, one: str, many: str) -> str:
     return one if n == 1 else many
 
 
+def _printable(text: str) -> str:
+    """A name as a message shows it: no control character (a refused request's route is
+    whatever its URL said), so it cannot break an email header or a log line."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _where(subject: str) -> str:
-    route, _, destination = subject.partition("/")
+    route, _, destination = _printable(subject).partition("/")
     if destination:
         return f"destination {destination} of route {route}"
     return "every route" if route == "*" else f"route {route}"
 
 
-def _link(public_url: str | None, subject: str) -> str | None:
-    route = subject.partition("/")[0]
-    if not public_url or route == "*":
+def link_base(config: Any) -> str | None:
+    """Where the dashboard's pages are, seen from outside: HUB_PUBLIC_URL and the
+    dashboard's prefix; None when the hub does not know its address or has no dashboard."""
+    public_url = config.get("PUBLIC_URL")
+    if not public_url or not config.get("DASHBOARD"):
         return None
-    return f"{public_url.rstrip('/')}/routes/{quote(route, safe='')}"
+    return public_url.rstrip("/") + str(config.get("DASHBOARD_PREFIX") or "").rstrip("/")
+
+
+def _link(base: str | None, subject: str) -> str | None:
+    route = subject.partition("/")[0]
+    if not base or route == "*":
+        return None
+    return f"{base}/routes/{quote(route, safe='')}"
 
 
 def render(alert: Alert, notice: str, public_url: str | None = None) -> dict[str, Any]:
@@ -715,7 +753,7 @@ def _refusal_rate(run: _Pass, rule: Rule) -> None:
         if per_minute > (rule.threshold or 0):
             over[route[:200]] = (
                 per_minute,
-                f"route {route} refused {_count(count)} "
+                f"route {_printable(route)} refused {_count(count)} "
                 f"{_plural(count, 'request', 'requests')} in the last {window} s "
                 f"({per_minute:,.1f} a minute, above {rule.threshold:g}).",
             )
@@ -894,7 +932,7 @@ def send_one(db: Database, box: SecretBox, send_id: int, timeout: float) -> str 
         taken = session.execute(
             update(AlertSend.__table__)
             .where(AlertSend.id == send_id, AlertSend.status == PENDING)
-            .values(status=SENDING)
+            .values(status=SENDING, sent_at=utcnow())
         ).rowcount
         if not taken:
             return None
@@ -919,6 +957,18 @@ def send_one(db: Database, box: SecretBox, send_id: int, timeout: float) -> str 
     if error:
         log.warning("alert message %s to channel %s failed: %s", send_id, row.channel, error)
     return status
+
+
+def fail_abandoned(db: Database, timeout: float) -> int:
+    """Messages left ``sending`` by a process that stopped mid-send end ``failed``: past
+    the longest a send may take (SEND_TRIES tries and their waits), no one is sending them."""
+    longest = timedelta(seconds=SEND_TRIES * (timeout + 8) + 60)
+    with db.session() as session:
+        return session.execute(
+            update(AlertSend.__table__)
+            .where(AlertSend.status == SENDING, AlertSend.sent_at < utcnow() - longest)
+            .values(status=FAILED, error="the process sending it stopped before it finished")
+        ).rowcount
 
 
 def send_pending(db: Database, box: SecretBox, timeout: float) -> int:
@@ -1005,11 +1055,12 @@ class AlertRunner:
         self.box = box
         self.interval = float(config["ALERT_INTERVAL"])
         self.timeout = float(config["ALERT_SEND_TIMEOUT"])
-        self.public_url = config.get("PUBLIC_URL")
+        self.public_url = link_base(config)
         self.me = owner_name()
         self.stopping = threading.Event()
         self.queued = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.next_sweep = 0.0  # time.monotonic() of the next look for abandoned messages
 
     def start(self) -> None:
         for target, name in ((self._evaluate, "hub-alerts"), (self._send, "hub-alert-send")):
@@ -1040,6 +1091,9 @@ class AlertRunner:
             if self.stopping.is_set():
                 return
             try:
+                if time.monotonic() >= self.next_sweep:
+                    self.next_sweep = time.monotonic() + 60
+                    fail_abandoned(self.db, self.timeout)
                 while send_pending(self.db, self.box, self.timeout) and not self.stopping.is_set():
                     pass
             except Exception as exc:

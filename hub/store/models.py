@@ -746,6 +746,7 @@ class AlertSend(Base):
     error: Mapped[str | None] = mapped_column(StorableText)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its sending started; once it ended, when it ended.
     sent_at: Mapped[datetime | None]
 
 
