@@ -52,6 +52,8 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from hub import http
@@ -523,10 +525,14 @@ def _take_turn(session: Session, now: datetime, interval: float, me: str) -> Ale
         return session.get(AlertState, 1)
     if session.get(AlertState, 1) is not None:
         return None
-    # No row yet (a new database, or a first channel): start reading from now.
+    # No row yet (a new database, or a first channel): start reading from now. Two
+    # processes may both get here: the second's insert does nothing, and neither evaluates.
     last = session.scalar(select(func.max(DestinationChange.id))) or 0
-    session.add(
-        AlertState(
+    dialect = session.get_bind().dialect.name
+    make = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(
+        make(AlertState.__table__)
+        .values(
             id=1,
             next_run_at=now + timedelta(seconds=interval * 0.9),
             ran_at=now,
@@ -534,8 +540,8 @@ def _take_turn(session: Session, now: datetime, interval: float, me: str) -> Ale
             change_cursor=last,
             dead_cursor=now - timedelta(seconds=COMMIT_LAG),
         )
+        .on_conflict_do_nothing(index_elements=["id"])
     )
-    session.flush()  # a second process inserting too fails here: it skips its turn
     return None
 
 
