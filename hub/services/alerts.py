@@ -99,6 +99,7 @@ FIRING, RESOLVED = "firing", "resolved"
 PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
 TEST = "test"
 BODY_MAX = 4000
+TEXT_MAX = 1500  # a message's sentence: its JSON stays whole within BODY_MAX
 ERROR_MAX = 500
 DEAD_QUIET = 300  # seconds without a dead delivery before a delivery_dead alert resolves
 RATIO_WINDOW = 300
@@ -388,12 +389,20 @@ def add_rule(session: Session, data: Any) -> Rule:
     errors += [f"channels: no channel is named {c!r}" for c in spec.channels if c not in known]
     if errors:
         raise AlertInvalid(errors)
-    if session.scalar(select(AlertRule.id).where(AlertRule.name == spec.name)):
+    existing = session.scalar(select(AlertRule).where(AlertRule.name == spec.name))
+    if existing is not None and not existing.enabled and _is_builtin(spec.name):
+        session.delete(existing)  # a built-in rule turned off: the new rule takes its place
+        session.flush()
+    elif existing is not None:
         raise AlreadyExists(f"A rule named {spec.name!r} exists already")
     row = AlertRule(**spec.model_dump())
     session.add(row)
     session.flush()
     return _rule_of(row)
+
+
+def _is_builtin(name: str) -> bool:
+    return any(b["name"] == name for b in BUILTIN_RULES)
 
 
 def remove_rule(session: Session, name: str) -> None:
@@ -456,7 +465,7 @@ def _link(base: str | None, subject: str) -> str | None:
 
 def render(alert: Alert, notice: str, public_url: str | None = None) -> dict[str, Any]:
     """What one notice says: a sentence (``text``) and the alert's fields."""
-    text = f"[{notice}] {alert.rule}: {alert.message}"
+    text = f"[{notice}] {alert.rule}: {alert.message}"[:TEXT_MAX]
     link = _link(public_url, alert.subject)
     if link:
         text += f" {link}"
