@@ -4,6 +4,7 @@ notice when it clears, evaluated once across processes, sent over real HTTP and 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from email import message_from_bytes, policy
@@ -14,6 +15,7 @@ from aiosmtpd.controller import Controller
 from alembic import command
 from sqlalchemy import select, update
 
+from hub import http
 from hub.services import alerts
 from hub.services.delivery import Worker
 from hub.store.db import alembic_config, upgrade
@@ -446,3 +448,28 @@ def test_a_channel_that_hangs_slows_no_delivery_and_its_message_ends_failed(
     with db.session() as session:
         (row,) = session.scalars(select(AlertSend))
     assert row.attempts == alerts.SEND_TRIES and "timed out" in row.error.lower(), row.error
+
+
+def test_a_private_address_is_refused_when_saved_and_when_sent(
+    app, client, admin, receiver, db, monkeypatch
+):
+    """Without HUB_ALLOW_PRIVATE_TARGETS, a loopback URL is a 422 naming the setting, and a
+    host name that resolves to loopback is refused by hub.http's guard at the send: the
+    receiver never sees it."""
+    monkeypatch.delenv("HUB_ALLOW_PRIVATE_TARGETS")
+    refused = client.post(
+        "/admin/api/alert-channels",
+        json={"name": "local", "kind": "webhook", "url": receiver.url},
+        headers=admin,
+    )
+    assert refused.status_code == 422 and "HUB_ALLOW_PRIVATE_TARGETS" in refused.json["error"]
+    host = socket.gethostname()
+    if not all(http.is_forbidden_address(str(info[4][0])) for info in socket.getaddrinfo(host, 80)):
+        pytest.skip("this machine's name does not resolve to a local address")
+    add_channel(client, admin, name="named", kind="slack", url=f"http://{host}:{receiver.port}/")
+    client.post("/admin/api/alert-channels/named/test", headers=admin)
+    send(app)
+    with db.session() as session:
+        (row,) = session.scalars(select(AlertSend))
+    assert row.status == "failed" and "private" in row.error.lower(), row.error
+    assert receiver.requests == []
