@@ -184,6 +184,7 @@ JsonDepth = Annotated[
     int, BeforeValidator(_number), Field(ge=1, le=500), Expects("a whole number from 1 to 500")
 ]
 Text = Annotated[str, Expects("a text")]
+OptionalText = Annotated[str | None, BeforeValidator(_unset_when_empty), Expects("a text")]
 PositiveOrUnset = Annotated[
     Positive | None, BeforeValidator(_unset_when_empty), Expects("a whole number, 1 or more")
 ]
@@ -437,6 +438,24 @@ class Settings(BaseSettings):
         25.0,
         description="seconds a stopping worker waits for its in-flight deliveries before "
         "handing them back",
+    )
+
+    # --- alerts ---
+    alert_interval: Seconds = Field(
+        5.0,
+        description="seconds between two evaluations of the alert rules; worker processes "
+        "take turns (one evaluation per interval across every process), and each message "
+        "is sent from a thread of its own",
+    )
+    alert_send_timeout: Seconds = Field(
+        10.0,
+        description="seconds one try of sending an alert may take (a webhook, Slack or SMTP "
+        "call); three tries at most",
+    )
+    public_url: OptionalText = Field(
+        None,
+        description="the address the hub is reached at, such as `https://hooks.example.com`: "
+        "alerts then link to the dashboard's page of their route. Unset, they name it only",
     )
 
     # --- the database ---

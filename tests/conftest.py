@@ -33,6 +33,11 @@ TABLES = (
     "api_keys",
     "rate_counters",
     "dashboard_sessions",
+    "alert_sends",
+    "alerts",
+    "alert_rules",
+    "alert_channels",
+    "alert_state",
 )
 
 # ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's

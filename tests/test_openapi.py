@@ -183,6 +183,26 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", answers, f"/listen/events/{event.id}/answers", json=answered, **a)
     call("POST", answers, f"/listen/events/{event.id}/answers", json={"status": 1000}, **a)
     call("POST", answers, "/listen/events/evt_nope/answers", json=answered, **a)
+    channels = "/admin/api/alert-channels"
+    hook = {"name": "ops", "kind": "webhook", "url": receiver.url}
+    call("POST", channels, json=hook, **a)
+    call("POST", channels, json=hook, **a)  # exists: 409
+    call("POST", channels, json={"name": "mail", "kind": "email"}, **a)  # no host: 422
+    call("GET", channels, **a)
+    call("POST", channels + "/{channel}/test", channels + "/ops/test", **a)
+    call("POST", channels + "/{channel}/test", channels + "/nope/test", **a)
+    rules = "/admin/api/alert-rules"
+    late = {"name": "late", "kind": "oldest_due", "threshold": 60, "channels": ["ops"]}
+    call("POST", rules, json=late, **a)
+    call("POST", rules, json=late, **a)  # exists: 409
+    call("POST", rules, json={"name": "x", "kind": "failure_ratio"}, **a)  # no threshold: 422
+    call("GET", rules, **a)
+    call("DELETE", rules + "/{rule}", rules + "/dead-deliveries", **a)
+    call("DELETE", rules + "/{rule}", rules + "/nope", **a)
+    call("GET", "/admin/api/alerts", query_string={"limit": 5}, **a)
+    call("GET", "/admin/api/alerts", query_string={"limit": 0}, **a)
+    call("DELETE", channels + "/{channel}", channels + "/ops", **a)
+    call("DELETE", channels + "/{channel}", channels + "/ops", **a)
     call("GET", "/events/{event_id}", f"/events/{event.id}", headers={"X-API-Key": key})
     call("GET", "/events/{event_id}", f"/events/{event.id}", **a)  # the admin's whole view
     call("GET", "/events/{event_id}", "/events/evt_nope", headers={"X-API-Key": key})

@@ -27,6 +27,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
+from hub.services import alerts as alert_store
 from hub.services import delivery, ordering, ratelimit
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
@@ -968,8 +969,234 @@ def worker_command(concurrency: int, once: bool) -> None:
     metrics.process_died(os.getpid())
 
 
+# --- alerts ---
+
+alerts_cli = Commands("alerts", help="Alert channels and rules, and the alerts sent.")
+channels_cli = Commands("channels", help="Where alerts go: webhook, slack or email.")
+rules_cli = Commands("rules", help="When to alert (built-in: dead deliveries, open circuits).")
+alerts_cli.add_command(channels_cli)
+alerts_cli.add_command(rules_cli)
+
+
+def _alert_invalid(exc: alert_store.AlertInvalid) -> str:
+    return "invalid: " + "; ".join(exc.errors)
+
+
+@channels_cli.command("add")
+@click.argument("name")
+@click.argument("kind", type=click.Choice(alert_store.CHANNEL_KINDS))
+@click.option("--url", help="webhook, slack: where to POST (stored encrypted).")
+@click.option("--host", help="email: the SMTP server.")
+@click.option("--port", type=click.IntRange(1, 65535), help="email: its port (default 25).")
+@click.option("--username", help="email: SMTP login.")
+@click.option("--password-env", help="email: the environment variable holding the SMTP password.")
+@click.option("--starttls", is_flag=True, help="email: upgrade the connection with STARTTLS.")
+@click.option("--ssl", "use_ssl", is_flag=True, help="email: connect over TLS (port 465).")
+@click.option("--sender", help="email: the From address.")
+@click.option("--to", "to", multiple=True, help="email: an address to alert (repeat).")
+def channels_add(
+    name: str,
+    kind: str,
+    url: str | None,
+    host: str | None,
+    port: int | None,
+    username: str | None,
+    password_env: str | None,
+    starttls: bool,
+    use_ssl: bool,
+    sender: str | None,
+    to: tuple[str, ...],
+) -> None:
+    """Add a channel NAME of KIND (webhook, slack or email)."""
+    password = None
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            fail(f"the environment variable {password_env} is not set")
+    data = {
+        "name": name,
+        "kind": kind,
+        "url": url,
+        "host": host,
+        "port": port,
+        "username": username,
+        "password": password,
+        "starttls": starttls,
+        "ssl": use_ssl,
+        "sender": sender,
+        "to": list(to),
+    }
+    with get_db().session() as session:
+        try:
+            row = alert_store.add_channel(session, get_box(), data)
+        except alert_store.AlertInvalid as exc:
+            fail(_alert_invalid(exc))
+        except alert_store.AlreadyExists as exc:
+            fail(str(exc))
+        shown = alert_store.channel_to_dict(row, get_box())
+    click.echo(f"added alert channel {shown['name']} ({shown['kind']})")
+
+
+@channels_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def channels_list(as_json: bool) -> None:
+    """Every channel, its secrets masked."""
+    with get_db().read_session() as session:
+        rows = [
+            alert_store.channel_to_dict(c, get_box()) for c in alert_store.list_channels(session)
+        ]
+    emit(
+        rows,
+        as_json,
+        ["NAME", "KIND", "TARGET"],
+        lambda r: [r["name"], r["kind"], r.get("url") or ",".join(r.get("to") or [])],
+    )
+
+
+@channels_cli.command("remove")
+@click.argument("name")
+def channels_remove(name: str) -> None:
+    """Remove the channel NAME."""
+    with get_db().session() as session:
+        try:
+            alert_store.remove_channel(session, name)
+        except alert_store.NoSuchAlertThing as exc:
+            fail(str(exc))
+    click.echo(f"removed alert channel {name}")
+
+
+@channels_cli.command("test")
+@click.argument("name")
+def channels_test(name: str) -> None:
+    """Send a test alert through NAME now, from this command, and say whether it arrived."""
+    db = get_db()
+    with db.session() as session:
+        try:
+            row = alert_store.queue_test(session, name, current_app.config.get("PUBLIC_URL"))
+        except alert_store.NoSuchAlertThing as exc:
+            fail(str(exc))
+        send_id = row.id
+    status = alert_store.send_one(
+        db, get_box(), send_id, float(current_app.config["ALERT_SEND_TIMEOUT"])
+    )
+    with db.read_session() as session:
+        sent = alert_store.send_to_dict(session.get(alert_store.AlertSend, send_id))
+    if status != alert_store.SENT:
+        fail(f"the test alert to {name} failed: {sent['error'] or 'taken by another process'}")
+    click.echo(f"sent a test alert to {name} ({sent['attempts']} tries)")
+
+
+@rules_cli.command("add")
+@click.argument("name")
+@click.argument("kind", type=click.Choice(list(alert_store.RULE_KINDS)))
+@click.option("--route", help="Only this route.")
+@click.option("--destination", help="Only this destination (of --route).")
+@click.option("--threshold", type=float, help="failure_ratio (0-1), oldest_due (s), refusal_rate.")
+@click.option("--window", type=int, help="Seconds the rule looks back.")
+@click.option("--channel", "channels", multiple=True, help="A channel (repeat); default: all.")
+@click.option("--disabled", is_flag=True, help="Add it turned off.")
+def rules_add(
+    name: str,
+    kind: str,
+    route: str | None,
+    destination: str | None,
+    threshold: float | None,
+    window: int | None,
+    channels: tuple[str, ...],
+    disabled: bool,
+) -> None:
+    """Add a rule NAME of KIND; named dead-deliveries or open-circuits, it replaces that
+    built-in rule."""
+    data = {
+        "name": name,
+        "kind": kind,
+        "route": route,
+        "destination": destination,
+        "threshold": threshold,
+        "window": window,
+        "channels": list(channels),
+        "enabled": not disabled,
+    }
+    with get_db().session() as session:
+        try:
+            alert_store.add_rule(session, data)
+        except alert_store.AlertInvalid as exc:
+            fail(_alert_invalid(exc))
+        except alert_store.AlreadyExists as exc:
+            fail(str(exc))
+    click.echo(f"added alert rule {name} ({kind})")
+
+
+@rules_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rules_list(as_json: bool) -> None:
+    """Every rule, the built-in ones included."""
+    with get_db().read_session() as session:
+        rows = [r.to_dict() for r in alert_store.rules(session)]
+    emit(
+        rows,
+        as_json,
+        ["NAME", "KIND", "ROUTE", "DESTINATION", "THRESHOLD", "WINDOW", "CHANNELS", "STATE"],
+        lambda r: [
+            r["name"],
+            r["kind"],
+            r["route"] or "*",
+            r["destination"] or "*",
+            "-" if r["threshold"] is None else f"{r['threshold']:g}",
+            r["window"] or "-",
+            ",".join(r["channels"]) or "all",
+            ("on" if r["enabled"] else "off") + (" (built-in)" if r["builtin"] else ""),
+        ],
+    )
+
+
+@rules_cli.command("remove")
+@click.argument("name")
+def rules_remove(name: str) -> None:
+    """Remove the rule NAME (a built-in one is turned off)."""
+    with get_db().session() as session:
+        try:
+            alert_store.remove_rule(session, name)
+        except alert_store.NoSuchAlertThing as exc:
+            fail(str(exc))
+    click.echo(f"removed alert rule {name}")
+
+
+@alerts_cli.command("list")
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, with each message sent.")
+def alerts_list(limit: int, as_json: bool) -> None:
+    """The newest alerts: rule, subject, state, count, and how their messages went."""
+    with get_db().read_session() as session:
+        rows = alert_store.recent(session, limit)["alerts"]
+    emit(
+        rows,
+        as_json,
+        ["ID", "RULE", "SUBJECT", "STATE", "COUNT", "OPENED", "RESOLVED", "SENT"],
+        lambda r: [
+            r["id"],
+            r["rule"],
+            r["subject"],
+            r["state"],
+            f"{r['count']:,}",
+            _short(r["opened_at"]),
+            _short(r["resolved_at"]),
+            " ".join(f"{s['kind']}:{s['channel']}:{s['status']}" for s in r["sends"]) or "-",
+        ],
+    )
+
+
 # The commands of both entries, `flask --app hub ...` and `hub ...`: one definition each.
-COMMANDS = (worker_command, keys_cli, routes_cli, db_cli, connectors_cli, events_cli, init_command)
+COMMANDS = (
+    worker_command,
+    keys_cli,
+    routes_cli,
+    db_cli,
+    connectors_cli,
+    events_cli,
+    alerts_cli,
+    init_command,
+)
 
 
 def init_app(app: Flask) -> None:

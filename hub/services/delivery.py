@@ -42,7 +42,7 @@ from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, selec
 
 from hub import rates
 from hub.ops import logs, metrics
-from hub.services import breaker, ordering, pipeline
+from hub.services import alerts, breaker, ordering, pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -546,6 +546,7 @@ class Worker:
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
         self.next_breaker_tick = 0.0  # time.monotonic() of the next look at open circuits
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
+        self.alerts: alerts.AlertRunner | None = None
 
     # --- claiming ---
 
@@ -1110,6 +1111,11 @@ class Worker:
                 idle = min(idle * 2, self.max_idle)
 
     def start(self, concurrency: int = 1) -> None:
+        # The alert evaluator and sender: threads of their own, never a delivery thread's work.
+        self.alerts = alerts.AlertRunner(
+            self.db, self.app.extensions["hub.secrets"], self.app.config
+        )
+        self.alerts.start()
         for index in range(concurrency):
             thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
             thread.start()
@@ -1122,6 +1128,8 @@ class Worker:
         """Finish in-flight deliveries within ``grace`` seconds, hand back the rest."""
         self.stopping.set()
         self.wakeup.set()
+        if self.alerts is not None:
+            self.alerts.stop()
         grace = float(self.app.config["WORKER_GRACE"]) if grace is None else grace
         deadline = time.monotonic() + grace
         for thread in self.threads:

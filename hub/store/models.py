@@ -159,6 +159,9 @@ ORDERED_PREDICATE = "order_key IS NOT NULL AND status IN ({})".format(
     ", ".join(f"'{status}'" for status in UNFINISHED_STATUSES)
 )
 
+# Deliveries that ended (ix_deliveries_ended_at's predicate).
+ENDED_PREDICATE = "completed_at IS NOT NULL"
+
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
@@ -484,6 +487,14 @@ class Delivery(Base):
             postgresql_where=text(HELD_PREDICATE),
             sqlite_where=text(HELD_PREDICATE),
         ),
+        # Deliveries by when they ended: what the alert evaluator counts (dead ones, and
+        # the failure ratio over a window) reads one small range, not every delivery.
+        Index(
+            "ix_deliveries_ended_at",
+            "completed_at",
+            postgresql_where=text(ENDED_PREDICATE),
+            sqlite_where=text(ENDED_PREDICATE),
+        ),
         # An ordered destination's deliveries by key, in the order they were accepted.
         Index(
             "ix_deliveries_order",
@@ -648,6 +659,115 @@ class RateCounter(Base):
     window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     count: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime]
+
+
+class AlertChannel(Base):
+    """Where alerts go: a webhook URL, a Slack incoming webhook or an address over SMTP.
+    ``config`` holds the kind's settings; its secret ones (a URL, which carries a token,
+    an SMTP password) are sealed (``hub-sealed:...``, hub.store.crypto) and shown masked."""
+
+    __tablename__ = "alert_channels"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AlertRule(Base):
+    """When to alert: a kind (hub.services.alerts.RULE_KINDS), optional route and
+    destination filters, a threshold and a window where the kind takes them, and the
+    channels it goes to (an empty list: every channel). A row named like a built-in rule
+    replaces it; a disabled one turns it off."""
+
+    __tablename__ = "alert_rules"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    route: Mapped[str | None] = mapped_column(String(64))
+    destination: Mapped[str | None] = mapped_column(String(64))
+    threshold: Mapped[float | None]
+    window: Mapped[int | None] = mapped_column(Integer)
+    channels: Mapped[list[Any]] = mapped_column(default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+ALERT_FIRING_PREDICATE = "state = 'firing'"
+
+
+class Alert(Base):
+    """One condition of one rule while it lasts (``firing``) and after it cleared
+    (``resolved``): what it is about (``subject``: route/destination, or a route), how many
+    times it was seen (``count``: dead deliveries, circuit openings, evaluations over the
+    threshold) and the sentence last sent. At most one firing alert per rule and subject."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index(
+            "ix_alerts_firing",
+            "rule",
+            "subject",
+            unique=True,
+            postgresql_where=text(ALERT_FIRING_PREDICATE),
+            sqlite_where=text(ALERT_FIRING_PREDICATE),
+        ),
+        Index("ix_alerts_opened_at", "opened_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    value: Mapped[float | None]
+    message: Mapped[str | None] = mapped_column(Text)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None]
+
+
+class AlertSend(Base):
+    """One message to one channel: an alert's firing or resolved notice, or a test. What
+    was sent (cut to a few KB), and whether it arrived: ``pending`` (queued), ``sending``,
+    ``sent`` or ``failed`` with the error and the number of tries."""
+
+    __tablename__ = "alert_sends"
+    __table_args__ = (Index("ix_alert_sends_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int | None] = mapped_column(
+        ForeignKey("alerts.id", ondelete="CASCADE"), index=True
+    )
+    channel: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    body: Mapped[str] = mapped_column(StorableText)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(StorableText)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its sending started; once it ended, when it ended.
+    sent_at: Mapped[datetime | None]
+
+
+class AlertState(Base):
+    """The evaluator's one row: when the next evaluation is due (a process takes the turn by
+    moving it forward with a conditional UPDATE, in the evaluation's transaction), who ran
+    the last one, and how far it read (the last destination change, the end of the window
+    of dead deliveries it counted)."""
+
+    __tablename__ = "alert_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    next_run_at: Mapped[datetime | None]
+    ran_at: Mapped[datetime | None]
+    ran_by: Mapped[str | None] = mapped_column(String(64))
+    change_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    dead_cursor: Mapped[datetime | None]
 
 
 def iso_time(value: datetime | None) -> str | None:

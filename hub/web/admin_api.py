@@ -17,6 +17,7 @@ from flask import Blueprint, current_app, g
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from hub.services import alerts as alert_store
 from hub.services import delivery, ordering, paging
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
@@ -764,3 +765,170 @@ def stats(query: m.StatsQuery):
         truncated=figures.truncated,
         routes=[m.RouteStats(route=r, **v) for r, v in sorted(figures.routes.items())],
     )
+
+
+# --- alerts ---
+
+CHANNEL = {"channel": "The alert channel's name"}
+RULE = {"rule": "The alert rule's name"}
+
+
+def channel_out(row) -> m.AlertChannelOut:
+    return m.AlertChannelOut(**alert_store.channel_to_dict(row, get_box()))
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/alert-channels",
+    summary="List the alert channels (their secrets masked)",
+    tag="alerts",
+    responses={200: ("The channels", m.AlertChannelList)},
+)
+def list_alert_channels():
+    rows = alert_store.list_channels(get_read_session())
+    return m.AlertChannelList(channels=[channel_out(r) for r in rows])
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/alert-channels",
+    summary="Add an alert channel: a webhook URL, a Slack incoming webhook or email (SMTP)",
+    tag="alerts",
+    body=m.AlertChannelIn,
+    description="Its URL (which may carry a token) and its SMTP password are encrypted at "
+    "rest and shown masked. With no rule added, the built-in rules (dead deliveries, open "
+    "circuits) alert through every channel.",
+    responses={
+        201: ("The channel", m.AlertChannelOut),
+        409: ("A channel of that name exists", None),
+    },
+)
+def add_alert_channel(body: m.AlertChannelIn):
+    session = get_session()
+    try:
+        row = alert_store.add_channel(session, get_box(), body.model_dump())
+    except alert_store.AlertInvalid as exc:
+        raise invalid(exc.errors, "body") from None
+    except alert_store.AlreadyExists as exc:
+        raise ApiError(409, str(exc), "exists") from None
+    session.commit()
+    return channel_out(row), 201
+
+
+@api.route(
+    bp,
+    "DELETE",
+    "/admin/api/alert-channels/{channel}",
+    summary="Remove an alert channel",
+    tag="alerts",
+    path_params=CHANNEL,
+    responses={200: ("The removed channel", m.AlertChannelOut), 404: ("No such channel", None)},
+)
+def remove_alert_channel(channel: str):
+    session = get_session()
+    try:
+        row = alert_store.remove_channel(session, channel)
+    except alert_store.NoSuchAlertThing as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    out = channel_out(row)
+    session.commit()
+    return out
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/alert-channels/{channel}/test",
+    summary="Send a test alert through a channel (queued; a worker process sends it)",
+    tag="alerts",
+    path_params=CHANNEL,
+    description="The message is queued and answered at once: a worker's alert thread sends "
+    "it within HUB_ALERT_INTERVAL seconds, never this request. GET /admin/api/alerts shows "
+    "whether it arrived (its `tests`).",
+    responses={202: ("Queued", m.AlertSendOut), 404: ("No such channel", None)},
+)
+def send_test_alert(channel: str):
+    session = get_session()
+    try:
+        row = alert_store.queue_test(session, channel, current_app.config.get("PUBLIC_URL"))
+    except alert_store.NoSuchAlertThing as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    out = m.AlertSendOut(**alert_store.send_to_dict(row))
+    session.commit()
+    return out, 202
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/alert-rules",
+    summary="List the alert rules, the built-in ones included",
+    tag="alerts",
+    responses={200: ("The rules", m.AlertRuleList)},
+)
+def list_alert_rules():
+    found = alert_store.rules(get_read_session())
+    return m.AlertRuleList(
+        rules=[m.AlertRuleOut(**r.to_dict()) for r in found], kinds=dict(alert_store.RULE_KINDS)
+    )
+
+
+@api.route(
+    bp,
+    "POST",
+    "/admin/api/alert-rules",
+    summary="Add an alert rule",
+    tag="alerts",
+    body=m.AlertRuleIn,
+    description="Kinds: circuit_open, delivery_dead, failure_ratio, oldest_due, "
+    "refusal_rate (GET /admin/api/alert-rules says what each watches). A rule named "
+    "dead-deliveries or open-circuits replaces that built-in rule.",
+    responses={201: ("The rule", m.AlertRuleOut), 409: ("A rule of that name exists", None)},
+)
+def add_alert_rule(body: m.AlertRuleIn):
+    session = get_session()
+    try:
+        rule = alert_store.add_rule(session, body.model_dump())
+    except alert_store.AlertInvalid as exc:
+        raise invalid(exc.errors, "body") from None
+    except alert_store.AlreadyExists as exc:
+        raise ApiError(409, str(exc), "exists") from None
+    session.commit()
+    return m.AlertRuleOut(**rule.to_dict()), 201
+
+
+@api.route(
+    bp,
+    "DELETE",
+    "/admin/api/alert-rules/{rule}",
+    summary="Remove an alert rule (a built-in one is turned off)",
+    tag="alerts",
+    path_params=RULE,
+    responses={200: ("The rules left", m.AlertRuleList), 404: ("No such rule", None)},
+)
+def remove_alert_rule(rule: str):
+    session = get_session()
+    try:
+        alert_store.remove_rule(session, rule)
+    except alert_store.NoSuchAlertThing as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    session.commit()
+    found = alert_store.rules(session)
+    return m.AlertRuleList(
+        rules=[m.AlertRuleOut(**r.to_dict()) for r in found], kinds=dict(alert_store.RULE_KINDS)
+    )
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/alerts",
+    summary="The newest alerts with the messages sent for each, and the newest tests",
+    tag="alerts",
+    query=m.AlertListQuery,
+    responses={200: ("Alerts, newest first", m.AlertList)},
+)
+def list_alerts(query: m.AlertListQuery):
+    return m.AlertList(**alert_store.recent(get_read_session(), query.limit))

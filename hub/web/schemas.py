@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hub.services import keys as key_store
+from hub.services.alerts import ChannelSpec, RuleSpec
 from hub.services.destinations import BACKLOG_CAP
 from hub.services.events import STATUSES, parse_time
 from hub.services.paging import PAGE_DEFAULT, PAGE_MAX
@@ -612,3 +613,87 @@ class LocalAnswerOut(BaseModel):
     event_id: str
     run: int = Field(description="Which forwarding of this event by a listener this was")
     outcome: str
+
+
+# --- alerts ---
+
+
+class AlertChannelIn(ChannelSpec):
+    """A channel: ``webhook`` and ``slack`` take ``url``; ``email`` takes ``host``, ``port``,
+    ``sender``, ``to`` and optionally ``username``, ``password``, ``starttls``, ``ssl``."""
+
+
+class AlertChannelOut(BaseModel):
+    name: str
+    kind: str
+    url: str | None = Field(None, description="Masked: scheme and host only")
+    host: str | None = None
+    port: int | None = None
+    username: str | None = None
+    password: str | None = Field(None, description="Masked when set")
+    starttls: bool | None = None
+    ssl: bool | None = None
+    sender: str | None = None
+    to: list[str] | None = None
+    created_at: str | None = None
+
+
+class AlertChannelList(BaseModel):
+    channels: list[AlertChannelOut]
+
+
+class AlertRuleIn(RuleSpec):
+    """A rule; a rule named like a built-in one (dead-deliveries, open-circuits) replaces it."""
+
+
+class AlertRuleOut(BaseModel):
+    name: str
+    kind: str
+    route: str | None
+    destination: str | None
+    threshold: float | None
+    window: int | None
+    channels: list[str]
+    enabled: bool
+    builtin: bool = Field(description="A built-in rule, in force until a rule of its name")
+
+
+class AlertRuleList(BaseModel):
+    rules: list[AlertRuleOut]
+    kinds: dict[str, str] = Field(description="What each kind of rule watches")
+
+
+class AlertSendOut(BaseModel):
+    id: int
+    channel: str
+    kind: Literal["firing", "resolved", "test"]
+    status: Literal["pending", "sending", "sent", "failed"]
+    attempts: int
+    error: str | None
+    body: str = Field(description="What was (or will be) sent, cut to 4,000 characters")
+    created_at: str | None
+    sent_at: str | None
+
+
+class AlertOut(BaseModel):
+    id: int
+    rule: str
+    kind: str
+    subject: str = Field(description="route/destination, a route, or * (every route)")
+    state: Literal["firing", "resolved"]
+    count: int = Field(description="What it counted while it lasted")
+    value: float | None
+    message: str | None
+    opened_at: str | None
+    last_seen_at: str | None
+    resolved_at: str | None
+    sends: list[AlertSendOut]
+
+
+class AlertList(BaseModel):
+    alerts: list[AlertOut]
+    tests: list[AlertSendOut] = Field(description="The newest test messages")
+
+
+class AlertListQuery(Strict):
+    limit: int = Field(50, ge=1, le=200)
