@@ -447,6 +447,16 @@ class Settings(BaseSettings):
         "take turns (one evaluation per interval across every process), and each message "
         "is sent from a thread of its own",
     )
+    alert_max_channels: Positive = Field(
+        50,
+        description="alert channels an admin may define (each is listed whole, and every "
+        "alert goes to each)",
+    )
+    alert_max_rules: Positive = Field(
+        100,
+        description="alert rules an admin may define (each is listed whole, and evaluated "
+        "every HUB_ALERT_INTERVAL)",
+    )
     alert_send_timeout: Seconds = Field(
         10.0,
         description="seconds one try of sending an alert may take (a webhook, Slack or SMTP "

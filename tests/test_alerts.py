@@ -473,3 +473,24 @@ def test_a_private_address_is_refused_when_saved_and_when_sent(
         (row,) = session.scalars(select(AlertSend))
     assert row.status == "failed" and "private" in row.error.lower(), row.error
     assert receiver.requests == []
+
+
+def test_channels_and_rules_are_bounded_and_the_next_one_is_refused_in_a_sentence(
+    app, client, admin, receiver
+):
+    app.config.update(ALERT_MAX_CHANNELS=2, ALERT_MAX_RULES=1)
+    for name in ("one", "two"):
+        add_channel(client, admin, name=name, kind="webhook", url=receiver.url + "/a")
+    third = {"name": "three", "kind": "webhook", "url": receiver.url + "/a"}
+    answer = client.post("/admin/api/alert-channels", json=third, headers=admin)
+    assert answer.status_code == 422
+    assert "at most 2 alert channels; remove one first" in answer.get_json()["error"]
+    late = {"name": "late", "kind": "oldest_due", "threshold": 60}
+    assert client.post("/admin/api/alert-rules", json=late, headers=admin).status_code == 201
+    again = {**late, "name": "later"}
+    answer = client.post("/admin/api/alert-rules", json=again, headers=admin)
+    assert answer.status_code == 422
+    assert "at most 1 alert rules" in answer.get_json()["error"]
+    with app.extensions["hub.db"].session() as session:
+        channels = [c.name for c in alerts.list_channels(session)]
+    assert sorted(channels) == ["one", "two"]  # nothing stored by the refusals

@@ -1028,7 +1028,9 @@ def channels_add(
     }
     with get_db().session() as session:
         try:
-            row = alert_store.add_channel(session, get_box(), data)
+            row = alert_store.add_channel(
+                session, get_box(), data, current_app.config["ALERT_MAX_CHANNELS"]
+            )
         except alert_store.AlertInvalid as exc:
             fail(_alert_invalid(exc))
         except alert_store.AlreadyExists as exc:
@@ -1119,7 +1121,7 @@ def rules_add(
     }
     with get_db().session() as session:
         try:
-            alert_store.add_rule(session, data)
+            alert_store.add_rule(session, data, current_app.config["ALERT_MAX_RULES"])
         except alert_store.AlertInvalid as exc:
             fail(_alert_invalid(exc))
         except alert_store.AlreadyExists as exc:

@@ -98,6 +98,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 FIRING, RESOLVED = "firing", "resolved"
 PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
 TEST = "test"
+# The defaults of HUB_ALERT_MAX_CHANNELS and HUB_ALERT_MAX_RULES.
+MAX_CHANNELS = 50
+MAX_RULES = 100
 BODY_MAX = 4000
 TEXT_MAX = 1500  # a message's sentence: its JSON stays whole within BODY_MAX
 ERROR_MAX = 500
@@ -248,7 +251,10 @@ def channel_to_dict(row: AlertChannel, box: SecretBox) -> dict[str, Any]:
     return shown
 
 
-def add_channel(session: Session, box: SecretBox, data: Any) -> AlertChannel:
+def add_channel(
+    session: Session, box: SecretBox, data: Any, most: int = MAX_CHANNELS
+) -> AlertChannel:
+    """Add a channel; at most ``most`` (HUB_ALERT_MAX_CHANNELS) exist."""
     spec = _validated(ChannelSpec, data)
     assert isinstance(spec, ChannelSpec)
     errors = _check_channel(spec)
@@ -256,6 +262,8 @@ def add_channel(session: Session, box: SecretBox, data: Any) -> AlertChannel:
         raise AlertInvalid(errors)
     if session.scalar(select(AlertChannel.id).where(AlertChannel.name == spec.name)):
         raise AlreadyExists(f"A channel named {spec.name!r} exists already")
+    if (session.scalar(select(func.count()).select_from(AlertChannel)) or 0) >= most:
+        raise AlertInvalid([f"name: the hub holds at most {most} alert channels; remove one first"])
     if spec.kind in ("webhook", "slack"):
         config: dict[str, Any] = {"url": box.seal_one(spec.url or "")}
     else:
@@ -373,7 +381,8 @@ def rules(session: Session) -> list[Rule]:
     return sorted(rows.values(), key=lambda r: r.name)
 
 
-def add_rule(session: Session, data: Any) -> Rule:
+def add_rule(session: Session, data: Any, most: int = MAX_RULES) -> Rule:
+    """Add a rule; at most ``most`` (HUB_ALERT_MAX_RULES) rule rows exist."""
     spec = _validated(RuleSpec, data)
     assert isinstance(spec, RuleSpec)
     errors = []
@@ -395,6 +404,8 @@ def add_rule(session: Session, data: Any) -> Rule:
         session.flush()
     elif existing is not None:
         raise AlreadyExists(f"A rule named {spec.name!r} exists already")
+    elif (session.scalar(select(func.count()).select_from(AlertRule)) or 0) >= most:
+        raise AlertInvalid([f"name: the hub holds at most {most} alert rules; remove one first"])
     row = AlertRule(**spec.model_dump())
     session.add(row)
     session.flush()

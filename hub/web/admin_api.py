@@ -808,7 +808,9 @@ def list_alert_channels():
 def add_alert_channel(body: m.AlertChannelIn):
     session = get_session()
     try:
-        row = alert_store.add_channel(session, get_box(), body.model_dump())
+        row = alert_store.add_channel(
+            session, get_box(), body.model_dump(), current_app.config["ALERT_MAX_CHANNELS"]
+        )
     except alert_store.AlertInvalid as exc:
         raise invalid(exc.errors, "body") from None
     except alert_store.AlreadyExists as exc:
@@ -890,7 +892,9 @@ def list_alert_rules():
 def add_alert_rule(body: m.AlertRuleIn):
     session = get_session()
     try:
-        rule = alert_store.add_rule(session, body.model_dump())
+        rule = alert_store.add_rule(
+            session, body.model_dump(), current_app.config["ALERT_MAX_RULES"]
+        )
     except alert_store.AlertInvalid as exc:
         raise invalid(exc.errors, "body") from None
     except alert_store.AlreadyExists as exc:
