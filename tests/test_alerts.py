@@ -494,3 +494,49 @@ def test_channels_and_rules_are_bounded_and_the_next_one_is_refused_in_a_sentenc
     with app.extensions["hub.db"].session() as session:
         channels = [c.name for c in alerts.list_channels(session)]
     assert sorted(channels) == ["one", "two"]  # nothing stored by the refusals
+
+
+def test_turning_a_rule_off_and_on_keeps_it_and_a_built_in_comes_back_as_it_was(db):
+    with db.session() as session:
+        alerts.add_rule(session, {"name": "slow", "kind": "oldest_due", "threshold": 300})
+        alerts.add_rule(session, {"name": "dead-deliveries", "kind": "delivery_dead", "window": 60})
+    with db.session() as session:
+        off = alerts.set_rule_enabled(session, "slow", False)
+        assert (off.enabled, off.threshold) == (False, 300)
+        # A built-in rule replaced by a row: turned off and on, it stays the replacement.
+        alerts.set_rule_enabled(session, "dead-deliveries", False)
+        back = alerts.set_rule_enabled(session, "dead-deliveries", True)
+        assert (back.enabled, back.window, back.builtin) == (True, 60, False)
+        # A plain built-in rule: off is a disabled row of its name, on removes it.
+        assert not alerts.set_rule_enabled(session, "open-circuits", False).enabled
+        again = alerts.set_rule_enabled(session, "open-circuits", True)
+        assert again.enabled and again.builtin
+        with pytest.raises(alerts.NoSuchAlertThing):
+            alerts.set_rule_enabled(session, "nope", True)
+
+
+def test_the_board_lists_every_firing_alert_before_the_resolved_ones_and_counts_past_its_cap(db):
+    now = alerts.utcnow()
+    with db.session() as session:
+        for i in range(5):
+            state = "resolved" if i % 2 else "firing"
+            session.add(
+                Alert(
+                    rule="open-circuits",
+                    kind="circuit_open",
+                    subject=f"shop/d{i}",
+                    state=state,
+                    count=1,
+                    message=f"alert {i}",
+                    opened_at=now + alerts.timedelta(seconds=i),
+                    last_seen_at=now,
+                    resolved_at=now + alerts.timedelta(seconds=20 - 2 * i) if i % 2 else None,
+                )
+            )
+    with db.session() as session:
+        shown = alerts.board(session, firing_limit=2, resolved_limit=5)
+        assert alerts.firing_count(session) == 3
+    assert [a["message"] for a in shown["firing"]] == ["alert 4", "alert 2"]
+    assert shown["firing_total"] == 3
+    # The most recently resolved first, though it opened earlier.
+    assert [a["message"] for a in shown["resolved"]] == ["alert 1", "alert 3"]

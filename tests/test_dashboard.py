@@ -36,6 +36,7 @@ PAGES = [
     "/dashboard/routes",
     "/dashboard/routes/new",
     "/dashboard/keys",
+    "/dashboard/alerts",
     "/dashboard/connectors",
     "/dashboard/events/replay?status=dead",
 ]

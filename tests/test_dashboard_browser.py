@@ -12,19 +12,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from hub import create_app
 from hub.services.keys import create_key
 from hub.services.routes import save_routes
 from hub.store.db import upgrade
-from hub.store.models import Event, new_event_id, utcnow
-from tests.procs import ROOT, gunicorn
+from hub.store.models import AlertState, Event, new_event_id, utcnow
+from tests.procs import ROOT, gunicorn, wait_until
 from tests.servers import Receiver
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,8 +54,17 @@ WAIT_MS = 10_000
 
 
 class Hub:
-    def __init__(self, base: str, admin: str, sender: str, plain_admin: str, receiver: Receiver):
+    def __init__(
+        self,
+        base: str,
+        admin: str,
+        sender: str,
+        plain_admin: str,
+        receiver: Receiver,
+        database_url: str = "",
+    ):
         self.base = base
+        self.database_url = database_url
         self.admin = admin  # the key the browser signs in with
         self.sender = sender  # a key that posts webhooks (not an admin)
         self.plain_admin = plain_admin
@@ -135,8 +146,12 @@ def hub(tmp_path_factory, sqlite_template) -> Iterator[Hub]:
             )
         seed_hour(db, "billing")
         db.dispose()
-        with gunicorn(url, folder / "gunicorn.log", workers=1) as (_, base):
-            yield Hub(base, admin, sender, other_admin, receiver)
+        # Alerts are evaluated every half second: the alerts page's state is made in moments.
+        with gunicorn(url, folder / "gunicorn.log", workers=1, HUB_ALERT_INTERVAL="0.5") as (
+            _,
+            base,
+        ):
+            yield Hub(base, admin, sender, other_admin, receiver, url)
         log = (folder / "gunicorn.log").read_text()
         assert "Traceback" not in log and admin not in log
 
@@ -340,6 +355,86 @@ def test_a_test_event_is_sent_and_its_curl_command_copied(hub, page, context, co
     no_violations(console)
 
 
+def alert_state_started(database_url: str) -> bool:
+    """The evaluator has taken its first look since the first channel (what happened
+    before that look is not news to it)."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(AlertState)).scalar() > 0
+    finally:
+        engine.dispose()
+
+
+def test_the_alerts_page_shows_what_fires_and_who_was_told_and_sends_a_test(
+    hub, page, console, screenshots
+):
+    """A webhook channel to a real receiver, the default rules, a circuit that opened (its
+    message arrived) and one that opened and closed: the page lists the firing alert first
+    with the sentence sent, and "Send a test alert" shows the test arriving."""
+    admin = {"X-API-Key": hub.admin}
+
+    def api(path: str, body: dict | None = None) -> dict:
+        answer = requests.post(hub.url(path), json=body, headers=admin, timeout=5)
+        assert answer.status_code in (200, 201), answer.text
+        return answer.json()
+
+    started = time.monotonic()
+    with Receiver() as pager:
+        breaker = {"failures": 5, "cool_down": 600, "max_cool_down": 600}
+        api(
+            "/admin/api/routes",
+            {
+                "name": "payments",
+                "destinations": [
+                    {
+                        "name": name,
+                        "steps": [{"connector": "http", "config": {"url": hub.receiver.url}}],
+                        "breaker": breaker,
+                    }
+                    for name in ("ledger", "crm")
+                ],
+            },
+        )
+        api("/admin/api/alert-channels", {"name": "ops", "kind": "webhook", "url": pager.url})
+        wait_until(lambda: alert_state_started(hub.database_url), 5, what="the first evaluation")
+        api("/admin/api/routes/payments/destinations/crm/open", {"reason": "probe failed"})
+        api("/admin/api/routes/payments/destinations/ledger/open", {"reason": "503 five times"})
+        pager.wait_for(2)
+        api("/admin/api/routes/payments/destinations/crm/close", {"reason": "fixed"})
+        texts = [r.json()["text"] for r in pager.wait_for(3)]
+        assert "[resolved] open-circuits" in texts[2] and "crm" in texts[2]
+
+        page.goto(hub.url("/dashboard/"))
+        banner = page.locator("#alerts-firing")
+        expect(banner).to_contain_text("1 alert firing")
+        banner.get_by_role("link").click()
+        expect(page).to_have_url(hub.url("/dashboard/alerts"))
+        firing = page.locator("#alert-board article.alert-firing")
+        expect(firing).to_have_count(1)
+        expect(firing).to_contain_text("the circuit of destination ledger of route payments")
+        expect(firing.locator(".badge-sent")).to_have_count(1)
+        resolved = page.locator("#alert-board article.alert-resolved")
+        expect(resolved).to_have_count(1)
+        expect(resolved).to_contain_text("crm")
+        expect(page.locator("#rule-dead-deliveries")).to_contain_text("built-in")
+        expect(page.locator("#channel-ops")).not_to_contain_text(pager.url)
+
+        page.get_by_role("button", name="Send a test alert").click()
+        expect(page.get_by_role("status").first).to_contain_text("A test alert to ops is queued")
+        # The page refreshes itself: the test shows as sent without a reload.
+        expect(page.locator("#tests tbody tr").first.locator(".badge-sent")).to_be_visible(
+            timeout=WAIT_MS
+        )
+        (test,) = [r for r in pager.wait_for(4) if "[test]" in r.json()["text"]]
+        assert "a test alert from the webhook hub to channel ops" in test.json()["text"]
+        page.screenshot(path=str(screenshots / "alerts.png"), full_page=True)
+        # The circuit stays open for later tests' sake no longer than this one.
+        api("/admin/api/routes/payments/destinations/ledger/close", {"reason": "done"})
+    assert time.monotonic() - started < 15
+    no_violations(console)
+
+
 def test_keyboard_alone_reaches_every_page(hub, page, console):
     page.goto(hub.url("/dashboard/"))
     page.keyboard.press("Tab")
@@ -347,11 +442,19 @@ def test_keyboard_alone_reaches_every_page(hub, page, console):
     assert focused == "Skip to content"
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
     names = []
-    for _ in range(7):
+    for _ in range(8):
         page.keyboard.press("Tab")
         names.append(page.evaluate("document.activeElement.textContent.trim()"))
-    assert names[:6] == ["Webhook hub", "Overview", "Events", "Routes", "Keys", "Connectors"]
-    assert names[6] == "Sign out"
+    assert names[:7] == [
+        "Webhook hub",
+        "Overview",
+        "Events",
+        "Routes",
+        "Alerts",
+        "Keys",
+        "Connectors",
+    ]
+    assert names[7] == "Sign out"
     page.keyboard.press("Shift+Tab")
     page.keyboard.press("Enter")  # on "Connectors"
     expect(page).to_have_url(hub.url("/dashboard/connectors"))
@@ -373,6 +476,7 @@ def test_pages_fit_a_phone(hub, browser, console):
         "/dashboard/routes/orders",
         "/dashboard/routes/new",
         "/dashboard/keys",
+        "/dashboard/alerts",
     ):
         phone.goto(hub.url(path))
         width = phone.evaluate("document.documentElement.scrollWidth")

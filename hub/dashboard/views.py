@@ -32,6 +32,7 @@ from hub import signatures
 from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts, inspector
 from hub.dashboard import session as dash
+from hub.services import alerts as alert_store
 from hub.services import delivery, pipeline, ratelimit, step_secrets
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
@@ -323,6 +324,7 @@ def overview():
         "by_status": add_up(f["by_status"] for f in hour.routes.values()),
         "reasons": top(add_up(f["by_reason"] for f in hour.routes.values())),
         "now": now,
+        "alerts_firing": alert_store.firing_count(session),
     }
     if fragment():
         return page("dashboard/_overview.html", **context)
@@ -956,6 +958,208 @@ def revoke_key(prefix: str):
     session.commit()
     dash.flash(f"Key {row.prefix} ({row.name}) is revoked.")
     return redirect(url_for("dashboard.keys"), 303)
+
+
+# --- alerts: what fires, who was told, channels and rules ---
+
+TESTS_SHOWN = 10  # test messages listed, newest first
+CHANNEL_FIELDS = ("name", "kind", "url", "host", "port", "username", "sender", "to")
+RULE_FIELDS = ("name", "kind", "route", "destination", "threshold", "window")
+
+
+def channel_form_data(form) -> dict[str, Any]:
+    """The form as the API's channel body: the chosen kind's fields only (the form shows
+    both kinds' fields at once)."""
+    kind = form.get("kind", "")
+    data: dict[str, Any] = {"name": form.get("name", "").strip(), "kind": kind}
+    if kind == "email":
+        data.update(
+            host=form.get("host", "").strip() or None,
+            port=form.get("port", "").strip() or None,
+            username=form.get("username", "").strip() or None,
+            password=form.get("password", "") or None,
+            sender=form.get("sender", "").strip() or None,
+            to=form.get("to", "").replace(",", " ").split(),
+            starttls=form.get("starttls") == "true",
+            ssl=form.get("ssl") == "true",
+        )
+    else:
+        data["url"] = form.get("url", "").strip() or None
+    return data
+
+
+def rule_form_data(form) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        name: form.get(name, "").strip() or None
+        for name in ("name", "kind", "route", "destination", "threshold", "window")
+    }
+    data["name"] = data["name"] or ""
+    data["channels"] = form.getlist("channels")
+    return data
+
+
+def alerts_page(
+    status: int = 200,
+    channel_values: dict[str, str] | None = None,
+    channel_errors: list[str] | None = None,
+    rule_values: dict[str, Any] | None = None,
+    rule_errors: list[str] | None = None,
+):
+    session = get_read_session()
+    box = get_box()
+    channels = [alert_store.channel_to_dict(r, box) for r in alert_store.list_channels(session)]
+    context = {
+        "board": alert_store.board(session),
+        "tests": alert_store.tests_sent(session, TESTS_SHOWN),
+        "interval": current_app.config["ALERT_INTERVAL"],
+        "now": utcnow(),
+    }
+    if fragment():
+        return page("dashboard/_alerts.html", **context)
+    rules = alert_store.rules(session)
+    return page(
+        "dashboard/alerts.html",
+        status,
+        channels=channels,
+        rules=rules,
+        builtin={r.name for r in rules if alert_store.is_builtin(r.name)},
+        kinds=alert_store.RULE_KINDS,
+        channel_kinds=alert_store.CHANNEL_KINDS,
+        channel_values=channel_values or {"kind": "webhook"},
+        channel_errors=errors_by_field(channel_errors or []),
+        rule_values=rule_values or {"kind": "failure_ratio", "channels": []},
+        rule_errors=errors_by_field(rule_errors or []),
+        **context,
+    )
+
+
+@bp.get("/alerts")
+def alerts():
+    return alerts_page()
+
+
+@bp.post("/alerts/channels")
+def alert_channel_add():
+    # Typed values come back with the form's problems, the SMTP password excepted: a
+    # secret is never written into a page, so it is asked for again.
+    values = {k: request.form.get(k, "").strip() for k in CHANNEL_FIELDS}
+    values.update(starttls=request.form.get("starttls", ""), ssl=request.form.get("ssl", ""))
+    session = get_session()
+    try:
+        row = alert_store.add_channel(
+            session,
+            get_box(),
+            channel_form_data(request.form),
+            current_app.config["ALERT_MAX_CHANNELS"],
+        )
+    except alert_store.AlertInvalid as exc:
+        session.rollback()
+        return alerts_page(422, channel_values=values, channel_errors=exc.errors)
+    except alert_store.AlreadyExists as exc:
+        session.rollback()
+        return alerts_page(409, channel_values=values, channel_errors=[f"name: {exc}"])
+    session.commit()
+    log.info("dashboard: admin key %s added alert channel %s", g.admin.prefix, row.name)
+    dash.flash(f"Channel {row.name} ({row.kind}) added.")
+    return redirect(url_for("dashboard.alerts") + "#channels", 303)
+
+
+@bp.post("/alerts/channels/<name>/remove")
+def alert_channel_remove(name: str):
+    session = get_session()
+    try:
+        row = alert_store.remove_channel(session, name)
+    except alert_store.NoSuchAlertThing as exc:
+        session.rollback()
+        dash.flash(f"Not removed: {exc}.", "error")
+    else:
+        session.commit()
+        log.info("dashboard: admin key %s removed alert channel %s", g.admin.prefix, row.name)
+        dash.flash(f"Channel {row.name} removed.")
+    return redirect(url_for("dashboard.alerts") + "#channels", 303)
+
+
+@bp.post("/alerts/channels/<name>/test")
+def alert_channel_test(name: str):
+    """Queue a test message, as the API's test action does: a worker's alert thread sends
+    it (never this request), and the page shows whether it arrived."""
+    session = get_session()
+    try:
+        row = alert_store.queue_test(session, name, current_app.config.get("PUBLIC_URL"))
+    except alert_store.NoSuchAlertThing as exc:
+        session.rollback()
+        dash.flash(f"Not sent: {exc}.", "error")
+        return redirect(url_for("dashboard.alerts") + "#channels", 303)
+    session.commit()
+    log.info("dashboard: admin key %s queued a test alert to %s", g.admin.prefix, row.channel)
+    dash.flash(
+        f"A test alert to {row.channel} is queued: a worker process sends it within "
+        f"{current_app.config['ALERT_INTERVAL']:g} s; whether it arrived shows under Test alerts."
+    )
+    return redirect(url_for("dashboard.alerts") + "#tests", 303)
+
+
+@bp.post("/alerts/rules")
+def alert_rule_add():
+    values = {k: request.form.get(k, "").strip() for k in RULE_FIELDS}
+    values["channels"] = request.form.getlist("channels")
+    session = get_session()
+    try:
+        rule = alert_store.add_rule(
+            session, rule_form_data(request.form), current_app.config["ALERT_MAX_RULES"]
+        )
+    except alert_store.AlertInvalid as exc:
+        session.rollback()
+        return alerts_page(422, rule_values=values, rule_errors=exc.errors)
+    except alert_store.AlreadyExists as exc:
+        session.rollback()
+        return alerts_page(409, rule_values=values, rule_errors=[f"name: {exc}"])
+    session.commit()
+    log.info("dashboard: admin key %s added alert rule %s", g.admin.prefix, rule.name)
+    dash.flash(f"Rule {rule.name} ({rule.kind}) added.")
+    return redirect(url_for("dashboard.alerts") + "#rules", 303)
+
+
+@bp.post("/alerts/rules/<name>/remove")
+def alert_rule_remove(name: str):
+    """Remove an added rule. A built-in rule is not removed here: the API's DELETE turns it
+    off, and this page says so and offers that instead."""
+    session = get_session()
+    if alert_store.is_builtin(name):
+        dash.flash(
+            f"Rule {name} is built in: it cannot be removed, only turned off "
+            "(a disabled rule of its name is kept).",
+            "error",
+        )
+        return redirect(url_for("dashboard.alerts") + "#rules", 303)
+    try:
+        alert_store.remove_rule(session, name)
+    except alert_store.NoSuchAlertThing as exc:
+        session.rollback()
+        dash.flash(f"Not removed: {exc}.", "error")
+    else:
+        session.commit()
+        log.info("dashboard: admin key %s removed alert rule %s", g.admin.prefix, name)
+        dash.flash(f"Rule {name} removed.")
+    return redirect(url_for("dashboard.alerts") + "#rules", 303)
+
+
+@bp.post("/alerts/rules/<name>/enabled")
+def alert_rule_enabled(name: str):
+    """Turn a rule on or off; a rule turned off leaves no alert firing."""
+    enabled = request.form.get("enabled") == "true"
+    session = get_session()
+    try:
+        alert_store.set_rule_enabled(session, name, enabled)
+    except alert_store.NoSuchAlertThing as exc:
+        session.rollback()
+        dash.flash(f"Not changed: {exc}.", "error")
+    else:
+        session.commit()
+        state = "on" if enabled else "off"
+        log.info("dashboard: admin key %s turned alert rule %s %s", g.admin.prefix, name, state)
+        dash.flash(f"Rule {name} is {state}.")
+    return redirect(url_for("dashboard.alerts") + "#rules", 303)
 
 
 # --- the developer's inspector: attempts read as HTTP, copy as curl, test events ---

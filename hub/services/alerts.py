@@ -399,7 +399,7 @@ def add_rule(session: Session, data: Any, most: int = MAX_RULES) -> Rule:
     if errors:
         raise AlertInvalid(errors)
     existing = session.scalar(select(AlertRule).where(AlertRule.name == spec.name))
-    if existing is not None and not existing.enabled and _is_builtin(spec.name):
+    if existing is not None and not existing.enabled and is_builtin(spec.name):
         session.delete(existing)  # a built-in rule turned off: the new rule takes its place
         session.flush()
     elif existing is not None:
@@ -412,7 +412,40 @@ def add_rule(session: Session, data: Any, most: int = MAX_RULES) -> Rule:
     return _rule_of(row)
 
 
-def _is_builtin(name: str) -> bool:
+def set_rule_enabled(session: Session, name: str, enabled: bool) -> Rule:
+    """Turn a rule on or off, thresholds kept. A built-in rule is turned off by a disabled
+    row of its name (as ``remove_rule`` does) and on again by removing that row."""
+    row = session.scalar(select(AlertRule).where(AlertRule.name == name))
+    builtin = next((b for b in BUILTIN_RULES if b["name"] == name), None)
+    if row is None and builtin is None:
+        raise NoSuchAlertThing(f"No alert rule is named {name!r}")
+    if builtin is not None and (row is None or _turned_off(row, builtin)):
+        if enabled and row is not None:
+            session.delete(row)  # the built-in rule applies again
+        elif not enabled and row is None:
+            row = AlertRule(**builtin, enabled=False)
+            session.add(row)
+    else:
+        row.enabled = enabled
+    session.flush()
+    return next(r for r in rules(session) if r.name == name)
+
+
+def _turned_off(row: AlertRule, builtin: dict[str, str]) -> bool:
+    """A row that only turns a built-in rule off (not a disabled rule replacing it)."""
+    return (
+        not row.enabled
+        and row.kind == builtin["kind"]
+        and row.route is None
+        and row.destination is None
+        and row.threshold is None
+        and row.window is None
+        and not row.channels
+    )
+
+
+def is_builtin(name: str) -> bool:
+    """A name of a built-in rule (turned off or replaced, it stays one)."""
     return any(b["name"] == name for b in BUILTIN_RULES)
 
 
@@ -1060,12 +1093,63 @@ def recent(session: Session, limit: int = 50) -> dict[str, list[dict[str, Any]]]
             .order_by(AlertSend.id)
         ):
             sends.setdefault(send.alert_id, []).append(send)
+    return {
+        "alerts": [alert_to_dict(a, sends.get(a.id, [])) for a in alerts],
+        "tests": tests_sent(session, limit),
+    }
+
+
+def tests_sent(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest test messages, newest first, each with whether it arrived."""
     tests = session.scalars(
         select(AlertSend).where(AlertSend.kind == TEST).order_by(AlertSend.id.desc()).limit(limit)
     )
+    return [send_to_dict(s) for s in tests]
+
+
+FIRING_SHOWN = 100  # firing alerts a page lists (one per rule and subject); more are counted
+RESOLVED_SHOWN = 20
+
+
+def firing_count(session: Session) -> int:
+    """How many alerts fire now (the partial index of firing alerts answers it)."""
+    return session.scalar(select(func.count()).select_from(Alert).where(Alert.state == FIRING))
+
+
+def board(
+    session: Session, firing_limit: int = FIRING_SHOWN, resolved_limit: int = RESOLVED_SHOWN
+) -> dict[str, Any]:
+    """What is wrong now and who was told: the firing alerts (newest first, at most
+    ``firing_limit``, with how many fire in all), then the last resolved ones (among the
+    newest opened, most recently resolved first), each with its messages."""
+    firing = list(
+        session.scalars(
+            select(Alert)
+            .where(Alert.state == FIRING)
+            .order_by(Alert.opened_at.desc(), Alert.id.desc())
+            .limit(firing_limit)
+        )
+    )
+    resolved = list(
+        session.scalars(
+            select(Alert)
+            .where(Alert.state == RESOLVED)
+            .order_by(Alert.opened_at.desc(), Alert.id.desc())
+            .limit(resolved_limit)
+        )
+    )
+    resolved.sort(key=lambda a: (a.resolved_at or a.opened_at, a.id), reverse=True)
+    sends: dict[int, list[AlertSend]] = {}
+    shown = [a.id for a in firing + resolved]
+    if shown:
+        for send in session.scalars(
+            select(AlertSend).where(AlertSend.alert_id.in_(shown)).order_by(AlertSend.id)
+        ):
+            sends.setdefault(send.alert_id, []).append(send)
     return {
-        "alerts": [alert_to_dict(a, sends.get(a.id, [])) for a in alerts],
-        "tests": [send_to_dict(s) for s in tests],
+        "firing": [alert_to_dict(a, sends.get(a.id, [])) for a in firing],
+        "firing_total": firing_count(session) if len(firing) >= firing_limit else len(firing),
+        "resolved": [alert_to_dict(a, sends.get(a.id, [])) for a in resolved],
     }
 
 
