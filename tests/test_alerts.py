@@ -540,3 +540,42 @@ def test_the_board_lists_every_firing_alert_before_the_resolved_ones_and_counts_
     assert shown["firing_total"] == 3
     # The most recently resolved first, though it opened earlier.
     assert [a["message"] for a in shown["resolved"]] == ["alert 1", "alert 3"]
+
+
+def test_a_rule_is_turned_off_and_on_from_the_api_and_the_cli_with_its_thresholds_kept(
+    client, admin, runner
+):
+    added = client.post(
+        "/admin/api/alert-rules",
+        json={"name": "slow", "kind": "oldest_due", "threshold": 300},
+        headers=admin,
+    )
+    assert added.status_code == 201
+    off = client.patch("/admin/api/alert-rules/slow", json={"enabled": False}, headers=admin)
+    assert off.status_code == 200
+    assert (off.json["enabled"], off.json["threshold"]) == (False, 300)
+    builtin = client.patch(
+        "/admin/api/alert-rules/open-circuits", json={"enabled": False}, headers=admin
+    )
+    assert builtin.status_code == 200 and builtin.json["enabled"] is False
+    listed = {
+        r["name"]: r for r in client.get("/admin/api/alert-rules", headers=admin).json["rules"]
+    }
+    assert not listed["open-circuits"]["enabled"] and listed["open-circuits"]["builtin"]
+    missing = client.patch("/admin/api/alert-rules/nope", json={"enabled": True}, headers=admin)
+    assert missing.status_code == 404 and missing.json["error"] == "No alert rule is named 'nope'"
+    bad = client.patch("/admin/api/alert-rules/slow", json={"enabled": "yes please"}, headers=admin)
+    assert bad.status_code == 422 and "enabled" in bad.json["error"]
+
+    on = runner.invoke(args=["alerts", "rules", "enable", "open-circuits"])
+    assert on.exit_code == 0 and "alert rule open-circuits is on" in on.output
+    assert runner.invoke(args=["alerts", "rules", "enable", "slow"]).exit_code == 0
+    listed = {
+        r["name"]: r for r in client.get("/admin/api/alert-rules", headers=admin).json["rules"]
+    }
+    assert listed["open-circuits"]["enabled"] and listed["slow"]["enabled"]
+    assert listed["slow"]["threshold"] == 300
+    off = runner.invoke(args=["alerts", "rules", "disable", "slow"])
+    assert off.exit_code == 0 and "alert rule slow is off" in off.output
+    nope = runner.invoke(args=["alerts", "rules", "disable", "nope"])
+    assert nope.exit_code == 1 and "No alert rule is named 'nope'" in nope.output

@@ -197,6 +197,8 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("POST", rules, json=late, **a)  # exists: 409
     call("POST", rules, json={"name": "x", "kind": "failure_ratio"}, **a)  # no threshold: 422
     call("GET", rules, **a)
+    call("PATCH", rules + "/{rule}", rules + "/late", json={"enabled": False}, **a)
+    call("PATCH", rules + "/{rule}", rules + "/nope", json={"enabled": True}, **a)
     call("DELETE", rules + "/{rule}", rules + "/dead-deliveries", **a)
     call("DELETE", rules + "/{rule}", rules + "/nope", **a)
     call("GET", "/admin/api/alerts", query_string={"limit": 5}, **a)

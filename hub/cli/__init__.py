@@ -1164,6 +1164,29 @@ def rules_remove(name: str) -> None:
     click.echo(f"removed alert rule {name}")
 
 
+@rules_cli.command("enable")
+@click.argument("name")
+def rules_enable(name: str) -> None:
+    """Turn the rule NAME on again (a built-in one applies again)."""
+    set_rule(name, True)
+
+
+@rules_cli.command("disable")
+@click.argument("name")
+def rules_disable(name: str) -> None:
+    """Turn the rule NAME off, its thresholds kept (a built-in one too)."""
+    set_rule(name, False)
+
+
+def set_rule(name: str, enabled: bool) -> None:
+    with get_db().session() as session:
+        try:
+            alert_store.set_rule_enabled(session, name, enabled)
+        except alert_store.NoSuchAlertThing as exc:
+            fail(str(exc))
+    click.echo(f"alert rule {name} is {'on' if enabled else 'off'}")
+
+
 @alerts_cli.command("list")
 @click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with each message sent.")

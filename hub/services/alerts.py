@@ -373,11 +373,16 @@ def _rule_of(row: AlertRule) -> Rule:
 
 
 def rules(session: Session) -> list[Rule]:
-    """Every rule, the built-in ones included unless a row of their name replaces them."""
-    rows = {r.name: _rule_of(r) for r in session.scalars(select(AlertRule))}
+    """Every rule, the built-in ones included (a built-in turned off is still one; a rule
+    added under its name replaces it)."""
+    found = {r.name: r for r in session.scalars(select(AlertRule))}
+    rows = {name: _rule_of(row) for name, row in found.items()}
     for builtin in BUILTIN_RULES:
-        if builtin["name"] not in rows:
+        row = found.get(builtin["name"])
+        if row is None:
             rows[builtin["name"]] = Rule(**builtin, builtin=True)
+        elif _turned_off(row, builtin):  # still the built-in rule, only off
+            rows[builtin["name"]].builtin = True
     return sorted(rows.values(), key=lambda r: r.name)
 
 

@@ -927,6 +927,26 @@ def remove_alert_rule(rule: str):
 
 @api.route(
     bp,
+    "PATCH",
+    "/admin/api/alert-rules/{rule}",
+    summary="Turn an alert rule on or off, its thresholds kept (built-in ones too)",
+    tag="alerts",
+    path_params=RULE,
+    body=m.AlertRulePatch,
+    responses={200: ("The rule", m.AlertRuleOut), 404: ("No such rule", None)},
+)
+def patch_alert_rule(rule: str, body: m.AlertRulePatch):
+    session = get_session()
+    try:
+        changed = alert_store.set_rule_enabled(session, rule, body.enabled)
+    except alert_store.NoSuchAlertThing as exc:
+        raise ApiError(404, str(exc), "not_found") from None
+    session.commit()
+    return m.AlertRuleOut(**changed.to_dict())
+
+
+@api.route(
+    bp,
     "GET",
     "/admin/api/alerts",
     summary="The newest alerts with the messages sent for each, and the newest tests",

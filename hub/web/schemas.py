@@ -646,6 +646,12 @@ class AlertRuleIn(RuleSpec):
     """A rule; a rule named like a built-in one (dead-deliveries, open-circuits) replaces it."""
 
 
+class AlertRulePatch(Strict):
+    """What a rule may change in place: whether it is on (its thresholds are kept)."""
+
+    enabled: bool
+
+
 class AlertRuleOut(BaseModel):
     name: str
     kind: str
