@@ -414,6 +414,16 @@ class Settings(BaseSettings):
         description="bytes of a request or response kept (redacted) in an attempt row; HTTP "
         "calls are cut at 4 KiB before that",
     )
+    attempt_headers: Count = Field(
+        50,
+        description="headers of a request or response kept (redacted) in an attempt row; "
+        "the rest are counted, not kept",
+    )
+    attempt_header_bytes: Count = Field(
+        8192,
+        description="bytes of header names and values kept for a request or response in an "
+        "attempt row; a value past it is cut short with a mark",
+    )
 
     # --- workers ---
     lease_seconds: Seconds = Field(

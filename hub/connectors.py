@@ -153,6 +153,10 @@ class Exchange:
     request: Any = None
     response: Any = None
     status: int | None = None
+    # (name, value) pairs, in order and with repeats; None: not known (no call, or a
+    # connector that does not say).
+    request_headers: list[tuple[str, str]] | None = None
+    response_headers: list[tuple[str, str]] | None = None
 
 
 @dataclass
@@ -178,9 +182,24 @@ class StepContext:
             return default
         return max(0.05, min(default, self.deadline - time.monotonic()))
 
-    def record(self, *, request: Any = None, response: Any = None, status: int | None = None):
-        """Keep a copy of the call for the attempt row (the hub truncates and redacts it)."""
-        self.exchange = Exchange(request=request, response=response, status=status)
+    def record(
+        self,
+        *,
+        request: Any = None,
+        response: Any = None,
+        status: int | None = None,
+        request_headers: Iterable[tuple[str, str]] | None = None,
+        response_headers: Iterable[tuple[str, str]] | None = None,
+    ):
+        """Keep a copy of the call for the attempt row (the hub truncates and redacts it,
+        headers included: HUB_ATTEMPT_HEADERS, HUB_ATTEMPT_HEADER_BYTES)."""
+        self.exchange = Exchange(
+            request=request,
+            response=response,
+            status=status,
+            request_headers=None if request_headers is None else list(request_headers),
+            response_headers=None if response_headers is None else list(response_headers),
+        )
 
 
 class Connector:

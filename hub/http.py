@@ -480,12 +480,14 @@ def request(
         )
     except (requests.RequestException, ValueError) as exc:
         raise PermanentError(f"cannot build the request: {type(exc).__name__}") from None
+    # The headers go beside the request, not in it: a long body cut short by
+    # HUB_ATTEMPT_COPY_BYTES takes no header with it.
     recorded_request = {
         "method": prepared.method,
         "url": _redact_url(prepared.url or url),
-        "headers": redact_headers(prepared.headers, secret_headers),
         "body": _truncate(prepared.body),
     }
+    sent_headers = list(redact_headers(prepared.headers, secret_headers).items())
     seconds = ctx.time_left(timeout) if ctx is not None else timeout
     # The step's deadline, not this call's own timeout, is what will end it.
     cut_by_step = ctx is not None and ctx.deadline is not None and seconds < timeout
@@ -504,7 +506,7 @@ def request(
             finally:
                 _calls.current = None
     except _TooLarge as big:
-        _record(ctx, recorded_request, _truncate(big.head), big.status)
+        _record(ctx, recorded_request, sent_headers, _truncate(big.head), big.status, big.headers)
         raise PermanentError(
             f"{prepared.method} {urlsplit(url).hostname} answered more than "
             f"HUB_MAX_RESPONSE_BYTES ({limit} bytes); the rest was not read",
@@ -512,7 +514,7 @@ def request(
             status=big.status,
         ) from None
     except (requests.RequestException, PermanentError) as exc:
-        _record(ctx, recorded_request, None, None)
+        _record(ctx, recorded_request, sent_headers, None, None, None)
         if isinstance(exc, PermanentError):  # the connected-peer guard said no
             raise
         timed_out = call.expired or isinstance(exc, requests.Timeout) or time.monotonic() >= ends_at
@@ -522,17 +524,29 @@ def request(
     _record(
         ctx,
         recorded_request,
+        sent_headers,
         _truncate(response.content, encoding=response.encoding or "utf-8"),
         response.status_code,
+        _answer_headers(response),
     )
     classify(response)
     return response
 
 
 class _TooLarge(Exception):
-    def __init__(self, head: bytes, status: int):
+    def __init__(self, head: bytes, status: int, headers: list[tuple[str, str]]):
         self.head = head
         self.status = status
+        self.headers = headers
+
+
+def _answer_headers(response: requests.Response) -> list[tuple[str, str]]:
+    """The answer's headers as (name, value) pairs, a repeated one (Set-Cookie) once per
+    value: urllib3's own dict keeps them apart, where ``response.headers`` joins them."""
+    raw = getattr(response.raw, "headers", None)
+    if raw is not None and hasattr(raw, "iteritems"):
+        return list(raw.iteritems())
+    return list(response.headers.items())
 
 
 def _read_body(response: requests.Response, limit: int) -> None:
@@ -552,7 +566,9 @@ def _read_body(response: requests.Response, limit: int) -> None:
     if size > limit:
         response.close()
         if 200 <= response.status_code < 300:
-            raise _TooLarge(b"".join(chunks)[:RECORD_LIMIT], response.status_code)
+            raise _TooLarge(
+                b"".join(chunks)[:RECORD_LIMIT], response.status_code, _answer_headers(response)
+            )
     response._content = b"".join(chunks)  # what .content, .text and .json() read
 
 
@@ -581,9 +597,22 @@ def _call_failed(
     return RetryableError(f"{method} {host} failed: {type(exc).__name__}", code="upstream_error")
 
 
-def _record(ctx: StepContext | None, req: dict, response: str | None, status: int | None):
+def _record(
+    ctx: StepContext | None,
+    req: dict,
+    sent_headers: list[tuple[str, str]],
+    response: str | None,
+    status: int | None,
+    answer_headers: list[tuple[str, str]] | None,
+) -> None:
     if ctx is not None:
-        ctx.record(request=req, response=response, status=status)
+        ctx.record(
+            request=req,
+            response=response,
+            status=status,
+            request_headers=sent_headers,
+            response_headers=answer_headers,
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,10 +49,18 @@ class Reply:
 
     status: int = 200
     body: bytes | str | dict | list | None = b"ok"
-    headers: dict[str, str] = field(default_factory=dict)
+    # A dict, or (name, value) pairs to send one header several times (Set-Cookie).
+    headers: dict[str, str] | list[tuple[str, str]] = field(default_factory=dict)
     delay: float = 0.0
     raw: Iterable[bytes] | None = None
     interval: float = 0.0
+
+
+def _header_pairs(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A reply's headers as (name, value) pairs, from a dict or from pairs."""
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return [(str(name), str(value)) for name, value in headers]
 
 
 @dataclass(frozen=True)
@@ -141,19 +149,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: Reply) -> None:
         body = reply.body
-        headers = dict(reply.headers)
+        headers = _header_pairs(reply.headers)
+        content_type = None
         if isinstance(body, dict | list):
             body = json.dumps(body).encode()
-            headers.setdefault("Content-Type", "application/json")
+            content_type = "application/json"
         elif isinstance(body, str):
             body = body.encode()
-            headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+            content_type = "text/plain; charset=utf-8"
         elif body is None:
             body = b""
         else:
-            headers.setdefault("Content-Type", "text/plain")
+            content_type = "text/plain"
+        if content_type and not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", content_type))
         self.send_response(reply.status)
-        for name, value in headers.items():
+        for name, value in headers:
             self.send_header(name, str(value))
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
@@ -488,7 +499,7 @@ class FakeOpenAI(_Server):
         return Reply(
             reply.status,
             self._completion_body(model, content, prompt_tokens),
-            {"x-request-id": f"req_{uuid.uuid4().hex[:16]}", **reply.headers},
+            [("x-request-id", f"req_{uuid.uuid4().hex[:16]}"), *_header_pairs(reply.headers)],
         )
 
     def _check_shape(self, body: Any) -> tuple[str, str | None] | None:

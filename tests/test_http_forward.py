@@ -59,9 +59,18 @@ def test_forwards_the_payload_signed_and_the_receiver_verifies_it(
 
     [attempt] = attempts(db)
     assert (attempt.connector, attempt.outcome, attempt.http_status) == ("http", "ok", 200)
-    recorded = json.loads(attempt.request)
-    assert recorded["headers"]["webhook-signature"] == "[redacted]"
-    stored = json.dumps([attempt.request, attempt.response, events(db)[0].result])
+    recorded = dict(attempt.request_headers)
+    assert recorded["webhook-signature"] == "[redacted]"  # the signature the hub added
+    assert recorded["webhook-id"] == got.headers["webhook-id"]
+    stored = json.dumps(
+        [
+            attempt.request,
+            attempt.response,
+            attempt.request_headers,
+            attempt.response_headers,
+            events(db)[0].result,
+        ]
+    )
     assert SECRET not in stored and SECRET[6:] not in stored
     assert got.headers["webhook-signature"][3:] not in stored
 
@@ -135,7 +144,7 @@ def test_headers_from_env_carry_credentials_that_the_route_does_not_show(
     assert got["x-tenant"] == "tenant-credential-456"
     shown = runner.invoke(args=["routes", "show", "fwd"]).output
     assert "TARGET_TOKEN" in shown and "target-credential-123" not in shown
-    recorded = json.loads(attempts(db)[0].request)["headers"]
+    recorded = dict(attempts(db)[0].request_headers)
     # A header from the environment is a credential, whatever its name says.
     assert recorded["Authorization"] == recorded["X-Tenant"] == "[redacted]"
 

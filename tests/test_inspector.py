@@ -15,10 +15,11 @@ import subprocess
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, null, select, update
 
 from hub.services import intake
-from hub.store.models import Event, new_event_id, utcnow
+from hub.store.models import Attempt, Event, new_event_id, utcnow
+from tests.servers import Reply
 from tests.test_dashboard import sign_in, token
 
 CURL = shutil.which("curl")
@@ -131,6 +132,179 @@ def test_no_secret_is_shown_a_key_or_a_step_secret(signed_in, add_route, make_ke
     assert "authorization: Bearer $HUB_API_KEY" in words  # a placeholder to fill, never a value
     assert "x-shop-token: $X_SHOP_TOKEN" in words
     assert any("api_key=$HUB_API_KEY" in w for w in words)
+
+
+# --- the headers of each attempt's request and answer ---
+
+SIGNING_SECRET = "whsec_" + "c2lnbmluZy1zZWNyZXQtb2YtdGhlLWh1Yi0zMmI="
+
+
+def block(attempt_html: str, part: str) -> str:
+    """The request's or the response's part of one attempt's markup, entities read."""
+    found = re.search(rf'exchange-{part}">(.*?)</details>\s*(?:</details>|$)', attempt_html, re.S)
+    return text_of(found.group(1))
+
+
+def header_row(part_html: str, name: str) -> str | None:
+    """The value cell of header ``name`` in a part's table (its badge included), or None."""
+    found = re.search(
+        rf"<tr[^>]*><td><code>{re.escape(name)}</code></td><td[^>]*>(.*?)</td></tr>",
+        part_html,
+        re.I,
+    )
+    return found.group(1) if found else None
+
+
+def test_the_receivers_response_headers_are_shown_by_the_api_and_the_page_cookies_redacted(
+    signed_in, add_route, make_key, receiver, admin_key, monkeypatch
+):
+    """A destination answering with its own headers, two Set-Cookie among them: the API and
+    the event page show its custom header and value, in order; the cookies, the signature
+    the hub added and a step secret the receiver echoes back read [redacted], stored nowhere."""
+    step_secret = "step-secret-4b3a2918"
+    monkeypatch.setenv("FWD_SIGNING_SECRET", SIGNING_SECRET)
+    add_route(
+        "fwd",
+        [
+            {
+                "connector": "http",
+                "config": {
+                    "url": receiver.url + "/in",
+                    "headers": {"X-Api-Key": step_secret, "X-Source": "hub"},
+                    "sign_secret_env": "FWD_SIGNING_SECRET",
+                },
+            }
+        ],
+    )
+    receiver.script(
+        Reply(
+            201,
+            {"accepted": True},
+            [
+                ("X-Receiver-Trace", "trace-7f3e"),
+                ("Set-Cookie", "sid=cookie-secret-1; HttpOnly"),
+                ("Set-Cookie", "theme=cookie-secret-2"),
+                ("X-Echo", f"saw {step_secret}"),
+            ],
+        )
+    )
+    sent = signed_in.post("/hooks/fwd", json={"order": 7}, headers={"X-API-Key": make_key()})
+    assert sent.status_code == 200, sent.get_json()
+    event_id = sent.get_json()["id"]
+    signature = receiver.requests[-1].headers["webhook-signature"]
+
+    api = signed_in.get(f"/admin/api/events/{event_id}", headers={"X-API-Key": admin_key})
+    [attempt] = api.get_json()["attempt_log"]
+    answered = attempt["response_headers"]
+    assert ["X-Receiver-Trace", "trace-7f3e"] in answered
+    assert [v for n, v in answered if n == "Set-Cookie"] == ["[redacted]", "[redacted]"]
+    assert ["X-Echo", "saw [redacted]"] in answered  # the step's secret, echoed, is cut
+    sent_headers = dict(attempt["request_headers"])
+    assert sent_headers["X-Source"] == "hub"
+    assert sent_headers["webhook-signature"] == sent_headers["X-Api-Key"] == "[redacted]"
+    assert sent_headers["webhook-id"] == f"{event_id}_0"
+
+    html = signed_in.get(f"/dashboard/events/{event_id}").get_data(as_text=True)
+    for shown in (html, text_of(html), api.get_data(as_text=True)):
+        for secret in ("cookie-secret-1", "cookie-secret-2", step_secret, signature[3:]):
+            assert secret not in shown
+    one = attempt_block(html)
+    response = block(one, "response")
+    assert "HTTP 201" in response
+    assert header_row(response, "X-Receiver-Trace") == "trace-7f3e"
+    assert header_row(response, "Set-Cookie").startswith("[redacted] <span class=")
+    assert "2 values redacted" in response
+    request = block(one, "request")
+    assert header_row(request, "X-Source") == "hub"
+    assert header_row(request, "webhook-signature").startswith("[redacted]")
+    assert "not recorded" not in one
+
+
+def test_an_answer_of_95_headers_keeps_50_and_says_how_many_there_were(
+    signed_in, add_route, make_key, receiver, admin_key
+):
+    """HUB_ATTEMPT_HEADERS (50) and HUB_ATTEMPT_HEADER_BYTES (8 KiB): the first headers are
+    kept, the rest counted, and a value past the bytes is cut with a mark. (An answer of more
+    than 100 headers never reaches the record: Python's http.client refuses it, and the call
+    fails as a connection error.)"""
+    add_route("fwd", [{"connector": "http", "config": {"url": receiver.url + "/in"}}])
+    many = [(f"X-Many-{n:03d}", f"value-{n}") for n in range(90)]
+    long_value = "L" * 9000
+    receiver.script(
+        Reply(200, {"ok": True}, many), Reply(200, {"ok": True}, [("X-Long", long_value)])
+    )
+    key = make_key()
+    ids = []
+    for n in range(2):
+        sent = signed_in.post("/hooks/fwd", json={"n": n}, headers={"X-API-Key": key})
+        assert sent.status_code == 200, sent.get_json()
+        ids.append(sent.get_json()["id"])
+
+    api = signed_in.get(f"/admin/api/events/{ids[0]}", headers={"X-API-Key": admin_key})
+    answered = api.get_json()["attempt_log"][0]["response_headers"]
+    *kept, (cut_name, cut_says) = answered
+    assert len(kept) == 50 and cut_name == "(cut)"
+    assert ["X-Many-000", "value-0"] in kept and ["X-Many-089", "value-89"] not in answered
+    # and Server, Date, Content-Type, Content-Length, Connection
+    assert cut_says.startswith(f"kept 50 of {len(many) + 5} headers, ")
+    page = block(
+        attempt_block(signed_in.get(f"/dashboard/events/{ids[0]}").get_data(as_text=True)),
+        "response",
+    )
+    assert "Not every header was kept: kept 50 of" in page
+    assert page.count("<tr") == 50
+
+    api = signed_in.get(f"/admin/api/events/{ids[1]}", headers={"X-API-Key": admin_key})
+    answered = api.get_json()["attempt_log"][0]["response_headers"]
+    value = dict(answered)["X-Long"]
+    assert value.startswith("L" * 7000) and re.search(r"\.\.\.\[\d+ more bytes\]$", value)
+    assert sum(len(n) + len(v) for n, v in answered if n != "(cut)") <= 8192
+    page = block(
+        attempt_block(signed_in.get(f"/dashboard/events/{ids[1]}").get_data(as_text=True)),
+        "response",
+    )
+    assert re.search(
+        r"more bytes\] <span class=\"badge[^>]*>truncated</span>$", header_row(page, "X-Long")
+    )
+    assert "1 value truncated" in page
+
+
+def test_an_attempt_recorded_before_headers_were_kept_reads_not_recorded(
+    signed_in, db, add_route, make_key, receiver, admin_key
+):
+    """An attempt row as migration 0016 leaves the older ones (both header columns NULL, the
+    request's headers inside its copy): the API says null, the page "not recorded" for the
+    answer, and still shows the request's headers it kept."""
+    add_route("fwd", [{"connector": "http", "config": {"url": receiver.url + "/in"}}])
+    sent = signed_in.post("/hooks/fwd", json={"n": 1}, headers={"X-API-Key": make_key()})
+    event_id = sent.get_json()["id"]
+    older = json.dumps(
+        {"method": "POST", "url": receiver.url + "/in", "headers": {"X-Old": "kept"}, "body": "{}"}
+    )
+    with db.session() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.event_id == event_id)
+            .values(request=older, request_headers=null(), response_headers=null())
+        )
+    with db.session() as session:
+        # NULL in SQL, as ADD COLUMN leaves the rows that were there (not JSON's null)
+        assert (
+            session.scalar(
+                select(func.count())
+                .select_from(Attempt)
+                .where(Attempt.event_id == event_id, Attempt.response_headers.is_(None))
+            )
+            == 1
+        )
+
+    api = signed_in.get(f"/admin/api/events/{event_id}", headers={"X-API-Key": admin_key})
+    [attempt] = api.get_json()["attempt_log"]
+    assert attempt["response_headers"] is None and attempt["request_headers"] is None
+    one = attempt_block(signed_in.get(f"/dashboard/events/{event_id}").get_data(as_text=True))
+    response = block(one, "response")
+    assert "Headers: not recorded" in response and "<table" not in response
+    assert header_row(block(one, "request"), "X-Old") == "kept"
 
 
 # --- copy as curl ---

@@ -68,8 +68,9 @@ def test_request_matches_the_chat_completions_api_and_usage_is_parsed(
     }
     [attempt] = attempts(db)
     assert (attempt.connector, attempt.outcome, attempt.http_status) == ("openai", "ok", 200)
-    assert '"authorization": "[redacted]"' in attempt.request.lower()
-    assert "sk-test-key" not in attempt.request + attempt.response
+    assert ["Authorization", "[redacted]"] in attempt.request_headers
+    stored = json.dumps([attempt.request, attempt.response, attempt.request_headers])
+    assert "sk-test-key" not in stored + json.dumps(attempt.response_headers)
     assert '"total_tokens": 12' in attempt.response
     assert events(db)[0].status == "delivered"
 

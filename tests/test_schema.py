@@ -278,3 +278,49 @@ def test_migration_0012_gives_each_delivery_its_lane_and_keeps_every_attempt(db)
             assert "breaker_probe" not in columns
     finally:
         upgrade(db)
+
+
+# --- migration 0016 on a database 0015 filled: attempts keep their headers ---
+
+
+def test_migration_0016_adds_the_attempts_headers_and_keeps_every_attempt(db):
+    """Attempts written by 0015 stay whole and read as not recorded (NULL headers); the
+    downgrade drops the columns and keeps every row."""
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(db, conn), "0010")
+    try:
+        fill_0010(db)
+        with db.engine.begin() as conn:
+            command.upgrade(alembic_config(db, conn), "0015")
+        request = '{"method": "POST", "url": "https://example.com/in", "headers": {"X-A": "1"}}'
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE attempts SET request = :r, http_status = 200"), {"r": request}
+            )
+            before = conn.execute(
+                sa.text("SELECT id, event_id, run, request FROM attempts ORDER BY id")
+            ).all()
+        assert before
+        upgrade(db)
+        with db.session() as session:
+            after = list(session.scalars(sa.select(Attempt).order_by(Attempt.id)))
+            nulls = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Attempt)
+                .where(Attempt.request_headers.is_(None), Attempt.response_headers.is_(None))
+            )
+        assert [(a.id, a.event_id, a.run, a.request) for a in after] == [tuple(r) for r in before]
+        assert nulls == len(before)  # NULL in SQL: not recorded
+        assert all(a.to_dict()["response_headers"] is None for a in after)
+
+        with db.engine.begin() as conn:  # and back: the columns go, every attempt stays
+            command.downgrade(alembic_config(db, conn), "0015")
+        with db.engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
+            assert not {"request_headers", "response_headers"} & columns
+            kept = conn.execute(
+                sa.text("SELECT id, event_id, run, request FROM attempts ORDER BY id")
+            )
+            assert kept.all() == before
+    finally:
+        upgrade(db)

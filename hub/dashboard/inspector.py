@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from hub.ops.redact import REDACTED
-from hub.services.intake import HEADERS_CUT
+from hub.ops.redact import HEADERS_CUT, REDACTED
 
 SHOW_CHARS = 256 * 1024  # of one body on the page
 COLLAPSE_CHARS = 2_000  # a longer body starts folded
@@ -44,6 +43,8 @@ NOT_COPIED = frozenset(
     }
 )
 KEY_VARIABLE = "HUB_API_KEY"
+# How a header value cut short by hub.ops.redact.header_pairs ends.
+VALUE_CUT = re.compile(r"\.\.\.\[\d+ more bytes\]$")
 # A hub key cut by the redaction (``hk_<prefix>_[redacted]``), or a whole value replaced.
 REDACTED_PARTS = re.compile(f"(hk_[0-9a-f]{{8}}_{re.escape(REDACTED)}|{re.escape(REDACTED)})")
 
@@ -86,23 +87,76 @@ def body_of(value: Any) -> Body | None:
 
 
 @dataclass
+class Header:
+    """One header as the page shows it, with what the hub did to its value, if anything."""
+
+    name: str
+    value: str
+    redacted: bool = False  # a credential: never stored
+    cut: bool = False  # longer than the bound: the start is shown
+
+
+@dataclass
+class Headers:
+    """A request's or an answer's headers as recorded; ``cut`` is the hub's sentence when
+    some were not kept (HUB_ATTEMPT_HEADERS, HUB_ATTEMPT_HEADER_BYTES)."""
+
+    rows: list[Header] = field(default_factory=list)
+    cut: str | None = None
+
+    @property
+    def redacted(self) -> int:
+        return sum(1 for h in self.rows if h.redacted)
+
+    @property
+    def shortened(self) -> int:
+        return sum(1 for h in self.rows if h.cut)
+
+
+def headers_of(pairs: Any) -> Headers | None:
+    """Stored headers ([name, value] pairs, or an older copy's name -> value object) for the
+    page; None when none were recorded."""
+    if pairs is None:
+        return None
+    items = pairs.items() if isinstance(pairs, dict) else pairs
+    shown = Headers()
+    for item in items:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            continue
+        name, value = str(item[0]), str(item[1])
+        if name == HEADERS_CUT:
+            shown.cut = value
+            continue
+        shown.rows.append(
+            Header(name, value, redacted=value == REDACTED, cut=bool(VALUE_CUT.search(value)))
+        )
+    return shown
+
+
+@dataclass
 class Exchange:
     """One attempt's call: what was sent and what came back, as far as it was recorded."""
 
     method: str | None = None
     url: str | None = None
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: Headers | None = None  # None: not recorded
     body: Body | None = None
     # The request as stored, when it is not the structured record hub.http writes (another
     # connector's, or one cut short by HUB_ATTEMPT_COPY_BYTES).
     raw: Body | None = None
     status: int | None = None
     response: Body | None = None
+    response_headers: Headers | None = None  # None: not recorded
 
 
 def exchange_of(attempt: Any) -> Exchange:
     """An attempt row's request and response, read for the page."""
-    shown = Exchange(status=attempt.http_status, response=body_of(attempt.response))
+    shown = Exchange(
+        status=attempt.http_status,
+        response=body_of(attempt.response),
+        headers=headers_of(attempt.request_headers),
+        response_headers=headers_of(attempt.response_headers),
+    )
     if not attempt.request:
         return shown
     try:
@@ -112,9 +166,8 @@ def exchange_of(attempt: Any) -> Exchange:
     if isinstance(request, dict) and isinstance(request.get("method"), str):
         shown.method = request["method"]
         shown.url = str(request.get("url") or "")
-        headers = request.get("headers")
-        if isinstance(headers, dict):
-            shown.headers = [(str(k), str(v)) for k, v in headers.items()]
+        if shown.headers is None and isinstance(request.get("headers"), dict):
+            shown.headers = headers_of(request["headers"])  # kept in the copy, before 0016
         shown.body = body_of(request.get("body"))
     else:
         shown.raw = body_of(attempt.request)

@@ -59,7 +59,7 @@ log = logging.getLogger("hub.ingest")
 # Auth modes whose key is checked before the body is read: a stranger costs no body read.
 KEY_FIRST = ("key", "key+signature")
 # Name of the entry that says a refused or accepted request's headers were cut.
-HEADERS_CUT = "(cut)"
+HEADERS_CUT = redact.HEADERS_CUT
 # The id a signature covers, by scheme: on such routes it names the delivery before any
 # unsigned header can (a captured request replayed under a new Idempotency-Key stays a copy).
 SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}

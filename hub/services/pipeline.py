@@ -217,6 +217,8 @@ class RunOptions:
     secrets: SecretBox | None = None
     tries: int = DEFAULT_TRIES
     copy_bytes: int = 4096
+    # Headers kept of each request and answer: how many, and how many bytes of them.
+    header_limits: tuple[int, int] = (50, 8192)
     max_depth: int = DEFAULT_MAX_DEPTH
     template_limits: TemplateLimits = TemplateLimits()
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
@@ -225,13 +227,15 @@ class RunOptions:
     @classmethod
     def of_app(cls, app: Flask) -> RunOptions:
         """The app's connectors and secret key, and HUB_STEP_TRIES, HUB_ATTEMPT_COPY_BYTES,
-        HUB_MAX_JSON_DEPTH, HUB_TEMPLATE_* and HUB_MAX_RESPONSE_BYTES as they are now."""
+        HUB_ATTEMPT_HEADERS, HUB_ATTEMPT_HEADER_BYTES, HUB_MAX_JSON_DEPTH, HUB_TEMPLATE_*
+        and HUB_MAX_RESPONSE_BYTES as they are now."""
         config = app.config
         return cls(
             registry=app.extensions["hub.connectors"],
             secrets=app.extensions["hub.secrets"],
             tries=int(config["STEP_TRIES"]),
             copy_bytes=int(config["ATTEMPT_COPY_BYTES"]),
+            header_limits=(int(config["ATTEMPT_HEADERS"]), int(config["ATTEMPT_HEADER_BYTES"])),
             max_depth=max_json_depth(config),
             template_limits=TemplateLimits.from_config(config),
             max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
@@ -426,7 +430,7 @@ class _Call:
         if extra.get("error"):
             extra["error"] = redact.values_in_text(extra["error"], step.hidden)
         row = step.attempt_row(self.try_number, self.started, self.t0, outcome, **extra)
-        step.run.record(_with_exchange(row, self.ctx, step.run.options.copy_bytes, step.hidden))
+        step.run.record(_with_exchange(row, self.ctx, step.run.options, step.hidden))
 
 
 def _try_once(
@@ -520,11 +524,25 @@ def _template_failed(exc: TemplateProblem, code: str) -> Outcome:
     return Outcome(FAILED, error=str(exc), code=exc.code or code)
 
 
-def _with_exchange(row: Attempt, ctx: StepContext, limit: int, hidden: list[str]) -> Attempt:
-    row.request = redact.copy_for_log(ctx.exchange.request, limit, hidden)
-    row.response = redact.copy_for_log(ctx.exchange.response, limit, hidden)
+def _with_exchange(
+    row: Attempt, ctx: StepContext, options: RunOptions, hidden: list[str]
+) -> Attempt:
+    """The call's copy on its row, redacted and cut; its headers too, in the same row (so
+    in the same INSERT: recording them costs no round trip)."""
+    exchange = ctx.exchange
+    row.request = redact.copy_for_log(exchange.request, options.copy_bytes, hidden)
+    row.response = redact.copy_for_log(exchange.response, options.copy_bytes, hidden)
+    most, budget = options.header_limits
+    if exchange.request_headers is not None:
+        row.request_headers = redact.header_pairs(
+            exchange.request_headers, most, budget, secrets=hidden
+        )
+    if exchange.response_headers is not None:
+        row.response_headers = redact.header_pairs(
+            exchange.response_headers, most, budget, secrets=hidden
+        )
     if row.http_status is None:
-        row.http_status = ctx.exchange.status
+        row.http_status = exchange.status
     return row
 
 

@@ -611,6 +611,12 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(StorableText)
     request: Mapped[str | None] = mapped_column(StorableText)
     response: Mapped[str | None] = mapped_column(StorableText)
+    # The headers sent and answered, as [name, value] pairs (order and repeats kept),
+    # redacted and capped (HUB_ATTEMPT_HEADERS, HUB_ATTEMPT_HEADER_BYTES; a last ``(cut)``
+    # pair says how much there was). NULL: not recorded (a call with no HTTP exchange, or
+    # an attempt from before they were kept).
+    request_headers: Mapped[list[list[str]] | None] = mapped_column(StorableJSON)
+    response_headers: Mapped[list[list[str]] | None] = mapped_column(StorableJSON)
 
     event: Mapped[Event] = relationship(back_populates="attempt_rows")
 
@@ -627,6 +633,8 @@ class Attempt(Base):
             "error": self.error,
             "request": self.request,
             "response": self.response,
+            "request_headers": self.request_headers,
+            "response_headers": self.response_headers,
         }
 
 

@@ -101,6 +101,18 @@ class AttemptOut(BaseModel):
     error: str | None
     request: str | None
     response: str | None
+    request_headers: list[list[str]] | None = Field(
+        None,
+        description="The headers the hub sent, as [name, value] pairs in order; credentials "
+        "read [redacted], a value cut short ends in ...[N more bytes], a last (cut) pair says "
+        "how many there were (HUB_ATTEMPT_HEADERS, HUB_ATTEMPT_HEADER_BYTES); null: not "
+        "recorded (no HTTP call, or an attempt older than the recording)",
+    )
+    response_headers: list[list[str]] | None = Field(
+        None,
+        description="The headers the destination answered with, kept as request_headers "
+        "are (Set-Cookie and other credentials [redacted]); null: not recorded",
+    )
 
 
 class EventSummary(BaseModel):
