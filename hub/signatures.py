@@ -629,9 +629,31 @@ def sign(
     that do not sign them. Raises ValueError for a bad secret or options.
     """
     provider = configured(scheme, options)
-    if provider.algorithm is None:
-        raise ValueError(f"Scheme {scheme!r} is verified with public keys; the hub cannot sign it.")
     validate_secret(scheme, secret)
+    return sign_with(
+        provider,
+        body=body,
+        secret=secret,
+        timestamp=timestamp,
+        msg_id=msg_id,
+        method=method,
+        url=url,
+    )
+
+
+def sign_with(
+    provider: Provider,
+    *,
+    body: bytes,
+    secret: str,
+    timestamp: int | None = None,
+    msg_id: str | None = None,
+    method: str = "POST",
+    url: str = "",
+) -> dict[str, str]:
+    """The headers any declaration's sender would send: its HMAC over the signed content."""
+    if provider.algorithm is None:
+        raise ValueError(f"{provider.name!r} is verified with public keys; the hub cannot sign it.")
     key = _hmac_key(provider, secret)
     body = bytes(body)
     ts = str(int(time.time()) if timestamp is None else int(timestamp))
