@@ -30,6 +30,7 @@ from hub.providers import Provider, SignatureList, Timestamp
 from hub.signatures import SignatureError, SignedRequest
 from tests.procs import ROOT
 from tests.rows import events
+from tests.test_dashboard import sign_in
 
 BODY = b'{"text": "signed hello", "id": 7}'
 JSON = {"Content-Type": "application/json"}
@@ -547,6 +548,11 @@ def test_a_provider_from_a_package_is_listed_by_every_face(acme_app, make_admin_
         args=["routes", "add", "by-cli", "--verify", "acme", "--secret", "acme-secret"]
     )
     assert added.exit_code == 0, added.output
+    browser = acme_app.test_client()
+    assert sign_in(browser, admin["X-API-Key"]).status_code == 303
+    form = browser.get("/dashboard/routes/new").get_data(as_text=True)
+    offered = re.findall(r'<option value="([a-z0-9-]+)"', form.split('id="verify_scheme"')[1])
+    assert offered[: len(BUILTINS) + 1] == [*BUILTINS, "acme"]
 
 
 def test_a_provider_whose_name_is_taken_is_refused_with_a_sentence(provider_plugins, caplog):
