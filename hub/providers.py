@@ -456,7 +456,10 @@ def describe(provider: Provider) -> dict[str, Any]:
         "title": provider.title,
         "docs_url": provider.docs_url,
         "setup": provider.setup,
-        "signature_headers": list(provider.signature_headers),
+        # The generic hmac's header is the route's own option.
+        "signature_headers": []
+        if "header" in provider.options
+        else list(provider.signature_headers),
         "secret": provider.secret_description,
         "id_headers": list(provider.id_headers),
         "timestamp": where,
