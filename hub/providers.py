@@ -416,6 +416,15 @@ def load_providers(
         if not declared:
             log.error("provider %s (%s) declares no Provider", name, spec)
         for provider in declared:
+            if provider.code is not None and not _verifier_loads(provider.code.verifier):
+                log.error(
+                    "provider %r (%s) is not loaded: its verifier %s is not a KeyVerifier "
+                    "that imports",
+                    provider.name,
+                    spec,
+                    provider.code.verifier,
+                )
+                continue
             if not registry.register(provider, spec):
                 log.error(
                     "provider %r from %s is not loaded: the name is taken by %s",
@@ -424,6 +433,14 @@ def load_providers(
                     registry.source(provider.name),
                 )
     return registry
+
+
+def _verifier_loads(spec: str) -> bool:
+    try:
+        obj = _load_object(spec)
+    except Exception:
+        return False
+    return isinstance(obj, KeyVerifier) or (isinstance(obj, type) and issubclass(obj, KeyVerifier))
 
 
 @cache
