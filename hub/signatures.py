@@ -545,7 +545,8 @@ def _lone_signature(provider: Provider, name: str, value: str) -> bytes:
     prefix = provider.prefix
     if prefix:
         size = len(prefix)
-        if value[:size].lower() != prefix.lower():
+        head = value[:size]
+        if head != prefix and head.lower() != prefix.lower():
             raise SignatureError(_prefix_problem(provider, name, "lacks the configured prefix"))
         value = value[size:].strip()
         if not value:
