@@ -33,7 +33,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.from_mapping({k: v for k, v in (config or {}).items() if not is_setting(k)})
     app.json.sort_keys = False
 
-    from hub import cli, dashboard, secret_key
+    from hub import cli, dashboard, providers, secret_key
     from hub.connectors import load_connectors
     from hub.ops import logs, metrics
     from hub.services import breaker, ratelimit
@@ -62,6 +62,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.commits"] = GroupCommitter(app.extensions["hub.db"])
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
+    # Providers are what is installed, the same for every app of the process: (re)loaded
+    # here so that a name conflict is logged at start, not at a sender's first request.
+    providers.reload()
     metrics.init_app(
         app,
         lambda cap: event_store.queue_gauges(app.extensions["hub.db"], cap),

@@ -1,13 +1,18 @@
 """Verify the signatures webhook providers put on the requests they send.
 
 Many senders (GitHub, Stripe, Slack, Shopify, anything following Standard Webhooks) cannot
-send an API key, but they sign each request with a shared secret. This module checks those
-signatures so the hub can authenticate such senders. It is pure: standard library only, no
-Flask, no database, so it can be tested with plain bytes and dicts.
+send an API key, but they sign each request with a shared secret (or a private key). Each
+provider is a declaration (``hub.providers``); this module is the one interpreter that checks
+any of them, plus the code a declaration cannot be (Ed25519 for Standard Webhooks' v1a). It
+is pure: no Flask, no database, so it can be tested with plain bytes and dicts.
 
 Every failure raises ``SignatureError`` (or ``StaleSignatureError``), whose ``str()`` is always
 "Invalid signature" so nothing useful leaks to the sender; the admin-facing cause is in
 ``reason`` and never contains a secret or a computed signature.
+
+What the sender controls is only what the declaration reads: the route's saved scheme picks
+the declaration, and no header can name another algorithm, version or rule, nor turn the
+timestamp off.
 """
 
 from __future__ import annotations
@@ -16,38 +21,36 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import secrets as _random
-import string
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import cache
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl
 
-SCHEMES = ("standard-webhooks", "github", "stripe", "slack", "shopify", "hmac")
-DEFAULT_TOLERANCE = 300  # seconds
-#: Longest tolerance accepted: beyond a day the timestamp no longer guards against replays.
-MAX_TOLERANCE = 86400
+from hub import providers
+from hub.providers import (
+    DEFAULT_TOLERANCE,
+    HEADER_NAME_CHARS,
+    MAX_TOLERANCE,
+    WHSEC_PREFIX,
+    KeyVerifier,
+    Provider,
+)
 
-TIMESTAMPED_SCHEMES = ("standard-webhooks", "stripe", "slack")
+#: The built-in schemes; ``providers.registry()`` also holds third-party ones.
+SCHEMES = tuple(providers.BUILTIN_PROVIDERS)
+__all__ = ["DEFAULT_TOLERANCE", "MAX_TOLERANCE", "SCHEMES", "SignatureError", "verify"]
+
 HMAC_ALGORITHMS: dict[str, Callable[..., Any]] = {
     "sha1": hashlib.sha1,
     "sha256": hashlib.sha256,
     "sha512": hashlib.sha512,
 }
-HMAC_ENCODINGS = ("hex", "base64")
-
-# Header names as the providers document them (lookups are case-insensitive).
-SW_ID = "webhook-id"
-SW_TIMESTAMP = "webhook-timestamp"
-SW_SIGNATURE = "webhook-signature"
-GITHUB_SIGNATURE = "X-Hub-Signature-256"
-STRIPE_SIGNATURE = "Stripe-Signature"
-SLACK_SIGNATURE = "X-Slack-Signature"
-SLACK_TIMESTAMP = "X-Slack-Request-Timestamp"
-SHOPIFY_SIGNATURE = "X-Shopify-Hmac-Sha256"
-
-WHSEC_PREFIX = "whsec_"
-#: RFC 9110 token characters, the only ones allowed in a header name.
-_HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+HMAC_ENCODINGS = providers.ENCODINGS
+WHPK_PREFIX = "whpk_"
+_HEADER_NAME_CHARS = HEADER_NAME_CHARS
 
 
 class SignatureError(Exception):
@@ -73,89 +76,107 @@ class StaleSignatureError(SignatureError):
 # --------------------------------------------------------------------------- configuration
 
 
-def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"Unknown signature scheme {scheme!r}; expected one of: {', '.join(SCHEMES)}."
-        )
+def provider_of(scheme: str) -> Provider:
+    """The declaration a route's scheme names; ValueError (a sentence) when none is loaded."""
+    found = providers.get(scheme) if isinstance(scheme, str) else None
+    if found is None:
+        names = ", ".join(providers.registry().names())
+        raise ValueError(f"Unknown signature scheme {scheme!r}; expected one of: {names}.")
+    return found
 
 
 def validate_options(scheme: str, options: dict | None) -> dict:
     """Normalise and check a route's verifier options, so bad config fails when it is saved.
 
     Returns a new dict with defaults filled in; raises ValueError with a sentence an admin can
-    act on.
+    act on. What a provider takes follows from its declaration: ``tolerance`` when it has a
+    timestamp, ``header``/``algorithm``/``encoding``/``prefix`` when it is configurable.
     """
-    _check_scheme(scheme)
+    provider = provider_of(scheme)
     if options is None:
         options = {}
     if not isinstance(options, dict):
         raise ValueError(
             f"Options for scheme {scheme!r} must be a JSON object, not {type(options).__name__}."
         )
-    if scheme == "hmac":
-        return _validate_hmac_options(options)
-    if scheme in TIMESTAMPED_SCHEMES:
-        unknown = sorted(set(options) - {"tolerance"})
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {', '.join(map(repr, unknown))} for scheme {scheme!r}; "
-                "the only option is 'tolerance' (seconds)."
-            )
-        tolerance = options.get("tolerance", DEFAULT_TOLERANCE)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int):
-            raise ValueError(
-                f"Option 'tolerance' must be a whole number of seconds, got {tolerance!r}."
-            )
-        if not 1 <= tolerance <= MAX_TOLERANCE:
-            raise ValueError(
-                f"Option 'tolerance' must be between 1 and {MAX_TOLERANCE} seconds, "
-                f"got {tolerance}."
-            )
-        return {"tolerance": tolerance}
-    if options:
+    allowed = [*provider.options, *(["tolerance"] if provider.timestamp else [])]
+    unknown = sorted(set(options) - set(allowed))
+    if not allowed and options:
         raise ValueError(
             f"Scheme {scheme!r} takes no options (it has no timestamp), "
             f"got {', '.join(map(repr, sorted(options)))}."
         )
-    return {}
-
-
-def _validate_hmac_options(options: dict) -> dict:
-    unknown = sorted(set(options) - {"header", "algorithm", "encoding", "prefix"})
     if unknown:
+        if allowed == ["tolerance"]:
+            hint = "the only option is 'tolerance' (seconds)."
+        else:
+            hint = "allowed: " + ", ".join(map(repr, allowed)) + "."
         raise ValueError(
-            f"Unknown option(s) {', '.join(map(repr, unknown))} for scheme 'hmac'; "
-            "allowed: 'header', 'algorithm', 'encoding', 'prefix'."
+            f"Unknown option(s) {', '.join(map(repr, unknown))} for scheme {scheme!r}; {hint}"
         )
-    header = options.get("header")
-    if not isinstance(header, str) or not header.strip():
+    result: dict[str, Any] = {}
+    if provider.options:
+        result.update(_validate_hmac_options(scheme, options, provider))
+    if provider.timestamp:
+        result["tolerance"] = _tolerance(options.get("tolerance", provider.timestamp.tolerance))
+    return result
+
+
+def _tolerance(tolerance: Any) -> int:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int):
         raise ValueError(
-            "Scheme 'hmac' needs option 'header': the name of the request header that "
-            "carries the signature."
+            f"Option 'tolerance' must be a whole number of seconds, got {tolerance!r}."
         )
-    header = header.strip()
-    if not set(header) <= _HEADER_NAME_CHARS:
-        raise ValueError(f"Option 'header' is not a valid HTTP header name: {header!r}.")
-    algorithm = options.get("algorithm", "sha256")
-    if algorithm not in HMAC_ALGORITHMS:
+    if not 1 <= tolerance <= MAX_TOLERANCE:
         raise ValueError(
-            f"Option 'algorithm' must be one of {', '.join(HMAC_ALGORITHMS)}, got {algorithm!r}."
+            f"Option 'tolerance' must be between 1 and {MAX_TOLERANCE} seconds, got {tolerance}."
         )
-    encoding = options.get("encoding", "hex")
-    if encoding not in HMAC_ENCODINGS:
-        raise ValueError(
-            f"Option 'encoding' must be one of {', '.join(HMAC_ENCODINGS)}, got {encoding!r}."
-        )
-    prefix = options.get("prefix", "")
-    if not isinstance(prefix, str):
-        raise ValueError(f"Option 'prefix' must be a string such as 'sha256=', got {prefix!r}.")
-    return {"header": header, "algorithm": algorithm, "encoding": encoding, "prefix": prefix}
+    return tolerance
+
+
+def _validate_hmac_options(scheme: str, options: dict, provider: Provider) -> dict:
+    result: dict[str, Any] = {}
+    if "header" in provider.options:
+        header = options.get("header")
+        if not isinstance(header, str) or not header.strip():
+            raise ValueError(
+                f"Scheme {scheme!r} needs option 'header': the name of the request header "
+                "that carries the signature."
+            )
+        header = header.strip()
+        if not set(header) <= HEADER_NAME_CHARS:
+            raise ValueError(f"Option 'header' is not a valid HTTP header name: {header!r}.")
+        result["header"] = header
+    if "algorithm" in provider.options:
+        algorithm = options.get("algorithm", provider.algorithm or "sha256")
+        if algorithm not in HMAC_ALGORITHMS:
+            raise ValueError(
+                f"Option 'algorithm' must be one of {', '.join(HMAC_ALGORITHMS)}, "
+                f"got {algorithm!r}."
+            )
+        result["algorithm"] = algorithm
+    if "encoding" in provider.options:
+        encoding = options.get("encoding", provider.encoding)
+        if encoding not in HMAC_ENCODINGS:
+            raise ValueError(
+                f"Option 'encoding' must be one of {', '.join(HMAC_ENCODINGS)}, got {encoding!r}."
+            )
+        result["encoding"] = encoding
+    if "prefix" in provider.options:
+        prefix = options.get("prefix", provider.prefix)
+        if not isinstance(prefix, str):
+            raise ValueError(f"Option 'prefix' must be a string such as 'sha256=', got {prefix!r}.")
+        result["prefix"] = prefix
+    return result
 
 
 def _decode_whsec(secret: str) -> bytes:
     """The HMAC key of a Standard Webhooks secret: base64 after an optional ``whsec_``."""
-    encoded = secret[len(WHSEC_PREFIX) :] if secret.startswith(WHSEC_PREFIX) else secret
+    return _decode_prefixed(secret, WHSEC_PREFIX, "A Standard Webhooks secret")
+
+
+def _decode_prefixed(secret: str, prefix: str, what: str) -> bytes:
+    encoded = secret[len(prefix) :] if secret.startswith(prefix) else secret
     encoded = encoded.strip()
     # The reference libraries accept unpadded base64, so pad before a strict decode.
     encoded += "=" * (-len(encoded) % 4)
@@ -163,28 +184,48 @@ def _decode_whsec(secret: str) -> bytes:
         key = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(
-            "A Standard Webhooks secret must be 'whsec_' followed by base64 (or bare base64); "
+            f"{what} must be '{prefix}' followed by base64 (or bare base64); "
             "this one is not valid base64."
         ) from exc
     if not key:
-        raise ValueError("A Standard Webhooks secret must not be empty after 'whsec_'.")
+        raise ValueError(f"{what} must not be empty after '{prefix}'.")
     return key
+
+
+@cache
+def key_verifier(spec: str) -> KeyVerifier:
+    """The KeyVerifier a declaration names (imported once)."""
+    obj = providers._load_object(spec)
+    if isinstance(obj, type):
+        obj = obj()
+    if not isinstance(obj, KeyVerifier):
+        raise ValueError(f"{spec} is not a KeyVerifier")
+    return obj
+
+
+def _is_code_secret(provider: Provider, secret: str) -> bool:
+    code = provider.code
+    return code is not None and (
+        provider.algorithm is None or secret.startswith(code.secret_prefix or "\0")
+    )
 
 
 def validate_secret(scheme: str, secret: str) -> str:
     """Check one secret is usable for the scheme, so a typo is refused before traffic arrives."""
-    _check_scheme(scheme)
+    provider = provider_of(scheme)
     if not isinstance(secret, str):
         raise ValueError(f"A secret must be a string, not {type(secret).__name__}.")
     if not secret:
         raise ValueError("A secret must not be empty.")
-    if scheme == "standard-webhooks":
+    if _is_code_secret(provider, secret):
+        key_verifier(provider.code.verifier).check_secret(secret)  # type: ignore[union-attr]
+    elif provider.secret == "whsec":
         _decode_whsec(secret)
     return secret
 
 
-def _key(scheme: str, secret: str) -> bytes:
-    if scheme == "standard-webhooks":
+def _hmac_key(provider: Provider, secret: str) -> bytes:
+    if provider.secret == "whsec":
         return _decode_whsec(secret)
     if not secret:
         raise ValueError("A secret must not be empty.")
@@ -193,17 +234,21 @@ def _key(scheme: str, secret: str) -> bytes:
 
 def signature_headers(scheme: str, options: dict | None = None) -> set[str]:
     """Lower-cased names of the headers carrying the signature, so logs can redact them."""
-    options = validate_options(scheme, options)
-    names = {
-        "standard-webhooks": {SW_SIGNATURE},
-        "github": {GITHUB_SIGNATURE},
-        "stripe": {STRIPE_SIGNATURE},
-        "slack": {SLACK_SIGNATURE},
-        "shopify": {SHOPIFY_SIGNATURE},
-    }.get(scheme)
-    if names is None:  # hmac
-        names = {options["header"]}
-    return {name.lower() for name in names}
+    provider = configured(scheme, options)
+    return set(provider.redacted)
+
+
+def configured(scheme: str, options: dict | None) -> Provider:
+    """The route's declaration with its options applied: validated once per distinct
+    options, then a dict lookup (a request pays no model copy and no validation)."""
+    registry = providers.registry()
+    provider = registry.get(scheme) if isinstance(scheme, str) else None
+    if provider is None:
+        provider_of(scheme)  # raises the sentence naming the known schemes
+    assert provider is not None
+    if not options and not provider.options and provider.timestamp is None:
+        return provider
+    return registry.configured(scheme, options or {}, lambda: validate_options(scheme, options))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -222,6 +267,25 @@ def _header(headers: Any, name: str) -> str:
             break
     if value is None:
         raise SignatureError(f"missing header {name}")
+    if type(value) is str:
+        value = value.strip()
+        if value:
+            return value
+    return _usable(value, name)
+
+
+def _find_header(headers: Any, name: str) -> Any:
+    wanted = name.lower()
+    items = headers.items() if hasattr(headers, "items") else ()
+    for key, val in items:
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        if isinstance(key, str) and key.lower() == wanted:
+            return val
+    return None
+
+
+def _usable(value: Any, name: str) -> str:
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if not isinstance(value, str):
@@ -232,6 +296,18 @@ def _header(headers: Any, name: str) -> str:
     return value
 
 
+def _first_header(headers: Any, names: tuple[str, ...]) -> tuple[str, str]:
+    """The first of ``names`` the request carries, as (name, value)."""
+    if len(names) == 1:
+        return names[0], _header(headers, names[0])
+    for name in names:
+        value = _find_header(headers, name)
+        if value is not None:
+            return name, _usable(value, name)
+    shown = names[0] + "".join(f" (or {n})" for n in names[1:])
+    raise SignatureError(f"missing header {shown}")
+
+
 def _parse_timestamp(value: str) -> int:
     # Digits only: rejects floats, signs, whitespace and absurd lengths before int().
     if not (value.isascii() and value.isdigit()) or len(value) > 15:
@@ -239,11 +315,12 @@ def _parse_timestamp(value: str) -> int:
     return int(value)
 
 
-def _check_window(ts: int, now: float | None, tolerance: int) -> None:
+def _check_window(ts: float, now: float | None, tolerance: int) -> None:
     current = time.time() if now is None else now
     if abs(current - ts) > tolerance:
         raise StaleSignatureError(
-            f"timestamp {ts} is {int(current - ts)} s from now, outside the {tolerance} s tolerance"
+            f"timestamp {int(ts)} is {int(current - ts)} s from now, "
+            f"outside the {tolerance} s tolerance"
         )
 
 
@@ -263,20 +340,9 @@ def _hex_bytes(value: str) -> bytes:
     return value.lower().encode("utf-8", "replace")
 
 
-def _keys(scheme: str, secrets: list[str]) -> list[bytes]:
-    if isinstance(secrets, str | bytes):
-        raise TypeError("secrets must be a list of strings, not a single string")
-    if not secrets:
-        raise SignatureError("no secret configured")
-    keys = []
-    for secret in secrets:
-        try:
-            keys.append(_key(scheme, secret))
-        except (ValueError, TypeError, AttributeError):
-            continue  # an unusable secret cannot have signed anything
-    if not keys:
-        raise SignatureError("no usable secret configured")
-    return keys
+def _decoded(value: str, encoding: str) -> bytes | None:
+    """A signature as compared: hex as its lower-cased text, base64 as its bytes."""
+    return _hex_bytes(value) if encoding == "hex" else _b64decode(value)
 
 
 def _any_match(candidates: list[bytes], expected: list[bytes]) -> bool:
@@ -291,6 +357,16 @@ def _any_match(candidates: list[bytes], expected: list[bytes]) -> bool:
 # --------------------------------------------------------------------------- verify
 
 
+class SignedRequest(NamedTuple):
+    """What a signature may cover: the raw body, the headers, and for providers that sign
+    them (Twilio, HubSpot) the method and the URL as the sender called it."""
+
+    body: bytes
+    headers: Any
+    method: str = "POST"
+    url: str = ""
+
+
 def verify(
     scheme: str,
     *,
@@ -299,134 +375,297 @@ def verify(
     secrets: list[str],
     options: dict | None = None,
     now: float | None = None,
+    method: str = "POST",
+    url: str = "",
 ) -> None:
-    """Raise SignatureError/StaleSignatureError unless one of ``secrets`` signed ``body``.
+    """Raise SignatureError/StaleSignatureError unless one of ``secrets`` signed the request.
 
     Several secrets allow rotation. ``headers`` is any mapping; names are matched without
-    regard to case. Checks run in order: required headers present, parse, timestamp window
-    (timestamped schemes), then HMAC over the raw body bytes in constant time. Bad ``options``
-    or an unknown scheme are configuration errors and raise ValueError.
+    regard to case. Bad ``options`` or an unknown scheme are configuration errors and raise
+    ValueError.
     """
-    options = validate_options(scheme, options)
-    if not isinstance(body, bytes | bytearray | memoryview):
-        raise TypeError("body must be the raw request bytes")
-    body = bytes(body)
-    if scheme == "standard-webhooks":
-        _verify_standard(body, headers, secrets, options, now)
-    elif scheme == "github":
-        _verify_github(body, headers, secrets)
-    elif scheme == "stripe":
-        _verify_stripe(body, headers, secrets, options, now)
-    elif scheme == "slack":
-        _verify_slack(body, headers, secrets, options, now)
-    elif scheme == "shopify":
-        _verify_shopify(body, headers, secrets)
+    if type(body) is not bytes:
+        if not isinstance(body, bytearray | memoryview):
+            raise TypeError("body must be the raw request bytes")
+        body = bytes(body)
+    _check(configured(scheme, options), body, headers, method, url, secrets, now)
+
+
+def check(
+    provider: Provider, request: SignedRequest, secrets: list[str], *, now: float | None = None
+) -> None:
+    """The interpreter: verify ``request`` against any declaration (see ``_check``)."""
+    _check(provider, request.body, request.headers, request.method, request.url, secrets, now)
+
+
+def _check(
+    provider: Provider,
+    body: bytes,
+    headers: Any,
+    method: str,
+    url: str,
+    secrets: list[str],
+    now: float | None,
+) -> None:
+    """The interpreter, its request as parts (a request costs no object of its own).
+
+    In order: the headers it needs are present, its signatures parse, the timestamp is in
+    the window (only where the provider has one), then each secret's signature is computed
+    over the signed content and compared with every signature sent, in constant time.
+    """
+    if isinstance(secrets, (str, bytes)):  # noqa: UP038 - the tuple form is the faster
+        raise TypeError("secrets must be a list of strings, not a single string")
+    names = provider.signature_headers
+    if len(names) == 1:
+        sig_name, sig_value = names[0], _header(headers, names[0])
     else:
-        _verify_hmac(body, headers, secrets, options)
-
-
-def _verify_standard(body, headers, secrets, options, now) -> None:
-    msg_id = _header(headers, SW_ID)
-    ts_raw = _header(headers, SW_TIMESTAMP)
-    sig_raw = _header(headers, SW_SIGNATURE)
-    ts = _parse_timestamp(ts_raw)
-    candidates = []
-    saw_v1 = False
-    for entry in sig_raw.split():
-        version, sep, value = entry.partition(",")
-        if not sep or version != "v1":
-            continue  # other versions (v1a, ...) are for other verifiers
-        saw_v1 = True
-        decoded = _b64decode(value)
-        if decoded is not None:
-            candidates.append(decoded)
-    if not saw_v1:
-        raise SignatureError(f"no v1 signature in {SW_SIGNATURE} header")
-    _check_window(ts, now, options["tolerance"])
-    content = f"{msg_id}.{ts_raw}.".encode() + body
-    expected = [_mac(key, content) for key in _keys("standard-webhooks", secrets)]
-    if not _any_match(candidates, expected):
+        sig_name, sig_value = _first_header(headers, names)
+    rule = provider.timestamp
+    ts_raw = _header(headers, rule.header) if rule is not None and rule.header else None
+    id_value = _first_header(headers, provider.id_headers)[1] if provider.signs_id else None
+    if provider.code is None:
+        code_wanted, hmac_wanted = False, True
+    else:  # which kinds of signature to look for follows from the kinds of secret given
+        kinds = {_is_code_secret(provider, s) for s in secrets if isinstance(s, str)}
+        code_wanted = True in kinds
+        hmac_wanted = provider.algorithm is not None and (not secrets or False in kinds)
+    if provider.signature_list is None and not code_wanted:  # one HMAC signature
+        sent_hmac, sent_code, listed_ts = [_lone_signature(provider, sig_name, sig_value)], [], ()
+    else:
+        sent_hmac, sent_code, listed_ts = _signatures(
+            provider, sig_name, sig_value, hmac_wanted, code_wanted
+        )
+    if rule is not None:
+        if rule.signature_key:
+            if len(listed_ts) != 1:
+                raise SignatureError(f"malformed {sig_name} header")
+            ts_raw = listed_ts[0]
+        elif rule.body_field:
+            ts_raw = _body_timestamp(body, rule.body_field)
+        assert ts_raw is not None
+        ts = _parse_timestamp(ts_raw)
+        _check_window(ts / 1000 if rule.unit == "ms" else ts, now, rule.tolerance)
+    if not secrets:
+        raise SignatureError("no secret configured")
+    content = (
+        body
+        if provider.signed_content == "{body}"
+        else _content(provider, body, headers, method, url, ts_raw, id_value)
+    )
+    matched = False
+    usable = False
+    if hmac_wanted:
+        code = provider.code
+        if code is None and provider.secret == "plain":  # the common case, in one pass
+            keys = [secret.encode() for secret in secrets if type(secret) is str and secret]
+        else:
+            keys = []
+            for secret in secrets:
+                if (
+                    code is not None
+                    and isinstance(secret, str)
+                    and _is_code_secret(provider, secret)
+                ):
+                    continue
+                try:
+                    keys.append(_hmac_key(provider, secret))
+                except (ValueError, TypeError, AttributeError):
+                    continue  # an unusable secret cannot have signed anything
+        if keys:
+            usable = True
+            algorithm = provider.algorithm or "sha256"
+            macs = [_mac(key, content, algorithm) for key in keys]
+            expected = [m.hex().encode() for m in macs] if provider.encoding == "hex" else macs
+            matched |= _any_match(sent_hmac, expected)
+    if code_wanted:
+        verifier = key_verifier(provider.code.verifier)  # type: ignore[union-attr]
+        keys = verifier.keys(
+            [s for s in secrets if isinstance(s, str) and _is_code_secret(provider, s)]
+        )
+        if keys:
+            usable = True
+            matched |= bool(sent_code) and verifier.verify(content, sent_code, keys)
+    if not usable:
+        raise SignatureError("no usable secret configured")
+    if not matched:
         raise SignatureError("no signature matched")
 
 
-def _verify_github(body, headers, secrets) -> None:
-    value = _header(headers, GITHUB_SIGNATURE)
-    algo, sep, digest = value.partition("=")
-    if not sep or algo.lower() != "sha256" or not digest:
-        raise SignatureError(f"malformed {GITHUB_SIGNATURE} header")
-    expected = [_mac(key, body).hex().encode() for key in _keys("github", secrets)]
-    if not _any_match([_hex_bytes(digest)], expected):
-        raise SignatureError("no signature matched")
-
-
-def _verify_stripe(body, headers, secrets, options, now) -> None:
-    value = _header(headers, STRIPE_SIGNATURE)
-    timestamps: list[str] = []
-    candidates: list[bytes] = []
-    for item in value.split(","):
-        key, sep, val = item.strip().partition("=")
+def _signatures(
+    provider: Provider, name: str, value: str, hmac_wanted: bool, code_wanted: bool
+) -> tuple[list[bytes], list[bytes], list[str]]:
+    """The signatures a header carries for the HMAC and for the code, and any timestamps
+    listed beside them (Stripe's ``t=``)."""
+    listing = provider.signature_list
+    code = provider.code
+    if listing is None:
+        sent_hmac: list[bytes] = []
+        sent_code: list[bytes] = []
+        if hmac_wanted or not code_wanted:
+            sent_hmac.append(_lone_signature(provider, name, value))
+        if code_wanted and code is not None:
+            value = value.removeprefix(provider.prefix).strip()
+            decoded = _decoded(value, code.encoding)
+            if decoded is not None:
+                sent_code.append(decoded)
+        return sent_hmac, sent_code, []
+    hmac_versions = listing.versions if provider.algorithm is not None else ()
+    code_versions = code.versions if code is not None else ()
+    ts_key = provider.timestamp.signature_key if provider.timestamp else None
+    sent_hmac, sent_code, stamps = [], [], []
+    seen = False
+    for entry in value.split(None if listing.separator == " " else listing.separator):
+        label, sep, item = entry.strip().partition(listing.pair)
         if not sep:
             continue
-        if key == "t":
-            timestamps.append(val.strip())
-        elif key == "v1" and val.strip():
-            candidates.append(_hex_bytes(val.strip()))
-    if len(timestamps) != 1 or not candidates:
-        raise SignatureError(f"malformed {STRIPE_SIGNATURE} header")
-    ts = _parse_timestamp(timestamps[0])
-    _check_window(ts, now, options["tolerance"])
-    content = f"{timestamps[0]}.".encode() + body
-    expected = [_mac(key, content).hex().encode() for key in _keys("stripe", secrets)]
-    if not _any_match(candidates, expected):
-        raise SignatureError("no signature matched")
+        item = item.strip()
+        if ts_key is not None and label == ts_key:
+            stamps.append(item)
+        elif hmac_wanted and label in hmac_versions:
+            seen = True
+            decoded = _decoded(item, provider.encoding)
+            if decoded is not None:
+                sent_hmac.append(decoded)
+        elif code_wanted and label in code_versions:
+            seen = True
+            decoded = _decoded(item, code.encoding)  # type: ignore[union-attr]
+            if decoded is not None:
+                sent_code.append(decoded)
+    if ts_key is not None and len(stamps) != 1:
+        raise SignatureError(f"malformed {name} header")
+    if not seen:
+        wanted = [*(hmac_versions if hmac_wanted else ()), *(code_versions if code_wanted else ())]
+        raise SignatureError(f"no {' or '.join(wanted) or 'known'} signature in {name} header")
+    return sent_hmac, sent_code, stamps
 
 
-def _verify_slack(body, headers, secrets, options, now) -> None:
-    ts_raw = _header(headers, SLACK_TIMESTAMP)
-    value = _header(headers, SLACK_SIGNATURE)
-    ts = _parse_timestamp(ts_raw)
-    version, sep, digest = value.partition("=")
-    if not sep or version != "v0" or not digest:
-        raise SignatureError(f"malformed {SLACK_SIGNATURE} header")
-    _check_window(ts, now, options["tolerance"])
-    content = f"v0:{ts_raw}:".encode() + body
-    expected = [_mac(key, content).hex().encode() for key in _keys("slack", secrets)]
-    if not _any_match([_hex_bytes(digest)], expected):
-        raise SignatureError("no signature matched")
-
-
-def _verify_shopify(body, headers, secrets) -> None:
-    value = _header(headers, SHOPIFY_SIGNATURE)
+def _lone_signature(provider: Provider, name: str, value: str) -> bytes:
+    """The one signature of a header that carries one (GitHub, Slack, Shopify, ...), as
+    compared: hex as lower-cased text, base64 decoded."""
+    prefix = provider.prefix
+    if prefix:
+        size = len(prefix)
+        head = value[:size]
+        if head != prefix and head.lower() != prefix.lower():
+            raise SignatureError(_prefix_problem(provider, name, "lacks the configured prefix"))
+        value = value[size:].strip()
+        if not value:
+            raise SignatureError(_prefix_problem(provider, name, "empty"))
+    if provider.encoding == "hex":
+        return value.lower().encode("utf-8", "replace")
     decoded = _b64decode(value)
     if decoded is None:
-        raise SignatureError(f"malformed {SHOPIFY_SIGNATURE} header (not base64)")
-    expected = [_mac(key, body) for key in _keys("shopify", secrets)]
-    if not _any_match([decoded], expected):
-        raise SignatureError("no signature matched")
+        raise SignatureError(_prefix_problem(provider, name, "not base64"))
+    return decoded
 
 
-def _verify_hmac(body, headers, secrets, options) -> None:
-    name = options["header"]
-    value = _header(headers, name)
-    prefix = options["prefix"]
-    if prefix:
-        if not value.startswith(prefix):
-            raise SignatureError(f"header {name} lacks the configured prefix")
-        value = value[len(prefix) :].strip()
-        if not value:
-            raise SignatureError(f"empty signature in header {name}")
-    keys = _keys("hmac", secrets)
-    macs = [_mac(key, body, options["algorithm"]) for key in keys]
-    if options["encoding"] == "hex":
-        candidates = [_hex_bytes(value)]
-        expected = [mac.hex().encode() for mac in macs]
-    else:
-        decoded = _b64decode(value)
-        if decoded is None:
-            raise SignatureError(f"malformed header {name} (not base64)")
-        candidates, expected = [decoded], macs
-    if not _any_match(candidates, expected):
-        raise SignatureError("no signature matched")
+def _prefix_problem(provider: Provider, name: str, problem: str) -> str:
+    """The admin's sentence for a lone signature that does not parse. The generic hmac's
+    prefix and encoding are the route's own options, and its sentences say so."""
+    if provider.options:  # the generic hmac
+        return {
+            "lacks the configured prefix": f"header {name} lacks the configured prefix",
+            "empty": f"empty signature in header {name}",
+            "not base64": f"malformed header {name} (not base64)",
+        }[problem]
+    return f"malformed {name} header" + (" (not base64)" if problem == "not base64" else "")
+
+
+def _body_timestamp(body: bytes, field: str) -> str:
+    try:
+        value = json.loads(body).get(field)
+    except (ValueError, AttributeError, RecursionError):
+        value = None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SignatureError(f"missing timestamp {field} in the body")
+    return str(value)
+
+
+def _form(body: bytes) -> bytes:
+    """Twilio's form part: each field name and value, sorted by name, run together."""
+    pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return "".join(k + v for k, v in sorted(pairs, key=lambda kv: kv[0])).encode()
+
+
+def _content(
+    provider: Provider,
+    body: bytes,
+    headers: Any,
+    method: str,
+    url: str,
+    timestamp: str | None,
+    msg_id: str | None,
+) -> bytes:
+    """The bytes the sender signed, built from the declaration's template."""
+    template = provider.signed_content
+    if template == "{body}":
+        return body
+    out = bytearray()
+    for part, arg in providers.compiled_template(template):
+        if part == "":
+            out += arg.encode()
+        elif part == "body":
+            out += body
+        elif part == "timestamp":
+            out += (timestamp or "").encode()
+        elif part == "id":
+            out += (msg_id or "").encode()
+        elif part == "url":
+            out += url.encode()
+        elif part == "method":
+            out += method.upper().encode()
+        elif part == "form":
+            out += _form(body)
+        elif part == "header":
+            out += _header(headers, arg).encode("latin-1", "replace")
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- Ed25519
+
+
+class Ed25519Verifier(KeyVerifier):
+    """Standard Webhooks' v1a: an Ed25519 signature over the signed content, checked with
+    the sender's public key (``whpk_`` + base64 of its 32 bytes)."""
+
+    prefix = WHPK_PREFIX
+
+    def check_secret(self, secret: str) -> None:
+        key = _decode_prefixed(secret, self.prefix, "A Standard Webhooks public key")
+        if len(key) != 32:
+            raise ValueError(
+                f"A Standard Webhooks public key is 32 bytes after '{self.prefix}', "
+                f"this one is {len(key)}."
+            )
+
+    def keys(self, secrets: list[str]) -> list[Any]:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        found = []
+        for secret in secrets:
+            try:
+                self.check_secret(secret)
+                raw = _decode_prefixed(secret, self.prefix, "key")
+                found.append(Ed25519PublicKey.from_public_bytes(raw))
+            except ValueError:
+                continue  # an unusable key signed nothing
+        return found
+
+    def verify(self, content: bytes, signatures: list[bytes], keys: list[Any]) -> bool:
+        from cryptography.exceptions import InvalidSignature
+
+        matched = False
+        for key in keys:
+            for signature in signatures:
+                try:
+                    key.verify(signature, content)
+                    matched = True
+                except InvalidSignature:
+                    pass
+        return matched
+
+
+ED25519_V1A = Ed25519Verifier()
 
 
 # --------------------------------------------------------------------------- sign
@@ -440,36 +679,60 @@ def sign(
     timestamp: int | None = None,
     msg_id: str | None = None,
     options: dict | None = None,
+    method: str = "POST",
+    url: str = "",
 ) -> dict[str, str]:
-    """The headers a sender of this scheme would send.
+    """The headers a sender of this scheme would send (its HMAC signature).
 
     Used by tests and by the outbound forward connector (Standard Webhooks). ``timestamp``
     defaults to now and ``msg_id`` to a random ``msg_...`` id; both are ignored by schemes
     that do not sign them. Raises ValueError for a bad secret or options.
     """
-    options = validate_options(scheme, options)
+    provider = configured(scheme, options)
     validate_secret(scheme, secret)
-    key = _key(scheme, secret)
+    return sign_with(
+        provider,
+        body=body,
+        secret=secret,
+        timestamp=timestamp,
+        msg_id=msg_id,
+        method=method,
+        url=url,
+    )
+
+
+def sign_with(
+    provider: Provider,
+    *,
+    body: bytes,
+    secret: str,
+    timestamp: int | None = None,
+    msg_id: str | None = None,
+    method: str = "POST",
+    url: str = "",
+) -> dict[str, str]:
+    """The headers any declaration's sender would send: its HMAC over the signed content."""
+    if provider.algorithm is None:
+        raise ValueError(f"{provider.name!r} is verified with public keys; the hub cannot sign it.")
+    key = _hmac_key(provider, secret)
     body = bytes(body)
     ts = str(int(time.time()) if timestamp is None else int(timestamp))
-    if scheme == "standard-webhooks":
+    headers: dict[str, str] = {}
+    if provider.signed_id_headers:
         msg_id = msg_id or f"msg_{_random.token_hex(12)}"
-        mac = _mac(key, f"{msg_id}.{ts}.".encode() + body)
-        return {
-            SW_ID: msg_id,
-            SW_TIMESTAMP: ts,
-            SW_SIGNATURE: "v1," + base64.b64encode(mac).decode("ascii"),
-        }
-    if scheme == "github":
-        return {GITHUB_SIGNATURE: "sha256=" + _mac(key, body).hex()}
-    if scheme == "stripe":
-        mac = _mac(key, f"{ts}.".encode() + body)
-        return {STRIPE_SIGNATURE: f"t={ts},v1={mac.hex()}"}
-    if scheme == "slack":
-        mac = _mac(key, f"v0:{ts}:".encode() + body)
-        return {SLACK_TIMESTAMP: ts, SLACK_SIGNATURE: "v0=" + mac.hex()}
-    if scheme == "shopify":
-        return {SHOPIFY_SIGNATURE: base64.b64encode(_mac(key, body)).decode("ascii")}
-    mac = _mac(key, body, options["algorithm"])
-    encoded = mac.hex() if options["encoding"] == "hex" else base64.b64encode(mac).decode("ascii")
-    return {options["header"]: options["prefix"] + encoded}
+        headers[provider.id_headers[0]] = msg_id
+    rule = provider.timestamp
+    if rule is not None and rule.header:
+        headers[rule.header] = ts
+    content = _content(provider, body, headers, method, url, ts, msg_id)
+    mac = _mac(key, content, provider.algorithm)
+    encoded = mac.hex() if provider.encoding == "hex" else base64.b64encode(mac).decode("ascii")
+    listing = provider.signature_list
+    if listing is None:
+        value = provider.prefix + encoded
+    else:
+        value = f"{listing.versions[0]}{listing.pair}{encoded}"
+        if rule is not None and rule.signature_key:
+            value = f"{rule.signature_key}{listing.pair}{ts}{listing.separator}{value}"
+    headers[provider.signature_headers[0]] = value
+    return headers

@@ -67,6 +67,7 @@ WRONG_WAY = [
     ("hub/web/system.py", "hub.web", "hub.dashboard", "views"),
     ("hub/ops/redact.py", "hub.ops", "hub.store", "db"),
     ("hub/http.py", "hub.http", "hub.services", "routes"),
+    ("hub/providers.py", "hub.providers", "hub.store", "models"),
     ("connectors/text.py", "connectors", "hub.store", "models"),
 ]
 

@@ -210,6 +210,7 @@ def test_migration_0009_keeps_the_events_0008_wrote_and_lists_them_by_reason(db,
 # Admin GET answers holding a list that are not paged, and why.
 UNPAGED = {
     "/admin/api/connectors": "the connectors installed with the hub: a few dozen at most",
+    "/admin/api/providers": "the signature providers installed with the hub: a few dozen at most",
     "/admin/api/stats": "one entry per route; bounded by HUB_ADMIN_STATS_MAX_ROWS events",
     "/admin/api/alert-channels": "at most HUB_ALERT_MAX_CHANNELS (50)",
     "/admin/api/alert-rules": "at most HUB_ALERT_MAX_RULES (100), and the two built-in ones",

@@ -95,6 +95,7 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("GET", "/health")
     call("GET", "/ready")
     call("GET", "/admin/api/connectors", **a)
+    call("GET", "/admin/api/providers", **a)
     made = call("POST", "/admin/api/keys", json={"name": "doc", "scopes": ["orders"]}, **a)
     prefix = made.get_json()["prefix"]
     call("POST", "/admin/api/keys", json={"name": ""}, **a)

@@ -25,6 +25,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
+from hub import providers
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
 from hub.services import alerts as alert_store
@@ -86,6 +87,7 @@ secret_cli = Commands("secret", help="Add or remove a route's signing secrets (r
 routes_cli.add_command(secret_cli)
 db_cli = Commands("db", help="Database schema.")
 connectors_cli = Commands("connectors", help="The connectors this hub has loaded.")
+providers_cli = Commands("providers", help="The signature providers routes may verify with.")
 events_cli = Commands("events", help="List, show, replay and purge stored events.")
 
 
@@ -276,7 +278,12 @@ def _seconds_list(_ctx, param: click.Parameter, value: str | None) -> list[int] 
     type=click.Choice(route_store.AUTH_MODES),
     help="What a sender must show [default: signature with --verify, else key].",
 )
-@click.option("--verify", "scheme", help="Signature scheme: " + ", ".join(SCHEMES) + ".")
+@click.option(
+    "--verify",
+    "scheme",
+    help="Signature provider: " + ", ".join(SCHEMES) + ", or any other loaded one "
+    "(`providers list`).",
+)
 @click.option("--secret", "secrets", multiple=True, help="A signing secret (repeat to rotate).")
 @click.option(
     "--secret-env", "secrets_env", multiple=True, help="Read a signing secret from this variable."
@@ -631,6 +638,35 @@ def _unreadable(name: str) -> str:
     return (
         f"route {name!r}: its stored secrets do not decrypt with this HUB_SECRET_KEY "
         "(was it changed?); set them again with `routes apply` or `routes add --replace`"
+    )
+
+
+# --- providers ---
+
+
+@providers_cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, every field of each.")
+def providers_list(as_json: bool) -> None:
+    """Each provider: its headers, what its secret is, its dedup id and challenge."""
+    shown = [providers.describe(p) for p in providers.registry()]
+    if as_json:
+        click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+        return
+    click.echo(
+        table(
+            ["NAME", "TITLE", "SIGNATURE HEADERS", "SECRET", "DEDUP ID", "CHALLENGE"],
+            [
+                [
+                    p["name"],
+                    p["title"],
+                    ", ".join(p["signature_headers"]) or "(the route's header option)",
+                    p["secret"],
+                    ", ".join(p["id_headers"]) or "-",
+                    p["challenge"] or "-",
+                ]
+                for p in shown
+            ],
+        )
     )
 
 
@@ -1218,6 +1254,7 @@ COMMANDS = (
     routes_cli,
     db_cli,
     connectors_cli,
+    providers_cli,
     events_cli,
     alerts_cli,
     init_command,

@@ -28,7 +28,7 @@ from flask import (
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub import signatures
+from hub import providers
 from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts, inspector
 from hub.dashboard import session as dash
@@ -863,7 +863,7 @@ def route_form(route=None):
         errors=errors_by_field(errors),
         all_errors=errors,
         connectors=[(cls, config_fields(cls)) for cls in registry],
-        schemes=signatures.SCHEMES,
+        providers=list(providers.registry()),
         auth_modes=route_store.AUTH_MODES,
     )
 

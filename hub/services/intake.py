@@ -31,7 +31,7 @@ from sqlalchemy import Connection, and_, delete, insert, or_, select, text, upda
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import Headers
 
-from hub import rates, signatures
+from hub import providers, rates, signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
 from hub.services import breaker, delivery, keys, ordering, pipeline, ratelimit
@@ -60,9 +60,6 @@ log = logging.getLogger("hub.ingest")
 KEY_FIRST = ("key", "key+signature")
 # Name of the entry that says a refused or accepted request's headers were cut.
 HEADERS_CUT = redact.HEADERS_CUT
-# The id a signature covers, by scheme: on such routes it names the delivery before any
-# unsigned header can (a captured request replayed under a new Idempotency-Key stays a copy).
-SIGNED_ID_HEADERS = {"standard-webhooks": "webhook-id"}
 # Seconds a sender is told to wait while the first copy of its delivery is still running.
 IN_PROGRESS_RETRY_AFTER = 2
 # Seconds a sender is told to wait when its sync route already runs its most requests.
@@ -131,6 +128,9 @@ class Incoming:
     method: str
     route_name: str
     path: str
+    # The URL as the sender called it (scheme and host as the trusted proxies said): some
+    # providers sign it (Twilio, HubSpot).
+    url: str = ""
     headers: Headers | Mapping[str, str] | Iterable[tuple[str, str]] = ()
     args: Mapping[str, str] = field(default_factory=dict)
     query_string: str = ""
@@ -397,6 +397,8 @@ def check_signature(rx: Reception, route: Route, body: bytes) -> None:
             headers=rx.incoming.headers,
             secrets=secrets,
             options=route.verify_options,
+            method=rx.incoming.method,
+            url=rx.incoming.url,
         )
     except signatures.SignatureError as exc:
         raise Rejected(401, exc.code, "Invalid signature", detail=exc.reason) from None
@@ -684,8 +686,9 @@ def count_refusal(session: Session, rx: Reception, rejection: Rejected) -> None:
         log.warning("refusal limit %s reached by an address (event %s)", rate, event.id)
 
 
-# Headers senders use to name a delivery; a retry of the same delivery repeats them.
-DEDUP_HEADERS = ("Idempotency-Key", "webhook-id", "X-GitHub-Delivery", "X-Shopify-Webhook-Id")
+# The header any sender may use to name a delivery; a retry of the same delivery repeats it.
+# Beside it, every loaded provider's declared delivery-id headers (providers.id_headers).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 class Duplicate(Exception):
@@ -697,15 +700,20 @@ class Duplicate(Exception):
 def dedup_key(headers: Headers, route: Route, payload: Any, signed: bool) -> str | None:
     """The sender's name for this delivery: a known header, or the route's JSON path.
 
-    When a signature was verified, what it covers comes first (the scheme's signed id
-    header, then the body's path): an unsigned header can't rename a captured request.
+    When a signature was verified, what it covers comes first (the id header its provider
+    signs, then the body's path): an unsigned header can't rename a captured request. Then
+    Idempotency-Key, the route's provider's delivery-id headers, and any provider's.
     """
     if not route.dedup_window:
         return None
+    provider = providers.get(route.verify_scheme) if route.verify_scheme else None
     sources: list[str | None] = []  # a header name, or None for the body's path
-    if signed:
-        sources += [SIGNED_ID_HEADERS.get(route.verify_scheme or ""), None]
-    sources += [*DEDUP_HEADERS, None]
+    if signed and provider is not None:
+        sources += [*provider.signed_id_headers, None]
+    sources.append(IDEMPOTENCY_HEADER)
+    if provider is not None:
+        sources += provider.id_headers
+    sources += [*providers.registry().id_headers(), None]
     for header in sources:
         value = header_id(headers, header) if header else path_id(route, payload)
         if value:
@@ -1064,31 +1072,26 @@ def enqueue(accepted: Accepted) -> None:
     delivery.wake(current_app, soon=True)
 
 
-def slack_challenge(accepted: Accepted) -> str | None:
-    """Slack's Events API proves a Request URL with a signed ``url_verification`` request
-    whose ``challenge`` must come straight back; it is not an event for the pipeline."""
-    payload = accepted.payload
-    if (
-        accepted.route.verify_scheme == "slack"
-        and isinstance(payload, dict)
-        and payload.get("type") == "url_verification"
-        and isinstance(payload.get("challenge"), str)
-    ):
-        return payload["challenge"]
-    return None
+def challenge_answer(accepted: Accepted) -> dict[str, Any] | None:
+    """What the route's provider's handshake asks to hear back (Slack's
+    ``url_verification`` challenge), or None: a signed request that proves the URL is not
+    an event for the pipeline. The kind is the provider's declared ``challenge``."""
+    route = accepted.route
+    provider = providers.get(route.verify_scheme) if route.verify_scheme else None
+    return providers.answer_challenge(provider, accepted.payload)
 
 
-def answer_challenge(accepted: Accepted) -> dict[str, str] | None:
-    """The answer to Slack's ``url_verification`` (its event ended delivered), or None for
-    an event to run."""
-    challenge = slack_challenge(accepted)
-    if challenge is None:
+def answer_challenge(accepted: Accepted) -> dict[str, Any] | None:
+    """The answer to the provider's handshake (its event ended delivered), or None for an
+    event to run."""
+    answer = challenge_answer(accepted)
+    if answer is None:
         return None
-    finish(accepted.event, pipeline.Outcome(pipeline.DELIVERED, result={"challenge": challenge}))
+    finish(accepted.event, pipeline.Outcome(pipeline.DELIVERED, result=answer))
     accepted.event.response_status = 200
     get_session().commit()
     metrics.event_ended(accepted.route.name, EventStatus.DELIVERED)
-    return {"challenge": challenge}
+    return answer
 
 
 def refuse_accepted(accepted: Accepted, status: int, message: str, code: str) -> Answer:

@@ -38,7 +38,7 @@ from pydantic import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub import rates, signatures
+from hub import providers, rates, signatures
 from hub.connectors import (
     Registry,
     StepConfigError,
@@ -399,7 +399,7 @@ def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
     try:
         verify.options = signatures.validate_options(verify.scheme, verify.options)
     except ValueError as exc:
-        where = "verify.scheme" if verify.scheme not in signatures.SCHEMES else "verify.options"
+        where = "verify.scheme" if providers.get(verify.scheme) is None else "verify.options"
         errors.append(f"{where}: {exc}")
         return errors
     resolved: list[str] = []

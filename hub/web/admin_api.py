@@ -17,6 +17,7 @@ from flask import Blueprint, current_app, g
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from hub import providers
 from hub.services import alerts as alert_store
 from hub.services import delivery, ordering, paging
 from hub.services import destinations as destination_store
@@ -512,6 +513,23 @@ def remove_secret(name: str, which: str):
     registry = current_app.extensions["hub.connectors"]
     count = rotate(lambda s: route_store.remove_secret(s, name, which, registry, get_box()))
     return m.SecretsOut(route=name, secrets=count)
+
+
+# --- providers ---
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/providers",
+    summary="Every loaded signature provider: its headers, secret, dedup id and challenge",
+    tag="providers",
+    responses={200: ("The providers", m.ProviderList)},
+)
+def list_providers():
+    return m.ProviderList(
+        providers=[m.ProviderOut(**providers.describe(p)) for p in providers.registry()]
+    )
 
 
 # --- connectors ---

@@ -433,6 +433,24 @@ class ConnectorList(BaseModel):
     connectors: list[ConnectorOut]
 
 
+class ProviderOut(BaseModel):
+    name: str = Field(description="What a route's verify.scheme names")
+    title: str
+    docs_url: str = Field(description="The provider's page on verifying its webhooks")
+    setup: str = Field(description="What to paste where in the provider's settings")
+    signature_headers: list[str] = Field(description="Where the signature is, tried in order")
+    secret: str = Field(description="What the route's secret is")
+    id_headers: list[str] = Field(description="The delivery id a duplicate is known by")
+    timestamp: str | None = Field(description="Where the signed time is; null: none")
+    tolerance: int | None = Field(description="Seconds the signed time may be from now")
+    challenge: str | None = Field(description="The handshake the hub answers; null: none")
+    options: list[str] = Field(description="What a route's verify.options may set")
+
+
+class ProviderList(BaseModel):
+    providers: list[ProviderOut]
+
+
 # --- admin: events ---
 
 

@@ -1,0 +1,572 @@
+"""Providers: how each webhook sender signs its requests, declared as data.
+
+A provider is a ``Provider`` value: where the signature is (headers), what it covers (the
+signed content, a small template), how it is made (algorithm, encoding, prefix, how several
+signatures share one header), the timestamp rule, the delivery-id headers, the secret's form,
+a challenge handshake and what to redact. One interpreter (``hub.signatures``) verifies any
+declaration; code is needed only where a declaration cannot say it (asymmetric keys, JWT),
+and then a provider names a ``KeyVerifier`` beside or instead of its HMAC.
+
+Built-in providers (``hub.provider_catalog``) and third-party ones load through one path:
+the entry point group ``hub.providers``, each entry naming a ``Provider`` (or a module of
+them). A name already taken is refused with a log line, never a crash. The set is the same
+for every app of a process (it is what is installed), so it is loaded once and kept here.
+
+Kit level, like ``hub.signatures``: pydantic and the standard library only; no Flask, no
+database. Nothing a sender sends can choose a provider, an algorithm or a rule: the route's
+saved scheme picks the declaration, the declaration fixes the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import string
+from collections.abc import Callable, Iterable, Iterator
+from functools import cache, cached_property
+from importlib.metadata import entry_points
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ENTRY_POINT_GROUP = "hub.providers"
+DEFAULT_TOLERANCE = 300  # seconds
+#: Longest tolerance accepted: beyond a day the timestamp no longer guards against replays.
+MAX_TOLERANCE = 86400
+ALGORITHMS = ("sha1", "sha256", "sha512")
+ENCODINGS = ("hex", "base64")
+#: What a route's options may set on a configurable provider (the generic ``hmac``).
+CONFIGURABLE = ("header", "algorithm", "encoding", "prefix")
+#: The parts a signed-content template may name. ``{header:Name}`` is any request header.
+TEMPLATE_FIELDS = ("body", "timestamp", "id", "url", "method", "form", "header")
+WHSEC_PREFIX = "whsec_"
+
+#: Built-in providers, loaded through the same path as third-party entry points.
+BUILTIN_PROVIDERS = {
+    name: f"hub.provider_catalog:{attr}"
+    for name, attr in (
+        ("standard-webhooks", "STANDARD_WEBHOOKS"),
+        ("github", "GITHUB"),
+        ("stripe", "STRIPE"),
+        ("slack", "SLACK"),
+        ("shopify", "SHOPIFY"),
+        ("hmac", "HMAC"),
+    )
+}
+
+#: RFC 9110 token characters, the only ones allowed in a header name.
+HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+# Route rows keep the scheme in a String(32).
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _header_name(value: str) -> str:
+    value = value.strip()
+    if not value or not set(value) <= HEADER_NAME_CHARS:
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value
+
+
+class KeyVerifier:
+    """Code for what a declaration cannot say: signatures checked with public keys.
+
+    A provider names one (``code.verifier``, an import path) and the secrets that are its
+    keys (``code.secret_prefix``, such as ``whpk_``). ``check_secret`` refuses a key that can
+    never verify (when a route is saved); ``verify`` is given the signed content the
+    declaration built, the signatures of ``code.versions`` (decoded by ``code.encoding``) and
+    the route's keys of this kind, and says whether any key verifies any signature.
+
+    Keys come from the route's secrets today; a key set fetched from a JWKS URL is meant to
+    arrive through ``keys`` (one place to resolve a secret into key material), so
+    ``verify`` need not change when it does.
+    """
+
+    def check_secret(self, secret: str) -> None:  # pragma: no cover - contract
+        raise NotImplementedError
+
+    def keys(self, secrets: list[str]) -> list[Any]:
+        """Key material for ``secrets``; an unusable secret is skipped (it signed nothing)."""
+        return list(secrets)
+
+    def verify(self, content: bytes, signatures: list[bytes], keys: list[Any]) -> bool:
+        raise NotImplementedError  # pragma: no cover - contract
+
+
+class Timestamp(BaseModel):
+    """Where the sender puts the time it signed, and how far from now it may be."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    header: str | None = Field(
+        None, description="A header of its own, e.g. X-Slack-Request-Timestamp."
+    )
+    signature_key: str | None = Field(
+        None, description="A key of the signature header's list, e.g. Stripe's t."
+    )
+    body_field: str | None = Field(
+        None, description="A top-level field of the JSON body, e.g. Linear's webhookTimestamp."
+    )
+    unit: Literal["s", "ms"] = "s"
+    tolerance: int = Field(DEFAULT_TOLERANCE, ge=1, le=MAX_TOLERANCE)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Timestamp:
+        given = [x for x in (self.header, self.signature_key, self.body_field) if x]
+        if len(given) != 1:
+            raise ValueError(
+                "a timestamp has exactly one source: header, signature_key or body_field"
+            )
+        if self.header:
+            _header_name(self.header)
+        return self
+
+
+class SignatureList(BaseModel):
+    """Several signatures in one header: ``t=..,v1=..,v1=..`` (separator ``,``, pair ``=``)
+    or Standard Webhooks' ``v1,sig v1a,sig`` (separator space, pair ``,``). Only the listed
+    ``versions`` are signatures; any other label is ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    separator: str = Field(",", min_length=1, max_length=1)
+    pair: str = Field("=", min_length=1, max_length=1)
+    versions: tuple[str, ...] = Field(("v1",), min_length=1)
+
+
+class CodeRule(BaseModel):
+    """A signature checked by code (``KeyVerifier``) instead of, or beside, the HMAC."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    verifier: str = Field(description="Import path of a KeyVerifier, module:attribute.")
+    secret_prefix: str = Field(
+        "", description="Secrets starting with this are its keys (all secrets when empty)."
+    )
+    versions: tuple[str, ...] = Field((), description="Labels of its signatures in a list.")
+    encoding: Literal["hex", "base64"] = "base64"
+    secret_text: str = Field(description="What its key is, for the docs' table.")
+
+
+class Provider(BaseModel):
+    """One sender's signature scheme, as data. See docs/providers.md."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="What a route's verify.scheme says: lower case, digits, -.")
+    title: str
+    docs_url: str = Field(description="The provider's own page on verifying its webhooks.")
+    setup: str = Field(description="What to paste where in the provider's settings.")
+    signature_headers: tuple[str, ...] = Field(
+        min_length=1, description="Where the signature is, tried in order."
+    )
+    signed_content: str = Field(
+        "{body}",
+        description="What is signed: literal text and {body} {timestamp} {id} {url} {method} "
+        "{form} {header:Name}.",
+    )
+    algorithm: Literal["sha1", "sha256", "sha512"] | None = Field(
+        "sha256", description="The HMAC's hash; None for a provider verified by code alone."
+    )
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = Field("", description="Text before a lone signature, e.g. sha256=.")
+    signature_list: SignatureList | None = None
+    timestamp: Timestamp | None = None
+    id_headers: tuple[str, ...] = Field((), description="The delivery id, for deduplication.")
+    secret: Literal["plain", "whsec"] = Field(
+        "plain", description="plain: the bytes of the string; whsec: base64 after whsec_."
+    )
+    secret_text: str = Field("the signing secret, as shown", description="For the docs' table.")
+    challenge: str | None = Field(None, description="A handshake kind of CHALLENGES.")
+    redact: tuple[str, ...] = Field(
+        (), description="Headers redacted in what is stored, beside the signature headers."
+    )
+    code: CodeRule | None = None
+    options: tuple[Literal["header", "algorithm", "encoding", "prefix"], ...] = Field(
+        (), description="What a route's verify.options may set (the generic hmac)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("a provider's name is 1-32 lower-case letters, digits or '-'")
+        return value
+
+    @field_validator("signature_headers", "id_headers", "redact")
+    @classmethod
+    def _headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_header_name(v) for v in value)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Provider:
+        fields = template_fields(self.signed_content)
+        if "timestamp" in fields and self.timestamp is None:
+            raise ValueError("signed_content names {timestamp} but the provider has no timestamp")
+        if "id" in fields and not self.id_headers:
+            raise ValueError("signed_content names {id} but the provider has no id_headers")
+        if self.algorithm is None and self.code is None:
+            raise ValueError("a provider without an HMAC algorithm needs code (a KeyVerifier)")
+        if self.timestamp and self.timestamp.signature_key and self.signature_list is None:
+            raise ValueError("timestamp.signature_key needs a signature_list to find it in")
+        if self.challenge is not None and self.challenge not in CHALLENGES:
+            raise ValueError(
+                f"unknown challenge {self.challenge!r}; known: {', '.join(sorted(CHALLENGES))}"
+            )
+        return self
+
+    # ---- what the faces and the intake read
+
+    @property
+    def redacted(self) -> frozenset[str]:
+        """Lower-cased names of the headers never stored or logged in the clear."""
+        return frozenset(h.lower() for h in (*self.signature_headers, *self.redact))
+
+    @cached_property
+    def signs_id(self) -> bool:
+        """Whether the signature covers the delivery id ({id} in the signed content)."""
+        return "id" in template_fields(self.signed_content)
+
+    @property
+    def signed_id_headers(self) -> tuple[str, ...]:
+        """The id headers the signature covers: they name a delivery before any other."""
+        return self.id_headers if self.signs_id else ()
+
+    @property
+    def secret_description(self) -> str:
+        text = self.secret_text
+        if self.code is not None:
+            text = (
+                f"{text}; or {self.code.secret_text}" if self.algorithm else self.code.secret_text
+            )
+        return text
+
+
+def template_fields(template: str) -> frozenset[str]:
+    """The parts a signed-content template names; ValueError for an unknown one."""
+    return _parse_template(template)[1]
+
+
+@cache
+def _parse_template(template: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
+    parts: list[tuple[str, str]] = []
+    names: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"signed_content {template!r} does not parse: {exc}") from None
+    for literal, field, spec, conversion in parsed:
+        if literal:
+            parts.append(("", literal))
+        if field is None:
+            continue
+        if conversion or (spec and field != "header") or field not in TEMPLATE_FIELDS:
+            raise ValueError(
+                f"signed_content names {{{field}}}; known: "
+                + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS[:-1])
+                + " {header:Name}"
+            )
+        if field == "header":
+            parts.append(("header", _header_name(spec or "")))
+        else:
+            parts.append((field, ""))
+        names.add(field)
+    return tuple(parts), frozenset(names)
+
+
+def compiled_template(template: str) -> tuple[tuple[str, str], ...]:
+    """The template as (part, argument) pairs; a literal is ("", text)."""
+    return _parse_template(template)[0]
+
+
+# --------------------------------------------------------------------------- challenges
+
+
+def _slack_url_verification(payload: Any) -> dict[str, str] | None:
+    if (
+        isinstance(payload, dict)
+        and payload.get("type") == "url_verification"
+        and isinstance(payload.get("challenge"), str)
+    ):
+        return {"challenge": payload["challenge"]}
+    return None
+
+
+#: Handshakes by kind: a signed request that proves the URL, answered with what the
+#: function returns (the JSON body), never run as an event. None: an ordinary event.
+CHALLENGES: dict[str, Any] = {
+    "slack-url-verification": _slack_url_verification,
+}
+CHALLENGE_TEXT = {
+    "slack-url-verification": "url_verification: its challenge is answered",
+}
+
+
+def answer_challenge(provider: Provider | None, payload: Any) -> dict[str, Any] | None:
+    """The answer to the provider's handshake if ``payload`` is one, else None."""
+    if provider is None or provider.challenge is None:
+        return None
+    return CHALLENGES[provider.challenge](payload)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+class ProviderRegistry:
+    """The providers known to this process, by name, in the order they loaded."""
+
+    def __init__(self) -> None:
+        self._providers: dict[str, Provider] = {}
+        self._sources: dict[str, str] = {}
+        self._configured: dict[tuple[str, tuple], Provider] = {}
+
+    def register(self, provider: Provider, source: str = "code") -> bool:
+        """Add ``provider``; False (and nothing changes) if its name is taken."""
+        if not isinstance(provider, Provider):
+            raise TypeError(f"{provider!r} is not a Provider")
+        if provider.name in self._providers:
+            return False
+        self._providers[provider.name] = provider
+        self._sources[provider.name] = source
+        return True
+
+    def source(self, name: str) -> str:
+        return self._sources[name]
+
+    def get(self, name: str) -> Provider | None:
+        return self._providers.get(name)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._providers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._providers
+
+    def __iter__(self) -> Iterator[Provider]:
+        return iter(tuple(self._providers.values()))
+
+    def id_headers(self) -> tuple[str, ...]:
+        """Every provider's delivery-id headers, once each, in load order: a key route that
+        relays a provider's webhooks still dedups by its id."""
+        seen: dict[str, None] = {}
+        for provider in self._providers.values():
+            for header in provider.id_headers:
+                seen.setdefault(header, None)
+        return tuple(seen)
+
+    def configured(
+        self, name: str, options: dict[str, Any], validated: Callable[[], dict[str, Any]]
+    ) -> Provider:
+        """The provider with a route's options applied, kept per options as saved, so a
+        request pays for a dict lookup; ``validated()`` (ValueError for bad options) runs
+        once per distinct options."""
+        try:
+            key: tuple | None = (name, tuple(sorted(options.items())))
+            hash(key)
+        except TypeError:  # unhashable values: not options any provider takes
+            key = None
+        found = self._configured.get(key) if key is not None else None
+        if found is None:
+            found = apply_options(self._providers[name], validated())
+            if key is not None and len(self._configured) < 4096:
+                self._configured[key] = found
+        return found
+
+
+def apply_options(provider: Provider, options: dict[str, Any]) -> Provider:
+    update: dict[str, Any] = {}
+    if "header" in options:
+        update["signature_headers"] = (options["header"],)
+    for field in ("algorithm", "encoding", "prefix"):
+        if field in options:
+            update[field] = options[field]
+    if "tolerance" in options and provider.timestamp is not None:
+        update["timestamp"] = provider.timestamp.model_copy(
+            update={"tolerance": options["tolerance"]}
+        )
+    return provider.model_copy(update=update) if update else provider
+
+
+def _load_object(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def _declared(obj: Any) -> list[Provider]:
+    if isinstance(obj, Provider):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [p for p in obj if isinstance(p, Provider)]
+    return [v for v in vars(obj).values() if isinstance(v, Provider)]
+
+
+def load_providers(
+    logger: logging.Logger | None = None, *, plugins: bool = True
+) -> ProviderRegistry:
+    """A registry of the built-ins and the ``hub.providers`` entry points.
+
+    A provider that fails to import or to validate is logged and skipped; one whose name is
+    taken (a built-in's, or an earlier package's) is refused with a sentence saying by whom.
+    """
+    log = logger or logging.getLogger("hub.providers")
+    sources: list[tuple[str, str]] = list(BUILTIN_PROVIDERS.items())
+    if plugins:
+        sources += [(ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    registry = ProviderRegistry()
+    for name, spec in sources:
+        try:
+            declared = _declared(_load_object(spec))
+        except Exception as exc:  # a broken plugin is reported, not fatal
+            log.error("provider %s (%s) failed to load: %s", name, spec, exc)
+            continue
+        if not declared:
+            log.error("provider %s (%s) declares no Provider", name, spec)
+        for provider in declared:
+            if provider.code is not None and not _verifier_loads(provider.code.verifier):
+                log.error(
+                    "provider %r (%s) is not loaded: its verifier %s is not a KeyVerifier "
+                    "that imports",
+                    provider.name,
+                    spec,
+                    provider.code.verifier,
+                )
+                continue
+            if not registry.register(provider, spec):
+                log.error(
+                    "provider %r from %s is not loaded: the name is taken by %s",
+                    provider.name,
+                    spec,
+                    registry.source(provider.name),
+                )
+    return registry
+
+
+def _verifier_loads(spec: str) -> bool:
+    try:
+        obj = _load_object(spec)
+    except Exception:
+        return False
+    return isinstance(obj, KeyVerifier) or (isinstance(obj, type) and issubclass(obj, KeyVerifier))
+
+
+@cache
+def registry() -> ProviderRegistry:
+    """The providers of this process, loaded once (``reload`` after installing one)."""
+    return load_providers()
+
+
+def reload() -> ProviderRegistry:
+    registry.cache_clear()
+    return registry()
+
+
+def get(name: str) -> Provider | None:
+    return registry().get(name)
+
+
+# --------------------------------------------------------------------------- what faces show
+
+
+def describe(provider: Provider) -> dict[str, Any]:
+    """A provider as the CLI, the admin API and the docs show it (one shape for all)."""
+    rule = provider.timestamp
+    where = None
+    if rule is not None:
+        where = rule.header or (rule.signature_key and f"{rule.signature_key}= in the signature")
+        where = where or f"body field {rule.body_field}"
+    return {
+        "name": provider.name,
+        "title": provider.title,
+        "docs_url": provider.docs_url,
+        "setup": provider.setup,
+        # The generic hmac's header is the route's own option.
+        "signature_headers": []
+        if "header" in provider.options
+        else list(provider.signature_headers),
+        "secret": provider.secret_description,
+        "id_headers": list(provider.id_headers),
+        "timestamp": where,
+        "tolerance": rule.tolerance if rule is not None else None,
+        "challenge": provider.challenge,
+        "options": [*provider.options, *(["tolerance"] if rule is not None else [])],
+    }
+
+
+# --------------------------------------------------------------------------- the docs table
+
+README_START = "<!-- providers table: generated by `python -m hub.providers --readme` -->"
+README_END = "<!-- end of providers table -->"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(providers: Iterable[Provider]) -> str:
+    """The Markdown table of docs/providers.md, one row per provider."""
+    rows = [
+        "| provider | what to paste where | signature header(s) | secret | dedup id | challenge |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in providers:
+        headers = ", ".join(f"`{h}`" for h in p.signature_headers)
+        if p.options:
+            headers = "the route's `header` option"
+        rows.append(
+            "| "
+            + " | ".join(
+                _cell(x)
+                for x in (
+                    f"[`{p.name}`]({p.docs_url}) {p.title}",
+                    p.setup,
+                    headers,
+                    p.secret_description,
+                    ", ".join(f"`{h}`" for h in p.id_headers) or "none (use `dedup_path`)",
+                    CHALLENGE_TEXT.get(p.challenge or "", "none"),
+                )
+            )
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def readme_section(providers: Iterable[Provider]) -> str:
+    return f"{README_START}\n\n{table(providers)}\n\n{README_END}"
+
+
+def write_readme(path: str, providers: Iterable[Provider]) -> bool:
+    """Replace the table between the markers of ``path``; True when the file changed."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: the providers table markers are missing")
+    new = text[:start] + readme_section(providers) + text[end + len(README_END) :]
+    if new == text:
+        return False
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(new)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hub.providers")
+    parser.add_argument("--readme", metavar="PATH", help="rewrite the providers table in PATH")
+    args = parser.parse_args(argv)
+    if args.readme:  # the built-ins only: the docs do not depend on what is installed
+        changed = write_readme(args.readme, load_providers(plugins=False))
+        print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
+    else:
+        print(table(registry()))
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script this file is __main__, a second copy whose Provider class is not the
+    # catalog's: the real module does the work.
+    from hub.providers import main as _main
+
+    raise SystemExit(_main())
