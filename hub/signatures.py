@@ -135,6 +135,8 @@ def validate_options(scheme: str, options: dict | None) -> dict:
         result["url"] = _public_url(options["url"])
     if "verify_token" in options:
         token = options["verify_token"]
+        if isinstance(token, int) and not isinstance(token, bool):
+            token = str(token)  # `--verify-option verify_token=12345` reads a number
         if not isinstance(token, str) or not token.strip() or len(token) > 200:
             raise ValueError(
                 "Option 'verify_token' must be the Verify Token typed into Meta's webhook "

@@ -755,3 +755,16 @@ def test_a_key_set_cannot_switch_the_algorithm():
     verifier = signatures.key_verifier("hub.signatures:ED25519_V1A")
     secret = base64.urlsafe_b64encode(b"k" * 32).decode().rstrip("=")
     assert verifier.jwk_keys([{"kty": "oct", "k": secret}, {"kty": "EC", "crv": "P-256"}]) == []
+
+
+def test_a_ping_that_came_with_a_key_instead_of_a_signature_is_no_handshake(
+    client, db, add_route, make_key
+):
+    """On a route that takes a key or a signature, a PING with only a key is an event: a
+    handshake is answered only once its signature verified."""
+    route_for(add_route, "discord", auth="key|signature")
+    response = client.post(
+        "/hooks/in", data=b'{"type": 1}', headers={**JSON, "X-API-Key": make_key()}
+    )
+    assert response.status_code == 200
+    assert response.json != {"type": 1} and response.json["status"] == "delivered"
