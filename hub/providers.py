@@ -23,7 +23,7 @@ import importlib
 import logging
 import re
 import string
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache, cached_property
 from importlib.metadata import entry_points
 from typing import Any, Literal
@@ -354,14 +354,21 @@ class ProviderRegistry:
                 seen.setdefault(header, None)
         return tuple(seen)
 
-    def configured(self, name: str, options: dict[str, Any]) -> Provider:
-        """The provider with a route's (already validated) options applied, kept per options
-        so a request pays for a dict lookup, not a model copy."""
-        key = (name, tuple(sorted(options.items())))
-        found = self._configured.get(key)
+    def configured(
+        self, name: str, options: dict[str, Any], validated: Callable[[], dict[str, Any]]
+    ) -> Provider:
+        """The provider with a route's options applied, kept per options as saved, so a
+        request pays for a dict lookup; ``validated()`` (ValueError for bad options) runs
+        once per distinct options."""
+        try:
+            key: tuple | None = (name, tuple(sorted(options.items())))
+            hash(key)
+        except TypeError:  # unhashable values: not options any provider takes
+            key = None
+        found = self._configured.get(key) if key is not None else None
         if found is None:
-            found = apply_options(self._providers[name], options)
-            if len(self._configured) < 4096:
+            found = apply_options(self._providers[name], validated())
+            if key is not None and len(self._configured) < 4096:
                 self._configured[key] = found
         return found
 

@@ -239,13 +239,16 @@ def signature_headers(scheme: str, options: dict | None = None) -> set[str]:
 
 
 def configured(scheme: str, options: dict | None) -> Provider:
-    """The route's declaration with its options applied (validated, cached per options)."""
-    provider = provider_of(scheme)
-    if not options and not provider.options:
-        if provider.timestamp is None:
-            return provider
-        return providers.registry().configured(scheme, {"tolerance": provider.timestamp.tolerance})
-    return providers.registry().configured(scheme, validate_options(scheme, options))
+    """The route's declaration with its options applied: validated once per distinct
+    options, then a dict lookup (a request pays no model copy and no validation)."""
+    registry = providers.registry()
+    provider = registry.get(scheme) if isinstance(scheme, str) else None
+    if provider is None:
+        provider_of(scheme)  # raises the sentence naming the known schemes
+    assert provider is not None
+    if not options and not provider.options and provider.timestamp is None:
+        return provider
+    return registry.configured(scheme, options or {}, lambda: validate_options(scheme, options))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -264,6 +267,10 @@ def _header(headers: Any, name: str) -> str:
             break
     if value is None:
         raise SignatureError(f"missing header {name}")
+    if type(value) is str:
+        value = value.strip()
+        if value:
+            return value
     return _usable(value, name)
 
 
@@ -318,8 +325,7 @@ def _check_window(ts: float, now: float | None, tolerance: int) -> None:
 
 
 def _mac(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
-    # hmac.digest is OpenSSL's one-shot HMAC: a third of the cost of hmac.new(...).digest().
-    return hmac.digest(key, message, algorithm)
+    return hmac.new(key, message, HMAC_ALGORITHMS[algorithm]).digest()
 
 
 def _b64decode(value: str) -> bytes | None:
@@ -382,14 +388,26 @@ def verify(
         if not isinstance(body, bytearray | memoryview):
             raise TypeError("body must be the raw request bytes")
         body = bytes(body)
-    provider = configured(scheme, options)
-    check(provider, SignedRequest(body, headers, method, url), secrets, now=now)
+    _check(configured(scheme, options), body, headers, method, url, secrets, now)
 
 
 def check(
     provider: Provider, request: SignedRequest, secrets: list[str], *, now: float | None = None
 ) -> None:
-    """The interpreter: verify ``request`` against any declaration.
+    """The interpreter: verify ``request`` against any declaration (see ``_check``)."""
+    _check(provider, request.body, request.headers, request.method, request.url, secrets, now)
+
+
+def _check(
+    provider: Provider,
+    body: bytes,
+    headers: Any,
+    method: str,
+    url: str,
+    secrets: list[str],
+    now: float | None,
+) -> None:
+    """The interpreter, its request as parts (a request costs no object of its own).
 
     In order: the headers it needs are present, its signatures parse, the timestamp is in
     the window (only where the provider has one), then each secret's signature is computed
@@ -397,8 +415,11 @@ def check(
     """
     if isinstance(secrets, (str, bytes)):  # noqa: UP038 - the tuple form is the faster
         raise TypeError("secrets must be a list of strings, not a single string")
-    headers = request.headers
-    sig_name, sig_value = _first_header(headers, provider.signature_headers)
+    names = provider.signature_headers
+    if len(names) == 1:
+        sig_name, sig_value = names[0], _header(headers, names[0])
+    else:
+        sig_name, sig_value = _first_header(headers, names)
     rule = provider.timestamp
     ts_raw = _header(headers, rule.header) if rule is not None and rule.header else None
     id_value = _first_header(headers, provider.id_headers)[1] if provider.signs_id else None
@@ -408,34 +429,48 @@ def check(
         kinds = {_is_code_secret(provider, s) for s in secrets if isinstance(s, str)}
         code_wanted = True in kinds
         hmac_wanted = provider.algorithm is not None and (not secrets or False in kinds)
-    sent_hmac, sent_code, listed_ts = _signatures(
-        provider, sig_name, sig_value, hmac_wanted, code_wanted
-    )
+    if provider.signature_list is None and not code_wanted:  # one HMAC signature
+        sent_hmac, sent_code, listed_ts = [_lone_signature(provider, sig_name, sig_value)], [], ()
+    else:
+        sent_hmac, sent_code, listed_ts = _signatures(
+            provider, sig_name, sig_value, hmac_wanted, code_wanted
+        )
     if rule is not None:
         if rule.signature_key:
             if len(listed_ts) != 1:
                 raise SignatureError(f"malformed {sig_name} header")
             ts_raw = listed_ts[0]
         elif rule.body_field:
-            ts_raw = _body_timestamp(request.body, rule.body_field)
+            ts_raw = _body_timestamp(body, rule.body_field)
         assert ts_raw is not None
         ts = _parse_timestamp(ts_raw)
         _check_window(ts / 1000 if rule.unit == "ms" else ts, now, rule.tolerance)
     if not secrets:
         raise SignatureError("no secret configured")
-    content = _content(provider, request, ts_raw, id_value)
+    content = (
+        body
+        if provider.signed_content == "{body}"
+        else _content(provider, body, headers, method, url, ts_raw, id_value)
+    )
     matched = False
     usable = False
     if hmac_wanted:
-        keys = []
         code = provider.code
-        for secret in secrets:
-            if code is not None and isinstance(secret, str) and _is_code_secret(provider, secret):
-                continue
-            try:
-                keys.append(_hmac_key(provider, secret))
-            except (ValueError, TypeError, AttributeError):
-                continue  # an unusable secret cannot have signed anything
+        if code is None and provider.secret == "plain":  # the common case, in one pass
+            keys = [secret.encode() for secret in secrets if type(secret) is str and secret]
+        else:
+            keys = []
+            for secret in secrets:
+                if (
+                    code is not None
+                    and isinstance(secret, str)
+                    and _is_code_secret(provider, secret)
+                ):
+                    continue
+                try:
+                    keys.append(_hmac_key(provider, secret))
+                except (ValueError, TypeError, AttributeError):
+                    continue  # an unusable secret cannot have signed anything
         if keys:
             usable = True
             algorithm = provider.algorithm or "sha256"
@@ -463,28 +498,13 @@ def _signatures(
     listed beside them (Stripe's ``t=``)."""
     listing = provider.signature_list
     code = provider.code
-    configured_hint = bool(provider.options)  # the generic hmac: the admin set the prefix
     if listing is None:
-        if provider.prefix:
-            if value[: len(provider.prefix)].lower() != provider.prefix.lower():
-                if configured_hint:
-                    raise SignatureError(f"header {name} lacks the configured prefix")
-                raise SignatureError(f"malformed {name} header")
-            value = value[len(provider.prefix) :].strip()
-            if not value:
-                if configured_hint:
-                    raise SignatureError(f"empty signature in header {name}")
-                raise SignatureError(f"malformed {name} header")
         sent_hmac: list[bytes] = []
         sent_code: list[bytes] = []
         if hmac_wanted or not code_wanted:
-            decoded = _decoded(value, provider.encoding)
-            if decoded is None:
-                if configured_hint:
-                    raise SignatureError(f"malformed header {name} (not base64)")
-                raise SignatureError(f"malformed {name} header (not base64)")
-            sent_hmac.append(decoded)
+            sent_hmac.append(_lone_signature(provider, name, value))
         if code_wanted and code is not None:
+            value = value.removeprefix(provider.prefix).strip()
             decoded = _decoded(value, code.encoding)
             if decoded is not None:
                 sent_code.append(decoded)
@@ -519,6 +539,37 @@ def _signatures(
     return sent_hmac, sent_code, stamps
 
 
+def _lone_signature(provider: Provider, name: str, value: str) -> bytes:
+    """The one signature of a header that carries one (GitHub, Slack, Shopify, ...), as
+    compared: hex as lower-cased text, base64 decoded."""
+    prefix = provider.prefix
+    if prefix:
+        size = len(prefix)
+        if value[:size].lower() != prefix.lower():
+            raise SignatureError(_prefix_problem(provider, name, "lacks the configured prefix"))
+        value = value[size:].strip()
+        if not value:
+            raise SignatureError(_prefix_problem(provider, name, "empty"))
+    if provider.encoding == "hex":
+        return value.lower().encode("utf-8", "replace")
+    decoded = _b64decode(value)
+    if decoded is None:
+        raise SignatureError(_prefix_problem(provider, name, "not base64"))
+    return decoded
+
+
+def _prefix_problem(provider: Provider, name: str, problem: str) -> str:
+    """The admin's sentence for a lone signature that does not parse. The generic hmac's
+    prefix and encoding are the route's own options, and its sentences say so."""
+    if provider.options:  # the generic hmac
+        return {
+            "lacks the configured prefix": f"header {name} lacks the configured prefix",
+            "empty": f"empty signature in header {name}",
+            "not base64": f"malformed header {name} (not base64)",
+        }[problem]
+    return f"malformed {name} header" + (" (not base64)" if problem == "not base64" else "")
+
+
 def _body_timestamp(body: bytes, field: str) -> str:
     try:
         value = json.loads(body).get(field)
@@ -536,30 +587,36 @@ def _form(body: bytes) -> bytes:
 
 
 def _content(
-    provider: Provider, request: SignedRequest, timestamp: str | None, msg_id: str | None
+    provider: Provider,
+    body: bytes,
+    headers: Any,
+    method: str,
+    url: str,
+    timestamp: str | None,
+    msg_id: str | None,
 ) -> bytes:
     """The bytes the sender signed, built from the declaration's template."""
     template = provider.signed_content
     if template == "{body}":
-        return request.body
+        return body
     out = bytearray()
     for part, arg in providers.compiled_template(template):
         if part == "":
             out += arg.encode()
         elif part == "body":
-            out += request.body
+            out += body
         elif part == "timestamp":
             out += (timestamp or "").encode()
         elif part == "id":
             out += (msg_id or "").encode()
         elif part == "url":
-            out += request.url.encode()
+            out += url.encode()
         elif part == "method":
-            out += request.method.upper().encode()
+            out += method.upper().encode()
         elif part == "form":
-            out += _form(request.body)
+            out += _form(body)
         elif part == "header":
-            out += _header(request.headers, arg).encode("latin-1", "replace")
+            out += _header(headers, arg).encode("latin-1", "replace")
     return bytes(out)
 
 
@@ -666,7 +723,7 @@ def sign_with(
     rule = provider.timestamp
     if rule is not None and rule.header:
         headers[rule.header] = ts
-    content = _content(provider, SignedRequest(body, headers, method, url), ts, msg_id)
+    content = _content(provider, body, headers, method, url, ts, msg_id)
     mac = _mac(key, content, provider.algorithm)
     encoded = mac.hex() if provider.encoding == "hex" else base64.b64encode(mac).decode("ascii")
     listing = provider.signature_list
