@@ -553,14 +553,21 @@ class ProviderRegistry:
                 seen.setdefault(header, None)
         return tuple(seen)
 
-    def configured(self, name: str, options: dict[str, Any]) -> Provider:
-        """The provider with a route's (already validated) options applied, kept per options
-        so a request pays for a dict lookup, not a model copy."""
-        key = (name, tuple(sorted(options.items())))
-        found = self._configured.get(key)
+    def configured(
+        self, name: str, options: dict[str, Any], validated: Callable[[], dict[str, Any]]
+    ) -> Provider:
+        """The provider with a route's options applied, kept per options as saved, so a
+        request pays for a dict lookup; ``validated()`` (ValueError for bad options) runs
+        once per distinct options."""
+        try:
+            key: tuple | None = (name, tuple(sorted(options.items())))
+            hash(key)
+        except TypeError:  # unhashable values: not options any provider takes
+            key = None
+        found = self._configured.get(key) if key is not None else None
         if found is None:
-            found = apply_options(self._providers[name], options)
-            if len(self._configured) < 4096:
+            found = apply_options(self._providers[name], validated())
+            if key is not None and len(self._configured) < 4096:
                 self._configured[key] = found
         return found
 
@@ -615,6 +622,15 @@ def load_providers(
         if not declared:
             log.error("provider %s (%s) declares no Provider", name, spec)
         for provider in declared:
+            if provider.code is not None and not _verifier_loads(provider.code.verifier):
+                log.error(
+                    "provider %r (%s) is not loaded: its verifier %s is not a KeyVerifier "
+                    "that imports",
+                    provider.name,
+                    spec,
+                    provider.code.verifier,
+                )
+                continue
             if not registry.register(provider, spec):
                 log.error(
                     "provider %r from %s is not loaded: the name is taken by %s",
@@ -623,6 +639,14 @@ def load_providers(
                     registry.source(provider.name),
                 )
     return registry
+
+
+def _verifier_loads(spec: str) -> bool:
+    try:
+        obj = _load_object(spec)
+    except Exception:
+        return False
+    return isinstance(obj, KeyVerifier) or (isinstance(obj, type) and issubclass(obj, KeyVerifier))
 
 
 @cache
@@ -655,7 +679,10 @@ def describe(provider: Provider) -> dict[str, Any]:
         "title": provider.title,
         "docs_url": provider.docs_url,
         "setup": provider.setup,
-        "signature_headers": list(provider.signature_headers),
+        # The generic hmac's header is the route's own option.
+        "signature_headers": []
+        if "header" in provider.options
+        else list(provider.signature_headers),
         "secret": provider.secret_description,
         "id_headers": list(provider.id_headers),
         "timestamp": where,

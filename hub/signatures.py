@@ -285,13 +285,16 @@ def signature_headers(scheme: str, options: dict | None = None) -> set[str]:
 
 
 def configured(scheme: str, options: dict | None) -> Provider:
-    """The route's declaration with its options applied (validated, cached per options)."""
-    provider = provider_of(scheme)
-    if not options and not provider.options:
-        if provider.timestamp is None:
-            return provider
-        return providers.registry().configured(scheme, {"tolerance": provider.timestamp.tolerance})
-    return providers.registry().configured(scheme, validate_options(scheme, options))
+    """The route's declaration with its options applied: validated once per distinct
+    options, then a dict lookup (a request pays no model copy and no validation)."""
+    registry = providers.registry()
+    provider = registry.get(scheme) if isinstance(scheme, str) else None
+    if provider is None:
+        provider_of(scheme)  # raises the sentence naming the known schemes
+    assert provider is not None
+    if not options and not provider.options and provider.timestamp is None:
+        return provider
+    return registry.configured(scheme, options or {}, lambda: validate_options(scheme, options))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -310,6 +313,10 @@ def _header(headers: Any, name: str) -> str:
             break
     if value is None:
         raise SignatureError(f"missing header {name}")
+    if type(value) is str:
+        value = value.strip()
+        if value:
+            return value
     return _usable(value, name)
 
 
@@ -387,8 +394,7 @@ def _check_window(ts: float, now: float | None, tolerance: int) -> None:
 
 
 def _mac(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
-    # hmac.digest is OpenSSL's one-shot HMAC: a third of the cost of hmac.new(...).digest().
-    return hmac.digest(key, message, algorithm)
+    return hmac.new(key, message, HMAC_ALGORITHMS[algorithm]).digest()
 
 
 def _b64decode(value: str) -> bytes | None:
@@ -463,10 +469,7 @@ def verify(
         if not isinstance(body, bytearray | memoryview):
             raise TypeError("body must be the raw request bytes")
         body = bytes(body)
-    provider = configured(scheme, options)
-    return check(
-        provider, SignedRequest(body, headers, method, url), secrets, now=now, options=options
-    )
+    return _check(configured(scheme, options), body, headers, method, url, secrets, now, options)
 
 
 def check(
@@ -477,7 +480,32 @@ def check(
     now: float | None = None,
     options: dict | None = None,
 ) -> str | None:
-    """The interpreter: verify ``request`` against any declaration; the secret that signed.
+    """The interpreter: verify ``request`` against any declaration (see ``_check``); the
+    secret that signed it."""
+    return _check(
+        provider,
+        request.body,
+        request.headers,
+        request.method,
+        request.url,
+        secrets,
+        now,
+        options,
+    )
+
+
+def _check(
+    provider: Provider,
+    body: bytes,
+    headers: Any,
+    method: str,
+    url: str,
+    secrets: list[str],
+    now: float | None,
+    options: dict | None = None,
+) -> str | None:
+    """The interpreter, its request as parts (a request costs no object of its own); the
+    secret that signed (None for a key of the route's ``jwks_url``).
 
     In order: the headers it needs are present, its signatures parse, the timestamp is in
     the window (only where the provider has one), then each secret's signature is computed
@@ -485,9 +513,12 @@ def check(
     """
     if isinstance(secrets, (str, bytes)):  # noqa: UP038 - the tuple form is the faster
         raise TypeError("secrets must be a list of strings, not a single string")
-    headers = request.headers
-    jwks_url = (options or {}).get("jwks_url") if provider.code is not None else None
-    sig_name, sig_value = _first_header(headers, provider.signature_headers)
+    jwks_url = options.get("jwks_url") if options and provider.code is not None else None
+    names = provider.signature_headers
+    if len(names) == 1:
+        sig_name, sig_value = names[0], _header(headers, names[0])
+    else:
+        sig_name, sig_value = _first_header(headers, names)
     rule = provider.timestamp
     ts_raw = _header(headers, rule.header) if rule is not None and rule.header else None
     id_value = _first_header(headers, provider.id_headers)[1] if provider.signs_id else None
@@ -499,42 +530,64 @@ def check(
         hmac_wanted = provider.algorithm is not None and (
             (not secrets and not jwks_url) or False in kinds
         )
-    sent_hmac, sent_code, listed_ts = _signatures(
-        provider, sig_name, sig_value, hmac_wanted, code_wanted
-    )
+    if provider.signature_list is None and not code_wanted:  # one HMAC signature
+        sent_hmac, sent_code, listed_ts = [_lone_signature(provider, sig_name, sig_value)], [], ()
+    else:
+        sent_hmac, sent_code, listed_ts = _signatures(
+            provider, sig_name, sig_value, hmac_wanted, code_wanted
+        )
     if rule is not None:
         if rule.signature_key:
             if len(listed_ts) != 1:
                 raise SignatureError(f"malformed {sig_name} header")
             ts_raw = listed_ts[0]
         elif rule.body_field:
-            ts_raw = _body_timestamp(request.body, rule.body_field)
+            ts_raw = _body_timestamp(body, rule.body_field)
         assert ts_raw is not None
         _check_window(_timestamp_seconds(ts_raw, rule.unit), now, rule.tolerance)
     if not secrets and not jwks_url:
         raise SignatureError("no secret configured")
-    content = _content(provider, request, ts_raw, id_value)
+    content = (
+        body
+        if provider.signed_content == "{body}"
+        else _content(provider, body, headers, method, url, ts_raw, id_value)
+    )
     signer: str | None = None
     matched = False
     usable = False
     if hmac_wanted:
-        algorithm = provider.algorithm or "sha256"
-        for secret in secrets:  # every secret is tried: timing says nothing of which matched
-            if provider.code is not None and _is_code_secret(provider, secret):
-                continue
-            try:
-                key = _hmac_key(provider, secret)
-            except (ValueError, TypeError, AttributeError):
-                continue  # an unusable secret cannot have signed anything
+        code = provider.code
+        if code is None and provider.secret == "plain":  # the common case, in one pass
+            keys = [
+                (secret, secret.encode()) for secret in secrets if type(secret) is str and secret
+            ]
+        else:
+            keys = []
+            for secret in secrets:
+                if (
+                    code is not None
+                    and isinstance(secret, str)
+                    and _is_code_secret(provider, secret)
+                ):
+                    continue
+                try:
+                    keys.append((secret, _hmac_key(provider, secret)))
+                except (ValueError, TypeError, AttributeError):
+                    continue  # an unusable secret cannot have signed anything
+        if keys:
             usable = True
-            mac = _mac(key, content, algorithm)
-            expected = mac.hex().encode() if provider.encoding == "hex" else mac
-            if _any_match(sent_hmac, [expected]) and not matched:
-                matched, signer = True, secret
+            algorithm = provider.algorithm or "sha256"
+            hexed = provider.encoding == "hex"
+            # Every secret is compared (no early exit): timing says nothing of which matched.
+            for secret, key in keys:
+                mac = _mac(key, content, algorithm)
+                if _any_match(sent_hmac, [mac.hex().encode() if hexed else mac]) and not matched:
+                    matched, signer = True, secret
     if code_wanted:
         verifier = key_verifier(provider.code.verifier)  # type: ignore[union-attr]
-        code_secrets = [s for s in secrets if _is_code_secret(provider, s)]
-        for secret in code_secrets:
+        for secret in secrets:
+            if not (isinstance(secret, str) and _is_code_secret(provider, secret)):
+                continue
             keys = verifier.keys([secret])
             if keys:
                 usable = True
@@ -557,29 +610,21 @@ def _signatures(
     listed beside them (Stripe's ``t=``)."""
     listing = provider.signature_list
     code = provider.code
-    configured_hint = bool(provider.options)  # the generic hmac: the admin set the prefix
     if listing is None:
-        if provider.prefix:
-            if value[: len(provider.prefix)].lower() != provider.prefix.lower():
-                if configured_hint:
-                    raise SignatureError(f"header {name} lacks the configured prefix")
-                raise SignatureError(f"malformed {name} header")
-            value = value[len(provider.prefix) :].strip()
-            if not value:
-                if configured_hint:
-                    raise SignatureError(f"empty signature in header {name}")
-                raise SignatureError(f"malformed {name} header")
         sent_hmac: list[bytes] = []
         sent_code: list[bytes] = []
         if hmac_wanted or not code_wanted:
-            decoded = _decoded(value, provider.encoding)
-            if decoded is None:
-                if configured_hint:
-                    raise SignatureError(f"malformed header {name} (not base64)")
-                raise SignatureError(f"malformed {name} header (not base64)")
-            sent_hmac.append(decoded)
+            sent_hmac.append(_lone_signature(provider, name, value))
         if code_wanted and code is not None:
-            decoded = _key_signature(value, code.encoding)
+            raw: str | None = value
+            if provider.prefix:  # the prefix is required, in any case (Basic, basic)
+                size = len(provider.prefix)
+                raw = (
+                    value[size:].strip()
+                    if value[:size].lower() == provider.prefix.lower()
+                    else None
+                )
+            decoded = _key_signature(raw, code.encoding) if raw else None
             if decoded is not None:
                 sent_code.append(decoded)
         return sent_hmac, sent_code, []
@@ -613,6 +658,37 @@ def _signatures(
     return sent_hmac, sent_code, stamps
 
 
+def _lone_signature(provider: Provider, name: str, value: str) -> bytes:
+    """The one signature of a header that carries one (GitHub, Slack, Shopify, ...), as
+    compared: hex as lower-cased text, base64 decoded."""
+    prefix = provider.prefix
+    if prefix:
+        size = len(prefix)
+        if value[:size].lower() != prefix.lower():
+            raise SignatureError(_prefix_problem(provider, name, "lacks the configured prefix"))
+        value = value[size:].strip()
+        if not value:
+            raise SignatureError(_prefix_problem(provider, name, "empty"))
+    if provider.encoding == "hex":
+        return value.lower().encode("utf-8", "replace")
+    decoded = _b64decode(value)
+    if decoded is None:
+        raise SignatureError(_prefix_problem(provider, name, "not base64"))
+    return decoded
+
+
+def _prefix_problem(provider: Provider, name: str, problem: str) -> str:
+    """The admin's sentence for a lone signature that does not parse. The generic hmac's
+    prefix and encoding are the route's own options, and its sentences say so."""
+    if provider.options:  # the generic hmac
+        return {
+            "lacks the configured prefix": f"header {name} lacks the configured prefix",
+            "empty": f"empty signature in header {name}",
+            "not base64": f"malformed header {name} (not base64)",
+        }[problem]
+    return f"malformed {name} header" + (" (not base64)" if problem == "not base64" else "")
+
+
 def _body_timestamp(body: bytes, field: str) -> str:
     try:
         value = json.loads(body).get(field)
@@ -632,49 +708,55 @@ def _form(body: bytes) -> bytes:
     ).encode()
 
 
-def _body_hash_covers(provider: Provider, request: SignedRequest) -> bool:
+def _body_hash_covers(provider: Provider, body: bytes, url: str) -> bool:
     """Whether the signed URL carries the body's hash (Twilio's JSON bodies): then that
     hash must be the body's, and the form part is empty."""
     name = provider.body_hash_param
     if not name:
         return False
-    sent = parse_qs(urlsplit(request.url).query, keep_blank_values=True).get(name)
+    sent = parse_qs(urlsplit(url).query, keep_blank_values=True).get(name)
     if not sent:
         return False
     if len(sent) != 1:
         raise SignatureError(f"malformed {name} parameter")
-    digest = hashlib.sha256(request.body).hexdigest().encode()
+    digest = hashlib.sha256(body).hexdigest().encode()
     if not hmac.compare_digest(digest, sent[0].strip().lower().encode("utf-8", "replace")):
         raise SignatureError(f"the body's SHA-256 is not the URL's {name}")
     return True
 
 
 def _content(
-    provider: Provider, request: SignedRequest, timestamp: str | None, msg_id: str | None
+    provider: Provider,
+    body: bytes,
+    headers: Any,
+    method: str,
+    url: str,
+    timestamp: str | None,
+    msg_id: str | None,
 ) -> bytes:
     """The bytes the sender signed, built from the declaration's template."""
     template = provider.signed_content
     if template == "{body}":
-        return request.body
+        return body
     out = bytearray()
     for part, arg in providers.compiled_template(template):
         if part == "":
             out += arg.encode()
         elif part == "body":
-            out += request.body
+            out += body
         elif part == "timestamp":
             out += (timestamp or "").encode()
         elif part == "id":
             out += (msg_id or "").encode()
         elif part == "url":
-            out += request.url.encode()
+            out += url.encode()
         elif part == "method":
-            out += request.method.upper().encode()
+            out += method.upper().encode()
         elif part == "form":
-            if not _body_hash_covers(provider, request):
-                out += _form(request.body)
+            if not _body_hash_covers(provider, body, url):
+                out += _form(body)
         elif part == "header":
-            out += _header(request.headers, arg).encode("latin-1", "replace")
+            out += _header(headers, arg).encode("latin-1", "replace")
     return bytes(out)
 
 
@@ -1022,7 +1104,7 @@ def sign_with(
     rule = provider.timestamp
     if rule is not None and rule.header:
         headers[rule.header] = ts
-    content = _content(provider, SignedRequest(body, headers, method, url), ts, msg_id)
+    content = _content(provider, body, headers, method, url, ts, msg_id)
     mac = _mac(key, content, provider.algorithm)
     encoded = mac.hex() if provider.encoding == "hex" else base64.b64encode(mac).decode("ascii")
     listing = provider.signature_list

@@ -30,6 +30,7 @@ from hub.providers import Provider, SignatureList, Timestamp
 from hub.signatures import SignatureError, SignedRequest
 from tests.procs import ROOT
 from tests.rows import events
+from tests.test_dashboard import sign_in
 
 BODY = b'{"text": "signed hello", "id": 7}'
 JSON = {"Content-Type": "application/json"}
@@ -444,6 +445,21 @@ ACME = Provider(
 """
 
 
+KEYED_MODULE = """
+from hub.providers import CodeRule, Provider
+
+KEYED = Provider(
+    name="keyed",
+    title="Keyed",
+    docs_url="https://keyed.example",
+    setup="its public key",
+    signature_headers=("X-Keyed-Signature",),
+    algorithm=None,
+    code=CodeRule(verifier="nowhere:VERIFIER", secret_text="a public key"),
+)
+"""
+
+
 class ProviderPlugins:
     """Throwaway distributions as pip leaves them: a module beside a ``*.dist-info`` whose
     ``entry_points.txt`` names it under ``hub.providers``."""
@@ -549,13 +565,25 @@ def test_a_provider_from_a_package_is_listed_by_every_face(acme_app, make_admin_
         args=["routes", "add", "by-cli", "--verify", "acme", "--secret", "acme-secret"]
     )
     assert added.exit_code == 0, added.output
+    browser = acme_app.test_client()
+    assert sign_in(browser, admin["X-API-Key"]).status_code == 303
+    form = browser.get("/dashboard/routes/new").get_data(as_text=True)
+    offered = re.findall(r'<option value="([a-z0-9-]+)"', form.split('id="verify_scheme"')[1])
+    assert offered[: len(BUILTINS) + 1] == [*BUILTINS, "acme"]
 
 
 def test_a_provider_whose_name_is_taken_is_refused_with_a_sentence(provider_plugins, caplog):
     provider_plugins.install(
         "hub-provider-shadow",
-        {"github": "hub_shadow:ACME", "broken": "hub_missing_module:ACME"},
-        {"hub_shadow": ACME_MODULE.format(name="github")},
+        {
+            "github": "hub_shadow:ACME",
+            "broken": "hub_missing_module:ACME",
+            "keyed": "hub_keyed:KEYED",
+        },
+        {
+            "hub_shadow": ACME_MODULE.format(name="github"),
+            "hub_keyed": KEYED_MODULE,
+        },
     )
     with caplog.at_level(logging.ERROR, logger="hub.providers"):
         loaded = providers.reload()
@@ -564,6 +592,10 @@ def test_a_provider_whose_name_is_taken_is_refused_with_a_sentence(provider_plug
         "hub.provider_catalog:GITHUB" in caplog.text
     )
     assert "provider broken (hub_missing_module:ACME) failed to load" in caplog.text
+    assert (
+        "provider 'keyed' (hub_keyed:KEYED) is not loaded: its verifier nowhere:VERIFIER is "
+        "not a KeyVerifier that imports" in caplog.text
+    )
     assert loaded.get("github").signature_headers == ("X-Hub-Signature-256",)
     assert loaded.names() == BUILTINS
 
