@@ -314,6 +314,21 @@ class Settings(BaseSettings):
         256,
         description="bytes of a refused request's body kept on its event (its size is always kept)",
     )
+    max_challenge_bytes: Positive = Field(
+        512,
+        description="longest challenge a provider's handshake may ask the hub to echo (Dropbox's "
+        "and Meta's GET, Twitch's): a longer one is answered 400 `challenge_too_long`",
+    )
+    jwks_cache_seconds: Seconds = Field(
+        3600.0,
+        description="how long a key set fetched from a route's `jwks_url` is used before it is "
+        "fetched again (sooner when a signature no cached key verifies, at most every 30 s)",
+    )
+    jwks_max_bytes: Positive = Field(
+        65536,
+        description="largest key set read from a route's `jwks_url`; a larger one is not used "
+        "and its requests are answered 503 `keys_unavailable`",
+    )
     refused_headers: Count = Field(20, description="headers kept on a refused request's event")
     refused_header_bytes: Count = Field(
         2048, description="bytes of header names and values kept on a refused request's event"
@@ -475,7 +490,9 @@ class Settings(BaseSettings):
     public_url: OptionalText = Field(
         None,
         description="the address the hub is reached at, such as `https://hooks.example.com`: "
-        "alerts then link to the dashboard's page of their route. Unset, they name it only",
+        "alerts then link to the dashboard's page of their route, and providers that sign the "
+        "URL (Twilio) are checked against it plus the request's path, unless the route's "
+        "`url` option says otherwise. Unset, alerts name the route only",
     )
 
     # --- the database ---

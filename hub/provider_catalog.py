@@ -27,7 +27,8 @@ STANDARD_WEBHOOKS = Provider(
         secret_prefix="whpk_",
         versions=("v1a",),
         encoding="base64",
-        secret_text="whpk_ + base64 Ed25519 public key (v1a)",
+        secret_text="whpk_ + base64 Ed25519 public key (v1a), or the jwks_url option",
+        options=("jwks_url",),
     ),
 )
 
@@ -88,4 +89,129 @@ HMAC = Provider(
     signature_headers=("X-Signature",),  # replaced by the route's required `header` option
     secret_text="any string",
     options=("header", "algorithm", "encoding", "prefix"),
+)
+
+# --------------------------------------------------------------------------- code or handshake
+
+TWILIO = Provider(
+    name="twilio",
+    title="Twilio (voice, messaging and other webhooks)",
+    docs_url="https://www.twilio.com/docs/usage/webhooks/webhooks-security",
+    setup="Console → Account Info → Auth Token: paste it here; the webhook URL you give Twilio "
+    "must be the route's url option or HUB_PUBLIC_URL + /hooks/NAME (Twilio signs the URL)",
+    signature_headers=("X-Twilio-Signature",),
+    # The URL as the sender called it, then each POST field's name and value sorted by name;
+    # a JSON body is covered instead by the URL's bodySHA256 parameter.
+    signed_content="{url}{form}",
+    algorithm="sha1",
+    encoding="base64",
+    body_hash_param="bodySHA256",
+    id_headers=("I-Twilio-Idempotency-Token",),
+    secret_text="the account's Auth Token (HMAC-SHA1)",
+)
+
+SENDGRID = Provider(
+    name="sendgrid",
+    title="SendGrid Event Webhook (signed)",
+    docs_url="https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/"
+    "getting-started-event-webhook-security-features",
+    setup="Settings → Mail Settings → Event Webhook → the webhook → Signature Verification on; "
+    "paste its Verification Key (base64 public key) here",
+    signature_headers=("X-Twilio-Email-Event-Webhook-Signature",),
+    signed_content="{timestamp}{body}",
+    algorithm=None,
+    timestamp=Timestamp(header="X-Twilio-Email-Event-Webhook-Timestamp"),
+    code=CodeRule(
+        verifier="hub.signatures:ECDSA_P256",
+        encoding="base64",
+        secret_text="the Verification Key: base64 DER of an ECDSA P-256 public key",
+    ),
+)
+
+DISCORD = Provider(
+    name="discord",
+    title="Discord interactions",
+    docs_url="https://discord.com/developers/docs/interactions/overview"
+    "#setting-up-an-endpoint-validating-security-request-headers",
+    setup="Developer Portal → the application → General Information: paste its Public Key "
+    "here, and set Interactions Endpoint URL to the route's URL (Discord sends a PING first)",
+    signature_headers=("X-Signature-Ed25519",),
+    signed_content="{timestamp}{body}",
+    algorithm=None,
+    timestamp=Timestamp(header="X-Signature-Timestamp"),
+    challenge="discord-ping",
+    code=CodeRule(
+        verifier="hub.signatures:ED25519_HEX",
+        encoding="hex",
+        secret_text="the application's Public Key (64 hex digits, Ed25519)",
+    ),
+)
+
+TWITCH = Provider(
+    name="twitch",
+    title="Twitch EventSub (webhook transport)",
+    docs_url="https://dev.twitch.tv/docs/eventsub/handling-webhook-events/"
+    "#verifying-the-event-message",
+    setup="the secret you choose (10-100 characters) and send in the subscription's "
+    "transport.secret; transport.callback is the route's URL",
+    signature_headers=("Twitch-Eventsub-Message-Signature",),
+    signed_content="{id}{timestamp}{body}",
+    prefix="sha256=",
+    timestamp=Timestamp(header="Twitch-Eventsub-Message-Timestamp", unit="rfc3339", tolerance=600),
+    id_headers=("Twitch-Eventsub-Message-Id",),
+    secret_text="the subscription's transport.secret",
+    challenge="twitch-verification",
+)
+
+ZOOM = Provider(
+    name="zoom",
+    title="Zoom",
+    docs_url="https://developers.zoom.us/docs/api/webhooks/#verify-webhook-events",
+    setup="App Marketplace → the app → Features → Access → Secret Token: paste it here; the "
+    "Event notification endpoint URL is the route's URL (then Validate)",
+    signature_headers=("x-zm-signature",),
+    signed_content="v0:{timestamp}:{body}",
+    prefix="v0=",
+    timestamp=Timestamp(header="x-zm-request-timestamp"),
+    secret_text="the app's Secret Token",
+    challenge="zoom-url-validation",
+)
+
+DROPBOX = Provider(
+    name="dropbox",
+    title="Dropbox",
+    docs_url="https://www.dropbox.com/developers/reference/webhooks",
+    setup="App Console → the app → Settings → App secret: paste it here; add the route's URL "
+    "under Webhooks (Dropbox checks it with GET ?challenge=)",
+    signature_headers=("X-Dropbox-Signature",),
+    secret_text="the app's App secret",
+    challenge="dropbox-challenge",
+)
+
+META = Provider(
+    name="meta",
+    title="Meta (WhatsApp, Messenger, Instagram) webhooks",
+    docs_url="https://developers.facebook.com/docs/graph-api/webhooks/getting-started",
+    setup="App Dashboard → App settings → Basic → App Secret: paste it here; in Webhooks, "
+    "Callback URL is the route's URL and Verify Token the route's verify_token option",
+    signature_headers=("X-Hub-Signature-256",),
+    prefix="sha256=",
+    secret_text="the app's App Secret",
+    challenge="meta-verify-token",
+)
+
+POSTMARK = Provider(
+    name="postmark",
+    title="Postmark (HTTP basic auth in the webhook URL)",
+    docs_url="https://postmarkapp.com/developer/webhooks/webhooks-overview",
+    setup="the webhook URL with credentials, https://USER:PASSWORD@hub.example.com/hooks/NAME; "
+    "the route's secret is USER:PASSWORD",
+    signature_headers=("Authorization",),
+    algorithm=None,
+    prefix="Basic ",
+    code=CodeRule(
+        verifier="hub.signatures:BASIC_AUTH",
+        encoding="base64",
+        secret_text="USER:PASSWORD, as written in the webhook URL (Postmark signs nothing)",
+    ),
 )

@@ -19,11 +19,15 @@ saved scheme picks the declaration, the declaration fixes the rest.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
 import logging
 import re
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from functools import cache, cached_property
 from importlib.metadata import entry_points
 from typing import Any, Literal
@@ -52,6 +56,15 @@ BUILTIN_PROVIDERS = {
         ("slack", "SLACK"),
         ("shopify", "SHOPIFY"),
         ("hmac", "HMAC"),
+        # Providers that need code or a handshake.
+        ("twilio", "TWILIO"),
+        ("sendgrid", "SENDGRID"),
+        ("discord", "DISCORD"),
+        ("twitch", "TWITCH"),
+        ("zoom", "ZOOM"),
+        ("dropbox", "DROPBOX"),
+        ("meta", "META"),
+        ("postmark", "POSTMARK"),
     )
 }
 
@@ -77,9 +90,9 @@ class KeyVerifier:
     declaration built, the signatures of ``code.versions`` (decoded by ``code.encoding``) and
     the route's keys of this kind, and says whether any key verifies any signature.
 
-    Keys come from the route's secrets today; a key set fetched from a JWKS URL is meant to
-    arrive through ``keys`` (one place to resolve a secret into key material), so
-    ``verify`` need not change when it does.
+    Keys come from the route's secrets (``keys``) and, where the provider's code takes the
+    ``jwks_url`` option, from a key set fetched from that URL (``jwk_keys``, cached by
+    ``hub.signatures.JWKS``); ``verify`` is the same for both.
     """
 
     def check_secret(self, secret: str) -> None:  # pragma: no cover - contract
@@ -88,6 +101,11 @@ class KeyVerifier:
     def keys(self, secrets: list[str]) -> list[Any]:
         """Key material for ``secrets``; an unusable secret is skipped (it signed nothing)."""
         return list(secrets)
+
+    def jwk_keys(self, jwks: list[dict]) -> list[Any]:
+        """Key material of this kind in a fetched JSON Web Key Set (a route's ``jwks_url``);
+        keys of any other kind are ignored, so a key set cannot switch the algorithm."""
+        return []
 
     def verify(self, content: bytes, signatures: list[bytes], keys: list[Any]) -> bool:
         raise NotImplementedError  # pragma: no cover - contract
@@ -107,7 +125,9 @@ class Timestamp(BaseModel):
     body_field: str | None = Field(
         None, description="A top-level field of the JSON body, e.g. Linear's webhookTimestamp."
     )
-    unit: Literal["s", "ms"] = "s"
+    unit: Literal["s", "ms", "rfc3339"] = Field(
+        "s", description="Seconds or milliseconds since the epoch, or an RFC 3339 time (Twitch)."
+    )
     tolerance: int = Field(DEFAULT_TOLERANCE, ge=1, le=MAX_TOLERANCE)
 
     @model_validator(mode="after")
@@ -146,6 +166,9 @@ class CodeRule(BaseModel):
     versions: tuple[str, ...] = Field((), description="Labels of its signatures in a list.")
     encoding: Literal["hex", "base64"] = "base64"
     secret_text: str = Field(description="What its key is, for the docs' table.")
+    options: tuple[Literal["jwks_url"], ...] = Field(
+        (), description="Route options its verifier reads (jwks_url: keys fetched from a URL)."
+    )
 
 
 class Provider(BaseModel):
@@ -182,6 +205,11 @@ class Provider(BaseModel):
         (), description="Headers redacted in what is stored, beside the signature headers."
     )
     code: CodeRule | None = None
+    body_hash_param: str | None = Field(
+        None,
+        description="A query parameter of the signed URL holding the body's SHA-256 (hex): "
+        "when the URL has it, the body is covered by that hash, not by {form} (Twilio's JSON).",
+    )
     options: tuple[Literal["header", "algorithm", "encoding", "prefix"], ...] = Field(
         (), description="What a route's verify.options may set (the generic hmac)."
     )
@@ -226,6 +254,25 @@ class Provider(BaseModel):
     def signs_id(self) -> bool:
         """Whether the signature covers the delivery id ({id} in the signed content)."""
         return "id" in template_fields(self.signed_content)
+
+    @cached_property
+    def signs_url(self) -> bool:
+        """Whether the signature covers the URL the sender called ({url}, Twilio)."""
+        return "url" in template_fields(self.signed_content)
+
+    @property
+    def route_options(self) -> tuple[str, ...]:
+        """Every option a route's ``verify.options`` may set for this provider: the generic
+        hmac's, ``tolerance`` where there is a timestamp, ``url`` where the URL is signed,
+        and what its challenge and its code read."""
+        names = [*self.options, *(["tolerance"] if self.timestamp else [])]
+        if self.signs_url:
+            names.append("url")
+        if self.challenge is not None:
+            names += CHALLENGES[self.challenge].options
+        if self.code is not None:
+            names += self.code.options
+        return tuple(names)
 
     @property
     def signed_id_headers(self) -> tuple[str, ...]:
@@ -282,7 +329,57 @@ def compiled_template(template: str) -> tuple[tuple[str, str], ...]:
 # --------------------------------------------------------------------------- challenges
 
 
-def _slack_url_verification(payload: Any) -> dict[str, str] | None:
+class ChallengeRefused(Exception):
+    """A handshake that must not be answered: its status and the sentence the sender hears
+    (Meta's GET with a verify token that is not the route's)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What a challenge may read: the decoded payload (a POST's body; a GET's query
+    parameters), the headers, the route's verify options, and the secret that verified the
+    request's signature (None when none did)."""
+
+    payload: Any
+    headers: Any = ()
+    options: Mapping[str, Any] = dataclass_field(default_factory=dict)
+    secret: str | None = None
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A handshake kind: a request that proves the URL (or the receiver's knowledge of the
+    secret), answered with what ``answer`` returns (a dict is JSON, a str is text/plain)
+    and never run as an event. ``method`` POST: a signed request, answered once its
+    signature verified; GET: an unsigned request, answered only on a route whose provider
+    declares it, when it carries ``parameter``. ``options`` are route options it reads."""
+
+    method: Literal["POST", "GET"]
+    text: str
+    answer: Callable[[Handshake], dict[str, Any] | str | None]
+    parameter: str | None = None
+    options: tuple[str, ...] = ()
+    #: Whether its answer echoes text the sender chose (bounded by HUB_MAX_CHALLENGE_BYTES).
+    echoes: bool = True
+
+
+def _header_value(headers: Any, name: str) -> str | None:
+    wanted = name.lower()
+    items = headers.items() if hasattr(headers, "items") else headers
+    for key, value in items:
+        if isinstance(key, str) and key.lower() == wanted:
+            return value
+    return None
+
+
+def _slack_url_verification(shake: Handshake) -> dict[str, str] | None:
+    payload = shake.payload
     if (
         isinstance(payload, dict)
         and payload.get("type") == "url_verification"
@@ -292,21 +389,123 @@ def _slack_url_verification(payload: Any) -> dict[str, str] | None:
     return None
 
 
-#: Handshakes by kind: a signed request that proves the URL, answered with what the
-#: function returns (the JSON body), never run as an event. None: an ordinary event.
-CHALLENGES: dict[str, Any] = {
-    "slack-url-verification": _slack_url_verification,
-}
-CHALLENGE_TEXT = {
-    "slack-url-verification": "url_verification: its challenge is answered",
-}
+def _discord_ping(shake: Handshake) -> dict[str, int] | None:
+    payload = shake.payload
+    if isinstance(payload, dict) and payload.get("type") == 1 and payload.get("type") is not True:
+        return {"type": 1}  # PONG
+    return None
 
 
-def answer_challenge(provider: Provider | None, payload: Any) -> dict[str, Any] | None:
-    """The answer to the provider's handshake if ``payload`` is one, else None."""
+def _twitch_verification(shake: Handshake) -> str | None:
+    kind = _header_value(shake.headers, "Twitch-Eventsub-Message-Type")
+    payload = shake.payload
+    if (
+        kind == "webhook_callback_verification"
+        and isinstance(payload, dict)
+        and isinstance(payload.get("challenge"), str)
+    ):
+        return payload["challenge"]
+    return None
+
+
+def _zoom_url_validation(shake: Handshake) -> dict[str, str] | None:
+    payload = shake.payload
+    if not (isinstance(payload, dict) and payload.get("event") == "endpoint.url_validation"):
+        return None
+    inner = payload.get("payload")
+    token = inner.get("plainToken") if isinstance(inner, dict) else None
+    if not isinstance(token, str) or shake.secret is None:
+        return None
+    encrypted = hmac.new(shake.secret.encode(), token.encode(), hashlib.sha256).hexdigest()
+    return {"plainToken": token, "encryptedToken": encrypted}
+
+
+def _dropbox_challenge(shake: Handshake) -> str | None:
+    value = shake.payload.get("challenge") if isinstance(shake.payload, Mapping) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _meta_verify_token(shake: Handshake) -> str | None:
+    args = shake.payload if isinstance(shake.payload, Mapping) else {}
+    if args.get("hub.mode") != "subscribe":
+        return None
+    expected = shake.options.get("verify_token")
+    given = args.get("hub.verify_token")
+    challenge = args.get("hub.challenge")
+    if not isinstance(expected, str) or not expected:
+        raise ChallengeRefused(
+            403,
+            "This route has no verify token: set its verify option verify_token",
+            "no_verify_token",
+        )
+    if not isinstance(given, str) or not hmac.compare_digest(
+        given.encode("utf-8", "replace"), expected.encode("utf-8")
+    ):
+        raise ChallengeRefused(
+            403, "hub.verify_token is not this route's verify token", "bad_verify_token"
+        )
+    if not isinstance(challenge, str) or not challenge:
+        raise ChallengeRefused(400, "hub.challenge is missing", "bad_challenge")
+    return challenge
+
+
+#: Handshakes by kind. None from ``answer``: an ordinary event (or, for a GET, the hub's
+#: usual 405).
+CHALLENGES: dict[str, Challenge] = {
+    "slack-url-verification": Challenge(
+        "POST", "url_verification: its challenge is answered", _slack_url_verification
+    ),
+    "discord-ping": Challenge(
+        "POST", 'PING {"type": 1}: answered {"type": 1} once verified', _discord_ping, echoes=False
+    ),
+    "twitch-verification": Challenge(
+        "POST",
+        "webhook_callback_verification: its challenge is answered as text once verified",
+        _twitch_verification,
+    ),
+    "zoom-url-validation": Challenge(
+        "POST",
+        "endpoint.url_validation: plainToken and its HMAC (encryptedToken) once verified",
+        _zoom_url_validation,
+    ),
+    "dropbox-challenge": Challenge(
+        "GET", "GET ?challenge=X: X is answered as text", _dropbox_challenge, "challenge"
+    ),
+    "meta-verify-token": Challenge(
+        "GET",
+        "GET ?hub.mode=subscribe&hub.verify_token=T&hub.challenge=C: C, when T is the route's "
+        "verify_token",
+        _meta_verify_token,
+        "hub.mode",
+        ("verify_token",),
+    ),
+}
+CHALLENGE_TEXT = {kind: challenge.text for kind, challenge in CHALLENGES.items()}
+
+
+def challenge_of(provider: Provider | None, method: str = "POST") -> Challenge | None:
+    """The provider's handshake if it is one for requests of ``method``."""
     if provider is None or provider.challenge is None:
         return None
-    return CHALLENGES[provider.challenge](payload)
+    found = CHALLENGES[provider.challenge]
+    return found if found.method == method.upper() else None
+
+
+def answer_challenge(
+    provider: Provider | None,
+    payload: Any,
+    headers: Any = (),
+    *,
+    options: Mapping[str, Any] | None = None,
+    secret: str | None = None,
+    method: str = "POST",
+) -> dict[str, Any] | str | None:
+    """The answer to the provider's handshake if this request is one, else None;
+    ChallengeRefused for a handshake that must be refused."""
+    found = challenge_of(provider, method)
+    if found is None:
+        return None
+    return found.answer(Handshake(payload, headers, options or {}, secret))
 
 
 # --------------------------------------------------------------------------- the registry
@@ -489,7 +688,7 @@ def describe(provider: Provider) -> dict[str, Any]:
         "timestamp": where,
         "tolerance": rule.tolerance if rule is not None else None,
         "challenge": provider.challenge,
-        "options": [*provider.options, *(["tolerance"] if rule is not None else [])],
+        "options": list(provider.route_options),
     }
 
 

@@ -22,12 +22,15 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import secrets as _random
+import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from functools import cache
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qs, urlsplit
 
 from hub import providers
 from hub.providers import (
@@ -41,7 +44,14 @@ from hub.providers import (
 
 #: The built-in schemes; ``providers.registry()`` also holds third-party ones.
 SCHEMES = tuple(providers.BUILTIN_PROVIDERS)
-__all__ = ["DEFAULT_TOLERANCE", "MAX_TOLERANCE", "SCHEMES", "SignatureError", "verify"]
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "MAX_TOLERANCE",
+    "SCHEMES",
+    "KeysUnavailable",
+    "SignatureError",
+    "verify",
+]
 
 HMAC_ALGORITHMS: dict[str, Callable[..., Any]] = {
     "sha1": hashlib.sha1,
@@ -89,8 +99,10 @@ def validate_options(scheme: str, options: dict | None) -> dict:
     """Normalise and check a route's verifier options, so bad config fails when it is saved.
 
     Returns a new dict with defaults filled in; raises ValueError with a sentence an admin can
-    act on. What a provider takes follows from its declaration: ``tolerance`` when it has a
-    timestamp, ``header``/``algorithm``/``encoding``/``prefix`` when it is configurable.
+    act on. What a provider takes follows from its declaration (``Provider.route_options``):
+    ``tolerance`` when it has a timestamp, ``header``/``algorithm``/``encoding``/``prefix``
+    when it is configurable, ``url`` when it signs the URL, ``verify_token`` for Meta's GET
+    handshake, ``jwks_url`` where its keys may come from a URL.
     """
     provider = provider_of(scheme)
     if options is None:
@@ -99,7 +111,7 @@ def validate_options(scheme: str, options: dict | None) -> dict:
         raise ValueError(
             f"Options for scheme {scheme!r} must be a JSON object, not {type(options).__name__}."
         )
-    allowed = [*provider.options, *(["tolerance"] if provider.timestamp else [])]
+    allowed = list(provider.route_options)
     unknown = sorted(set(options) - set(allowed))
     if not allowed and options:
         raise ValueError(
@@ -119,7 +131,41 @@ def validate_options(scheme: str, options: dict | None) -> dict:
         result.update(_validate_hmac_options(scheme, options, provider))
     if provider.timestamp:
         result["tolerance"] = _tolerance(options.get("tolerance", provider.timestamp.tolerance))
+    if "url" in options:
+        result["url"] = _public_url(options["url"])
+    if "verify_token" in options:
+        token = options["verify_token"]
+        if isinstance(token, int) and not isinstance(token, bool):
+            token = str(token)  # `--verify-option verify_token=12345` reads a number
+        if not isinstance(token, str) or not token.strip() or len(token) > 200:
+            raise ValueError(
+                "Option 'verify_token' must be the Verify Token typed into Meta's webhook "
+                "settings: 1 to 200 characters."
+            )
+        result["verify_token"] = token
+    if "jwks_url" in options:
+        result["jwks_url"] = _http_url(options["jwks_url"], "jwks_url")
     return result
+
+
+def _http_url(value: Any, name: str) -> str:
+    if not isinstance(value, str) or len(value) > 2000:
+        raise ValueError(f"Option {name!r} must be an http(s) URL.")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"Option {name!r} must be an http(s) URL with a host, got {value!r}.")
+    return value.strip()
+
+
+def _public_url(value: Any) -> str:
+    url = _http_url(value, "url")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(
+            "Option 'url' is the route's public URL without a query (the request's own "
+            f"query string is appended), got {value!r}."
+        )
+    return url
 
 
 def _tolerance(tolerance: Any) -> int:
@@ -308,6 +354,29 @@ def _first_header(headers: Any, names: tuple[str, ...]) -> tuple[str, str]:
     raise SignatureError(f"missing header {shown}")
 
 
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def _timestamp_seconds(value: str, unit: str) -> float:
+    """A signed time as seconds since the epoch: digits (s or ms), or RFC 3339 (Twitch's,
+    with up to nanoseconds)."""
+    if unit != "rfc3339":
+        ts = _parse_timestamp(value)
+        return ts / 1000 if unit == "ms" else ts
+    found = _RFC3339.match(value) if len(value) <= 40 else None
+    if found is None:
+        raise SignatureError("malformed timestamp")
+    day, clock, fraction, zone = found.groups()
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    try:
+        when = datetime.fromisoformat(f"{day}T{clock}{zone}")
+    except ValueError:
+        raise SignatureError("malformed timestamp") from None
+    return when.timestamp() + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+
+
 def _parse_timestamp(value: str) -> int:
     # Digits only: rejects floats, signs, whitespace and absurd lengths before int().
     if not (value.isascii() and value.isdigit()) or len(value) > 15:
@@ -345,6 +414,17 @@ def _decoded(value: str, encoding: str) -> bytes | None:
     return _hex_bytes(value) if encoding == "hex" else _b64decode(value)
 
 
+def _key_signature(value: str, encoding: str) -> bytes | None:
+    """A public-key signature as its bytes (hex decoded, unlike an HMAC's, which is compared
+    as text)."""
+    if encoding == "base64":
+        return _b64decode(value)
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
 def _any_match(candidates: list[bytes], expected: list[bytes]) -> bool:
     # Every pair is compared (no early exit) so timing does not reveal which secret matched.
     matched = False
@@ -377,25 +457,41 @@ def verify(
     now: float | None = None,
     method: str = "POST",
     url: str = "",
-) -> None:
-    """Raise SignatureError/StaleSignatureError unless one of ``secrets`` signed the request.
+) -> str | None:
+    """Raise SignatureError/StaleSignatureError unless one of ``secrets`` signed the request;
+    return the secret that did (None when a key fetched from the route's ``jwks_url`` did).
 
     Several secrets allow rotation. ``headers`` is any mapping; names are matched without
     regard to case. Bad ``options`` or an unknown scheme are configuration errors and raise
-    ValueError.
+    ValueError; keys that cannot be fetched raise KeysUnavailable.
     """
     if type(body) is not bytes:
         if not isinstance(body, bytearray | memoryview):
             raise TypeError("body must be the raw request bytes")
         body = bytes(body)
-    _check(configured(scheme, options), body, headers, method, url, secrets, now)
+    return _check(configured(scheme, options), body, headers, method, url, secrets, now, options)
 
 
 def check(
-    provider: Provider, request: SignedRequest, secrets: list[str], *, now: float | None = None
-) -> None:
-    """The interpreter: verify ``request`` against any declaration (see ``_check``)."""
-    _check(provider, request.body, request.headers, request.method, request.url, secrets, now)
+    provider: Provider,
+    request: SignedRequest,
+    secrets: list[str],
+    *,
+    now: float | None = None,
+    options: dict | None = None,
+) -> str | None:
+    """The interpreter: verify ``request`` against any declaration (see ``_check``); the
+    secret that signed it."""
+    return _check(
+        provider,
+        request.body,
+        request.headers,
+        request.method,
+        request.url,
+        secrets,
+        now,
+        options,
+    )
 
 
 def _check(
@@ -406,8 +502,10 @@ def _check(
     url: str,
     secrets: list[str],
     now: float | None,
-) -> None:
-    """The interpreter, its request as parts (a request costs no object of its own).
+    options: dict | None = None,
+) -> str | None:
+    """The interpreter, its request as parts (a request costs no object of its own); the
+    secret that signed (None for a key of the route's ``jwks_url``).
 
     In order: the headers it needs are present, its signatures parse, the timestamp is in
     the window (only where the provider has one), then each secret's signature is computed
@@ -415,6 +513,7 @@ def _check(
     """
     if isinstance(secrets, (str, bytes)):  # noqa: UP038 - the tuple form is the faster
         raise TypeError("secrets must be a list of strings, not a single string")
+    jwks_url = options.get("jwks_url") if options and provider.code is not None else None
     names = provider.signature_headers
     if len(names) == 1:
         sig_name, sig_value = names[0], _header(headers, names[0])
@@ -427,8 +526,10 @@ def _check(
         code_wanted, hmac_wanted = False, True
     else:  # which kinds of signature to look for follows from the kinds of secret given
         kinds = {_is_code_secret(provider, s) for s in secrets if isinstance(s, str)}
-        code_wanted = True in kinds
-        hmac_wanted = provider.algorithm is not None and (not secrets or False in kinds)
+        code_wanted = True in kinds or bool(jwks_url)
+        hmac_wanted = provider.algorithm is not None and (
+            (not secrets and not jwks_url) or False in kinds
+        )
     if provider.signature_list is None and not code_wanted:  # one HMAC signature
         sent_hmac, sent_code, listed_ts = [_lone_signature(provider, sig_name, sig_value)], [], ()
     else:
@@ -443,21 +544,23 @@ def _check(
         elif rule.body_field:
             ts_raw = _body_timestamp(body, rule.body_field)
         assert ts_raw is not None
-        ts = _parse_timestamp(ts_raw)
-        _check_window(ts / 1000 if rule.unit == "ms" else ts, now, rule.tolerance)
-    if not secrets:
+        _check_window(_timestamp_seconds(ts_raw, rule.unit), now, rule.tolerance)
+    if not secrets and not jwks_url:
         raise SignatureError("no secret configured")
     content = (
         body
         if provider.signed_content == "{body}"
         else _content(provider, body, headers, method, url, ts_raw, id_value)
     )
+    signer: str | None = None
     matched = False
     usable = False
     if hmac_wanted:
         code = provider.code
         if code is None and provider.secret == "plain":  # the common case, in one pass
-            keys = [secret.encode() for secret in secrets if type(secret) is str and secret]
+            keys = [
+                (secret, secret.encode()) for secret in secrets if type(secret) is str and secret
+            ]
         else:
             keys = []
             for secret in secrets:
@@ -468,27 +571,36 @@ def _check(
                 ):
                     continue
                 try:
-                    keys.append(_hmac_key(provider, secret))
+                    keys.append((secret, _hmac_key(provider, secret)))
                 except (ValueError, TypeError, AttributeError):
                     continue  # an unusable secret cannot have signed anything
         if keys:
             usable = True
             algorithm = provider.algorithm or "sha256"
-            macs = [_mac(key, content, algorithm) for key in keys]
-            expected = [m.hex().encode() for m in macs] if provider.encoding == "hex" else macs
-            matched |= _any_match(sent_hmac, expected)
+            hexed = provider.encoding == "hex"
+            # Every secret is compared (no early exit): timing says nothing of which matched.
+            for secret, key in keys:
+                mac = _mac(key, content, algorithm)
+                if _any_match(sent_hmac, [mac.hex().encode() if hexed else mac]) and not matched:
+                    matched, signer = True, secret
     if code_wanted:
         verifier = key_verifier(provider.code.verifier)  # type: ignore[union-attr]
-        keys = verifier.keys(
-            [s for s in secrets if isinstance(s, str) and _is_code_secret(provider, s)]
-        )
-        if keys:
+        for secret in secrets:
+            if not (isinstance(secret, str) and _is_code_secret(provider, secret)):
+                continue
+            keys = verifier.keys([secret])
+            if keys:
+                usable = True
+                if sent_code and verifier.verify(content, sent_code, keys) and not matched:
+                    matched, signer = True, secret
+        if jwks_url and not matched:
             usable = True
-            matched |= bool(sent_code) and verifier.verify(content, sent_code, keys)
+            matched = bool(sent_code) and JWKS.verify(verifier, jwks_url, content, sent_code)
     if not usable:
         raise SignatureError("no usable secret configured")
     if not matched:
         raise SignatureError("no signature matched")
+    return signer
 
 
 def _signatures(
@@ -504,8 +616,15 @@ def _signatures(
         if hmac_wanted or not code_wanted:
             sent_hmac.append(_lone_signature(provider, name, value))
         if code_wanted and code is not None:
-            value = value.removeprefix(provider.prefix).strip()
-            decoded = _decoded(value, code.encoding)
+            raw: str | None = value
+            if provider.prefix:  # the prefix is required, in any case (Basic, basic)
+                size = len(provider.prefix)
+                raw = (
+                    value[size:].strip()
+                    if value[:size].lower() == provider.prefix.lower()
+                    else None
+                )
+            decoded = _key_signature(raw, code.encoding) if raw else None
             if decoded is not None:
                 sent_code.append(decoded)
         return sent_hmac, sent_code, []
@@ -528,7 +647,7 @@ def _signatures(
                 sent_hmac.append(decoded)
         elif code_wanted and label in code_versions:
             seen = True
-            decoded = _decoded(item, code.encoding)  # type: ignore[union-attr]
+            decoded = _key_signature(item, code.encoding)  # type: ignore[union-attr]
             if decoded is not None:
                 sent_code.append(decoded)
     if ts_key is not None and len(stamps) != 1:
@@ -582,9 +701,29 @@ def _body_timestamp(body: bytes, field: str) -> str:
 
 
 def _form(body: bytes) -> bytes:
-    """Twilio's form part: each field name and value, sorted by name, run together."""
-    pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-    return "".join(k + v for k, v in sorted(pairs, key=lambda kv: kv[0])).encode()
+    """Twilio's form part: each field name, sorted, followed by each of its values, sorted,
+    run together (as Twilio's own RequestValidator builds it)."""
+    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return "".join(
+        name + value for name in sorted(fields) for value in sorted(set(fields[name]))
+    ).encode()
+
+
+def _body_hash_covers(provider: Provider, body: bytes, url: str) -> bool:
+    """Whether the signed URL carries the body's hash (Twilio's JSON bodies): then that
+    hash must be the body's, and the form part is empty."""
+    name = provider.body_hash_param
+    if not name:
+        return False
+    sent = parse_qs(urlsplit(url).query, keep_blank_values=True).get(name)
+    if not sent:
+        return False
+    if len(sent) != 1:
+        raise SignatureError(f"malformed {name} parameter")
+    digest = hashlib.sha256(body).hexdigest().encode()
+    if not hmac.compare_digest(digest, sent[0].strip().lower().encode("utf-8", "replace")):
+        raise SignatureError(f"the body's SHA-256 is not the URL's {name}")
+    return True
 
 
 def _content(
@@ -615,7 +754,8 @@ def _content(
         elif part == "method":
             out += method.upper().encode()
         elif part == "form":
-            out += _form(body)
+            if not _body_hash_covers(provider, body, url):
+                out += _form(body)
         elif part == "header":
             out += _header(headers, arg).encode("latin-1", "replace")
     return bytes(out)
@@ -651,6 +791,9 @@ class Ed25519Verifier(KeyVerifier):
                 continue  # an unusable key signed nothing
         return found
 
+    def jwk_keys(self, jwks: list[dict]) -> list[Any]:
+        return _ed25519_jwk_keys(jwks)
+
     def verify(self, content: bytes, signatures: list[bytes], keys: list[Any]) -> bool:
         from cryptography.exceptions import InvalidSignature
 
@@ -666,6 +809,244 @@ class Ed25519Verifier(KeyVerifier):
 
 
 ED25519_V1A = Ed25519Verifier()
+
+
+class Ed25519HexVerifier(Ed25519Verifier):
+    """Discord's interactions: Ed25519 over the signed content, hex encoded, checked with the
+    application's public key as 64 hex digits."""
+
+    def check_secret(self, secret: str) -> None:
+        self._raw(secret)
+
+    @staticmethod
+    def _raw(secret: str) -> bytes:
+        try:
+            raw = bytes.fromhex(secret.strip())
+        except ValueError:
+            raise ValueError(
+                "An Ed25519 public key here is 64 hex digits; this is not hex."
+            ) from None
+        if len(raw) != 32:
+            raise ValueError(
+                f"An Ed25519 public key is 32 bytes (64 hex digits), this one is {len(raw)}."
+            )
+        return raw
+
+    def keys(self, secrets: list[str]) -> list[Any]:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        found = []
+        for secret in secrets:
+            try:
+                found.append(Ed25519PublicKey.from_public_bytes(self._raw(secret)))
+            except ValueError:
+                continue
+        return found
+
+
+ED25519_HEX = Ed25519HexVerifier()
+
+
+class EcdsaP256Verifier(KeyVerifier):
+    """SendGrid's signed Event Webhook: ECDSA P-256 with SHA-256, the signature base64 DER,
+    the key the Verification Key SendGrid shows (base64 DER SubjectPublicKeyInfo)."""
+
+    def _load(self, secret: str) -> Any:
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+        der = _b64decode("".join(secret.split()))
+        if not der:
+            raise ValueError("A verification key must be base64 (SendGrid's Verification Key).")
+        try:
+            key = load_der_public_key(der)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "A verification key must be a base64 DER public key (SendGrid's Verification "
+                "Key); this one does not load."
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ValueError("A verification key must be an ECDSA P-256 public key.")
+        return key
+
+    def check_secret(self, secret: str) -> None:
+        self._load(secret)
+
+    def keys(self, secrets: list[str]) -> list[Any]:
+        found = []
+        for secret in secrets:
+            try:
+                found.append(self._load(secret))
+            except ValueError:
+                continue
+        return found
+
+    def verify(self, content: bytes, signatures: list[bytes], keys: list[Any]) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        matched = False
+        for key in keys:
+            for signature in signatures:
+                try:
+                    key.verify(signature, content, ec.ECDSA(hashes.SHA256()))
+                    matched = True
+                except (InvalidSignature, ValueError):
+                    pass
+        return matched
+
+
+ECDSA_P256 = EcdsaP256Verifier()
+
+
+class BasicAuthVerifier(KeyVerifier):
+    """Postmark's webhooks carry no signature: the credentials written in the webhook URL
+    arrive as ``Authorization: Basic``; they are compared with the route's USER:PASSWORD in
+    constant time."""
+
+    def check_secret(self, secret: str) -> None:
+        user, colon, password = secret.partition(":")
+        if not colon or not user or not password:
+            raise ValueError("A basic-auth secret is USER:PASSWORD, both parts not empty.")
+
+    def keys(self, secrets: list[str]) -> list[Any]:
+        return [s.encode("utf-8") for s in secrets if ":" in s]
+
+    def verify(self, content: bytes, signatures: list[bytes], keys: list[Any]) -> bool:
+        matched = False
+        for key in keys:
+            for sent in signatures:
+                matched |= hmac.compare_digest(key, sent)
+        return matched
+
+
+BASIC_AUTH = BasicAuthVerifier()
+
+
+# --------------------------------------------------------------------------- keys from a URL
+
+
+class KeysUnavailable(Exception):
+    """A route's keys could not be fetched from its ``jwks_url``: the sender hears 503 and
+    retries; ``reason`` is for the admin (no URL credentials, no stack trace)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JwksCache:
+    """Key sets fetched from routes' ``jwks_url``, per process: each kept ``ttl`` seconds
+    (HUB_JWKS_CACHE_SECONDS), at most ``max_sets`` URLs (the oldest dropped first), each
+    answer read no further than ``max_bytes`` (HUB_JWKS_MAX_BYTES). A signature no cached
+    key verifies (a key the sender rotated in) fetches the set again, at most once per
+    ``min_refresh`` seconds per URL, so forged requests cannot make the hub fetch at will.
+    Fetches go through hub.http: the private-address guard, a timeout, no redirects."""
+
+    def __init__(self) -> None:
+        self.ttl = 3600.0
+        self.max_bytes = 64 * 1024
+        self.max_sets = 256
+        self.min_refresh = 30.0
+        self.timeout = 5.0
+        self.fetches = 0  # how many fetches this process made (tests and metrics read it)
+        self._sets: dict[str, tuple[float, list[dict]]] = {}
+        self._lock = threading.Lock()
+
+    def configure(self, *, ttl: float | None = None, max_bytes: int | None = None) -> None:
+        if ttl is not None:
+            self.ttl = float(ttl)
+        if max_bytes is not None:
+            self.max_bytes = int(max_bytes)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sets.clear()
+
+    def verify(self, verifier: KeyVerifier, url: str, content: bytes, sent: list[bytes]) -> bool:
+        fetched_at, jwks = self._get(url, refresh=False)
+        if verifier.verify(content, sent, verifier.jwk_keys(jwks)):
+            return True
+        if time.monotonic() - fetched_at < self.min_refresh:
+            return False
+        _, jwks = self._get(url, refresh=True)
+        return verifier.verify(content, sent, verifier.jwk_keys(jwks))
+
+    def _get(self, url: str, refresh: bool) -> tuple[float, list[dict]]:
+        now = time.monotonic()
+        with self._lock:
+            found = self._sets.get(url)
+        if found is not None and not refresh and now - found[0] < self.ttl:
+            return found
+        keys = self._fetch(url)
+        entry = (time.monotonic(), keys)
+        with self._lock:
+            self._sets.pop(url, None)
+            while len(self._sets) >= self.max_sets:
+                self._sets.pop(next(iter(self._sets)))
+            self._sets[url] = entry
+        return entry
+
+    def _fetch(self, url: str) -> list[dict]:
+        import logging
+
+        from hub import http
+        from hub.connectors import ConnectorError, StepContext
+
+        host = urlsplit(url).hostname or "?"
+        ctx = StepContext(
+            event_id="",
+            route="(jwks)",
+            step_index=0,
+            payload=None,
+            outputs=[],
+            logger=logging.getLogger("hub.signatures"),
+            deadline=time.monotonic() + self.timeout,
+            max_response_bytes=self.max_bytes,
+        )
+        self.fetches += 1
+        try:
+            response = http.request(ctx, "GET", url, timeout=self.timeout)
+            document = response.json()
+        except ConnectorError as exc:
+            raise KeysUnavailable(f"the key set at {host} could not be fetched: {exc}") from None
+        except ValueError:
+            raise KeysUnavailable(f"the key set at {host} is not JSON") from None
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(keys, list):
+            raise KeysUnavailable(f"the key set at {host} has no keys list")
+        return [k for k in keys if isinstance(k, dict)]
+
+
+JWKS = JwksCache()
+
+
+def _b64url(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _ed25519_jwk_keys(jwks: list[dict]) -> list[Any]:
+    """The Ed25519 public keys of a JWKS (kty OKP, crv Ed25519, x); any other key is
+    ignored: a key set cannot switch the algorithm."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    found = []
+    for jwk in jwks:
+        if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+            continue
+        if jwk.get("use", "sig") != "sig":
+            continue
+        raw = _b64url(jwk.get("x"))
+        if raw is None or len(raw) != 32:
+            continue
+        found.append(Ed25519PublicKey.from_public_bytes(raw))
+    return found
 
 
 # --------------------------------------------------------------------------- sign

@@ -39,6 +39,9 @@ from tests.test_signatures import (
     SW_SIGNATURE,
     SW_TIMESTAMP,
 )
+from tests.test_signatures import (
+    SCHEMES as SIGNED_SCHEMES,
+)
 
 BODY = b'{"text": "signed hello", "id": 7}'
 JSON = {"Content-Type": "application/json"}
@@ -158,7 +161,7 @@ def test_standard_webhooks_published_example(client, db, add_route, frozen_clock
 # --- every scheme: accepted, and each way of failing ---
 
 
-@pytest.mark.parametrize("scheme", signatures.SCHEMES)
+@pytest.mark.parametrize("scheme", SIGNED_SCHEMES)
 def test_every_scheme_accepts_a_good_signature(client, db, add_route, scheme):
     add_route("in", SHOUT, verify=verify_spec(scheme))
     response = client.post("/hooks/in", data=BODY, headers={**JSON, **signed(scheme)})
@@ -193,7 +196,7 @@ FAILURES = {
 }
 
 
-@pytest.mark.parametrize("scheme", signatures.SCHEMES)
+@pytest.mark.parametrize("scheme", SIGNED_SCHEMES)
 @pytest.mark.parametrize("failure", FAILURES)
 def test_every_scheme_refuses_and_says_nothing_more(client, db, add_route, scheme, failure):
     add_route("in", SHOUT, verify=verify_spec(scheme))

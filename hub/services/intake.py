@@ -64,6 +64,8 @@ HEADERS_CUT = redact.HEADERS_CUT
 IN_PROGRESS_RETRY_AFTER = 2
 # Seconds a sender is told to wait when its sync route already runs its most requests.
 SYNC_BUSY_RETRY_AFTER = 2
+# Seconds a sender is told to wait when its keys (a route's jwks_url) could not be fetched.
+KEYS_RETRY_AFTER = 30
 # The remote address of a test event an admin sent from the dashboard, before the key's
 # prefix: no socket address looks like it, so a sender cannot pass for a test.
 TEST_SENDER = "dashboard:"
@@ -164,6 +166,10 @@ class Reception:
     sender_known: bool = False
     # Headers the route's signature scheme signs with: redacted wherever they are kept.
     signature_headers: set[str] = field(default_factory=set)
+    # Whether a signature verified, and which of the route's secrets made it (Zoom's
+    # handshake answers with an HMAC of that secret); None for a key from a jwks_url.
+    signed: bool = False
+    signer: str | None = None
 
 
 @dataclass
@@ -180,13 +186,15 @@ class Accepted:
 @dataclass(frozen=True)
 class Answer:
     """What a request that goes no further is answered: an error (``message`` and ``code``,
-    a JSON error body) or, for a repeated delivery, ``body``; ``headers`` go with either."""
+    a JSON error body) or, for a repeated delivery or a handshake, ``body`` (JSON) or
+    ``text`` (text/plain); ``headers`` go with any."""
 
     status: int
     message: str | None = None
     code: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None
+    text: str | None = None
 
 
 def key_from(headers: Headers, args: Mapping[str, str]) -> str | None:
@@ -391,17 +399,40 @@ def check_signature(rx: Reception, route: Route, body: bytes) -> None:
             detail="route secrets do not decrypt with this HUB_SECRET_KEY",
         ) from None
     try:
-        signatures.verify(
+        rx.signer = signatures.verify(
             route.verify_scheme or "",
             body=body,
             headers=rx.incoming.headers,
             secrets=secrets,
             options=route.verify_options,
             method=rx.incoming.method,
-            url=rx.incoming.url,
+            url=signed_url(route, rx.incoming),
         )
     except signatures.SignatureError as exc:
         raise Rejected(401, exc.code, "Invalid signature", detail=exc.reason) from None
+    except signatures.KeysUnavailable as exc:
+        log.warning("route %s: %s", route.name[:64], exc.reason)
+        raise Rejected(
+            503,
+            "keys_unavailable",
+            "The sender's signing keys could not be fetched; try again later",
+            headers={"Retry-After": str(KEYS_RETRY_AFTER)},
+            detail=exc.reason,
+        ) from None
+    except UnknownPublicUrl:
+        log.error(
+            "route %s: its provider signs the URL it called; set the route's verify option "
+            "url or HUB_PUBLIC_URL",
+            route.name[:64],
+        )
+        raise Rejected(
+            500,
+            "bad_verifier",
+            "Server error",
+            code="internal_error",
+            detail="the provider signs the URL: set the route's verify option url or "
+            "HUB_PUBLIC_URL",
+        ) from None
     except (ValueError, TypeError):  # a verifier saved before its checks existed
         log.error("route %s: its signature verifier is misconfigured", route.name[:64])
         raise Rejected(
@@ -412,6 +443,28 @@ def check_signature(rx: Reception, route: Route, body: bytes) -> None:
             detail="the route's signature verifier is misconfigured",
         ) from None
     rx.sender_known = True
+    rx.signed = True
+
+
+class UnknownPublicUrl(Exception):
+    """A provider that signs the URL, on a route whose public URL the hub was not told."""
+
+
+def signed_url(route: Route, incoming: Incoming) -> str:
+    """The URL a provider that signs it (Twilio) called, as the operator told the hub: the
+    route's verify option ``url``, else HUB_PUBLIC_URL and the request's path; then the
+    request's query string as it arrived. Never the Host or X-Forwarded-* headers: they are
+    the sender's to write. "" for a provider that does not sign the URL."""
+    provider = providers.get(route.verify_scheme or "")
+    if provider is None or not provider.signs_url:
+        return ""
+    base = (route.verify_options or {}).get("url")
+    if not base:
+        public = current_app.config.get("PUBLIC_URL")
+        if not public:
+            raise UnknownPublicUrl()
+        base = public.rstrip("/") + incoming.path
+    return f"{base}?{incoming.query_string}" if incoming.query_string else base
 
 
 def signed_headers(route: Route) -> set[str]:
@@ -451,54 +504,16 @@ def receive(incoming: Incoming) -> Accepted:
     async routes commit it before answering.
     """
     session = get_session()
-    route_name = incoming.route_name
     event = new_event(incoming)
     rx = Reception(incoming, event)
     logs.bind(event=event)  # its lines name the event, its route and (once known) its key
     # An admin's test event spends no address's refusals (nor is turned away for them).
     throttled_for = None if incoming.admin is not None else check_refusal_budget(session, rx)
     try:
-        if incoming.method != "POST":
-            raise Rejected(
-                405,
-                "method_not_allowed",
-                "Webhooks must be sent with POST",
-                headers={"Allow": "POST"},
-            )
-        route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
-        if route is not None:  # a bounded metrics label
-            logs.bind(known_route=route.name)
-        if route is None or not route.enabled:
-            raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
-        if route.verify_scheme:  # whatever the scheme calls its signature header
-            rx.signature_headers = signed_headers(route)
-        mode = route.auth or "key"
-        limit = int(current_app.config["MAX_BODY_BYTES"])
-        if incoming.admin is not None:  # a test event: the admin's key stands for the sender's
-            key, signed = incoming.admin, False
-            rx.sender_known = True
-            enforce_rate_limits(session, route, key)
-            body = read_body(rx, limit)
+        if incoming.method == "POST":
+            route, key, payload = receive_post(session, rx)
         else:
-            key = check_key(session, rx, route) if mode in KEY_FIRST else None
-            if mode == "key":
-                enforce_rate_limits(session, route, key)
-                body, signed = read_body(rx, limit), False
-            else:
-                body = read_body(rx, limit)
-                key, signed = authenticate(session, rx, route, body, key)
-                enforce_rate_limits(session, route, key)
-        event.key_prefix = key.prefix if key else None
-        try:
-            payload = pipeline.decode_payload(
-                body, incoming.content_type, pipeline.max_json_depth(current_app.config)
-            )
-        except pipeline.PayloadError as exc:
-            status = 415 if exc.code == "unsupported_media_type" else 400
-            raise Rejected(status, exc.code, exc.message) from None
-        event.dedup_key = dedup_key(incoming.headers, route, payload, signed)
-        if event.dedup_key:
-            check_duplicate(session, rx, route)
+            route, key, payload = receive_handshake(session, rx)
     except Rejected as rejection:
         if throttled_for is not None and 400 <= rejection.status < 500:
             session.rollback()
@@ -509,6 +524,99 @@ def receive(incoming: Incoming) -> Accepted:
     event.sealed_headers = sealed_signature_headers(rx)
     session.add(event)
     return Accepted(event=event, route=route, key=key, payload=payload, reception=rx)
+
+
+def receive_handshake(session: Session, rx: Reception) -> tuple[Route, None, dict[str, Any]]:
+    """A GET that is its route's provider's handshake (Dropbox's, Meta's): the route's rate
+    limit applies, its challenge is bounded, its query is the payload; no key, no body, no
+    signature (the handshake is its own check). Any other method, or a GET that is no
+    handshake, is answered 405 whatever the route, as before handshakes existed."""
+    route = handshake_route(session, rx.incoming)
+    if route is None:
+        raise Rejected(
+            405,
+            "method_not_allowed",
+            "Webhooks must be sent with POST",
+            headers={"Allow": "POST"},
+        )
+    logs.bind(known_route=route.name)
+    enforce_rate_limits(session, route, None)
+    args = rx.incoming.args
+    payload = {name: args.get(name) for name in list(args)[:20]}
+    check_challenge_size(payload)
+    return route, None, payload
+
+
+def handshake_route(session: Session, incoming: Incoming) -> Route | None:
+    """The route a GET handshake is for: enabled, its provider declares a GET challenge,
+    and the request carries that challenge's parameter; else None, and the GET is answered
+    405 like any other (a route of another provider, or none, looks the same)."""
+    if incoming.method != "GET":
+        return None
+    route = route_store.lookup(session, incoming.route_name, current_app.extensions["hub.routes"])
+    if route is None or not route.enabled or not route.verify_scheme:
+        return None
+    challenge = providers.challenge_of(providers.get(route.verify_scheme), "GET")
+    if challenge is None or not incoming.args.get(challenge.parameter or ""):
+        return None
+    return route
+
+
+def check_challenge_size(values: Any) -> None:
+    """Rejected(400) when a handshake would echo more than HUB_MAX_CHALLENGE_BYTES."""
+    most = int(current_app.config["MAX_CHALLENGE_BYTES"])
+    if isinstance(values, Mapping):
+        values = [v for v in values.values() if isinstance(v, str)]
+    elif isinstance(values, str):
+        values = [values]
+    else:
+        return
+    if any(len(v.encode("utf-8", "replace")) > most for v in values):
+        raise Rejected(
+            400,
+            "challenge_too_long",
+            f"The challenge is longer than {most} bytes (HUB_MAX_CHALLENGE_BYTES)",
+        )
+
+
+def receive_post(session: Session, rx: Reception) -> tuple[Route, keys.KeyInfo | None, Any]:
+    """A POST's route, key and payload, checked in the order ``receive`` describes."""
+    incoming, event, route_name = rx.incoming, rx.event, rx.incoming.route_name
+    route = route_store.lookup(session, route_name, current_app.extensions["hub.routes"])
+    if route is not None:  # a bounded metrics label
+        logs.bind(known_route=route.name)
+    if route is None or not route.enabled:
+        raise Rejected(404, "unknown_route", f"No route named '{route_name[:100]}'")
+    if route.verify_scheme:  # whatever the scheme calls its signature header
+        rx.signature_headers = signed_headers(route)
+    mode = route.auth or "key"
+    limit = int(current_app.config["MAX_BODY_BYTES"])
+    if incoming.admin is not None:  # a test event: the admin's key stands for the sender's
+        key, signed = incoming.admin, False
+        rx.sender_known = True
+        enforce_rate_limits(session, route, key)
+        body = read_body(rx, limit)
+    else:
+        key = check_key(session, rx, route) if mode in KEY_FIRST else None
+        if mode == "key":
+            enforce_rate_limits(session, route, key)
+            body, signed = read_body(rx, limit), False
+        else:
+            body = read_body(rx, limit)
+            key, signed = authenticate(session, rx, route, body, key)
+            enforce_rate_limits(session, route, key)
+    event.key_prefix = key.prefix if key else None
+    try:
+        payload = pipeline.decode_payload(
+            body, incoming.content_type, pipeline.max_json_depth(current_app.config)
+        )
+    except pipeline.PayloadError as exc:
+        status = 415 if exc.code == "unsupported_media_type" else 400
+        raise Rejected(status, exc.code, exc.message) from None
+    event.dedup_key = dedup_key(incoming.headers, route, payload, signed)
+    if event.dedup_key:
+        check_duplicate(session, rx, route)
+    return route, key, payload
 
 
 class SyncSlots:
@@ -556,8 +664,12 @@ def sync_runs_per_route(config) -> int:
 
 
 def init_app(app) -> None:
-    """The process's sync slots (see SyncSlots)."""
+    """The process's sync slots (see SyncSlots); the limits of key sets fetched for
+    routes' ``jwks_url`` (signatures.JWKS, one per process like the providers)."""
     app.extensions["hub.sync_slots"] = SyncSlots()
+    signatures.JWKS.configure(
+        ttl=app.config["JWKS_CACHE_SECONDS"], max_bytes=app.config["JWKS_MAX_BYTES"]
+    )
 
 
 class SyncBusy(Exception):
@@ -1072,26 +1184,61 @@ def enqueue(accepted: Accepted) -> None:
     delivery.wake(current_app, soon=True)
 
 
-def challenge_answer(accepted: Accepted) -> dict[str, Any] | None:
-    """What the route's provider's handshake asks to hear back (Slack's
-    ``url_verification`` challenge), or None: a signed request that proves the URL is not
-    an event for the pipeline. The kind is the provider's declared ``challenge``."""
+def challenge_answer(accepted: Accepted) -> dict[str, Any] | str | None:
+    """What the route's provider's handshake asks to hear back, or None: a request that
+    proves the URL is not an event for the pipeline. The kind is the provider's declared
+    ``challenge``; a POST one is answered only once the request's signature verified (or
+    for an admin's test event), a GET one (Dropbox's, Meta's) by its own check.
+    ChallengeRefused for a handshake that must be refused, Rejected for one too long."""
     route = accepted.route
+    rx = accepted.reception
+    method = rx.incoming.method
     provider = providers.get(route.verify_scheme) if route.verify_scheme else None
-    return providers.answer_challenge(provider, accepted.payload)
-
-
-def answer_challenge(accepted: Accepted) -> dict[str, Any] | None:
-    """The answer to the provider's handshake (its event ended delivered), or None for an
-    event to run."""
-    answer = challenge_answer(accepted)
-    if answer is None:
+    if method == "POST" and not (rx.signed or rx.incoming.admin is not None):
         return None
+    answer = providers.answer_challenge(
+        provider,
+        accepted.payload,
+        rx.incoming.headers,
+        options=route.verify_options or {},
+        secret=rx.signer,
+        method=method,
+    )
+    if answer is not None:
+        check_challenge_size(answer)
+    return answer
+
+
+def answer_challenge(accepted: Accepted) -> Answer | None:
+    """The answer to the provider's handshake (its event ended delivered, with the answer
+    as its result; no delivery is made), or None for an event to run. A refused handshake
+    is recorded as a refusal and answered with its status."""
+    method = accepted.reception.incoming.method
+    try:
+        answer = challenge_answer(accepted)
+    except providers.ChallengeRefused as refused:
+        return refuse_accepted(accepted, refused.status, refused.message, refused.code)
+    except Rejected as rejection:
+        return refuse_accepted(accepted, rejection.status, rejection.message, rejection.code)
+    if answer is None:
+        if method == "POST":
+            return None
+        # A GET on a handshake route that is not its handshake (hub.mode=unsubscribe).
+        refused = refuse_accepted(
+            accepted, 405, "Webhooks must be sent with POST", "method_not_allowed"
+        )
+        return Answer(refused.status, refused.message, refused.code, headers={"Allow": "POST"})
     finish(accepted.event, pipeline.Outcome(pipeline.DELIVERED, result=answer))
     accepted.event.response_status = 200
     get_session().commit()
     metrics.event_ended(accepted.route.name, EventStatus.DELIVERED)
-    return answer
+    if isinstance(answer, str):
+        return Answer(200, text=answer, headers=TEXT_ANSWER_HEADERS)
+    return Answer(200, body=answer)
+
+
+# A handshake's text echoes what the sender sent: never to be read as HTML by a browser.
+TEXT_ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff"}
 
 
 def refuse_accepted(accepted: Accepted, status: int, message: str, code: str) -> Answer:

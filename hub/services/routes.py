@@ -424,8 +424,9 @@ def _check_auth(spec: RouteSpec, environ: Mapping[str, str]) -> list[str]:
         resolved.append(_checked_secret(verify.scheme, secret, where, errors))
     verify.secrets = list(dict.fromkeys(s for s in resolved if s))  # unique, in order
     verify.secrets_env = []
-    if not verify.secrets and not errors:
-        errors.append("verify.secrets: a verifier needs at least one secret")
+    keyed_by_url = isinstance(verify.options, dict) and verify.options.get("jwks_url")
+    if not verify.secrets and not errors and not keyed_by_url:
+        errors.append("verify.secrets: a verifier needs at least one secret (or a jwks_url)")
     return errors
 
 

@@ -9,7 +9,7 @@ slots to the end of the request.
 
 from __future__ import annotations
 
-from flask import Blueprint, g, request, url_for
+from flask import Blueprint, Response, g, request, url_for
 
 from hub.services import intake, keys, pipeline
 from hub.store import storable
@@ -43,7 +43,9 @@ def incoming(route_name: str) -> intake.Incoming:
 
 
 def answer(told: intake.Answer):
-    """The JSON response for what intake told the sender."""
+    """The response for what intake told the sender: JSON, or a handshake's text."""
+    if told.text is not None:
+        return Response(told.text, told.status, headers=dict(told.headers), mimetype="text/plain")
     if told.body is not None:
         response, status = told.body, told.status
         return response, status, dict(told.headers)
@@ -93,7 +95,7 @@ def hook(route_name: str):
         return answer(accepted)
     challenge = intake.answer_challenge(accepted)
     if challenge is not None:
-        return challenge, 200
+        return answer(challenge)
     if accepted.route.mode == "async" or intake.waits_for_resume(accepted):
         return enqueue(accepted)
     outcome = run_sync(accepted)

@@ -66,6 +66,8 @@ class Operation:
     secured: bool = True
     description: str | None = None
     path_params: dict[str, str] = field(default_factory=dict)
+    # Statuses answered as text/plain (a provider's handshake echoes its challenge).
+    text_responses: frozenset[int] = frozenset()
 
     @property
     def operation_id(self) -> str:
@@ -191,10 +193,10 @@ def _operation(op: Operation, refs: dict) -> dict[str, Any]:
     for status in sorted(statuses):
         text, model = statuses[status]
         schema = refs[(model, "serialization")] if model is not None else error_ref
-        out["responses"][str(status)] = {
-            "description": text,
-            "content": {"application/json": {"schema": schema}},
-        }
+        media = {"application/json": {"schema": schema}}
+        if status in op.text_responses:
+            media = {"text/plain": {"schema": {"type": "string"}}}
+        out["responses"][str(status)] = {"description": text, "content": media}
     return out
 
 
@@ -281,7 +283,7 @@ fetch("openapi.json").then(r=>r.json()).then(doc=>{
       const body=op.requestBody?`<p>Body:</p><pre>${esc(JSON.stringify(
         op.requestBody.content["application/json"].schema,null,1))}</pre>`:"";
       const codes=Object.entries(op.responses).map(([c,r])=>`<li><b>${c}</b> `+
-        `${esc(r.description)} <code>${esc(JSON.stringify(r.content["application/json"].schema))}`+
+        `${esc(r.description)} <code>${esc(JSON.stringify(Object.values(r.content)[0].schema))}`+
         `</code></li>`).join("");
       out.push(`<details><summary><span class="m">${method.toUpperCase()}</span>`+
         `<code>${esc(path)}</code> <span class="t">${esc(op.summary||"")}</span></summary>`+

@@ -57,6 +57,25 @@ api.describe(
 )
 api.describe(
     "GET",
+    "/hooks/{route}",
+    summary="A provider's GET handshake (Dropbox's ?challenge=, Meta's ?hub.mode=subscribe)",
+    description="Answered only on a route whose provider declares a GET handshake, when the "
+    "request carries its parameter: the challenge, as text/plain. Any other GET is answered "
+    "405, whatever the route.",
+    tag="public",
+    secured=False,
+    path_params={"route": "The route's name"},
+    responses={
+        200: ("The challenge, echoed as text/plain", None),
+        400: ("The challenge is longer than HUB_MAX_CHALLENGE_BYTES", None),
+        403: ("Meta's hub.verify_token is not the route's verify_token", None),
+        405: ("Not a handshake of this route's provider: webhooks must be sent with POST", None),
+        429: ("A rate limit is spent; Retry-After says when to come back", None),
+    },
+    text_responses=frozenset({200}),
+)
+api.describe(
+    "GET",
     "/events/{event_id}",
     summary="What became of an event: for the key that sent it, or an admin key",
     description="The key that sent the event sees whether it was accepted, its status, "
