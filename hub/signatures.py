@@ -99,7 +99,7 @@ def validate_options(scheme: str, options: dict | None) -> dict:
         raise ValueError(
             f"Options for scheme {scheme!r} must be a JSON object, not {type(options).__name__}."
         )
-    allowed = [*provider.options, *(["tolerance"] if provider.timestamp else [])]
+    allowed = providers.route_options(provider)
     unknown = sorted(set(options) - set(allowed))
     if not allowed and options:
         raise ValueError(
@@ -119,7 +119,21 @@ def validate_options(scheme: str, options: dict | None) -> dict:
         result.update(_validate_hmac_options(scheme, options, provider))
     if provider.timestamp:
         result["tolerance"] = _tolerance(options.get("tolerance", provider.timestamp.tolerance))
+    if provider.signs_url and options.get("url") is not None:
+        result["url"] = _signed_url(options["url"])
     return result
+
+
+def _signed_url(url: Any) -> str:
+    """The route's ``url`` option: the URL the sender was given (and signs), exactly."""
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 2000:
+        raise ValueError(
+            "Option 'url' must be the URL the provider was given for this route, "
+            f"starting with https:// (at most 2000 characters), got {str(url)[:80]!r}."
+        )
+    if any(c.isspace() for c in url):
+        raise ValueError("Option 'url' must not contain spaces.")
+    return url
 
 
 def _tolerance(tolerance: Any) -> int:
@@ -291,6 +305,8 @@ def _usable(value: Any, name: str) -> str:
 
 def _first_header(headers: Any, names: tuple[str, ...]) -> tuple[str, str]:
     """The first of ``names`` the request carries, as (name, value)."""
+    if not names:
+        raise SignatureError("the provider declares no header here")
     if len(names) == 1:
         return names[0], _header(headers, names[0])
     for name in names:
@@ -383,6 +399,8 @@ def verify(
             raise TypeError("body must be the raw request bytes")
         body = bytes(body)
     provider = configured(scheme, options)
+    if provider.signs_url and options and options.get("url"):
+        url = options["url"]  # what the sender was told, not what a proxy may have rewritten
     check(provider, SignedRequest(body, headers, method, url), secrets, now=now)
 
 
@@ -398,7 +416,15 @@ def check(
     if isinstance(secrets, (str, bytes)):  # noqa: UP038 - the tuple form is the faster
         raise TypeError("secrets must be a list of strings, not a single string")
     headers = request.headers
-    sig_name, sig_value = _first_header(headers, provider.signature_headers)
+    body = _JsonBody(request.body)
+    if provider.signature_field:
+        sig_name = f"body field {provider.signature_field}"
+        sig_value = body.text(provider.signature_field, "signature")
+    else:
+        sig_name, sig_value = _first_header(headers, provider.signature_headers)
+    if provider.algorithm == providers.TOKEN:
+        _check_token(provider, sig_value, secrets)
+        return
     rule = provider.timestamp
     ts_raw = _header(headers, rule.header) if rule is not None and rule.header else None
     id_value = _first_header(headers, provider.id_headers)[1] if provider.signs_id else None
@@ -417,13 +443,13 @@ def check(
                 raise SignatureError(f"malformed {sig_name} header")
             ts_raw = listed_ts[0]
         elif rule.body_field:
-            ts_raw = _body_timestamp(request.body, rule.body_field)
+            ts_raw = body.text(rule.body_field, "timestamp")
         assert ts_raw is not None
         ts = _parse_timestamp(ts_raw)
         _check_window(ts / 1000 if rule.unit == "ms" else ts, now, rule.tolerance)
     if not secrets:
         raise SignatureError("no secret configured")
-    content = _content(provider, request, ts_raw, id_value)
+    content = _content(provider, request, ts_raw, id_value, body)
     matched = False
     usable = False
     if hmac_wanted:
@@ -517,14 +543,51 @@ def _signatures(
     return sent_hmac, sent_code, stamps
 
 
-def _body_timestamp(body: bytes, field: str) -> str:
-    try:
-        value = json.loads(body).get(field)
-    except (ValueError, AttributeError, RecursionError):
-        value = None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise SignatureError(f"missing timestamp {field} in the body")
-    return str(value)
+class _JsonBody:
+    """The request's JSON body, parsed once and only if the declaration reads a field of it
+    (a timestamp, a signature, a signed part)."""
+
+    __slots__ = ("_parsed", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._parsed: Any = _UNPARSED
+
+    def field(self, path: str) -> Any:
+        if self._parsed is _UNPARSED:
+            try:
+                self._parsed = json.loads(self.raw)
+            except (ValueError, RecursionError):
+                self._parsed = None
+        return providers.body_field(self._parsed, path)
+
+    def text(self, path: str, what: str) -> str:
+        """A string or whole number at ``path``, as text; SignatureError when absent."""
+        value = self.field(path)
+        if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+            raise SignatureError(f"missing {what} {path} in the body")
+        return str(value)
+
+
+_UNPARSED = object()
+
+
+def _check_token(provider: Provider, sent: str, secrets: list[str]) -> None:
+    """A static token (GitLab's): the header is the secret. Digests of both are compared, so
+    the time taken says nothing about the secret, not even its length."""
+    if not secrets:
+        raise SignatureError("no secret configured")
+    if provider.prefix:
+        if sent[: len(provider.prefix)].lower() != provider.prefix.lower():
+            raise SignatureError(f"malformed {provider.signature_headers[0]} header")
+        sent = sent[len(provider.prefix) :].strip()
+    got = hashlib.sha256(sent.encode("utf-8", "replace")).digest()
+    usable = [s for s in secrets if isinstance(s, str) and s]
+    if not usable:
+        raise SignatureError("no usable secret configured")
+    expected = [hashlib.sha256(s.encode("utf-8")).digest() for s in usable]
+    if not _any_match([got], expected):
+        raise SignatureError("no signature matched")
 
 
 def _form(body: bytes) -> bytes:
@@ -534,7 +597,11 @@ def _form(body: bytes) -> bytes:
 
 
 def _content(
-    provider: Provider, request: SignedRequest, timestamp: str | None, msg_id: str | None
+    provider: Provider,
+    request: SignedRequest,
+    timestamp: str | None,
+    msg_id: str | None,
+    body: _JsonBody | None = None,
 ) -> bytes:
     """The bytes the sender signed, built from the declaration's template."""
     template = provider.signed_content
@@ -558,6 +625,8 @@ def _content(
             out += _form(request.body)
         elif part == "header":
             out += _header(request.headers, arg).encode("latin-1", "replace")
+        elif part == "json":
+            out += (body or _JsonBody(request.body)).text(arg, "signed field").encode()
     return bytes(out)
 
 
@@ -654,6 +723,10 @@ def sign_with(
     """The headers any declaration's sender would send: its HMAC over the signed content."""
     if provider.algorithm is None:
         raise ValueError(f"{provider.name!r} is verified with public keys; the hub cannot sign it.")
+    if provider.signature_field:
+        raise ValueError(f"{provider.name!r} signs inside its JSON body; the hub cannot add it.")
+    if provider.algorithm == providers.TOKEN:
+        return {provider.signature_headers[0]: provider.prefix + secret}
     key = _hmac_key(provider, secret)
     body = bytes(body)
     ts = str(int(time.time()) if timestamp is None else int(timestamp))
