@@ -499,6 +499,15 @@ def load_providers(
         if not declared:
             log.error("provider %s (%s) declares no Provider", name, spec)
         for provider in declared:
+            if provider.code is not None and not _verifier_loads(provider.code.verifier):
+                log.error(
+                    "provider %r (%s) is not loaded: its verifier %s is not a KeyVerifier "
+                    "that imports",
+                    provider.name,
+                    spec,
+                    provider.code.verifier,
+                )
+                continue
             if not registry.register(provider, spec):
                 log.error(
                     "provider %r from %s is not loaded: the name is taken by %s",
@@ -507,6 +516,14 @@ def load_providers(
                     registry.source(provider.name),
                 )
     return registry
+
+
+def _verifier_loads(spec: str) -> bool:
+    try:
+        obj = _load_object(spec)
+    except Exception:
+        return False
+    return isinstance(obj, KeyVerifier) or (isinstance(obj, type) and issubclass(obj, KeyVerifier))
 
 
 @cache
@@ -539,8 +556,10 @@ def describe(provider: Provider) -> dict[str, Any]:
         "title": provider.title,
         "docs_url": provider.docs_url,
         "setup": provider.setup,
-        "signature_headers": list(provider.signature_headers)
-        or [f"body field {provider.signature_field}"],
+        # The generic hmac's header is the route's own option; Mailgun's is in the body.
+        "signature_headers": []
+        if "header" in provider.options
+        else list(provider.signature_headers) or [f"body field {provider.signature_field}"],
         "secret": provider.secret_description,
         "id_headers": [
             *([f"body field {provider.id_field}"] if provider.id_field else []),

@@ -470,7 +470,9 @@ def check(
             matched |= _any_match(sent_hmac, expected)
     if code_wanted:
         verifier = key_verifier(provider.code.verifier)  # type: ignore[union-attr]
-        keys = verifier.keys([s for s in secrets if _is_code_secret(provider, s)])
+        keys = verifier.keys(
+            [s for s in secrets if isinstance(s, str) and _is_code_secret(provider, s)]
+        )
         if keys:
             usable = True
             matched |= bool(sent_code) and verifier.verify(content, sent_code, keys)

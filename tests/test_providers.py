@@ -445,6 +445,21 @@ ACME = Provider(
 """
 
 
+KEYED_MODULE = """
+from hub.providers import CodeRule, Provider
+
+KEYED = Provider(
+    name="keyed",
+    title="Keyed",
+    docs_url="https://keyed.example",
+    setup="its public key",
+    signature_headers=("X-Keyed-Signature",),
+    algorithm=None,
+    code=CodeRule(verifier="nowhere:VERIFIER", secret_text="a public key"),
+)
+"""
+
+
 class ProviderPlugins:
     """Throwaway distributions as pip leaves them: a module beside a ``*.dist-info`` whose
     ``entry_points.txt`` names it under ``hub.providers``."""
@@ -560,8 +575,15 @@ def test_a_provider_from_a_package_is_listed_by_every_face(acme_app, make_admin_
 def test_a_provider_whose_name_is_taken_is_refused_with_a_sentence(provider_plugins, caplog):
     provider_plugins.install(
         "hub-provider-shadow",
-        {"github": "hub_shadow:ACME", "broken": "hub_missing_module:ACME"},
-        {"hub_shadow": ACME_MODULE.format(name="github")},
+        {
+            "github": "hub_shadow:ACME",
+            "broken": "hub_missing_module:ACME",
+            "keyed": "hub_keyed:KEYED",
+        },
+        {
+            "hub_shadow": ACME_MODULE.format(name="github"),
+            "hub_keyed": KEYED_MODULE,
+        },
     )
     with caplog.at_level(logging.ERROR, logger="hub.providers"):
         loaded = providers.reload()
@@ -570,6 +592,10 @@ def test_a_provider_whose_name_is_taken_is_refused_with_a_sentence(provider_plug
         "hub.provider_catalog:GITHUB" in caplog.text
     )
     assert "provider broken (hub_missing_module:ACME) failed to load" in caplog.text
+    assert (
+        "provider 'keyed' (hub_keyed:KEYED) is not loaded: its verifier nowhere:VERIFIER is "
+        "not a KeyVerifier that imports" in caplog.text
+    )
     assert loaded.get("github").signature_headers == ("X-Hub-Signature-256",)
     assert loaded.names() == BUILTINS
 

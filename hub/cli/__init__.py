@@ -659,9 +659,7 @@ def providers_list(as_json: bool) -> None:
                 [
                     p["name"],
                     p["title"],
-                    ", ".join(p["signature_headers"])
-                    if "header" not in p["options"]
-                    else "(option header)",
+                    ", ".join(p["signature_headers"]) or "(the route's header option)",
                     p["secret"],
                     ", ".join(p["id_headers"]) or "-",
                     p["challenge"] or "-",
