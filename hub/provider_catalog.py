@@ -188,6 +188,184 @@ DROPBOX = Provider(
     challenge="dropbox-challenge",
 )
 
+
+# ---------------------------------------------------------------- Svix and its senders
+
+
+def _svix(name: str, title: str, docs_url: str, setup: str) -> Provider:
+    """Svix signs for many senders: the Standard Webhooks rule under svix- header names."""
+    return Provider(
+        name=name,
+        title=title,
+        docs_url=docs_url,
+        setup=setup,
+        signature_headers=("svix-signature",),
+        signed_content="{id}.{timestamp}.{body}",
+        encoding="base64",
+        signature_list=SignatureList(separator=" ", pair=",", versions=("v1",)),
+        timestamp=Timestamp(header="svix-timestamp"),
+        id_headers=("svix-id",),
+        secret="whsec",
+        secret_text="whsec_ + base64 (HMAC-SHA256)",
+    )
+
+
+SVIX = _svix(
+    "svix",
+    "Svix (any sender that delivers through Svix)",
+    "https://docs.svix.com/receiving/verifying-payloads/how-manual",
+    "the endpoint's Signing Secret (whsec_...), shown on the endpoint's page in the "
+    "sender's Svix portal",
+)
+CLERK = _svix(
+    "clerk",
+    "Clerk",
+    "https://clerk.com/docs/webhooks/sync-data",
+    "Clerk Dashboard → Webhooks → the endpoint → Signing Secret (whsec_...)",
+)
+RESEND = _svix(
+    "resend",
+    "Resend",
+    "https://resend.com/docs/dashboard/webhooks/verify-webhooks-requests",
+    "Resend dashboard → Webhooks → the webhook → Signing Secret (whsec_...)",
+)
+
+# ---------------------------------------------------------------- code hosts, support, forms
+
+GITLAB = Provider(
+    name="gitlab",
+    title="GitLab",
+    docs_url="https://docs.gitlab.com/user/project/integrations/webhooks/#delivery-headers",
+    setup="Settings → Webhooks → Secret token: the same string as the route's secret",
+    signature_headers=("X-Gitlab-Token",),
+    algorithm="token",
+    # Idempotency-Key stays the same across GitLab's retries (17.4 and later); before it,
+    # X-Gitlab-Event-UUID names the event.
+    id_headers=("Idempotency-Key", "X-Gitlab-Event-UUID"),
+    secret_text="the secret token (you choose it), sent as it is and compared in constant time",
+)
+
+INTERCOM = Provider(
+    name="intercom",
+    title="Intercom",
+    docs_url="https://developers.intercom.com/docs/references/webhooks/webhook-models",
+    setup="Developer Hub → your app → Basic information → Client secret",
+    signature_headers=("X-Hub-Signature",),
+    algorithm="sha1",
+    prefix="sha1=",
+    id_field="id",
+    secret_text="the app's client secret",
+)
+
+TYPEFORM = Provider(
+    name="typeform",
+    title="Typeform",
+    docs_url="https://www.typeform.com/developers/webhooks/secure-your-webhooks/",
+    setup="the form → Connect → Webhooks → Edit → Secret: the same string as the route's secret",
+    signature_headers=("Typeform-Signature",),
+    encoding="base64",
+    prefix="sha256=",
+    id_field="event_id",
+    secret_text="the webhook's secret (you choose it)",
+)
+
+LINEAR = Provider(
+    name="linear",
+    title="Linear",
+    docs_url="https://linear.app/developers/webhooks#securing-webhooks",
+    setup="Settings → API → Webhooks → the webhook → Signing secret",
+    signature_headers=("Linear-Signature",),
+    # Linear's time is in the signed body, in milliseconds; it asks for a minute at most.
+    timestamp=Timestamp(body_field="webhookTimestamp", unit="ms", tolerance=60),
+    id_headers=("Linear-Delivery",),
+    secret_text="the webhook's signing secret",
+)
+
+CALENDLY = Provider(
+    name="calendly",
+    title="Calendly",
+    docs_url="https://developer.calendly.com/api-docs/overview/webhooks/webhook-signatures",
+    setup="the signing_key given when the webhook subscription was created (an OAuth app's: "
+    "its Webhook signing key)",
+    signature_headers=("Calendly-Webhook-Signature",),
+    signed_content="{timestamp}.{body}",
+    signature_list=SignatureList(separator=",", pair="=", versions=("v1",)),
+    timestamp=Timestamp(signature_key="t", tolerance=180),
+    secret_text="the subscription's webhook signing key",
+)
+
+PAGERDUTY = Provider(
+    name="pagerduty",
+    title="PagerDuty (v3 webhooks)",
+    docs_url="https://github.com/PagerDuty/developer-docs/blob/main/docs/webhooks/04-Signatures.md",
+    setup="Integrations → Generic Webhooks (v3) → New Webhook: the secret shown once, when "
+    "the subscription is created",
+    # Several v1= during a rotation, one per secret.
+    signature_headers=("X-PagerDuty-Signature",),
+    signature_list=SignatureList(separator=",", pair="=", versions=("v1",)),
+    id_field="event.id",
+    secret_text="the webhook subscription's secret",
+)
+
+HUBSPOT = Provider(
+    name="hubspot",
+    title="HubSpot (v3 signatures)",
+    docs_url="https://developers.hubspot.com/docs/apps/developer-platform/build-apps/"
+    "authentication/request-validation",
+    setup="the app's Client secret (the app → Auth); HubSpot signs the URL: behind a proxy set "
+    "HUB_TRUSTED_PROXIES, or the route's url option to the URL HubSpot was given",
+    signature_headers=("X-HubSpot-Signature-v3",),
+    signed_content="{method}{url}{body}{timestamp}",
+    encoding="base64",
+    timestamp=Timestamp(header="X-HubSpot-Request-Timestamp", unit="ms", tolerance=300),
+    secret_text="the app's client secret",
+)
+
+# ---------------------------------------------------------------- payments, email, chat apps
+
+PADDLE = Provider(
+    name="paddle",
+    title="Paddle Billing",
+    docs_url="https://developer.paddle.com/webhooks/signature-verification",
+    setup="Developer tools → Notifications → the destination → Secret key (pdl_ntfset_...)",
+    signature_headers=("Paddle-Signature",),
+    signed_content="{timestamp}:{body}",
+    signature_list=SignatureList(separator=";", pair="=", versions=("h1",)),
+    # Paddle's SDKs allow five seconds of drift; a route's tolerance option may widen it.
+    timestamp=Timestamp(signature_key="ts", tolerance=5),
+    id_field="event_id",
+    secret_text="the notification destination's secret key",
+)
+
+SQUARE = Provider(
+    name="square",
+    title="Square",
+    docs_url="https://developer.squareup.com/docs/webhooks/step3validate",
+    setup="Developer Console → the app → Webhooks → Subscriptions → the subscription → "
+    "Signature key; Square signs the notification URL: set the route's url option to it, "
+    "exactly as entered there",
+    signature_headers=("x-square-hmacsha256-signature",),
+    signed_content="{url}{body}",
+    encoding="base64",
+    id_field="event_id",
+    secret_text="the subscription's signature key",
+)
+
+MAILGUN = Provider(
+    name="mailgun",
+    title="Mailgun",
+    docs_url="https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/"
+    "securing-webhooks",
+    setup="Send → Sending → Webhooks → HTTP webhook signing key",
+    # The signature is in the JSON body: {"signature": {"timestamp", "token", "signature"}}.
+    signature_field="signature.signature",
+    signed_content="{timestamp}{json:signature.token}",
+    timestamp=Timestamp(body_field="signature.timestamp"),
+    # A token seen again is a replay: with a dedup_window the route refuses to run it twice.
+    id_field="signature.token",
+    secret_text="the HTTP webhook signing key",
+)
+
 META = Provider(
     name="meta",
     title="Meta (WhatsApp, Messenger, Instagram) webhooks",
@@ -214,4 +392,39 @@ POSTMARK = Provider(
         encoding="base64",
         secret_text="USER:PASSWORD, as written in the webhook URL (Postmark signs nothing)",
     ),
+)
+
+# ---------------------------------------------------------------- what small teams run
+
+SENTRY = Provider(
+    name="sentry",
+    title="Sentry (integration platform)",
+    docs_url="https://docs.sentry.io/integrations/integration-platform/webhooks/",
+    setup="Settings → Developer Settings → Custom Integrations → the integration → Client Secret",
+    signature_headers=("Sentry-Hook-Signature",),
+    # Sentry-Hook-Timestamp is sent but not signed, so it guards nothing: no timestamp rule.
+    id_headers=("Request-ID",),
+    secret_text="the integration's client secret",
+)
+
+VERCEL = Provider(
+    name="vercel",
+    title="Vercel",
+    docs_url="https://vercel.com/docs/webhooks/webhooks-api#securing-webhooks",
+    setup="Team Settings → Webhooks: the secret shown once when the webhook is created (an "
+    "integration's webhooks: its Client Secret)",
+    signature_headers=("x-vercel-signature",),
+    algorithm="sha1",
+    id_field="id",
+    secret_text="the webhook's secret",
+)
+
+LEMON_SQUEEZY = Provider(
+    name="lemon-squeezy",
+    title="Lemon Squeezy",
+    docs_url="https://docs.lemonsqueezy.com/help/webhooks/signing-requests",
+    setup="Settings → Webhooks → the webhook → Signing secret: the same string as the route's "
+    "secret",
+    signature_headers=("X-Signature",),
+    secret_text="the webhook's signing secret (you choose it)",
 )

@@ -39,11 +39,19 @@ DEFAULT_TOLERANCE = 300  # seconds
 #: Longest tolerance accepted: beyond a day the timestamp no longer guards against replays.
 MAX_TOLERANCE = 86400
 ALGORITHMS = ("sha1", "sha256", "sha512")
+#: Not an HMAC: the header carries the secret itself (GitLab's X-Gitlab-Token), compared in
+#: constant time.
+TOKEN = "token"
 ENCODINGS = ("hex", "base64")
 #: What a route's options may set on a configurable provider (the generic ``hmac``).
 CONFIGURABLE = ("header", "algorithm", "encoding", "prefix")
-#: The parts a signed-content template may name. ``{header:Name}`` is any request header.
-TEMPLATE_FIELDS = ("body", "timestamp", "id", "url", "method", "form", "header")
+#: The parts a signed-content template may name. ``{header:Name}`` is any request header,
+#: ``{json:a.b}`` a field of the JSON body (Mailgun signs its body's signature.token).
+TEMPLATE_FIELDS = ("body", "timestamp", "id", "url", "method", "form", "header", "json")
+#: Template parts that take an argument after a colon.
+_ARGUMENT_FIELDS = ("header", "json")
+# A path into the JSON body: dotted names (``signature.token``), list indexes as digits.
+_JSON_PATH = re.compile(r"^[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+){0,7}$")
 WHSEC_PREFIX = "whsec_"
 
 #: Built-in providers, loaded through the same path as third-party entry points.
@@ -65,13 +73,52 @@ BUILTIN_PROVIDERS = {
         ("dropbox", "DROPBOX"),
         ("meta", "META"),
         ("postmark", "POSTMARK"),
+        # HMAC-family senders.
+        ("svix", "SVIX"),
+        ("clerk", "CLERK"),
+        ("resend", "RESEND"),
+        ("gitlab", "GITLAB"),
+        ("intercom", "INTERCOM"),
+        ("typeform", "TYPEFORM"),
+        ("linear", "LINEAR"),
+        ("calendly", "CALENDLY"),
+        ("pagerduty", "PAGERDUTY"),
+        ("hubspot", "HUBSPOT"),
+        ("paddle", "PADDLE"),
+        ("square", "SQUARE"),
+        ("mailgun", "MAILGUN"),
+        ("sentry", "SENTRY"),
+        ("vercel", "VERCEL"),
+        ("lemon-squeezy", "LEMON_SQUEEZY"),
     )
 }
 
+#: Id header names too common to name a delivery on a route of another provider: proxies and
+#: HTTP clients set them for their own reasons (Sentry's Request-ID counts on sentry routes).
+GENERIC_ID_HEADERS = frozenset({"request-id", "x-request-id", "x-correlation-id"})
 #: RFC 9110 token characters, the only ones allowed in a header name.
 HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
 # Route rows keep the scheme in a String(32).
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _json_path(value: str) -> str:
+    if not _JSON_PATH.match(value or ""):
+        raise ValueError(f"{value!r} is not a JSON path such as signature.token")
+    return value
+
+
+def body_field(payload: Any, path: str) -> Any:
+    """The value at ``path`` (``a.b.0``) of a parsed JSON body, or None when it is not there."""
+    value = payload
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
 
 
 def _header_name(value: str) -> str:
@@ -123,7 +170,9 @@ class Timestamp(BaseModel):
         None, description="A key of the signature header's list, e.g. Stripe's t."
     )
     body_field: str | None = Field(
-        None, description="A top-level field of the JSON body, e.g. Linear's webhookTimestamp."
+        None,
+        description="A field of the JSON body (a dotted path), e.g. Linear's webhookTimestamp "
+        "or Mailgun's signature.timestamp.",
     )
     unit: Literal["s", "ms", "rfc3339"] = Field(
         "s", description="Seconds or milliseconds since the epoch, or an RFC 3339 time (Twitch)."
@@ -139,6 +188,8 @@ class Timestamp(BaseModel):
             )
         if self.header:
             _header_name(self.header)
+        if self.body_field:
+            _json_path(self.body_field)
         return self
 
 
@@ -181,21 +232,31 @@ class Provider(BaseModel):
     docs_url: str = Field(description="The provider's own page on verifying its webhooks.")
     setup: str = Field(description="What to paste where in the provider's settings.")
     signature_headers: tuple[str, ...] = Field(
-        min_length=1, description="Where the signature is, tried in order."
+        (), description="Where the signature is, tried in order (or signature_field)."
+    )
+    signature_field: str | None = Field(
+        None, description="Or a field of the JSON body (a dotted path): Mailgun's."
     )
     signed_content: str = Field(
         "{body}",
         description="What is signed: literal text and {body} {timestamp} {id} {url} {method} "
         "{form} {header:Name}.",
     )
-    algorithm: Literal["sha1", "sha256", "sha512"] | None = Field(
-        "sha256", description="The HMAC's hash; None for a provider verified by code alone."
+    algorithm: Literal["sha1", "sha256", "sha512", "token"] | None = Field(
+        "sha256",
+        description="The HMAC's hash; token: the header is the secret itself (compared in "
+        "constant time); None for a provider verified by code alone.",
     )
     encoding: Literal["hex", "base64"] = "hex"
     prefix: str = Field("", description="Text before a lone signature, e.g. sha256=.")
     signature_list: SignatureList | None = None
     timestamp: Timestamp | None = None
     id_headers: tuple[str, ...] = Field((), description="The delivery id, for deduplication.")
+    id_field: str | None = Field(
+        None,
+        description="Or a field of the signed JSON body that names the delivery (a dotted "
+        "path), e.g. Paddle's event_id; it comes before any header.",
+    )
     secret: Literal["plain", "whsec"] = Field(
         "plain", description="plain: the bytes of the string; whsec: base64 after whsec_."
     )
@@ -226,8 +287,24 @@ class Provider(BaseModel):
     def _headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_header_name(v) for v in value)
 
+    @field_validator("signature_field", "id_field")
+    @classmethod
+    def _paths(cls, value: str | None) -> str | None:
+        return None if value is None else _json_path(value)
+
     @model_validator(mode="after")
     def _coherent(self) -> Provider:
+        if bool(self.signature_headers) == bool(self.signature_field):
+            raise ValueError(
+                "a signature is in signature_headers or in signature_field, one of them"
+            )
+        if self.algorithm == TOKEN and (
+            self.signature_list or self.timestamp or self.signed_content != "{body}" or self.code
+        ):
+            raise ValueError(
+                "a token provider compares the header with the secret: no signed "
+                "content, list, timestamp or code"
+            )
         fields = template_fields(self.signed_content)
         if "timestamp" in fields and self.timestamp is None:
             raise ValueError("signed_content names {timestamp} but the provider has no timestamp")
@@ -257,7 +334,8 @@ class Provider(BaseModel):
 
     @cached_property
     def signs_url(self) -> bool:
-        """Whether the signature covers the URL the sender called ({url}, Twilio)."""
+        """Whether the signature covers the URL the sender called ({url}: Twilio, Square,
+        HubSpot): a route then gives that URL (its ``url`` option) or HUB_PUBLIC_URL does."""
         return "url" in template_fields(self.signed_content)
 
     @property
@@ -307,14 +385,16 @@ def _parse_template(template: str) -> tuple[tuple[tuple[str, str], ...], frozens
             parts.append(("", literal))
         if field is None:
             continue
-        if conversion or (spec and field != "header") or field not in TEMPLATE_FIELDS:
+        if conversion or (spec and field not in _ARGUMENT_FIELDS) or field not in TEMPLATE_FIELDS:
             raise ValueError(
                 f"signed_content names {{{field}}}; known: "
-                + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS[:-1])
-                + " {header:Name}"
+                + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS[:-2])
+                + " {header:Name} {json:path}"
             )
         if field == "header":
             parts.append(("header", _header_name(spec or "")))
+        elif field == "json":
+            parts.append(("json", _json_path(spec or "")))
         else:
             parts.append((field, ""))
         names.add(field)
@@ -550,7 +630,8 @@ class ProviderRegistry:
         seen: dict[str, None] = {}
         for provider in self._providers.values():
             for header in provider.id_headers:
-                seen.setdefault(header, None)
+                if header.lower() not in GENERIC_ID_HEADERS:
+                    seen.setdefault(header, None)
         return tuple(seen)
 
     def configured(
@@ -579,6 +660,7 @@ def apply_options(provider: Provider, options: dict[str, Any]) -> Provider:
     for field in ("algorithm", "encoding", "prefix"):
         if field in options:
             update[field] = options[field]
+    # ``url`` is not the declaration's: ``hub.signatures.verify`` reads it from the options.
     if "tolerance" in options and provider.timestamp is not None:
         update["timestamp"] = provider.timestamp.model_copy(
             update={"tolerance": options["tolerance"]}
@@ -679,12 +761,15 @@ def describe(provider: Provider) -> dict[str, Any]:
         "title": provider.title,
         "docs_url": provider.docs_url,
         "setup": provider.setup,
-        # The generic hmac's header is the route's own option.
+        # The generic hmac's header is the route's own option; Mailgun's is in the body.
         "signature_headers": []
         if "header" in provider.options
-        else list(provider.signature_headers),
+        else list(provider.signature_headers) or [f"body field {provider.signature_field}"],
         "secret": provider.secret_description,
-        "id_headers": list(provider.id_headers),
+        "id_headers": [
+            *([f"body field {provider.id_field}"] if provider.id_field else []),
+            *provider.id_headers,
+        ],
         "timestamp": where,
         "tolerance": rule.tolerance if rule is not None else None,
         "challenge": provider.challenge,
@@ -710,6 +795,8 @@ def table(providers: Iterable[Provider]) -> str:
     ]
     for p in providers:
         headers = ", ".join(f"`{h}`" for h in p.signature_headers)
+        if p.signature_field:
+            headers = f"body field `{p.signature_field}`"
         if p.options:
             headers = "the route's `header` option"
         rows.append(
@@ -721,7 +808,13 @@ def table(providers: Iterable[Provider]) -> str:
                     p.setup,
                     headers,
                     p.secret_description,
-                    ", ".join(f"`{h}`" for h in p.id_headers) or "none (use `dedup_path`)",
+                    ", ".join(
+                        [
+                            *([f"body field `{p.id_field}`"] if p.id_field else []),
+                            *(f"`{h}`" for h in p.id_headers),
+                        ]
+                    )
+                    or "none (use `dedup_path`)",
                     CHALLENGE_TEXT.get(p.challenge or "", "none"),
                 )
             )

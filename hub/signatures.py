@@ -149,8 +149,8 @@ def validate_options(scheme: str, options: dict | None) -> dict:
 
 
 def _http_url(value: Any, name: str) -> str:
-    if not isinstance(value, str) or len(value) > 2000:
-        raise ValueError(f"Option {name!r} must be an http(s) URL.")
+    if not isinstance(value, str) or len(value) > 2000 or any(c.isspace() for c in value.strip()):
+        raise ValueError(f"Option {name!r} must be an http(s) URL, without spaces.")
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"Option {name!r} must be an http(s) URL with a host, got {value!r}.")
@@ -344,6 +344,8 @@ def _usable(value: Any, name: str) -> str:
 
 def _first_header(headers: Any, names: tuple[str, ...]) -> tuple[str, str]:
     """The first of ``names`` the request carries, as (name, value)."""
+    if not names:
+        raise SignatureError("the provider declares no header here")
     if len(names) == 1:
         return names[0], _header(headers, names[0])
     for name in names:
@@ -515,10 +517,17 @@ def _check(
         raise TypeError("secrets must be a list of strings, not a single string")
     jwks_url = options.get("jwks_url") if options and provider.code is not None else None
     names = provider.signature_headers
-    if len(names) == 1:
+    json_body: _JsonBody | None = None
+    if provider.signature_field:
+        json_body = _JsonBody(body)
+        sig_name = f"body field {provider.signature_field}"
+        sig_value = json_body.text(provider.signature_field, "signature")
+    elif len(names) == 1:
         sig_name, sig_value = names[0], _header(headers, names[0])
     else:
         sig_name, sig_value = _first_header(headers, names)
+    if provider.algorithm == providers.TOKEN:
+        return _check_token(provider, sig_value, secrets)
     rule = provider.timestamp
     ts_raw = _header(headers, rule.header) if rule is not None and rule.header else None
     id_value = _first_header(headers, provider.id_headers)[1] if provider.signs_id else None
@@ -542,7 +551,8 @@ def _check(
                 raise SignatureError(f"malformed {sig_name} header")
             ts_raw = listed_ts[0]
         elif rule.body_field:
-            ts_raw = _body_timestamp(body, rule.body_field)
+            json_body = json_body or _JsonBody(body)
+            ts_raw = json_body.text(rule.body_field, "timestamp")
         assert ts_raw is not None
         _check_window(_timestamp_seconds(ts_raw, rule.unit), now, rule.tolerance)
     if not secrets and not jwks_url:
@@ -550,7 +560,7 @@ def _check(
     content = (
         body
         if provider.signed_content == "{body}"
-        else _content(provider, body, headers, method, url, ts_raw, id_value)
+        else _content(provider, body, headers, method, url, ts_raw, id_value, json_body)
     )
     signer: str | None = None
     matched = False
@@ -690,14 +700,56 @@ def _prefix_problem(provider: Provider, name: str, problem: str) -> str:
     return f"malformed {name} header" + (" (not base64)" if problem == "not base64" else "")
 
 
-def _body_timestamp(body: bytes, field: str) -> str:
-    try:
-        value = json.loads(body).get(field)
-    except (ValueError, AttributeError, RecursionError):
-        value = None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise SignatureError(f"missing timestamp {field} in the body")
-    return str(value)
+class _JsonBody:
+    """The request's JSON body, parsed once and only if the declaration reads a field of it
+    (a timestamp, a signature, a signed part)."""
+
+    __slots__ = ("_parsed", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._parsed: Any = _UNPARSED
+
+    def field(self, path: str) -> Any:
+        if self._parsed is _UNPARSED:
+            try:
+                self._parsed = json.loads(self.raw)
+            except (ValueError, RecursionError):
+                self._parsed = None
+        return providers.body_field(self._parsed, path)
+
+    def text(self, path: str, what: str) -> str:
+        """A string or whole number at ``path``, as text; SignatureError when absent."""
+        value = self.field(path)
+        if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+            raise SignatureError(f"missing {what} {path} in the body")
+        return str(value)
+
+
+_UNPARSED = object()
+
+
+def _check_token(provider: Provider, sent: str, secrets: list[str]) -> str:
+    """A static token (GitLab's): the header is the secret. Digests of both are compared, so
+    the time taken says nothing about the secret, not even its length. The secret that
+    matched."""
+    if not secrets:
+        raise SignatureError("no secret configured")
+    if provider.prefix:
+        if sent[: len(provider.prefix)].lower() != provider.prefix.lower():
+            raise SignatureError(f"malformed {provider.signature_headers[0]} header")
+        sent = sent[len(provider.prefix) :].strip()
+    got = hashlib.sha256(sent.encode("utf-8", "replace")).digest()
+    usable = [s for s in secrets if isinstance(s, str) and s]
+    if not usable:
+        raise SignatureError("no usable secret configured")
+    signer = None
+    for secret in usable:  # every secret is compared: the time says nothing of which matched
+        if hmac.compare_digest(got, hashlib.sha256(secret.encode("utf-8")).digest()):
+            signer = signer or secret
+    if signer is None:
+        raise SignatureError("no signature matched")
+    return signer
 
 
 def _form(body: bytes) -> bytes:
@@ -734,6 +786,7 @@ def _content(
     url: str,
     timestamp: str | None,
     msg_id: str | None,
+    json_body: _JsonBody | None = None,
 ) -> bytes:
     """The bytes the sender signed, built from the declaration's template."""
     template = provider.signed_content
@@ -758,6 +811,9 @@ def _content(
                 out += _form(body)
         elif part == "header":
             out += _header(headers, arg).encode("latin-1", "replace")
+        elif part == "json":
+            json_body = json_body or _JsonBody(body)
+            out += json_body.text(arg, "signed field").encode()
     return bytes(out)
 
 
@@ -1095,6 +1151,10 @@ def sign_with(
     """The headers any declaration's sender would send: its HMAC over the signed content."""
     if provider.algorithm is None:
         raise ValueError(f"{provider.name!r} is verified with public keys; the hub cannot sign it.")
+    if provider.signature_field:
+        raise ValueError(f"{provider.name!r} signs inside its JSON body; the hub cannot add it.")
+    if provider.algorithm == providers.TOKEN:
+        return {provider.signature_headers[0]: provider.prefix + secret}
     key = _hmac_key(provider, secret)
     body = bytes(body)
     ts = str(int(time.time()) if timestamp is None else int(timestamp))

@@ -119,3 +119,20 @@ def test_a_copy_of_a_sync_delivery_still_running_is_told_to_retry(
     later = post(client, key, **{"Idempotency-Key": "slow-1"})
     assert later.json == {"id": answers["first"].json["id"], "duplicate": True}
     assert len(receiver.requests) == 1
+
+
+def test_a_generic_request_id_header_names_no_delivery_but_a_provider_s_id_does(
+    client, db, key, add_route, receiver
+):
+    """Proxies and clients set Request-ID for their own reasons: on a key route two different
+    webhooks carrying the same one are two events. A provider's own id (GitHub's delivery
+    id) still names a relayed delivery."""
+    add_route("now", forward(receiver))
+    first = post(client, key, body={"n": 1}, **{"Request-ID": "same"})
+    second = post(client, key, body={"n": 2}, **{"Request-ID": "same"})
+    assert first.status_code == second.status_code == 200
+    assert second.json.get("duplicate") is None
+    relayed = post(client, key, **{"X-GitHub-Delivery": "d-1"})
+    again = post(client, key, **{"X-GitHub-Delivery": "d-1"})
+    assert again.json == {"id": relayed.json["id"], "duplicate": True}
+    assert len(receiver.requests) == 3

@@ -53,7 +53,8 @@ OTHER = {
     "hmac": "other-hmac-secret",
 }
 BUILTINS = tuple(providers.BUILTIN_PROVIDERS)
-# The ones signed here; those that need code or a handshake are tests/test_providers_keys.py's.
+# The ones signed here; the others are tests/test_providers_hmac.py's and
+# tests/test_providers_keys.py's.
 SIGNED_HERE = tuple(SECRETS)
 
 

@@ -401,7 +401,7 @@ def test_development_makes_a_secret_key_once_under_instance(tmp_path, monkeypatc
 INVALID = [
     ({"auth": "signature"}, "auth: 'signature' needs a signature verifier"),
     ({"auth": "key", "verify": verify_spec("github")}, "auth: 'key' ignores the verifier"),
-    ({"verify": {"scheme": "gitlab", "secrets": ["x"]}}, "verify.scheme: Unknown signature"),
+    ({"verify": {"scheme": "telepathy", "secrets": ["x"]}}, "verify.scheme: Unknown signature"),
     (
         {"verify": {"scheme": "slack", "options": {"tolerance": 0}, "secrets": ["x"]}},
         "verify.options: Option 'tolerance'",

@@ -812,13 +812,18 @@ class Duplicate(Exception):
 def dedup_key(headers: Headers, route: Route, payload: Any, signed: bool) -> str | None:
     """The sender's name for this delivery: a known header, or the route's JSON path.
 
-    When a signature was verified, what it covers comes first (the id header its provider
-    signs, then the body's path): an unsigned header can't rename a captured request. Then
-    Idempotency-Key, the route's provider's delivery-id headers, and any provider's.
+    When a signature was verified, what it covers comes first (the body field its provider
+    names the delivery by, such as Mailgun's signed token; the id header it signs; then the
+    route's path): an unsigned header can't rename a captured request. Then Idempotency-Key,
+    the route's provider's delivery-id headers, and any provider's.
     """
     if not route.dedup_window:
         return None
     provider = providers.get(route.verify_scheme) if route.verify_scheme else None
+    if signed and provider is not None and provider.id_field:
+        value = providers.body_field(payload, provider.id_field)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            return str(value)[:300]
     sources: list[str | None] = []  # a header name, or None for the body's path
     if signed and provider is not None:
         sources += [*provider.signed_id_headers, None]
