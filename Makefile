@@ -21,8 +21,14 @@ run: $(STAMP)
 	@echo "    $(BIN)/flask --app hub keys create --admin NAME"
 	$(BIN)/gunicorn -c gunicorn.conf.py "hub:create_app()"
 
+# Two passes: every test but the timing ones on $(TEST_WORKERS) processes (a test file stays on
+# one process, with its servers), then the tests marked `serial` (they assert latency, rates or
+# fairness in seconds) alone, so no neighbour's load can fail them. Exit status 5 is "this pass
+# selected nothing" (PYTEST_ARGS naming one file), not a failure.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -p no:xdist -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,6 +19,9 @@ from hub.store.models import ApiKey, Event
 from tests.procs import gunicorn
 from tests.servers import Receiver
 
+# Latency, rates or fairness in seconds: `make test` runs these alone (marker serial).
+pytestmark = pytest.mark.serial
+
 SLOW_SECONDS = 5.0
 
 

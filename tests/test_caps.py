@@ -22,6 +22,9 @@ from tests.conftest import PG_URL
 from tests.procs import stop, wait_until, worker
 from tests.rows import insert_events
 
+# Latency, rates or fairness in seconds: `make test` runs these alone (marker serial).
+pytestmark = pytest.mark.serial
+
 
 class Counting(Receiver):
     """A receiver that answers after ``delay`` and records how many requests it was

@@ -222,6 +222,7 @@ def terminate_backends(database_url: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # under load, in seconds: run alone
 @pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
 @pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
 def test_database_cut_under_load_answers_503_and_loses_no_acknowledged_event(

@@ -26,7 +26,8 @@ from hub.testing_servers import Receiver
 from tests.procs import gunicorn, stop, wait_until, worker
 from tests.rows import delivery_row, event_row, insert_events
 
-pytestmark = pytest.mark.slow
+# Latency and fairness in seconds: `make test` runs these alone (marker serial).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def forward_to(receiver: Receiver) -> list[dict]:
