@@ -605,7 +605,9 @@ def listener(database_url_for_test):
     worker = Worker(other, name="listener")
     worker.start(0)  # the LISTEN thread only
     yield worker
-    worker.stopping.set()
+    # Stopped whole: its alert threads would otherwise go on evaluating the shared database
+    # (with another secret key) and take the turns of later tests' evaluators.
+    worker.stop(grace=1)
     other.extensions["hub.db"].dispose()
 
 
