@@ -11,6 +11,8 @@ its ingest runs, as part of ``make bench``.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -45,11 +47,37 @@ def add_controlled_route(hub: Hub) -> None:
         )
 
 
+SQL_COUNT = Path(__file__).resolve().parent / "sqlcount"
+
+
+def per_delivery(prefix: Path, deliveries: int) -> str:
+    """The statements of each kind and the commits the worker processes wrote to files
+    named ``prefix.<pid>.json`` (bench/sqlcount), per delivery; the files are removed."""
+    total: collections.Counter[str] = collections.Counter()
+    for path in prefix.parent.glob(prefix.name + ".*.json"):
+        total.update(json.loads(path.read_text()))
+        path.unlink()
+    statements = sum(n for kind, n in total.items() if kind != "COMMIT")
+    kinds = ", ".join(f"{n / deliveries:.2f} {kind}" for kind, n in sorted(total.items()))
+    return f"{statements / deliveries:.2f} statements ({kinds})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--routes", type=int, default=1, help="routes sharing the backlog")
+    parser.add_argument(
+        "--connector",
+        choices=("text", "http"),
+        default="text",
+        help="the step of the route drained (http: a POST to a receiver on 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--count-sql",
+        action="store_true",
+        help="print the statements and commits a delivery cost the worker processes",
+    )
     parser.add_argument(
         "--controlled",
         action="store_true",
@@ -67,11 +95,17 @@ def main() -> None:
         for run in range(args.runs):
             hub = Hub(fresh_postgres(url), receiver.url)
             body = b'{"input": "hello hub"}'
-            insert_events(hub.db, "bench", args.events, body=body)
+            route = {"text": "bench", "http": "forward"}[args.connector]
+            insert_events(hub.db, route, args.events, body=body)
             if args.controlled:
                 add_controlled_route(hub)
-            row = run_drain(hub, f"drain run {run + 1}", "bench", 2, workdir, peak)
+            env = {}
+            if args.count_sql:
+                env = {"PYTHONPATH": str(SQL_COUNT), "HUB_BENCH_SQL_COUNT": str(workdir / "sql")}
+            row = run_drain(hub, f"drain run {run + 1}", route, 2, workdir, peak, **env)
             print(f"{row.name}: {row.rate:,.0f} events/s ({row.note})", flush=True)
+            if args.count_sql:
+                print(f"  per delivery: {per_delivery(workdir / 'sql', args.events)}", flush=True)
             hub.db.engine.dispose()
     peak.stop()
 

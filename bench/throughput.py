@@ -258,27 +258,83 @@ def run_embedded(hub: Hub, args, workdir: Path, peak: Peak) -> Row:
     return Row(name, load, note=note)
 
 
-def run_drain(hub: Hub, name: str, route: str, workers: int, workdir: Path, peak: Peak) -> Row:
-    """Start ``workers`` worker processes on the pending events of ``route``; events/s."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, in seconds (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Usage:
+    """What the drain's processes had spent at one moment: CPU of the workers and of their
+    PostgreSQL backends, commits of the database, deliveries ended."""
+
+    workers: float
+    backends: float
+    commits: int
+    delivered: int
+
+
+def usage(hub: Hub, pids: list[int]) -> Usage:
+    with hub.db.engine.connect() as conn:
+        backends = conn.scalars(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+        ).all()
+        commits = conn.scalar(
+            text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        )
+        delivered = conn.scalar(
+            select(func.count()).select_from(Event).where(Event.status == "delivered")
+        )
+    return Usage(
+        workers=sum(cpu_seconds(pid) for pid in pids),
+        backends=sum(cpu_seconds(pid) for pid in backends),
+        commits=int(commits or 0),
+        delivered=int(delivered or 0),
+    )
+
+
+def run_drain(
+    hub: Hub, name: str, route: str, workers: int, workdir: Path, peak: Peak, **env: str
+) -> Row:
+    """Start ``workers`` worker processes on the pending events of ``route``; events/s.
+
+    On PostgreSQL the note gives, from the first delivery to the last, the CPU time a
+    delivery cost the worker processes and their database backends, and the commits a
+    delivery cost the database (the backends of the workers only: the ones that ended
+    meanwhile are not counted)."""
     pending = (Event.route == route, Event.status == "pending")
     total = hub.count(*pending)
     procs = []
     started = datetime.now(UTC)
     for i in range(workers):
         log = workdir / f"{slug(name)}-{i}.log"
-        procs.append(worker(hub.url, log, concurrency=4, HUB_EMBEDDED_WORKER="false"))
+        procs.append(worker(hub.url, log, concurrency=4, HUB_EMBEDDED_WORKER="false", **env))
         peak.watch(f"{name} #{i + 1}", procs[-1].pid)
+    pids = [proc.pid for proc in procs]
+    postgres = hub.db.dialect == "postgresql"
+    first: Usage | None = None
     # Waiting costs the database little: one undone row looked for along the status index
     # (every event undone is this drain's, one drain running at a time), where counting the
     # route's rows took 4 ms of PostgreSQL's CPU at 13,000 events, 50 times a second, beside
     # the workers measured. The end is the last delivery's own time.
     undone = select(Event.id).where(Event.status.in_(("pending", "processing", "retrying")))
+    done = select(Event.id).where(Event.status == "delivered")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         with hub.db.session() as session:
+            if postgres and first is None and session.scalar(done.limit(1)) is not None:
+                first = usage(hub, pids)  # start-up is behind the processes now
             if session.scalar(undone.limit(1)) is None:
                 break
         time.sleep(0.05)
+    last = usage(hub, pids) if postgres else None
     with hub.db.session() as session:
         finished = session.scalar(select(func.max(Event.completed_at)).where(Event.route == route))
     seconds = ((finished or datetime.now(UTC)) - started).total_seconds()
@@ -300,7 +356,15 @@ def run_drain(hub: Hub, name: str, route: str, workers: int, workdir: Path, peak
     if delivered != total or twice:
         raise SystemExit(f"{name}: {delivered}/{total} delivered, {twice} more than once")
     # Start-up of the processes is part of the figure: it is what a burst waits for.
-    return Row(name, rate=total / seconds, note=f"{total:,} events in {seconds:.1f} s, once each")
+    note = f"{total:,} events in {seconds:.1f} s, once each"
+    if first is not None and last is not None and last.delivered > first.delivered:
+        n = last.delivered - first.delivered
+        note += (
+            f"; a delivery: {1000 * (last.workers - first.workers) / n:.2f} ms worker CPU, "
+            f"{1000 * (last.backends - first.backends) / n:.2f} ms PostgreSQL CPU, "
+            f"{(last.commits - first.commits) / n:.2f} commits"
+        )
+    return Row(name, rate=total / seconds, note=note)
 
 
 def slug(name: str) -> str:

@@ -125,6 +125,36 @@ def test_a_result_comes_back_to_its_caller(db):
         assert session.get(Event, event.id).status == "delivered"
 
 
+def test_pieces_run_together_are_written_by_one_call_and_each_gets_its_own_result(db):
+    committer = GroupCommitter(db)
+    events = [new_event() for _ in range(5)]
+    calls: list[list[str]] = []
+
+    def deliver(conn, ids):
+        calls.append(list(ids))
+        conn.execute(Event.__table__.update().where(Event.id.in_(ids)).values(status="delivered"))
+        return [f"done {event_id}" for event_id in ids]
+
+    def work(event):
+        row = row_of(event)  # gives the event its id
+        return lambda: committer.run_together(deliver, event.id, [(Event.__table__, row)])
+
+    threads, release, outcomes = start_batch_behind_a_blocked_one(
+        db, committer, [work(e) for e in events]
+    )
+    wait_queued(committer, 5)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert [outcomes[i] for i in range(5)] == [f"done {e.id}" for e in events]
+    # One call for the five, after their rows were written, in one transaction.
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(e.id for e in events)
+    assert (committer.batches, committer.pieces) == (2, 6)
+    with db.session() as session:
+        assert {session.get(Event, e.id).status for e in events} == {"delivered"}
+
+
 def test_rows_given_with_work_are_written_with_it_or_not_at_all(db):
     """``run(fn, inserts)``: the rows and the work commit together; when the work fails,
     its rows are not written, and rows of other callers in the batch still are."""

@@ -31,12 +31,16 @@ MAX_BATCH = 64
 
 
 class _Work:
-    __slots__ = ("done", "error", "fn", "lead", "result", "rows")
+    __slots__ = ("done", "error", "fn", "item", "lead", "result", "rows")
 
     def __init__(
-        self, fn: Callable[[Connection], Any] | None, rows: Iterable[tuple[Table, dict]] = ()
+        self,
+        fn: Callable[[Connection], Any] | None,
+        rows: Iterable[tuple[Table, dict]] = (),
+        item: Any = None,
     ):
         self.fn = fn
+        self.item = item  # for a ``fn`` of ``run_together``: this caller's part of its list
         self.rows = tuple(rows)  # read again if the batch is written a second time
         self.done = threading.Event()
         self.lead = False  # woken to write the next batch, not because its work is done
@@ -68,6 +72,17 @@ class GroupCommitter:
         the batch's other rows. ``fn`` may run twice (the second time alone, if the shared
         transaction failed), so it must only write through the connection it is given."""
         return self._submit(_Work(fn, inserts))
+
+    def run_together(
+        self,
+        fn: Callable[[Connection, list[Any]], list[Any]],
+        item: Any,
+        inserts: Iterable[tuple[Table, dict]] = (),
+    ) -> Any:
+        """Like ``run``, but the pieces of a batch given the same ``fn`` are written by one
+        call ``fn(conn, items)`` (in the order they came), which returns one result for
+        each item: one statement for the batch's outcomes, say, not one for each."""
+        return self._submit(_Work(fn, inserts, item=(item,)))
 
     def insert(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` into ``table``, committed when this returns; rows of one batch go
@@ -148,7 +163,22 @@ class GroupCommitter:
         for table, group in sorted(rows.items(), key=lambda item: order[item[0]]):
             for same_columns in _by_columns(group):
                 conn.execute(insert(table), same_columns)
-        return [work.fn(conn) if work.fn is not None else None for work in batch]
+        together: dict[Callable, list[_Work]] = {}
+        for work in batch:
+            if work.item is not None:
+                together.setdefault(work.fn, []).append(work)
+        results: dict[int, Any] = {}
+        for fn, works in together.items():
+            for work, result in zip(works, fn(conn, [work.item[0] for work in works]), strict=True):
+                results[id(work)] = result
+        return [
+            results[id(work)]
+            if work.item is not None
+            else work.fn(conn)
+            if work.fn is not None
+            else None
+            for work in batch
+        ]
 
 
 def _sorted_tables(rows: dict[Table, list[dict]]) -> list[Table]:
