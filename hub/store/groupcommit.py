@@ -153,10 +153,22 @@ class GroupCommitter:
 
 def _sorted_tables(rows: dict[Table, list[dict]]) -> list[Table]:
     tables = list(rows)
-    if not tables:
+    if len(tables) < 2:
         return tables
-    known = tables[0].metadata.sorted_tables
-    return sorted(tables, key=lambda t: known.index(t) if t in known else len(known))
+    known = _dependency_order(tables[0].metadata)
+    return sorted(tables, key=lambda t: known.get(t, len(known)))
+
+
+# Each MetaData's tables in dependency order, by position, kept in its ``info``.
+# MetaData.sorted_tables sorts the whole schema's foreign keys again at each call (about
+# 0.2 ms of every accepted webhook's CPU); the schema does not change while the process
+# runs, and a MetaData given more tables (a test's) is sorted again.
+def _dependency_order(metadata: Any) -> dict[Table, int]:
+    seen = metadata.info.get("hub.dependency_order")
+    if seen is None or seen[0] != len(metadata.tables):
+        seen = (len(metadata.tables), {t: n for n, t in enumerate(metadata.sorted_tables)})
+        metadata.info["hub.dependency_order"] = seen
+    return seen[1]
 
 
 def _by_columns(rows: list[dict]) -> list[list[dict]]:
