@@ -11,13 +11,18 @@ runs first and again last, and every ratio divides by the better of the two):
 - the drain: 2 ``flask --app hub worker --concurrency 4`` processes delivering the events the
   ingest runs left pending, through the text connector and through the http connector to a
   receiver on 127.0.0.1;
-- the peak RSS of every process.
+- the peak RSS of every process;
+- the CPU time each request (or delivered event) cost: user and system time of gunicorn's
+  master and workers (or of the worker processes), and of the PostgreSQL backends of the
+  run's database, read from /proc before and after the load. Requests per second follow
+  whatever else this shared machine runs; CPU per request holds.
 
 Afterwards it checks that every 202 is an event in the database and that the drain delivered
 each event exactly once, then prints the table and writes it to bench/RESULTS.md.
 
     make bench                                   # SQLite; PostgreSQL too with:
     HUB_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/hub_bench make bench
+    make bench BENCH_ARGS="--only bare,async-sqlite,async-pg --seconds 4 --no-report"
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, func, select, text
 
-from bench.common import children, fresh_postgres, rss_kb, write_section
+from bench.common import CpuMeter, children, cpu_s, fresh_postgres, rss_kb, write_section
 from hub import create_app
 from hub.services.keys import create_key
 from hub.services.routes import ensure_demo_routes, save_routes
@@ -52,6 +57,8 @@ from tests.procs import gunicorn, worker
 from tests.servers import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
+# What --only can pick; every one by default.
+RUNS = ("bare", "async-sqlite", "sync-sqlite", "async-pg", "sync-pg", "embedded", "drain")
 BIN = Path(sys.executable).parent
 CONF = Path(__file__).resolve().parent / "gunicorn_bench.py"
 SECTION = "## Throughput"
@@ -84,6 +91,15 @@ class Row:
     rate: float | None = None  # events/s for drains
     note: str = ""
     rss_mb: float | None = None  # the largest process of the run
+    cpu: tuple[float, float | None] | None = None  # (web, database) CPU ms per request
+
+
+def per_request(meter: CpuMeter, count: int) -> tuple[float, float | None] | None:
+    """The meter's CPU in ms per request (or event): (web side, database side or None)."""
+    if not count:
+        return None
+    db = meter.db_s * 1000 / count if meter.db_s is not None else None
+    return meter.web_s * 1000 / count, db
 
 
 def wrk(url: str, *, headers: dict[str, str], seconds: int, connections: int) -> Load:
@@ -217,12 +233,15 @@ def run_ingest(hub: Hub, name: str, path: str, args, workdir: Path, peak: Peak, 
         peak.watch(name, proc.pid)
         warm_up(base + path, {"X-API-Key": hub.key}, args)
         before = hub.count()
+        meter = CpuMeter(proc.pid, hub.url)
+        meter.start()
         load = wrk(
             base + path,
             headers={"X-API-Key": hub.key},
             seconds=args.seconds,
             connections=args.connections,
         )
+        meter.stop()
         peak.watched.pop(name, None)
     ok = load.total - load.non_2xx
     stored = hub.count() - before
@@ -232,7 +251,9 @@ def run_ingest(hub: Hub, name: str, path: str, args, workdir: Path, peak: Peak, 
         raise SystemExit(f"{name}: {ok} answers 2xx but {stored} new events")
     if load.non_2xx:
         raise SystemExit(f"{name}: {load.non_2xx} answers were not 2xx; see {workdir}")
-    return Row(name, load, note=f"{ok:,} 2xx = {stored:,} events")
+    return Row(
+        name, load, note=f"{ok:,} 2xx = {stored:,} events", cpu=per_request(meter, load.total)
+    )
 
 
 def run_embedded(hub: Hub, args, workdir: Path, peak: Peak) -> Row:
@@ -241,12 +262,15 @@ def run_embedded(hub: Hub, args, workdir: Path, peak: Peak) -> Row:
     with serve("hub:create_app()", hub.url, workdir / "embedded.log") as (proc, base):
         peak.watch(name, proc.pid)
         warm_up(base + "/hooks/bench", {"X-API-Key": hub.key}, args)
+        meter = CpuMeter(proc.pid)
+        meter.start()
         load = wrk(
             base + "/hooks/bench",
             headers={"X-API-Key": hub.key},
             seconds=args.seconds,
             connections=args.connections,
         )
+        meter.stop()  # the delivery threads' share during the load counts too
         ended = time.monotonic()
         due = (Event.route == "bench", Event.status.in_(("pending", "processing", "retrying")))
         while hub.count(*due) and time.monotonic() - ended < 120:
@@ -255,16 +279,7 @@ def run_embedded(hub: Hub, args, workdir: Path, peak: Peak) -> Row:
         peak.watched.pop(name, None)
     left = hub.count(*due)
     note = f"last delivery {lag:.1f} s after the load" + (f", {left} left" if left else "")
-    return Row(name, load, note=note)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far, in seconds (0 once it has gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return Row(name, load, note=note, cpu=per_request(meter, load.total))
 
 
 @dataclass
@@ -293,8 +308,8 @@ def usage(hub: Hub, pids: list[int]) -> Usage:
             select(func.count()).select_from(Event).where(Event.status == "delivered")
         )
     return Usage(
-        workers=sum(cpu_seconds(pid) for pid in pids),
-        backends=sum(cpu_seconds(pid) for pid in backends),
+        workers=sum(cpu_s(pid) for pid in pids),
+        backends=sum(cpu_s(pid) for pid in backends),
         commits=int(commits or 0),
         delivered=int(delivered or 0),
     )
@@ -312,6 +327,8 @@ def run_drain(
     pending = (Event.route == route, Event.status == "pending")
     total = hub.count(*pending)
     procs = []
+    database = CpuMeter(None, hub.url)  # the backends; the workers' own CPU is read at the end
+    database.start()
     started = datetime.now(UTC)
     for i in range(workers):
         log = workdir / f"{slug(name)}-{i}.log"
@@ -338,6 +355,8 @@ def run_drain(
     with hub.db.session() as session:
         finished = session.scalar(select(func.max(Event.completed_at)).where(Event.route == route))
     seconds = ((finished or datetime.now(UTC)) - started).total_seconds()
+    database.stop()
+    workers_s = sum(cpu_s(proc.pid) for proc in procs)  # start-up included, as in the rate
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for i, proc in enumerate(procs):
@@ -364,7 +383,11 @@ def run_drain(
             f"{1000 * (last.backends - first.backends) / n:.2f} ms PostgreSQL CPU, "
             f"{(last.commits - first.commits) / n:.2f} commits"
         )
-    return Row(name, rate=total / seconds, note=note)
+    cpu = None
+    if total:
+        db = database.db_s * 1000 / total if database.db_s is not None else None
+        cpu = (workers_s * 1000 / total, db)
+    return Row(name, rate=total / seconds, note=note, cpu=cpu)
 
 
 def slug(name: str) -> str:
@@ -389,32 +412,48 @@ def mb(row: Row) -> str:
     return f"{row.rss_mb:.0f} MB" if row.rss_mb else ""
 
 
+def cpu_cell(row: Row) -> str:
+    """CPU ms per request: the sum, and its web and database parts where both were read."""
+    if row.cpu is None:
+        return ""
+    web, db = row.cpu
+    if db is None:
+        return f"{web:.2f}"
+    return f"{web + db:.2f} ({web:.2f} + {db:.2f} db)"
+
+
 def table(rows: list[Row], bare: dict[str, float], bare_p99: dict[str, float]) -> list[str]:
     out = [
-        "| run | req/s | p50 | p99 | / bare | target | peak RSS | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | req/s | CPU ms/req | p50 | p99 | / bare | target | peak RSS | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         target = TARGETS.get(row.name)
         if row.load is not None:
-            ratio = row.load.requests_per_s / bare[row.baseline]
+            ratio = row.load.requests_per_s / bare[row.baseline] if row.baseline in bare else None
             mark = ""
-            if target and target[0] == "ratio":
+            if ratio is not None and target and target[0] == "ratio":
                 mark = f"≥ {target[1]:.2f} {'met' if ratio >= target[1] else 'missed'}"
-            if row.baseline == "bare" and row.name.startswith("async ingest"):
+            if (
+                "bare" in bare_p99
+                and row.baseline == "bare"
+                and row.name.startswith("async ingest")
+            ):
                 limit = 2 * bare_p99["bare"]
                 met = "met" if row.load.p99_ms <= limit else "missed"
                 mark += f"; p99 ≤ {limit:.0f} ms {met}"
             out.append(
-                f"| {row.name} | {row.load.requests_per_s:,.0f} | {row.load.p50_ms:.1f} ms | "
-                f"{row.load.p99_ms:.1f} ms | {ratio:.2f} | {mark} | {mb(row)} | {row.note} |"
+                f"| {row.name} | {row.load.requests_per_s:,.0f} | {cpu_cell(row)} | "
+                f"{row.load.p50_ms:.1f} ms | {row.load.p99_ms:.1f} ms | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} | {mark} | {mb(row)} | {row.note} |"
             )
         else:
             mark = ""
             if target and target[0] == "rate":
                 mark = f"≥ {target[1]:,.0f}/s {'met' if row.rate >= target[1] else 'missed'}"
             out.append(
-                f"| {row.name} | {row.rate:,.0f} events/s | | | | {mark} | {mb(row)} | {row.note} |"
+                f"| {row.name} | {row.rate:,.0f} events/s | {cpu_cell(row)} | | | | {mark} | "
+                f"{mb(row)} | {row.note} |"
             )
     return out
 
@@ -424,7 +463,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-report", action="store_true", help="don't write RESULTS.md")
+    parser.add_argument(
+        "--only",
+        type=lambda value: set(value.split(",")),
+        default=set(RUNS),
+        help=f"comma-separated runs to make, of: {','.join(RUNS)} (all by default)",
+    )
     args = parser.parse_args()
+    if args.only - set(RUNS):
+        parser.error(
+            f"--only takes {','.join(RUNS)}; not {','.join(sorted(args.only - set(RUNS)))}"
+        )
+    only = args.only
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: install Debian's package (apt-get install wrk)")
     pg = os.environ.get("HUB_BENCH_DATABASE_URL")
@@ -440,50 +490,66 @@ def main() -> None:
         with serve("bench.bare:create_app()", url, workdir / "bare.log") as (proc, base):
             peak.watch("bare Flask", proc.pid)
             warm_up(base + "/hooks/bare", {}, args)
+            meter = CpuMeter(proc.pid)
+            meter.start()
             hook = wrk(
                 base + "/hooks/bare",
                 headers={},
                 seconds=args.seconds,
                 connections=args.connections,
             )
+            meter.stop()
+            hook_cpu = per_request(meter, hook.total)
+            meter.start()
             seed = wrk(
                 base + "/api/process",
                 headers={"X-API-Key": "bench-bare-key"},
                 seconds=args.seconds,
                 connections=args.connections,
             )
+            meter.stop()
             peak.watched.pop("bare Flask", None)
-        rows.append(Row(f"bare Flask, parse JSON, answer 202 ({label})", hook, note="baseline"))
-        rows.append(Row(f"bare seed /api/process ({label})", seed, "bare_process", note=""))
+        name = f"bare Flask, parse JSON, answer 202 ({label})"
+        rows.append(Row(name, hook, note="baseline", cpu=hook_cpu))
+        name = f"bare seed /api/process ({label})"
+        rows.append(Row(name, seed, "bare_process", note="", cpu=per_request(meter, seed.total)))
         bare["bare"] = max(bare.get("bare", 0.0), hook.requests_per_s)
         bare["bare_process"] = max(bare.get("bare_process", 0.0), seed.requests_per_s)
         bare_p99["bare"] = min(bare_p99.get("bare", 1e9), hook.p99_ms)
 
     with Receiver() as receiver:
-        run_bare("first")
-        databases = [("SQLite", fresh_sqlite(workdir, "hub"))]
-        if pg:
-            databases.append(("PostgreSQL", fresh_postgres(pg)))
-        hubs = {label: Hub(url, receiver.url) for label, url in databases}
-        for label, hub in hubs.items():
-            rows.append(
-                run_ingest(hub, f"async ingest, {label}", "/hooks/bench", args, workdir, peak)
-            )
-            row = run_ingest(
-                hub, f"sync /api/process, {label}", "/api/process", args, workdir, peak
-            )
-            row.baseline = "bare_process"
-            rows.append(row)
-        embedded = Hub(fresh_sqlite(workdir, "embedded"), receiver.url)
-        rows.append(run_embedded(embedded, args, workdir, peak))
+        if "bare" in only:
+            run_bare("first")
+        databases = [("SQLite", "sqlite", fresh_sqlite(workdir, "hub"))]
+        if pg and only & {"async-pg", "sync-pg", "drain"}:
+            databases.append(("PostgreSQL", "pg", fresh_postgres(pg)))
+        hubs = {label: Hub(url, receiver.url) for label, _, url in databases}
+        for label, short, _ in databases:
+            hub = hubs[label]
+            if f"async-{short}" in only:
+                rows.append(
+                    run_ingest(hub, f"async ingest, {label}", "/hooks/bench", args, workdir, peak)
+                )
+            if f"sync-{short}" in only:
+                row = run_ingest(
+                    hub, f"sync /api/process, {label}", "/api/process", args, workdir, peak
+                )
+                row.baseline = "bare_process"
+                rows.append(row)
+        if "embedded" in only:
+            embedded = Hub(fresh_sqlite(workdir, "embedded"), receiver.url)
+            rows.append(run_embedded(embedded, args, workdir, peak))
         # A worker claims every due event whatever its route: one drain at a time, each over
         # the events one ingest run left pending.
-        for label, hub in hubs.items():
+        for label, hub in hubs.items() if "drain" in only else ():
             name = f"drain, 2 workers × 4, {label}"
+            if not hub.count(Event.route == "bench", Event.status == "pending"):
+                run_ingest(hub, f"async ingest, {label}", "/hooks/bench", args, workdir, peak)
             rows.append(run_drain(hub, f"{name}, text", "bench", 2, workdir, peak))
             run_ingest(hub, f"async ingest forward, {label}", "/hooks/forward", args, workdir, peak)
             rows.append(run_drain(hub, f"{name}, http", "forward", 2, workdir, peak))
-        run_bare("last")
+        if "bare" in only:
+            run_bare("last")
     peak.stop()
     for row in rows:
         row.rss_mb = peak.of("bare Flask" if row.name.startswith("bare") else row.name)
@@ -493,9 +559,12 @@ def main() -> None:
         SECTION,
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {versions(pg_url)}.",
-        f"Command: `{'HUB_BENCH_DATABASE_URL=… ' if pg else ''}make bench` "
+        f"Command: `{'HUB_BENCH_DATABASE_URL=… ' if pg else ''}make bench"
+        f"{'' if only == set(RUNS) else ' BENCH_ARGS=--only ' + ','.join(sorted(only))}` "
         f"(wrk -t2 -c{args.connections} -d{args.seconds}s; gunicorn gthread 2 workers × 4 threads, "
-        "no access log, for bare Flask and the hub alike).",
+        "no access log, for bare Flask and the hub alike; CPU ms/req is user + system time "
+        "of gunicorn's processes, or the worker processes' per event, plus the PostgreSQL "
+        "backends' ('db'), from /proc).",
         "",
         *table(rows, bare, bare_p99),
         "",
@@ -506,7 +575,7 @@ def main() -> None:
     ]
     report = "\n".join(lines)
     print(report)
-    if not args.no_report:
+    if not args.no_report and only == set(RUNS):  # a partial run leaves the table as it was
         write_section(report)
 
 

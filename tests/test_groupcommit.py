@@ -10,7 +10,7 @@ from sqlalchemy import event, exc, func, select
 
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
-from hub.store.models import Event, utcnow
+from hub.store.models import Delivery, Event, first_delivery_id, utcnow
 from tests.procs import closed_port
 
 
@@ -223,3 +223,23 @@ def test_row_of_fills_the_python_defaults_of_what_was_not_set():
     assert row["id"].startswith("evt_") and row["received_at"] is not None
     assert (row["headers"], row["attempts"], row["retries"]) == ({}, 0, 0)
     assert row["body"] is None
+
+
+def test_rows_are_written_parents_first_whatever_order_they_come_in(db):
+    """An event's delivery handed in before the event itself (and again, once the order is
+    known) is written after it: the foreign key never sees a delivery of a missing event."""
+    committer = GroupCommitter(db)
+    for _ in range(2):
+        event = new_event()
+        row = row_of(event)
+        delivery = Delivery(
+            id=first_delivery_id(event.id),
+            event_id=event.id,
+            route=event.route,
+            destination="default",
+            lane="shared",
+            position=0,
+            status="pending",
+        )
+        committer.insert_rows([(Delivery.__table__, row_of(delivery)), (Event.__table__, row)])
+        assert stored(db, event.id)

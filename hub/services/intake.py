@@ -130,9 +130,6 @@ class Incoming:
     method: str
     route_name: str
     path: str
-    # The URL as the sender called it (scheme and host as the trusted proxies said): some
-    # providers sign it (Twilio, HubSpot).
-    url: str = ""
     headers: Headers | Mapping[str, str] | Iterable[tuple[str, str]] = ()
     args: Mapping[str, str] = field(default_factory=dict)
     query_string: str = ""

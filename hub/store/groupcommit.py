@@ -17,6 +17,7 @@ caller of the batch at once (they answer 503), without trying each one.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -183,10 +184,22 @@ class GroupCommitter:
 
 def _sorted_tables(rows: dict[Table, list[dict]]) -> list[Table]:
     tables = list(rows)
-    if not tables:
+    if len(tables) < 2:
         return tables
-    known = tables[0].metadata.sorted_tables
-    return sorted(tables, key=lambda t: known.index(t) if t in known else len(known))
+    known = _dependency_order(tables[0].metadata)
+    return sorted(tables, key=lambda t: known.get(t, len(known)))
+
+
+# Each MetaData's tables in dependency order, by position, kept in its ``info``.
+# MetaData.sorted_tables sorts the whole schema's foreign keys again at each call (about
+# 0.2 ms of every accepted webhook's CPU); the schema does not change while the process
+# runs, and a MetaData given more tables (a test's) is sorted again.
+def _dependency_order(metadata: Any) -> dict[Table, int]:
+    seen = metadata.info.get("hub.dependency_order")
+    if seen is None or seen[0] != len(metadata.tables):
+        seen = (len(metadata.tables), {t: n for n, t in enumerate(metadata.sorted_tables)})
+        metadata.info["hub.dependency_order"] = seen
+    return seen[1]
 
 
 def _by_columns(rows: list[dict]) -> list[list[dict]]:
@@ -203,19 +216,41 @@ def row_of(obj: Any) -> dict[str, Any]:
     A column left to the database (a server default, an autoincrementing key) is left out."""
     state = inspect(obj)
     values: dict[str, Any] = {}
-    for prop in state.mapper.column_attrs:
-        column = prop.columns[0]
-        if prop.key in state.dict:
-            values[column.key] = state.dict[prop.key]
+    given = state.dict
+    for attr, key, kind, default in _insert_columns(state.mapper):
+        if attr in given:
+            values[key] = given[attr]
             continue
-        if column.default is not None and column.default.is_scalar:
-            value = column.default.arg
-        elif column.default is not None and column.default.is_callable:
-            value = column.default.arg(None)
-        elif column.server_default is None and not column.primary_key:
-            value = None
-        else:
+        if kind is _LEFT_TO_DATABASE:
             continue
-        setattr(obj, prop.key, value)
-        values[column.key] = value
+        value = default(None) if kind is _CALLED else default
+        setattr(obj, attr, value)
+        values[key] = value
     return values
+
+
+_LEFT_TO_DATABASE, _CALLED, _VALUE = object(), object(), object()
+_INSERT_COLUMNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _insert_columns(mapper: Any) -> tuple[tuple[str, str, object, Any], ...]:
+    """(attribute, column, kind, default) for each column of ``mapper``, read once per
+    mapper: walking the mapper's columns and their defaults at every row cost 85 µs of each
+    accepted webhook's CPU. ``kind``: _VALUE (``default`` is the value), _CALLED (called
+    with no context) or _LEFT_TO_DATABASE."""
+    known = _INSERT_COLUMNS.get(mapper)
+    if known is None:
+        rows = []
+        for prop in mapper.column_attrs:
+            column = prop.columns[0]
+            default = column.default
+            if default is not None and default.is_scalar:
+                rows.append((prop.key, column.key, _VALUE, default.arg))
+            elif default is not None and default.is_callable:
+                rows.append((prop.key, column.key, _CALLED, default.arg))
+            elif column.server_default is None and not column.primary_key:
+                rows.append((prop.key, column.key, _VALUE, None))
+            else:
+                rows.append((prop.key, column.key, _LEFT_TO_DATABASE, None))
+        known = _INSERT_COLUMNS[mapper] = tuple(rows)
+    return known

@@ -10,7 +10,8 @@ the previous one. A /hooks or /api request is counted in hub_http_requests_total
 
 from __future__ import annotations
 
-from flask import Flask, Response, g, request
+from flask import Flask, Request, Response, g, request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 
 from hub.ops import logs, metrics
 
@@ -26,8 +27,20 @@ def request_id() -> str:
     return logs.current_request_id() or ""
 
 
+class CookieSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, opened without building its signer when the request
+    carries no session cookie (every webhook): the same empty session, at a tenth of the
+    cost (the signer was 2 % of an accepted webhook's CPU)."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+            return self.session_class()
+        return super().open_session(app, request)
+
+
 def init_app(app: Flask) -> None:
     """Register before everything else that runs per request: its id comes first."""
+    app.session_interface = CookieSessions()
 
     @app.before_request
     def take_request_id() -> None:

@@ -30,7 +30,6 @@ def incoming(route_name: str) -> intake.Incoming:
         method=request.method,
         route_name=route_name,
         path=request.path,
-        url=request.url,
         headers=request.headers,
         args=request.args,
         query_string=request.query_string.decode("latin-1"),

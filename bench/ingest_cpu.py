@@ -1,0 +1,110 @@
+"""CPU per accepted async webhook, in one process, without the noise of a load: the hub's
+WSGI app called directly for N requests to an async route (the same key, route, body and
+headers as ``make bench``'s), its CPU time read before and after, and the PostgreSQL
+backends' from /proc. Requests run one after another, so each commits alone.
+
+    python -m bench.ingest_cpu                                  # SQLite, 5,000 requests
+    python -m bench.ingest_cpu --database postgresql://postgres@127.0.0.1:5432/hub_cpu
+    py-spy record -r 500 -f raw -o ingest.txt -- .venv/bin/python -m bench.ingest_cpu
+
+gunicorn's own work (the socket, the HTTP parse, its threads) is not in the figure: compare
+changes with it, and confirm with ``make bench``'s CPU ms/req.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import CpuMeter, fresh_postgres
+
+BODY = b'{"action": "opened", "number": 42, "input": "hello hub", "repo": "hub/x"}'
+
+
+def environ(key: str) -> dict:
+    """What gunicorn hands the app for wrk's request (wrk's headers, a keep-alive socket)."""
+    return {
+        "REQUEST_METHOD": "POST",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/hooks/bench",
+        "QUERY_STRING": "",
+        "RAW_URI": "/hooks/bench",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": "50000",
+        "HTTP_HOST": "127.0.0.1:8000",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(BODY)),
+        "HTTP_X_API_KEY": key,
+        "wsgi.url_scheme": "http",
+        "wsgi.version": (1, 0),
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.errors": sys.stderr,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--database", default="", help="a PostgreSQL URL; SQLite by default")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="hub-ingest-cpu-"))
+    # Counters in files, as under gunicorn.
+    os.environ.setdefault("HUB_METRICS_DIR", str(workdir / "metrics"))
+    os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"  # the bench hub's forward route
+    from bench.throughput import Hub  # after the metrics directory is chosen
+
+    url = fresh_postgres(args.database) if args.database else f"sqlite:///{workdir / 'hub.db'}"
+    hub = Hub(url, "http://127.0.0.1:9/unused")
+    app = hub.app
+    base = environ(hub.key)
+    statuses: dict[str, int] = {}
+
+    def start_response(status, _headers, _exc_info=None):
+        statuses[status] = statuses.get(status, 0) + 1
+
+    def one() -> None:
+        env = dict(base)
+        env["wsgi.input"] = io.BytesIO(BODY)
+        result = app(env, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            close = getattr(result, "close", None)
+            if close:
+                close()
+
+    for _ in range(200):  # imports, pools, caches
+        one()
+    statuses.clear()
+    meter = CpuMeter(None, url)
+    meter.start()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(args.requests):
+        one()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    meter.stop()
+    if set(statuses) != {"202 ACCEPTED"}:
+        raise SystemExit(f"answers: {statuses}")
+    per = cpu * 1000 / args.requests
+    db = (
+        f", PostgreSQL {meter.db_s * 1000 / args.requests:.3f} ms" if meter.db_s is not None else ""
+    )
+    print(
+        f"{args.requests} requests, {'PostgreSQL' if args.database else 'SQLite'}: "
+        f"hub {per:.3f} ms CPU each{db}; {args.requests / wall:.0f} req/s in one thread"
+    )
+
+
+if __name__ == "__main__":
+    main()
