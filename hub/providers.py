@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hub.connectors import lookup_path
+
 ENTRY_POINT_GROUP = "hub.providers"
 DEFAULT_TOLERANCE = 300  # seconds
 #: Longest tolerance accepted: beyond a day the timestamp no longer guards against replays.
@@ -109,16 +111,13 @@ def _json_path(value: str) -> str:
 
 
 def body_field(payload: Any, path: str) -> Any:
-    """The value at ``path`` (``a.b.0``) of a parsed JSON body, or None when it is not there."""
-    value = payload
-    for part in path.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return None
-    return value
+    """The value at ``path`` (``a.b.0``) of a parsed JSON body, or None when it is not there:
+    the connectors' own path rule (``lookup_path``), so a route's dedup path and a provider's
+    body fields read a body alike."""
+    try:
+        return lookup_path(payload, path)
+    except KeyError:
+        return None
 
 
 def _header_name(value: str) -> str:
