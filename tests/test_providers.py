@@ -31,27 +31,15 @@ from hub.signatures import SignatureError, SignedRequest
 from tests.procs import ROOT
 from tests.rows import events
 from tests.test_dashboard import sign_in
+from tests.test_signatures import OTHER_SECRETS
+from tests.test_signatures import SECRETS as SIGNATURE_SECRETS
 
 BODY = b'{"text": "signed hello", "id": 7}'
 JSON = {"Content-Type": "application/json"}
 SHOUT = [{"connector": "text", "config": {"field": "text"}}]
 HMAC_OPTIONS = {"header": "X-Signature", "prefix": "sha256="}
-SECRETS = {
-    "standard-webhooks": "whsec_" + base64.b64encode(b"standard-webhooks-key-0123456789").decode(),
-    "github": "gh-secret-one",
-    "stripe": "whsec_stripe_secret_used_verbatim",
-    "slack": "8f742231b10e8888abcd99yyyzzz85a5",
-    "shopify": "shpss_shopify_secret",
-    "hmac": "generic-hmac-secret",
-}
-OTHER = {
-    "standard-webhooks": "whsec_" + base64.b64encode(b"another-key-for-rotation-tests!!").decode(),
-    "github": "gh-secret-two",
-    "stripe": "whsec_another_stripe_secret",
-    "slack": "another-slack-signing-secret",
-    "shopify": "shpss_other_secret",
-    "hmac": "other-hmac-secret",
-}
+# The same secrets as the signature tests', so a vector signed there verifies here.
+SECRETS, OTHER = SIGNATURE_SECRETS, OTHER_SECRETS
 BUILTINS = tuple(providers.BUILTIN_PROVIDERS)
 # The ones signed here; the others are tests/test_providers_hmac.py's and
 # tests/test_providers_keys.py's.
