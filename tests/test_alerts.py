@@ -416,6 +416,7 @@ def test_migration_0015_adds_the_alert_tables_and_keeps_every_delivery(db):
         upgrade(db)
 
 
+@pytest.mark.serial  # seconds a delivery takes beside a hanging channel: run alone
 def test_a_channel_that_hangs_slows_no_delivery_and_its_message_ends_failed(
     app, client, admin, receiver, add_route, key, db
 ):

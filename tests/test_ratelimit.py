@@ -182,6 +182,7 @@ def test_two_app_instances_share_one_budget(app, client, add_route, database_url
         other.extensions["hub.db"].dispose()
 
 
+@pytest.mark.serial  # requests at once under real gunicorn: run alone
 def test_gunicorn_workers_share_one_budget(database_url_for_test, add_route, make_key, tmp_path):
     """gunicorn counts on the real clock: a burst that an hour's end cut in two is sent
     again on a second route (an hour ends at most once in a few seconds)."""
