@@ -1,7 +1,9 @@
 """CPU per accepted async webhook, in one process, without the noise of a load: the hub's
 WSGI app called directly for N requests to an async route (the same key, route, body and
 headers as ``make bench``'s), its CPU time read before and after, and the PostgreSQL
-backends' from /proc. Requests run one after another, so each commits alone.
+backends' from /proc. Requests run one after another, so each commits alone; with
+``--threads N`` they run on N threads at once, as a gunicorn worker's request threads do, so
+the group commit shares commits between them (the batches' mean size is printed).
 
     python -m bench.ingest_cpu                                  # SQLite, 5,000 requests
     python -m bench.ingest_cpu --database postgresql://postgres@127.0.0.1:5432/hub_cpu
@@ -18,6 +20,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--database", default="", help="a PostgreSQL URL; SQLite by default")
+    parser.add_argument("--threads", type=int, default=1, help="request threads (default 1)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hub-ingest-cpu-"))
     # Counters in files, as under gunicorn.
@@ -87,13 +91,28 @@ def main() -> None:
     for _ in range(200):  # imports, pools, caches
         one()
     statuses.clear()
+    commits = app.extensions["hub.commits"]
+    batches, pieces = commits.batches, commits.pieces
     meter = CpuMeter(None, url)
     meter.start()
     cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(args.requests):
-        one()
+    if args.threads == 1:
+        for _ in range(args.requests):
+            one()
+    else:
+        each = args.requests // args.threads
+        args.requests = each * args.threads
+        threads = [
+            threading.Thread(target=lambda: [one() for _ in range(each)])
+            for _ in range(args.threads)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     meter.stop()
+    batch = (commits.pieces - pieces) / max(1, commits.batches - batches)
     if set(statuses) != {"202 ACCEPTED"}:
         raise SystemExit(f"answers: {statuses}")
     per = cpu * 1000 / args.requests
@@ -102,7 +121,8 @@ def main() -> None:
     )
     print(
         f"{args.requests} requests, {'PostgreSQL' if args.database else 'SQLite'}: "
-        f"hub {per:.3f} ms CPU each{db}; {args.requests / wall:.0f} req/s in one thread"
+        f"hub {per:.3f} ms CPU each{db}; {args.requests / wall:.0f} req/s on "
+        f"{args.threads} thread(s); {batch:.1f} events a commit"
     )
 
 

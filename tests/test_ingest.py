@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from hub.services import keys
-from hub.store.models import ApiKey, Event, utcnow
+from hub.store.models import ApiKey, Delivery, Event, utcnow
 from tests.rows import attempts, events
 
 
@@ -319,7 +319,7 @@ def test_every_request_is_one_event(client, db, key, shout):
         assert session.scalar(select(func.count()).select_from(Event)) == 3
 
 
-def test_last_used_is_recorded_at_most_once_a_minute(client, db, key, shout):
+def test_last_used_is_recorded_at_most_once_a_minute(client, db, key, shout, monkeypatch):
     prefix = key.split("_")[1]
 
     def last_used():
@@ -332,14 +332,12 @@ def test_last_used_is_recorded_at_most_once_a_minute(client, db, key, shout):
     assert first is not None
     client.post("/hooks/shout", json={"text": "b"}, headers={"X-API-Key": key})
     assert last_used() == first  # no write for a second use within the minute
-    with db.session() as session:
-        session.execute(
-            update(ApiKey)
-            .where(ApiKey.prefix == prefix)
-            .values(last_used_at=first - timedelta(minutes=2))
-        )
+    later = first + timedelta(minutes=2)  # the clock moves on (the process remembers the key)
+    monkeypatch.setattr(keys, "utcnow", lambda: later)
     client.post("/hooks/shout", json={"text": "c"}, headers={"X-API-Key": key})
-    assert last_used() > first
+    assert last_used() == later
+    client.post("/hooks/shout", json={"text": "d"}, headers={"X-API-Key": key})
+    assert last_used() == later  # the new use is remembered too: no write each request
 
 
 def test_a_key_revoked_behind_the_hubs_back_is_refused_on_its_next_request(
@@ -353,3 +351,27 @@ def test_a_key_revoked_behind_the_hubs_back_is_refused_on_its_next_request(
         session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
     refused = client.post("/hooks/shout", json={"text": "d"}, headers={"X-API-Key": key})
     assert refused.status_code == 401 and "revoked" in refused.json["error"]
+
+
+def test_an_async_event_whose_key_was_revoked_before_its_commit_is_refused_not_stored(
+    client, db, key, add_route
+):
+    """A webhook judges a key this process verified before from memory, and the event's
+    commit reads it again in its own transaction: a key revoked elsewhere in between is
+    refused (401, recorded as a refusal), and nothing of its event reaches a worker."""
+    add_route("later", [{"connector": "text", "config": {"field": "text"}}], mode="async")
+    prefix = key.split("_")[1]
+    for text in ("a", "b"):  # the key is verified and remembered
+        answer = client.post("/hooks/later", json={"text": text}, headers={"X-API-Key": key})
+        assert answer.status_code == 202
+    with db.session() as session:  # another process (or machine) revokes it
+        session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
+    refused = client.post("/hooks/later", json={"text": "c"}, headers={"X-API-Key": key})
+    assert refused.status_code == 401
+    assert refused.json == {"error": "API key has been revoked", "code": "unauthorized"}
+    with db.session() as session:
+        events = session.scalars(select(Event).order_by(Event.received_at)).all()
+        assert [e.status for e in events] == ["pending", "pending", "rejected"]
+        assert events[2].response_status == 401 and events[2].key_prefix == prefix
+        delivered = session.scalars(select(Delivery.event_id)).all()
+        assert sorted(delivered) == sorted(e.id for e in events[:2])

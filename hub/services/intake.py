@@ -157,8 +157,11 @@ class Reception:
 
     incoming: Incoming
     event: Event
-    # The presented key as read from the database (or why it was refused), read once.
+    # The presented key as read from the database (or why it was refused), read once; or as
+    # this process remembered it (``key_unconfirmed``), read before anything that can't wait
+    # for the event's commit (``confirm_key``), or checked by that commit.
     verified: keys.KeyInfo | keys.KeyRefused | None = None
+    key_unconfirmed: bool = False
     # A valid key or signature: its refusals are not counted against the address.
     sender_known: bool = False
     # Headers the route's signature scheme signs with: redacted wherever they are kept.
@@ -329,23 +332,59 @@ def authenticate(
 
 
 def verified_key(rx: Reception) -> keys.KeyInfo:
-    """The presented key, read from the database once per request (the refusal budget and
-    the route's key check both ask), or KeyRefused.
+    """The presented key, judged once per request (the refusal budget and the route's key
+    check both ask), or KeyRefused.
 
-    It is read in a read session of its own: on SQLite it takes no write lock (the request
-    must not hold one while it reads the body), on PostgreSQL it is one autocommit round
-    trip (``keys.key_row``)."""
+    A key this process verified before is taken from its memory (``keys.remembered``) and
+    marked unconfirmed: ``confirm_key`` reads it before anything but an async event's
+    commit, which checks it itself. Any other key is read in a read session of its own: on
+    SQLite it takes no write lock (the request must not hold one while it reads the body),
+    on PostgreSQL it is one autocommit round trip (``keys.key_row``)."""
     known = rx.verified
     if known is None:
-        with get_db().read_session() as reading:
-            try:
-                known = keys.authenticate(reading, rx.incoming.key)
-            except keys.KeyRefused as exc:
-                known = exc
+        presented = rx.incoming.key
+        known = keys.remembered(presented)
+        if known is not None:
+            rx.key_unconfirmed = True
+        else:
+            known = read_key(presented)
         rx.verified = known
     if isinstance(known, keys.KeyRefused):
         raise known
     return known
+
+
+def read_key(presented: str | None) -> keys.KeyInfo | keys.KeyRefused:
+    """The presented key as the database has it now (remembered if accepted), or why not."""
+    with get_db().read_session() as reading:
+        try:
+            info = keys.authenticate(reading, presented)
+        except keys.KeyRefused as exc:
+            keys.forget(presented)
+            return exc
+    keys.remember(presented or "", info)
+    return info
+
+
+def confirm_key(rx: Reception) -> None:
+    """Read a remembered key again before the request does what its commit could not undo
+    (a sync run, a dedup answer, a handshake, a refusal's status): Rejected(401) if it was
+    revoked meanwhile. A key read from the database in this request needs nothing more."""
+    if not rx.key_unconfirmed:
+        return
+    rx.key_unconfirmed = False
+    known = rx.verified = read_key(rx.incoming.key)
+    if isinstance(known, keys.KeyRefused):
+        rx.sender_known = False
+        raise key_rejection(rx, known)
+
+
+def key_rejection(rx: Reception, refused: keys.KeyRefused) -> Rejected:
+    """The 401 for a refused key, with the real key's prefix on the event when it was one."""
+    if refused.info is not None:  # the real key, revoked or expired
+        rx.event.key_prefix = refused.info.prefix
+    detail = "no API key" if not rx.incoming.key else refused.sentence
+    return Rejected(401, "unauthorized", refused.sentence, detail=detail)
 
 
 def check_key(session: Session, rx: Reception, route: Route) -> keys.KeyInfo:
@@ -357,10 +396,7 @@ def check_key(session: Session, rx: Reception, route: Route) -> keys.KeyInfo:
     try:
         info = verified_key(rx)
     except keys.KeyRefused as exc:
-        if exc.info is not None:  # the real key, revoked or expired
-            event.key_prefix = exc.info.prefix
-        detail = "no API key" if not presented else exc.sentence
-        raise Rejected(401, "unauthorized", exc.sentence, detail=detail) from None
+        raise key_rejection(rx, exc) from None
     event.key_prefix = info.prefix
     rx.sender_known = True
     if not info.allows_route(route.name):
@@ -511,12 +547,19 @@ def receive(incoming: Incoming) -> Accepted:
             route, key, payload = receive_post(session, rx)
         else:
             route, key, payload = receive_handshake(session, rx)
+        if not (route.mode == "async" and not event.dedup_key and not rx.signed):
+            confirm_key(rx)  # a sync run, a dedup commit or a handshake acts before its commit
     except Rejected as rejection:
+        if rejection.status != 401:
+            try:  # a revoked key hears that, not what else was wrong with its request
+                confirm_key(rx)
+            except Rejected as refused:
+                rejection = refused
         if throttled_for is not None and 400 <= rejection.status < 500:
             session.rollback()
             raise AddressThrottled(throttled_for) from None
         record_rejection(session, rx, rejection)
-        raise
+        raise rejection from None
     event.headers = kept_headers(rx, refused=False)
     event.sealed_headers = sealed_signature_headers(rx)
     session.add(event)
@@ -612,6 +655,7 @@ def receive_post(session: Session, rx: Reception) -> tuple[Route, keys.KeyInfo |
         raise Rejected(status, exc.code, exc.message) from None
     event.dedup_key = dedup_key(incoming.headers, route, payload, signed)
     if event.dedup_key:
+        confirm_key(rx)  # a repeat is answered with its original's id
         check_duplicate(session, rx, route)
     return route, key, payload
 
@@ -1124,12 +1168,18 @@ def new_deliveries(event: Event, route: Route, payload: Any = None) -> list[Deli
     return rows
 
 
-def commit_new_event(session: Session, event: Event, deliveries: list[Delivery]) -> None:
+def commit_new_event(
+    session: Session, event: Event, deliveries: list[Delivery], key_id: int | None = None
+) -> None:
     """Commit the request's new event with its deliveries; the event then leaves the
     session (later writes to it are statements of their own). Its commit is shared with the
     other requests of this process committing at the same moment (hub.store.groupcommit);
     an event with a dedup key is committed in the request's own transaction instead, which
-    holds its dedup lock until then."""
+    holds its dedup lock until then.
+
+    ``key_id``: the remembered key the event was accepted with; the shared transaction
+    reads whether it is still valid before writing, and if it was revoked meanwhile writes
+    nothing of this event and raises KeyRefused."""
     if event.dedup_key:
         session.flush()  # the event's row before its deliveries'
         session.add_all(deliveries)
@@ -1142,7 +1192,8 @@ def commit_new_event(session: Session, event: Event, deliveries: list[Delivery])
         session.commit()  # what else this request wrote (a key's last use): usually nothing
         current_app.extensions["hub.commits"].insert_rows(
             [(Event.__table__, row_of(event))]
-            + [(Delivery.__table__, row_of(d)) for d in deliveries]
+            + [(Delivery.__table__, row_of(d)) for d in deliveries],
+            guard=(keys_still_valid, key_id) if key_id is not None else None,
         )
     # Ordered deliveries were written queued: each that heads its key goes now, in a short
     # transaction of its own (its lock is never held across other requests' writes).
@@ -1160,6 +1211,13 @@ def commit_new_event(session: Session, event: Event, deliveries: list[Delivery])
             row.status = EventStatus.PENDING
 
 
+def keys_still_valid(conn: Connection, ids: list[int]) -> list[keys.KeyRefused | None]:
+    """The group commit's guard for events accepted with a remembered key: one read of the
+    batch's keys in its transaction; an event whose key is gone or revoked is refused."""
+    valid = keys.still_valid(conn, ids)
+    return [None if key_id in valid else keys.KeyRefused("revoked") for key_id in ids]
+
+
 def waits_for_resume(accepted: Accepted) -> bool:
     """A sync route whose first destination is paused (or its circuit open) cannot answer
     with its result: its event is stored and answered as an async one (202, ``held``),
@@ -1168,9 +1226,10 @@ def waits_for_resume(accepted: Accepted) -> bool:
     return first.state in breaker.HOLDING
 
 
-def enqueue(accepted: Accepted) -> None:
+def enqueue(accepted: Accepted) -> Answer | None:
     """Commit an async event as due now with one delivery per destination of its route (the
-    sender is answered 202) and wake the workers."""
+    sender is answered 202) and wake the workers. An event accepted with a remembered key
+    that the commit finds revoked is recorded as refused instead: its Answer is returned."""
     session = get_session()
     event = accepted.event
     event.status = EventStatus.PENDING
@@ -1180,10 +1239,32 @@ def enqueue(accepted: Accepted) -> None:
     event.status = delivery.rolled_up_status([row.status for row in deliveries])
     if event.status in (EventStatus.HELD, EventStatus.QUEUED):
         event.next_attempt_at = None
-    commit_new_event(session, event, deliveries)  # the 202 leaves once the event is durable
+    rx = accepted.reception
+    unconfirmed = accepted.key.id if rx.key_unconfirmed and accepted.key is not None else None
+    try:
+        # the 202 leaves once the event is durable
+        commit_new_event(session, event, deliveries, key_id=unconfirmed)
+    except keys.KeyRefused:
+        return refuse_revoked(accepted)
     # What the sender is told: pending once its ordered deliveries were promoted.
     event.status = delivery.rolled_up_status([row.status for row in deliveries])
     delivery.wake(current_app, soon=True)
+    return None
+
+
+def refuse_revoked(accepted: Accepted) -> Answer:
+    """Record an async event whose key its commit found revoked as the 401 it is answered."""
+    rx = accepted.reception
+    event = accepted.event
+    event.next_attempt_at = None
+    try:
+        confirm_key(rx)  # the key as it is now, for the refusal's sentence
+        rejection = key_rejection(rx, keys.KeyRefused("revoked"))
+    except Rejected as refused:
+        rejection = refused
+    rx.sender_known = False
+    record_rejection(get_session(), rx, rejection)
+    return Answer(rejection.status, rejection.message, rejection.code, rejection.headers)
 
 
 def challenge_answer(accepted: Accepted) -> dict[str, Any] | str | None:

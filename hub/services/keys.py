@@ -3,30 +3,39 @@
 The secret carries 256 bits from ``secrets``, so a fast digest is enough: there is nothing
 to brute-force.
 
-Revocation and expiry take effect at once, in every process and on every machine: a
-presented key is looked up in the database on every request (one indexed read of a few
-columns by its unique prefix), never remembered across requests. Once ``revoke`` has
-committed, the key's next request is 401 wherever it lands; a key is refused from the
-instant its ``expires_at`` passes. A per-process cache of verified keys (10 s until issue
-17) let a revoked admin key read and even mint keys in other gunicorn processes for that
-long. The read costs 0.08 ms a request on SQLite and 0.2-0.3 ms on PostgreSQL over
-127.0.0.1 (0.19 ms and 0.3-0.46 ms in a transaction of its own, as a webhook's; figures of
-``authenticate_digest``); a revocation-generation row checked per request instead, with
-the cache kept, would cost 0.03 ms and 0.07-0.12 ms: it would save at most 0.3 ms a
-request, for a table, a migration and an invalidation protocol, so it is not done.
+Revocation and expiry take effect at once, in every process and on every machine: once
+``revoke`` has committed, the key's next request is 401 wherever it lands, and a key is
+refused from the instant its ``expires_at`` passes.
+
+Webhooks are the one path that may judge a key from this process's memory (``remembered``),
+since nothing they do before their commit can't be undone: a key's row never changes after it
+is made but for ``revoked_at`` (and ``last_used_at``), so a key verified once is the same key
+until it is revoked. Whatever a webhook does that can't wait for its commit (a sync run, a
+dedup answer, a handshake, a refusal) reads the key again first; an async event's commit
+reads the batch's keys in its own transaction (``still_valid``), one statement for all the
+events it writes, and an event whose key was revoked meanwhile is refused, not written. The
+admin API, the dashboard and ``hub listen`` read the key on every request
+(``authenticate``): an admin's request acts before any commit could refuse it.
+
+The read costs 0.08 ms a request on SQLite and 0.2-0.3 ms on PostgreSQL over 127.0.0.1
+(0.19 ms and 0.3-0.46 ms in a transaction of its own, as a webhook's used to; figures of
+``authenticate_digest``); a remembered key costs 0.002 ms, and the commit's check one
+statement per batch of events.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, Row, bindparam, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from hub import rates
@@ -315,12 +324,75 @@ def touch(session: Session, info: KeyInfo) -> None:
     now = utcnow()
     if info.last_used_at is not None and now - info.last_used_at < LAST_USED_EVERY:
         return
+    _note_use(info, now)
     session.execute(
         update(ApiKey)
         .where(ApiKey.id == info.id)
         .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < now - LAST_USED_EVERY))
         .values(last_used_at=now)
     )
+
+
+# Keys this process verified, by digest (``remembered``): only keys whose secret matched a
+# row, so a stranger can't fill it; at most this many, the oldest forgotten first.
+REMEMBERED_KEYS = 1024
+_remembered: dict[str, KeyInfo] = {}
+_remembered_lock = threading.Lock()
+
+
+def remembered(presented: str | None) -> KeyInfo | None:
+    """The presented key as this process last verified it, if it did and the key has not
+    expired since; None otherwise (the caller reads it: ``authenticate``). A remembered key
+    may have been revoked since in another process: see the module's docstring for who may
+    act on one and how its commit confirms it."""
+    if not presented:
+        return None
+    info = _remembered.get(digest(presented.strip()))
+    if info is None:
+        return None
+    if info.expires_at is not None and info.expires_at <= utcnow():
+        forget(presented)
+        return None
+    return info
+
+
+def remember(presented: str, info: KeyInfo) -> None:
+    """Keep a key ``authenticate`` just accepted, for ``remembered``."""
+    with _remembered_lock:
+        while len(_remembered) >= REMEMBERED_KEYS:
+            _remembered.pop(next(iter(_remembered)))
+        _remembered[digest(presented.strip())] = info
+
+
+def forget(presented: str | None) -> None:
+    """Drop a key from this process's memory (it was refused when read again)."""
+    if presented:
+        with _remembered_lock:
+            _remembered.pop(digest(presented.strip()), None)
+
+
+def _note_use(info: KeyInfo, now: datetime) -> None:
+    """The remembered copy of a key ``touch`` records a use of: its ``last_used_at`` moves,
+    so the next minute's requests don't each write it again."""
+    with _remembered_lock:
+        for known, kept in _remembered.items():
+            if kept.id == info.id:
+                _remembered[known] = dataclasses.replace(kept, last_used_at=now)
+                break
+
+
+_STILL_VALID = select(ApiKey.id).where(
+    ApiKey.id.in_(bindparam("ids", expanding=True)), ApiKey.revoked_at.is_(None)
+)
+
+
+def still_valid(conn: Connection, ids: Iterable[int]) -> set[int]:
+    """Which of the keys ``ids`` are still there and not revoked, read in ``conn``'s
+    transaction: an async event's commit asks it of the keys its events were accepted with."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return set()
+    return set(conn.scalars(_STILL_VALID, {"ids": wanted}))
 
 
 def list_keys(

@@ -32,17 +32,20 @@ MAX_BATCH = 64
 
 
 class _Work:
-    __slots__ = ("done", "error", "fn", "item", "lead", "result", "rows")
+    __slots__ = ("done", "error", "fn", "guard", "item", "lead", "refused", "result", "rows")
 
     def __init__(
         self,
         fn: Callable[[Connection], Any] | None,
         rows: Iterable[tuple[Table, dict]] = (),
         item: Any = None,
+        guard: tuple[Guard, Any] | None = None,
     ):
         self.fn = fn
         self.item = item  # for a ``fn`` of ``run_together``: this caller's part of its list
         self.rows = tuple(rows)  # read again if the batch is written a second time
+        self.guard = guard
+        self.refused: BaseException | None = None  # by its guard, in the last transaction
         self.done = threading.Event()
         self.lead = False  # woken to write the next batch, not because its work is done
         self.result: Any = None
@@ -51,7 +54,14 @@ class _Work:
     def outcome(self) -> Any:
         if self.error is not None:
             raise self.error
+        if self.refused is not None:
+            raise self.refused
         return self.result
+
+
+# A guard's check: given the batch's connection and the items of the pieces that carry it,
+# what refuses each piece (an exception its caller gets, its rows left out) or None.
+Guard = Callable[[Connection, list[Any]], list[BaseException | None]]
 
 
 class GroupCommitter:
@@ -90,10 +100,17 @@ class GroupCommitter:
         to the database as one multi-row INSERT."""
         self._submit(_Work(None, [(table, row)]))
 
-    def insert_rows(self, rows: Iterable[tuple[Table, dict[str, Any]]]) -> None:
+    def insert_rows(
+        self, rows: Iterable[tuple[Table, dict[str, Any]]], guard: tuple[Guard, Any] | None = None
+    ) -> None:
         """Insert ``rows`` (``(table, row)``: an event and its deliveries, say) in one
-        transaction, committed when this returns."""
-        self._submit(_Work(None, rows))
+        transaction, committed when this returns.
+
+        ``guard``, ``(check, item)``: the transaction first calls ``check(conn, items)``
+        once for the items of every piece of the batch that has the same check, before
+        anything is written; a piece it refuses writes nothing and its caller gets the
+        exception (an async event whose key was revoked since it was accepted, say)."""
+        self._submit(_Work(None, rows, guard=guard))
 
     def _submit(self, work: _Work) -> Any:
         with self._lock:
@@ -154,8 +171,18 @@ class GroupCommitter:
 
     @staticmethod
     def _apply(conn: Connection, batch: list[_Work]) -> list[Any]:
+        guarded: dict[Guard, list[_Work]] = {}
+        for work in batch:
+            work.refused = None
+            if work.guard is not None:
+                guarded.setdefault(work.guard[0], []).append(work)
+        for check, works in guarded.items():
+            for work, refused in zip(works, check(conn, [w.guard[1] for w in works]), strict=True):
+                work.refused = refused
         rows: dict[Table, list[dict]] = {}
         for work in batch:
+            if work.refused is not None:
+                continue
             for table, row in work.rows:
                 rows.setdefault(table, []).append(row)
         # Tables a row refers to first (an event before its deliveries), whatever the order

@@ -59,8 +59,11 @@ def status_url(event: Event) -> str:
 
 
 def enqueue(accepted: intake.Accepted, **extra):
-    """Commit the async event and answer 202 with where to follow it."""
-    intake.enqueue(accepted)
+    """Commit the async event and answer 202 with where to follow it (or the 401 of a key
+    revoked before its commit)."""
+    refused = intake.enqueue(accepted)
+    if refused is not None:
+        return answer(refused)
     event = accepted.event
     return {"id": event.id, **extra, "status": event.status, "status_url": status_url(event)}, 202
 
