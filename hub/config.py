@@ -605,8 +605,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
 
 # Settings the hub once had, with why each went: a deployment that still sets one is told.
 RETIRED = {
-    "HUB_KEY_CACHE_SECONDS": "keys are read from the database on every request, so that a "
-    "revoked key is refused at once in every process",
+    "HUB_KEY_CACHE_SECONDS": "a revoked key is refused at once in every process (an admin's "
+    "request reads its key, a webhook's commit checks it), so no key is kept for a time",
 }
 
 

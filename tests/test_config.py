@@ -286,7 +286,7 @@ def test_an_unknown_hub_variable_is_named_with_the_nearest_setting():
         "HUB_SYNC_TIMOUT": "5",
         "HUB_EMBEDED_WORKER": "false",
         "HUB_NOTHING_LIKE_IT": "1",
-        "HUB_KEY_CACHE_SECONDS": "10",  # retired: keys are read on every request
+        "HUB_KEY_CACHE_SECONDS": "10",  # retired: a revocation is seen at once
         "HUB_STEP_TRIES": "1",
         "HUB_TEST_DATABASE_URL": "postgresql://",  # the test suite's own
         "HUB_BENCH_DATABASE_URL": "postgresql://",  # the benchmarks' own
@@ -295,8 +295,9 @@ def test_an_unknown_hub_variable_is_named_with_the_nearest_setting():
     assert unknown_variables(environ) == [
         "HUB_EMBEDED_WORKER is not a setting of the hub and is ignored; "
         "did you mean HUB_EMBEDDED_WORKER?",
-        "HUB_KEY_CACHE_SECONDS is no longer a setting and is ignored: keys are read from the "
-        "database on every request, so that a revoked key is refused at once in every process",
+        "HUB_KEY_CACHE_SECONDS is no longer a setting and is ignored: a revoked key is refused "
+        "at once in every process (an admin's request reads its key, a webhook's commit checks "
+        "it), so no key is kept for a time",
         "HUB_NOTHING_LIKE_IT is not a setting of the hub and is ignored",
         "HUB_SYNC_TIMOUT is not a setting of the hub and is ignored; "
         "did you mean HUB_SYNC_TIMEOUT?",
