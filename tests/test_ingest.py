@@ -375,3 +375,22 @@ def test_an_async_event_whose_key_was_revoked_before_its_commit_is_refused_not_s
         assert events[2].response_status == 401 and events[2].key_prefix == prefix
         delivered = session.scalars(select(Delivery.event_id)).all()
         assert sorted(delivered) == sorted(e.id for e in events[:2])
+
+
+def test_the_status_url_names_the_host_and_mount_the_sender_posted_to(client, key, add_route):
+    """The 202's status_url is the event's own URL where the sender reached the hub: its
+    scheme, host and the path the hub is mounted under (SCRIPT_NAME)."""
+    add_route("mounted", [{"connector": "text", "config": {"field": "text"}}], mode="async")
+    answer = client.post(
+        "/hooks/mounted",
+        json={"text": "a"},
+        headers={"X-API-Key": key},
+        base_url="https://hooks.example.test/hub",
+    )
+    assert answer.status_code == 202
+    event_id = answer.json["id"]
+    assert answer.json["status_url"] == f"https://hooks.example.test/hub/events/{event_id}"
+    shown = client.get(
+        f"/events/{event_id}", headers={"X-API-Key": key}, base_url="https://hooks.example.test/hub"
+    )
+    assert shown.status_code == 200 and shown.json["id"] == event_id

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, insert, inspect
+from sqlalchemy import Connection, Table, bindparam, insert, inspect
 
 from hub.store.db import Database, is_unavailable
 
@@ -190,7 +190,7 @@ class GroupCommitter:
         order = {table: n for n, table in enumerate(_sorted_tables(rows))}
         for table, group in sorted(rows.items(), key=lambda item: order[item[0]]):
             for same_columns in _by_columns(group):
-                conn.execute(insert(table), same_columns)
+                _insert_many(conn, table, same_columns)
         together: dict[Callable, list[_Work]] = {}
         for work in batch:
             if work.item is not None:
@@ -227,6 +227,44 @@ def _dependency_order(metadata: Any) -> dict[Table, int]:
         seen = (len(metadata.tables), {t: n for n, t in enumerate(metadata.sorted_tables)})
         metadata.info["hub.dependency_order"] = seen
     return seen[1]
+
+
+def _insert_many(conn: Connection, table: Table, rows: list[dict]) -> None:
+    """INSERT ``rows`` (each setting the same columns) into ``table``: the statement is
+    compiled once per table, columns and dialect, and its rows' values are turned into the
+    driver's by each column's own bind processor, then sent with the driver's executemany.
+    The compiled path (``conn.execute(insert(table), rows)``) looked its statement up in
+    the compiled cache and built its parameters again for every batch: 9 % of an accepted
+    webhook's CPU."""
+    sql, names, processors = _prepared_insert(conn.dialect, table, tuple(rows[0]))
+    params = [
+        tuple(row[name] if process is None else process(row[name]) for name, process in processors)
+        for row in rows
+    ]
+    if names is not None:  # a named paramstyle (psycopg's %(name)s)
+        params = [dict(zip(names, values, strict=True)) for values in params]
+    conn.exec_driver_sql(sql, params if len(params) > 1 else params[0])
+
+
+_PREPARED_INSERTS: dict[tuple, tuple[str, tuple[str, ...] | None, tuple]] = {}
+
+
+def _prepared_insert(dialect: Any, table: Table, columns: tuple[str, ...]):
+    """(SQL, parameter names or None when positional, ((column, bind processor), ...) in the
+    order the SQL takes them) for an INSERT of ``columns`` into ``table``."""
+    key = (dialect.name, dialect.driver, table, columns)
+    known = _PREPARED_INSERTS.get(key)
+    if known is None:
+        statement = insert(table).values({name: bindparam(name) for name in columns})
+        compiled = statement.compile(dialect=dialect)
+        order = tuple(compiled.positiontup) if compiled.positional else columns
+        processors = tuple(
+            (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in order
+        )
+        names = None if compiled.positional else order
+        known = _PREPARED_INSERTS[key] = (compiled.string, names, processors)
+    return known
 
 
 def _by_columns(rows: list[dict]) -> list[list[dict]]:

@@ -9,7 +9,7 @@ slots to the end of the request.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, request, url_for
+from flask import Blueprint, Response, g, request
 
 from hub.services import intake, keys, pipeline
 from hub.store import storable
@@ -55,7 +55,10 @@ def answer(told: intake.Answer):
 
 
 def status_url(event: Event) -> str:
-    return url_for("hooks.event_status", event_id=event.id, _external=True)
+    """Where the sender follows its event: ``event_status``'s URL on the host it posted to
+    (what ``url_for(..., _external=True)`` gives, built without matching the URL map again:
+    5 % of an accepted webhook's CPU; an event id is URL-safe)."""
+    return f"{request.root_url}events/{event.id}"
 
 
 def enqueue(accepted: intake.Accepted, **extra):
