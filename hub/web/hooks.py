@@ -9,6 +9,8 @@ slots to the end of the request.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from flask import Blueprint, Response, g, request
 
 from hub.services import intake, keys, pipeline
@@ -55,10 +57,12 @@ def answer(told: intake.Answer):
 
 
 def status_url(event: Event) -> str:
-    """Where the sender follows its event: ``event_status``'s URL on the host it posted to
-    (what ``url_for(..., _external=True)`` gives, built without matching the URL map again:
-    5 % of an accepted webhook's CPU; an event id is URL-safe)."""
-    return f"{request.root_url}events/{event.id}"
+    """Where the sender follows its event: ``event_status``'s URL on the host it posted to,
+    under the path the hub is mounted at (what ``url_for(..., _external=True)`` gives, built
+    without matching the URL map again, nor turning the URL into an IRI: 5 % of an accepted
+    webhook's CPU; an event id is URL-safe)."""
+    root = quote(request.root_path, safe="/")
+    return f"{request.scheme}://{request.host}{root}/events/{event.id}"
 
 
 def enqueue(accepted: intake.Accepted, **extra):
