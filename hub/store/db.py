@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class Database:
     def __init__(self, url: str, connect_timeout: float | None = None):
         self.url = url
         self.engine = make_engine(url, connect_timeout)
+        self._closers: list[Callable[[], None]] = []
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # The same engine and pool, its connections marked for a deferred BEGIN.
         self.read_sessionmaker = sessionmaker(
@@ -65,7 +66,13 @@ class Database:
         with self.read_sessionmaker() as session:  # closing it rolls the reads back
             yield session
 
+    def on_dispose(self, close: Callable[[], None]) -> None:
+        """Have ``close`` called by ``dispose``: it gives back a connection it keeps."""
+        self._closers.append(close)
+
     def dispose(self) -> None:
+        for close in self._closers:
+            close()
         self.engine.dispose()
 
 
