@@ -547,7 +547,14 @@ def receive(incoming: Incoming) -> Accepted:
             route, key, payload = receive_post(session, rx)
         else:
             route, key, payload = receive_handshake(session, rx)
-        if not (route.mode == "async" and not event.dedup_key and not rx.signed):
+        # An async POST with no dedup key, no signature (no handshake) and no admin behind
+        # it: nothing but the group commit writes it (enqueue), nothing before it acts.
+        group_committed = (
+            route.mode == "async"
+            and incoming.method == "POST"
+            and not (event.dedup_key or rx.signed or incoming.admin)
+        )
+        if not group_committed:
             confirm_key(rx)  # a sync run, a dedup commit or a handshake acts before its commit
     except Rejected as rejection:
         if rejection.status != 401:
@@ -562,7 +569,8 @@ def receive(incoming: Incoming) -> Accepted:
         raise rejection from None
     event.headers = kept_headers(rx, refused=False)
     event.sealed_headers = sealed_signature_headers(rx)
-    session.add(event)
+    if not group_committed:  # the group commit writes its own row, outside the session
+        session.add(event)
     return Accepted(event=event, route=route, key=key, payload=payload, reception=rx)
 
 
@@ -1181,6 +1189,7 @@ def commit_new_event(
     reads whether it is still valid before writing, and if it was revoked meanwhile writes
     nothing of this event and raises KeyRefused."""
     if event.dedup_key:
+        session.add(event)
         session.flush()  # the event's row before its deliveries'
         session.add_all(deliveries)
         session.commit()
@@ -1188,7 +1197,8 @@ def commit_new_event(
         for row in deliveries:
             session.expunge(row)
     else:
-        session.expunge(event)
+        if event in session:
+            session.expunge(event)
         session.commit()  # what else this request wrote (a key's last use): usually nothing
         current_app.extensions["hub.commits"].insert_rows(
             [(Event.__table__, row_of(event))]
@@ -1327,6 +1337,7 @@ TEXT_ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff"}
 def refuse_accepted(accepted: Accepted, status: int, message: str, code: str) -> Answer:
     """Turn an accepted request away after all (the seed's missing field) and keep the cause."""
     session = get_session()
-    session.expunge(accepted.event)
+    if accepted.event in session:
+        session.expunge(accepted.event)
     record_rejection(session, accepted.reception, Rejected(status, code, message))
     return Answer(status, message, code)

@@ -47,7 +47,10 @@ class _Work:
         self.rows = tuple(rows)  # read again if the batch is written a second time
         self.guard = guard
         self.refused: BaseException | None = None  # by its guard, in the last transaction
-        self.done = threading.Event()
+        # Held until the work is written or its thread is to write the next batch: a lock
+        # released by the writer is a cheaper hand-off than threading.Event's condition.
+        self.done = threading.Lock()
+        self.done.acquire()
         self.lead = False  # woken to write the next batch, not because its work is done
         self.result: Any = None
         self.error: BaseException | None = None
@@ -121,13 +124,13 @@ class GroupCommitter:
             lead = not self._writing
             self._writing = True
         if not lead:
-            work.done.wait()
+            work.done.acquire()
             if not work.lead:
                 return work.outcome()
-        self._write_next()
+        self._write_next(work)
         return work.outcome()
 
-    def _write_next(self) -> None:
+    def _write_next(self, own: _Work | None = None) -> None:
         """Write the batch at the head of the queue (it holds the caller's own work), then
         hand the writing on to the first thread still waiting, or stand down."""
         with self._lock:
@@ -144,12 +147,13 @@ class GroupCommitter:
                 if self._queue:
                     successor = self._queue[0]
                     successor.lead = True
-                    successor.done.set()
+                    successor.done.release()
                 else:
                     self._writing = False
             for work in batch:
                 work.lead = False
-                work.done.set()
+                if work is not own:  # the writer's own piece is not waiting
+                    work.done.release()
 
     def _connection(self) -> Connection:
         """The connection the batches are written on, kept between them: checking one out
