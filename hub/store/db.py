@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, current_app, g
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.config import database_url
@@ -37,9 +37,18 @@ class ReadOnlySession(Exception):
 class Database:
     """An engine and its session factories; usable without Flask (workers, migrations)."""
 
-    def __init__(self, url: str, connect_timeout: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float | None = None,
+        *,
+        pooler: str = "none",
+        listen_url: str | None = None,
+    ):
         self.url = url
-        self.engine = make_engine(url, connect_timeout)
+        self.pooler = pooler
+        self._listen_url = listen_url
+        self.engine = make_engine(url, connect_timeout, pooler)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # The same engine and pool, its connections marked for a deferred BEGIN.
         self.read_sessionmaker = sessionmaker(
@@ -65,11 +74,26 @@ class Database:
         with self.read_sessionmaker() as session:  # closing it rolls the reads back
             yield session
 
+    @property
+    def listen_url(self) -> str | None:
+        """The libpq URL a worker LISTENs on (``hub.services.delivery``), or None when it
+        can't: SQLite, or a transaction pooler without HUB_DATABASE_LISTEN_URL. A pooler in
+        transaction mode hands the server connection that ran LISTEN to other clients once
+        the statement ends, so the notifications never reach the listener (it just hears
+        nothing); a NOTIFY, sent in a transaction, goes through it fine."""
+        if self._listen_url:
+            url = make_url(database_url(self._listen_url))
+        elif self.dialect != "postgresql" or self.pooler == "transaction":
+            return None
+        else:
+            url = self.engine.url
+        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-def make_engine(url: str, connect_timeout: float | None = None) -> Engine:
+def make_engine(url: str, connect_timeout: float | None = None, pooler: str = "none") -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -82,7 +106,16 @@ def make_engine(url: str, connect_timeout: float | None = None) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # A server that vanished must not hold a request thread for the kernel's TCP timeout.
-    connect_args = {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
+    connect_args: dict = (
+        {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
+    )
+    if pooler == "transaction":
+        # psycopg prepares a statement on the server once a connection has run it 5 times;
+        # through a pooler in transaction mode the next transaction runs on another server
+        # connection, which answers "prepared statement "_pg3_0" does not exist" (or
+        # "already exists", prepared there by another client). Each statement is then
+        # parsed anew: no measurable cost on the hub's short statements.
+        connect_args["prepare_threshold"] = None
     # No ping before each checkout: it cost a round trip per request (a third of an async
     # ingest). A connection the server dropped fails on first use instead; that request is
     # answered 503 with Retry-After, and SQLAlchemy then discards every pooled connection
@@ -144,7 +177,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def init_app(app: Flask) -> None:
     url = database_url(app.config.get("DATABASE_URL"), app.instance_path)
     app.config["DATABASE_URL"] = url
-    app.extensions["hub.db"] = Database(url, float(app.config["DB_CONNECT_TIMEOUT"]))
+    app.extensions["hub.db"] = Database(
+        url,
+        float(app.config["DB_CONNECT_TIMEOUT"]),
+        pooler=app.config["DATABASE_POOLER"],
+        listen_url=app.config["DATABASE_LISTEN_URL"],
+    )
     app.teardown_appcontext(_close_session)
 
 
