@@ -10,6 +10,10 @@ flush, or an insert, update or delete statement) is a bug and is refused on both
 (``ReadOnlySession``) before it reaches SQL: on SQLite a deferred transaction that starts
 writing fails with SQLITE_BUSY instead of waiting for the lock. On PostgreSQL both kinds
 are the same plain transaction.
+
+Through a pooler in transaction mode (PgBouncer, ``HUB_DATABASE_POOLER=transaction``) a
+connection of the pool is a different server connection at each transaction: the engine
+prepares no statement on the server, and workers LISTEN on ``listen_url`` (docs/scaling.md).
 """
 
 from __future__ import annotations
