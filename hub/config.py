@@ -117,6 +117,15 @@ def _database_url(value: str | None) -> str | None:
     return value
 
 
+def _listen_url(value: str | None) -> str | None:
+    if value is not None:
+        from sqlalchemy.engine import make_url
+
+        if not make_url(value).drivername.startswith(("postgresql", "postgres")):
+            raise ValueError("not a PostgreSQL URL: LISTEN is PostgreSQL's")
+    return value
+
+
 def _redis_url(value: str | None) -> str | None:
     if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("not a Redis URL")
@@ -163,6 +172,21 @@ DatabaseUrl = Annotated[
         "sqlite:////absolute/path/hub.db, or postgresql://user:password@host:5432/db "
         "(postgres:// and postgresql+psycopg:// also)"
     ),
+]
+ListenUrl = Annotated[
+    str | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(_database_url),
+    AfterValidator(_listen_url),
+    Secret(),
+    Expects("a PostgreSQL URL such as postgresql://user:password@host:5432/db"),
+]
+# How HUB_DATABASE_URL reaches PostgreSQL: straight (or through a pooler in session mode),
+# or through a pooler in transaction mode (PgBouncer's pool_mode = transaction).
+Pooler = Annotated[
+    Literal["none", "transaction"],
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+    Expects("none or transaction"),
 ]
 RedisUrl = Annotated[
     str | None,
@@ -499,6 +523,24 @@ class Settings(BaseSettings):
     db_connect_timeout: Seconds = Field(
         5.0,
         description="seconds to wait for a PostgreSQL connection before the request answers 503",
+    )
+    database_pooler: Pooler = Field(
+        "none",
+        description="`transaction` when `HUB_DATABASE_URL` goes through a pooler in transaction "
+        "mode (PgBouncer's `pool_mode = transaction`): the hub then prepares no statement on "
+        "the server (one prepared on one server connection is unknown to the next), and "
+        "workers LISTEN on `HUB_DATABASE_LISTEN_URL`, or without it look for events every "
+        "`HUB_WORKER_MAX_IDLE`. `none`: PostgreSQL itself, or a pooler in session mode "
+        "([Scaling](scaling.md))",
+    )
+    database_listen_url: ListenUrl = Field(
+        None,
+        description="PostgreSQL URL of each worker process's one LISTEN connection (a new event "
+        "wakes an idle worker at once): the server itself, when `HUB_DATABASE_URL` goes "
+        "through a transaction pooler, which drops notifications",
+        json_schema_extra={
+            "shown": "`HUB_DATABASE_URL`; none when `HUB_DATABASE_POOLER=transaction`"
+        },
     )
     db_retry_after: Count = Field(
         5, description="`Retry-After` seconds on the 503 answered while the database is unavailable"

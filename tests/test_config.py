@@ -90,6 +90,7 @@ BAD = [
     ("HUB_MAX_JSON_DEPTH", "501", "expected a whole number from 1 to 500"),
     ("HUB_PORT", "99999", "expected a port number, 0 to 65535"),
     ("HUB_ENV", "prod", "expected development or production"),
+    ("HUB_DATABASE_POOLER", "pgbouncer", "expected none or transaction"),
     (
         "HUB_REFUSAL_LIMIT",
         "lots",
@@ -105,6 +106,7 @@ BAD = [
 BAD_SECRET = [
     ("HUB_DATABASE_URL", "pg://user:hunter2@db:5432:9/x", "expected a SQLite or PostgreSQL URL"),
     ("HUB_REDIS_URL", "user:hunter2@cache:6379", "expected a Redis URL"),
+    ("HUB_DATABASE_LISTEN_URL", "sqlite:////tmp/hunter2.db", "expected a PostgreSQL URL"),
 ]
 
 
@@ -342,3 +344,28 @@ def test_every_hub_variable_the_code_names_is_a_setting():
         named |= set(re.findall(r"\bHUB_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
     strays = {n for n in named - known - set(RETIRED) if not n.startswith(NOT_SETTINGS)}
     assert not strays
+
+
+@pytest.mark.parametrize(
+    ("pooler", "listen_url", "listens_on"),
+    [
+        ("none", None, "postgresql://hub:***@db:5432/hub"),
+        ("transaction", None, None),  # PgBouncer would drop the notifications: workers poll
+        ("transaction", "postgres://hub:pw@pg:5432/hub", "postgresql://hub:***@pg:5432/hub"),
+    ],
+)
+def test_a_worker_listens_on_the_server_itself_never_through_a_transaction_pooler(
+    pooler, listen_url, listens_on
+):
+    """Workers through PgBouncer in transaction mode LISTEN on HUB_DATABASE_LISTEN_URL, or
+    not at all (tests/test_pgbouncer.py runs them through it)."""
+    from sqlalchemy import make_url
+
+    from hub.store.db import Database
+
+    db = Database(
+        "postgresql+psycopg://hub:pw@db:5432/hub", pooler=pooler, listen_url=listen_url
+    )  # no connection is made
+    shown = db.listen_url and make_url(db.listen_url).render_as_string(hide_password=True)
+    db.dispose()
+    assert shown == listens_on

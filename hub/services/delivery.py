@@ -1225,9 +1225,15 @@ class Worker:
             thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
             thread.start()
             self.threads.append(thread)
-        if self.db.dialect == "postgresql":
+        if self.db.listen_url is not None:
             listener = threading.Thread(target=self._listen, name="hub-listen", daemon=True)
             listener.start()
+        elif self.db.dialect == "postgresql":
+            log.info(
+                "HUB_DATABASE_POOLER=transaction without HUB_DATABASE_LISTEN_URL: idle "
+                "threads look for events every %g s at most",
+                self.max_idle,
+            )
 
     def stop(self, grace: float | None = None) -> None:
         """Finish in-flight deliveries within ``grace`` seconds, hand back the rest."""
@@ -1248,10 +1254,12 @@ class Worker:
         self.release(left)
 
     def _listen(self) -> None:
-        """PostgreSQL LISTEN: a new event wakes an idle worker now, not at its next poll."""
+        """PostgreSQL LISTEN: a new event wakes an idle worker now, not at its next poll.
+        On a connection of its own, to the server itself (``Database.listen_url``): one per
+        worker process, outside the pool."""
         import psycopg
 
-        url = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        url = self.db.listen_url
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(url, autocommit=True) as conn:

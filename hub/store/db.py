@@ -10,6 +10,10 @@ flush, or an insert, update or delete statement) is a bug and is refused on both
 (``ReadOnlySession``) before it reaches SQL: on SQLite a deferred transaction that starts
 writing fails with SQLITE_BUSY instead of waiting for the lock. On PostgreSQL both kinds
 are the same plain transaction.
+
+Through a pooler in transaction mode (PgBouncer, ``HUB_DATABASE_POOLER=transaction``) a
+connection of the pool is a different server connection at each transaction: the engine
+prepares no statement on the server, and workers LISTEN on ``listen_url`` (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, current_app, g
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.config import database_url
@@ -37,9 +41,18 @@ class ReadOnlySession(Exception):
 class Database:
     """An engine and its session factories; usable without Flask (workers, migrations)."""
 
-    def __init__(self, url: str, connect_timeout: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float | None = None,
+        *,
+        pooler: str = "none",
+        listen_url: str | None = None,
+    ):
         self.url = url
-        self.engine = make_engine(url, connect_timeout)
+        self.pooler = pooler
+        self._listen_url = listen_url
+        self.engine = make_engine(url, connect_timeout, pooler)
         self._closers: list[Callable[[], None]] = []
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # The same engine and pool, its connections marked for a deferred BEGIN.
@@ -70,13 +83,28 @@ class Database:
         """Have ``close`` called by ``dispose``: it gives back a connection it keeps."""
         self._closers.append(close)
 
+    @property
+    def listen_url(self) -> str | None:
+        """The libpq URL a worker LISTENs on (``hub.services.delivery``), or None when it
+        can't: SQLite, or a transaction pooler without HUB_DATABASE_LISTEN_URL. A pooler in
+        transaction mode hands the server connection that ran LISTEN to other clients once
+        the statement ends, so the notifications never reach the listener (it just hears
+        nothing); a NOTIFY, sent in a transaction, goes through it fine."""
+        if self._listen_url:
+            url = make_url(database_url(self._listen_url))
+        elif self.dialect != "postgresql" or self.pooler == "transaction":
+            return None
+        else:
+            url = self.engine.url
+        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     def dispose(self) -> None:
         for close in self._closers:
             close()
         self.engine.dispose()
 
 
-def make_engine(url: str, connect_timeout: float | None = None) -> Engine:
+def make_engine(url: str, connect_timeout: float | None = None, pooler: str = "none") -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -89,7 +117,17 @@ def make_engine(url: str, connect_timeout: float | None = None) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # A server that vanished must not hold a request thread for the kernel's TCP timeout.
-    connect_args = {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
+    connect_args: dict = (
+        {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
+    )
+    if pooler == "transaction":
+        # psycopg prepares a statement on the server once a connection has run it 5 times;
+        # through a pooler in transaction mode the next transaction runs on another server
+        # connection, which answers "prepared statement "_pg3_0" does not exist" (or
+        # "already exists", prepared there by another client). Each statement is then
+        # parsed anew; with the pooler's own hop, 4 workers drained 222 events/s through
+        # PgBouncer against 254 straight (bench/scaling.py; the parse was not measured apart).
+        connect_args["prepare_threshold"] = None
     # No ping before each checkout: it cost a round trip per request (a third of an async
     # ingest). A connection the server dropped fails on first use instead; that request is
     # answered 503 with Retry-After, and SQLAlchemy then discards every pooled connection
@@ -151,7 +189,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def init_app(app: Flask) -> None:
     url = database_url(app.config.get("DATABASE_URL"), app.instance_path)
     app.config["DATABASE_URL"] = url
-    app.extensions["hub.db"] = Database(url, float(app.config["DB_CONNECT_TIMEOUT"]))
+    app.extensions["hub.db"] = Database(
+        url,
+        float(app.config["DB_CONNECT_TIMEOUT"]),
+        pooler=app.config["DATABASE_POOLER"],
+        listen_url=app.config["DATABASE_LISTEN_URL"],
+    )
     app.teardown_appcontext(_close_session)
 
 
