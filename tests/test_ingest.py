@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from hub.services import keys
-from hub.store.models import ApiKey, Delivery, Event, utcnow
+from hub.store.models import ApiKey, Attempt, Delivery, Event, utcnow
 from tests.rows import attempts, events
 
 
@@ -343,14 +343,30 @@ def test_last_used_is_recorded_at_most_once_a_minute(client, db, key, shout, mon
 def test_a_key_revoked_behind_the_hubs_back_is_refused_on_its_next_request(
     app, client, db, key, shout
 ):
+    """A sync run acts before its end is committed: its key, remembered by the process, is
+    checked by the commit that records the request before the run, so a key revoked
+    elsewhere runs nothing."""
     prefix = key.split("_")[1]
-    for text in ("a", "b", "c"):  # a warm key: nothing remembers it
+    for text in ("a", "b", "c"):  # a warm key, remembered by this process
         answer = client.post("/hooks/shout", json={"text": text}, headers={"X-API-Key": key})
         assert answer.status_code == 200
     with db.session() as session:  # another process (or machine) revokes it
         session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
     refused = client.post("/hooks/shout", json={"text": "d"}, headers={"X-API-Key": key})
     assert refused.status_code == 401 and "revoked" in refused.json["error"]
+    with db.session() as session:
+        last = session.scalars(select(Event).order_by(Event.received_at.desc())).first()
+        assert (last.status, last.response_status, last.key_prefix) == ("rejected", 401, prefix)
+        ran = session.scalar(
+            select(func.count()).select_from(Attempt).where(Attempt.event_id == last.id)
+        )
+        assert ran == 0
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Delivery).where(Delivery.event_id == last.id)
+            )
+            == 0
+        )
 
 
 def test_an_async_event_whose_key_was_revoked_before_its_commit_is_refused_not_stored(

@@ -93,8 +93,13 @@ def sync_busy_response(busy: intake.SyncBusy):
     return answer(intake.busy_answer(busy))
 
 
+def refused_at_commit_response(refused: intake.RefusedAtCommit):
+    return answer(refused.answer)
+
+
 bp.teardown_request(give_back_sync_slot)
 bp.register_error_handler(intake.SyncBusy, sync_busy_response)
+bp.register_error_handler(intake.RefusedAtCommit, refused_at_commit_response)
 
 
 @bp.route("/hooks/<route_name>", methods=ANY_METHOD)

@@ -13,6 +13,7 @@ from hub.web.hooks import (
     enqueue,
     give_back_sync_slot,
     incoming,
+    refused_at_commit_response,
     run_sync,
     sync_busy_response,
 )
@@ -20,6 +21,7 @@ from hub.web.hooks import (
 bp = Blueprint("seed", __name__)
 bp.teardown_request(give_back_sync_slot)
 bp.register_error_handler(intake.SyncBusy, sync_busy_response)
+bp.register_error_handler(intake.RefusedAtCommit, refused_at_commit_response)
 
 
 @bp.route("/api/process", methods=ANY_METHOD)
