@@ -1218,7 +1218,8 @@ def commit_new_event(
     else:
         if event in session:
             session.expunge(event)
-        session.commit()  # what else this request wrote (a key's last use): usually nothing
+        if session.in_transaction():  # what else this request wrote (a key's last use)
+            session.commit()
         current_app.extensions["hub.commits"].insert_rows(
             [(Event.__table__, row_of(event))]
             + [(Delivery.__table__, row_of(d)) for d in deliveries],
