@@ -49,6 +49,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from bench.common import CpuMeter, children, cpu_s, fresh_postgres, rss_kb, write_section
 from hub import create_app
+from hub.config import Settings
 from hub.services.keys import create_key
 from hub.services.routes import ensure_demo_routes, save_routes
 from hub.store.db import upgrade
@@ -555,13 +556,16 @@ def main() -> None:
         row.rss_mb = peak.of("bare Flask" if row.name.startswith("bare") else row.name)
     largest = max(row.rss_mb or 0 for row in rows)
     pg_url = hubs["PostgreSQL"].url if "PostgreSQL" in hubs else None
+    # Every server here runs in a clean environment: with the hub's default web settings.
+    workers, threads = (Settings.model_fields[f].default for f in ("web_workers", "web_threads"))
     lines = [
         SECTION,
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {versions(pg_url)}.",
         f"Command: `{'HUB_BENCH_DATABASE_URL=… ' if pg else ''}make bench"
         f"{'' if only == set(RUNS) else ' BENCH_ARGS=--only ' + ','.join(sorted(only))}` "
-        f"(wrk -t2 -c{args.connections} -d{args.seconds}s; gunicorn gthread 2 workers × 4 threads, "
+        f"(wrk -t2 -c{args.connections} -d{args.seconds}s; gunicorn gthread {workers} "
+        f"workers × {threads} threads (the hub's defaults), "
         "no access log, for bare Flask and the hub alike; CPU ms/req is user + system time "
         "of gunicorn's processes, or the worker processes' per event, plus the PostgreSQL "
         "backends' ('db'), from /proc).",

@@ -6,7 +6,7 @@ and the checkout's gunicorn.conf.py (Makefile, Dockerfile, tests) imports everyt
 
 In production gunicorn sits behind nginx (deploy/nginx.conf), which reads each request
 whole before passing it on: a gthread worker gives a connection a thread from its first
-byte, so 8 clients sending a byte a second would otherwise hold all 2 x 4 threads.
+byte, so 16 clients sending a byte a second would otherwise hold all 2 x 8 threads.
 """
 
 import errno
