@@ -62,7 +62,7 @@ def wait_queued(committer: GroupCommitter, count: int) -> None:
 
 
 def test_threads_arriving_together_share_one_commit_and_each_sees_its_own(db):
-    committer = GroupCommitter(db)
+    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
     events = [new_event() for _ in range(10)]
     seen_at_return: dict[str, bool] = {}
 
@@ -88,8 +88,45 @@ def test_threads_arriving_together_share_one_commit_and_each_sees_its_own(db):
     assert (committer.batches, committer.pieces) == (2, 11)
 
 
-def test_one_bad_piece_fails_only_its_own_caller(db):
+def test_on_postgresql_a_second_batch_is_written_while_the_first_waits(db):
+    """On PostgreSQL a batch held in its transaction doesn't hold up the next: a second
+    writer commits it on a connection of its own; a third waits for one of the two."""
     committer = GroupCommitter(db)
+    if db.dialect != "postgresql":
+        assert committer.max_writers == 1  # SQLite's one write lock: no second writer
+        return
+    assert committer.max_writers == 2
+    early, late = new_event(), new_event()
+    threads, release, outcomes = start_batch_behind_a_blocked_one(
+        db, committer, [lambda: committer.insert(Event.__table__, row_of(early))]
+    )
+    threads[1].join(10)  # not held up by the first batch, still open
+    assert outcomes.get(0, "waiting") is None and stored(db, early.id)
+    second_held = threading.Event()
+    second_release = threading.Event()
+
+    def held(_conn):
+        second_held.set()
+        second_release.wait(10)
+
+    holder = threading.Thread(target=committer.run, args=(held,))
+    holder.start()
+    assert second_held.wait(10)  # both writers busy now: the next piece queues
+    third = threading.Thread(target=committer.insert, args=(Event.__table__, row_of(late)))
+    third.start()
+    wait_queued(committer, 1)
+    assert not stored(db, late.id)
+    release.set()
+    third.join(10)
+    assert stored(db, late.id)
+    second_release.set()
+    for thread in (*threads, holder):
+        thread.join(10)
+    assert outcomes[-1] == "first"
+
+
+def test_one_bad_piece_fails_only_its_own_caller(db):
+    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
     good = [new_event() for _ in range(3)]
     taken = new_event()
     with db.session() as session:
@@ -126,7 +163,7 @@ def test_a_result_comes_back_to_its_caller(db):
 
 
 def test_pieces_run_together_are_written_by_one_call_and_each_gets_its_own_result(db):
-    committer = GroupCommitter(db)
+    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
     events = [new_event() for _ in range(5)]
     calls: list[list[str]] = []
 
@@ -158,7 +195,7 @@ def test_pieces_run_together_are_written_by_one_call_and_each_gets_its_own_resul
 def test_rows_given_with_work_are_written_with_it_or_not_at_all(db):
     """``run(fn, inserts)``: the rows and the work commit together; when the work fails,
     its rows are not written, and rows of other callers in the batch still are."""
-    committer = GroupCommitter(db)
+    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
     with_work, with_failing_work, alone = new_event(), new_event(), new_event()
 
     def count(conn):
@@ -194,7 +231,7 @@ def test_an_unreachable_database_fails_every_caller_of_the_batch_at_once(db):
     connects = []
     event.listen(down.engine, "do_connect", lambda *args: connects.append(1))
     committer = GroupCommitter(down)
-    committer._writing = True  # as if a batch were being written: the four queue behind it
+    committer._writers = committer.max_writers  # as if batches were being written: the four queue
     outcomes: dict[int, object] = {}
 
     def insert(index):

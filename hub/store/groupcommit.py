@@ -34,6 +34,7 @@ MAX_BATCH = 64
 
 class _Work:
     __slots__ = ("done", "error", "fn", "guard", "item", "lead", "refused", "result", "rows")
+    # ``lead``: None, or the batch this piece's thread is woken to write (itself first).
 
     def __init__(
         self,
@@ -51,7 +52,7 @@ class _Work:
         # released by the writer is a cheaper hand-off than threading.Event's condition.
         self.done = threading.Lock()
         self.done.acquire()
-        self.lead = False  # woken to write the next batch, not because its work is done
+        self.lead: list[_Work] | None = None  # woken to write this batch, not because done
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -69,17 +70,25 @@ Guard = Callable[[Connection, list[Any]], list[BaseException | None]]
 
 
 class GroupCommitter:
-    """Shares commits between the threads of one process (``run`` and ``insert``)."""
+    """Shares commits between the threads of one process (``run`` and ``insert``).
 
-    def __init__(self, db: Database, max_batch: int = MAX_BATCH):
+    On PostgreSQL two batches may be written at once, each on its own connection: while one
+    waits for its commit's round trips and WAL flush, the threads that came meanwhile write
+    the next instead of waiting for it (the server flushes concurrent commits together). On
+    SQLite one at a time: a second writer would only wait for the file's one write lock.
+    """
+
+    def __init__(self, db: Database, max_batch: int = MAX_BATCH, writers: int | None = None):
         self.db = db
         self.max_batch = max_batch
+        self.max_writers = writers or (2 if db.dialect == "postgresql" else 1)
         self._lock = threading.Lock()
         self._queue: list[_Work] = []
-        self._writing = False  # a batch is being written; the queue waits for it
+        # Batches being written; the queue waits while there are max_writers of them.
+        self._writers = 0
         self.batches = 0  # batches written, and pieces of work in them (for benchmarks)
         self.pieces = 0
-        self._conn: Connection | None = None
+        self._idle: list[Connection] = []  # kept connections no batch is using
         db.on_dispose(self.close)
 
     def run(self, fn: Callable[[Connection], T], inserts: Iterable[tuple[Table, dict]] = ()) -> T:
@@ -121,21 +130,25 @@ class GroupCommitter:
     def _submit(self, work: _Work) -> Any:
         with self._lock:
             self._queue.append(work)
-            lead = not self._writing
-            self._writing = True
+            lead = self._writers < self.max_writers
+            if lead:
+                self._writers += 1
         if not lead:
             work.done.acquire()
-            if not work.lead:
+            if work.lead is None:
                 return work.outcome()
-        self._write_next(work)
+        self._write_next(work, work.lead)
         return work.outcome()
 
-    def _write_next(self, own: _Work | None = None) -> None:
-        """Write the batch at the head of the queue (it holds the caller's own work), then
-        hand the writing on to the first thread still waiting, or stand down."""
-        with self._lock:
-            batch = self._queue[: self.max_batch]
-            del self._queue[: len(batch)]
+    def _write_next(self, own: _Work | None = None, batch: list[_Work] | None = None) -> None:
+        """Write ``batch`` (handed over by the writer before), or the one at the head of the
+        queue (it holds the caller's own work), then hand the queue's next batch to the
+        thread at its head, or stand down. A batch leaves the queue as it is handed over,
+        so two writers finishing at once never hand the same one."""
+        if batch is None:
+            with self._lock:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: len(batch)]
         try:
             self._write(batch)
         except BaseException as exc:  # interrupted: no caller of the batch may think it done
@@ -145,41 +158,48 @@ class GroupCommitter:
         finally:
             with self._lock:
                 if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.done.release()
+                    following = self._queue[: self.max_batch]
+                    del self._queue[: len(following)]
+                    following[0].lead = following
+                    following[0].done.release()
                 else:
-                    self._writing = False
+                    self._writers -= 1
             for work in batch:
-                work.lead = False
+                work.lead = None
                 if work is not own:  # the writer's own piece is not waiting
                     work.done.release()
 
     def _connection(self) -> Connection:
-        """The connection the batches are written on, kept between them: checking one out
-        of the pool and back in for every batch (with the pool's rollback on return) was a
-        sixth of the group commit's CPU. Only the thread writing a batch uses it."""
-        if self._conn is None:
-            self._conn = self.db.engine.connect()
-        return self._conn
+        """A connection to write a batch on, kept between batches: checking one out of the
+        pool and back in for every batch (with the pool's rollback on return) was a sixth
+        of the group commit's CPU. A batch's writer has it to itself until ``_keep``."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self.db.engine.connect()
+
+    def _keep(self, conn: Connection) -> None:
+        with self._lock:
+            self._idle.append(conn)
 
     def close(self) -> None:
-        """Give the kept connection back (after a failure, or when the database is
-        disposed); the next batch takes another."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # one already broken has nothing to give
-                conn.close()
+        """Give the kept connections back (when the database is disposed)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _give_back(conn)
 
     def _write(self, batch: list[_Work]) -> None:
         self.batches += 1
         self.pieces += len(batch)
+        conn = None
         try:
             conn = self._connection()
             with conn.begin():
                 results = self._apply(conn, batch)
         except Exception as exc:
-            self.close()  # it may be broken: the next transaction starts on a fresh one
+            if conn is not None:  # it may be broken: the next batch takes a fresh one
+                _give_back(conn)
             if len(batch) == 1 or is_unavailable(exc):
                 for work in batch:
                     work.error = exc
@@ -191,6 +211,7 @@ class GroupCommitter:
                 except Exception as alone:
                     work.error = alone
             return
+        self._keep(conn)
         for work, result in zip(batch, results, strict=True):
             work.result = result
 
@@ -232,6 +253,11 @@ class GroupCommitter:
             else None
             for work in batch
         ]
+
+
+def _give_back(conn: Connection) -> None:
+    with contextlib.suppress(Exception):  # one already broken has nothing to give back
+        conn.close()
 
 
 def _sorted_tables(rows: dict[Table, list[dict]]) -> list[Table]:
