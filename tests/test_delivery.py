@@ -12,6 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select, update
 from werkzeug.serving import make_server
 
@@ -474,6 +475,32 @@ def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_overwrite(
     # A late write by the first owner changes nothing.
     assert crashed.process(delivery_id) == "lease_lost"
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_an_events_only_delivery_ends_without_reading_its_deliveries_back(
+    app, client, db, key, add_route
+):
+    """The claim counts each event's deliveries; an event's only one is rolled up from
+    what the worker holds, with no read of the deliveries and no lock of the event."""
+    add_route("later", [{"connector": "text"}], mode="async")
+    event_id = post(client, key).json["id"]
+    worker = Worker(app, name="ender")
+    (delivery_id,) = worker.claim()
+    sent: list[str] = []
+    listen = sa_event.listens_for(db.engine, "before_cursor_execute")
+
+    @listen
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(" ".join(statement.split()))
+
+    try:
+        assert worker.process(delivery_id) == "delivered"
+    finally:
+        sa_event.remove(db.engine, "before_cursor_execute", record)
+    assert event_row(db, event_id).status == "delivered"
+    reads = [s for s in sent if s.startswith("SELECT") and "deliveries.event_id" in s]
+    locks = [s for s in sent if s.startswith("SELECT events.id") and "FOR UPDATE" in s]
+    assert (reads, locks) == ([], [])
 
 
 def test_an_idle_worker_leaves_an_event_whose_lease_is_still_live_alone(

@@ -38,7 +38,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, select, text, update
+from sqlalchemy import (
+    TextClause,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from hub import rates
 from hub.ops import logs, metrics
@@ -538,6 +550,14 @@ _END_EVENT = (
 )
 
 
+# How many deliveries the event of each row an UPDATE of events returns has, written out:
+# SQLite's RETURNING names columns without their table, so the same subquery built from
+# the models compares a delivery's event_id with its own id there and counts none.
+_SIBLINGS = literal_column(
+    "(SELECT count(*) FROM deliveries AS siblings WHERE siblings.event_id = events.id)"
+)
+
+
 class Worker:
     """Claims and runs deliveries; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
 
@@ -726,7 +746,7 @@ class Worker:
                     attempts=select(func.sum(Delivery.attempts)).where(mine).scalar_subquery(),
                     retries=select(func.max(Delivery.retries)).where(mine).scalar_subquery(),
                 )
-                .returning(Event, select(func.count()).where(mine).scalar_subquery())
+                .returning(Event, _SIBLINGS)
                 .execution_options(synchronize_session=False)
             ).all()
             # Whether each must wait instead of being called (its destination paused, its
