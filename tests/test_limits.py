@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel
 
+import hub.deadline as deadline_module
 import hub.http as http
 from hub.connectors import Connector, PermanentError, RetryableError, StepContext
 from hub.deadline import DeadlineExceeded, call_before, interrupting
@@ -160,6 +161,26 @@ def test_an_interrupt_never_lands_after_its_block_has_left():
         sys.setswitchinterval(switch)
     assert escaped == 0
     assert fired > 0
+
+
+def test_deadlines_armed_one_after_another_wake_the_watchdog_once(monkeypatch):
+    """A quick delivery arms a deadline for its templates, its call and its step, each
+    a little later than the last one's: the watchdog thread is woken only for one due
+    before it would wake anyway, not at each (a wake costs the delivery's thread the
+    interpreter)."""
+    watchdog = deadline_module._watchdog
+    woken = []
+    notify = watchdog._cond.notify
+    monkeypatch.setattr(watchdog._cond, "notify", lambda *a: woken.append(1) or notify(*a))
+    with interrupting(time.monotonic() + 30):  # a call in flight, say
+        for _ in range(50):
+            with interrupting(time.monotonic() + 2):
+                pass
+            time.sleep(0.002)  # the watchdog thread gets its turn
+    assert len(woken) <= 2, len(woken)
+    # And it still fires on time.
+    with pytest.raises(DeadlineExceeded):
+        finishes_within(5, lambda: call_before(time.monotonic() + 0.3, spin, 5))
 
 
 def test_call_before_stops_waiting_for_a_sleeping_call():
