@@ -91,7 +91,7 @@ PREFETCH_AGE = 0.5
 # than PREFETCH_AGE before its call reads its destination's state again (a pause, an open
 # circuit), as one claimed alone does.
 QUICK = 0.05
-GROUP = 16
+GROUP = 32
 GROUP_SECONDS = 0.2
 # The lease owner of a sync request's event starts with this: workers never claim it.
 SYNC_LEASE_PREFIX = "sync:"
