@@ -292,6 +292,7 @@ class Usage:
     backends: float
     commits: int
     delivered: int
+    at: float  # time.monotonic() of the reading
 
 
 def usage(hub: Hub, pids: list[int]) -> Usage:
@@ -313,6 +314,7 @@ def usage(hub: Hub, pids: list[int]) -> Usage:
         backends=sum(cpu_s(pid) for pid in backends),
         commits=int(commits or 0),
         delivered=int(delivered or 0),
+        at=time.monotonic(),
     )
 
 
@@ -380,6 +382,7 @@ def run_drain(
     if first is not None and last is not None and last.delivered > first.delivered:
         n = last.delivered - first.delivered
         note += (
+            f"; {n / (last.at - first.at):,.0f}/s once delivering"
             f"; a delivery: {1000 * (last.workers - first.workers) / n:.2f} ms worker CPU, "
             f"{1000 * (last.backends - first.backends) / n:.2f} ms PostgreSQL CPU, "
             f"{(last.commits - first.commits) / n:.2f} commits"

@@ -47,6 +47,9 @@ class TextConnector(Connector):
         "Transforms a text field: upper/lower/strip/truncate/extract, with length and words."
     )
     Config = TextConfig
+    # String operations and ``re``, which holds the interpreter while it matches: a helper
+    # thread would not let the caller go on any sooner.
+    computes_only = True
 
     def run(self, payload: Any, ctx: StepContext) -> dict[str, Any]:
         cfg: TextConfig = self.config

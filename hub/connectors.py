@@ -208,6 +208,12 @@ class Connector:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Config: ClassVar[type[BaseModel]] = EmptyConfig
+    # True for a connector that only computes (no network, no file, no sleep, no lock):
+    # its ``run`` is called in the delivery thread itself, stopped at the deadline while
+    # in its own code, instead of being handed to a helper thread that the caller can
+    # stop waiting for (a hand-off that cost a sixth of a quick delivery's CPU). A call
+    # that can block outside Python must leave it False.
+    computes_only: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel):
         self.config = config

@@ -31,6 +31,7 @@ import ctypes
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import sys
@@ -90,15 +91,26 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Alarm]] = []
         self._started = False
+        # When the thread, waiting, wakes by itself next (-inf: it is not waiting, and looks
+        # at the heap before it does), and the earliest time an arm asked it to look again
+        # (kept even once that alarm has finished and left the heap).
+        self._wake_at = -math.inf
+        self._due = math.inf
 
     def arm(self, when: float, alarm: _Alarm) -> None:
+        """Fire ``alarm`` at ``when``. The thread is woken only for an alarm due before it
+        wakes by itself: woken at every arm that came first in the heap, it dropped the
+        finished alarms there, so the next arm came first again, and a quick delivery's
+        deadlines woke it each time (a sixth of an http delivery's CPU)."""
         with self._cond:
             if not self._started:
                 self._started = True
                 thread = threading.Thread(target=self._loop, name="hub-watchdog", daemon=True)
                 thread.start()
+            self._drop_finished()  # the heap stays as small as when the thread dropped them
             heapq.heappush(self._heap, (when, next(self._order), alarm))
-            if self._heap[0][2] is alarm:
+            if when < self._wake_at:
+                self._wake_at = self._due = when
                 self._cond.notify()
 
     def _loop(self) -> None:
@@ -106,14 +118,17 @@ class _Watchdog:
             with self._cond:
                 while True:
                     self._drop_finished()
-                    if not self._heap:
-                        self._cond.wait()
-                        continue
-                    delay = self._heap[0][0] - time.monotonic()
-                    if delay <= 0:
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
                         _, _, alarm = heapq.heappop(self._heap)
                         break
-                    self._cond.wait(delay)
+                    if self._due <= now:
+                        self._due = math.inf
+                    # Woken for an alarm that has finished since, it still waits until
+                    # that one's time: an alarm armed meanwhile for later needs no wake.
+                    self._wake_at = min(self._heap[0][0] if self._heap else math.inf, self._due)
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                    self._wake_at = -math.inf
             try:  # outside the heap lock: an action may take a moment
                 again = alarm.fire()
             except Exception as exc:  # the watchdog must outlive any one action

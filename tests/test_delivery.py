@@ -12,6 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select, update
 from werkzeug.serving import make_server
 
@@ -474,6 +475,66 @@ def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_overwrite(
     # A late write by the first owner changes nothing.
     assert crashed.process(delivery_id) == "lease_lost"
     assert event_row(db, event_id).status == "delivered"
+
+
+def test_an_events_only_delivery_ends_without_reading_its_deliveries_back(
+    app, client, db, key, add_route
+):
+    """The claim counts each event's deliveries; an event's only one is rolled up from
+    what the worker holds, with no read of the deliveries and no lock of the event."""
+    add_route("later", [{"connector": "text"}], mode="async")
+    event_id = post(client, key).json["id"]
+    worker = Worker(app, name="ender")
+    (delivery_id,) = worker.claim()
+    sent: list[str] = []
+    listen = sa_event.listens_for(db.engine, "before_cursor_execute")
+
+    @listen
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(" ".join(statement.split()))
+
+    try:
+        assert worker.process(delivery_id) == "delivered"
+    finally:
+        sa_event.remove(db.engine, "before_cursor_execute", record)
+    assert event_row(db, event_id).status == "delivered"
+    reads = [s for s in sent if s.startswith("SELECT") and "deliveries.event_id" in s]
+    locks = [s for s in sent if s.startswith("SELECT events.id") and "FOR UPDATE" in s]
+    assert (reads, locks) == ([], [])
+
+
+def test_a_quick_routes_deliveries_are_claimed_and_ended_in_groups(app, db, add_route):
+    """Once its deliveries are known quick, a delivery thread takes a group of them, runs
+    them and commits their attempts and outcomes together: a few commits for 300
+    deliveries, each delivered once, each with its attempt row."""
+    add_route("later", [{"connector": "text"}], mode="async")
+    insert_events(db, "later", 300, body=b'{"input": "x"}')
+    commits = []
+
+    def count(conn):  # the delivery threads' commits, not this test's reads
+        if threading.current_thread().name.startswith("hub-worker"):
+            commits.append(conn)
+
+    sa_event.listen(db.engine, "commit", count)
+    worker = Worker(app, name="grouper")
+    worker.start(4)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if {e.status for e in events(db)} == {"delivered"}:
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop(grace=5)
+        sa_event.remove(db.engine, "commit", count)
+    assert {e.status for e in events(db)} == {"delivered"}
+    with db.session() as session:
+        per_event = session.execute(
+            select(Attempt.event_id, func.count()).group_by(Attempt.event_id)
+        ).all()
+    assert len(per_event) == 300 and {n for _, n in per_event} == {1}
+    # Taken one a thread, they cost more than one commit each (348 here); in groups, 67.
+    assert len(commits) < 150, len(commits)
 
 
 def test_an_idle_worker_leaves_an_event_whose_lease_is_still_live_alone(

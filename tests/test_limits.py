@@ -10,11 +10,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
 
+import hub.deadline as deadline_module
 import hub.http as http
 from hub.connectors import Connector, PermanentError, RetryableError, StepContext
 from hub.deadline import DeadlineExceeded, call_before, interrupting
@@ -160,6 +161,26 @@ def test_an_interrupt_never_lands_after_its_block_has_left():
         sys.setswitchinterval(switch)
     assert escaped == 0
     assert fired > 0
+
+
+def test_deadlines_armed_one_after_another_wake_the_watchdog_once(monkeypatch):
+    """A quick delivery arms a deadline for its templates, its call and its step, each
+    a little later than the last one's: the watchdog thread is woken only for one due
+    before it would wake anyway, not at each (a wake costs the delivery's thread the
+    interpreter)."""
+    watchdog = deadline_module._watchdog
+    woken = []
+    notify = watchdog._cond.notify
+    monkeypatch.setattr(watchdog._cond, "notify", lambda *a: woken.append(1) or notify(*a))
+    with interrupting(time.monotonic() + 30):  # a call in flight, say
+        for _ in range(50):
+            with interrupting(time.monotonic() + 2):
+                pass
+            time.sleep(0.002)  # the watchdog thread gets its turn
+    assert len(woken) <= 2, len(woken)
+    # And it still fires on time.
+    with pytest.raises(DeadlineExceeded):
+        finishes_within(5, lambda: call_before(time.monotonic() + 0.3, spin, 5))
 
 
 def test_call_before_stops_waiting_for_a_sleeping_call():
@@ -324,15 +345,28 @@ class Spinner(Connector):
         return {"spun": True}
 
 
+class Computing(Spinner):
+    """A spinner that says it only computes: run in the delivery thread itself."""
+
+    name = "computing"
+    computes_only = True
+    threads: ClassVar[list[str]] = []
+
+    def run(self, payload: Any, ctx: StepContext) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return super().run(payload, ctx)
+
+
 @pytest.fixture
 def slow_connectors(app):
     registry = app.extensions["hub.connectors"]
-    registry.register(Sleepy)
-    registry.register(Spinner)
+    for connector in (Sleepy, Spinner, Computing):
+        registry.register(connector)
     app.config["STEP_TRIES"] = 1
+    Computing.threads.clear()
     yield
-    registry.unregister("sleepy")
-    registry.unregister("spinner")
+    for connector in (Sleepy, Spinner, Computing):
+        registry.unregister(connector.name)
 
 
 def post(client, key, payload=None, route="flow"):
@@ -345,7 +379,7 @@ def timed_post(client, key, payload=None, route="flow"):
     return response, time.monotonic() - started
 
 
-@pytest.mark.parametrize("connector", ["sleepy", "spinner"])
+@pytest.mark.parametrize("connector", ["sleepy", "spinner", "computing"])
 def test_a_sync_step_past_the_deadline_is_stopped_and_answers_504(
     client, key, add_route, app, db, slow_connectors, connector
 ):
@@ -402,11 +436,12 @@ def test_a_receiver_slower_than_its_own_timeout_stays_an_upstream_timeout(
     assert "timed out after 0.20s" in event.last_error
 
 
+@pytest.mark.parametrize("connector", ["spinner", "computing"])
 def test_an_async_step_past_the_workers_deadline_is_stopped_and_retried(
-    client, key, add_route, app, db, slow_connectors
+    client, key, add_route, app, db, slow_connectors, connector
 ):
     app.config["LEASE_SECONDS"] = 1.0  # the worker stops a step 0.2 s before the lease ends
-    add_route("later", [{"connector": "spinner"}], mode="async")
+    add_route("later", [{"connector": connector}], mode="async")
     assert post(client, key, route="later").status_code == 202
     worker = Worker(app, name="test-worker")
     started = time.monotonic()
@@ -415,7 +450,19 @@ def test_an_async_step_past_the_workers_deadline_is_stopped_and_retried(
     [event] = events(db)
     assert event.status == "retrying"
     assert "deadline" in event.last_error
-    assert summary(db) == [(0, "spinner", 1, "retryable", None)]
+    assert summary(db) == [(0, connector, 1, "retryable", None)]
+
+
+def test_a_connector_that_only_computes_runs_in_the_delivery_thread_itself(
+    client, key, add_route, app, db, slow_connectors
+):
+    """No hand-off to a helper thread for it (the text connector's case)."""
+    add_route("later", [{"connector": "computing", "config": {"seconds": 0}}], mode="async")
+    assert post(client, key, route="later").status_code == 202
+    caller = threading.current_thread().name
+    assert Worker(app, name="test-worker").run_once() == 1
+    assert [event.status for event in events(db)] == ["delivered"]
+    assert Computing.threads == [caller]
 
 
 HOSTILE_BODY = "{% for x in payload.a %}{% for y in payload.b %}{% endfor %}{% endfor %}"

@@ -38,7 +38,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import TextClause, and_, bindparam, case, func, not_, or_, select, text, update
+from sqlalchemy import (
+    TextClause,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from hub import rates
 from hub.ops import logs, metrics
@@ -69,6 +81,18 @@ MIN_IDLE = 0.05
 # one of them, never behind a slow receiver (the drain: one claim for a batch, not one an
 # event, which cost a third of its rate).
 PREFETCH_AGE = 0.5
+# A lane whose last delivery here ran in under QUICK seconds and ended the usual way
+# (``Worker._usual``: no breaker to count it, no ordering key) is quick: a delivery thread
+# takes up to GROUP of its claimed deliveries at once, runs them one after the other and
+# writes their endings in one transaction (a claim's statements and an ending's, paid for
+# one or two deliveries each, were most of a drain's cost). A thread starts no more of its
+# group once GROUP_SECONDS have passed: the rest go back for the other threads, so another
+# lane's delivery waits at most about that long behind a group. A delivery claimed more
+# than PREFETCH_AGE before its call reads its destination's state again (a pause, an open
+# circuit), as one claimed alone does.
+QUICK = 0.05
+GROUP = 32
+GROUP_SECONDS = 0.2
 # The lease owner of a sync request's event starts with this: workers never claim it.
 SYNC_LEASE_PREFIX = "sync:"
 # A reaper pass runs every this many HUB_WORKER_MAX_IDLE (20 s by default).
@@ -538,6 +562,20 @@ _END_EVENT = (
 )
 
 
+# How many deliveries the event of each row an UPDATE of events returns has, written out:
+# SQLite's RETURNING names columns without their table, so the same subquery built from
+# the models compares a delivery's event_id with its own id there and counts none.
+_SIBLINGS = literal_column(
+    "(SELECT count(*) FROM deliveries AS siblings WHERE siblings.event_id = events.id)"
+)
+
+
+class _Ending(collections.namedtuple("_Ending", "delivery schedule outcome attempts values")):
+    """A usual ending run in a group and not yet written (``Worker.end_together``)."""
+
+    __slots__ = ()
+
+
 class Worker:
     """Claims and runs deliveries; ``start(n)`` runs n delivery threads, ``stop()`` ends them."""
 
@@ -578,6 +616,8 @@ class Worker:
         # last delivery here was quick (unknown lanes count as slow).
         self._started: dict[str, float] = {}
         self._fast: set[str] = set()
+        self._quick: set[str] = set()
+        self._plain: set[str] = set()  # lanes whose last ending here was the usual one
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
         self.next_breaker_tick = 0.0  # time.monotonic() of the next look at open circuits
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
@@ -626,7 +666,11 @@ class Worker:
         share = max(1, int(threads * self.route_share))
         with self._lock:
             return share, {
-                lane: threads if lane in self._fast else share - n
+                lane: threads * GROUP
+                if lane in self._quick
+                else threads
+                if lane in self._fast
+                else share - n
                 for lane, n in self._busy.items()
                 if n > 0
             }
@@ -726,7 +770,7 @@ class Worker:
                     attempts=select(func.sum(Delivery.attempts)).where(mine).scalar_subquery(),
                     retries=select(func.max(Delivery.retries)).where(mine).scalar_subquery(),
                 )
-                .returning(Event, select(func.count()).where(mine).scalar_subquery())
+                .returning(Event, _SIBLINGS)
                 .execution_options(synchronize_session=False)
             ).all()
             # Whether each must wait instead of being called (its destination paused, its
@@ -754,9 +798,11 @@ class Worker:
 
     # --- delivering ---
 
-    def process(self, delivery_id: str) -> str:
+    def process(self, delivery_id: str, later: list[_Ending] | None = None) -> str:
         """Run one claimed delivery through its destination and record the outcome; returns
-        its status."""
+        its status. Given ``later``, a usual ending (``_usual``) is added to it instead,
+        for ``end_together`` to write; the delivery stays in flight until then."""
+        deferred = len(later) if later is not None else -1
         with self._lock:
             self.in_flight.add(delivery_id)
             delivery, claimed_at = self._claimed.pop(delivery_id, (None, time.monotonic()))
@@ -778,21 +824,59 @@ class Worker:
                 route=event.route,
                 key_prefix=event.key_prefix,
             ):
-                return self._process(delivery, event, claimed_at, held)
+                if time.monotonic() - claimed_at > PREFETCH_AGE:
+                    held = None  # read again: claimed a while ago, in a group
+                return self._process(delivery, event, claimed_at, held, later)
         finally:
+            waits = later is not None and len(later) > deferred  # its ending is in ``later``
             with self._lock:
-                self.in_flight.discard(delivery_id)
-                self._alone.discard(delivery_id)
                 started = self._started.pop(delivery_id, None)
+                if not waits:
+                    self._done(delivery_id, lane)
                 if lane is not None:
-                    self._busy[lane] -= 1
-                    if started is not None and time.monotonic() - started < PREFETCH_AGE:
+                    took = time.monotonic() - started if started is not None else math.inf
+                    if took < PREFETCH_AGE:
                         self._fast.add(lane)
                     else:
                         self._fast.discard(lane)
+                    if took < QUICK and lane in self._plain:
+                        self._quick.add(lane)
+                    else:
+                        self._quick.discard(lane)
+
+    def _done(self, delivery_id: str, lane: str | None) -> None:
+        """A delivery's ending is written (or given up): it no longer holds a thread's
+        place (called under ``_lock``)."""
+        self.in_flight.discard(delivery_id)
+        self._alone.discard(delivery_id)
+        if lane is not None:
+            self._busy[lane] -= 1
+
+    def process_group(self, delivery_ids: Sequence[str]) -> None:
+        """Run claimed deliveries of quick lanes one after the other, then write their usual
+        endings together (``end_together``); the others were written as each ended. Past
+        GROUP_SECONDS (or when the worker stops) the deliveries not started go back to be
+        taken by the next free thread, still claimed."""
+        later: list[_Ending] = []
+        until = time.monotonic() + GROUP_SECONDS
+        try:
+            for n, delivery_id in enumerate(delivery_ids):
+                if n and (time.monotonic() > until or self.stopping.is_set()):
+                    with self._claim_lock:
+                        self._ready.extendleft(reversed(delivery_ids[n:]))
+                    self.wakeup.set()
+                    break
+                self.process(delivery_id, later)
+        finally:
+            self.end_together(later)
 
     def _process(
-        self, delivery: Delivery, event: Event, claimed_at: float, held: bool | None = None
+        self,
+        delivery: Delivery,
+        event: Event,
+        claimed_at: float,
+        held: bool | None = None,
+        later: list[_Ending] | None = None,
     ) -> str:
         """Run the claimed ``delivery``; ``held``: whether its destination held it at its
         claim (None: unknown, read now)."""
@@ -858,7 +942,9 @@ class Worker:
             # Recording an attempt failed, or a hub bug: a failed attempt, per the schedule.
             log.error("event %s: pipeline error %s", event.id, type(exc).__name__)
             outcome = pipeline.Outcome(pipeline.RETRYABLE, error=f"hub error: {type(exc).__name__}")
-        return self._finish(delivery, schedule, outcome, unwritten, destination=breaker_of)
+        return self._finish(
+            delivery, schedule, outcome, unwritten, destination=breaker_of, later=later
+        )
 
     def _paused(self, delivery: Delivery) -> bool:
         """Whether the delivery must wait instead of being called, as the database says
@@ -903,15 +989,23 @@ class Worker:
         outcome: pipeline.Outcome,
         attempts: Sequence[dict[str, Any]] = (),
         destination: Destination | None = None,
+        later: list[_Ending] | None = None,
     ) -> str:
         """Write how the run ended, with the rows of its calls not yet written, and the
         event's roll-up, and the count of ``destination``'s circuit breaker if given. An
         outcome that can't be written is a failed attempt: the delivery follows the retry
         schedule to ``dead``, its calls still on record; a call's row that can't be written
         is one too, and only then is the row left out. If even that write fails, the lease
-        runs out and the next claim counts against the schedule."""
+        runs out and the next claim counts against the schedule. Given ``later``, a usual
+        ending is added to it, written by ``end_together``."""
         try:
             values = self._ending(delivery, schedule, outcome)
+            usual = self._usual(delivery, values, destination)
+            with self._lock:
+                (self._plain.add if usual else self._plain.discard)(delivery.lane)
+            if later is not None and usual:
+                later.append(_Ending(delivery, schedule, outcome, tuple(attempts), values))
+                return values["status"]
             changed = self._write_ending(delivery, values, attempts, destination)
         except Exception as exc:
             log.error("event %s: outcome not recorded (%s)", delivery.event_id, type(exc).__name__)
@@ -933,6 +1027,11 @@ class Worker:
                 )
                 values = self._ending(delivery, schedule, unstorable)
                 changed = self._write_ending(delivery, values, (), destination)
+        return self._ended(delivery, values, changed)
+
+    def _ended(self, delivery: Delivery, values: dict[str, Any], changed: int) -> str:
+        """Log a written ending and count its event's end; the delivery's status, or
+        ``lease_lost`` for an ending another worker's lease kept out."""
         rolled = self._rolled.pop(delivery.id, None)
         if not changed:
             log.warning("event %s: lease lost before the outcome was written", delivery.event_id)
@@ -982,24 +1081,15 @@ class Worker:
         """Write the delivery's ``values`` and its event's roll-up; with a ``destination``
         whose breaker is on, count the ending on it in the same transaction (which may hold
         the delivery instead: ``values`` then says so once committed)."""
-        if (
-            values["status"] in _ENDED
-            and delivery.id in self._alone
-            and delivery.order_key is None
-            and (destination is None or not destination.breaker)
-        ):
+        if self._usual(delivery, values, destination):
             # The usual ending: written with the other threads' like it, a statement for
             # each table for them all (``_write_ended``).
-            stands = {column: getattr(delivery, column) for column in ROLLED} | values
-            alone = types.SimpleNamespace(**{column: stands[column] for column in ROLLED})
-            event = rolled_values([alone], delivery.id)
+            item = self._ended_item(delivery, values)
             changed = self.commits.run_together(
-                self._write_ended,
-                (delivery.id, delivery.event_id, stands, event),
-                [(Attempt.__table__, row) for row in attempts],
+                self._write_ended, item, [(Attempt.__table__, row) for row in attempts]
             )
             if changed:
-                self._rolled[delivery.id] = event["status"]
+                self._rolled[delivery.id] = item[3]["status"]
             return changed
         statement = (
             update(Delivery.__table__)
@@ -1053,6 +1143,55 @@ class Worker:
         if changed and any(promoted):
             self.wakeup.set()  # the next of the key is due now
         return changed
+
+    def _usual(
+        self, delivery: Delivery, values: dict[str, Any], destination: Destination | None
+    ) -> bool:
+        """Whether an ending is the usual one, written with others (``_write_ended``):
+        delivered, filtered or failed, its event's only delivery, of a destination with no
+        ordering key and no breaker."""
+        return (
+            values["status"] in _ENDED
+            and delivery.id in self._alone
+            and delivery.order_key is None
+            and (destination is None or not destination.breaker)
+        )
+
+    @staticmethod
+    def _ended_item(delivery: Delivery, values: dict[str, Any]) -> tuple:
+        """What ``_write_ended`` writes of a usual ending: the delivery's id, its event's,
+        its ROLLED columns as they now stand, and the event's roll-up."""
+        stands = {column: getattr(delivery, column) for column in ROLLED} | values
+        alone = types.SimpleNamespace(**{column: stands[column] for column in ROLLED})
+        return (delivery.id, delivery.event_id, stands, rolled_values([alone], delivery.id))
+
+    def end_together(self, later: list[_Ending]) -> None:
+        """Write a group's usual endings (``process_group``) and their calls' rows in one
+        transaction, shared with the other threads' writes of the moment. If that fails,
+        each is written on its own as ``_finish`` does, with its fallbacks."""
+        if not later:
+            return
+        items = [self._ended_item(ending.delivery, ending.values) for ending in later]
+        try:
+            try:
+                written = self.commits.run_together_all(
+                    self._write_ended,
+                    items,
+                    [(Attempt.__table__, row) for ending in later for row in ending.attempts],
+                )
+            except Exception as exc:
+                log.error("a group's outcomes not recorded together (%s)", type(exc).__name__)
+                for ending in later:
+                    self._finish(ending.delivery, ending.schedule, ending.outcome, ending.attempts)
+                return
+            for ending, item, changed in zip(later, items, written, strict=True):
+                if changed:
+                    self._rolled[ending.delivery.id] = item[3]["status"]
+                self._ended(ending.delivery, ending.values, changed)
+        finally:
+            with self._lock:
+                for ending in later:
+                    self._done(ending.delivery.id, ending.delivery.lane)
 
     def _write_ended(self, conn, endings: list[tuple]) -> list[int]:
         """Write deliveries ended for good (delivered, filtered, failed), each its event's
@@ -1121,26 +1260,51 @@ class Worker:
         return done
 
     def next_event(self) -> str | None:
-        """The id of a claimed event for a delivery thread; None if none is due.
+        """The id of a claimed event for a delivery thread; None if none is due."""
+        group = self.next_group()
+        return group[0] if group else None
 
-        One claim takes an event for each delivery thread of this worker that is idle or
-        soon free (its delivery started less than PREFETCH_AGE ago), and the threads take
-        them from here one by one: one statement for a batch under load. Threads held by a
-        slow receiver are not claimed for, so no event waits here behind one (another
-        route's event would wait that receiver's time); its lease (and the deadline of its
-        tries) runs from its claim."""
+    def next_group(self) -> list[str]:
+        """The ids of claimed deliveries for a delivery thread: one, or up to GROUP of quick
+        lanes; none if none is due.
+
+        One claim takes a delivery for each delivery thread of this worker that is idle or
+        soon free (its delivery started less than PREFETCH_AGE ago), GROUP of them where a
+        quick lane has room, and the threads take them from here: one statement for a
+        batch under load. Threads held by a slow receiver are not claimed for, so no event
+        waits here behind one (another route's event would wait that receiver's time); its
+        lease (and the deadline of its tries) runs from its claim. A thread takes the
+        first delivery waiting here; if that one's lane is quick, the next ones of quick
+        lanes with it, passing over the others (left for the next thread)."""
         with self._claim_lock:
             if not self._ready and not self.stopping.is_set():
                 now = time.monotonic()
                 with self._lock:
                     held = sum(1 for t in self._started.values() if now - t > PREFETCH_AGE)
-                claimed = self.claim(max(1, len(self.threads) - held))
+                    per_thread = GROUP if self._quick else 1
+                claimed = self.claim(max(1, len(self.threads) - held) * per_thread)
                 with self._lock:
                     self.in_flight.update(claimed)
                 self._ready.extend(claimed)
                 if len(claimed) > 1:
                     self.wakeup.set()  # the other idle threads may be asleep
-            return self._ready.popleft() if self._ready else None
+            if not self._ready:
+                return []
+            with self._lock:
+                group = [self._ready.popleft()]
+                if not self._is_quick(group[0]):
+                    return group
+                others = []
+                while self._ready and len(group) < GROUP:
+                    delivery_id = self._ready.popleft()
+                    (group if self._is_quick(delivery_id) else others).append(delivery_id)
+                self._ready.extendleft(reversed(others))
+            return group
+
+    def _is_quick(self, delivery_id: str) -> bool:
+        """Whether a claimed delivery's lane is quick (called under ``_lock``)."""
+        claimed = self._claimed.get(delivery_id)
+        return claimed is not None and claimed[0].lane in self._quick
 
     def reap(self) -> None:
         """One reaper pass (sync events whose process died, ordered deliveries left queued
@@ -1194,18 +1358,21 @@ class Worker:
             self.reap_when_due()
             self.breaker_tick_when_due()
             try:
-                claimed = self.next_event()
+                claimed = self.next_group()
             except Exception as exc:  # the database went away: wait and try again
                 log.warning("claim failed (%s); retrying", type(exc).__name__)
-                claimed = None
+                claimed = []
                 idle = self.max_idle
             if claimed:
                 idle = MIN_IDLE
                 try:
-                    self.process(claimed)
+                    if len(claimed) == 1:
+                        self.process(claimed[0])
+                    else:
+                        self.process_group(claimed)
                 except Exception as exc:  # e.g. the database went away mid-write
                     # The lease expires and the event is claimed again; the thread lives on.
-                    log.error("event %s: %s while recording", claimed, type(exc).__name__)
+                    log.error("event %s: %s while recording", claimed[0], type(exc).__name__)
                     self.stopping.wait(self.max_idle)
                 continue
             self.wakeup.wait(idle)

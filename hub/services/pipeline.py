@@ -36,7 +36,7 @@ from hub.connectors import (
     StepContext,
     UnknownConnectorError,
 )
-from hub.deadline import DeadlineExceeded, call_before
+from hub.deadline import DeadlineExceeded, call_before, interrupting
 from hub.http import DEFAULT_TRIES, retry_policy
 from hub.ops import metrics, redact
 from hub.services import step_secrets
@@ -464,6 +464,9 @@ def _try_once(
 
 def _call_before_deadline(connector: Connector, current: Any, ctx: StepContext) -> Any:
     try:
+        if connector.computes_only:  # nothing it does waits outside Python: no hand-off
+            with interrupting(ctx.deadline, only_in=_code_file(connector)):
+                return connector.run(current, ctx)
         # Stopped at the deadline whatever it is doing, even sleeping;
         # interrupted only in the connector's own code, never a library's.
         return call_before(ctx.deadline, connector.run, current, ctx)
@@ -471,6 +474,12 @@ def _call_before_deadline(connector: Connector, current: Any, ctx: StepContext) 
         raise RetryableError(
             "the step was still running at its deadline and was stopped", code="timeout"
         ) from None
+
+
+def _code_file(connector: Connector) -> str | None:
+    """The file of the connector's own ``run``: where an interrupt may land."""
+    code = getattr(type(connector).run, "__code__", None)
+    return code.co_filename if code is not None else None
 
 
 def _connector_failed(call: _Call, exc: ConnectorError) -> Outcome:

@@ -40,11 +40,11 @@ class _Work:
         self,
         fn: Callable[[Connection], Any] | None,
         rows: Iterable[tuple[Table, dict]] = (),
-        item: Any = None,
+        item: tuple | None = None,
         guard: tuple[Guard, Any] | None = None,
     ):
         self.fn = fn
-        self.item = item  # for a ``fn`` of ``run_together``: this caller's part of its list
+        self.item = item  # for a ``fn`` of ``run_together``: this caller's items of its list
         self.rows = tuple(rows)  # read again if the batch is written a second time
         self.guard = guard
         self.refused: BaseException | None = None  # by its guard, in the last transaction
@@ -108,7 +108,18 @@ class GroupCommitter:
         """Like ``run``, but the pieces of a batch given the same ``fn`` are written by one
         call ``fn(conn, items)`` (in the order they came), which returns one result for
         each item: one statement for the batch's outcomes, say, not one for each."""
-        return self._submit(_Work(fn, inserts, item=(item,)))
+        return self._submit(_Work(fn, inserts, item=(item,)))[0]
+
+    def run_together_all(
+        self,
+        fn: Callable[[Connection, list[Any]], list[Any]],
+        items: Iterable[Any],
+        inserts: Iterable[tuple[Table, dict]] = (),
+    ) -> list[Any]:
+        """``run_together`` for several items of one caller (a delivery thread's group of
+        endings): written by the same one call as the batch's other items of ``fn``; their
+        results, in their order."""
+        return self._submit(_Work(fn, inserts, item=tuple(items)))
 
     def insert(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` into ``table``, committed when this returns; rows of one batch go
@@ -243,8 +254,11 @@ class GroupCommitter:
                 together.setdefault(work.fn, []).append(work)
         results: dict[int, Any] = {}
         for fn, works in together.items():
-            for work, result in zip(works, fn(conn, [work.item[0] for work in works]), strict=True):
-                results[id(work)] = result
+            out = fn(conn, [item for work in works for item in work.item])
+            at = 0
+            for work in works:
+                results[id(work)] = out[at : at + len(work.item)]
+                at += len(work.item)
         return [
             results[id(work)]
             if work.item is not None
