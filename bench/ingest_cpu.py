@@ -94,7 +94,7 @@ def main() -> None:
     for _ in range(200):  # imports, pools, caches
         one()
     statuses.clear()
-    commits = app.extensions["hub.commits"]
+    commits = app.extensions["hub.inserts"]
     batches, pieces = commits.batches, commits.pieces
     meter = CpuMeter(None, url)
     meter.start()

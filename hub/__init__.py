@@ -59,7 +59,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Set when an async event is committed, so an idle worker in this process starts at once.
     app.extensions["hub.wakeup"] = threading.Event()
     app.extensions["hub.notifier"] = Notifier(app.extensions["hub.db"])
-    app.extensions["hub.commits"] = GroupCommitter(app.extensions["hub.db"])
+    # Writes that lock rows (a delivery's ending and its event's roll-up, a sync run's end)
+    # share one writer; new events and their deliveries, only inserted, two on PostgreSQL.
+    hub_db = app.extensions["hub.db"]
+    app.extensions["hub.commits"] = GroupCommitter(hub_db)
+    app.extensions["hub.inserts"] = GroupCommitter(
+        hub_db, writers=2 if hub_db.dialect == "postgresql" else 1
+    )
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     # Providers are what is installed, the same for every app of the process: (re)loaded

@@ -62,7 +62,7 @@ def wait_queued(committer: GroupCommitter, count: int) -> None:
 
 
 def test_threads_arriving_together_share_one_commit_and_each_sees_its_own(db):
-    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
+    committer = GroupCommitter(db)  # one writer: one batch held, the rest behind it
     events = [new_event() for _ in range(10)]
     seen_at_return: dict[str, bool] = {}
 
@@ -88,14 +88,16 @@ def test_threads_arriving_together_share_one_commit_and_each_sees_its_own(db):
     assert (committer.batches, committer.pieces) == (2, 11)
 
 
-def test_on_postgresql_a_second_batch_is_written_while_the_first_waits(db):
-    """On PostgreSQL a batch held in its transaction doesn't hold up the next: a second
-    writer commits it on a connection of its own; a third waits for one of the two."""
-    committer = GroupCommitter(db)
+def test_on_postgresql_a_second_batch_is_written_while_the_first_waits(app, db):
+    """On PostgreSQL the app's committer of new events (``hub.inserts``) writes a batch while
+    another is held in its transaction; a third batch waits for one of the two."""
+    inserts = app.extensions["hub.inserts"]
+    assert app.extensions["hub.commits"].max_writers == 1  # endings lock rows: one writer
     if db.dialect != "postgresql":
-        assert committer.max_writers == 1  # SQLite's one write lock: no second writer
+        assert inserts.max_writers == 1  # SQLite's one write lock: no second writer
         return
-    assert committer.max_writers == 2
+    assert inserts.max_writers == 2
+    committer = GroupCommitter(db, writers=inserts.max_writers)
     early, late = new_event(), new_event()
     threads, release, outcomes = start_batch_behind_a_blocked_one(
         db, committer, [lambda: committer.insert(Event.__table__, row_of(early))]
@@ -126,7 +128,7 @@ def test_on_postgresql_a_second_batch_is_written_while_the_first_waits(db):
 
 
 def test_one_bad_piece_fails_only_its_own_caller(db):
-    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
+    committer = GroupCommitter(db)  # one writer: one batch held, the rest behind it
     good = [new_event() for _ in range(3)]
     taken = new_event()
     with db.session() as session:
@@ -163,7 +165,7 @@ def test_a_result_comes_back_to_its_caller(db):
 
 
 def test_pieces_run_together_are_written_by_one_call_and_each_gets_its_own_result(db):
-    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
+    committer = GroupCommitter(db)  # one writer: one batch held, the rest behind it
     events = [new_event() for _ in range(5)]
     calls: list[list[str]] = []
 
@@ -195,7 +197,7 @@ def test_pieces_run_together_are_written_by_one_call_and_each_gets_its_own_resul
 def test_rows_given_with_work_are_written_with_it_or_not_at_all(db):
     """``run(fn, inserts)``: the rows and the work commit together; when the work fails,
     its rows are not written, and rows of other callers in the batch still are."""
-    committer = GroupCommitter(db, writers=1)  # one batch held, the rest behind it
+    committer = GroupCommitter(db)  # one writer: one batch held, the rest behind it
     with_work, with_failing_work, alone = new_event(), new_event(), new_event()
 
     def count(conn):

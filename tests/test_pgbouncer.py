@@ -156,12 +156,15 @@ def pooled_app(bouncer, database_url_for_test):
 class Sampler:
     """Samples, every 0.1 s until stopped, PgBouncer's server connections for the hub's
     database (SHOW POOLS) and its clients, and the connections PostgreSQL counts to the
-    database (pg_stat_activity, read on a connection of its own, not counted)."""
+    database (pg_stat_activity, read on a connection of its own, not counted), leaving out
+    the backends of ``before``: connections to this test process's database that were
+    there before the hub's processes started (an earlier test's pool not yet collected)."""
 
-    def __init__(self, bouncer: Bouncer, direct: str):
+    def __init__(self, bouncer: Bouncer, direct: str, before: set[int]):
         self.bouncer = bouncer
         self.direct = libpq(direct)
         self.database = make_url(direct).database
+        self.before = before
         self.servers: list[int] = []
         self.clients: list[int] = []
         self.backends: list[int] = []
@@ -177,12 +180,8 @@ class Sampler:
                     + pool["sv_login"]
                 )
                 self.clients.append(pool["cl_active"] + pool["cl_waiting"])
-                (count,) = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (self.database,),
-                ).fetchone()
-                self.backends.append(count)
+                pids = backend_pids(conn, self.database) - self.before
+                self.backends.append(len(pids))
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -191,6 +190,15 @@ class Sampler:
     def __exit__(self, *_exc) -> None:
         self.stopping.set()
         self.thread.join(5)
+
+
+def backend_pids(conn: psycopg.Connection, database: str) -> set[int]:
+    """The backends PostgreSQL has for ``database``, but the one asking."""
+    rows = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (database,),
+    )
+    return {pid for (pid,) in rows}
 
 
 def complaints(log: Path) -> list[str]:
@@ -228,6 +236,9 @@ def test_four_workers_deliver_each_event_once_through_pgbouncer_in_transaction_m
             mode="async",
         )
         key = make_key()
+        db.dispose()  # the test's own connections (the route, the key): not the hub's
+        with psycopg.connect(libpq(database_url_for_test), autocommit=True) as conn:
+            before = backend_pids(conn, make_url(database_url_for_test).database)
         logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
         procs = [
             worker(
@@ -244,9 +255,8 @@ def test_four_workers_deliver_each_event_once_through_pgbouncer_in_transaction_m
                 wait_until(
                     lambda log=log: b"delivering with" in log.read_bytes(), 30, what=log.name
                 )
-            db.dispose()  # the test's own connections (the route, the key): not the hub's
             started = time.monotonic()
-            with Sampler(bouncer, database_url_for_test) as sampler:
+            with Sampler(bouncer, database_url_for_test, before) as sampler:
                 answers: list[int] = []
                 senders = [
                     threading.Thread(

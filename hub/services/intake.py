@@ -1220,7 +1220,7 @@ def commit_new_event(
             session.expunge(event)
         if session.in_transaction():  # what else this request wrote (a key's last use)
             session.commit()
-        current_app.extensions["hub.commits"].insert_rows(
+        current_app.extensions["hub.inserts"].insert_rows(
             [(Event.__table__, row_of(event))]
             + [(Delivery.__table__, row_of(d)) for d in deliveries],
             guard=(keys_still_valid, key_id) if key_id is not None else None,

@@ -72,16 +72,18 @@ Guard = Callable[[Connection, list[Any]], list[BaseException | None]]
 class GroupCommitter:
     """Shares commits between the threads of one process (``run`` and ``insert``).
 
-    On PostgreSQL two batches may be written at once, each on its own connection: while one
-    waits for its commit's round trips and WAL flush, the threads that came meanwhile write
-    the next instead of waiting for it (the server flushes concurrent commits together). On
-    SQLite one at a time: a second writer would only wait for the file's one write lock.
+    ``writers`` batches may be written at once, each on its own connection: while one waits
+    for its commit's round trips and WAL flush, the threads that came meanwhile write the
+    next instead of waiting for it (PostgreSQL flushes concurrent commits together). Only
+    for work that locks no rows another batch may lock in another order (inserts of new
+    rows): two batches ending deliveries of one event would deadlock on its roll-up. On
+    SQLite one: a second writer would only wait for the file's one write lock.
     """
 
-    def __init__(self, db: Database, max_batch: int = MAX_BATCH, writers: int | None = None):
+    def __init__(self, db: Database, max_batch: int = MAX_BATCH, writers: int = 1):
         self.db = db
         self.max_batch = max_batch
-        self.max_writers = writers or (2 if db.dialect == "postgresql" else 1)
+        self.max_writers = writers
         self._lock = threading.Lock()
         self._queue: list[_Work] = []
         # Batches being written; the queue waits while there are max_writers of them.
