@@ -60,7 +60,10 @@ def test_eight_requests_to_a_slow_sync_receiver_leave_other_senders_fast(
         add_route("quick", [{"connector": "text", "config": {"field": "text"}}], mode="async")
         slow_key, other_key = make_key(["slow"]), make_key(["quick"])
         log = tmp_path / "gunicorn.log"
-        with gunicorn(database_url_for_test, log, HUB_EMBEDDED_WORKER="false") as (_, base):
+        # 2 processes of 4 threads: 8 slow requests are more than the route's slots (half of
+        # each process's threads) and as many as all the threads there are.
+        threads = {"HUB_WEB_THREADS": "4", "HUB_EMBEDDED_WORKER": "false"}
+        with gunicorn(database_url_for_test, log, **threads) as (_, base):
 
             def post_slow(n: int) -> requests.Response:
                 return requests.post(
