@@ -357,6 +357,7 @@ def test_a_key_revoked_behind_the_hubs_back_is_refused_on_its_next_request(
     with db.session() as session:
         last = session.scalars(select(Event).order_by(Event.received_at.desc())).first()
         assert (last.status, last.response_status, last.key_prefix) == ("rejected", 401, prefix)
+        assert (last.attempts, last.lease_owner, last.lease_until) == (0, None, None)
         ran = session.scalar(
             select(func.count()).select_from(Attempt).where(Attempt.event_id == last.id)
         )

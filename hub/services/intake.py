@@ -556,7 +556,7 @@ def receive(incoming: Incoming) -> Accepted:
         if not group_committed:
             confirm_key(rx)  # a dedup answer or a handshake acts before any commit
     except Rejected as rejection:
-        if rejection.status != 401:
+        if 400 <= rejection.status < 500 and rejection.status != 401:
             try:  # a revoked key hears that, not what else was wrong with its request
                 confirm_key(rx)
             except Rejected as refused:
@@ -1300,7 +1300,9 @@ def refuse_revoked(accepted: Accepted) -> Answer:
     """Record an async event whose key its commit found revoked as the 401 it is answered."""
     rx = accepted.reception
     event = accepted.event
-    event.next_attempt_at = None
+    # Nothing of it ran nor waits: no schedule, no sync lease, no attempt.
+    event.next_attempt_at = event.lease_owner = event.lease_until = None
+    event.attempts = 0
     try:
         confirm_key(rx)  # the key as it is now, for the refusal's sentence
         rejection = key_rejection(rx, keys.KeyRefused("revoked"))
