@@ -223,6 +223,39 @@ def test_rows_given_with_work_are_written_with_it_or_not_at_all(db):
     assert not stored(db, with_failing_work.id)
 
 
+def test_a_guard_refuses_its_pieces_of_a_batch_and_the_rest_is_written(db):
+    """``insert_rows(rows, guard=(check, item))``: the batch's transaction calls each check
+    once, with the items of all its pieces, before writing; a refused piece writes nothing
+    and its caller gets the refusal, the others are committed in the same batch."""
+    committer = GroupCommitter(db)  # one writer: one batch held, the rest behind it
+    events = {name: new_event() for name in ("kept", "refused", "unguarded")}
+    asked: list[list[str]] = []
+
+    def check(conn, items):
+        asked.append(list(items))
+        return [PermissionError(item) if item == "refused" else None for item in items]
+
+    works = [
+        lambda name=name: committer.insert_rows(
+            [(Event.__table__, row_of(events[name]))],
+            guard=(check, name) if name != "unguarded" else None,
+        )
+        for name in events
+    ]
+    threads, release, outcomes = start_batch_behind_a_blocked_one(db, committer, works)
+    wait_queued(committer, 3)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert asked == [["kept", "refused"]]  # once for the batch, with both guarded pieces
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], PermissionError)
+    assert stored(db, events["kept"].id) and stored(db, events["unguarded"].id)
+    assert not stored(db, events["refused"].id)
+    assert (committer.batches, committer.pieces) == (2, 4)  # the held one, then the three
+
+
 def test_an_unreachable_database_fails_every_caller_of_the_batch_at_once(db):
     if db.dialect != "postgresql":
         pytest.skip("a server that is down: PostgreSQL's case (SQLite is a file)")
