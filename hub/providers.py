@@ -597,6 +597,7 @@ class ProviderRegistry:
         self._providers: dict[str, Provider] = {}
         self._sources: dict[str, str] = {}
         self._configured: dict[tuple[str, tuple], Provider] = {}
+        self._id_headers: tuple[str, ...] | None = None  # id_headers(), until a register
 
     def register(self, provider: Provider, source: str = "code") -> bool:
         """Add ``provider``; False (and nothing changes) if its name is taken."""
@@ -606,6 +607,7 @@ class ProviderRegistry:
             return False
         self._providers[provider.name] = provider
         self._sources[provider.name] = source
+        self._id_headers = None
         return True
 
     def source(self, name: str) -> str:
@@ -625,13 +627,16 @@ class ProviderRegistry:
 
     def id_headers(self) -> tuple[str, ...]:
         """Every provider's delivery-id headers, once each, in load order: a key route that
-        relays a provider's webhooks still dedups by its id."""
-        seen: dict[str, None] = {}
-        for provider in self._providers.values():
-            for header in provider.id_headers:
-                if header.lower() not in GENERIC_ID_HEADERS:
-                    seen.setdefault(header, None)
-        return tuple(seen)
+        relays a provider's webhooks still dedups by its id. Worked out once per set of
+        providers: every webhook of a route with a dedup window asks."""
+        if self._id_headers is None:
+            seen: dict[str, None] = {}
+            for provider in self._providers.values():
+                for header in provider.id_headers:
+                    if header.lower() not in GENERIC_ID_HEADERS:
+                        seen.setdefault(header, None)
+            self._id_headers = tuple(seen)
+        return self._id_headers
 
     def configured(
         self, name: str, options: dict[str, Any], validated: Callable[[], dict[str, Any]]
