@@ -29,6 +29,7 @@ from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.config import database_url
+from hub.store import writerlock
 
 # The execution option that makes a SQLite transaction start deferred (see make_engine).
 READ_ONLY = "hub_read_only"
@@ -106,7 +107,9 @@ class Database:
 
 def make_engine(url: str, connect_timeout: float | None = None, pooler: str = "none") -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        connect_args = {"timeout": 30, **writerlock.connect_args(make_url(url))}
+        engine = create_engine(url, connect_args=connect_args)
+        writerlock.install(engine)  # writers queue at a lock file, not in the busy handler
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take it over so that a
         # transaction that may write takes the write lock up front: a read that later
@@ -162,9 +165,18 @@ def is_unavailable(error: BaseException) -> bool:
 
 def _sqlite_begin(conn) -> None:
     reading = conn.get_execution_options().get(READ_ONLY)
+    driver = conn.connection.driver_connection
+    if reading:
+        driver.execute("BEGIN")
+        return
     # On the driver's connection itself: through exec_driver_sql, SQLAlchemy's execution of
     # this one statement cost as much as the INSERTs of a batch of webhooks.
-    conn.connection.driver_connection.execute("BEGIN" if reading else "BEGIN IMMEDIATE")
+    writerlock.acquire(driver)
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+    except BaseException:
+        writerlock.release(driver)
+        raise
 
 
 def _refuse_flush(session: Session, _context, _instances) -> None:
