@@ -100,7 +100,7 @@ def test_the_data_directory_holds_the_database_and_the_secret_key(tmp_path):
     env = clean_env(HUB_DATA_DIR=str(data))
     done = hub(["db", "upgrade"], env, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in data.iterdir()) == ["hub.db", "secret_key"]
+    assert sorted(p.name for p in data.iterdir()) == ["hub.db", "hub.db-writer.lock", "secret_key"]
 
 
 def test_the_data_directory_defaults_to_the_checkouts_instance_folder():

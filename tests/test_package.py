@@ -165,7 +165,7 @@ def test_an_installed_hub_keeps_its_data_outside_the_venv_and_serves_with_the_hu
     flask = [venv / "bin" / "flask", "--app", "hub"]
     run([*flask, "routes", "add", "orders", "--mode", "async", "--step", step], elsewhere, env)
     assert list(elsewhere.iterdir()) == []  # nothing written into the working directory
-    assert sorted(p.name for p in data.iterdir()) == ["hub.db", "secret_key"]
+    assert sorted(p.name for p in data.iterdir()) == ["hub.db", "hub.db-writer.lock", "secret_key"]
 
     shown = run([hub, "config"], elsewhere, env)
     assert f"# data directory: {data}\n" in shown
