@@ -5,7 +5,8 @@ runs first and again last, and every ratio divides by the better of the two):
 
 - bare Flask: parse JSON, answer 202; and the seed's /api/process written bare;
 - the hub's async route with no worker running (ingest alone), on SQLite and PostgreSQL;
-- the hub's sync /api/process (text step), on SQLite and PostgreSQL;
+- the hub's sync /api/process (text step), on SQLite and PostgreSQL, every thread allowed to run
+  it (HUB_SYNC_RUNS_PER_ROUTE as HUB_WEB_THREADS, as bare Flask's threads all may);
 - the embedded default as ``make run`` starts it (SQLite, a delivery thread per web process),
   with the time from the end of the load to the last delivery;
 - the drain: 2 ``flask --app hub worker --concurrency 4`` processes delivering the events the
@@ -551,8 +552,17 @@ def main() -> None:
                     run_ingest(hub, f"async ingest, {label}", "/hooks/bench", args, workdir, peak)
                 )
             if f"sync-{short}" in only:
+                # Every thread may run the route, as every thread of bare Flask does: the
+                # default (half of them) guards against a slow receiver, and under wrk's 16
+                # clients a run now and then waited past HUB_SYNC_BUSY_WAIT for a slot (503).
                 row = run_ingest(
-                    hub, f"sync /api/process, {label}", "/api/process", args, workdir, peak
+                    hub,
+                    f"sync /api/process, {label}",
+                    "/api/process",
+                    args,
+                    workdir,
+                    peak,
+                    HUB_SYNC_RUNS_PER_ROUTE=str(Settings.model_fields["web_threads"].default),
                 )
                 row.baseline = "bare_process"
                 rows.append(row)
