@@ -108,7 +108,9 @@ def acquire(connection: Any) -> None:
     fd = dbapi_connection.hub_lock_fd
     if fd is None:
         try:
-            fd = os.open(dbapi_connection.hub_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            # Read-only is enough to flock: another user who may read the file (a CLI run by
+            # an admin beside the server's user) queues at the same lock.
+            fd = os.open(dbapi_connection.hub_lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError:  # a directory it can't write: SQLite's own lock still serialises
             return
         dbapi_connection.hub_lock_fd = fd
