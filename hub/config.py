@@ -302,7 +302,7 @@ class Settings(BaseSettings):
     )
     embedded_worker: Flag = Field(
         True,
-        description="deliver async events on a thread inside each web process; `false` when "
+        description="deliver async events on 2 threads inside each web process; `false` when "
         "`flask --app hub worker` processes run beside gunicorn",
     )
     connectors: Text = Field(
