@@ -394,6 +394,29 @@ def test_an_async_event_whose_key_was_revoked_before_its_commit_is_refused_not_s
         assert sorted(delivered) == sorted(e.id for e in events[:2])
 
 
+def test_a_remembered_key_is_refused_from_the_instant_it_expires(
+    client, db, make_key, add_route, monkeypatch
+):
+    """A key this process remembers is judged against its expires_at on every webhook: the
+    commit's check looks only for a revocation, so memory must not outlive the expiry."""
+    add_route("later", [{"connector": "text", "config": {"field": "text"}}], mode="async")
+    key = make_key(expires_in=timedelta(hours=1))
+    first = client.post("/hooks/later", json={"text": "a"}, headers={"X-API-Key": key})
+    assert first.status_code == 202  # verified, and remembered
+    with db.session() as session:
+        expires_at = session.scalar(
+            select(ApiKey.expires_at).where(ApiKey.prefix == key.split("_")[1])
+        )
+    later = expires_at + timedelta(seconds=1)
+    monkeypatch.setattr(keys, "utcnow", lambda: later)
+    refused = client.post("/hooks/later", json={"text": "b"}, headers={"X-API-Key": key})
+    assert refused.status_code == 401
+    assert refused.json == {"error": "API key has expired", "code": "unauthorized"}
+    with db.session() as session:
+        statuses = session.scalars(select(Event.status).order_by(Event.received_at)).all()
+    assert statuses == ["pending", "rejected"]
+
+
 def test_the_status_url_names_the_host_and_mount_the_sender_posted_to(client, key, add_route):
     """The 202's status_url is the event's own URL where the sender reached the hub: its
     scheme, host and the path the hub is mounted under (SCRIPT_NAME)."""
