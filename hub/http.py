@@ -32,6 +32,7 @@ import email.utils
 import ipaddress
 import logging
 import math
+import os
 import random
 import socket
 import threading
@@ -300,10 +301,39 @@ _session_lock = threading.Lock()
 
 def _new_session() -> requests.Session:
     s = requests.Session()
+    # The environment is read once a host (``_environment``), not by requests on each call:
+    # scanning os.environ for proxies twice a call was a fifth of ``request``'s CPU.
+    # A ~/.netrc is never read: a destination gets the credentials its step gives, no more.
+    s.trust_env = False
     s.headers["User-Agent"] = USER_AGENT
     for prefix in ("http://", "https://"):
         s.mount(prefix, GuardedAdapter(pool_connections=POOL_SIZE, pool_maxsize=POOL_SIZE))
     return s
+
+
+_environments: dict[tuple[str, str], dict[str, Any]] = {}
+ENVIRONMENT_HOSTS = 1024  # hosts whose environment settings are kept; then read afresh
+
+
+def _environment(url: str) -> dict[str, Any]:
+    """What the process's environment says of a call to ``url``: its proxy (HTTP_PROXY,
+    HTTPS_PROXY, ALL_PROXY, NO_PROXY) and CA bundle (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE), as
+    requests reads them, once a scheme and host."""
+    parts = urlsplit(url)
+    key = (parts.scheme, parts.netloc)
+    found = _environments.get(key)
+    if found is None:
+        verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        found = {
+            "proxies": requests.utils.get_environ_proxies(url),
+            "verify": verify or True,
+            "stream": True,
+            "cert": None,
+        }
+        if len(_environments) >= ENVIRONMENT_HOSTS:
+            _environments.clear()
+        _environments[key] = found
+    return found
 
 
 def session() -> requests.Session:
@@ -492,7 +522,7 @@ def request(
     # The step's deadline, not this call's own timeout, is what will end it.
     cut_by_step = ctx is not None and ctx.deadline is not None and seconds < timeout
     limit = ctx.max_response_bytes if ctx is not None else DEFAULT_MAX_RESPONSE_BYTES
-    settings = s.merge_environment_settings(prepared.url, {}, True, None, None)
+    settings = _environment(prepared.url or url)
     call = _Call()
     ends_at = time.monotonic() + seconds
     try:

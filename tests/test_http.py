@@ -419,6 +419,38 @@ def test_request_without_a_context(receiver, allow_private):
     assert http.request(None, "GET", receiver.url).json() == {"ok": True}
 
 
+@pytest.fixture
+def environment_read_afresh(monkeypatch):
+    """hub.http reads the environment once a host: a test that changes it starts clean."""
+    http._environments.clear()
+    yield monkeypatch
+    http._environments.clear()
+
+
+def test_a_proxy_of_the_environment_carries_the_call_and_no_proxy_is_honoured(
+    receiver, allow_private, environment_read_afresh
+):
+    """HTTP_PROXY sends a call through the proxy (the receiver here, which then sees the
+    absolute URL); a host named in NO_PROXY is called directly."""
+    environment_read_afresh.setenv("HTTP_PROXY", receiver.url)
+    environment_read_afresh.setenv("NO_PROXY", "localhost")
+    http.request(make_ctx(), "POST", "http://destination.invalid/in", json={"a": 1})
+    direct = receiver.url.replace("127.0.0.1", "localhost") + "/direct"
+    http.request(make_ctx(), "POST", direct, json={"a": 2})
+    assert [r.path for r in receiver.requests] == ["http://destination.invalid/in", "/direct"]
+
+
+def test_a_netrc_is_never_read(receiver, allow_private, environment_read_afresh, tmp_path):
+    """A ~/.netrc of the hub's user names the destination's host: the destination still
+    gets only what the step sends, no Authorization of the netrc's."""
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login hub password netrc-secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    environment_read_afresh.setenv("HOME", str(tmp_path))
+    environment_read_afresh.setenv("NETRC", str(tmp_path / ".netrc"))
+    http.request(make_ctx(), "POST", receiver.url + "/in", json={"a": 1})
+    assert "authorization" not in receiver.requests[0].headers
+
+
 def test_session_is_shared_and_created_once_across_threads(monkeypatch):
     monkeypatch.setattr(http, "_session", None)
     barrier = threading.Barrier(8)
