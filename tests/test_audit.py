@@ -479,6 +479,24 @@ def test_a_bulk_replay_of_many_events_is_one_entry_with_its_filter_and_count(
     assert found[0]["change"]["examined"] == 1_200
 
 
+def test_a_secret_pasted_where_it_does_not_belong_is_cut_from_the_change(client, db, admin_key):
+    """Masking covers the fields meant for secrets; the scrub covers the rest: the route's
+    own secrets by value and any hub API key by its shape, wherever an admin pasted them."""
+    pasted = f"rotate {SIGNING} next week; ci uses {admin_key}"
+    route = {
+        "name": "pasted",
+        "description": pasted,
+        "verify": {"scheme": "standard-webhooks", "secrets": [SIGNING]},
+    }
+    answer = client.post("/admin/api/routes", json=route, headers={"X-API-Key": admin_key})
+    assert answer.status_code == 201
+    (entry,) = entries(db)
+    assert entry["change"]["description"] == (
+        f"rotate [redacted] next week; ci uses hk_{prefix_of(admin_key)}_[redacted]"
+    )
+    no_secret_in([entry], [SIGNING, admin_key[12:]])
+
+
 def test_a_change_too_big_keeps_only_the_names_of_its_fields(client, db, admin_key):
     route = {"name": "big", "description": "x" * (audit.CHANGE_MAX_BYTES + 10)}
     answer = client.post("/admin/api/routes", json=route, headers={"X-API-Key": admin_key})
