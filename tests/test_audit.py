@@ -457,6 +457,39 @@ def test_the_cli_records_each_action_once_as_its_os_user_and_host(runner, db, re
     assert "route.remove" in table and who in table and "older entries: --cursor" in table
 
 
+def test_db_upgrade_records_the_routes_whose_step_secrets_it_encrypted(runner, db, receiver):
+    with db.session() as session:  # as an older release stored it: the token in clear
+        session.add(Route(name="legacy", mode="sync", steps=[step(receiver)]))
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0  # nothing left: no entry
+    found = entries(db)
+    assert [(e["action"], e["target"], e["face"]) for e in found] == [
+        ("route.secrets_sealed", "legacy", "cli")
+    ]
+    no_secret_in(found, [STEP_TOKEN])
+
+
+def test_a_change_whose_entry_cannot_be_written_is_not_made(client, db, admin_key):
+    """The entry is written in the change's transaction: without it, no change."""
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE audit_log RENAME TO audit_log_away"))
+    try:
+        answer = client.post(
+            "/admin/api/keys", json={"name": "unrecorded"}, headers={"X-API-Key": admin_key}
+        )
+        assert answer.status_code >= 500 and "Traceback" not in answer.get_data(as_text=True)
+        with db.session() as session:
+            names = set(session.scalars(sa.select(ApiKey.name)))
+        assert names == {"auditor"}
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE audit_log_away RENAME TO audit_log"))
+    made = client.post(
+        "/admin/api/keys", json={"name": "recorded"}, headers={"X-API-Key": admin_key}
+    )
+    assert made.status_code == 201 and [e["action"] for e in entries(db)] == ["key.create"]
+
+
 def test_a_bulk_replay_of_many_events_is_one_entry_with_its_filter_and_count(
     client, runner, db, admin_key, add_route, receiver
 ):
