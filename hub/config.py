@@ -237,6 +237,13 @@ MetricsToken = Annotated[
     Expects("a random text of at least 16 characters"),
 ]
 Directory = Annotated[str | None, BeforeValidator(_unset_when_empty), Expects("a directory")]
+# Days a record is kept: at most 100 years (a datetime can't go back further); 0 keeps all.
+RetentionDays = Annotated[
+    int,
+    BeforeValidator(_number),
+    Field(ge=0, le=36_600),
+    Expects("a whole number of days, 0 (keep every one) to 36600"),
+]
 
 
 class Settings(BaseSettings):
@@ -586,6 +593,14 @@ class Settings(BaseSettings):
         20_000,
         description="newest events of the last hour the overview counts and charts (a busier "
         "hour says so)",
+    )
+
+    # --- the audit log ---
+    audit_retention_days: RetentionDays = Field(
+        365,
+        description="days an entry of the [audit log](audit.md) is kept: the workers delete "
+        "older ones (one look an hour per worker process); `0` keeps every entry. Nothing "
+        "else deletes an entry",
     )
 
     def as_config(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ TABLES = (
     "alert_rules",
     "alert_channels",
     "alert_state",
+    "audit_log",
 )
 
 # ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's

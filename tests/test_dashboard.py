@@ -39,6 +39,7 @@ PAGES = [
     "/dashboard/alerts",
     "/dashboard/connectors",
     "/dashboard/events/replay?status=dead",
+    "/dashboard/audit",
 ]
 TOKEN_RE = re.compile(r'name="csrf-token" content="([^"]+)"')
 

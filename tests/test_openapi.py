@@ -205,6 +205,10 @@ def calls(client, admin, key, db, receiver) -> list[tuple[str, str, object]]:
     call("DELETE", rules + "/{rule}", rules + "/nope", **a)
     call("GET", "/admin/api/alerts", query_string={"limit": 5}, **a)
     call("GET", "/admin/api/alerts", query_string={"limit": 0}, **a)
+    call("GET", "/admin/api/audit", query_string={"limit": 2}, **a)
+    call("GET", "/admin/api/audit", query_string={"action": "key", "since": "1h"}, **a)
+    call("GET", "/admin/api/audit", query_string={"since": "yesterday-ish"}, **a)  # 422
+    call("GET", "/admin/api/audit", query_string={"cursor": "x"}, **a)  # 400
     call("DELETE", channels + "/{channel}", channels + "/ops", **a)
     call("DELETE", channels + "/{channel}", channels + "/ops", **a)
     call("GET", "/events/{event_id}", f"/events/{event.id}", headers={"X-API-Key": key})

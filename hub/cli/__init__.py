@@ -1,6 +1,9 @@
-"""``hub ...`` and ``flask --app hub ...``: the admin's commands for keys, routes, connectors and
-the database (the same commands under both; ``hub`` itself, with ``hub serve`` and
-``hub config``, is hub/__main__.py).
+"""``hub ...`` and ``flask --app hub ...``: the admin's commands for keys, routes, connectors,
+events, alerts, the audit log and the database (the same commands under both; ``hub``
+itself, with ``hub serve`` and ``hub config``, is hub/__main__.py).
+
+Every command that changes something hands its service ``audit.cli_actor()`` (``cli:<os
+user>`` from ``cli@<host>``), which records it in the audit log.
 
 Safe for scripts: a command exits 0 when it did what it was asked, 1 when it failed (a name
 that doesn't exist, bad input, a refusal, the database unreachable), 2 on a usage error
@@ -29,7 +32,7 @@ from hub import providers
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
 from hub.services import alerts as alert_store
-from hub.services import delivery, ordering, ratelimit
+from hub.services import audit, delivery, ordering, paging, ratelimit
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
@@ -89,6 +92,7 @@ db_cli = Commands("db", help="Database schema.")
 connectors_cli = Commands("connectors", help="The connectors this hub has loaded.")
 providers_cli = Commands("providers", help="The signature providers routes may verify with.")
 events_cli = Commands("events", help="List, show, replay and purge stored events.")
+audit_cli = Commands("audit", help="The audit log: every admin action (read only).")
 
 
 def registry() -> Registry:
@@ -138,7 +142,8 @@ def db_upgrade() -> None:
 
 def seal_stored_secrets(db: Database) -> None:
     with db.session() as session:
-        for name in route_store.seal_stored_secrets(session, registry(), get_box()):
+        sealed = route_store.seal_stored_secrets(session, registry(), get_box(), audit.cli_actor())
+        for name in sealed:
             click.echo(f"route {name!r}: step secrets stored in clear are now encrypted")
 
 
@@ -150,11 +155,13 @@ def init_command() -> None:
     upgrade(db)
     seal_stored_secrets(db)
     with db.session() as session:
-        created = route_store.ensure_demo_routes(session, registry())
+        created = route_store.ensure_demo_routes(session, registry(), audit.cli_actor())
         for name in created:
             click.echo(f"created demo route {name!r}")
         if not key_store.list_keys(session):
-            _, key = key_store.create_key(session, "first admin key", admin=True)
+            _, key = key_store.create_key(
+                session, "first admin key", admin=True, actor=audit.cli_actor()
+            )
             click.echo("A first admin key was created. It is shown only this once; keep it:")
             click.echo(f"\n    {key}\n")
 
@@ -186,7 +193,13 @@ def keys_create(
     with get_db().session() as session:
         try:
             row, key = key_store.create_from_input(
-                session, name, scopes, admin=admin, expires_in=expires_in, rate_limit=rate
+                session,
+                name,
+                scopes,
+                admin=admin,
+                expires_in=expires_in,
+                rate_limit=rate,
+                actor=audit.cli_actor(),
             )
         except key_store.KeyInvalid as exc:
             fail("; ".join(f"{KEY_OPTIONS[f]}: {reason}" for f, reason in exc.problems))
@@ -241,7 +254,7 @@ def keys_revoke(prefix: str) -> None:
             nothing_to_do(
                 f"key {prefix} was already revoked on {row.revoked_at:%Y-%m-%d %H:%M} UTC"
             )
-        key_store.revoke(session, prefix)
+        key_store.revoke(session, prefix, audit.cli_actor())
     click.echo(f"revoked {prefix}")
 
 
@@ -339,7 +352,7 @@ def routes_add(
         if not replace and route_store.get(session, name) is not None:
             fail(f"route {name!r} exists; use --replace to overwrite it")
         try:
-            route_store.save_routes(session, [data], registry(), get_box())
+            route_store.save_routes(session, [data], registry(), get_box(), actor=audit.cli_actor())
         except route_store.RouteInvalid as exc:
             fail(_invalid(exc))
     click.echo(f"route {name!r} saved: POST /hooks/{name}")
@@ -425,7 +438,7 @@ def routes_pause(route: str, destination: str, reason: str | None) -> None:
     """Pause a destination: the route still accepts webhooks, its deliveries are held."""
     change_destination(
         lambda session: destination_store.pause(
-            session, route, destination, reason, actor=cli_actor()
+            session, route, destination, reason, actor=audit.cli_actor()
         )
     )
 
@@ -437,7 +450,7 @@ def routes_resume(route: str, destination: str) -> None:
     """Resume a paused destination: its held deliveries go out, oldest first."""
     change_destination(
         lambda session: destination_store.resume(
-            session, route, destination, current_app, actor=cli_actor()
+            session, route, destination, current_app, actor=audit.cli_actor()
         )
     )
 
@@ -450,7 +463,7 @@ def routes_open(route: str, destination: str, reason: str | None) -> None:
     """Open a destination's circuit: its deliveries are held until a probe succeeds."""
     change_destination(
         lambda session: destination_store.open_circuit(
-            session, route, destination, reason, actor=cli_actor()
+            session, route, destination, reason, actor=audit.cli_actor()
         )
     )
 
@@ -463,7 +476,7 @@ def routes_close(route: str, destination: str, reason: str | None) -> None:
     """Close a destination's circuit: its held deliveries go out, oldest first."""
     change_destination(
         lambda session: destination_store.close_circuit(
-            session, route, destination, current_app, reason, actor=cli_actor()
+            session, route, destination, current_app, reason, actor=audit.cli_actor()
         )
     )
 
@@ -481,16 +494,6 @@ def routes_changes(route: str, destination: str, limit: int) -> None:
             fail(str(exc))
         shown = [row.to_dict() for row in rows]
     click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
-
-
-def cli_actor() -> str:
-    """Who made a change from the terminal, for the change's record: cli:<os user>."""
-    try:
-        import getpass
-
-        return f"cli:{getpass.getuser()}"[:100]
-    except Exception:  # no user name (a container's bare uid)
-        return f"cli:uid-{os.getuid()}" if hasattr(os, "getuid") else "cli"
 
 
 @routes_cli.command("destinations")
@@ -570,7 +573,7 @@ def change_destination(change) -> None:
 def routes_remove(name: str) -> None:
     """Remove a route (its events stay)."""
     with get_db().session() as session:
-        if not route_store.remove(session, name):
+        if not route_store.remove(session, name, audit.cli_actor(), get_box(), registry()):
             fail(f"no route named {name!r}")
     click.echo(f"removed route {name!r}")
 
@@ -587,7 +590,9 @@ def routes_apply(path: str) -> None:
         nothing_to_do(f"{path} holds no routes")
     with get_db().session() as session:
         try:
-            results = route_store.save_routes(session, items, registry(), get_box())
+            results = route_store.save_routes(
+                session, items, registry(), get_box(), actor=audit.cli_actor()
+            )
         except route_store.RouteInvalid as exc:
             fail(_invalid(exc))
     for name, action in results:
@@ -605,7 +610,9 @@ def secret_add(name: str, secret: str | None) -> None:
     if secret is None:
         secret = click.prompt("Secret", hide_input=True)
     with get_db().session() as session, route_change(name):
-        count = route_store.add_secret(session, name, secret, registry(), get_box())
+        count = route_store.add_secret(
+            session, name, secret, registry(), get_box(), audit.cli_actor()
+        )
     click.echo(f"route {name!r} now has {count} secrets; any one verifies")
 
 
@@ -616,7 +623,9 @@ def secret_remove(name: str, which: str) -> None:
     """Remove a secret named by its value, its number in `routes show` (from 1), or its
     last characters (as `routes show` masks it)."""
     with get_db().session() as session, route_change(name):
-        count = route_store.remove_secret(session, name, which, registry(), get_box())
+        count = route_store.remove_secret(
+            session, name, which, registry(), get_box(), audit.cli_actor()
+        )
     click.echo(f"route {name!r} now has {count} secret{'s' if count != 1 else ''}")
 
 
@@ -819,7 +828,7 @@ def events_replay(event_ids, status, route, since, destination) -> None:
         return
     if event_ids:
         with db.session() as session:
-            done = event_store.replay(session, event_ids)
+            done = event_store.replay(session, event_ids, audit.cli_actor())
             skipped = event_store.why_not_replayed(
                 session, [i for i in dict.fromkeys(event_ids) if i not in set(done)]
             )
@@ -836,17 +845,22 @@ def events_replay(event_ids, status, route, since, destination) -> None:
     else:
         when = _since(since)
         total = event_store.count(db, status=status, route=route, since=when)
-        done = []
         with click.progressbar(
             length=total, label=f"replaying {status} events", file=sys.stderr
         ) as bar:
-            for ids in event_store.matching_ids(db, status=status, route=route, since=when):
-                with db.session() as session:
-                    done += event_store.replay(session, ids)
-                bar.update(len(ids))
-        if not done:
+            replayed = event_store.replay_all(
+                db,
+                status=status,
+                route=route,
+                since=when,
+                actor=audit.cli_actor(),
+                progress=bar.update,
+            )
+        if not replayed:
             nothing_to_do(f"no {status} event to replay matches")
-        click.echo(f"replayed {len(done)} event(s)")
+        delivery.wake(current_app)
+        click.echo(f"replayed {replayed} event(s)")
+        return
     _wake(done)
 
 
@@ -861,20 +875,29 @@ def replay_destination(
     """`events replay --destination`: each named event's delivery to it, or (bulk) every
     delivery of it matching --status, --route and --since."""
     if event_ids:
-        done, missing = [], []
+        done, missing, found = [], [], {}
         with db.session() as session:
             for event_id in dict.fromkeys(event_ids):
                 try:
-                    row = event_store.delivery_of(session, event_id, destination)
-                    event_store.replay_delivery(session, row.id)
+                    found[event_id] = event_store.delivery_of(session, event_id, destination)
                 except event_store.NoSuchDelivery as exc:
                     missing.append(event_id)
                     click.echo(f"skipped {event_id}: {exc}", err=True)
                 except event_store.DeliveryNotReplayable as exc:
                     click.echo(f"skipped {event_id}: {exc}", err=True)
-                else:
+            # One replay (and one audit entry) for every delivery named.
+            replayed = set(
+                event_store.replay_deliveries(
+                    session, [row.id for row in found.values()], audit.cli_actor()
+                )
+            )
+            for event_id, row in found.items():
+                if row.id in replayed:
                     done.append(event_id)
                     click.echo(f"replayed {event_id} to {destination}")
+                else:
+                    reason = event_store.why_delivery_not_replayed(row)
+                    click.echo(f"skipped {event_id}: {reason}", err=True)
         _wake(done)
         if missing:
             fail(f"nothing to replay to {destination!r} for: {', '.join(missing)}")
@@ -885,17 +908,12 @@ def replay_destination(
     if problems:
         fail("; ".join(f"--{p}" for p in problems))
     filters = event_store.Filters(route=route, status=status, since=_since(since))
-    replayed = examined = 0
-    cursor = None
-    while True:
-        batch, looked, cursor = event_store.replay_matching(
-            db, filters, cursor=cursor, destination=destination
-        )
-        replayed, examined = replayed + batch, examined + looked
-        if batch:
-            delivery.wake(current_app)
-        if cursor is None:
-            break
+    # Every match in one call (batches of their own transactions), one audit entry.
+    replayed, examined, _ = event_store.replay_matching(
+        db, filters, examine=sys.maxsize, destination=destination, actor=audit.cli_actor()
+    )
+    if replayed:
+        delivery.wake(current_app)
     if not replayed:
         nothing_to_do(f"no delivery to {destination!r} of route {route!r} to replay matches")
     click.echo(f"replayed {replayed} delivery(ies) to {destination} of {examined} looked at")
@@ -913,7 +931,7 @@ def events_skip(delivery_id: str) -> None:
     """End a delivery that blocks its ordering key as failed ("skipped by an admin"); the
     next delivery of its key goes. Exits 3 if it ended already."""
     try:
-        skipped = ordering.skip(get_db(), delivery_id[:32])
+        skipped = ordering.skip(get_db(), delivery_id[:32], audit.cli_actor())
     except ordering.NoSuchDelivery as exc:
         fail(str(exc))
     except ordering.AlreadyEnded as exc:
@@ -946,7 +964,7 @@ def events_purge(older_than: str, dry_run: bool, yes: bool) -> None:
         if not sys.stdin.isatty():
             fail(f"{matching} event(s) would be deleted: add --yes to purge without a terminal")
         click.confirm(f"Delete {matching} event(s) {before}?", abort=True, err=True)
-    removed = event_store.purge(db, cutoff) if matching else 0
+    removed = event_store.purge(db, cutoff, actor=audit.cli_actor()) if matching else 0
     limiter = current_app.extensions["hub.ratelimit"]
     if isinstance(limiter, ratelimit.DatabaseLimiter):  # windows of keys and routes gone quiet
         with db.session() as session:
@@ -1065,7 +1083,11 @@ def channels_add(
     with get_db().session() as session:
         try:
             row = alert_store.add_channel(
-                session, get_box(), data, current_app.config["ALERT_MAX_CHANNELS"]
+                session,
+                get_box(),
+                data,
+                current_app.config["ALERT_MAX_CHANNELS"],
+                audit.cli_actor(),
             )
         except alert_store.AlertInvalid as exc:
             fail(_alert_invalid(exc))
@@ -1097,7 +1119,7 @@ def channels_remove(name: str) -> None:
     """Remove the channel NAME."""
     with get_db().session() as session:
         try:
-            alert_store.remove_channel(session, name)
+            alert_store.remove_channel(session, name, audit.cli_actor(), get_box())
         except alert_store.NoSuchAlertThing as exc:
             fail(str(exc))
     click.echo(f"removed alert channel {name}")
@@ -1110,7 +1132,9 @@ def channels_test(name: str) -> None:
     db = get_db()
     with db.session() as session:
         try:
-            row = alert_store.queue_test(session, name, current_app.config.get("PUBLIC_URL"))
+            row = alert_store.queue_test(
+                session, name, current_app.config.get("PUBLIC_URL"), audit.cli_actor()
+            )
         except alert_store.NoSuchAlertThing as exc:
             fail(str(exc))
         send_id = row.id
@@ -1157,7 +1181,9 @@ def rules_add(
     }
     with get_db().session() as session:
         try:
-            alert_store.add_rule(session, data, current_app.config["ALERT_MAX_RULES"])
+            alert_store.add_rule(
+                session, data, current_app.config["ALERT_MAX_RULES"], audit.cli_actor()
+            )
         except alert_store.AlertInvalid as exc:
             fail(_alert_invalid(exc))
         except alert_store.AlreadyExists as exc:
@@ -1194,7 +1220,7 @@ def rules_remove(name: str) -> None:
     """Remove the rule NAME (a built-in one is turned off)."""
     with get_db().session() as session:
         try:
-            alert_store.remove_rule(session, name)
+            alert_store.remove_rule(session, name, audit.cli_actor())
         except alert_store.NoSuchAlertThing as exc:
             fail(str(exc))
     click.echo(f"removed alert rule {name}")
@@ -1217,7 +1243,7 @@ def rules_disable(name: str) -> None:
 def set_rule(name: str, enabled: bool) -> None:
     with get_db().session() as session:
         try:
-            alert_store.set_rule_enabled(session, name, enabled)
+            alert_store.set_rule_enabled(session, name, enabled, audit.cli_actor())
         except alert_store.NoSuchAlertThing as exc:
             fail(str(exc))
     click.echo(f"alert rule {name} is {'on' if enabled else 'off'}")
@@ -1247,6 +1273,60 @@ def alerts_list(limit: int, as_json: bool) -> None:
     )
 
 
+# --- the audit log ---
+
+
+@audit_cli.command("list")
+@click.option("--actor", help='Who: a key\'s prefix, "cli:<user>", or "cli" for every CLI user.')
+@click.option("--action", help='What: "route.update", or a family such as "route".')
+@click.option("--since", help="At or after an ISO time, or within an age such as 7d.")
+@click.option("--limit", type=click.IntRange(1, paging.PAGE_MAX), default=50, show_default=True)
+@click.option("--cursor", help="Older entries: the cursor the previous listing ended with.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, each entry's change whole.")
+def audit_list(actor, action, since, limit, cursor, as_json) -> None:
+    """The newest entries first: when, who, through which face, from where, what, on what.
+
+    The log is read only: entries are added by every change, from every face, and deleted
+    only by its retention (HUB_AUDIT_RETENTION_DAYS)."""
+    with get_db().read_session() as session:
+        try:
+            rows, next_cursor = audit.listing(
+                session,
+                actor=actor,
+                action=action,
+                since=_since(since),
+                cursor=cursor,
+                limit=limit,
+            )
+        except paging.BadCursor:
+            fail(f"--cursor {cursor!r}: not a cursor from this hub (use the one printed last)")
+        shown = [row.to_dict() for row in rows]
+    emit(
+        shown,
+        as_json,
+        ["AT", "ACTOR", "FACE", "FROM", "ACTION", "TARGET", "CHANGE"],
+        lambda r: [
+            _short(r["at"]),
+            r["actor"],
+            r["face"],
+            r["origin"] or "-",
+            r["action"],
+            r["target"] or "-",
+            _change_text(r["change"]),
+        ],
+    )
+    if next_cursor and not as_json:
+        click.echo(f"older entries: --cursor {next_cursor}", err=True)
+
+
+def _change_text(change) -> str:
+    """An entry's change on one line of a table (--json prints it whole)."""
+    if change is None:
+        return "-"
+    text = json.dumps(change, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 # The commands of both entries, `flask --app hub ...` and `hub ...`: one definition each.
 COMMANDS = (
     worker_command,
@@ -1257,6 +1337,7 @@ COMMANDS = (
     providers_cli,
     events_cli,
     alerts_cli,
+    audit_cli,
     init_command,
 )
 

@@ -16,13 +16,13 @@ import hashlib
 import hmac
 import secrets
 import time
-from datetime import timedelta
 from typing import Any
 
 from flask import current_app, g, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select
 
+from hub.services import audit
 from hub.services import keys as key_store
 from hub.store.db import get_session
 from hub.store.models import DashboardSession, utcnow
@@ -99,22 +99,14 @@ def sid_digest(sid: str) -> str:
     return hashlib.sha256(sid.encode()).hexdigest()
 
 
-def sign_in(info: key_store.KeyInfo, presented: str) -> None:
+def sign_in(info: key_store.KeyInfo, presented: str, actor: audit.Actor) -> None:
     """A fresh session (a new CSRF token too: nothing from before sign-in carries over),
-    recorded as a row; rows of sessions past their lifetime are cleared on the way."""
+    recorded as a row and in the audit log; rows of sessions past their lifetime are
+    cleared on the way."""
     end_row(g.dash.get("sid"))  # a sign-in over a session replaces it
     sid = secrets.token_urlsafe(32)
-    now = utcnow()
     session = get_session()
-    session.execute(delete(DashboardSession).where(DashboardSession.expires_at < now))
-    session.add(
-        DashboardSession(
-            id=sid_digest(sid),
-            key_prefix=info.prefix,
-            created_at=now,
-            expires_at=now + timedelta(seconds=lifetime()),
-        )
-    )
+    key_store.open_dashboard_session(session, info.prefix, sid_digest(sid), lifetime(), actor)
     session.commit()
     g.dash = {
         "csrf": secrets.token_urlsafe(32),
@@ -127,15 +119,12 @@ def sign_in(info: key_store.KeyInfo, presented: str) -> None:
     g.admin = info
 
 
-def end_row(sid: Any) -> None:
+def end_row(sid: Any, actor: audit.Actor | None = None) -> None:
+    """End the session row ``sid`` names; ``actor``: the admin signing out (recorded)."""
     if not isinstance(sid, str):
         return
     session = get_session()
-    session.execute(
-        update(DashboardSession)
-        .where(DashboardSession.id == sid_digest(sid), DashboardSession.ended_at.is_(None))
-        .values(ended_at=utcnow())
-    )
+    key_store.close_dashboard_session(session, sid_digest(sid), actor)
     session.commit()
 
 
@@ -153,17 +142,19 @@ def open_sessions(prefix: str) -> int:
     )
 
 
-def end_every_session(prefix: str) -> int:
+def end_every_session(prefix: str, actor: audit.Actor) -> int:
     """End every open session of the key ``prefix``, in every browser; how many."""
     session = get_session()
-    ended = key_store.end_dashboard_sessions(session, prefix)
+    ended = key_store.end_dashboard_sessions(session, prefix, actor)
     session.commit()
     return ended
 
 
-def sign_out(message: str | None = None) -> None:
-    """End this session: its row first (every copy of the cookie with it), then the cookie."""
-    end_row(g.dash.get("sid"))
+def sign_out(message: str | None = None, actor: audit.Actor | None = None) -> None:
+    """End this session: its row first (every copy of the cookie with it), then the cookie.
+    ``actor``: the admin who signed out (recorded); none when the session ended on its
+    own (expired, its key refused)."""
+    end_row(g.dash.get("sid"), actor)
     g.dash = {"csrf": secrets.token_urlsafe(32)}
     g.dash_changed = True
     g.admin = None

@@ -2,7 +2,8 @@
 
 Every list is bounded (a page of events, at most so many routes, keys or attempts), every
 query walks the indexes the admin API's do, and every change goes through the same
-functions (and the same checks, with the same sentences) as ``/admin/api``.
+functions (and the same checks, with the same sentences) as ``/admin/api``, which record
+it in the audit log with ``actor()``: the signed-in key, the browser's address.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hub.connectors import config_fields, describe_validation_error
 from hub.dashboard import charts, inspector
 from hub.dashboard import session as dash
 from hub.services import alerts as alert_store
-from hub.services import delivery, pipeline, ratelimit, step_secrets
+from hub.services import audit, delivery, paging, pipeline, ratelimit, step_secrets
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import intake as ingest
@@ -53,7 +54,7 @@ from hub.store.models import (
 )
 from hub.web import errors
 from hub.web import schemas as m
-from hub.web.auth import Refusal, check_admin_key, log_admin_change
+from hub.web.auth import Refusal, check_admin_key, log_admin_change, request_actor
 from hub.web.context import request_id
 
 bp = Blueprint(
@@ -169,6 +170,11 @@ def page(template: str, status: int = 200, **context: Any):
     return render_template(template, admin=g.get("admin"), **context), status
 
 
+def actor() -> audit.Actor:
+    """The signed-in admin, as the audit log records them."""
+    return request_actor(audit.DASHBOARD)
+
+
 def fragment() -> bool:
     return bool(request.args.get("fragment"))
 
@@ -239,17 +245,19 @@ def sign_in():
     info = checked
     key_store.touch(session, info)
     session.commit()
-    dash.sign_in(info, presented)
+    dash.sign_in(info, presented, request_actor(audit.DASHBOARD, info.prefix))
     log.info("dashboard: admin key %s signed in", info.prefix)
     return redirect(safe_next(target), 303)
 
 
 @bp.post("/sign-out")
 def sign_out():
+    who = None
     if g.admin is not None:
         log.info("dashboard: admin key %s signed out", g.admin.prefix)
+        who = actor()
     g.pop("admin_prefix", None)
-    dash.sign_out("You are signed out.")
+    dash.sign_out("You are signed out.", who)
     return redirect(url_for("dashboard.sign_in"), 303)
 
 
@@ -258,7 +266,7 @@ def sign_out_everywhere():
     """End every session of the signed-in key (a browser left signed in elsewhere, a copied
     cookie), without revoking the key."""
     prefix = g.admin.prefix
-    ended = dash.end_every_session(prefix)
+    ended = dash.end_every_session(prefix, actor())
     log.info("dashboard: admin key %s signed out everywhere (%d sessions)", prefix, ended)
     dash.sign_out(f"Every session of key {prefix} has ended ({ended}); sign in again here.")
     return redirect(url_for("dashboard.sign_in"), 303)
@@ -512,7 +520,7 @@ def event_detail(event_id: str):
 def replay_event(event_id: str):
     session = get_session()
     event = get_event_or_404(event_id)
-    if event_store.replay(session, [event.id]):
+    if event_store.replay(session, [event.id], actor()):
         session.commit()
         delivery.wake(current_app)
         dash.flash(f"Event {event.id} is queued again.")
@@ -529,7 +537,7 @@ def replay_delivery(delivery_id: str):
     POST /admin/api/deliveries/<id>/replay does."""
     session = get_session()
     try:
-        row = event_store.replay_delivery(session, delivery_id)
+        row = event_store.replay_delivery(session, delivery_id, actor())
     except event_store.NoSuchDelivery:
         abort(404)
     except event_store.DeliveryNotReplayable as exc:
@@ -564,7 +572,7 @@ def replay_events():
         count = event_store.count_replayable(get_read_session(), filters, cap, destination)
         return page("dashboard/replay.html", count=count, cap=cap, errors=[], **shown)
     replayed, examined, more = event_store.replay_matching(
-        get_db(), filters, examine=cap, destination=destination
+        get_db(), filters, examine=cap, destination=destination, actor=actor()
     )
     if replayed:
         delivery.wake(current_app)
@@ -686,18 +694,18 @@ def destination_state(name: str, destination: str, action: str):
     if action not in ("pause", "resume", "open", "close"):
         abort(404)
     session = get_session()
-    actor = f"dashboard:{g.admin.prefix}"
+    who = actor()
     reason = (request.form.get("reason") or "").strip() or None
     try:
         if action == "pause":
-            state = destination_store.pause(session, name, destination, reason, actor=actor)
+            state = destination_store.pause(session, name, destination, reason, actor=who)
         elif action == "resume":
-            state = destination_store.resume(session, name, destination, current_app, actor=actor)
+            state = destination_store.resume(session, name, destination, current_app, actor=who)
         elif action == "open":
-            state = destination_store.open_circuit(session, name, destination, reason, actor=actor)
+            state = destination_store.open_circuit(session, name, destination, reason, actor=who)
         else:
             state = destination_store.close_circuit(
-                session, name, destination, current_app, reason, actor=actor
+                session, name, destination, current_app, reason, actor=who
             )
     except destination_store.NoSuchDestination:
         abort(404)
@@ -725,7 +733,7 @@ def save_route(data: dict[str, Any]) -> list[str]:
     """Save through the same function as the API (``None`` problems: saved)."""
     registry = current_app.extensions["hub.connectors"]
     try:
-        route_store.save_submitted(get_session(), data, registry, get_box())
+        route_store.save_submitted(get_session(), data, registry, get_box(), actor())
     except route_store.RouteInvalid as exc:
         return exc.errors
     return []
@@ -915,6 +923,7 @@ def keys():
                 admin=values["admin"] == "true",
                 expires_in=values["expires_in"] or None,
                 rate_limit=values["rate_limit"] or None,
+                actor=actor(),
             )
         except key_store.KeyInvalid as exc:
             session.rollback()
@@ -952,7 +961,7 @@ def revoke_key(prefix: str):
         row = key_store.get(session, prefix)
         session.commit()
         return page("dashboard/revoke_own.html", key=row)
-    row = key_store.revoke(session, prefix[:16])
+    row = key_store.revoke(session, prefix[:16], actor())
     if row is None:
         abort(404)
     session.commit()
@@ -1051,6 +1060,7 @@ def alert_channel_add():
             get_box(),
             channel_form_data(request.form),
             current_app.config["ALERT_MAX_CHANNELS"],
+            actor(),
         )
     except alert_store.AlertInvalid as exc:
         session.rollback()
@@ -1068,7 +1078,7 @@ def alert_channel_add():
 def alert_channel_remove(name: str):
     session = get_session()
     try:
-        row = alert_store.remove_channel(session, name)
+        row = alert_store.remove_channel(session, name, actor(), get_box())
     except alert_store.NoSuchAlertThing as exc:
         session.rollback()
         dash.flash(f"Not removed: {exc}.", "error")
@@ -1085,7 +1095,7 @@ def alert_channel_test(name: str):
     it (never this request), and the page shows whether it arrived."""
     session = get_session()
     try:
-        row = alert_store.queue_test(session, name, current_app.config.get("PUBLIC_URL"))
+        row = alert_store.queue_test(session, name, current_app.config.get("PUBLIC_URL"), actor())
     except alert_store.NoSuchAlertThing as exc:
         session.rollback()
         dash.flash(f"Not sent: {exc}.", "error")
@@ -1106,7 +1116,7 @@ def alert_rule_add():
     session = get_session()
     try:
         rule = alert_store.add_rule(
-            session, rule_form_data(request.form), current_app.config["ALERT_MAX_RULES"]
+            session, rule_form_data(request.form), current_app.config["ALERT_MAX_RULES"], actor()
         )
     except alert_store.AlertInvalid as exc:
         session.rollback()
@@ -1133,7 +1143,7 @@ def alert_rule_remove(name: str):
         )
         return redirect(url_for("dashboard.alerts") + "#rules", 303)
     try:
-        alert_store.remove_rule(session, name)
+        alert_store.remove_rule(session, name, actor())
     except alert_store.NoSuchAlertThing as exc:
         session.rollback()
         dash.flash(f"Not removed: {exc}.", "error")
@@ -1150,7 +1160,7 @@ def alert_rule_enabled(name: str):
     enabled = request.form.get("enabled") == "true"
     session = get_session()
     try:
-        alert_store.set_rule_enabled(session, name, enabled)
+        alert_store.set_rule_enabled(session, name, enabled, actor())
     except alert_store.NoSuchAlertThing as exc:
         session.rollback()
         dash.flash(f"Not changed: {exc}.", "error")
@@ -1279,6 +1289,54 @@ def route_test(name: str):
     log.info("dashboard: admin key %s sent test event %s to %s", g.admin.prefix, event_id, name)
     dash.flash(f"Test event {event_id} sent to {name} as key {g.admin.prefix}.")
     return redirect(url_for("dashboard.event_detail", event_id=event_id), 303)
+
+
+# --- the audit log ---
+
+AUDIT_PAGE = 50  # entries per page
+AUDIT_FILTERS = ("actor", "action", "since")
+
+
+@bp.get("/audit")
+def audit_log():
+    """The audit log, newest first, filtered by the API's own query model; read only: the
+    page has no form that changes anything."""
+    raw = {f: request.args.get(f, "").strip() for f in AUDIT_FILTERS}
+    given = {f: v for f, v in raw.items() if v}
+    cursor = request.args.get("cursor") or None
+    rows, next_cursor, errors = [], None, []
+    try:
+        query = m.AuditQuery.model_validate({**given, "limit": AUDIT_PAGE, "cursor": cursor})
+    except ValidationError as exc:
+        errors = describe_validation_error(exc)
+    else:
+        try:
+            found, next_cursor = audit.listing(
+                get_read_session(),
+                actor=query.actor,
+                action=query.action,
+                since=query.since,
+                cursor=query.cursor,
+                limit=AUDIT_PAGE,
+            )
+            rows = [row.to_dict() for row in found]
+        except paging.BadCursor:
+            errors = ["cursor: not a cursor from this hub; start again from the newest"]
+    for row in rows:
+        change = row["change"]
+        row["change_text"] = "" if change is None else shown_json(change)[0]
+    return page(
+        "dashboard/audit.html",
+        400 if errors else 200,
+        rows=rows,
+        raw=raw,
+        args=filter_args(raw),
+        errors=errors_by_field(errors),
+        next_cursor=next_cursor,
+        first_page=cursor is None,
+        actions=sorted(audit.ACTIONS),
+        retention=current_app.config["AUDIT_RETENTION_DAYS"],
+    )
 
 
 # --- connectors ---

@@ -58,6 +58,7 @@ from sqlalchemy.orm import Session
 
 from hub import http
 from hub.connectors import PermanentError, RetryableError
+from hub.services import audit
 from hub.store.crypto import MASK, SecretBox, SecretsUnreadable, is_sealed
 from hub.store.db import Database
 from hub.store.models import (
@@ -252,9 +253,14 @@ def channel_to_dict(row: AlertChannel, box: SecretBox) -> dict[str, Any]:
 
 
 def add_channel(
-    session: Session, box: SecretBox, data: Any, most: int = MAX_CHANNELS
+    session: Session,
+    box: SecretBox,
+    data: Any,
+    most: int = MAX_CHANNELS,
+    actor: audit.Actor | None = None,
 ) -> AlertChannel:
-    """Add a channel; at most ``most`` (HUB_ALERT_MAX_CHANNELS) exist."""
+    """Add a channel; at most ``most`` (HUB_ALERT_MAX_CHANNELS) exist. ``actor``: the
+    admin adding it (``alert_channel.add``, shown as listed: URL and password masked)."""
     spec = _validated(ChannelSpec, data)
     assert isinstance(spec, ChannelSpec)
     errors = _check_channel(spec)
@@ -285,7 +291,22 @@ def add_channel(
     row = AlertChannel(name=spec.name, kind=spec.kind, config=config)
     session.add(row)
     session.flush()
+    audit.record(
+        session,
+        actor,
+        "alert_channel.add",
+        row.name,
+        _shown_channel(row, box),
+        secrets=[spec.url or "", spec.password or ""],
+    )
     return row
+
+
+def _shown_channel(row: AlertChannel, box: SecretBox | None) -> dict[str, Any]:
+    """A channel as its audit entry shows it: as listed (secrets masked), when made."""
+    if box is None:
+        return {"kind": row.kind}
+    return {k: v for k, v in channel_to_dict(row, box).items() if k != "created_at"}
 
 
 def list_channels(session: Session) -> list[AlertChannel]:
@@ -299,10 +320,16 @@ def get_channel(session: Session, name: str) -> AlertChannel:
     return row
 
 
-def remove_channel(session: Session, name: str) -> AlertChannel:
+def remove_channel(
+    session: Session, name: str, actor: audit.Actor | None = None, box: SecretBox | None = None
+) -> AlertChannel:
+    """Remove the channel ``name``. ``actor``: the admin removing it (``alert_channel.remove``,
+    the channel as it was listed, masked by ``box``)."""
     row = get_channel(session, name)
+    shown = _shown_channel(row, box)
     session.delete(row)
     session.flush()
+    audit.record(session, actor, "alert_channel.remove", name, shown)
     return row
 
 
@@ -386,8 +413,11 @@ def rules(session: Session) -> list[Rule]:
     return sorted(rows.values(), key=lambda r: r.name)
 
 
-def add_rule(session: Session, data: Any, most: int = MAX_RULES) -> Rule:
-    """Add a rule; at most ``most`` (HUB_ALERT_MAX_RULES) rule rows exist."""
+def add_rule(
+    session: Session, data: Any, most: int = MAX_RULES, actor: audit.Actor | None = None
+) -> Rule:
+    """Add a rule; at most ``most`` (HUB_ALERT_MAX_RULES) rule rows exist. ``actor``: the
+    admin adding it (``alert_rule.add``)."""
     spec = _validated(RuleSpec, data)
     assert isinstance(spec, RuleSpec)
     errors = []
@@ -414,16 +444,23 @@ def add_rule(session: Session, data: Any, most: int = MAX_RULES) -> Rule:
     row = AlertRule(**spec.model_dump())
     session.add(row)
     session.flush()
-    return _rule_of(row)
+    added = _rule_of(row)
+    audit.record(session, actor, "alert_rule.add", added.name, added.to_dict())
+    return added
 
 
-def set_rule_enabled(session: Session, name: str, enabled: bool) -> Rule:
+def set_rule_enabled(
+    session: Session, name: str, enabled: bool, actor: audit.Actor | None = None
+) -> Rule:
     """Turn a rule on or off, thresholds kept. A built-in rule is turned off by a disabled
-    row of its name (as ``remove_rule`` does) and on again by removing that row."""
+    row of its name (as ``remove_rule`` does) and on again by removing that row.
+    ``actor``: the admin asking (``alert_rule.enable``, ``alert_rule.disable``; nothing for
+    a rule that already was so)."""
     row = session.scalar(select(AlertRule).where(AlertRule.name == name))
     builtin = next((b for b in BUILTIN_RULES if b["name"] == name), None)
     if row is None and builtin is None:
         raise NoSuchAlertThing(f"No alert rule is named {name!r}")
+    was = next(r for r in rules(session) if r.name == name).enabled
     if builtin is not None and (row is None or _turned_off(row, builtin)):
         if enabled and row is not None:
             session.delete(row)  # the built-in rule applies again
@@ -433,7 +470,11 @@ def set_rule_enabled(session: Session, name: str, enabled: bool) -> Rule:
     else:
         row.enabled = enabled
     session.flush()
-    return next(r for r in rules(session) if r.name == name)
+    now = next(r for r in rules(session) if r.name == name)
+    if now.enabled != was:
+        action = "alert_rule.enable" if now.enabled else "alert_rule.disable"
+        audit.record(session, actor, action, name, {"builtin": now.builtin})
+    return now
 
 
 def _turned_off(row: AlertRule, builtin: dict[str, str]) -> bool:
@@ -454,18 +495,21 @@ def is_builtin(name: str) -> bool:
     return any(b["name"] == name for b in BUILTIN_RULES)
 
 
-def remove_rule(session: Session, name: str) -> None:
-    """Delete a rule; a built-in one is turned off (a disabled row of its name)."""
+def remove_rule(session: Session, name: str, actor: audit.Actor | None = None) -> None:
+    """Delete a rule; a built-in one is turned off (a disabled row of its name). ``actor``:
+    the admin asking (``alert_rule.remove``, the rule as it was)."""
     row = session.scalar(select(AlertRule).where(AlertRule.name == name))
     builtin = next((b for b in BUILTIN_RULES if b["name"] == name), None)
     if row is None and builtin is None:
         raise NoSuchAlertThing(f"No alert rule is named {name!r}")
+    was = next(r for r in rules(session) if r.name == name).to_dict()
     if row is not None:
         session.delete(row)
     if builtin is not None:
         session.flush()
         session.add(AlertRule(**builtin, enabled=False))
     session.flush()
+    audit.record(session, actor, "alert_rule.remove", name, was)
 
 
 # --- messages ---
@@ -890,8 +934,11 @@ def _queue(session: Session, notices: Iterable[Notice], public_url: str | None) 
         session.execute(insert(AlertSend.__table__), rows)
 
 
-def queue_test(session: Session, name: str, public_url: str | None = None) -> AlertSend:
-    """A test message to channel ``name``, queued like an alert's."""
+def queue_test(
+    session: Session, name: str, public_url: str | None = None, actor: audit.Actor | None = None
+) -> AlertSend:
+    """A test message to channel ``name``, queued like an alert's. ``actor``: the admin
+    asking (``alert_channel.test``)."""
     channel = get_channel(session, name)
     text = f"[test] a test alert from the webhook hub to channel {channel.name}."
     message = {"text": text, "subject": f"[test] {channel.name}", "alert": None}
@@ -906,6 +953,7 @@ def queue_test(session: Session, name: str, public_url: str | None = None) -> Al
     )
     session.add(row)
     session.flush()
+    audit.record(session, actor, "alert_channel.test", channel.name, {"message": row.id})
     return row
 
 

@@ -54,7 +54,7 @@ from sqlalchemy import (
 
 from hub import rates
 from hub.ops import logs, metrics
-from hub.services import alerts, breaker, ordering, pipeline
+from hub.services import alerts, audit, breaker, ordering, pipeline
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -619,6 +619,7 @@ class Worker:
         self._quick: set[str] = set()
         self._plain: set[str] = set()  # lanes whose last ending here was the usual one
         self.next_reap = 0.0  # time.monotonic() of the next reaper pass
+        self.next_audit_purge = 0.0  # time.monotonic() of the next look at the audit log
         self.next_breaker_tick = 0.0  # time.monotonic() of the next look at open circuits
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
         self.alerts: alerts.AlertRunner | None = None
@@ -1308,13 +1309,25 @@ class Worker:
 
     def reap(self) -> None:
         """One reaper pass (sync events whose process died, ordered deliveries left queued
-        with nothing ahead of them); a database error waits a turn."""
+        with nothing ahead of them, the audit log's retention when due); a database error
+        waits a turn."""
         try:
             reap_sync_events(self.db)
             if ordering.promote_stalled_in(self.db):
                 self.wakeup.set()
+            self.purge_audit_when_due()
         except Exception as exc:
             log.warning("reaper pass failed (%s); retrying later", type(exc).__name__)
+
+    def purge_audit_when_due(self) -> None:
+        """The audit log's retention (HUB_AUDIT_RETENTION_DAYS): entries past it are deleted,
+        at one look an hour per process (audit.PURGE_EVERY_SECONDS)."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self.next_audit_purge:
+                return
+            self.next_audit_purge = now + audit.PURGE_EVERY_SECONDS
+        audit.purge_expired(self.db, int(self.app.config["AUDIT_RETENTION_DAYS"]))
 
     def breaker_tick(self) -> None:
         """One look at the open circuits (breaker.tick): a cool-down that is over lets a

@@ -1,6 +1,8 @@
 """Pause and resume of one destination of a route, and the manual opening and closing of
 its circuit breaker: the one function each that the admin API, the CLI and the dashboard
-call. Each change of state is recorded (``changes``) with its cause and actor.
+call. Each change of state is recorded (``changes``) with its cause and actor, and each
+admin's change in the audit log too (``destination.pause`` ...; a call that changes nothing
+records nothing).
 
 Pausing sets the destination's state to ``paused`` (when, why) and moves its pending and
 retrying deliveries to ``held`` in the same transaction, keeping their next attempt time
@@ -34,7 +36,7 @@ from sqlalchemy import and_, func, literal, select, text, union_all
 from sqlalchemy.orm import Session
 
 from hub.connectors import Registry
-from hub.services import breaker, delivery, ordering
+from hub.services import audit, breaker, delivery, ordering
 from hub.services import routes as route_store
 from hub.store.crypto import SecretBox
 from hub.store.models import (
@@ -138,11 +140,26 @@ def _roll_up(session: Session, event_ids) -> None:
 
 
 def _record(
-    session: Session, route: str, row: Destination, previous: str, cause: str | None, actor
+    session: Session,
+    route: str,
+    row: Destination,
+    previous: str,
+    cause: str | None,
+    actor: audit.Actor | None,
+    action: str,
+    held: int,
 ) -> breaker.Change:
+    """The change in destination_changes, and in the audit log for an admin's."""
+    audit.record(
+        session,
+        actor,
+        action,
+        f"{route}/{row.name}",
+        {"state": {"from": previous, "to": row.state}, "cause": cause, "deliveries": held},
+    )
     return breaker.record(
         session.connection(),
-        breaker.Change(route, row.name, row.state, previous, cause, actor),
+        breaker.Change(route, row.name, row.state, previous, cause, actor and actor.label),
         row.state_changed_at,
     )
 
@@ -152,7 +169,7 @@ def pause(
     route: str,
     name: str,
     reason: str | None = None,
-    actor: str | None = None,
+    actor: audit.Actor | None = None,
 ) -> DestinationState:
     """Pause the destination ``name`` of ``route`` and hold its waiting deliveries;
     committed. ``actor``: who (recorded with the change). Raises NoSuchDestination."""
@@ -166,14 +183,23 @@ def pause(
         session.flush()
         held = breaker.hold_waiting(session.connection(), lane_of(route, name))
         _roll_up(session, held)
-        change = _record(session, route, row, previous, row.state_reason or "paused", actor)
+        cause = row.state_reason or "paused"
+        change = _record(
+            session, route, row, previous, cause, actor, "destination.pause", len(held)
+        )
         session.commit()
         breaker.announce([change])
     return _answer(session, route, row)
 
 
 def _let_go(
-    session: Session, route: str, row: Destination, cause: str, actor, app: Flask | None
+    session: Session,
+    route: str,
+    row: Destination,
+    cause: str,
+    actor: audit.Actor | None,
+    app: Flask | None,
+    action: str,
 ) -> None:
     """Make ``row`` active with a fresh count and its held deliveries pending in their
     order; committed, the change recorded and the workers of ``app`` woken."""
@@ -189,7 +215,7 @@ def _let_go(
     # waited queued meanwhile) go again; a held head is pending now, and its key's next
     # waits for it.
     promoted = ordering.promote_stalled(session.connection(), lane=lane)
-    change = _record(session, route, row, previous, cause, actor)
+    change = _record(session, route, row, previous, cause, actor, action, len(waiting))
     session.commit()
     breaker.announce([change])
     if (waiting or promoted) and app is not None:
@@ -201,14 +227,14 @@ def resume(
     route: str,
     name: str,
     app: Flask | None = None,
-    actor: str | None = None,
+    actor: audit.Actor | None = None,
 ) -> DestinationState:
     """Resume the destination ``name`` of ``route``: its held deliveries are pending and
     due now, in their order; committed, and the workers of ``app`` woken. Raises
     NoSuchDestination."""
     row = _find(session, route, name)
     if row.state == PAUSED:
-        _let_go(session, route, row, "resumed", actor, app)
+        _let_go(session, route, row, "resumed", actor, app, "destination.resume")
     return _answer(session, route, row)
 
 
@@ -231,7 +257,7 @@ def open_circuit(
     route: str,
     name: str,
     reason: str | None = None,
-    actor: str | None = None,
+    actor: audit.Actor | None = None,
 ) -> DestinationState:
     """Open the circuit of the destination ``name`` of ``route`` by hand: its waiting
     deliveries are held and a probe goes after the breaker's cool-down; committed.
@@ -251,7 +277,7 @@ def open_circuit(
             session.connection(), lane_of(route, name), in_received_order=True
         )
         _roll_up(session, held)
-        change = _record(session, route, row, previous, cause, actor)
+        change = _record(session, route, row, previous, cause, actor, "destination.open", len(held))
         session.commit()
         breaker.announce([change])
     return _answer(session, route, row)
@@ -263,7 +289,7 @@ def close_circuit(
     name: str,
     app: Flask | None = None,
     reason: str | None = None,
-    actor: str | None = None,
+    actor: audit.Actor | None = None,
 ) -> DestinationState:
     """Close the circuit of the destination ``name`` of ``route`` by hand: active with a
     fresh count, its held deliveries pending in their order; committed, the workers of
@@ -272,7 +298,8 @@ def close_circuit(
     row = _find(session, route, name)
     _with_breaker(row, route)
     if row.state != ACTIVE:
-        _let_go(session, route, row, (reason or "closed by hand")[:REASON_MAX], actor, app)
+        cause = (reason or "closed by hand")[:REASON_MAX]
+        _let_go(session, route, row, cause, actor, app, "destination.close")
     return _answer(session, route, row)
 
 

@@ -1,10 +1,15 @@
-"""What admins do with stored events: find them, replay them, purge old ones."""
+"""What admins do with stored events: find them, replay them, purge old ones.
+
+Each replay and purge an admin asks for is one entry of the audit log (an ``actor`` given),
+written in the transaction of its change, or of its last batch for one done in batches: a
+bulk replay of 40,000 events is one entry with its filter and its count.
+"""
 
 from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +32,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from hub.services import audit, ordering, pipeline
 from hub.services import delivery as delivery_service
 from hub.services import keys as key_store
-from hub.services import ordering, pipeline
 from hub.services import routes as route_store
 from hub.services.delivery import rollup
 from hub.services.paging import BadCursor
@@ -124,14 +129,17 @@ def not_in_flight(now: datetime):
     )
 
 
-def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
+def replay(
+    session: Session, event_ids: Iterable[str], actor: audit.Actor | None = None
+) -> list[str]:
     """Put events that are not in flight back to pending; the ids that were replayed.
 
     Of each event, the deliveries that did not end delivered or filtered go back to
     pending: a destination that was reached is not called again. An event whose every
     delivery was reached is delivered again whole. Attempts keep counting, so the log shows
     every run, and the retry schedule starts again from its first delay.
-    ``why_not_replayed`` says why the others were not.
+    ``why_not_replayed`` says why the others were not. ``actor``: the admin asking
+    (``events.replay``, when any was replayed).
     """
     ids = list(event_ids)
     if not ids:
@@ -157,6 +165,8 @@ def replay(session: Session, event_ids: Iterable[str]) -> list[str]:
     replayed = list(replayed)
     if replayed:
         _replay_deliveries(session, replayed, now)
+        target = audit.one_or_count(replayed, "events")
+        audit.record(session, actor, "events.replay", target, audit.ids_change(replayed))
     return replayed
 
 
@@ -306,11 +316,14 @@ class DeliveryNotReplayable(ValueError):
     """The delivery has not ended (or its event was never accepted); ``args[0]`` says why."""
 
 
-def replay_deliveries(session: Session, delivery_ids: Iterable[str]) -> list[str]:
+def replay_deliveries(
+    session: Session, delivery_ids: Iterable[str], actor: audit.Actor | None = None
+) -> list[str]:
     """Put the ended ones of these deliveries back to pending, due now, and roll up their
     events; the ids replayed. Unlike an event's replay, a delivery that was delivered is
     called again: the admin named it. Its runs keep counting and its retry schedule starts
-    from its first delay; the event's other deliveries are left as they are."""
+    from its first delay; the event's other deliveries are left as they are. ``actor``:
+    the admin asking (``deliveries.replay``, when any was replayed)."""
     ids = list(delivery_ids)
     if not ids:
         return []
@@ -349,16 +362,22 @@ def replay_deliveries(session: Session, delivery_ids: Iterable[str]) -> list[str
         ordering.promote_keys(conn, ordered)  # locks held already: taken again, at once
         for event_id in event_ids:
             rollup(conn, event_id)
-    return [row.id for row in replayed]
+    done = [row.id for row in replayed]
+    if done:
+        target = audit.one_or_count(done, "deliveries")
+        audit.record(session, actor, "deliveries.replay", target, audit.ids_change(done))
+    return done
 
 
-def replay_delivery(session: Session, delivery_id: str) -> Delivery:
+def replay_delivery(
+    session: Session, delivery_id: str, actor: audit.Actor | None = None
+) -> Delivery:
     """Replay one delivery (``replay_deliveries``); its row as it now stands. Raises
     NoSuchDelivery, or DeliveryNotReplayable with the reason while it has not ended."""
     row = session.get(Delivery, delivery_id[:32]) if "\x00" not in delivery_id else None
     if row is None:
         raise NoSuchDelivery(f"No delivery has the id {delivery_id[:40]!r}")
-    if not replay_deliveries(session, [row.id]):
+    if not replay_deliveries(session, [row.id], actor):
         raise DeliveryNotReplayable(why_delivery_not_replayed(row))
     session.refresh(row)
     return row
@@ -461,6 +480,40 @@ def matching_ids(
         last = ids[-1]
 
 
+def replay_all(
+    db: Database,
+    *,
+    status: str,
+    route: str | None = None,
+    since: datetime | None = None,
+    actor: audit.Actor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """`events replay --status`: every matching event, oldest first, in batches of their
+    own short transactions; how many were replayed. ``progress`` hears each batch's size.
+    One ``events.replay`` entry for the whole, written with the last batch."""
+    replayed = 0
+    batches = matching_ids(db, status=status, route=route, since=since)
+    batch = next(batches, None)
+    while batch is not None:
+        following = next(batches, None)  # keyset by id: this batch's replay moves none
+        with db.session() as session:
+            replayed += len(replay(session, batch))
+            if following is None and replayed:
+                wanted = {"route": route, "status": status, "since": since}
+                audit.record(
+                    session,
+                    actor,
+                    "events.replay",
+                    audit.filter_text(wanted),
+                    {"filter": wanted, "count": replayed},
+                )
+        if progress is not None:
+            progress(len(batch))
+        batch = following
+    return replayed
+
+
 def count(db: Database, *, status: str, route: str | None, since: datetime | None) -> int:
     query = matching(select(func.count()).select_from(Event), route, status, since)
     with db.read_session() as session:
@@ -474,10 +527,13 @@ def purgeable(db: Database, older_than: datetime) -> int:
         return int(session.scalar(query) or 0)
 
 
-def purge(db: Database, older_than: datetime, batch: int = 500) -> int:
+def purge(
+    db: Database, older_than: datetime, batch: int = 500, actor: audit.Actor | None = None
+) -> int:
     """Delete finished events received before ``older_than``, with their attempts.
 
     Each batch is its own short transaction, so ingest is never locked out for long.
+    ``actor``: the admin asking (one ``events.purge``, with the last batch, if any went).
     """
     total = 0
     while True:
@@ -491,6 +547,9 @@ def purge(db: Database, older_than: datetime, batch: int = 500) -> int:
                 )
             )
             if not ids:
+                if total:
+                    change = {"deleted": total, "received_before": older_than}
+                    audit.record(session, actor, "events.purge", f"{total} events", change)
                 return total
             session.execute(delete(Attempt).where(Attempt.event_id.in_(ids)))
             session.execute(delete(Delivery).where(Delivery.event_id.in_(ids)))
@@ -701,6 +760,7 @@ def replay_matching(
     examine: int = 10_000,
     batch: int = 500,
     destination: str | None = None,
+    actor: audit.Actor | None = None,
 ) -> tuple[int, int, str | None]:
     """Replay the events matching ``filters``, newest first, looking at most at ``examine``.
 
@@ -708,7 +768,9 @@ def replay_matching(
     next cursor or None when every match was looked at). Aimed at a ``destination`` (of
     ``filters.route``: ``aimed_problems``), only that destination's deliveries are replayed,
     those whose status is ``filters.status`` (else any that ended), one per event looked at;
-    the events' other deliveries are left as they are.
+    the events' other deliveries are left as they are. ``actor``: the admin asking (one
+    ``events.replay`` or ``deliveries.replay`` entry with the filter and the counts,
+    written with the last batch, if any was replayed).
     """
     replayed = examined = 0
     while examined < examine:
@@ -720,12 +782,26 @@ def replay_matching(
                 replayed += len(replay(session, [r.id for r in rows]))
             elif rows:
                 replayed += len(replay_deliveries(session, [r.delivery_id for r in rows]))
+            last = len(rows) < take or examined + len(rows) >= examine
+            if last and replayed:
+                _record_bulk(session, actor, filters, destination, replayed, examined + len(rows))
         examined += len(rows)
         if len(rows) < take:
             return replayed, examined, None
         cursor = encode_cursor(rows[-1].received_at, rows[-1].id)
     more = cursor is not None and _any_left(db, filters, cursor, destination)
     return replayed, examined, cursor if more else None
+
+
+def _record_bulk(session, actor, filters: Filters, destination, replayed, examined) -> None:
+    """The one audit entry of a bulk replay: its filter, destination and counts."""
+    wanted = {k: v for k, v in vars(filters).items() if v is not None}
+    action = "events.replay"
+    if destination is not None:
+        wanted["destination"] = destination
+        action = "deliveries.replay"
+    change = {"filter": wanted, "count": replayed, "examined": examined}
+    audit.record(session, actor, action, audit.filter_text(wanted), change)
 
 
 def _bulk_query(filters: Filters, destination: str | None, cursor: str | None) -> Select:

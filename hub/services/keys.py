@@ -35,11 +35,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, Row, bindparam, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from hub import rates
-from hub.store.models import ApiKey, DashboardSession, utcnow
+from hub.services import audit
+from hub.store.models import ApiKey, DashboardSession, iso_time, utcnow
 
 KEY_RE = re.compile(r"^hk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 ALL_ROUTES = "*"
@@ -127,11 +128,13 @@ def create_key(
     rate_limit: str | None = None,
     *,
     admin: bool = False,
+    actor: audit.Actor | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key and return it with its plaintext (the only time it exists).
 
     ``scopes`` are route names (default ``*``: every route); ``admin`` gives admin rights.
     ``rate_limit`` such as ``1000/hour`` caps this key's requests (ValueError if malformed).
+    ``actor``: the admin who made it (``key.create``, without the secret).
     """
     if rate_limit is not None:
         rate_limit = rates.normalise(rate_limit)
@@ -154,6 +157,20 @@ def create_key(
     )
     session.add(row)
     session.flush()
+    audit.record(
+        session,
+        actor,
+        "key.create",
+        prefix,
+        {
+            "name": name,
+            "scopes": row.scopes,
+            "admin": admin,
+            "expires_at": iso_time(row.expires_at),
+            "rate_limit": rate_limit,
+        },
+        secrets=[key],
+    )
     return row, key
 
 
@@ -175,6 +192,7 @@ def create_from_input(
     admin: bool = False,
     expires_in: str | None = None,
     rate_limit: str | None = None,
+    actor: audit.Actor | None = None,
 ) -> tuple[ApiKey, str]:
     """Check what a user asked for and create the key: ``name`` (1 to 100 characters),
     ``scopes`` (at most 100 route names of 1 to 64 characters; none: every route), admin
@@ -201,7 +219,9 @@ def create_from_input(
             problems.append(("rate_limit", str(exc)))
     if problems:
         raise KeyInvalid(problems)
-    return create_key(session, name, list(scopes), lifetime, rate_limit or None, admin=admin)
+    return create_key(
+        session, name, list(scopes), lifetime, rate_limit or None, admin=admin, actor=actor
+    )
 
 
 def capped(text: str) -> str:
@@ -230,24 +250,71 @@ def get(session: Session, prefix: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
 
 
-def revoke(session: Session, prefix: str) -> ApiKey | None:
+def revoke(session: Session, prefix: str, actor: audit.Actor | None = None) -> ApiKey | None:
     """Revoke a key, and end its dashboard sessions with it: once the caller commits, the
-    key is refused on its next request in every process (nothing remembers it)."""
+    key is refused on its next request in every process (nothing remembers it). A key
+    revoked already is left as it was (and no ``key.revoke`` recorded)."""
     row = get(session, prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
-        end_dashboard_sessions(session, row.prefix)
+        ended = end_dashboard_sessions(session, row.prefix)
+        audit.record(
+            session,
+            actor,
+            "key.revoke",
+            row.prefix,
+            {"name": row.name, "admin": row.is_admin, "dashboard_sessions_ended": ended},
+        )
     return row
 
 
-def end_dashboard_sessions(session: Session, prefix: str) -> int:
-    """End every open dashboard session of the key ``prefix``; how many (uncommitted)."""
+def end_dashboard_sessions(session: Session, prefix: str, actor: audit.Actor | None = None) -> int:
+    """End every open dashboard session of the key ``prefix``; how many (uncommitted).
+    ``actor``: the admin who asked (``dashboard.sign_out_everywhere``)."""
     ended = session.execute(
         update(DashboardSession)
         .where(DashboardSession.key_prefix == prefix, DashboardSession.ended_at.is_(None))
         .values(ended_at=utcnow())
     ).rowcount
-    return int(ended or 0)
+    ended = int(ended or 0)
+    audit.record(session, actor, "dashboard.sign_out_everywhere", prefix, {"sessions": ended})
+    return ended
+
+
+def open_dashboard_session(
+    session: Session, prefix: str, sid_digest: str, lifetime: int, actor: audit.Actor
+) -> None:
+    """Record a sign-in to the dashboard: a session row (keyed by the digest of the id
+    its cookie carries) that lasts ``lifetime`` seconds, and ``dashboard.sign_in``; the
+    rows of sessions past their lifetime are cleared on the way (uncommitted)."""
+    now = utcnow()
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at < now))
+    session.add(
+        DashboardSession(
+            id=sid_digest,
+            key_prefix=prefix,
+            created_at=now,
+            expires_at=now + timedelta(seconds=lifetime),
+        )
+    )
+    audit.record(session, actor, "dashboard.sign_in", prefix)
+
+
+def close_dashboard_session(
+    session: Session, sid_digest: str, actor: audit.Actor | None = None
+) -> bool:
+    """End one dashboard session (its cookie opens nothing after); whether it was open.
+    ``actor``: the admin signing out (``dashboard.sign_out``); none for a session ended
+    because it expired or its key was refused (uncommitted)."""
+    prefix = session.scalar(
+        update(DashboardSession)
+        .where(DashboardSession.id == sid_digest, DashboardSession.ended_at.is_(None))
+        .values(ended_at=utcnow())
+        .returning(DashboardSession.key_prefix)
+    )
+    if prefix is not None:
+        audit.record(session, actor, "dashboard.sign_out", prefix)
+    return prefix is not None
 
 
 # The columns a request needs to judge a key: no ORM object, one indexed read.

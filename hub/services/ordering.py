@@ -42,6 +42,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select, text, update
 
 from hub.ops import metrics
+from hub.services import audit
 from hub.services import delivery as delivery_service
 from hub.services.templating import TemplateLimits, TemplateProblem, render_config
 from hub.store import storable
@@ -246,12 +247,12 @@ class AlreadyEnded(NotSkippable):
     """The delivery ended already: nothing to skip."""
 
 
-def skip(db: Database, delivery_id: str) -> dict[str, Any]:
+def skip(db: Database, delivery_id: str, actor: audit.Actor | None = None) -> dict[str, Any]:
     """End a delivery that blocks its key (or waits behind it) as ``failed``, "skipped by
     an admin", and promote the next of its key, in one transaction; the delivery as it now
     stands. Raises NoSuchDelivery, or NotSkippable for one that ended or is being called
     right now (skip it once that call ends: a retry leaves it skippable). Any delivery may
-    be skipped, ordered or not."""
+    be skipped, ordered or not. ``actor``: the admin asking (``delivery.skip``)."""
     now = utcnow()
     with db.engine.begin() as conn:
         row = conn.execute(
@@ -287,6 +288,8 @@ def skip(db: Database, delivery_id: str) -> dict[str, Any]:
         rolled = delivery_service.rollup(conn, row.event_id, delivery_id)
         if row.order_key is not None:
             promote(conn, row.lane, row.order_key, locked=False, now=now)
+        change = {"event": row.event_id, "route": row.route, "event_status": rolled}
+        audit.record(conn, actor, "delivery.skip", delivery_id, change)
     if rolled is not None and rolled not in (*ACTIVE, EventStatus.QUEUED):
         metrics.event_ended(row.route, rolled)  # the event's end: its last delivery skipped
     log.info("delivery %s of event %s: %s", delivery_id, row.event_id, SKIPPED)

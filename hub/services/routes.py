@@ -45,7 +45,7 @@ from hub.connectors import (
     UnknownConnectorError,
     describe_validation_error,
 )
-from hub.services import step_secrets
+from hub.services import audit, step_secrets
 from hub.services.templating import TemplateProblem, check_config, check_filter
 from hub.store.cache import TTLCache
 from hub.store.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
@@ -500,11 +500,13 @@ def save_routes(
     registry: Registry,
     box: SecretBox | None = None,
     environ: Mapping[str, str] | None = None,
+    actor: audit.Actor | None = None,
 ) -> list[tuple[str, str]]:
     """Validate every route first, then save them all: (name, created|updated|unchanged).
 
     ``box`` seals signing secrets (routes with a verifier need one); secrets are compared
-    decrypted, so re-applying the same file reports "unchanged".
+    decrypted, so re-applying the same file reports "unchanged". ``actor``: the admin
+    saving them (``route.create``, ``route.update``; nothing for an unchanged route).
     """
     specs, problems = [], []
     for item in items:
@@ -528,13 +530,30 @@ def save_routes(
     for spec in specs:
         before = get(session, spec.name)
         old = _comparable(before, box) if before is not None else None
+        shown = to_dict(before, box, registry) if actor and before is not None else None
         route, created = save(session, spec, box, before)
+        new = _comparable(route, box)
         if created:
             results.append((spec.name, "created"))
         else:
-            same = _comparable(route, box) == old
-            results.append((spec.name, "unchanged" if same else "updated"))
+            results.append((spec.name, "unchanged" if new == old else "updated"))
+        if actor is not None and results[-1][1] != "unchanged":
+            _record_save(session, actor, route, spec, (shown, old or {}, new), box, registry)
     return results
+
+
+def _record_save(session, actor, route, spec, compared, box, registry) -> None:
+    """``route.create`` (the route as shown) or ``route.update`` (each field changed, from
+    and to, as shown: secrets masked; a field whose masks read alike is named, no value)."""
+    shown, old, new = compared
+    after = to_dict(route, box, registry)
+    change = after if shown is None else audit.changed(shown, after)
+    if shown is not None:
+        for name in sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
+            change.setdefault(name, "changed (a secret: no value shown)")
+    action = "route.create" if shown is None else "route.update"
+    plain = spec.verify.secrets if spec.verify is not None else []
+    audit.record(session, actor, action, route.name, change, secrets=plain)
 
 
 def destinations_of(route: Route) -> list[Destination]:
@@ -754,23 +773,40 @@ def _verified(session: Session, name: str, box: SecretBox) -> tuple[Route, dict[
     return route, spec_data(route, box)
 
 
-def add_secret(session: Session, name: str, secret: str, registry: Registry, box: SecretBox) -> int:
-    """Add a signing secret to a route (rotation: old and new both verify); the new count."""
+def add_secret(
+    session: Session,
+    name: str,
+    secret: str,
+    registry: Registry,
+    box: SecretBox,
+    actor: audit.Actor | None = None,
+) -> int:
+    """Add a signing secret to a route (rotation: old and new both verify); the new count.
+    ``actor``: the admin adding it (``route.secret_add``, the secret masked)."""
     _, data = _verified(session, name, box)
     if secret in data["verify"]["secrets"]:
         raise RouteInvalid(name, ["verify.secrets: the route already has this secret"])
     data["verify"]["secrets"].append(secret)
     save_routes(session, [data], registry, box, environ={})
-    return len(data["verify"]["secrets"])
+    count = len(data["verify"]["secrets"])
+    change = {"added": mask(secret), "secrets": count}
+    audit.record(session, actor, "route.secret_add", name, change, secrets=[secret])
+    return count
 
 
 def remove_secret(
-    session: Session, name: str, which: str, registry: Registry, box: SecretBox
+    session: Session,
+    name: str,
+    which: str,
+    registry: Registry,
+    box: SecretBox,
+    actor: audit.Actor | None = None,
 ) -> int:
     """Remove one secret, named by its value, 1-based position, or last characters.
 
     The last secret of a route whose auth needs a signature is refused: the route would
-    turn every sender away. Returns how many secrets remain.
+    turn every sender away. Returns how many secrets remain. ``actor``: the admin removing
+    it (``route.secret_remove``, the secret masked).
     """
     route, data = _verified(session, name, box)
     stored: list[str] = data["verify"]["secrets"]
@@ -785,8 +821,10 @@ def remove_secret(
                 "add the new secret first, or change auth to key"
             ],
         )
-    del stored[index]
+    removed = stored.pop(index)
     save_routes(session, [data], registry, box, environ={})
+    change = {"removed": mask(removed), "secrets": len(stored)}
+    audit.record(session, actor, "route.secret_remove", name, change, secrets=[removed])
     return len(stored)
 
 
@@ -806,27 +844,32 @@ def save_route(
     registry: Registry,
     box: SecretBox | None = None,
     environ: Mapping[str, str] | None = None,
+    actor: audit.Actor | None = None,
 ) -> tuple[Route, str]:
     """One route through ``save_routes``; RouteInvalid names each of its own problems."""
     stored = get(session, data["name"]) if isinstance(data.get("name"), str) else None
     if stored is not None:
         data = _one_change(data, to_dict(stored, box, registry))
     validate(data, registry, environ)  # the field-by-field errors of this one route
-    ((name, action),) = save_routes(session, [data], registry, box, environ)
+    ((name, action),) = save_routes(session, [data], registry, box, environ, actor=actor)
     route = get(session, name)
     assert route is not None
     return route, action
 
 
 def save_submitted(
-    session: Session, data: dict[str, Any], registry: Registry, box: SecretBox
+    session: Session,
+    data: dict[str, Any],
+    registry: Registry,
+    box: SecretBox,
+    actor: audit.Actor | None = None,
 ) -> tuple[Route, str]:
     """Save one route an admin sent over HTTP (the admin API or the dashboard), committed.
 
     ``${VAR}`` references are for route files on the server, never for what comes over the
     wire, so none is expanded; a RouteInvalid leaves the session rolled back."""
     try:
-        saved = save_route(session, data, registry, box, environ={})
+        saved = save_route(session, data, registry, box, environ={}, actor=actor)
     except RouteInvalid:
         session.rollback()
         raise
@@ -874,10 +917,13 @@ def changed_data(route: Route, box: SecretBox, changes: dict[str, Any], *, whole
     return data
 
 
-def seal_stored_secrets(session: Session, registry: Registry, box: SecretBox) -> list[str]:
+def seal_stored_secrets(
+    session: Session, registry: Registry, box: SecretBox, actor: audit.Actor | None = None
+) -> list[str]:
     """Seal the step secrets that routes saved by an older release keep in clear (run by
     ``db upgrade`` and ``init``: the app, unlike a migration, knows every connector's
-    declared secret fields and holds the key). The names of the routes changed."""
+    declared secret fields and holds the key). The names of the routes changed, each
+    recorded (``route.secrets_sealed``) for ``actor``."""
     sealed = []
     for route in list_routes(session):
         changed = False
@@ -899,6 +945,8 @@ def seal_stored_secrets(session: Session, registry: Registry, box: SecretBox) ->
         if changed:
             sealed.append(route.name)
     session.flush()
+    for name in sealed:
+        audit.record(session, actor, "route.secrets_sealed", name)
     return sealed
 
 
@@ -936,11 +984,22 @@ def list_routes(
     return list(session.scalars(query.limit(limit)))
 
 
-def remove(session: Session, name: str) -> bool:
+def remove(
+    session: Session,
+    name: str,
+    actor: audit.Actor | None = None,
+    box: SecretBox | None = None,
+    registry: Registry | None = None,
+) -> bool:
+    """Delete the route ``name`` (its events stay); whether there was one. ``actor``: the
+    admin removing it (``route.remove``, with the route as it was shown, secrets masked by
+    ``box``)."""
     route = get(session, name)
     if route is None:
         return False
+    shown = to_dict(route, box, registry) if actor is not None else None
     session.delete(route)
+    audit.record(session, actor, "route.remove", name, shown)
     return True
 
 
@@ -960,10 +1019,12 @@ DEMO_ROUTES = [
 ]
 
 
-def ensure_demo_routes(session: Session, registry: Registry) -> list[str]:
+def ensure_demo_routes(
+    session: Session, registry: Registry, actor: audit.Actor | None = None
+) -> list[str]:
     """Create the demo routes that are missing (never overwrite an admin's changes)."""
     missing = [r for r in DEMO_ROUTES if get(session, r["name"]) is None]
     usable = [r for r in missing if all(s["connector"] in registry for s in r["steps"])]
     if usable:
-        save_routes(session, usable, registry)
+        save_routes(session, usable, registry, actor=actor)
     return [r["name"] for r in usable]

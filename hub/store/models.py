@@ -1,5 +1,6 @@
 """The tables the hub is made of (api_keys, routes and their destinations, events and their
-deliveries, attempts), the shared rate-limit counters, and the dashboard's sign-ins.
+deliveries, attempts), the shared rate-limit counters, the dashboard's sign-ins, and the
+audit log of what admins did.
 
 A route fans out to its destinations; an accepted event gets one delivery per destination,
 claimed, retried and ended on its own; each connector call is an attempt of one delivery.
@@ -776,6 +777,47 @@ class AlertState(Base):
     ran_by: Mapped[str | None] = mapped_column(String(64))
     change_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
     dead_cursor: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """One admin action, whatever face it came through: who (an admin key's prefix,
+    ``cli:<os user>``, or ``hub`` for the log's own retention), through which face (``api``,
+    ``dashboard``, ``cli``, ``hub``), from where (the client's address, ``cli@<host>``),
+    what (``key.create``, ``route.update``, ``events.replay`` ...), on what (a key's
+    prefix, a route, ``route/destination``, an event), and the change, secrets masked.
+
+    Written by hub.services.audit only, in the transaction of the change it records; never
+    updated (a trigger refuses an UPDATE, migration 0017) and deleted only by its retention
+    (HUB_AUDIT_RETENTION_DAYS)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_actor_id", "actor", "id"),
+        Index("ix_audit_log_action_id", "action", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(StorableString(100))
+    face: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str | None] = mapped_column(StorableString(200))
+    request_id: Mapped[str | None] = mapped_column(StorableString(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(StorableString(200))
+    change: Mapped[dict[str, Any] | None] = mapped_column(StorableJSON)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": iso_time(self.at),
+            "actor": self.actor,
+            "face": self.face,
+            "origin": self.origin,
+            "request_id": self.request_id,
+            "action": self.action,
+            "target": self.target,
+            "change": self.change,
+        }
 
 
 def iso_time(value: datetime | None) -> str | None:

@@ -1,4 +1,5 @@
-"""The admin API, /admin/api/...: keys, routes, connectors, events, replay and statistics.
+"""The admin API, /admin/api/...: keys, routes, connectors, events, replay, statistics,
+alerts and the audit log.
 
 The same service functions as the CLI (``keys``, ``routes``, ``events``) behind thin views;
 each view declares its models with ``api.route`` so that the OpenAPI document, the request
@@ -6,7 +7,8 @@ checks and the answers share one description.
 
 Everything under /admin needs an admin key: no key (or a bad one) is 401 and any other key
 is 403, on unknown /admin paths too, so the admin surface cannot be mapped without one.
-Every call that changes something is logged with the admin key's prefix.
+Every call that changes something is logged with the admin key's prefix, and recorded in
+the audit log by the service it calls (``actor()``: the key, the client's address).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import select
 
 from hub import providers
 from hub.services import alerts as alert_store
-from hub.services import delivery, ordering, paging
+from hub.services import audit, delivery, ordering, paging
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
@@ -28,7 +30,13 @@ from hub.store.crypto import SecretsUnreadable, get_box
 from hub.store.db import get_db, get_read_session, get_session
 from hub.store.models import ApiKey, Event, utcnow
 from hub.web import schemas as m
-from hub.web.auth import Refusal, check_admin_key, log_admin_change, presented_key
+from hub.web.auth import (
+    Refusal,
+    check_admin_key,
+    log_admin_change,
+    presented_key,
+    request_actor,
+)
 from hub.web.errors import error_response
 from hub.web.openapi import ApiError, api, invalid
 
@@ -63,6 +71,11 @@ def unknown(rest: str):
 
 def not_found(what: str) -> ApiError:
     return ApiError(404, f"No such {what}", "not_found")
+
+
+def actor() -> audit.Actor:
+    """The admin behind this call, as the audit log records them."""
+    return request_actor(audit.API)
 
 
 # --- keys ---
@@ -112,6 +125,7 @@ def create_key(body: m.KeyIn):
             admin=body.admin,
             expires_in=body.expires_in,
             rate_limit=body.rate_limit,
+            actor=actor(),
         )
     except key_store.KeyInvalid as exc:
         raise invalid(exc.errors, "body") from None
@@ -146,7 +160,7 @@ def get_key(prefix: str):
 )
 def revoke_key(prefix: str):
     session = get_session()
-    row = key_store.revoke(session, prefix)
+    row = key_store.revoke(session, prefix, actor())
     if row is None:
         raise not_found("key")
     session.commit()
@@ -165,7 +179,7 @@ def save(data: dict[str, Any]):
     """Validate and save one route; 422 with the same sentences `routes add` prints."""
     registry = current_app.extensions["hub.connectors"]
     try:
-        return route_store.save_submitted(get_session(), data, registry, get_box())
+        return route_store.save_submitted(get_session(), data, registry, get_box(), actor())
     except route_store.RouteInvalid as exc:
         raise invalid(exc.errors, "body") from None
 
@@ -274,7 +288,8 @@ def patch_route(name: str, body: m.RoutePatch):
 )
 def delete_route(name: str):
     session = get_session()
-    if not route_store.remove(session, name):
+    registry = current_app.extensions["hub.connectors"]
+    if not route_store.remove(session, name, actor(), get_box(), registry):
         raise not_found("route")
     session.commit()
     return m.RouteRemoved(name=name, removed=True)
@@ -313,9 +328,7 @@ def destination_change(change, name: str, destination: str) -> m.DestinationStat
 )
 def pause_destination(name: str, destination: str, body: m.PauseIn):
     return destination_change(
-        lambda session, r, d: destination_store.pause(
-            session, r, d, body.reason, actor=g.admin_prefix
-        ),
+        lambda session, r, d: destination_store.pause(session, r, d, body.reason, actor=actor()),
         name,
         destination,
     )
@@ -334,9 +347,7 @@ def pause_destination(name: str, destination: str, body: m.PauseIn):
 )
 def resume_destination(name: str, destination: str):
     return destination_change(
-        lambda session, r, d: destination_store.resume(
-            session, r, d, current_app, actor=g.admin_prefix
-        ),
+        lambda session, r, d: destination_store.resume(session, r, d, current_app, actor=actor()),
         name,
         destination,
     )
@@ -360,7 +371,7 @@ def resume_destination(name: str, destination: str):
 def open_destination(name: str, destination: str, body: m.PauseIn):
     return destination_change(
         lambda session, r, d: destination_store.open_circuit(
-            session, r, d, body.reason, actor=g.admin_prefix
+            session, r, d, body.reason, actor=actor()
         ),
         name,
         destination,
@@ -384,7 +395,7 @@ def open_destination(name: str, destination: str, body: m.PauseIn):
 def close_destination(name: str, destination: str, body: m.PauseIn):
     return destination_change(
         lambda session, r, d: destination_store.close_circuit(
-            session, r, d, current_app, body.reason, actor=g.admin_prefix
+            session, r, d, current_app, body.reason, actor=actor()
         ),
         name,
         destination,
@@ -496,7 +507,9 @@ def rotate(change) -> m.SecretsOut:
 )
 def add_secret(name: str, body: m.SecretIn):
     registry = current_app.extensions["hub.connectors"]
-    count = rotate(lambda s: route_store.add_secret(s, name, body.secret, registry, get_box()))
+    count = rotate(
+        lambda s: route_store.add_secret(s, name, body.secret, registry, get_box(), actor())
+    )
     return m.SecretsOut(route=name, secrets=count), 201
 
 
@@ -511,7 +524,9 @@ def add_secret(name: str, body: m.SecretIn):
 )
 def remove_secret(name: str, which: str):
     registry = current_app.extensions["hub.connectors"]
-    count = rotate(lambda s: route_store.remove_secret(s, name, which, registry, get_box()))
+    count = rotate(
+        lambda s: route_store.remove_secret(s, name, which, registry, get_box(), actor())
+    )
     return m.SecretsOut(route=name, secrets=count)
 
 
@@ -642,7 +657,7 @@ def replay_event(event_id: str):
     event = session.get(Event, event_id[:32])
     if event is None:
         raise not_found("event")
-    if not event_store.replay(session, [event.id]):
+    if not event_store.replay(session, [event.id], actor()):
         raise ApiError(409, f"An event that is {event.status} cannot be replayed", "not_replayable")
     status = session.scalar(select(Event.status).where(Event.id == event.id))
     session.commit()
@@ -671,7 +686,7 @@ DELIVERY_ID = {"delivery_id": "The delivery's id (dlv_...), as the event shows i
 )
 def skip_delivery(delivery_id: str):
     try:
-        skipped = ordering.skip(get_db(), delivery_id[:32])
+        skipped = ordering.skip(get_db(), delivery_id[:32], actor())
     except ordering.NoSuchDelivery:
         raise not_found("delivery") from None
     except ordering.NotSkippable as exc:
@@ -699,7 +714,7 @@ def skip_delivery(delivery_id: str):
 def replay_delivery(delivery_id: str):
     session = get_session()
     try:
-        row = event_store.replay_delivery(session, delivery_id)
+        row = event_store.replay_delivery(session, delivery_id, actor())
     except event_store.NoSuchDelivery as exc:
         raise ApiError(404, str(exc), "not_found") from None
     except event_store.DeliveryNotReplayable as exc:
@@ -751,6 +766,7 @@ def replay_events(body: m.BulkReplayIn):
             cursor=body.cursor,
             examine=int(current_app.config["ADMIN_REPLAY_MAX"]),
             destination=body.destination,
+            actor=actor(),
         )
     except event_store.BadCursor:
         raise bad_cursor("body") from None
@@ -827,7 +843,11 @@ def add_alert_channel(body: m.AlertChannelIn):
     session = get_session()
     try:
         row = alert_store.add_channel(
-            session, get_box(), body.model_dump(), current_app.config["ALERT_MAX_CHANNELS"]
+            session,
+            get_box(),
+            body.model_dump(),
+            current_app.config["ALERT_MAX_CHANNELS"],
+            actor(),
         )
     except alert_store.AlertInvalid as exc:
         raise invalid(exc.errors, "body") from None
@@ -849,7 +869,7 @@ def add_alert_channel(body: m.AlertChannelIn):
 def remove_alert_channel(channel: str):
     session = get_session()
     try:
-        row = alert_store.remove_channel(session, channel)
+        row = alert_store.remove_channel(session, channel, actor(), get_box())
     except alert_store.NoSuchAlertThing as exc:
         raise ApiError(404, str(exc), "not_found") from None
     out = channel_out(row)
@@ -872,7 +892,9 @@ def remove_alert_channel(channel: str):
 def send_test_alert(channel: str):
     session = get_session()
     try:
-        row = alert_store.queue_test(session, channel, current_app.config.get("PUBLIC_URL"))
+        row = alert_store.queue_test(
+            session, channel, current_app.config.get("PUBLIC_URL"), actor()
+        )
     except alert_store.NoSuchAlertThing as exc:
         raise ApiError(404, str(exc), "not_found") from None
     out = m.AlertSendOut(**alert_store.send_to_dict(row))
@@ -911,7 +933,7 @@ def add_alert_rule(body: m.AlertRuleIn):
     session = get_session()
     try:
         rule = alert_store.add_rule(
-            session, body.model_dump(), current_app.config["ALERT_MAX_RULES"]
+            session, body.model_dump(), current_app.config["ALERT_MAX_RULES"], actor()
         )
     except alert_store.AlertInvalid as exc:
         raise invalid(exc.errors, "body") from None
@@ -933,7 +955,7 @@ def add_alert_rule(body: m.AlertRuleIn):
 def remove_alert_rule(rule: str):
     session = get_session()
     try:
-        alert_store.remove_rule(session, rule)
+        alert_store.remove_rule(session, rule, actor())
     except alert_store.NoSuchAlertThing as exc:
         raise ApiError(404, str(exc), "not_found") from None
     session.commit()
@@ -956,7 +978,7 @@ def remove_alert_rule(rule: str):
 def patch_alert_rule(rule: str, body: m.AlertRulePatch):
     session = get_session()
     try:
-        changed = alert_store.set_rule_enabled(session, rule, body.enabled)
+        changed = alert_store.set_rule_enabled(session, rule, body.enabled, actor())
     except alert_store.NoSuchAlertThing as exc:
         raise ApiError(404, str(exc), "not_found") from None
     session.commit()
@@ -974,3 +996,39 @@ def patch_alert_rule(rule: str, body: m.AlertRulePatch):
 )
 def list_alerts(query: m.AlertListQuery):
     return m.AlertList(**alert_store.recent(get_read_session(), query.limit))
+
+
+# --- the audit log ---
+
+
+@api.route(
+    bp,
+    "GET",
+    "/admin/api/audit",
+    summary="The audit log: every admin action, newest first, filtered, one page at a time",
+    tag="audit",
+    query=m.AuditQuery,
+    description="Who (an admin key's prefix, or cli:<os user>), through which face (api, "
+    "dashboard, cli), from where, what (key.create, route.update, events.replay ...), on "
+    "what, and the change, secrets masked. Entries are only ever added; the log's "
+    "retention (HUB_AUDIT_RETENTION_DAYS) alone deletes them.",
+    responses={
+        200: ("A page of entries", m.AuditPage),
+        400: ("The cursor is not one of ours", None),
+    },
+)
+def list_audit(query: m.AuditQuery):
+    try:
+        rows, next_cursor = audit.listing(
+            get_read_session(),
+            actor=query.actor,
+            action=query.action,
+            since=query.since,
+            cursor=query.cursor,
+            limit=query.limit,
+        )
+    except paging.BadCursor:
+        raise bad_cursor("query") from None
+    return m.AuditPage(
+        entries=[m.AuditEntryOut(**row.to_dict()) for row in rows], next_cursor=next_cursor
+    )

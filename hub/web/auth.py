@@ -5,7 +5,8 @@
 API, /metrics, the dashboard's sign-in): the key's info, or a ``Refusal`` from ``REFUSALS``,
 the one table of what a refused admin key is told, so each refusal reads the same on every
 face. The key's lookup and verification are ``hub.services.keys``'s. ``log_admin_change``
-logs what an admin key changed (logger ``hub.admin``), through the API or the dashboard.
+logs what an admin key changed (logger ``hub.admin``), through the API or the dashboard;
+``request_actor`` is who the audit log records for such a change (hub.services.audit).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 
 from flask import current_app, g, request
 
-from hub.services import keys
+from hub.services import audit, keys
 from hub.services.intake import key_from
 from hub.store.db import get_session
+from hub.web.context import request_id
 from hub.web.errors import error_response
 
 log = logging.getLogger("hub.admin")
@@ -80,6 +82,18 @@ def check_admin_key(presented: str | None) -> keys.KeyInfo | Refusal:
     if not info.is_admin:
         return REFUSALS["not_admin"]
     return info
+
+
+def request_actor(face: str, prefix: str | None = None) -> audit.Actor:
+    """The admin behind this request, for the audit log: the admin key's prefix (``prefix``,
+    or the one the request was let in with), the face, the client's address (the proxy's
+    client with HUB_TRUSTED_PROXIES) and the request id."""
+    return audit.Actor(
+        who=prefix or g.admin_prefix,
+        face=face,
+        origin=request.remote_addr,
+        request_id=request_id() or None,
+    )
 
 
 def log_admin_change(response):

@@ -733,3 +733,47 @@ class AlertList(BaseModel):
 
 class AlertListQuery(Strict):
     limit: int = Field(50, ge=1, le=200)
+
+
+# --- admin: the audit log ---
+
+
+class AuditQuery(Strict):
+    actor: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description='Who: an admin key\'s prefix, "cli:<user>", or "cli" for every CLI user',
+    )
+    action: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description='What: an action ("route.update"), or its family ("route": every route.*)',
+    )
+    since: TimeBound | None = Field(None, description="At or after: ISO time or age (2h, 7d)")
+    cursor: Cursor | None = None
+    limit: PageLimit = PAGE_DEFAULT
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: str | None
+    actor: str = Field(description='An admin key\'s prefix, "cli:<user>", or "hub" (retention)')
+    face: str = Field(description="api, dashboard, cli, or hub")
+    origin: str | None = Field(description='The client\'s address, or "cli@<host>"')
+    request_id: str | None = Field(description="The request's X-Request-ID (HTTP faces)")
+    action: str = Field(description="key.create, route.update, events.replay ... (docs/audit.md)")
+    target: str | None = Field(
+        description="What it acted on: a key's prefix, a route, route/destination, an event, "
+        "or a bulk action's filter"
+    )
+    change: Any = Field(
+        description='What changed: the thing made or removed, {field: {"from", "to"}} of an '
+        "update, a bulk action's filter and count; secrets masked, never their values"
+    )
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntryOut] = Field(description="Newest first")
+    next_cursor: NextCursor
