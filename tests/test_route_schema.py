@@ -404,6 +404,11 @@ def test_the_cli_adds_a_schema_from_a_file_and_refuses_a_bad_one(runner, db, tmp
     assert "$ref https://example.com/s.json points outside the schema" in applied.output
     with db.session() as session:  # all or nothing
         assert [r.name for r in session.scalars(select(Route))] == ["orders"]
+    routes.write_text("routes:\n  - name: applied\n    schema: {required: [id]}\n")
+    assert runner.invoke(args=["routes", "apply", str(routes)]).output == "created   applied\n"
+    assert runner.invoke(args=["routes", "apply", str(routes)]).output == "unchanged applied\n"
+    routes.write_text("routes:\n  - name: applied\n    schema: {required: [order]}\n")
+    assert runner.invoke(args=["routes", "apply", str(routes)]).output == "updated   applied\n"
 
 
 def test_the_dashboard_form_edits_the_schema_and_shows_its_problems(client, make_key, db, key):
