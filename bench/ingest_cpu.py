@@ -6,6 +6,7 @@ backends' from /proc. Requests run one after another, so each commits alone; wit
 the group commit shares commits between them (the batches' mean size is printed).
 
     python -m bench.ingest_cpu                                  # SQLite, 5,000 requests
+    python -m bench.ingest_cpu --schema          # the route checks the body against SCHEMA
     python -m bench.ingest_cpu --database postgresql://postgres@127.0.0.1:5432/hub_cpu
     py-spy record -r 500 -f raw -o ingest.txt -- .venv/bin/python -m bench.ingest_cpu
 
@@ -27,6 +28,17 @@ from pathlib import Path
 from bench.common import CpuMeter, fresh_postgres
 
 BODY = b'{"action": "opened", "number": 42, "input": "hello hub", "repo": "hub/x"}'
+# What --schema gives the route: BODY matches it (a route's JSON Schema, docs/schemas.md).
+SCHEMA = {
+    "type": "object",
+    "required": ["action", "number", "repo"],
+    "properties": {
+        "action": {"enum": ["opened", "closed"]},
+        "number": {"type": "integer", "minimum": 1},
+        "input": {"type": "string", "maxLength": 1000},
+        "repo": {"type": "string", "pattern": "^[a-z0-9-]+/[a-z0-9-]+$"},
+    },
+}
 
 
 def environ(key: str, path: str = "/hooks/bench") -> dict:
@@ -63,16 +75,25 @@ def main() -> None:
     parser.add_argument(
         "--path", default="/hooks/bench", help="/hooks/bench (async) or /api/process (sync)"
     )
+    parser.add_argument(
+        "--schema", action="store_true", help="give /hooks/bench a JSON Schema (SCHEMA)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hub-ingest-cpu-"))
     # Counters in files, as under gunicorn.
     os.environ.setdefault("HUB_METRICS_DIR", str(workdir / "metrics"))
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"  # the bench hub's forward route
     from bench.throughput import Hub  # after the metrics directory is chosen
+    from hub.services.routes import save_routes
 
     url = fresh_postgres(args.database) if args.database else f"sqlite:///{workdir / 'hub.db'}"
     hub = Hub(url, "http://127.0.0.1:9/unused")
     app = hub.app
+    if args.schema:
+        with hub.db.session() as session:
+            step = {"connector": "text", "config": {"field": "input"}}
+            route = {"name": "bench", "mode": "async", "steps": [step]}
+            save_routes(session, [route | {"schema": SCHEMA}], app.extensions["hub.connectors"])
     base = environ(hub.key, args.path)
     statuses: dict[str, int] = {}
 

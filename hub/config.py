@@ -372,6 +372,11 @@ class Settings(BaseSettings):
     stored_header_bytes: Count = Field(
         32768, description="bytes of header names and values kept on an accepted event"
     )
+    route_schema_max_bytes: Positive = Field(
+        65536,
+        description="largest JSON Schema a route may hold (`schema`, as compact JSON): a "
+        "larger one is refused when the route is saved",
+    )
     route_cache_seconds: SecondsOrZero = Field(
         5.0,
         description="how long ingest and workers remember a route: a change made in another "

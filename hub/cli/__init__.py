@@ -305,6 +305,12 @@ def _seconds_list(_ctx, param: click.Parameter, value: str | None) -> list[int] 
     "--verify-option", "verify_options", multiple=True, help="KEY=VALUE, e.g. tolerance=600."
 )
 @click.option("--rate", help="Most requests the route takes, e.g. 100/minute.")
+@click.option(
+    "--schema",
+    "schema_file",
+    type=click.Path(dir_okay=False),
+    help="A JSON or YAML file holding a JSON Schema every payload must match.",
+)
 @click.option("--replace", is_flag=True, help="Overwrite a route of the same name.")
 def routes_add(
     name,
@@ -321,11 +327,14 @@ def routes_add(
     secrets_env,
     verify_options,
     rate,
+    schema_file,
     replace,
 ) -> None:
-    """Add a route; each step's config and its verifier are checked first."""
+    """Add a route; each step's config, its verifier and its schema are checked first."""
     try:
         data = {"name": name, "mode": mode, "steps": [route_store.parse_step(s) for s in steps]}
+        if schema_file is not None:
+            data["schema"] = route_store.load_schema_file(schema_file)
         if retry_schedule:
             data["retry_schedule"] = retry_schedule
         if scheme:

@@ -756,6 +756,7 @@ def route_form_values(route=None) -> dict[str, str]:
             "verify_scheme": "",
             "verify_options": "{}",
             "verify_secrets": "",
+            "schema": "",
         }
     # Masked as everywhere; a mask sent back unchanged keeps the stored secret (save_routes).
     registry = current_app.extensions["hub.connectors"]
@@ -778,6 +779,11 @@ def route_form_values(route=None) -> dict[str, str]:
         "verify_scheme": route.verify_scheme or "",
         "verify_options": json.dumps(route.verify_options or {}),
         "verify_secrets": "",
+        "schema": (
+            json.dumps(route.payload_schema, indent=2, ensure_ascii=False)
+            if route.payload_schema is not None
+            else ""
+        ),
     }
 
 
@@ -805,6 +811,13 @@ def route_form_data(form, route) -> tuple[dict[str, Any], list[str]]:
             data["dedup_window"] = int(window)
         else:
             problems.append("dedup_window: a whole number of seconds")
+    schema = form.get("schema", "").strip()
+    data["schema"] = None  # an empty box: no schema
+    if schema:
+        try:
+            data["schema"] = json.loads(schema)
+        except ValueError as exc:
+            problems.append(f"schema: not valid JSON ({exc})")
     schedule = form.get("retry_schedule", "").replace(",", " ").split()
     if schedule:
         if all(s.isdigit() for s in schedule):

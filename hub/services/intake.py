@@ -34,7 +34,7 @@ from werkzeug.datastructures import Headers
 from hub import providers, rates, signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
-from hub.services import breaker, delivery, keys, ordering, pipeline, ratelimit
+from hub.services import breaker, delivery, keys, ordering, payload_schema, pipeline, ratelimit
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
 from hub.services.templating import TemplateLimits
@@ -95,6 +95,7 @@ class Rejected(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
         detail: str | None = None,
+        fields: dict[str, Any] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -103,6 +104,8 @@ class Rejected(Exception):
         self.code = code or reason
         self.headers = headers or {}
         self.detail = detail or message
+        # More of the answer's JSON beside "error" and "code" (a schema mismatch's path).
+        self.fields = fields or {}
 
 
 class AddressThrottled(Exception):
@@ -195,6 +198,8 @@ class Answer:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None
     text: str | None = None
+    # An error's JSON beyond "error" and "code".
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 def key_from(headers: Headers, args: Mapping[str, str]) -> str | None:
@@ -660,11 +665,36 @@ def receive_post(session: Session, rx: Reception) -> tuple[Route, keys.KeyInfo |
     except pipeline.PayloadError as exc:
         status = 415 if exc.code == "unsupported_media_type" else 400
         raise Rejected(status, exc.code, exc.message) from None
+    if route.payload_schema is not None:  # a route without a schema pays this test alone
+        check_schema(route, payload)
     event.dedup_key = dedup_key(incoming.headers, route, payload, signed)
     if event.dedup_key:
         confirm_key(rx)  # a repeat is answered with its original's id
         check_duplicate(session, rx, route)
     return route, key, payload
+
+
+def check_schema(route: Route, payload: Any) -> None:
+    """Rejected(422 ``schema_mismatch``) unless ``payload`` matches the route's JSON Schema;
+    the answer names where and which rule (``payload_schema.Mismatch``), never a value."""
+    try:
+        found = payload_schema.mismatch(route, payload)
+    except payload_schema.SchemaBroken as exc:
+        log.error("route %s: its schema does not compile: %s", route.name[:64], exc)
+        raise Rejected(
+            500,
+            "bad_schema",
+            "Server error",
+            code="internal_error",
+            detail=f"the route's schema does not compile: {exc}",
+        ) from None
+    if found is not None:
+        raise Rejected(
+            422,
+            "schema_mismatch",
+            found.sentence,
+            fields={"path": found.path, "rule": found.rule},
+        )
 
 
 class SyncSlots:
@@ -1148,7 +1178,13 @@ def accept(incoming: Incoming) -> Accepted | Answer:
     try:
         return receive(incoming)
     except Rejected as rejection:
-        return Answer(rejection.status, rejection.message, rejection.code, rejection.headers)
+        return Answer(
+            rejection.status,
+            rejection.message,
+            rejection.code,
+            rejection.headers,
+            fields=rejection.fields,
+        )
     except Duplicate as dup:
         return Answer(200, body={"id": dup.original, "duplicate": True})
     except AddressThrottled as throttled:

@@ -45,7 +45,7 @@ from hub.connectors import (
     UnknownConnectorError,
     describe_validation_error,
 )
-from hub.services import audit, step_secrets
+from hub.services import audit, payload_schema, step_secrets
 from hub.services.templating import TemplateProblem, check_config, check_filter
 from hub.store.cache import TTLCache
 from hub.store.crypto import SecretBox, SecretsUnreadable, looks_masked, mask
@@ -207,6 +207,16 @@ class RouteSpec(BaseModel):
     verify: VerifySpec | None = None
     rate_limit: str | None = None
     enabled: bool = True
+    # Named "schema" wherever a route is written or shown (pydantic's BaseModel has a
+    # method of that name, hence the alias); checked whole by hub.services.payload_schema.
+    payload_schema: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description=(
+            "A JSON Schema (draft 2020-12 unless $schema names another) every payload must "
+            "match; one that does not is refused 422 schema_mismatch. Null: any payload"
+        ),
+    )
 
     _positive = field_validator("retry_schedule")(_positive_delays)
 
@@ -306,6 +316,8 @@ def validate(
     except ValidationError as exc:
         raise RouteInvalid(name, validation_problems(exc)) from None
     errors: list[str] = _check_auth(spec, os.environ if environ is None else environ)
+    if spec.payload_schema is not None:
+        errors += payload_schema.problems(spec.payload_schema)
     given = spec.destinations is not None
     if spec.destinations is None:
         spec.destinations = [
@@ -703,6 +715,21 @@ def load_file(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
+def load_schema_file(path: str | Path) -> Any:
+    """The JSON Schema in a JSON or YAML file (``routes add --schema``); ValueError with a
+    sentence when the file can't be read or parsed. What it holds is checked by validate."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--schema {path}: can't be read ({exc.__class__.__name__})") from None
+    try:
+        return yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise ValueError(
+            f"--schema {path}: not valid JSON or YAML ({exc.__class__.__name__})"
+        ) from None
+
+
 def to_dict(
     route: Route, box: SecretBox | None = None, registry: Registry | None = None
 ) -> dict[str, Any]:
@@ -752,6 +779,7 @@ def to_dict(
         "verify": verify,
         "rate_limit": route.rate_limit,
         "enabled": route.enabled,
+        "schema": route.payload_schema,
     }
 
 

@@ -260,6 +260,10 @@ class Route(Base):
     retry_schedule: Mapped[list[Any] | None]
     rate_limit: Mapped[str | None] = mapped_column(String(32))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # A JSON Schema every payload must match (hub.services.payload_schema); None: any.
+    # Shown and given as "schema" (the column's name); the attribute's name is not taken
+    # by pydantic's or SQLAlchemy's own "schema".
+    payload_schema: Mapped[dict[str, Any] | None] = mapped_column("schema")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

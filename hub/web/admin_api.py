@@ -218,7 +218,7 @@ def list_routes(query: m.PageQuery):
 def create_route(body: m.RouteIn):
     if route_store.get(get_session(), body.name) is not None:
         raise ApiError(409, f"Route {body.name!r} exists: PUT or PATCH it", "route_exists")
-    route, _ = save(body.model_dump(exclude_unset=True))
+    route, _ = save(body.model_dump(exclude_unset=True, by_alias=True))
     return route_out(route), 201
 
 
@@ -251,7 +251,7 @@ def get_route(name: str):
 def put_route(name: str, body: m.RoutePut):
     if body.name is not None and body.name != name:
         raise invalid(["name: must be the name in the URL"], "body")
-    changes = body.model_dump(exclude_unset=True) | {"name": name}
+    changes = body.model_dump(exclude_unset=True, by_alias=True) | {"name": name}
     route = route_store.get(get_session(), name)
     data = route_store.changed_data(route, get_box(), changes, whole=True) if route else changes
     route, action = save(data)
@@ -272,7 +272,7 @@ def patch_route(name: str, body: m.RoutePatch):
     route = route_store.get(get_session(), name)
     if route is None:
         raise not_found("route")
-    changes = body.model_dump(exclude_unset=True)
+    changes = body.model_dump(exclude_unset=True, by_alias=True)
     route, _ = save(route_store.changed_data(route, get_box(), changes, whole=False))
     return route_out(route)
 

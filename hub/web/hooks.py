@@ -50,7 +50,7 @@ def answer(told: intake.Answer):
     if told.body is not None:
         response, status = told.body, told.status
         return response, status, dict(told.headers)
-    response, status = error_response(told.status, told.message, told.code)
+    response, status = error_response(told.status, told.message, told.code, **told.fields)
     for name, value in told.headers.items():
         response.headers[name] = value
     return response, status

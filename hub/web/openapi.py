@@ -245,7 +245,8 @@ def respond(result: Any) -> Response | tuple:
     if isinstance(result, tuple):
         result, status = result
     if isinstance(result, BaseModel):
-        return jsonify(result.model_dump(mode="json")), status
+        # Fields by their names in the document: "schema" where pydantic's own is taken.
+        return jsonify(result.model_dump(mode="json", by_alias=True)), status
     return result, status
 
 

@@ -286,6 +286,9 @@ class RoutePatch(Strict):
     verify: VerifyPatch | None = None
     rate_limit: str | None = None
     enabled: bool | None = None
+    payload_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="Replace the route's JSON Schema; null removes it"
+    )
 
 
 class VerifyOut(BaseModel):
@@ -327,6 +330,9 @@ class RouteOut(BaseModel):
     verify: VerifyOut | None
     rate_limit: str | None
     enabled: bool
+    payload_schema: dict[str, Any] | None = Field(
+        alias="schema", description="The JSON Schema every payload must match (null: none)"
+    )
 
 
 class RouteList(BaseModel):
