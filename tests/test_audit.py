@@ -638,7 +638,8 @@ def test_the_dashboard_shows_the_log_filtered_and_paged(client, db, admin_key):
     assert "10.0.0.7" in html and "route.remove" in html and "dashboard.sign_in" in html
     assert "kept 365 days" in html
     only = client.get("/dashboard/audit?actor=cli&since=30d").get_data(as_text=True)
-    assert "gone" in only and "ffff0000" in only and "<td>r4</td>" not in only and ">old<" not in only
+    assert "gone" in only and "ffff0000" in only
+    assert "<td>r4</td>" not in only and ">old<" not in only  # a CSRF token may hold "r4"
     bad = client.get("/dashboard/audit?since=last-tuesday")
     assert bad.status_code == 400 and "since:" in bad.get_data(as_text=True)
     assert client.get("/dashboard/audit?cursor=nope").status_code == 400
