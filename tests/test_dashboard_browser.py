@@ -442,10 +442,10 @@ def test_keyboard_alone_reaches_every_page(hub, page, console):
     assert focused == "Skip to content"
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
     names = []
-    for _ in range(8):
+    for _ in range(9):
         page.keyboard.press("Tab")
         names.append(page.evaluate("document.activeElement.textContent.trim()"))
-    assert names[:7] == [
+    assert names[:8] == [
         "Webhook hub",
         "Overview",
         "Events",
@@ -453,8 +453,10 @@ def test_keyboard_alone_reaches_every_page(hub, page, console):
         "Alerts",
         "Keys",
         "Connectors",
+        "Audit log",
     ]
-    assert names[7] == "Sign out"
+    assert names[8] == "Sign out"
+    page.keyboard.press("Shift+Tab")
     page.keyboard.press("Shift+Tab")
     page.keyboard.press("Enter")  # on "Connectors"
     expect(page).to_have_url(hub.url("/dashboard/connectors"))
@@ -477,6 +479,7 @@ def test_pages_fit_a_phone(hub, browser, console):
         "/dashboard/routes/new",
         "/dashboard/keys",
         "/dashboard/alerts",
+        "/dashboard/audit",
     ):
         phone.goto(hub.url(path))
         width = phone.evaluate("document.documentElement.scrollWidth")
