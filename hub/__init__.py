@@ -55,6 +55,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     ratelimit.init_app(app)
     errors.init_app(app)
+    tracing = start_tracing(app)
     app.extensions["hub.routes"] = TTLCache(float(app.config["ROUTE_CACHE_SECONDS"]))
     # Set when an async event is committed, so an idle worker in this process starts at once.
     app.extensions["hub.wakeup"] = threading.Event()
@@ -62,9 +63,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Writes that lock rows (a delivery's ending and its event's roll-up, a sync run's end)
     # share one writer; new events and their deliveries, only inserted, two on PostgreSQL.
     hub_db = app.extensions["hub.db"]
-    app.extensions["hub.commits"] = GroupCommitter(hub_db)
-    app.extensions["hub.inserts"] = GroupCommitter(
-        hub_db, writers=2 if hub_db.dialect == "postgresql" else 1
+    app.extensions["hub.commits"] = GroupCommitter.of(hub_db, tracing, "commits")
+    app.extensions["hub.inserts"] = GroupCommitter.of(
+        hub_db, tracing, "inserts", writers=2 if hub_db.dialect == "postgresql" else 1
     )
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
@@ -96,3 +97,23 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     cli.init_app(app)
     dashboard.init_app(app)
     return app
+
+
+def start_tracing(app: Flask) -> Any:
+    """OpenTelemetry traces when HUB_OTEL=true (hub.ops.tracing); else None, and no module of
+    OpenTelemetry is imported: what the services test before making a span."""
+    app.extensions["hub.tracing"] = None
+    if not app.config["OTEL"]:
+        return None
+    try:
+        from hub.ops import tracing
+    except ImportError as exc:
+        from hub.config import SettingsError
+
+        raise SettingsError(
+            [
+                "HUB_OTEL=true needs OpenTelemetry installed: pip install 'webhook-hub[otel]' "
+                f"({exc.name or 'a module'} is missing)"
+            ]
+        ) from None
+    return tracing.init_app(app)

@@ -405,6 +405,14 @@ class Settings(BaseSettings):
         "API key reads the metrics",
     )
 
+    # --- traces (hub/ops/tracing.py, docs/tracing.md) ---
+    otel: Flag = Field(
+        False,
+        description="OpenTelemetry traces of each webhook, from its request to each "
+        "destination's call, exported as the standard `OTEL_*` variables say (needs "
+        "`pip install 'webhook-hub[otel]'`); off, no OpenTelemetry module is loaded",
+    )
+
     # --- running steps ---
     sync_timeout: Seconds = Field(
         25.0,

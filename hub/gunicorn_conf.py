@@ -110,7 +110,9 @@ def on_starting(server):
     from hub.ops import metrics
 
     refuse_an_address_in_use(server)
-    app = create_app()
+    # Traces are each worker's own (HUB_OTEL): made here, the instrumentation would hold
+    # this app's engine, not the worker's, and the exporter's thread would be the master's.
+    app = create_app({"OTEL": False})
     metrics.prepare_directory(app)
     say_when_the_schema_is_behind(server, app)
 

@@ -38,10 +38,11 @@ def test_requirements_txt_lists_the_declared_dependencies_then_the_tools():
     project = PYPROJECT["project"]
     assert requirement_lines(runtime) == project["dependencies"]
     extras = project["optional-dependencies"]
-    tools_extras = extras["test"] + extras["docs"] + extras["dev"]
+    tools_extras = extras["test"] + extras["docs"] + extras["dev"] + extras["otel"]
     declared_tools = [r for r in tools_extras if not r.startswith("webhook-hub")]
     assert sorted(requirement_lines(tools)) == sorted(declared_tools)
     assert "webhook-hub[test]" in extras["dev"] and "webhook-hub[docs]" in extras["dev"]
+    assert "webhook-hub[otel]" in extras["test"]  # the suite runs the tracing tests
 
 
 def run(args: list, cwd: Path, env: dict | None = None, timeout: float = 60) -> str:

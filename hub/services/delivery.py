@@ -623,6 +623,9 @@ class Worker:
         self.next_breaker_tick = 0.0  # time.monotonic() of the next look at open circuits
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
         self.alerts: alerts.AlertRunner | None = None
+        # hub.ops.tracing.Tracing when HUB_OTEL=true: claims and runs are spans of each
+        # webhook's trace.
+        self.tracing = app.extensions.get("hub.tracing")
 
     # --- claiming ---
 
@@ -637,6 +640,7 @@ class Worker:
         so a busy hub takes them back too.
         """
         now = utcnow()
+        started = time.time_ns()
         claimed: list[Delivery] = []
         if self._expired_look_due():
             claimed = self._claim(self._expired_oldest, limit, now)
@@ -654,6 +658,9 @@ class Worker:
                 self._last_lane = max(
                     (delivery.lane for delivery in claimed), key=rotation(self._last_lane)
                 )
+            events = [(d, self._events.get(d.id)) for d in claimed] if self.tracing else None
+        if events:
+            self.tracing.claimed(started, self.name, events)
         return [delivery.id for delivery in claimed]
 
     def _room(self) -> tuple[int, dict[str, int]]:
@@ -827,7 +834,12 @@ class Worker:
             ):
                 if time.monotonic() - claimed_at > PREFETCH_AGE:
                     held = None  # read again: claimed a while ago, in a group
-                return self._process(delivery, event, claimed_at, held, later)
+                if self.tracing is None:
+                    return self._process(delivery, event, claimed_at, held, later)
+                with self.tracing.delivering(event, delivery) as span:
+                    status = self._process(delivery, event, claimed_at, held, later)
+                    self.tracing.ended(span, status)
+                    return status
         finally:
             waits = later is not None and len(later) > deferred  # its ending is in ``later``
             with self._lock:

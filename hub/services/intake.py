@@ -1249,7 +1249,21 @@ def commit_new_event(
 
     ``key_id``: the remembered key the event was accepted with; the shared transaction
     reads whether it is still valid before writing, and if it was revoked meanwhile writes
-    nothing of this event and raises KeyRefused."""
+    nothing of this event and raises KeyRefused.
+
+    With HUB_OTEL=true the commit is a span of the request's trace, whose context the event
+    keeps (``traceparent``) for the worker's spans to join (hub.ops.tracing)."""
+    tracing = current_app.extensions["hub.tracing"]
+    if tracing is not None:
+        with tracing.committing(event.id, event.route) as parent:
+            event.traceparent = parent
+            return _commit_new_event(session, event, deliveries, key_id)
+    return _commit_new_event(session, event, deliveries, key_id)
+
+
+def _commit_new_event(
+    session: Session, event: Event, deliveries: list[Delivery], key_id: int | None
+) -> None:
     if event.dedup_key:
         session.add(event)
         session.flush()  # the event's row before its deliveries'

@@ -223,6 +223,8 @@ class RunOptions:
     template_limits: TemplateLimits = TemplateLimits()
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     sleep: Callable[[float], None] = time.sleep
+    # The app's hub.ops.tracing.Tracing when HUB_OTEL=true: each connector call a span.
+    tracing: Any = None
 
     @classmethod
     def of_app(cls, app: Flask) -> RunOptions:
@@ -239,6 +241,7 @@ class RunOptions:
             max_depth=max_json_depth(config),
             template_limits=TemplateLimits.from_config(config),
             max_response_bytes=int(config["MAX_RESPONSE_BYTES"]),
+            tracing=app.extensions.get("hub.tracing"),
         )
 
 
@@ -442,8 +445,21 @@ def _try_once(
     if step.run.before_call is not None:
         step.run.before_call()
     call = _Call(step, try_number, ctx, utcnow(), time.monotonic())
+    tracing = step.run.options.tracing
     try:
-        output = _call_before_deadline(connector, current, ctx)
+        if tracing is None:
+            output = _call_before_deadline(connector, current, ctx)
+        else:
+            delivery = step.run.delivery
+            with tracing.calling(
+                step.name,
+                step.index,
+                try_number,
+                ctx.event_id,
+                ctx.route,
+                delivery.destination if delivery is not None else None,
+            ):
+                output = _call_before_deadline(connector, current, ctx)
     except ConnectorError as exc:
         return _connector_failed(call, exc), exc
     except Exception as exc:  # permanent, never retried

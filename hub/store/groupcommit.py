@@ -93,6 +93,14 @@ class GroupCommitter:
         self._idle: list[Connection] = []  # kept connections no batch is using
         db.on_dispose(self.close)
 
+    @classmethod
+    def of(cls, db: Database, tracing: Any, name: str, **kwargs: Any) -> GroupCommitter:
+        """A committer for ``db``; one whose batches are spans when ``tracing`` (the app's
+        hub.ops.tracing.Tracing, HUB_OTEL=true) is given, else a plain one."""
+        if tracing is None:
+            return cls(db, **kwargs)
+        return TracedGroupCommitter(db, tracing, name, **kwargs)
+
     def run(self, fn: Callable[[Connection], T], inserts: Iterable[tuple[Table, dict]] = ()) -> T:
         """Run ``fn(conn)`` in a transaction shared with other threads' work (``conn`` is a
         Core connection: statements, no ORM); its result once committed. ``inserts``, rows
@@ -269,6 +277,29 @@ class GroupCommitter:
             else None
             for work in batch
         ]
+
+
+class TracedGroupCommitter(GroupCommitter):
+    """A GroupCommitter whose every batch is a span (``hub.group_commit``) linked to the span
+    each of its callers had open: which requests and deliveries shared one transaction.
+    Made only when tracing is on, so the plain committer's path has no test for it."""
+
+    def __init__(self, db: Database, tracing: Any, name: str, **kwargs: Any):
+        super().__init__(db, **kwargs)
+        self.tracing = tracing
+        self.name = name
+        self._callers: dict[int, Any] = {}  # id of each piece of work queued: its span
+
+    def _submit(self, work: _Work) -> Any:
+        self._callers[id(work)] = self.tracing.current()
+        try:
+            return super()._submit(work)
+        finally:
+            self._callers.pop(id(work), None)
+
+    def _write(self, batch: list[_Work]) -> None:
+        with self.tracing.batch(self.name, [self._callers.get(id(work)) for work in batch]):
+            super()._write(batch)
 
 
 def _give_back(conn: Connection) -> None:

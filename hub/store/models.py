@@ -368,6 +368,9 @@ class Event(Base):
     # The id of the request that brought it (X-Request-ID, the sender's or the hub's): the
     # same id is in the answer's header and in every log line about the event.
     request_id: Mapped[str | None] = mapped_column(String(200))
+    # The W3C traceparent of the request's span when HUB_OTEL=true (hub.ops.tracing): the
+    # worker's claim and delivery spans join the webhook's trace through it. NULL when off.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
     method: Mapped[str] = mapped_column(StorableString(10))
     path: Mapped[str] = mapped_column(StorableString(2000))
     query: Mapped[str | None] = mapped_column(StorableText)
