@@ -326,24 +326,24 @@ def test_migration_0016_adds_the_attempts_headers_and_keeps_every_attempt(db):
         upgrade(db)
 
 
-# --- migration 0020 on a database 0016 filled: events keep their request's trace context ---
+# --- migration 0019 on a database 0018 filled: events keep their request's trace context ---
 
 
-def test_migration_0020_adds_the_events_traceparent_and_keeps_every_event(db):
-    """Events written by 0016 stay whole and have no trace context (NULL); the downgrade
+def test_migration_0019_adds_the_events_traceparent_and_keeps_every_event(db):
+    """Events written by 0018 stay whole and have no trace context (NULL); the downgrade
     drops the column and keeps every row."""
     with db.engine.begin() as conn:
         command.downgrade(alembic_config(db, conn), "0010")
     try:
         fill_0010(db)
         with db.engine.begin() as conn:
-            command.upgrade(alembic_config(db, conn), "0016")
+            command.upgrade(alembic_config(db, conn), "0018")
         read = sa.text("SELECT id, route, status, attempts, request_id FROM events ORDER BY id")
         with db.engine.connect() as conn:
             before = conn.execute(read).all()
         assert before
         with db.engine.begin() as conn:
-            command.upgrade(alembic_config(db, conn), "0020")
+            command.upgrade(alembic_config(db, conn), "0019")
         with db.engine.connect() as conn:
             assert conn.execute(read).all() == before
             traced = conn.execute(
@@ -356,7 +356,7 @@ def test_migration_0020_adds_the_events_traceparent_and_keeps_every_event(db):
             conn.commit()
 
         with db.engine.begin() as conn:  # and back: the column goes, every event stays
-            command.downgrade(alembic_config(db, conn), "0016")
+            command.downgrade(alembic_config(db, conn), "0018")
         with db.engine.connect() as conn:
             columns = {c["name"] for c in sa.inspect(conn).get_columns("events")}
             assert "traceparent" not in columns

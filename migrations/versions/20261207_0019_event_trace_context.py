@@ -7,8 +7,8 @@ off, and for every event written before it.
 
 The downgrade drops the column (the stored trace contexts with it); every row stays.
 
-Revision ID: 0020
-Revises: 0016
+Revision ID: 0019
+Revises: 0018
 Create Date: 2026-12-07 12:00:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0020'
-down_revision: str | Sequence[str] | None = '0016'
+revision: str = '0019'
+down_revision: str | Sequence[str] | None = '0018'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
