@@ -7,6 +7,7 @@ the group commit shares commits between them (the batches' mean size is printed)
 
     python -m bench.ingest_cpu                                  # SQLite, 5,000 requests
     python -m bench.ingest_cpu --database postgresql://postgres@127.0.0.1:5432/hub_cpu
+    python -m bench.ingest_cpu --dedup     # each request with an Idempotency-Key of its own
     py-spy record -r 500 -f raw -o ingest.txt -- .venv/bin/python -m bench.ingest_cpu
 
 gunicorn's own work (the socket, the HTTP parse, its threads) is not in the figure: compare
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 import tempfile
@@ -63,6 +65,11 @@ def main() -> None:
     parser.add_argument(
         "--path", default="/hooks/bench", help="/hooks/bench (async) or /api/process (sync)"
     )
+    parser.add_argument(
+        "--dedup",
+        action="store_true",
+        help="give each request an Idempotency-Key of its own: the dedup lookup, a miss each time",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hub-ingest-cpu-"))
     # Counters in files, as under gunicorn.
@@ -75,6 +82,7 @@ def main() -> None:
     app = hub.app
     base = environ(hub.key, args.path)
     statuses: dict[str, int] = {}
+    sent = itertools.count()
 
     def start_response(status, _headers, _exc_info=None):
         statuses[status] = statuses.get(status, 0) + 1
@@ -82,6 +90,8 @@ def main() -> None:
     def one() -> None:
         env = dict(base)
         env["wsgi.input"] = io.BytesIO(BODY)
+        if args.dedup:
+            env["HTTP_IDEMPOTENCY_KEY"] = f"delivery-{next(sent)}"
         result = app(env, start_response)
         try:
             for _ in result:
@@ -126,6 +136,7 @@ def main() -> None:
         f"{args.requests} requests, {'PostgreSQL' if args.database else 'SQLite'}: "
         f"hub {per:.3f} ms CPU each{db}; {args.requests / wall:.0f} req/s on "
         f"{args.threads} thread(s); {batch:.1f} events a commit"
+        + (" (each with its own Idempotency-Key)" if args.dedup else "")
     )
 
 
