@@ -38,6 +38,8 @@ TABLES = (
     "alert_rules",
     "alert_channels",
     "alert_state",
+    "dedup_keys",
+    "retention_state",
 )
 
 # ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's

@@ -54,7 +54,7 @@ from sqlalchemy import (
 
 from hub import rates
 from hub.ops import logs, metrics
-from hub.services import alerts, breaker, ordering, pipeline
+from hub.services import alerts, breaker, ordering, pipeline, retention
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -622,6 +622,7 @@ class Worker:
         self.next_breaker_tick = 0.0  # time.monotonic() of the next look at open circuits
         self.next_expired_look = 0.0  # time.monotonic() of the next look for expired leases
         self.alerts: alerts.AlertRunner | None = None
+        self.retention: retention.Runner | None = None
 
     # --- claiming ---
 
@@ -1388,6 +1389,10 @@ class Worker:
             self.db, self.app.extensions["hub.secrets"], self.app.config
         )
         self.alerts.start()
+        # The purge under the retention settings: a thread of its own too, one pass at a
+        # time across every worker process.
+        self.retention = retention.Runner(self.db, self.app.config)
+        self.retention.start()
         for index in range(concurrency):
             thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
             thread.start()
@@ -1408,6 +1413,8 @@ class Worker:
         self.wakeup.set()
         if self.alerts is not None:
             self.alerts.stop()
+        if self.retention is not None:
+            self.retention.stop()
         grace = float(self.app.config["WORKER_GRACE"]) if grace is None else grace
         deadline = time.monotonic() + grace
         for thread in self.threads:
