@@ -8,6 +8,7 @@ the group commit shares commits between them (the batches' mean size is printed)
     python -m bench.ingest_cpu                                  # SQLite, 5,000 requests
     python -m bench.ingest_cpu --schema          # the route checks the body against SCHEMA
     python -m bench.ingest_cpu --database postgresql://postgres@127.0.0.1:5432/hub_cpu
+    python -m bench.ingest_cpu --dedup     # each request with an Idempotency-Key of its own
     py-spy record -r 500 -f raw -o ingest.txt -- .venv/bin/python -m bench.ingest_cpu
 
 gunicorn's own work (the socket, the HTTP parse, its threads) is not in the figure: compare
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 import tempfile
@@ -78,6 +80,11 @@ def main() -> None:
     parser.add_argument(
         "--schema", action="store_true", help="give /hooks/bench a JSON Schema (SCHEMA)"
     )
+    parser.add_argument(
+        "--dedup",
+        action="store_true",
+        help="give each request an Idempotency-Key of its own: the dedup lookup, a miss each time",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hub-ingest-cpu-"))
     # Counters in files, as under gunicorn.
@@ -96,6 +103,7 @@ def main() -> None:
             save_routes(session, [route | {"schema": SCHEMA}], app.extensions["hub.connectors"])
     base = environ(hub.key, args.path)
     statuses: dict[str, int] = {}
+    sent = itertools.count()
 
     def start_response(status, _headers, _exc_info=None):
         statuses[status] = statuses.get(status, 0) + 1
@@ -103,6 +111,8 @@ def main() -> None:
     def one() -> None:
         env = dict(base)
         env["wsgi.input"] = io.BytesIO(BODY)
+        if args.dedup:
+            env["HTTP_IDEMPOTENCY_KEY"] = f"delivery-{next(sent)}"
         result = app(env, start_response)
         try:
             for _ in result:
@@ -147,6 +157,7 @@ def main() -> None:
         f"{args.requests} requests, {'PostgreSQL' if args.database else 'SQLite'}: "
         f"hub {per:.3f} ms CPU each{db}; {args.requests / wall:.0f} req/s on "
         f"{args.threads} thread(s); {batch:.1f} events a commit"
+        + (" (each with its own Idempotency-Key)" if args.dedup else "")
     )
 
 

@@ -237,12 +237,17 @@ MetricsToken = Annotated[
     Expects("a random text of at least 16 characters"),
 ]
 Directory = Annotated[str | None, BeforeValidator(_unset_when_empty), Expects("a directory")]
-# Days a record is kept: at most 100 years (a datetime can't go back further); 0 keeps all.
+# The longest retention, the hub's default's or a route's (hub.services.retention): 100 years,
+# the longest time the hub counts in (keys' lifetimes, dedup windows).
+MAX_RETENTION_DAYS = 36_500
 RetentionDays = Annotated[
     int,
     BeforeValidator(_number),
-    Field(ge=0, le=36_600),
-    Expects("a whole number of days, 0 (keep every one) to 36600"),
+    Field(ge=0, le=MAX_RETENTION_DAYS),
+    Expects(f"a whole number of days, 0 (keep every one) to {MAX_RETENTION_DAYS}"),
+]
+PurgeBatch = Annotated[
+    int, BeforeValidator(_number), Field(ge=1, le=10_000), Expects("a whole number, 1 to 10000")
 ]
 
 
@@ -511,6 +516,29 @@ class Settings(BaseSettings):
         25.0,
         description="seconds a stopping worker waits for its in-flight deliveries before "
         "handing them back",
+    )
+
+    # --- retention (hub/services/retention.py, docs/retention.md) ---
+    retention_days: RetentionDays = Field(
+        0,
+        description="days a finished event is kept, with its deliveries and attempts, on "
+        "routes whose `retention_days` is not set; the workers purge older ones. 0 keeps "
+        "them until `hub events purge` deletes them, as before routes had a retention",
+    )
+    retention_interval: Seconds = Field(
+        300.0,
+        description="seconds between two purge passes; worker processes take turns (one "
+        "pass at a time across every process), and a pass deletes all that is due",
+    )
+    retention_batch: PurgeBatch = Field(
+        500,
+        description="events deleted (with their deliveries and attempts) in one purge "
+        "transaction: the longest any row lock of the purge is held is one batch's",
+    )
+    retention_pause: SecondsOrZero = Field(
+        0.01,
+        description="seconds a purge pass rests between two batches, leaving the database "
+        "to ingest and delivery",
     )
 
     # --- alerts ---

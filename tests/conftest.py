@@ -39,6 +39,8 @@ TABLES = (
     "alert_channels",
     "alert_state",
     "audit_log",
+    "dedup_keys",
+    "retention_state",
 )
 
 # ``receiver`` and ``fake_openai``: the fixtures a connector's own package gets from the hub's

@@ -32,7 +32,7 @@ from hub import providers
 from hub.cli import scaffold
 from hub.connectors import Registry, config_fields
 from hub.services import alerts as alert_store
-from hub.services import audit, delivery, ordering, paging, ratelimit
+from hub.services import audit, delivery, ordering, paging, ratelimit, retention
 from hub.services import destinations as destination_store
 from hub.services import events as event_store
 from hub.services import keys as key_store
@@ -284,6 +284,11 @@ def _seconds_list(_ctx, param: click.Parameter, value: str | None) -> list[int] 
 @click.option("--dedup-path", help="Dotted path of an id in the body, e.g. id.")
 @click.option("--dedup-window", type=int, help="Seconds a duplicate is remembered.")
 @click.option(
+    "--retention-days",
+    type=int,
+    help="Days its finished events are kept [default: HUB_RETENTION_DAYS].",
+)
+@click.option(
     "--retry-schedule", callback=_seconds_list, help="Comma list of seconds, e.g. 30,120,600."
 )
 @click.option(
@@ -320,6 +325,7 @@ def routes_add(
     description,
     dedup_path,
     dedup_window,
+    retention_days,
     retry_schedule,
     auth,
     scheme,
@@ -353,6 +359,7 @@ def routes_add(
         "description": description,
         "dedup_path": dedup_path,
         "dedup_window": dedup_window,
+        "retention_days": retention_days,
         "auth": auth,
         "rate_limit": rate,
     }
@@ -952,36 +959,90 @@ def events_skip(delivery_id: str) -> None:
 
 
 @events_cli.command("purge")
-@click.option("--older-than", required=True, help="Age such as 30d; finished events only.")
-@click.option("--dry-run", is_flag=True, help="Print how many events would go; delete nothing.")
+@click.option(
+    "--older-than",
+    help="An age such as 30d: every route's finished events older than it, whatever its "
+    "retention. Without it, each route's retention applies (retention_days, else "
+    "HUB_RETENTION_DAYS).",
+)
+@click.option("--dry-run", is_flag=True, help="Print how many events would go, by route.")
 @click.option("--yes", is_flag=True, help="Delete without asking (needed when not at a terminal).")
-def events_purge(older_than: str, dry_run: bool, yes: bool) -> None:
-    """Delete finished events (and their attempts) older than an age, in small batches.
+def events_purge(older_than: str | None, dry_run: bool, yes: bool) -> None:
+    """Delete finished events (with their deliveries and attempts) past their route's
+    retention, or older than an age, in small batches, as the workers do every
+    HUB_RETENTION_INTERVAL. Dedup keys of purged events are kept for their window.
 
     Asks before deleting unless --yes; without a terminal to ask at, refuses (exit 1)."""
-    try:
-        cutoff = utcnow() - key_store.parse_duration(older_than)
-    except ValueError as exc:
-        fail(str(exc))
     db = get_db()
-    before = f"received before {cutoff:%Y-%m-%d %H:%M} UTC"
-    matching = event_store.purgeable(db, cutoff)
+    config = current_app.config
+    if older_than is not None:
+        try:
+            cutoff = utcnow() - key_store.parse_duration(older_than)
+        except ValueError as exc:
+            fail(str(exc))
+        walks = retention.older_than(cutoff)
+        what = f"received before {cutoff:%Y-%m-%d %H:%M} UTC"
+    else:
+        with db.read_session() as session:
+            walks = retention.scopes(session, int(config["RETENTION_DAYS"]))
+        what = "past their route's retention"
+    counted = retention.count(db, walks)
+    matching = sum(n for _, by_route in counted for n in by_route.values())
     if dry_run:
-        click.echo(f"would purge {matching} event(s) {before}")
+        click.echo(f"would purge {matching} event(s) {what}")
+        if walks:
+            click.echo(table(["ROUTE", "KEPT", "SET BY", "EVENTS"], _purge_rows(counted)))
+        else:
+            click.echo(KEPT_FOREVER)
         return
     if matching and not yes:
         if not sys.stdin.isatty():
             fail(f"{matching} event(s) would be deleted: add --yes to purge without a terminal")
-        click.confirm(f"Delete {matching} event(s) {before}?", abort=True, err=True)
-    removed = event_store.purge(db, cutoff, actor=audit.cli_actor()) if matching else 0
+        click.confirm(f"Delete {matching} event(s) {what}?", abort=True, err=True)
+    done = retention.purge(
+        db,
+        walks if matching else [],
+        batch=int(config["RETENTION_BATCH"]),
+        pause=float(config["RETENTION_PAUSE"]),
+        actor=audit.cli_actor(),
+    )
     limiter = current_app.extensions["hub.ratelimit"]
     if isinstance(limiter, ratelimit.DatabaseLimiter):  # windows of keys and routes gone quiet
         with db.session() as session:
             dropped = limiter.purge(session)
         click.echo(f"dropped {dropped} expired rate-limit window(s)")
-    if not removed:
-        nothing_to_do(f"no finished event {before}")
-    click.echo(f"purged {removed} event(s) {before}")
+    if done.dropped_keys:
+        click.echo(f"dropped {done.dropped_keys} expired dedup key(s)")
+    if not done.total:
+        nothing_to_do(f"no finished event {what}" if walks else KEPT_FOREVER)
+    click.echo(f"purged {done.total} event(s) {what}")
+    for route, n in sorted(done.events.items()):
+        click.echo(f"  {route}: {n}")
+    if done.kept_keys:
+        click.echo(f"kept the dedup keys of {done.kept_keys} purged event(s) for their window")
+
+
+KEPT_FOREVER = (
+    "no route sets retention_days and HUB_RETENTION_DAYS is 0: events are kept until "
+    "purged with --older-than"
+)
+
+
+def _purge_rows(counted: list[tuple[retention.Scope, dict[str, int]]]) -> list[list[object]]:
+    """The dry run's table: each route's count, how long it keeps events, and what says so."""
+    rows: list[list[object]] = []
+    for scope, by_route in counted:
+        kept = "-" if scope.days is None else f"{scope.days} day{'s' if scope.days != 1 else ''}"
+        set_by = {"route": "retention_days", "default": "HUB_RETENTION_DAYS"}.get(
+            scope.set_by, "--older-than"
+        )
+        if scope.route is not None:
+            rows.append([scope.route, kept, set_by, by_route.get(scope.route, 0)])
+        elif by_route:
+            rows += [[route, kept, set_by, n] for route, n in by_route.items()]
+        else:
+            rows.append(["(every other route)", kept, set_by, 0])
+    return rows
 
 
 # --- worker ---

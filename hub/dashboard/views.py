@@ -124,6 +124,14 @@ def csrf_token() -> str:
     return dash.csrf_token()
 
 
+@bp.app_template_global()
+def retention_default(days: int) -> str:
+    """How long a route without retention_days keeps its events, in words."""
+    if not days:
+        return "the default: kept until purged by hand"
+    return f"the default: {days} day(s)"
+
+
 @bp.context_processor
 def statuses() -> dict[str, Any]:
     """The event statuses and call outcomes the templates name, from their one definition."""
@@ -750,6 +758,7 @@ def route_form_values(route=None) -> dict[str, str]:
             "filter": "",
             "dedup_path": "",
             "dedup_window": "86400",
+            "retention_days": "",
             "retry_schedule": "",
             "rate_limit": "",
             "enabled": "true",
@@ -773,6 +782,7 @@ def route_form_values(route=None) -> dict[str, str]:
         "filter": route.filter or "",
         "dedup_path": route.dedup_path or "",
         "dedup_window": str(route.dedup_window),
+        "retention_days": "" if route.retention_days is None else str(route.retention_days),
         "retry_schedule": ", ".join(str(s) for s in route.retry_schedule or []),
         "rate_limit": route.rate_limit or "",
         "enabled": "true" if route.enabled else "",
@@ -818,6 +828,10 @@ def route_form_data(form, route) -> tuple[dict[str, Any], list[str]]:
             data["schema"] = json.loads(schema)
         except ValueError as exc:
             problems.append(f"schema: not valid JSON ({exc})")
+    retention = form.get("retention_days", "").strip()
+    if retention and not retention.isdigit():
+        problems.append("retention_days: a whole number of days (empty: HUB_RETENTION_DAYS)")
+    data["retention_days"] = int(retention) if retention.isdigit() else None
     schedule = form.get("retry_schedule", "").replace(",", " ").split()
     if schedule:
         if all(s.isdigit() for s in schedule):

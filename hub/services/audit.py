@@ -64,7 +64,7 @@ ACTIONS: dict[str, str] = {
     "events.replay": "events were replayed: named ones, or every one a filter matched",
     "deliveries.replay": "deliveries were replayed: named ones, or a destination's by filter",
     "delivery.skip": "a delivery was skipped (ended failed; the next of its key went)",
-    "events.purge": "finished events older than an age were deleted",
+    "events.purge": "finished events past their retention or an age were deleted",
     "alert_channel.add": "an alert channel was added",
     "alert_channel.remove": "an alert channel was removed",
     "alert_channel.test": "a test alert was sent through a channel",

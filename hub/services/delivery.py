@@ -54,7 +54,7 @@ from sqlalchemy import (
 
 from hub import rates
 from hub.ops import logs, metrics
-from hub.services import alerts, audit, breaker, ordering, pipeline
+from hub.services import alerts, audit, breaker, ordering, pipeline, retention
 from hub.services import routes as route_store
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
@@ -626,6 +626,7 @@ class Worker:
         # hub.ops.tracing.Tracing when HUB_OTEL=true: claims and runs are spans of each
         # webhook's trace.
         self.tracing = app.extensions.get("hub.tracing")
+        self.retention: retention.Runner | None = None
 
     # --- claiming ---
 
@@ -1413,6 +1414,10 @@ class Worker:
             self.db, self.app.extensions["hub.secrets"], self.app.config
         )
         self.alerts.start()
+        # The purge under the retention settings: a thread of its own too, one pass at a
+        # time across every worker process.
+        self.retention = retention.Runner(self.db, self.app.config)
+        self.retention.start()
         for index in range(concurrency):
             thread = threading.Thread(target=self.loop, name=f"hub-worker-{index}", daemon=True)
             thread.start()
@@ -1433,6 +1438,8 @@ class Worker:
         self.wakeup.set()
         if self.alerts is not None:
             self.alerts.stop()
+        if self.retention is not None:
+            self.retention.stop()
         grace = float(self.app.config["WORKER_GRACE"]) if grace is None else grace
         deadline = time.monotonic() + grace
         for thread in self.threads:

@@ -1,9 +1,5 @@
-"""What admins do with stored events: find them, replay them, purge old ones.
-
-Each replay and purge an admin asks for is one entry of the audit log (an ``actor`` given),
-written in the transaction of its change, or of its last batch for one done in batches: a
-bulk replay of 40,000 events is one entry with its filter and its count.
-"""
+"""What admins do with stored events: find them, replay them, count them; purging old ones
+is hub.services.retention's."""
 
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
-    delete,
     func,
     literal,
     or_,
@@ -42,6 +37,8 @@ from hub.store.db import Database
 from hub.store.models import (
     DEFAULT_DESTINATION,
     DUE_STATUSES,
+    ENDED,
+    NEVER_ACCEPTED,
     Attempt,
     Delivery,
     Event,
@@ -67,17 +64,8 @@ REPLAYABLE = (
     EventStatus.PROCESSING,
     EventStatus.RETRYING,
 )
-ENDED = (
-    EventStatus.DELIVERED,
-    EventStatus.PARTIAL,
-    EventStatus.FAILED,
-    EventStatus.DEAD,
-    EventStatus.FILTERED,
-)
 # Deliveries that reached their destination (or were meant not to): a replay leaves them.
 REACHED = (EventStatus.DELIVERED, EventStatus.FILTERED)
-NEVER_ACCEPTED = (EventStatus.REJECTED, EventStatus.DUPLICATE)
-FINISHED = (*ENDED, *NEVER_ACCEPTED)
 
 
 def matching(
@@ -518,43 +506,6 @@ def count(db: Database, *, status: str, route: str | None, since: datetime | Non
     query = matching(select(func.count()).select_from(Event), route, status, since)
     with db.read_session() as session:
         return int(session.scalar(query) or 0)
-
-
-def purgeable(db: Database, older_than: datetime) -> int:
-    """How many events ``purge(db, older_than)`` would delete now."""
-    query = select(func.count()).where(Event.status.in_(FINISHED), Event.received_at < older_than)
-    with db.read_session() as session:
-        return int(session.scalar(query) or 0)
-
-
-def purge(
-    db: Database, older_than: datetime, batch: int = 500, actor: audit.Actor | None = None
-) -> int:
-    """Delete finished events received before ``older_than``, with their attempts.
-
-    Each batch is its own short transaction, so ingest is never locked out for long.
-    ``actor``: the admin asking (one ``events.purge``, with the last batch, if any went).
-    """
-    total = 0
-    while True:
-        with db.session() as session:
-            ids = list(
-                session.scalars(
-                    select(Event.id)
-                    .where(Event.status.in_(FINISHED), Event.received_at < older_than)
-                    .order_by(Event.received_at)
-                    .limit(batch)
-                )
-            )
-            if not ids:
-                if total:
-                    change = {"deleted": total, "received_before": older_than}
-                    audit.record(session, actor, "events.purge", f"{total} events", change)
-                return total
-            session.execute(delete(Attempt).where(Attempt.event_id.in_(ids)))
-            session.execute(delete(Delivery).where(Delivery.event_id.in_(ids)))
-            session.execute(delete(Event).where(Event.id.in_(ids)))
-        total += len(ids)
 
 
 # --- the admin API's listing, bulk replay and statistics: keyset pages, bounded work ---

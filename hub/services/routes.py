@@ -39,6 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hub import providers, rates, signatures
+from hub.config import MAX_RETENTION_DAYS
 from hub.connectors import (
     Registry,
     StepConfigError,
@@ -191,6 +192,12 @@ class RouteSpec(BaseModel):
     filter: str | None = None
     dedup_path: str | None = None
     dedup_window: int = Field(86400, ge=0)
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RETENTION_DAYS,
+        description="Days the route's finished events are kept (null: HUB_RETENTION_DAYS)",
+    )
     retry_schedule: list[int] | None = None
     # Where the route's events go, each delivered (retried, ended) on its own. Without it,
     # steps, filter and retry_schedule make one destination, "default".
@@ -773,6 +780,7 @@ def to_dict(
         "filter": route.filter if lone else None,
         "dedup_path": route.dedup_path,
         "dedup_window": route.dedup_window,
+        "retention_days": route.retention_days,
         "retry_schedule": route.retry_schedule if lone else None,
         "destinations": destinations,
         "auth": route.auth,

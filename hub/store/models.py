@@ -1,6 +1,6 @@
 """The tables the hub is made of (api_keys, routes and their destinations, events and their
-deliveries, attempts), the shared rate-limit counters, the dashboard's sign-ins, and the
-audit log of what admins did.
+deliveries, attempts), the shared rate-limit counters, the dashboard's sign-ins, the audit
+log of what admins did, and the dedup keys that outlive their purged events.
 
 A route fans out to its destinations; an accepted event gets one delivery per destination,
 claimed, retried and ended on its own; each connector call is an attempt of one delivery.
@@ -29,7 +29,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    and_,
     false,
+    or_,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -152,6 +154,18 @@ UNFINISHED_STATUSES = (
     EventStatus.HELD,
     EventStatus.QUEUED,
 )
+# Events whose deliveries all ended (PARTIAL: some reached, some failed or dead).
+ENDED = (
+    EventStatus.DELIVERED,
+    EventStatus.PARTIAL,
+    EventStatus.FAILED,
+    EventStatus.DEAD,
+    EventStatus.FILTERED,
+)
+# Requests turned away, and copies of a delivery accepted before: ended as they came.
+NEVER_ACCEPTED = (EventStatus.REJECTED, EventStatus.DUPLICATE)
+# Events nothing changes any more but a replay: what a purge may delete.
+FINISHED = (*ENDED, *NEVER_ACCEPTED)
 # Deliveries being called (or claimed and about to be), written out like DUE_PREDICATE so
 # the planner matches the partial index ix_deliveries_in_flight.
 IN_FLIGHT_PREDICATE = "status = 'processing'"
@@ -266,6 +280,8 @@ class Route(Base):
     payload_schema: Mapped[dict[str, Any] | None] = mapped_column("schema")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Days its finished events are kept (hub.services.retention); None: HUB_RETENTION_DAYS.
+    retention_days: Mapped[int | None] = mapped_column(Integer)
 
     # Where its events go, in order; read with the route (a cached route carries them).
     destinations: Mapped[list[Destination]] = relationship(
@@ -565,6 +581,17 @@ def due(now: datetime, statuses: tuple[EventStatus, ...] = DUE_STATUSES):
     return Delivery.status.in_(statuses) & (Delivery.next_attempt_at <= now)
 
 
+def may_be_original():
+    """The condition on events that a later copy of the same delivery (same route, sender
+    and dedup key) is a duplicate of: accepted, and answered 2xx or still running (a sync
+    run whose sender heard an error is none: the sender's retry must run)."""
+    answered_2xx = or_(
+        Event.response_status.between(200, 299),
+        and_(Event.response_status.is_(None), Event.status != EventStatus.FAILED),
+    )
+    return and_(Event.status.not_in(NEVER_ACCEPTED), answered_2xx)
+
+
 class DestinationChange(Base):
     """One change of a destination's state (active, paused, open, half_open): to what,
     from what, why, and by whom ("breaker", or the admin: a key prefix or "cli:<user>")."""
@@ -825,6 +852,41 @@ class AuditEntry(Base):
             "target": self.target,
             "change": self.change,
         }
+
+
+class DedupKey(Base):
+    """The dedup key of an event purged while its route's dedup window was still open
+    (hub.services.retention): a sender's retry of that delivery is still answered as a
+    duplicate of it (hub.services.intake.find_original) until ``expires_at``, when the
+    row is purged in turn. One row per purged original, named by the event's id."""
+
+    __tablename__ = "dedup_keys"
+    __table_args__ = (Index("ix_dedup_keys_route_dedup_key", "route", "dedup_key"),)
+
+    event_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    route: Mapped[str] = mapped_column(StorableString(200))
+    # The sender, as on the event: the verified key's prefix, None for a signature alone.
+    key_prefix: Mapped[str | None] = mapped_column(String(16))
+    dedup_key: Mapped[str] = mapped_column(StorableString(300))
+    received_at: Mapped[datetime]
+    # received_at plus the route's dedup window when the event was purged.
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class RetentionState(Base):
+    """The purge's one row: when the next pass is due, and the lease of the process running
+    one (a process takes the pass with a conditional UPDATE and renews the lease as it goes;
+    one that dies leaves a lease that runs out), and what the last pass did."""
+
+    __tablename__ = "retention_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    next_run_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+    ran_at: Mapped[datetime | None]
+    ran_by: Mapped[str | None] = mapped_column(String(64))
+    purged: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 def iso_time(value: datetime | None) -> str | None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from hub.config import MAX_RETENTION_DAYS
 from hub.services import keys as key_store
 from hub.services.alerts import ChannelSpec, RuleSpec
 from hub.services.destinations import BACKLOG_CAP
@@ -278,6 +279,12 @@ class RoutePatch(Strict):
     filter: str | None = None
     dedup_path: str | None = None
     dedup_window: int | None = Field(None, ge=0)
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RETENTION_DAYS,
+        description="Days the route's finished events are kept; null: HUB_RETENTION_DAYS",
+    )
     retry_schedule: list[int] | None = None
     destinations: list[DestinationSpec] | None = Field(
         None, description="Replace the route's destinations (and so its steps)"
@@ -324,6 +331,9 @@ class RouteOut(BaseModel):
     filter: str | None
     dedup_path: str | None
     dedup_window: int
+    retention_days: int | None = Field(
+        description="Days its finished events are kept (null: HUB_RETENTION_DAYS)"
+    )
     retry_schedule: list[int] | None
     destinations: list[DestinationOut] = Field(description="In order; the first answers sync")
     auth: str
