@@ -509,7 +509,7 @@ def main() -> None:
         SECTION,
         "",
         f"`python -m bench.retention` on {datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, "
-        f"{os.cpu_count()} cores shared with other work; {versions(url)}. "
+        f"shared with other work; {versions(url)}. "
         f"{args.events:,} finished events (each with its delivery and its attempt) written in "
         f"{fill_s:.0f} s; {purgeable:,} of them past their route's retention (`ci` 1 day, "
         f"`orders` the default 30), {kept_before:,} of `payments` kept (365 days). The hub "

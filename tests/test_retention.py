@@ -493,3 +493,24 @@ def test_migration_0020_keeps_every_route_and_event_and_adds_the_retention_table
             assert conn.execute(sa.text("SELECT name FROM routes")).scalars().all() == ["orders"]
     finally:
         upgrade(db)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expects"),
+    [
+        ("HUB_RETENTION_DAYS", "-1", "a whole number of days, 0 (keep every one)"),
+        ("HUB_RETENTION_DAYS", "36501", "a whole number of days, 0 (keep every one)"),
+        ("HUB_RETENTION_BATCH", "0", "a whole number, 1 to 10000"),
+        ("HUB_RETENTION_BATCH", "50000", "a whole number, 1 to 10000"),
+        ("HUB_RETENTION_INTERVAL", "0", "a number of seconds, more than 0"),
+        ("HUB_RETENTION_PAUSE", "soon", "a number of seconds, 0 or more"),
+    ],
+)
+def test_the_retention_settings_refuse_a_bad_value_in_a_sentence(monkeypatch, name, value, expects):
+    from hub.config import SettingsError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    [line] = info.value.problems
+    assert line.startswith(f"{name}: expected {expects}") and line.endswith(f"got {value!r}")
