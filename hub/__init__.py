@@ -77,6 +77,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         lambda cap: event_store.queue_gauges(app.extensions["hub.db"], cap),
         lambda cap: breaker.state_gauges(app.extensions["hub.db"], cap),
     )
+    if tracing is None:  # the webhook lane (hub/web/lane.py), behind ProxyFix if any
+        from hub.web.lane import HooksLane
+
+        app.wsgi_app = HooksLane(app, app.wsgi_app)
     if app.config["TRUSTED_PROXIES"]:
         # The client address is X-Forwarded-For's Nth entry from the right: what the nearest
         # trusted proxy saw; the scheme likewise X-Forwarded-Proto's, so a request that reached

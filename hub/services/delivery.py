@@ -1477,7 +1477,11 @@ def wake(app: Flask, *, soon: bool = False) -> None:
     this thread (a replay: rare, and a command ends right after it). ``soon`` leaves the
     NOTIFY to the Notifier's thread, which sends one for many callers: ingest's, where one
     per request would serialise the commits."""
-    app.extensions["hub.wakeup"].set()
+    wakeup: threading.Event = app.extensions["hub.wakeup"]
+    # Set once for every commit until a worker takes it (and clears it before it claims, so
+    # it claims after this commit): setting it again would only notify no one, under a lock.
+    if not wakeup.is_set():
+        wakeup.set()
     notifier: Notifier = app.extensions["hub.notifier"]
     if soon:
         notifier.poke()
@@ -1502,13 +1506,15 @@ class Notifier:
         self.db = db
         self.interval = interval
         self._poked = threading.Event()
+        self.postgresql = db.dialect == "postgresql"
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def poke(self) -> None:
-        if self.db.dialect != "postgresql":
+        if not self.postgresql:
             return
-        self._poked.set()
+        if not self._poked.is_set():  # one NOTIFY answers every poke before it is sent
+            self._poked.set()
         if self._thread is None or not self._thread.is_alive():  # started lazily: after a fork
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():

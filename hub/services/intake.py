@@ -1319,6 +1319,8 @@ def _commit_new_event(
     # transaction of its own (its lock is never held across other requests' writes).
     # If the database fails here, the event is stored all the same: the workers' periodic
     # pass promotes it (the sender must not retry what was accepted).
+    if all(row.order_key is None for row in deliveries):
+        return
     try:
         promoted = set(ordering.promote_new(current_app.extensions["hub.db"], deliveries))
     except Exception as exc:

@@ -84,14 +84,15 @@ def schema_outdated(message: str = SCHEMA_OUTDATED):
 
 
 def init_app(app: Flask) -> None:
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        response, status = error_response(exc.code or 500)
-        if exc.code == 405 and exc.valid_methods:
-            response.headers["Allow"] = ", ".join(exc.valid_methods)
-        return response, status
-
+    app.errorhandler(HTTPException)(http_error)
     app.errorhandler(Exception)(unhandled)
+
+
+def http_error(exc: HTTPException):
+    response, status = error_response(exc.code or 500)
+    if exc.code == 405 and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response, status
 
 
 def unhandled(exc: Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Request, Response, g, request
 
 from hub.services import intake, keys, pipeline
 from hub.store import storable
@@ -26,20 +26,24 @@ bp = Blueprint("hooks", __name__)
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-def incoming(route_name: str) -> intake.Incoming:
-    """The request being answered, as intake takes it."""
+def incoming(
+    route_name: str, req: Request | None = None, rid: str | None = None
+) -> intake.Incoming:
+    """The request being answered (Flask's, or the one the lane read), as intake takes it."""
+    if req is None:
+        req, rid = request, request_id()
     return intake.Incoming(
-        method=request.method,
+        method=req.method,
         route_name=route_name,
-        path=request.path,
-        headers=request.headers,
-        args=request.args,
-        query_string=request.query_string.decode("latin-1"),
-        remote_addr=request.remote_addr,
-        request_id=request_id(),
-        content_type=request.content_type,
-        content_length=request.content_length,
-        read=request.stream.read,
+        path=req.path,
+        headers=req.headers,
+        args=req.args,
+        query_string=req.query_string.decode("latin-1"),
+        remote_addr=req.remote_addr,
+        request_id=rid,
+        content_type=req.content_type,
+        content_length=req.content_length,
+        read=req.stream.read,
     )
 
 
@@ -56,23 +60,44 @@ def answer(told: intake.Answer):
     return response, status
 
 
-def status_url(event: Event) -> str:
+def status_url(event: Event, req: Request | None = None) -> str:
     """Where the sender follows its event: ``event_status``'s URL on the host it posted to,
     under the path the hub is mounted at (what ``url_for(..., _external=True)`` gives, built
     without matching the URL map again, nor turning the URL into an IRI: 5 % of an accepted
     webhook's CPU; an event id is URL-safe)."""
-    root = quote(request.root_path, safe="/")
-    return f"{request.scheme}://{request.host}{root}/events/{event.id}"
+    req = request if req is None else req
+    environ = req.environ
+    seen = (
+        environ.get("wsgi.url_scheme"),
+        environ.get("HTTP_HOST"),
+        environ.get("SERVER_NAME"),
+        environ.get("SERVER_PORT"),
+        environ.get("SCRIPT_NAME"),
+    )
+    base = _BASES.get(seen)
+    if base is None:  # Werkzeug's host check and port rules, once per way of addressing
+        base = f"{req.scheme}://{req.host}{quote(req.root_path, safe='/')}"
+        if len(_BASES) >= BASES_KEPT:
+            _BASES.clear()
+        _BASES[seen] = base
+    return f"{base}/events/{event.id}"
 
 
-def enqueue(accepted: intake.Accepted, **extra):
+# The start of a status URL, by the request's scheme, Host, server and mount point: senders
+# use one or two; a stranger varying its Host can only make it start again.
+BASES_KEPT = 256
+_BASES: dict[tuple, str] = {}
+
+
+def enqueue(accepted: intake.Accepted, req: Request | None = None, **extra):
     """Commit the async event and answer 202 with where to follow it (or the 401 of a key
     revoked before its commit)."""
     refused = intake.enqueue(accepted)
     if refused is not None:
         return answer(refused)
     event = accepted.event
-    return {"id": event.id, **extra, "status": event.status, "status_url": status_url(event)}, 202
+    url = status_url(event, req)
+    return {"id": event.id, **extra, "status": event.status, "status_url": url}, 202
 
 
 def run_sync(accepted: intake.Accepted, status_of=None):
@@ -104,14 +129,20 @@ bp.register_error_handler(intake.RefusedAtCommit, refused_at_commit_response)
 
 @bp.route("/hooks/<route_name>", methods=ANY_METHOD)
 def hook(route_name: str):
-    accepted = intake.accept(incoming(route_name))
+    return handle(incoming(route_name))
+
+
+def handle(came: intake.Incoming, req: Request | None = None):
+    """A request for /hooks/<route>, answered as a Flask view answers (hub/web/lane.py
+    answers a POST the same way without Flask's request context: ``req`` is its request)."""
+    accepted = intake.accept(came)
     if isinstance(accepted, intake.Answer):
         return answer(accepted)
     challenge = intake.answer_challenge(accepted)
     if challenge is not None:
         return answer(challenge)
     if accepted.route.mode == "async" or intake.waits_for_resume(accepted):
-        return enqueue(accepted)
+        return enqueue(accepted, req)
     outcome = run_sync(accepted)
     event = accepted.event
     if outcome.status == pipeline.DELIVERED:
