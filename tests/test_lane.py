@@ -119,22 +119,3 @@ def test_an_unexpected_error_is_a_json_500_without_its_text(client, key, routes,
     assert response.json == {"error": "Server error", "code": "internal_error"}
     assert response.headers["X-Request-ID"] == "r-1"
     assert "SELECT" not in response.get_data(as_text=True)
-
-
-def test_no_lane_when_traces_are_on(app):
-    """With HUB_OTEL=true every request goes through Flask, whose instrumentation makes the
-    server span (tests/test_tracing.py checks the span)."""
-    from hub import create_app
-
-    traced = create_app(
-        {
-            "TESTING": True,
-            "DATABASE_URL": app.config["DATABASE_URL"],
-            "SECRET_KEY": "test-secret-key-for-the-hub",
-            "OTEL": True,
-        }
-    )
-    try:
-        assert not isinstance(traced.wsgi_app, HooksLane)
-    finally:
-        traced.extensions["hub.db"].dispose()

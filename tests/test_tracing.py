@@ -29,6 +29,7 @@ from hub.ops import tracing
 from hub.services.delivery import Worker
 from hub.store.groupcommit import TracedGroupCommitter
 from hub.store.models import Delivery, Event, utcnow
+from hub.web.lane import HooksLane
 from tests.procs import ROOT, closed_port, gunicorn, wait_until
 from tests.rows import event_row
 from tests.servers import Receiver, Reply
@@ -69,6 +70,8 @@ def app(database_url_for_test, monkeypatch, spans):
     at the end, so the next test of this process starts untraced."""
     monkeypatch.setenv("HUB_ALLOW_PRIVATE_TARGETS", "true")
     app = create_app(hub_config(database_url_for_test, OTEL=True))
+    # No webhook lane (hub/web/lane.py): Flask's instrumentation sees every request.
+    assert not isinstance(app.wsgi_app, HooksLane)
     yield app
     app.extensions["hub.tracing"].close()
     app.extensions["hub.db"].dispose()
