@@ -62,16 +62,7 @@ LIVE_GAUGE_PREFIX = "gauge_live"
 
 
 def process_identifier(pid: int | None = None) -> str:
-    """``<host>-<pid>``: prometheus_client asks for it at every increment, to notice a fork."""
-    if pid is None:
-        pid = os.getpid()
-    known = _IDENTIFIERS.get(pid)
-    if known is None:
-        known = _IDENTIFIERS[pid] = f"{HOST}-{pid}"
-    return known
-
-
-_IDENTIFIERS: dict[int, str] = {}
+    return f"{HOST}-{os.getpid() if pid is None else pid}"
 
 
 class Metrics:
