@@ -6,6 +6,8 @@ remote $ref); routes without one take any payload as before. On SQLite and Postg
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +17,7 @@ from sqlalchemy import select, text
 from hub.services import payload_schema
 from hub.store.db import alembic_config, upgrade
 from hub.store.models import Delivery, Event, Route
+from tests.procs import ROOT
 from tests.rows import events
 from tests.test_dashboard import HOME, sign_in, token
 from tests.test_metrics import parse, value
@@ -220,14 +223,14 @@ def test_each_schema_is_compiled_once_however_often_the_route_is_read(
     validator still comes from the process's compiled schemas."""
     payload_schema._COMPILED.clear()
     compiles = []
-    real = payload_schema.jsonschema_rs.validator_for
+    real = payload_schema.engine().validator_for
 
     def counting(schema, **options):
         if options.get("mask"):  # compiled for payloads (a save's check quotes the schema)
             compiles.append(schema)
         return real(schema, **options)
 
-    monkeypatch.setattr(payload_schema.jsonschema_rs, "validator_for", counting)
+    monkeypatch.setattr(payload_schema.engine(), "validator_for", counting)
     for n in range(10):
         assert post(client, key, {"order": {"id": n}}).status_code == 202
         assert post(client, key, {"order": {"id": str(n)}}).status_code == 422
@@ -485,3 +488,31 @@ def test_migration_0018_adds_routes_schema_and_keeps_every_route(db, add_route, 
         upgrade(db)
     with db.session() as session:
         assert session.scalar(select(Event).limit(1)) is not None
+
+
+ENGINE_LOADED = """
+import sys
+from hub import create_app
+from hub.services.routes import save_routes
+app = create_app({"DATABASE_URL": sys.argv[1], "SECRET_KEY": "k" * 32})
+from hub.store.db import upgrade
+upgrade(app.extensions["hub.db"])
+app.test_client().post("/hooks/nothing", json={})
+before = "jsonschema_rs" in sys.modules
+with app.extensions["hub.db"].session() as session:
+    save_routes(session, [{"name": "typed", "schema": {"type": "object"}}],
+                app.extensions["hub.connectors"], app.extensions["hub.secrets"])
+print(before, "jsonschema_rs" in sys.modules)
+"""
+
+
+def test_the_schema_engine_loads_only_when_a_schema_is_used(tmp_path):
+    """A process whose routes have no schema (every worker, most hubs) never loads the
+    validator (7 MB of memory); saving a route with one loads it. In a process of its own:
+    this one has loaded it."""
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    env = {"PATH": "/usr/bin:/bin", "HUB_ENV_FILE": "", "HOME": str(tmp_path)}
+    command = [sys.executable, "-c", ENGINE_LOADED, url]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "True"]

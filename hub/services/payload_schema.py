@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema_rs
 from flask import current_app, has_app_context
 
 from hub.store import storable
@@ -52,13 +51,26 @@ LINEAR_PATTERNS = (
     "patterns run on a linear-time engine, which has no lookaround ((?=, (?!, (?<=, (?<!) "
     "nor backreferences (\\1)"
 )
-# Every format is checked (date-time, email, uri, ipv4, uuid, ...); an unknown one is an
-# annotation, as the drafts say. No remote $ref is ever fetched (offline).
-OPTIONS: dict[str, Any] = {
-    "validate_formats": True,
-    "offline": True,
-    "pattern_options": jsonschema_rs.RegexOptions(),
-}
+
+
+def engine() -> Any:
+    """jsonschema_rs, imported when a schema is first checked or compiled: loaded, it is 7 MB
+    of every process's memory, and most processes (the workers, a hub whose routes have no
+    schema) never see a schema."""
+    import jsonschema_rs
+
+    return jsonschema_rs
+
+
+def options() -> dict[str, Any]:
+    """Every format is checked (date-time, email, uri, ipv4, uuid, ...); an unknown one is
+    an annotation, as the drafts say. No remote $ref is ever fetched (offline)."""
+    return {
+        "validate_formats": True,
+        "offline": True,
+        "pattern_options": engine().RegexOptions(),
+    }
+
 
 _REMOTE = re.compile(r"cannot fetch (\S+)")
 _UNKNOWN_DRAFT = re.compile(r"^Unknown meta-schema")
@@ -115,7 +127,7 @@ def problems(schema: Any) -> list[str]:
     if not storable.is_storable(schema):
         return ["schema: holds a character no database keeps (NUL, or a lone surrogate)"]
     try:
-        jsonschema_rs.validator_for(schema, **OPTIONS)  # its messages quote the schema
+        engine().validator_for(schema, **options())  # its messages quote the schema
     except ValueError as exc:  # jsonschema_rs.ValidationError is one
         return [_problem(schema, exc)]
     return []
@@ -153,7 +165,7 @@ def mismatch(route: Route, payload: Any) -> Mismatch | None:
         if validator.is_valid(payload):
             return None
         validator.validate(payload)
-    except jsonschema_rs.ValidationError as exc:
+    except engine().ValidationError as exc:
         return Mismatch(
             _cut(pointer(exc.instance_path)), _cut(pointer(exc.schema_path)), _cut(exc.message)
         )
@@ -194,7 +206,7 @@ def compiled(schema: dict[str, Any]) -> Any:
             _COMPILED.move_to_end(key)
             return validator
     try:
-        validator = jsonschema_rs.validator_for(schema, mask=MASK, **OPTIONS)
+        validator = engine().validator_for(schema, mask=MASK, **options())
     except ValueError as exc:
         raise SchemaBroken(_problem(schema, exc)) from None
     with _COMPILED_LOCK:
