@@ -66,6 +66,7 @@ CASES = {
     "bad json": ("later", {"data": b"{nope", "content_type": "application/json"}),
     "bad media": ("later", {"data": b"\x00\x01", "content_type": "image/png"}),
     "missing field": ("now", {"json": {"other": 1}}),
+    "key in the query": ("later", {"json": {"text": "hi"}}),
 }
 
 
@@ -74,6 +75,8 @@ def test_the_lane_answers_as_flask_does(db, key, routes, faces, case):
     route, kwargs = CASES[case]
     headers = {"X-API-Key": key, "X-Request-ID": f"req-{case.replace(' ', '-')}"}
     headers.update(kwargs.pop("headers", {}))
+    if case == "key in the query":
+        kwargs["query_string"] = {"api_key": headers.pop("X-API-Key"), "x": "1"}
     answers, rows = [], []
     for face in faces:
         seen = set(_rows_since(db, set()))
