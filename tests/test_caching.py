@@ -92,3 +92,33 @@ def test_sqlite_commits_are_flushed_to_disk(db):
         # 2 is FULL: every commit waits for fsync, so a 202 survives power loss.
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_a_request_session_is_kept_for_the_next_request_only_if_it_did_nothing(app):
+    """An untouched session is used again by the thread's next request; one that began a
+    transaction or holds an object is closed, and the next request gets a fresh one."""
+    from hub.store.db import get_session
+    from hub.store.models import ApiKey
+
+    with app.app_context():
+        untouched = get_session()
+    with app.app_context():
+        assert get_session() is untouched
+
+    with app.app_context():
+        reading = get_session()
+        reading.execute(text("SELECT 1"))  # a transaction begun, never ended by the request
+        assert reading.in_transaction()
+    with app.app_context():
+        after = get_session()
+        assert after is not reading
+        assert not after.in_transaction()
+    assert not reading.in_transaction()  # closed: its transaction rolled back
+
+    with app.app_context():
+        holding = get_session()
+        holding.add(ApiKey(name="never committed", prefix="zz", digest="x" * 64))
+    with app.app_context():
+        fresh = get_session()
+        assert fresh is not holding
+        assert not fresh.new
