@@ -184,7 +184,7 @@ def test_each_rule_fires_once_and_resolves_once_by_email(app, client, admin, smt
     for name in ("dead-deliveries", "open-circuits"):  # built-ins off: one rule of each kind
         assert client.delete(f"/admin/api/alert-rules/{name}", headers=admin).status_code == 200
     add_rule(client, admin, name="circuit", kind="circuit_open", route="shop")
-    add_rule(client, admin, name="dead", kind="delivery_dead", route="ratio", window=1)
+    add_rule(client, admin, name="dead", kind="delivery_dead", route="ratio", window=2)
     add_rule(
         client, admin, name="ratio", kind="failure_ratio", route="ratio", threshold=0.5, window=2
     )
