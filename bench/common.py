@@ -35,11 +35,15 @@ def rss_kb(pid: int) -> int | None:
 
 
 def children(pid: int) -> list[int]:
-    """Direct children of a process (gunicorn's workers of its master)."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """Direct children of a process (gunicorn's workers of its master, and its writer
+    process, which the master's watching thread starts again after a crash)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def write_section(report: str) -> None:

@@ -191,9 +191,13 @@ class Peak:
         self._thread.join()
 
 
+# Settings given with --set: every hub server of the run has them (an A/B of one setting).
+SETTINGS: dict[str, str] = {}
+
+
 def serve(app: str, database_url: str, log: Path, **env: str):
     """gunicorn (the project's settings, no access log) serving ``app``: (process, URL)."""
-    return gunicorn(database_url, log, 2, conf=CONF, app=app, **env)
+    return gunicorn(database_url, log, 2, conf=CONF, app=app, **{**SETTINGS, **env})
 
 
 class Hub:
@@ -490,7 +494,19 @@ def main() -> None:
         default=set(RUNS),
         help=f"comma-separated runs to make, of: {','.join(RUNS)} (all by default)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="HUB_NAME=VALUE",
+        help="a setting of every hub server of the run, e.g. HUB_WRITER_PROCESS=false",
+    )
     args = parser.parse_args()
+    for given in args.set:
+        name, is_set, value = given.partition("=")
+        if not (is_set and name.startswith("HUB_")):
+            parser.error(f"--set takes HUB_NAME=VALUE; not {given!r}")
+        SETTINGS[name] = value
     if args.only - set(RUNS):
         parser.error(
             f"--only takes {','.join(RUNS)}; not {','.join(sorted(args.only - set(RUNS)))}"
@@ -592,7 +608,8 @@ def main() -> None:
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {versions(pg_url)}.",
         f"Command: `{'HUB_BENCH_DATABASE_URL=… ' if pg else ''}make bench"
-        f"{'' if only == set(RUNS) else ' BENCH_ARGS=--only ' + ','.join(sorted(only))}` "
+        f"{'' if only == set(RUNS) else ' BENCH_ARGS=--only ' + ','.join(sorted(only))}"
+        f"{''.join(f' --set {k}={v}' for k, v in SETTINGS.items())}` "
         f"(wrk -t2 -c{args.connections} -d{args.seconds}s; gunicorn gthread {workers} "
         f"workers × {threads} threads (the hub's defaults), "
         "no access log, for bare Flask and the hub alike; CPU ms/req is user + system time "

@@ -36,7 +36,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from hub import cli, dashboard, providers, secret_key
     from hub.connectors import load_connectors
     from hub.ops import logs, metrics
-    from hub.services import breaker, ratelimit
+    from hub.services import breaker, ratelimit, writer
     from hub.services import events as event_store
     from hub.services import intake as ingest
     from hub.services import listen as listen_service
@@ -64,9 +64,16 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # share one writer; new events and their deliveries, only inserted, two on PostgreSQL.
     hub_db = app.extensions["hub.db"]
     app.extensions["hub.commits"] = GroupCommitter.of(hub_db, tracing, "commits")
-    app.extensions["hub.inserts"] = GroupCommitter.of(
+    inserts = GroupCommitter.of(
         hub_db, tracing, "inserts", writers=2 if hub_db.dialect == "postgresql" else 1
     )
+    if tracing is None and writer.socket_path() is not None:
+        # gunicorn's master runs a writer process (hub/services/writer.py): new events are
+        # committed there, and here only when it can't take them.
+        inserts = writer.WriterClient(
+            writer.socket_path(), inserts, float(app.config["WRITER_TIMEOUT"])
+        )
+    app.extensions["hub.inserts"] = inserts
     only = [n for n in str(app.config.get("CONNECTORS") or "").split(",") if n.strip()]
     app.extensions["hub.connectors"] = load_connectors(only or None, app.logger)
     # Providers are what is installed, the same for every app of the process: (re)loaded

@@ -317,6 +317,18 @@ class Settings(BaseSettings):
         description="deliver async events on 2 threads inside each web process; `false` when "
         "`flask --app hub worker` processes run beside gunicorn",
     )
+    writer_process: Flag = Field(
+        True,
+        description="commit the new events of every gunicorn process in one writer process "
+        "that gunicorn's master starts, and starts again if it ends; a web process commits "
+        "its own while the writer can't be reached. `false`: each web process commits its "
+        "own ([Performance](performance.md))",
+    )
+    writer_timeout: Seconds = Field(
+        30.0,
+        description="seconds a web process waits for the writer process to commit an event "
+        "before committing it itself (unless the writer did)",
+    )
     connectors: Text = Field(
         "",
         description="comma list of the connectors to load (built-in or installed); empty "

@@ -105,7 +105,8 @@ def on_starting(server):
     message instead of failing every worker. Then the metrics directory (HUB_METRICS_DIR,
     or instance/metrics): made, emptied of the files of this host's processes no longer
     running, and named to the workers forked from here. A database nobody migrated is
-    said at once too (requests that need it answer 503 until then)."""
+    said at once too (requests that need it answer 503 until then). Last, the writer
+    process (``start_the_writer``)."""
     from hub import create_app
     from hub.ops import metrics
 
@@ -115,6 +116,30 @@ def on_starting(server):
     app = create_app({"OTEL": False})
     metrics.prepare_directory(app)
     say_when_the_schema_is_behind(server, app)
+    start_the_writer(server, app)
+
+
+# The writer process of this master (hub/services/writer.py), when it runs one.
+_writer = None
+
+
+def start_the_writer(server, app):
+    """The writer process that commits the web processes' new events, started before they
+    are forked so that they find its socket. None with HUB_WRITER_PROCESS=false, nor with
+    HUB_OTEL=true (a commit is a span of its request's trace only in the web process)."""
+    global _writer
+    if not _hub.writer_process or _hub.otel:
+        return
+    from hub.services.writer import Supervisor
+
+    _writer = Supervisor(app.config["DATABASE_URL"], server.log)
+    _writer.start()
+
+
+def on_exit(server):
+    """The writer stops last: it answers what the web processes sent before they ended."""
+    if _writer is not None:
+        _writer.stop()
 
 
 def say_when_the_schema_is_behind(server, app):

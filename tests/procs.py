@@ -143,6 +143,33 @@ def gunicorn(
         log.close()
 
 
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``: gunicorn's web processes and its writer."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def is_writer(pid: int) -> bool:
+    """Whether ``pid`` is a writer process (hub/services/writer.py)."""
+    try:
+        return b"hub.services.writer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def web_processes(master: int) -> set[int]:
+    """gunicorn's web processes: its master's children but the writer."""
+    return {pid for pid in children(master) if not is_writer(pid)}
+
+
 def worker(database_url: str, log_path: Path, concurrency: int = 1, **env: str):
     """A `flask --app hub worker` process (stop it with ``stop``)."""
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor

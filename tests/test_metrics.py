@@ -10,7 +10,6 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -28,7 +27,7 @@ from hub.ops.metrics import (
     remove_ended,
 )
 from hub.store.models import Attempt, Event
-from tests.procs import gunicorn, stop, wait_until, worker
+from tests.procs import gunicorn, stop, wait_until, web_processes, worker
 from tests.servers import Receiver, Reply
 
 TOKEN = "metrics-token-for-the-test-0123456789"
@@ -199,20 +198,6 @@ def ended_pid() -> int:
 # --- across processes: gunicorn's workers and a worker process share one directory ---
 
 
-def children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (gunicorn's web workers)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry))
-    return found
-
-
 # The counters live in each process's files (PROMETHEUS_MULTIPROC_DIR), whatever the
 # database: SQLite alone.
 @pytest.mark.slow
@@ -358,11 +343,11 @@ def test_counters_add_up_across_gunicorn_workers_and_a_worker_process(
                     assert value(samples, "hub_processes", kind="worker") == 1
 
                 # A web process killed and replaced: its counts stay, its live gauge goes.
-                web = children(server.pid)
+                web = web_processes(server.pid)
                 assert len(web) == 2
                 os.kill(min(web), signal.SIGKILL)
                 wait_until(
-                    lambda: len(children(server.pid) - web) == 1 and len(children(server.pid)) == 2,
+                    lambda: len((now := web_processes(server.pid)) - web) == 1 and len(now) == 2,
                     20,
                     what="gunicorn to replace the killed worker",
                 )

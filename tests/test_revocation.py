@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from hub.services.keys import create_key
 from hub.store.db import Database
 from hub.store.models import ApiKey, utcnow
-from tests.procs import BIN, ROOT, gunicorn, hub_env, stop, wait_until, worker
+from tests.procs import BIN, ROOT, gunicorn, hub_env, stop, wait_until, web_processes, worker
 
 # Each round revokes through one face: the admin API, the CLI (a process of its own), the
 # dashboard's Revoke button.
@@ -41,22 +41,8 @@ def worker_pids(master: int, expected: int = 2, wait: float = 15.0) -> set[int]:
     """gunicorn's worker processes: the children of its master, once ``expected`` of them
     have been forked (the master is listening before it has forked them all)."""
     deadline = time.monotonic() + wait
-    while len(pids := children(master)) < expected and time.monotonic() < deadline:
+    while len(pids := web_processes(master)) < expected and time.monotonic() < deadline:
         time.sleep(0.05)
-    return pids
-
-
-def children(master: int) -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        if f"\nPPid:\t{master}\n" in status:
-            pids.add(int(entry))
     return pids
 
 

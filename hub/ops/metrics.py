@@ -109,6 +109,14 @@ class Metrics:
             ["route", "destination"],
             registry=None,
         )
+        self.writer_fallbacks = Counter(
+            "hub_writer_fallbacks",
+            "New events a web process committed itself instead of through the writer "
+            "process, by reason (unreachable: not running or restarting; lost: it ended "
+            "before answering; failed: its write failed and was tried again here).",
+            ["reason"],
+            registry=None,
+        )
         self.processes = Gauge(
             "hub_processes",
             "Hub processes running, by kind (web, worker).",
@@ -125,6 +133,7 @@ class Metrics:
             self.attempts,
             self.attempt_seconds,
             self.breaker_openings,
+            self.writer_fallbacks,
             self.processes,
         ]
 
@@ -218,6 +227,11 @@ def attempt_done(connector: str, outcome: str, seconds: float) -> None:
     m = metrics()
     m.attempts.labels(label(connector), label(outcome)).inc()
     m.attempt_seconds.labels(label(connector)).observe(max(seconds, 0.0))
+
+
+def writer_fallback(reason: str) -> None:
+    """A new event was committed by its web process, not the writer process, for ``reason``."""
+    metrics().writer_fallbacks.labels(reason).inc()
 
 
 def process_started(kind: str) -> None:

@@ -1313,7 +1313,7 @@ def _commit_new_event(
         current_app.extensions["hub.inserts"].insert_rows(
             [(Event.__table__, row_of(event))]
             + [(Delivery.__table__, row_of(d)) for d in deliveries],
-            guard=(keys_still_valid, key_id) if key_id is not None else None,
+            guard=(keys.commit_guard, key_id) if key_id is not None else None,
         )
     # Ordered deliveries were written queued: each that heads its key goes now, in a short
     # transaction of its own (its lock is never held across other requests' writes).
@@ -1331,13 +1331,6 @@ def _commit_new_event(
     for row in deliveries:
         if row.id in promoted:
             row.status = EventStatus.PENDING
-
-
-def keys_still_valid(conn: Connection, ids: list[int]) -> list[keys.KeyRefused | None]:
-    """The group commit's guard for events accepted with a remembered key: one read of the
-    batch's keys in its transaction; an event whose key is gone or revoked is refused."""
-    valid = keys.still_valid(conn, ids)
-    return [None if key_id in valid else keys.KeyRefused("revoked") for key_id in ids]
 
 
 def waits_for_resume(accepted: Accepted) -> bool:

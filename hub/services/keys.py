@@ -461,6 +461,13 @@ def still_valid(conn: Connection, ids: Iterable[int]) -> set[int]:
     return {row[0] for row in conn.exec_driver_sql(sql)}
 
 
+def commit_guard(conn: Connection, ids: list[int]) -> list[KeyRefused | None]:
+    """The group commit's guard for events accepted with a remembered key: one read of the
+    batch's keys in its transaction; an event whose key is gone or revoked is refused."""
+    valid = still_valid(conn, ids)
+    return [None if key_id in valid else KeyRefused("revoked") for key_id in ids]
+
+
 def list_keys(
     session: Session, *, after: int | None = None, limit: int | None = None
 ) -> list[ApiKey]:

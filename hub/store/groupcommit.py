@@ -22,7 +22,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, bindparam, insert, inspect
+from sqlalchemy import Connection, Table, bindparam, insert, inspect, literal, select
+from sqlalchemy.exc import IntegrityError
 
 from hub.store.db import Database, is_unavailable
 
@@ -147,6 +148,42 @@ class GroupCommitter:
         anything is written; a piece it refuses writes nothing and its caller gets the
         exception (an async event whose key was revoked since it was accepted, say)."""
         self._submit(_Work(None, rows, guard=guard))
+
+    def insert_new(
+        self, rows: list[tuple[Table, dict[str, Any]]], guard: tuple[Guard, Any] | None = None
+    ) -> None:
+        """``insert_rows``, except that nothing is written when the first row (an event, by
+        its primary key) is there already: for rows another process may have committed
+        before its answer was lost (hub.services.writer)."""
+        table, first = rows[0]
+
+        def write(conn: Connection) -> None:
+            if _stored(conn, table, first):
+                return
+            if guard is not None:
+                (refused,) = guard[0](conn, [guard[1]])
+                if refused is not None:
+                    raise refused
+            for each, row in rows:
+                _insert_many(conn, each, [row])
+
+        try:
+            self.run(write)
+        except IntegrityError:  # committed by the other process meanwhile, or a real conflict
+            with self.db.engine.connect() as conn:
+                if not _stored(conn, table, first):
+                    raise
+
+    def write_pieces(
+        self, pieces: list[tuple[list[tuple[Table, dict[str, Any]]], tuple[Guard, Any] | None]]
+    ) -> list[BaseException | None]:
+        """Write ``pieces`` (each the ``rows`` and ``guard`` of an ``insert_rows``) as one
+        batch in the calling thread, at most ``max_batch`` of them: what refused or failed
+        each, or None when it is committed. For a process whose one thread writes what other
+        processes hand it (hub.services.writer)."""
+        works = [_Work(None, rows, guard=guard) for rows, guard in pieces]
+        self._write(works)
+        return [work.error or work.refused for work in works]
 
     def _submit(self, work: _Work) -> Any:
         with self._lock:
@@ -300,6 +337,12 @@ class TracedGroupCommitter(GroupCommitter):
     def _write(self, batch: list[_Work]) -> None:
         with self.tracing.batch(self.name, [self._callers.get(id(work)) for work in batch]):
             super()._write(batch)
+
+
+def _stored(conn: Connection, table: Table, row: dict[str, Any]) -> bool:
+    """Whether ``row`` of ``table`` is there, by its primary key."""
+    where = [column == row[column.key] for column in table.primary_key.columns]
+    return conn.execute(select(literal(1)).select_from(table).where(*where)).first() is not None
 
 
 def _give_back(conn: Connection) -> None:

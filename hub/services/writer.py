@@ -1,0 +1,446 @@
+"""The writer process: one per gunicorn master, it commits the new events of all its web
+processes.
+
+Why a process of its own: a request thread that writes a batch in its web process waits
+for the GIL after each call into the database driver, holding the SQLite write lock or a
+PostgreSQL transaction meanwhile. bench/commit_beside_threads.py measured one group-commit
+write at 1.0 ms alone, 40 ms beside one busy thread and 224 ms beside four; under gunicorn a
+third of a web process's CPU went to the kernel switching threads that waited for the GIL.
+The writer has one thread, so nothing takes the GIL from it between driver calls, and a
+request thread waiting for its answer waits on a socket, holding no GIL.
+
+How: each request thread of a web process keeps one connection to the writer's Unix socket
+and sends it an accepted event's rows (what ``insert_rows`` of the in-process group
+committer takes). The writer reads every message that came while it wrote its last batch,
+writes them as one batch with the same group committer (hub.store.groupcommit: one
+transaction, the keys' guard, a failed batch written again piece by piece) and answers each
+once committed. The sender's 2xx still leaves only after its event's commit.
+
+When the writer can't be reached (not started yet, starting again after a crash, or
+HUB_WRITER_PROCESS=false, or tracing on: the in-process committer's batches are spans), the
+web process commits through its own group committer, as it did before the writer. A
+message whose answer never came (the writer died while writing it, or took longer than
+HUB_WRITER_TIMEOUT) is written by the web process if its event is not there yet
+(``GroupCommitter.insert_new``): the event is stored once either way. A write the writer
+reports failed is tried again in the web process, whose own exception then decides the
+answer (503 for a database that is down, as before).
+
+The socket lies in a directory of the master's making that only the hub's user can open
+(mode 0700): what comes in is unpickled, so only the hub's own processes may write to it.
+
+Messages: a 4-byte big-endian length, then the body. To the writer, a pickle of
+``(rows, key id or None)`` with rows as ``[(table name, row), ...]``; from it, ``ok``,
+``refused`` (the key was revoked since it was read) or the name of the exception its write
+failed with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table
+
+from hub.ops import metrics
+from hub.services import keys
+from hub.store.db import Database
+from hub.store.groupcommit import MAX_BATCH, GroupCommitter, Guard
+from hub.store.models import Base
+
+log = logging.getLogger("hub.writer")
+
+_LENGTH = struct.Struct(">I")
+# The largest message the writer reads; a larger one (an event of a route whose body limit
+# was raised past it) is committed by its web process instead.
+MAX_MESSAGE = 64 * 1024 * 1024
+_READ = 1 << 16
+
+# Set in gunicorn's master when it starts the writer (``Supervisor.start``), before it forks
+# the web processes, which find it here: None, no writer.
+_socket_path: str | None = None
+
+
+def socket_path() -> str | None:
+    """The writer's socket for this process's app, or None when there is no writer."""
+    return _socket_path
+
+
+# --- the web processes' side ---
+
+
+class WriterClient:
+    """``insert_rows`` through the writer process, and through ``local`` (the process's own
+    group committer) whenever the writer can't take it. Each request thread has its own
+    connection to the writer, made at its first event and again after a failure."""
+
+    def __init__(self, path: str, local: GroupCommitter, timeout: float):
+        self.path = path
+        self.local = local
+        self.timeout = timeout
+        self._mine = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()  # every thread's, for ``close``
+        # After a failed connect, threads go straight to ``local`` until then.
+        self._retry_at = 0.0
+        local.db.on_dispose(self.close)
+
+    def insert_rows(
+        self, rows: Iterable[tuple[Table, dict[str, Any]]], guard: tuple[Guard, Any] | None = None
+    ) -> None:
+        rows = list(rows)
+        if guard is not None and guard[0] is not keys.commit_guard:
+            self.local.insert_rows(rows, guard)  # a guard the writer does not know
+            return
+        body = pickle.dumps(
+            ([(table.name, row) for table, row in rows], guard[1] if guard else None),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        if len(body) > MAX_MESSAGE:
+            self.local.insert_rows(rows, guard)
+            return
+        sock = self._send(_LENGTH.pack(len(body)) + body)
+        if sock is None:
+            metrics.writer_fallback("unreachable")
+            self.local.insert_rows(rows, guard)
+            return
+        try:
+            answer = _read_message(sock)
+        except (OSError, EOFError) as exc:  # it may have committed them: written unless there
+            self._forget(sock)
+            log.warning("writer process gave no answer (%s): event committed here", _why(exc))
+            metrics.writer_fallback("lost")
+            self.local.insert_new(rows, guard)
+            return
+        if answer == b"ok":
+            return
+        if answer == b"refused":
+            raise keys.KeyRefused("revoked")
+        # Its write failed and was rolled back: again here, where the exception is the real one.
+        metrics.writer_fallback("failed")
+        self.local.insert_rows(rows, guard)
+
+    def _send(self, message: bytes) -> socket.socket | None:
+        """Send ``message`` on this thread's connection, made anew once if the one kept
+        was closed by a writer that ended: the connection it went out on, or None when the
+        writer can't be reached (nothing of it was read)."""
+        for _ in range(2):
+            sock = self._connection()
+            if sock is None:
+                return None
+            try:
+                sock.sendall(message)
+                return sock
+            except OSError:
+                self._forget(sock)
+        return None
+
+    def _connection(self) -> socket.socket | None:
+        sock = getattr(self._mine, "sock", None)
+        if sock is not None:
+            return sock
+        if time.monotonic() < self._retry_at:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            self._retry_at = time.monotonic() + 1.0
+            return None
+        self._mine.sock = sock
+        with self._lock:
+            self._open.add(sock)
+        return sock
+
+    def _forget(self, sock: socket.socket) -> None:
+        self._mine.sock = None
+        with self._lock:
+            self._open.discard(sock)
+        sock.close()
+
+    def close(self) -> None:
+        """Close every thread's connection (when the app's database is disposed)."""
+        with self._lock:
+            socks, self._open = self._open, set()
+        for sock in socks:
+            sock.close()
+
+
+def _read_message(sock: socket.socket) -> bytes:
+    (length,) = _LENGTH.unpack(_read_exactly(sock, _LENGTH.size))
+    return _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the writer process closed the connection")
+        data += chunk
+    return data
+
+
+def _why(exc: BaseException) -> str:
+    return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
+# --- the writer process ---
+
+
+@dataclass(eq=False)
+class _Peer:
+    sock: socket.socket
+    received: bytearray = field(default_factory=bytearray)
+
+
+class Writer:
+    """The writer's loop: accept the web processes' connections, read what they sent,
+    write it as one batch (``max_batch`` events at most per transaction), answer each."""
+
+    def __init__(self, db: Database, path: str, max_batch: int = MAX_BATCH):
+        self.committer = GroupCommitter(db, max_batch)
+        self.max_batch = max_batch
+        self.tables: dict[str, Table] = dict(Base.metadata.tables)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):  # left by a writer that was killed
+            os.unlink(path)
+        self.listener.bind(path)
+        self.listener.listen(256)
+        self.listener.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.stopping = False
+
+    def serve(self, parent: int | None = None) -> None:
+        """Until ``stop``, or until ``parent`` (the master's pid) is no longer this
+        process's parent: a master killed outright leaves no one to stop the writer."""
+        while not self.stopping:
+            ready = self.selector.select(timeout=1.0)
+            if parent is not None and os.getppid() != parent:
+                log.warning("writer process: gunicorn's master is gone; stopping")
+                break
+            received: list[tuple[_Peer, Any]] = []
+            for key, _ in ready:
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._read(key.data, received)
+            for start in range(0, len(received), self.max_batch):
+                self._write(received[start : start + self.max_batch])
+        self.close()
+
+    def stop(self) -> None:
+        """Stop after the batch being written, if any, is answered."""
+        self.stopping = True
+
+    def close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()
+        self.selector.close()
+        self.committer.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, _Peer(sock))
+
+    def _read(self, peer: _Peer, received: list[tuple[_Peer, Any]]) -> None:
+        """Whole messages ``peer`` sent, appended to ``received``; a peer that closed its end
+        is let go (what it sent whole is still written: its thread may be gone, not its
+        event's sender)."""
+        closed = False
+        while True:
+            try:
+                chunk = peer.sock.recv(_READ)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                closed = True
+                break
+            peer.received += chunk
+            if len(chunk) < _READ:
+                break
+        data = peer.received
+        while len(data) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(data)
+            if length > MAX_MESSAGE:
+                log.error("writer process: a message of %d bytes refused", length)
+                closed = True
+                break
+            if len(data) < _LENGTH.size + length:
+                break
+            try:
+                received.append((peer, pickle.loads(data[_LENGTH.size : _LENGTH.size + length])))
+            except Exception as exc:
+                log.error("writer process: a message not read (%s)", type(exc).__name__)
+                closed = True
+                break
+            del data[: _LENGTH.size + length]
+        if closed:
+            self._let_go(peer)
+
+    def _write(self, received: list[tuple[_Peer, Any]]) -> None:
+        pieces = []
+        for _, message in received:
+            try:
+                rows, key_id = message
+                guard = (keys.commit_guard, key_id) if key_id is not None else None
+                pieces.append(([(self.tables[name], row) for name, row in rows], guard))
+            except (KeyError, TypeError, ValueError):
+                pieces.append(None)
+        readable = [piece for piece in pieces if piece is not None]
+        outcomes = iter(self.committer.write_pieces(readable) if readable else [])
+        for (peer, _), piece in zip(received, pieces, strict=True):
+            outcome = next(outcomes) if piece is not None else ValueError()
+            if outcome is None:
+                answer = b"ok"
+            elif isinstance(outcome, keys.KeyRefused):
+                answer = b"refused"
+            else:
+                answer = type(outcome).__name__.encode()
+            self._answer(peer, answer)
+
+    def _answer(self, peer: _Peer, answer: bytes) -> None:
+        if peer.sock.fileno() < 0:
+            return  # let go while its message was written
+        message = _LENGTH.pack(len(answer)) + answer
+        try:
+            sent = peer.sock.send(message)
+        except OSError:
+            sent = -1
+        if sent != len(message):  # gone, or not reading its answers
+            self._let_go(peer)
+
+    def _let_go(self, peer: _Peer) -> None:
+        if peer.sock.fileno() >= 0:
+            self.selector.unregister(peer.sock)
+            peer.sock.close()
+
+
+# --- gunicorn's master: starting the writer and starting it again ---
+
+
+class Supervisor:
+    """Runs the writer process for gunicorn's master (hub/gunicorn_conf.py): starts it, and
+    starts another whenever it ends (after 0.1 s, doubling to 5 s while each lasts under
+    10 s), until ``stop``. The web processes forked after ``start`` find its socket."""
+
+    def __init__(self, database_url: str, logger: Any = log):
+        self.directory = tempfile.mkdtemp(prefix="hub-writer-")  # mode 0700
+        self.path = os.path.join(self.directory, "writer.sock")
+        # The database the master's app resolved (the embedded default's file included).
+        self.env = {**os.environ, "HUB_DATABASE_URL": database_url}
+        self.log = logger
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        global _socket_path
+        self._spawn()
+        _socket_path = self.path
+        threading.Thread(target=self._watch, name="hub-writer-watch", daemon=True).start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hub.services.writer", self.path, str(os.getpid())],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+            )
+            self.starts += 1
+
+    def _watch(self) -> None:
+        delay = 0.1
+        while True:
+            began = time.monotonic()
+            proc = self.proc
+            # gunicorn's master reaps every child it sees end; when it reaps the writer
+            # first, wait() says 0.
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            self.log.warning(
+                "writer process %s ended (exit status %s); starting another", proc.pid, code
+            )
+            if time.monotonic() - began > 10:
+                delay = 0.1
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, 5.0)
+            self._spawn()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the writer (it answers the batch it is writing first), once the web
+        processes are gone."""
+        global _socket_path
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        _socket_path = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hub.services.writer SOCKET MASTER_PID``, as the Supervisor starts it."""
+    from hub.config import database_url, load_settings
+    from hub.ops.logs import choose_format, route_process_logs
+
+    path, parent = (argv if argv is not None else sys.argv[1:])[:2]
+    settings = load_settings()
+    route_process_logs(choose_format(settings.log_format, settings.env))
+    # Ctrl-C reaches every process of the terminal's group: gunicorn's master stops the
+    # writer itself, after its web processes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    db = Database(
+        database_url(settings.database_url),
+        settings.db_connect_timeout,
+        pooler=settings.database_pooler,
+    )
+    writer = Writer(db, path)
+    signal.signal(signal.SIGTERM, lambda *_: writer.stop())
+    log.info("writer process %s started", os.getpid())
+    try:
+        writer.serve(int(parent))
+    finally:
+        db.dispose()
+        with contextlib.suppress(OSError):  # a writer started after this one makes its own
+            os.unlink(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
