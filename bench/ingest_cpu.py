@@ -9,6 +9,7 @@ the group commit shares commits between them (the batches' mean size is printed)
     python -m bench.ingest_cpu --schema          # the route checks the body against SCHEMA
     python -m bench.ingest_cpu --database postgresql://postgres@127.0.0.1:5432/hub_cpu
     python -m bench.ingest_cpu --dedup     # each request with an Idempotency-Key of its own
+    python -m bench.ingest_cpu --threads 8 --writer    # new events go to a writer process
     py-spy record -r 500 -f raw -o ingest.txt -- .venv/bin/python -m bench.ingest_cpu
 
 gunicorn's own work (the socket, the HTTP parse, its threads) is not in the figure: compare
@@ -27,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import CpuMeter, fresh_postgres
+from bench.common import CpuMeter, cpu_s, fresh_postgres
 
 BODY = b'{"action": "opened", "number": 42, "input": "hello hub", "repo": "hub/x"}'
 # What --schema gives the route: BODY matches it (a route's JSON Schema, docs/schemas.md).
@@ -85,6 +86,11 @@ def main() -> None:
         action="store_true",
         help="give each request an Idempotency-Key of its own: the dedup lookup, a miss each time",
     )
+    parser.add_argument(
+        "--writer",
+        action="store_true",
+        help="commit through a writer process, as under gunicorn (its CPU is printed apart)",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="hub-ingest-cpu-"))
     # Counters in files, as under gunicorn.
@@ -101,6 +107,17 @@ def main() -> None:
             step = {"connector": "text", "config": {"field": "input"}}
             route = {"name": "bench", "mode": "async", "steps": [step]}
             save_routes(session, [route | {"schema": SCHEMA}], app.extensions["hub.connectors"])
+    writer = None
+    if args.writer:
+        from hub.services.writer import Supervisor, WriterClient
+
+        writer = Supervisor(url)
+        writer.start()
+        app.extensions["hub.inserts"] = WriterClient(
+            writer.path, app.extensions["hub.inserts"], timeout=30.0
+        )
+        while not os.path.exists(writer.path):
+            time.sleep(0.05)
     base = environ(hub.key, args.path)
     statuses: dict[str, int] = {}
     sent = itertools.count()
@@ -126,7 +143,9 @@ def main() -> None:
         one()
     statuses.clear()
     commits = app.extensions["hub.inserts"]
+    commits = getattr(commits, "local", commits)  # a WriterClient's own, for the fallbacks
     batches, pieces = commits.batches, commits.pieces
+    writer_s = cpu_s(writer.proc.pid) if writer else 0.0
     meter = CpuMeter(None, url)
     meter.start()
     cpu, wall = time.process_time(), time.perf_counter()
@@ -146,6 +165,9 @@ def main() -> None:
             thread.join()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     meter.stop()
+    if writer:
+        writer_s = cpu_s(writer.proc.pid) - writer_s
+        writer.stop()
     batch = (commits.pieces - pieces) / max(1, commits.batches - batches)
     if set(statuses) != {"200 OK" if args.path == "/api/process" else "202 ACCEPTED"}:
         raise SystemExit(f"answers: {statuses}")
@@ -153,10 +175,15 @@ def main() -> None:
     db = (
         f", PostgreSQL {meter.db_s * 1000 / args.requests:.3f} ms" if meter.db_s is not None else ""
     )
+    if writer:
+        db += f", writer process {writer_s * 1000 / args.requests:.3f} ms"
+        committed = f"{commits.pieces - pieces} committed here"
+    else:
+        committed = f"{batch:.1f} events a commit"
     print(
         f"{args.requests} requests, {'PostgreSQL' if args.database else 'SQLite'}: "
         f"hub {per:.3f} ms CPU each{db}; {args.requests / wall:.0f} req/s on "
-        f"{args.threads} thread(s); {batch:.1f} events a commit"
+        f"{args.threads} thread(s); {committed}"
         + (" (each with its own Idempotency-Key)" if args.dedup else "")
     )
 
