@@ -8,7 +8,8 @@ In one process, a real Writer serving a real Unix socket on a thread:
 - the writer ends after committing, before answering: the event is stored once (``lost``);
 - the writer ends before committing: the web side commits it (``lost``);
 - a writer that does not answer within HUB_WRITER_TIMEOUT: committed by the web side;
-- the writer's write fails: tried again on the web side, whose exception is the answer.
+- the writer's write fails: tried again on the web side, whose exception is the answer;
+- the writer can't reach the database: 503 at once, without a second wait on the web side.
 
 Under real gunicorn: the writer is the master's child and every webhook goes through it
 (one stopped makes a webhook wait for HUB_WRITER_TIMEOUT); SIGKILLed under load, it is
@@ -28,15 +29,17 @@ from pathlib import Path
 import pytest
 import requests
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 
 from hub.ops import metrics
 from hub.services import keys
 from hub.services.writer import Writer, WriterClient
-from hub.store.db import Database
+from hub.store.db import Database, is_unavailable
 from hub.store.groupcommit import GroupCommitter, row_of
 from hub.store.models import ApiKey, Delivery, Event, utcnow
-from tests.procs import children, gunicorn, is_writer, wait_until
+from tests.conftest import PG_URL
+from tests.procs import children, closed_port, gunicorn, is_writer, wait_until
 
 SHORT_PATH = Path("/tmp")  # a Unix socket's path is at most 107 bytes: tmp_path may be longer
 
@@ -240,6 +243,26 @@ def test_a_write_the_writer_fails_is_tried_again_on_the_web_side(
         client.insert_rows(again[:1])
     assert fallbacks("failed") == before + 1
     assert stored(db, event_id) == (1, 1)
+
+
+def test_a_database_the_writer_cannot_reach_is_a_503_without_a_second_wait(app, db, socket_path):
+    unreachable = make_url(PG_URL or "postgresql://postgres@127.0.0.1/hub").set(port=closed_port())
+    down = Database(unreachable.render_as_string(hide_password=False), connect_timeout=1)
+    writer = Writer(down, socket_path)
+    thread = threading.Thread(target=writer.serve, daemon=True)
+    thread.start()
+    local = GroupCommitter(db)
+    try:
+        client = WriterClient(socket_path, local, timeout=5.0)
+        _, rows = new_rows()
+        with pytest.raises(DisconnectionError) as raised:
+            client.insert_rows(rows)
+    finally:
+        writer.stop()
+        thread.join(5)
+        down.dispose()
+    assert is_unavailable(raised.value)  # what the web face answers 503 for
+    assert local.pieces == 0  # the web side did not wait for the database a second time
 
 
 # --- under gunicorn ---

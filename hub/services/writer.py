@@ -30,8 +30,9 @@ The socket lies in a directory of the master's making that only the hub's user c
 
 Messages: a 4-byte big-endian length, then the body. To the writer, a pickle of
 ``(rows, key id or None)`` with rows as ``[(table name, row), ...]``; from it, ``ok``,
-``refused`` (the key was revoked since it was read) or the name of the exception its write
-failed with.
+``refused`` (the key was revoked since it was read), ``unavailable`` (the database can't be
+used now: the sender is answered 503 at once, as a web process's own commit would) or the
+name of the exception its write failed with.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, exc
 
 from hub.ops import metrics
 from hub.services import keys
-from hub.store.db import Database
+from hub.store.db import Database, is_unavailable
 from hub.store.groupcommit import MAX_BATCH, GroupCommitter, Guard
 from hub.store.models import Base
 
@@ -120,9 +121,9 @@ class WriterClient:
             return
         try:
             answer = _read_message(sock)
-        except (OSError, EOFError) as exc:  # it may have committed them: written unless there
+        except (OSError, EOFError) as lost:  # it may have committed them: written unless there
             self._forget(sock)
-            log.warning("writer process gave no answer (%s): event committed here", _why(exc))
+            log.warning("writer process gave no answer (%s): event committed here", _why(lost))
             metrics.writer_fallback("lost")
             self.local.insert_new(rows, guard)
             return
@@ -130,6 +131,8 @@ class WriterClient:
             return
         if answer == b"refused":
             raise keys.KeyRefused("revoked")
+        if answer == b"unavailable":  # trying here too would only wait for it twice: 503
+            raise exc.DisconnectionError("the writer process could not use the database")
         # Its write failed and was rolled back: again here, where the exception is the real one.
         metrics.writer_fallback("failed")
         self.local.insert_rows(rows, guard)
@@ -237,14 +240,17 @@ class Writer:
                 log.warning("writer process: gunicorn's master is gone; stopping")
                 break
             received: list[tuple[_Peer, Any]] = []
-            for key, _ in ready:
-                if key.data is None:
-                    self._accept()
-                else:
-                    self._read(key.data, received)
+            self._take(ready, received)
             for start in range(0, len(received), self.max_batch):
                 self._write(received[start : start + self.max_batch])
         self.close()
+
+    def _take(self, ready: list, received: list[tuple[_Peer, Any]]) -> None:
+        for key, _ in ready:
+            if key.data is None:
+                self._accept()
+            else:
+                self._read(key.data, received)
 
     def stop(self) -> None:
         """Stop after the batch being written, if any, is answered."""
@@ -319,6 +325,8 @@ class Writer:
                 answer = b"ok"
             elif isinstance(outcome, keys.KeyRefused):
                 answer = b"refused"
+            elif is_unavailable(outcome):
+                answer = b"unavailable"
             else:
                 answer = type(outcome).__name__.encode()
             self._answer(peer, answer)
@@ -436,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         writer.serve(int(parent))
     finally:
+        done = writer.committer
+        log.info(
+            "writer process %s stopping: %d events written in %d transactions",
+            os.getpid(),
+            done.pieces,
+            done.batches,
+        )
         db.dispose()
         with contextlib.suppress(OSError):  # a writer started after this one makes its own
             os.unlink(path)
