@@ -132,8 +132,14 @@ def start_the_writer(server, app):
         return
     from hub.services.writer import Supervisor
 
-    _writer = Supervisor(app.config["DATABASE_URL"], server.log)
-    _writer.start()
+    try:
+        _writer = Supervisor(app.config["DATABASE_URL"], server.log)
+        _writer.start()
+    except (OSError, ValueError) as exc:  # no room for its socket: a read-only or long TMPDIR
+        _writer = None
+        server.log.warning(
+            "writer process not started (%s): each web process commits its own events", exc
+        )
 
 
 def on_exit(server):

@@ -385,6 +385,24 @@ def test_the_writer_ends_with_its_master(db, database_url_for_test, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
+def test_without_room_for_its_socket_gunicorn_runs_without_a_writer(
+    db, make_key, add_route, database_url_for_test, tmp_path
+):
+    add_route("orders", [{"connector": "text"}], mode="async")
+    key = make_key()
+    deep = tmp_path / ("d" * 100)  # a socket's path there is longer than Linux allows
+    deep.mkdir()
+    log = tmp_path / "web.log"
+    with gunicorn(database_url_for_test, log, TMPDIR=str(deep)) as (proc, base):
+        answer = requests.post(f"{base}/hooks/orders", json={"n": 1}, headers={"X-API-Key": key})
+        assert writer_pid(proc.pid) is None
+    assert answer.status_code == 202
+    assert stored(db, answer.json()["id"]) == (1, 1)
+    assert b"writer process not started (its socket's path would be too long" in log.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url_for_test", ["sqlite"], indirect=True)
 def test_no_writer_process_when_it_is_turned_off(db, database_url_for_test, tmp_path):
     with gunicorn(database_url_for_test, tmp_path / "web.log", HUB_WRITER_PROCESS="false") as (
         proc,

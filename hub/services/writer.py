@@ -70,6 +70,7 @@ _LENGTH = struct.Struct(">I")
 # was raised past it) is committed by its web process instead.
 MAX_MESSAGE = 64 * 1024 * 1024
 _READ = 1 << 16
+_LONGEST_SOCKET_PATH = 107  # sockaddr_un's sun_path, less its final NUL
 
 # Set in gunicorn's master when it starts the writer (``Supervisor.start``), before it forks
 # the web processes, which find it here: None, no writer.
@@ -359,6 +360,9 @@ class Supervisor:
     def __init__(self, database_url: str, logger: Any = log):
         self.directory = tempfile.mkdtemp(prefix="hub-writer-")  # mode 0700
         self.path = os.path.join(self.directory, "writer.sock")
+        if len(os.fsencode(self.path)) > _LONGEST_SOCKET_PATH:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise ValueError(f"its socket's path would be too long for Linux: {self.path}")
         # The database the master's app resolved (the embedded default's file included).
         self.env = {**os.environ, "HUB_DATABASE_URL": database_url}
         self.log = logger
