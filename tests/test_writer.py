@@ -13,8 +13,9 @@ In one process, a real Writer serving a real Unix socket on a thread:
 
 Under real gunicorn: the writer is the master's child and every webhook goes through it
 (one stopped makes a webhook wait for HUB_WRITER_TIMEOUT); SIGKILLed under load, it is
-started again and every 202 is one stored event; it stops with the master, and by itself
-when the master is killed; HUB_WRITER_PROCESS=false runs none.
+started again (one counted in hub_processes) and every 202 is one stored event; it stops
+with the master, and by itself when the master is killed; HUB_WRITER_PROCESS=false runs none;
+without room for its socket, gunicorn runs without it.
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ def test_the_writer_takes_every_webhook_and_is_started_again_when_killed(
 ):
     add_route("load", [{"connector": "text"}], mode="async")
     key = make_key()
+    admin = make_key(admin=True)
     log = tmp_path / "web.log"
     acknowledged: list[str] = []
     other: Counter = Counter()
@@ -350,6 +352,9 @@ def test_the_writer_takes_every_webhook_and_is_started_again_when_killed(
         )
         count = len(acknowledged)
         wait_until(lambda: len(acknowledged) >= count + 100, 60, what="100 more webhooks")
+        # One writer counted: the killed one's gauge went with it.
+        scraped = requests.get(f"{base}/metrics", headers={"Authorization": f"Bearer {admin}"})
+        assert 'hub_processes{kind="writer"} 1.0' in scraped.text, scraped.text[-2000:]
         stop_sending.set()
         for t in senders:
             t.join(10)
@@ -361,7 +366,7 @@ def test_the_writer_takes_every_webhook_and_is_started_again_when_killed(
     assert set(acknowledged) <= ids
     # Written whole by whichever side wrote it: each stored event has its one delivery.
     assert all(per_event[event_id] == 1 for event_id in ids)
-    assert b"ended (exit status" in log.read_bytes()
+    assert f"writer process {first} ended".encode() in log.read_bytes()
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ class Metrics:
         )
         self.processes = Gauge(
             "hub_processes",
-            "Hub processes running, by kind (web, worker).",
+            "Hub processes running, by kind (web, worker, writer).",
             ["kind"],
             multiprocess_mode="livesum",
             registry=None,
@@ -235,7 +235,7 @@ def writer_fallback(reason: str) -> None:
 
 
 def process_started(kind: str) -> None:
-    """This process is a running web server or worker (hub_processes)."""
+    """This process is a running web server, worker or writer (hub_processes)."""
     metrics().processes.labels(kind).set(1)
 
 

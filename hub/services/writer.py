@@ -396,11 +396,12 @@ class Supervisor:
             # gunicorn's master reaps every child it sees end; when it reaps the writer
             # first, wait() says 0.
             code = proc.wait()
+            metrics.process_died(proc.pid)  # its hub_processes{kind="writer"} goes
             if self._stopping.is_set():
                 return
-            self.log.warning(
-                "writer process %s ended (exit status %s); starting another", proc.pid, code
-            )
+            # 0 also when gunicorn's master reaped it first, its status unknown here.
+            status = f" (exit status {code})" if code else ""
+            self.log.warning("writer process %s ended%s; starting another", proc.pid, status)
             if time.monotonic() - began > 10:
                 delay = 0.1
             if self._stopping.wait(delay):
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     path, parent = (argv if argv is not None else sys.argv[1:])[:2]
     settings = load_settings()
     route_process_logs(choose_format(settings.log_format, settings.env))
+    metrics.process_started("writer")  # in the master's metrics directory, inherited
     # Ctrl-C reaches every process of the terminal's group: gunicorn's master stops the
     # writer itself, after its web processes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
