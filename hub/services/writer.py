@@ -396,7 +396,6 @@ class Supervisor:
             # gunicorn's master reaps every child it sees end; when it reaps the writer
             # first, wait() says 0.
             code = proc.wait()
-            metrics.process_died(proc.pid)  # its hub_processes{kind="writer"} goes
             if self._stopping.is_set():
                 return
             # 0 also when gunicorn's master reaped it first, its status unknown here.
