@@ -378,6 +378,10 @@ def test_the_writer_ends_with_its_master(db, database_url_for_test, tmp_path):
         writer = listening(proc.pid)
         folder = socket_of(writer).parent
         assert folder.stat().st_mode & 0o777 == 0o700
+        # A SIGTERM to the whole group (systemd's) reaches it first: it waits for the master.
+        os.kill(writer, signal.SIGTERM)
+        time.sleep(1.5)
+        assert writer_pid(proc.pid) == writer and not gone(writer)
         proc.terminate()
         proc.wait(30)
         wait_until(lambda: gone(writer), 10, what="the writer to stop with its master")
@@ -385,9 +389,11 @@ def test_the_writer_ends_with_its_master(db, database_url_for_test, tmp_path):
 
     with gunicorn(database_url_for_test, tmp_path / "killed.log") as (proc, _):
         writer = wait_until(lambda: writer_pid(proc.pid), 10, what="the writer process")
+        folder = socket_of(writer).parent
         os.kill(proc.pid, signal.SIGKILL)  # the master alone: its web processes and writer live
         proc.wait(10)
         wait_until(lambda: gone(writer), 10, what="the writer to stop by itself")
+        assert not folder.exists()  # it removed the directory the master can't
 
 
 @pytest.mark.slow

@@ -416,6 +416,8 @@ class Supervisor:
             self._stopping.set()
             proc = self.proc
         if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):  # the SIGTERM that follows is the master's
+                open(stop_file(self.path), "x").close()
             proc.terminate()
             try:
                 proc.wait(timeout)
@@ -424,6 +426,11 @@ class Supervisor:
                 proc.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
         _socket_path = None
+
+
+def stop_file(path: str) -> str:
+    """The file beside the socket ``path`` by which the master says its SIGTERM is its own."""
+    return os.path.join(os.path.dirname(path), "stop")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,7 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         pooler=settings.database_pooler,
     )
     writer = Writer(db, path)
-    signal.signal(signal.SIGTERM, lambda *_: writer.stop())
+
+    def on_sigterm(*_: Any) -> None:
+        # A SIGTERM to the whole process group (systemd's default, `kill -- -PGID`) reaches
+        # the writer with the master, whose web processes may still be answering: it stops
+        # when the master asks, after them (``Supervisor.stop``), or when the master is gone.
+        if os.path.exists(stop_file(path)):
+            writer.stop()
+        else:
+            log.info("writer process: SIGTERM left to gunicorn's master, which stops it last")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     log.info("writer process %s started", os.getpid())
     try:
         writer.serve(int(parent))
@@ -459,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         db.dispose()
         with contextlib.suppress(OSError):  # a writer started after this one makes its own
             os.unlink(path)
+        if os.getppid() != int(parent):  # no master left to remove the socket's directory
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return 0
 
 
