@@ -248,10 +248,7 @@ def test_a_write_the_writer_fails_is_tried_again_on_the_web_side(
 
 def test_a_database_the_writer_cannot_reach_is_a_503_without_a_second_wait(app, db, socket_path):
     unreachable = make_url(PG_URL or "postgresql://postgres@127.0.0.1/hub").set(port=closed_port())
-    down = Database(unreachable.render_as_string(hide_password=False), connect_timeout=1)
-    writer = Writer(down, socket_path)
-    thread = threading.Thread(target=writer.serve, daemon=True)
-    thread.start()
+    served = Served(unreachable.render_as_string(hide_password=False), socket_path)
     local = GroupCommitter(db)
     try:
         client = WriterClient(socket_path, local, timeout=5.0)
@@ -259,9 +256,7 @@ def test_a_database_the_writer_cannot_reach_is_a_503_without_a_second_wait(app, 
         with pytest.raises(DisconnectionError) as raised:
             client.insert_rows(rows)
     finally:
-        writer.stop()
-        thread.join(5)
-        down.dispose()
+        served.close()
     assert is_unavailable(raised.value)  # what the web face answers 503 for
     assert local.pieces == 0  # the web side did not wait for the database a second time
 

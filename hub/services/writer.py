@@ -241,17 +241,14 @@ class Writer:
                 log.warning("writer process: gunicorn's master is gone; stopping")
                 break
             received: list[tuple[_Peer, Any]] = []
-            self._take(ready, received)
+            for key, _ in ready:
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._read(key.data, received)
             for start in range(0, len(received), self.max_batch):
                 self._write(received[start : start + self.max_batch])
         self.close()
-
-    def _take(self, ready: list, received: list[tuple[_Peer, Any]]) -> None:
-        for key, _ in ready:
-            if key.data is None:
-                self._accept()
-            else:
-                self._read(key.data, received)
 
     def stop(self) -> None:
         """Stop after the batch being written, if any, is answered."""
@@ -367,7 +364,6 @@ class Supervisor:
         self.env = {**os.environ, "HUB_DATABASE_URL": database_url}
         self.log = logger
         self.proc: subprocess.Popen | None = None
-        self.starts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -386,7 +382,6 @@ class Supervisor:
                 env=self.env,
                 stdin=subprocess.DEVNULL,
             )
-            self.starts += 1
 
     def _watch(self) -> None:
         delay = 0.1
