@@ -95,9 +95,14 @@ def gunicorn(
 
     gunicorn binds port 0 and the test reads the port it got from its log, so two runs
     never race for a port. It runs without a control socket (one fixed path per user,
-    which parallel runs would share) and in a session of its own, so a test can SIGKILL
-    the whole server (master and workers) with ``os.killpg``.
+    which parallel runs would share), with a metrics directory of its own, and in a
+    session of its own, so a test can SIGKILL the whole server (master and workers) with
+    ``os.killpg``.
     """
+    # Its own metrics directory, kept across restarts on one log: the default
+    # (<instance>/metrics) is the checkout's, shared by every server the suite runs at once,
+    # whose live gauges (hub_processes) would add up with this one's.
+    env.setdefault("HUB_METRICS_DIR", str(log_path.with_name(log_path.name + ".metrics")))
     log = open(log_path, "ab")  # noqa: SIM115 - closed below
     start = log.tell()  # a test may start gunicorn twice on one log: read this run's lines
     if command is None:
