@@ -86,12 +86,14 @@ def gunicorn(
     bin_dir: Path = BIN,
     cwd: Path = ROOT,
     command: list | None = None,
+    own_metrics: bool = True,
     **env: str,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """The hub under real gunicorn on 127.0.0.1; yields (process, base URL).
 
     ``bin_dir`` is the virtualenv whose gunicorn runs (this one by default), ``cwd`` where;
     ``command`` starts it another way (`hub serve ...`), with the same log and settings.
+    ``own_metrics=False`` leaves the metrics directory to the hub's default.
 
     gunicorn binds port 0 and the test reads the port it got from its log, so two runs
     never race for a port. It runs without a control socket (one fixed path per user,
@@ -102,7 +104,8 @@ def gunicorn(
     # Its own metrics directory, kept across restarts on one log: the default
     # (<instance>/metrics) is the checkout's, shared by every server the suite runs at once,
     # whose live gauges (hub_processes) would add up with this one's.
-    env.setdefault("HUB_METRICS_DIR", str(log_path.with_name(log_path.name + ".metrics")))
+    if own_metrics:
+        env.setdefault("HUB_METRICS_DIR", str(log_path.with_name(log_path.name + ".metrics")))
     log = open(log_path, "ab")  # noqa: SIM115 - closed below
     start = log.tell()  # a test may start gunicorn twice on one log: read this run's lines
     if command is None:

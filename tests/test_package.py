@@ -184,6 +184,7 @@ def test_an_installed_hub_keeps_its_data_outside_the_venv_and_serves_with_the_hu
         workers=1,
         cwd=elsewhere,
         command=serve,
+        own_metrics=False,  # the default: in the data directory
         **{k: env[k] for k in ("HUB_SECRET_KEY", "XDG_DATA_HOME", "HOME", "PATH")},
         HUB_PORT=taken,
         PYTHONPATH="",
