@@ -10,7 +10,7 @@ from sqlalchemy import event, exc, func, select
 
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of
-from hub.store.models import Delivery, Event, first_delivery_id, utcnow
+from hub.store.models import Delivery, Event, first_delivery_id, fresh, utcnow
 from tests.procs import closed_port
 
 
@@ -296,6 +296,41 @@ def test_row_of_fills_the_python_defaults_of_what_was_not_set():
     assert row["id"].startswith("evt_") and row["received_at"] is not None
     assert (row["headers"], row["attempts"], row["retries"]) == ({}, 0, 0)
     assert row["body"] is None
+    assert event.retries == 0  # the default is on the object too
+
+
+def test_a_row_object_built_by_fresh_is_the_constructors_in_a_row_and_in_a_session(db):
+    """Ingest builds its rows with models.fresh, not the ORM's constructor: the same row
+    either way, whether written by the group committer or added to a session."""
+    now = utcnow()
+    values = {"route": "r", "method": "POST", "path": "/hooks/r", "headers": {"a": "b"}}
+    values.update(received_at=now, status="pending")
+    built, made = fresh(Event, id="evt_fresh", **values), Event(id="evt_made", **values)
+    assert {**row_of(built), "id": None} == {**row_of(made), "id": None}
+    assert (built.route, built.headers, built.body) == ("r", {"a": "b"}, None)
+    with db.session() as session:
+        session.add(fresh(Event, id="evt_added", **values))
+        session.flush()  # the event's row before its delivery's, as intake's dedup path does
+        session.add(
+            fresh(
+                Delivery,
+                id=first_delivery_id("evt_added"),
+                event_id="evt_added",
+                route="r",
+                destination="d",
+                lane="r/d",
+                status="pending",
+            )
+        )
+    with db.session() as session:
+        stored = session.get(Event, "evt_added")
+        assert (stored.route, stored.headers, stored.received_at, stored.retries) == (
+            "r",
+            {"a": "b"},
+            now,
+            0,
+        )
+        assert session.get(Delivery, first_delivery_id("evt_added")).lane == "r/d"
 
 
 def test_rows_are_written_parents_first_whatever_order_they_come_in(db):

@@ -60,6 +60,7 @@ from hub.store.models import (
     EventStatus,
     Route,
     first_delivery_id,
+    fresh,
     lane_of,
     may_be_original,
     new_delivery_id,
@@ -228,7 +229,8 @@ def key_from(headers: Headers, args: Mapping[str, str]) -> str | None:
 
 def new_event(incoming: Incoming) -> Event:
     """The request's row; headers and body are set once the hub knows whether it accepts it."""
-    return Event(
+    return fresh(
+        Event,
         id=new_event_id(),
         # a key typed as the route's name
         route=redact.keys_in_text(incoming.route_name[:200]),
@@ -1253,7 +1255,8 @@ def new_deliveries(event: Event, route: Route, payload: Any = None) -> list[Deli
         else:
             status = EventStatus.PENDING
         rows.append(
-            Delivery(
+            fresh(
+                Delivery,
                 id=first_delivery_id(event.id) if position == 0 else new_delivery_id(),
                 event_id=event.id,
                 route=event.route,

@@ -51,6 +51,7 @@ from hub.store.models import (
     Event,
     EventStatus,
     Route,
+    fresh,
     utcnow,
 )
 
@@ -327,7 +328,8 @@ class _Step:
     ) -> Attempt:
         # Every connector call's row is built here, so every call is counted here.
         metrics.attempt_done(self.name, outcome, time.monotonic() - t0)
-        return Attempt(
+        return fresh(
+            Attempt,
             event_id=self.run.event.id,
             delivery_id=self.run.delivery.id if self.run.delivery is not None else None,
             run=self.run_number,

@@ -430,7 +430,9 @@ def row_of(obj: Any) -> dict[str, Any]:
         if kind is _LEFT_TO_DATABASE:
             continue
         value = default(None) if kind is _CALLED else default
-        setattr(obj, attr, value)
+        # Into the object's values directly: it is new, so there is no change to track, and
+        # an instrumented setattr for each column left unset was half of this function.
+        given[attr] = value
         values[key] = value
     return values
 
