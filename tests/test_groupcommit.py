@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import event, exc, func, select
 
 from hub.store.db import Database
-from hub.store.groupcommit import GroupCommitter, row_of
+from hub.store.groupcommit import GroupCommitter, row_of, update_by_id
 from hub.store.models import Delivery, Event, first_delivery_id, fresh, utcnow
 from tests.procs import closed_port
 
@@ -351,3 +351,26 @@ def test_rows_are_written_parents_first_whatever_order_they_come_in(db):
         )
         committer.insert_rows([(Delivery.__table__, row_of(delivery)), (Event.__table__, row)])
         assert stored(db, event.id)
+
+
+def test_update_by_id_sets_the_values_of_one_row_as_the_columns_store_them(db):
+    """The sync run's endings: a prepared UPDATE by id, each value through its column's
+    type (a UTC time, JSON, an escaped NUL), the rows it changed counted."""
+    now = utcnow()
+    with db.engine.begin() as conn:
+        _insert_event(conn, "evt_upd")
+        _insert_event(conn, "evt_other")
+        values = {"status": "delivered", "completed_at": now, "result": {"a": [1, None]}}
+        assert update_by_id(conn, Event.__table__, "evt_upd", values) == 1
+        assert update_by_id(conn, Event.__table__, "evt_upd", {"last_error": "a\x00b"}) == 1
+        assert update_by_id(conn, Event.__table__, "evt_missing", {"status": "failed"}) == 0
+    with db.session() as session:
+        stored, other = session.get(Event, "evt_upd"), session.get(Event, "evt_other")
+        assert (stored.status, stored.completed_at, stored.result) == tuple(values.values())
+        assert stored.last_error == "a\\u0000b"
+        assert (other.status, other.completed_at, other.result) == ("pending", None, None)
+
+
+def _insert_event(conn, event_id: str) -> None:
+    row = row_of(fresh(Event, id=event_id, route="r", method="POST", path="/hooks/r", headers={}))
+    conn.execute(Event.__table__.insert(), [{**row, "status": "pending"}])

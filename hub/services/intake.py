@@ -32,7 +32,6 @@ from sqlalchemy import (
     Row,
     bindparam,
     delete,
-    insert,
     null,
     select,
     text,
@@ -51,7 +50,7 @@ from hub.services.delivery import sync_lease
 from hub.services.templating import TemplateLimits
 from hub.store import crypto
 from hub.store.db import get_db, get_session
-from hub.store.groupcommit import row_of
+from hub.store.groupcommit import row_of, update_by_id
 from hub.store.models import (
     Attempt,
     DedupKey,
@@ -1123,15 +1122,16 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     fan_out = len(deliveries) > 1
 
     def write(shared: Connection) -> None:
-        if rows:
-            shared.execute(insert(Attempt.__table__), rows)
-        set_by_id(shared, Delivery.__table__, first.id, first_values)
-        set_by_id(shared, Event.__table__, event_id, ending)
+        update_by_id(shared, Delivery.__table__, first.id, first_values)
+        update_by_id(shared, Event.__table__, event_id, ending)
         if fan_out:  # the others may still be on their way: the event is their roll-up
             delivery.rollup(shared, event_id, first.id)
 
     try:
-        current_app.extensions["hub.commits"].run(write)
+        # The attempts are written with the batch's other rows, before ``write``.
+        current_app.extensions["hub.commits"].run(
+            write, inserts=[(Attempt.__table__, row) for row in rows]
+        )
     except Exception as exc:
         session.rollback()
         session.close()  # its connection back to the pool: SQLite's write lock with it
@@ -1140,25 +1140,6 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
     if not fan_out:  # else the event ends with its last delivery, counted by the worker
         metrics.event_ended(event.route, event.status)
     return outcome
-
-
-def set_by_id(conn: Connection, table: Any, row_id: str, values: dict[str, Any]) -> None:
-    """UPDATE ``table`` SET ``values`` WHERE id = ``row_id``, by a statement built once per
-    table and set of columns: building, cache-keying and compiling one for each sync run's
-    two endings was a tenth of the run's CPU."""
-    columns = tuple(values)
-    statement = _SET_BY_ID.get((table, columns))
-    if statement is None:
-        statement = (
-            update(table)
-            .where(table.c.id == bindparam("row_id"))
-            .values({name: bindparam(f"set_{name}") for name in columns})
-        )
-        _SET_BY_ID[(table, columns)] = statement
-    conn.execute(statement, {"row_id": row_id, **{f"set_{k}": v for k, v in values.items()}})
-
-
-_SET_BY_ID: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
 def record_unrecorded(event_id: str, exc: Exception) -> None:

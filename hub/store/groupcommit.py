@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, bindparam, insert, inspect, literal, select
+from sqlalchemy import Connection, Table, bindparam, insert, inspect, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hub.store.db import Database, is_unavailable
@@ -405,6 +405,58 @@ def _prepared_insert(dialect: Any, table: Table, columns: tuple[str, ...]):
         )
         names = None if compiled.positional else order
         known = _PREPARED_INSERTS[key] = (compiled.string, names, processors)
+    return known
+
+
+def update_by_id(conn: Connection, table: Table, row_id: Any, values: dict[str, Any]) -> int:
+    """UPDATE ``table`` SET ``values`` WHERE id = ``row_id``; the number of rows changed.
+    Prepared like ``_insert_many``'s INSERT, once per table, columns and dialect: built,
+    cache-keyed and compiled for each sync run's two endings, the statements were a tenth
+    of the run's CPU, and the compiled cache's lookup and parameters another tenth."""
+    sql, names, processors = _prepared_update(conn.dialect, table, tuple(values))
+    params = tuple(
+        (row_id if column is None else values[column])
+        if process is None
+        else process(row_id if column is None else values[column])
+        for column, process in processors
+    )
+    if names is not None:  # a named paramstyle (psycopg's %(name)s)
+        return conn.exec_driver_sql(sql, dict(zip(names, params, strict=True))).rowcount
+    return conn.exec_driver_sql(sql, params).rowcount
+
+
+_PREPARED_UPDATES: dict[tuple, tuple[str, tuple[str, ...] | None, tuple]] = {}
+_ROW_ID = "hub_row_id"  # the WHERE's parameter: a name no column has
+
+
+def _prepared_update(dialect: Any, table: Table, columns: tuple[str, ...]):
+    """(SQL, parameter names or None when positional, ((column or None for the id, bind
+    processor), ...) in the order the SQL takes them) for an UPDATE of ``columns`` of the
+    row of ``table`` with a given id."""
+    key = (dialect.name, dialect.driver, table, columns)
+    known = _PREPARED_UPDATES.get(key)
+    if known is None:
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam(_ROW_ID))
+            .values({name: bindparam(f"set_{name}") for name in columns})
+        )
+        compiled = statement.compile(dialect=dialect)
+        order = tuple(compiled.positiontup) if compiled.positional else tuple(compiled.binds)
+        if set(order) != {_ROW_ID, *(f"set_{name}" for name in columns)}:
+            # A column updated by default (``onupdate``) would need its value made here.
+            raise ValueError(f"update_by_id can't update {table.name}: it sets other columns")
+        processors = tuple(
+            (None, table.c.id.type.dialect_impl(dialect).bind_processor(dialect))
+            if name == _ROW_ID
+            else (
+                name[len("set_") :],
+                table.c[name[len("set_") :]].type.dialect_impl(dialect).bind_processor(dialect),
+            )
+            for name in order
+        )
+        names = None if compiled.positional else order
+        known = _PREPARED_UPDATES[key] = (compiled.string, names, processors)
     return known
 
 
