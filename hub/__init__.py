@@ -62,6 +62,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["hub.notifier"] = Notifier(app.extensions["hub.db"])
     # Writes that lock rows (a delivery's ending and its event's roll-up, a sync run's end)
     # share one writer; new events and their deliveries, only inserted, two on PostgreSQL.
+    # Under gunicorn both new events and a sync run's end (one destination: rows no other
+    # writer touches) go to the writer process, these committers only when it can't.
     hub_db = app.extensions["hub.db"]
     app.extensions["hub.commits"] = GroupCommitter.of(hub_db, tracing, "commits")
     inserts = GroupCommitter.of(

@@ -8,6 +8,8 @@ In one process, a real Writer serving a real Unix socket on a thread:
 - the writer ends after committing, before answering: the event is stored once (``lost``);
 - the writer ends before committing: the web side commits it (``lost``);
 - a writer that does not answer within HUB_WRITER_TIMEOUT: committed by the web side;
+- a sync run's ending (its attempts, its delivery's and event's end) is the writer's commit
+  too, and one whose answer was lost is written once, by one side or the other;
 - the writer's write fails: tried again on the web side, whose exception is the answer;
 - the writer can't reach the database: 503 at once, without a second wait on the web side.
 
@@ -38,7 +40,7 @@ from hub.services import keys
 from hub.services.writer import Writer, WriterClient
 from hub.store.db import Database, is_unavailable
 from hub.store.groupcommit import GroupCommitter, row_of
-from hub.store.models import ApiKey, Delivery, Event, utcnow
+from hub.store.models import ApiKey, Attempt, Delivery, Event, utcnow
 from tests.conftest import PG_URL
 from tests.procs import children, closed_port, gunicorn, is_writer, wait_until
 
@@ -208,6 +210,48 @@ def test_a_writer_that_ends_before_answering_leaves_the_event_stored_once(
     client.insert_rows(rows)
     assert stored(db, event_id) == (1, 1)
     assert fallbacks("lost") == before + 1
+
+
+def attempts_of(db, event_id: str) -> list[tuple[str, str]]:
+    with db.session() as session:
+        rows = session.execute(
+            select(Attempt.connector, Attempt.outcome).where(Attempt.event_id == event_id)
+        )
+        return [tuple(row) for row in rows]
+
+
+def test_a_sync_run_is_ended_by_the_writer(
+    app, client, db, key, add_route, serve_writer, through_writer
+):
+    writer = serve_writer()
+    add_route("now", [{"connector": "text", "config": {"field": "text"}}], mode="sync")
+    answer = client.post("/hooks/now", json={"text": "Hi"}, headers={"X-API-Key": key})
+    assert answer.status_code == 200, answer.json
+    with db.session() as session:
+        (event,) = session.scalars(select(Event).where(Event.route == "now"))
+        (run,) = session.scalars(select(Delivery).where(Delivery.event_id == event.id))
+        assert (event.status, event.response_status, run.status) == ("delivered", 200, "delivered")
+    assert attempts_of(db, event.id) == [("text", "ok")]
+    # The event and then its ending, both the writer's commits; none on the web side.
+    assert writer.committer.pieces == 2
+    assert through_writer.pieces == 0 and app.extensions["hub.commits"].pieces == 0
+
+
+@pytest.mark.parametrize("kind", [EndsAfterCommitting, EndsBeforeCommitting])
+def test_a_sync_run_whose_ending_lost_its_answer_is_ended_once(
+    app, client, db, key, add_route, serve_writer, through_writer, kind
+):
+    serve_writer(kind)
+    add_route("now", [{"connector": "text", "config": {"field": "text"}}], mode="sync")
+    before = fallbacks("lost")
+    answer = client.post("/hooks/now", json={"text": "Hi"}, headers={"X-API-Key": key})
+    assert answer.status_code == 200, answer.json
+    with db.session() as session:
+        (event_id,) = session.scalars(select(Event.id).where(Event.route == "now"))
+        assert session.get(Event, event_id).status == "delivered"
+    # Written by the writer or by the web side, never by both: one attempt row.
+    assert attempts_of(db, event_id) == [("text", "ok")]
+    assert fallbacks("lost") == before + 2  # the event's insert, then the ending
 
 
 def test_a_writer_that_does_not_answer_in_time_leaves_the_event_to_the_web_side(

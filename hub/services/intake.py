@@ -44,7 +44,16 @@ from werkzeug.datastructures import Headers
 from hub import providers, rates, signatures
 from hub.connectors import lookup_path
 from hub.ops import logs, metrics, redact
-from hub.services import breaker, delivery, keys, ordering, payload_schema, pipeline, ratelimit
+from hub.services import (
+    breaker,
+    delivery,
+    keys,
+    ordering,
+    payload_schema,
+    pipeline,
+    ratelimit,
+    writer,
+)
 from hub.services import routes as route_store
 from hub.services.delivery import sync_lease
 from hub.services.templating import TemplateLimits
@@ -1127,11 +1136,22 @@ def run_sync(accepted: Accepted, status_of=None) -> pipeline.Outcome:
         if fan_out:  # the others may still be on their way: the event is their roll-up
             delivery.rollup(shared, event_id, first.id)
 
+    attempt_rows = [(Attempt.__table__, row) for row in rows]
+    commits = current_app.extensions["hub.commits"]
+    inserts = current_app.extensions["hub.inserts"]
     try:
-        # The attempts are written with the batch's other rows, before ``write``.
-        current_app.extensions["hub.commits"].run(
-            write, inserts=[(Attempt.__table__, row) for row in rows]
-        )
+        if not fan_out and isinstance(inserts, writer.WriterClient):
+            # Through the writer process with the new events (one process writes, no web
+            # thread holds a transaction while it waits for the GIL); here if it can't.
+            inserts.write_ending(
+                attempt_rows,
+                [(Delivery.__table__, first.id, first_values), (Event.__table__, event_id, ending)],
+                only_if=(Event.__table__, event_id, "status", EventStatus.PROCESSING),
+                here=commits,
+            )
+        else:
+            # The attempts are written with the batch's other rows, before ``write``.
+            commits.run(write, inserts=attempt_rows)
     except Exception as exc:
         session.rollback()
         session.close()  # its connection back to the pool: SQLite's write lock with it

@@ -38,6 +38,7 @@ name of the exception its write failed with.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -60,7 +61,14 @@ from sqlalchemy import Table, exc
 from hub.ops import metrics
 from hub.services import keys
 from hub.store.db import Database, is_unavailable
-from hub.store.groupcommit import MAX_BATCH, GroupCommitter, Guard
+from hub.store.groupcommit import (
+    MAX_BATCH,
+    Condition,
+    GroupCommitter,
+    Guard,
+    Update,
+    apply_updates,
+)
 from hub.store.models import Base
 
 log = logging.getLogger("hub.writer")
@@ -108,35 +116,67 @@ class WriterClient:
         if guard is not None and guard[0] is not keys.commit_guard:
             self.local.insert_rows(rows, guard)  # a guard the writer does not know
             return
+        answer = self._exchange(rows, guard[1] if guard else None, [])
+        if answer is _UNREACHABLE:
+            self.local.insert_rows(rows, guard)
+        elif answer is _LOST:  # it may have committed them: written unless there
+            self.local.insert_new(rows, guard)
+        elif answer is _FAILED:
+            self.local.insert_rows(rows, guard)
+
+    def write_ending(
+        self,
+        rows: list[tuple[Table, dict[str, Any]]],
+        updates: list[Update],
+        only_if: Condition,
+        here: GroupCommitter,
+    ) -> None:
+        """``GroupCommitter.write_ending`` through the writer, or with ``here`` (the web
+        process's committer of row-locking writes) when the writer can't take it; after a
+        lost answer, only if ``only_if`` still holds (the writer may have committed it)."""
+        answer = self._exchange(rows, None, updates)
+        if answer is _UNREACHABLE or answer is _FAILED:
+            here.write_ending(rows, updates)
+        elif answer is _LOST:
+            here.write_ending(rows, updates, only_if)
+
+    def _exchange(
+        self, rows: list[tuple[Table, dict[str, Any]]], key_id: Any, updates: list[Update]
+    ) -> object:
+        """Hand ``rows`` (guarded by ``key_id``) and ``updates`` to the writer: None once
+        committed, else what the caller is to do here instead (_UNREACHABLE, _LOST,
+        _FAILED, each counted); raises KeyRefused or, for a database that can't be used,
+        DisconnectionError."""
         body = pickle.dumps(
-            ([(table.name, row) for table, row in rows], guard[1] if guard else None),
+            (
+                [(table.name, row) for table, row in rows],
+                key_id,
+                [(table.name, row_id, values) for table, row_id, values in updates],
+            ),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
         if len(body) > MAX_MESSAGE:
-            self.local.insert_rows(rows, guard)
-            return
+            return _UNREACHABLE  # too large for the writer to read: not counted
         sock = self._send(_LENGTH.pack(len(body)) + body)
         if sock is None:
             metrics.writer_fallback("unreachable")
-            self.local.insert_rows(rows, guard)
-            return
+            return _UNREACHABLE
         try:
             answer = _read_message(sock)
-        except (OSError, EOFError) as lost:  # it may have committed them: written unless there
+        except (OSError, EOFError) as lost:
             self._forget(sock)
-            log.warning("writer process gave no answer (%s): event committed here", _why(lost))
+            log.warning("writer process gave no answer (%s): committed here", _why(lost))
             metrics.writer_fallback("lost")
-            self.local.insert_new(rows, guard)
-            return
+            return _LOST
         if answer == b"ok":
-            return
+            return None
         if answer == b"refused":
             raise keys.KeyRefused("revoked")
         if answer == b"unavailable":  # trying here too would only wait for it twice: 503
             raise exc.DisconnectionError("the writer process could not use the database")
         # Its write failed and was rolled back: again here, where the exception is the real one.
         metrics.writer_fallback("failed")
-        self.local.insert_rows(rows, guard)
+        return _FAILED
 
     def _send(self, message: bytes) -> socket.socket | None:
         """Send ``message`` on this thread's connection, made anew once if the one kept
@@ -184,6 +224,10 @@ class WriterClient:
             socks, self._open = self._open, set()
         for sock in socks:
             sock.close()
+
+
+# What a web process does when the writer did not commit its message (WriterClient._exchange).
+_UNREACHABLE, _LOST, _FAILED = object(), object(), object()
 
 
 def _read_message(sock: socket.socket) -> bytes:
@@ -310,9 +354,15 @@ class Writer:
         pieces = []
         for _, message in received:
             try:
-                rows, key_id = message
+                rows, key_id, updates = message
                 guard = (keys.commit_guard, key_id) if key_id is not None else None
-                pieces.append(([(self.tables[name], row) for name, row in rows], guard))
+                apply = None
+                if updates:
+                    these = [
+                        (self.tables[name], row_id, values) for name, row_id, values in updates
+                    ]
+                    apply = functools.partial(apply_updates, updates=these)
+                pieces.append(([(self.tables[name], row) for name, row in rows], guard, apply))
             except (KeyError, TypeError, ValueError):
                 pieces.append(None)
         readable = [piece for piece in pieces if piece is not None]

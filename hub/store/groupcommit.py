@@ -68,6 +68,10 @@ class _Work:
 # A guard's check: given the batch's connection and the items of the pieces that carry it,
 # what refuses each piece (an exception its caller gets, its rows left out) or None.
 Guard = Callable[[Connection, list[Any]], list[BaseException | None]]
+# An UPDATE of one row by its id: (table, id, {column: value}).
+Update = tuple[Table, Any, dict[str, Any]]
+# A row's column holding a value: (table, id, column, value).
+Condition = tuple[Table, Any, str, Any]
 
 
 class GroupCommitter:
@@ -174,14 +178,45 @@ class GroupCommitter:
                 if not _stored(conn, table, first):
                     raise
 
+    def write_ending(
+        self,
+        rows: list[tuple[Table, dict[str, Any]]],
+        updates: list[Update],
+        only_if: Condition | None = None,
+    ) -> None:
+        """Insert ``rows`` and apply ``updates`` in one transaction shared with the batch
+        (a sync run's attempts and the ending of its delivery and event). With ``only_if``,
+        nothing is written unless that row's column still holds its value: for an ending
+        another process may have committed before its answer was lost (hub.services.writer)."""
+        if only_if is None:
+            self.run(lambda conn: apply_updates(conn, updates), inserts=rows)
+            return
+
+        def write(conn: Connection) -> None:
+            if not _holds(conn, only_if):
+                return
+            for table, row in rows:
+                _insert_many(conn, table, [row])
+            apply_updates(conn, updates)
+
+        self.run(write)
+
     def write_pieces(
-        self, pieces: list[tuple[list[tuple[Table, dict[str, Any]]], tuple[Guard, Any] | None]]
+        self,
+        pieces: list[
+            tuple[
+                list[tuple[Table, dict[str, Any]]],
+                tuple[Guard, Any] | None,
+                Callable[[Connection], Any] | None,
+            ]
+        ],
     ) -> list[BaseException | None]:
-        """Write ``pieces`` (each the ``rows`` and ``guard`` of an ``insert_rows``) as one
-        batch in the calling thread, at most ``max_batch`` of them: what refused or failed
-        each, or None when it is committed. For a process whose one thread writes what other
-        processes hand it (hub.services.writer)."""
-        works = [_Work(None, rows, guard=guard) for rows, guard in pieces]
+        """Write ``pieces`` as one batch in the calling thread, at most ``max_batch`` of
+        them: each the ``rows`` and ``guard`` of an ``insert_rows``, and a function of the
+        connection called after the batch's rows are written, or None. What refused or
+        failed each, or None when it is committed. For a process whose one thread writes
+        what other processes hand it (hub.services.writer)."""
+        works = [_Work(fn, rows, guard=guard) for rows, guard, fn in pieces]
         self._write(works)
         return [work.error or work.refused for work in works]
 
@@ -337,6 +372,18 @@ class TracedGroupCommitter(GroupCommitter):
     def _write(self, batch: list[_Work]) -> None:
         with self.tracing.batch(self.name, [self._callers.get(id(work)) for work in batch]):
             super()._write(batch)
+
+
+def apply_updates(conn: Connection, updates: Iterable[Update]) -> None:
+    """Each UPDATE of ``updates`` (``update_by_id``), in their order."""
+    for table, row_id, values in updates:
+        update_by_id(conn, table, row_id, values)
+
+
+def _holds(conn: Connection, condition: Condition) -> bool:
+    table, row_id, column, value = condition
+    where = (table.c.id == row_id, table.c[column] == value)
+    return conn.execute(select(literal(1)).select_from(table).where(*where)).first() is not None
 
 
 def _stored(conn: Connection, table: Table, row: dict[str, Any]) -> bool:
