@@ -282,3 +282,45 @@ def test_a_sync_route_whose_first_destination_is_paused_answers_202_held(
     drain(app)
     assert [r.json() for r in receiver.requests] == [{"n": 1}]
     assert event_row(db, answer.json["id"]).status == "delivered"
+
+
+def test_a_pause_committed_while_a_claimed_group_waits_holds_the_rest_of_it(
+    app, client, db, key, admin, receiver, receiver_b, monkeypatch
+):
+    """Deliveries claimed together wait for their turn; one whose destination's state was
+    read longer than PREFETCH_AGE ago reads it again before its call, with the rest of its
+    group in one read, so a pause that came meanwhile holds them all."""
+    import time
+
+    from sqlalchemy import event
+
+    from hub.services import delivery
+
+    fan_out(client, admin, receiver, receiver_b)
+    post(client, key, 3)
+    worker = Worker(app, name="group")
+    worker._quick.add("orders/b")  # as a receiver that answers fast makes it: claimed in groups
+    b_ids = [d.id for d in deliveries_of(db, "b")]
+    claimed: list[str] = []
+    while not set(b_ids) <= set(claimed):  # read at the claim: active
+        taken = worker.claim(limit=6)
+        assert taken, "every delivery claimable"
+        claimed += taken
+    paused = client.post("/admin/api/routes/orders/destinations/b/pause", headers=admin)
+    assert paused.json["held"] == 0  # claimed: not waiting in the database
+    monkeypatch.setattr(delivery, "PREFETCH_AGE", 0.3)
+    time.sleep(0.4)  # every claim's read is older than that now
+    reads: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if "breaker_probe FROM destinations JOIN routes" in " ".join(statement.split()):
+            reads.append(statement)  # a read of destinations' states
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        worker.process_group(b_ids)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", count)
+    assert receiver_b.requests == []
+    assert [(d.status, d.attempts) for d in deliveries_of(db, "b")] == [("held", 0)] * 3
+    assert len(reads) == 1, reads  # one read for the group's three
