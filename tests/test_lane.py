@@ -10,6 +10,7 @@ from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
 from hub.services import intake
+from hub.services.routes import ensure_demo_routes
 from hub.store.models import Event
 from hub.web.lane import HooksLane
 
@@ -18,9 +19,11 @@ VOLATILE = {"id", "received_at", "next_attempt_at", "completed_at", "request_id"
 
 
 @pytest.fixture
-def routes(add_route):
+def routes(app, db, add_route):
     add_route("later", [{"connector": "text", "config": {"field": "text"}}], mode="async")
     add_route("now", [{"connector": "text", "config": {"field": "text"}}], mode="sync")
+    with db.session() as session:  # the seed's /api/process and /api/chat
+        ensure_demo_routes(session, app.extensions["hub.connectors"])
 
 
 @pytest.fixture
@@ -39,10 +42,17 @@ def test_a_webhook_is_answered_without_flask_dispatch(app, client, key, routes):
     assert response.status_code == 202
     assert dispatched == []
 
-    # Anything else under /hooks is Flask's: another method, a trailing slash.
+    # So is the seed's POST /api/process, a sync run.
+    response = client.post("/api/process", json={"input": "hi"}, headers={"X-API-Key": key})
+    assert response.status_code == 200 and response.json["result"]["processed"] == "HI"
+    assert dispatched == []
+
+    # Anything else under /hooks is Flask's: another method, a trailing slash; and so is
+    # anything but a POST to /api/process.
     assert client.get("/hooks/later").status_code == 405
     assert client.post("/hooks/later/", json={}, headers={"X-API-Key": key}).status_code == 404
-    assert len(dispatched) == 2
+    assert client.get("/api/process", headers={"X-API-Key": key}).status_code == 405
+    assert len(dispatched) == 3
 
 
 def _row(db, event_id):
@@ -67,6 +77,14 @@ CASES = {
     "bad media": ("later", {"data": b"\x00\x01", "content_type": "image/png"}),
     "missing field": ("now", {"json": {"other": 1}}),
     "key in the query": ("later", {"json": {"text": "hi"}}),
+    # The seed's POST /api/process: a sync run in the article's shapes.
+    "seed result": ("/api/process", {"json": {"input": "hello hub"}}),
+    "seed without input": ("/api/process", {"json": {"text": "hi"}}),
+    "seed bad key": (
+        "/api/process",
+        {"json": {"input": "hi"}, "headers": {"X-API-Key": "hub_bad_key"}},
+    ),
+    "seed bad json": ("/api/process", {"data": b"{nope", "content_type": "application/json"}),
 }
 
 
@@ -80,7 +98,8 @@ def test_the_lane_answers_as_flask_does(db, key, routes, faces, case):
     answers, rows = [], []
     for face in faces:
         seen = set(_rows_since(db, set()))
-        response = face.post(f"/hooks/{route}", headers=headers, **kwargs)
+        path = route if route.startswith("/") else f"/hooks/{route}"
+        response = face.post(path, headers=headers, **kwargs)
         answers.append(response)
         [event_id] = _rows_since(db, seen)
         rows.append(_row(db, event_id))

@@ -1,4 +1,5 @@
-"""The webhook lane: ``POST /hooks/<route>`` answered without Flask's request machinery.
+"""The webhook lane: ``POST /hooks/<route>`` and ``POST /api/process`` answered without
+Flask's request machinery.
 
 A webhook is the request the hub answers most, and the one whose cost decides how many a
 machine takes. Flask's request context, URL matching, session, before- and after-request
@@ -8,8 +9,10 @@ middleware: a POST whose path is ``/hooks/<route>`` runs the same view code
 (``hub.web.hooks.handle``: the same checks, limits, rows and answers) inside the app's
 context only, and is answered with what the Flask face would send: the same status, JSON
 body (compact, one line), ``X-Request-ID``, the same error answers (``hub.web.errors``) and
-metrics. Every other request, and every webhook path Flask would route otherwise (a
-trailing slash, an empty name), goes to Flask as before.
+metrics. A POST to the seed's ``/api/process`` (a sync run: Flask's dispatch was a fifth of
+its web side's CPU) goes the same way through ``hub.web.seed.process``. Every other
+request, and every webhook path Flask would route otherwise (a trailing slash, an empty
+name), goes to Flask as before.
 
 The lane is not installed with HUB_OTEL=true: the Flask instrumentation's server span must
 see every request.
@@ -28,9 +31,10 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from hub.ops import logs, metrics
 from hub.services import intake
-from hub.web import errors, hooks
+from hub.web import errors, hooks, seed
 
 PREFIX = "/hooks/"
+SEED_PROCESS = "/api/process"
 JSON = ("Content-Type", "application/json")
 
 
@@ -55,15 +59,16 @@ class HooksLane:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if (
-            environ.get("REQUEST_METHOD") != "POST"
-            or not path.startswith(PREFIX)
-            or len(path) == len(PREFIX)
-            or "/" in path[len(PREFIX) :]
-        ):
+        if environ.get("REQUEST_METHOD") != "POST":
             return self.inner(environ, start_response)
-        # Werkzeug's decoding of a path (WSGI gives it as latin-1 of its bytes).
-        route_name = path[len(PREFIX) :].encode("latin-1").decode(errors="replace")
+        if path == SEED_PROCESS:
+            route_name, view = "process", seed.process
+        elif path.startswith(PREFIX) and len(path) > len(PREFIX) and "/" not in path[len(PREFIX) :]:
+            # Werkzeug's decoding of a path (WSGI gives it as latin-1 of its bytes).
+            route_name = path[len(PREFIX) :].encode("latin-1").decode(errors="replace")
+            view = hooks.handle
+        else:
+            return self.inner(environ, start_response)
         app = self.app
         with app.app_context():
             req = app.request_class(environ)
@@ -71,7 +76,7 @@ class HooksLane:
             g.hub_log_token = logs.bind(request_id=rid)  # unbound as the context ends
             try:
                 try:
-                    answer = hooks.handle(hooks.incoming(route_name, req, rid), req)
+                    answer = view(hooks.incoming(route_name, req, rid), req)
                 except Exception as exc:  # as the Flask face's error handlers answer it
                     answer = self.error_answer(exc)
                 finally:
@@ -86,8 +91,8 @@ class HooksLane:
 
     @staticmethod
     def error_answer(exc: Exception) -> Any:
-        """What the Flask face's error handlers answer for ``exc`` (hub.web.hooks' own,
-        then hub.web.errors')."""
+        """What the Flask face's error handlers answer for ``exc`` (hub.web.hooks' own, the
+        seed's the same, then hub.web.errors')."""
         if isinstance(exc, intake.SyncBusy):
             return hooks.sync_busy_response(exc)
         if isinstance(exc, intake.RefusedAtCommit):

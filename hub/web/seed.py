@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, Request
 
 from hub.services import intake, pipeline
 from hub.web.errors import error_response
@@ -26,7 +26,13 @@ bp.register_error_handler(intake.RefusedAtCommit, refused_at_commit_response)
 
 @bp.route("/api/process", methods=ANY_METHOD)
 def api_process():
-    accepted = intake.accept(incoming("process"))
+    return process(incoming("process"))
+
+
+def process(came: intake.Incoming, req: Request | None = None):
+    """A request for /api/process, answered as a Flask view answers (hub/web/lane.py
+    answers a POST the same way without Flask's request context: ``req`` is its request)."""
+    accepted = intake.accept(came)
     if isinstance(accepted, intake.Answer):
         return answer(accepted)
     data = accepted.payload
@@ -35,7 +41,7 @@ def api_process():
             intake.refuse_accepted(accepted, 400, "Missing required field: input", "missing_field")
         )
     if accepted.route.mode == "async" or intake.waits_for_resume(accepted):
-        return enqueue(accepted, task_id=accepted.event.id)
+        return enqueue(accepted, req, task_id=accepted.event.id)
     outcome = run_sync(accepted)
     if outcome.status == pipeline.DELIVERED:
         return {"success": True, "result": outcome.result, "input": data["input"]}, 200
