@@ -815,8 +815,8 @@ class Worker:
     def _read_held(self, delivery_ids: Sequence[str]) -> None:
         """Read again whether each of ``delivery_ids`` (claimed, waiting in a group) must be
         held: one read for the group, not one for each delivery claimed longer than
-        PREFETCH_AGE ago (three reads in ten deliveries of the http drain, each 0.4-0.8 ms
-        of CPU). A read that fails leaves them to be read one by one."""
+        PREFETCH_AGE ago (a tenth of an http drain worker's time, each read 0.4-0.8 ms of
+        CPU). A read that fails leaves them to be read one by one."""
         with self._lock:
             waiting = [self._claimed[i][0] for i in delivery_ids if i in self._claimed]
         if not waiting:

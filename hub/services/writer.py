@@ -1,5 +1,5 @@
 """The writer process: one per gunicorn master, it commits the new events of all its web
-processes.
+processes, and their sync runs' endings.
 
 Why a process of its own: a request thread that writes a batch in its web process waits
 for the GIL after each call into the database driver, holding the SQLite write lock or a
@@ -28,8 +28,13 @@ answer (503 for a database that is down, as before).
 The socket lies in a directory of the master's making that only the hub's user can open
 (mode 0700): what comes in is unpickled, so only the hub's own processes may write to it.
 
+A sync run's ending (its attempts, its delivery's and event's end state) goes the same
+way (``write_ending``), for a route with one destination: after a lost answer the web
+process writes it only while the event is still ``processing``, so it is written once.
+
 Messages: a 4-byte big-endian length, then the body. To the writer, a pickle of
-``(rows, key id or None)`` with rows as ``[(table name, row), ...]``; from it, ``ok``,
+``(rows, key id or None, updates)`` with rows as ``[(table name, row), ...]`` and updates as
+``[(table name, row id, {column: value}), ...]``, applied after the batch's rows; from it, ``ok``,
 ``refused`` (the key was revoked since it was read), ``unavailable`` (the database can't be
 used now: the sender is answered 503 at once, as a web process's own commit would) or the
 name of the exception its write failed with.
