@@ -10,7 +10,7 @@ from sqlalchemy import event, exc, func, select
 
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of, update_by_id
-from hub.store.models import Delivery, Event, first_delivery_id, fresh, utcnow
+from hub.store.models import Delivery, Event, Route, first_delivery_id, fresh, utcnow
 from tests.procs import closed_port
 
 
@@ -369,6 +369,12 @@ def test_update_by_id_sets_the_values_of_one_row_as_the_columns_store_them(db):
         assert (stored.status, stored.completed_at, stored.result) == tuple(values.values())
         assert stored.last_error == "a\\u0000b"
         assert (other.status, other.completed_at, other.result) == ("pending", None, None)
+
+
+def test_update_by_id_refuses_a_table_whose_columns_update_by_default(db):
+    """Route.updated_at is set by an ``onupdate`` the prepared statement would skip."""
+    with db.engine.begin() as conn, pytest.raises(ValueError, match="can't update routes"):
+        update_by_id(conn, Route.__table__, 1, {"description": "x"})
 
 
 def _insert_event(conn, event_id: str) -> None:

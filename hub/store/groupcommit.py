@@ -382,13 +382,15 @@ def apply_updates(conn: Connection, updates: Iterable[Update]) -> None:
 
 def _holds(conn: Connection, condition: Condition) -> bool:
     table, row_id, column, value = condition
-    where = (table.c.id == row_id, table.c[column] == value)
-    return conn.execute(select(literal(1)).select_from(table).where(*where)).first() is not None
+    return _exists(conn, table, table.c.id == row_id, table.c[column] == value)
 
 
 def _stored(conn: Connection, table: Table, row: dict[str, Any]) -> bool:
     """Whether ``row`` of ``table`` is there, by its primary key."""
-    where = [column == row[column.key] for column in table.primary_key.columns]
+    return _exists(conn, table, *(c == row[c.key] for c in table.primary_key.columns))
+
+
+def _exists(conn: Connection, table: Table, *where: Any) -> bool:
     return conn.execute(select(literal(1)).select_from(table).where(*where)).first() is not None
 
 
