@@ -91,7 +91,7 @@ def main() -> None:
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix="hub-drain-"))
     peak = Peak()
-    with Receiver() as receiver:
+    with Receiver(keep_alive=True) as receiver:
         for run in range(args.runs):
             hub = Hub(fresh_postgres(url), receiver.url)
             body = b'{"input": "hello hub"}'

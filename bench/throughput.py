@@ -554,7 +554,7 @@ def main() -> None:
         bare["bare_process"] = max(bare.get("bare_process", 0.0), seed.requests_per_s)
         bare_p99["bare"] = min(bare_p99.get("bare", 1e9), hook.p99_ms)
 
-    with Receiver() as receiver:
+    with Receiver(keep_alive=True) as receiver:
         if "bare" in only:
             run_bare("first")
         databases = [("SQLite", "sqlite", fresh_sqlite(workdir, "hub"))]

@@ -70,6 +70,8 @@ class Recorded:
     headers: dict[str, str]  # names lower-cased
     body: bytes
     received_at: float  # time.time()
+    # The client's (host, port): requests that share it came on one connection.
+    peer: tuple[str, int] | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -120,12 +122,15 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=self._read_body(),
             received_at=time.time(),
+            peer=tuple(self.client_address[:2]),
         )
         owner = self.server.owner
         reply = owner._record_and_pick(recorded)
         if reply.delay > 0 and owner._stopping.wait(reply.delay):
+            self.close_connection = True
             return  # shutting down: drop the connection
         if reply.raw is not None:
+            self.close_connection = True  # a raw answer ends where its connection does
             owner._sent(self._stream(reply))
             return
         if reply.body is None:
@@ -167,7 +172,8 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers:
             self.send_header(name, str(value))
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
+        if self.protocol_version == "HTTP/1.0":
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -175,12 +181,21 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
 
 
+class _KeepAliveHandler(_Handler):
+    """HTTP/1.1: a connection takes request after request, as most receivers allow."""
+
+    protocol_version = "HTTP/1.1"
+
+
 class _Server:
     """Shared machinery: lifecycle, recording, scripted replies."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, keep_alive: bool = False):
         self._host = host
         self._port = port
+        # False: one request per connection (HTTP/1.0), so nothing lingers in a client's
+        # pool between tests; True: connections kept open between requests (benchmarks).
+        self._handler = _KeepAliveHandler if keep_alive else _Handler
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -195,7 +210,7 @@ class _Server:
         if self._httpd is not None:
             return self
         self._stopping.clear()
-        httpd = _HTTPServer((self._host, self._port), _Handler)
+        httpd = _HTTPServer((self._host, self._port), self._handler)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -293,8 +308,15 @@ class Receiver(_Server):
     """A webhook receiver that records every request and answers 200 ``{"ok": true}``
     unless scripted otherwise."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0):
-        super().__init__(host=host, port=port)
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay: float = 0.0,
+        keep_alive: bool = False,
+    ):
+        super().__init__(host=host, port=port, keep_alive=keep_alive)
         self.delay = delay
 
     def default_reply(self) -> Reply:

@@ -476,6 +476,21 @@ def test_session_is_shared_and_created_once_across_threads(monkeypatch):
         created.close()
 
 
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_calls_to_a_receiver_that_keeps_connections_reuse_one(allow_private, keep_alive):
+    """The connector's calls share pooled connections: to a receiver that keeps them open,
+    three calls in a row take one; to one that closes each, three."""
+    with Receiver(keep_alive=keep_alive) as r:
+        for n in range(3):
+            response = http.request(make_ctx(), "POST", f"{r.url}/in", json={"n": n})
+            assert response.status_code == 200
+            assert response.json() == {"ok": True}
+        bodies = [recorded.json() for recorded in r.requests]
+        peers = {recorded.peer for recorded in r.requests}
+    assert bodies == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert len(peers) == (1 if keep_alive else 3)
+
+
 # --------------------------------------------------------------------------------------
 # check_target and the connected-peer guard
 # --------------------------------------------------------------------------------------
