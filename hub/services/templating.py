@@ -275,6 +275,15 @@ def _walk(value: Any, path: str, fn):
     return value
 
 
+def has_template(config: Any) -> bool:
+    """Whether a string anywhere in ``config`` (its dicts' values, its lists) is a template."""
+    if isinstance(config, dict):
+        return any(has_template(value) for value in config.values())
+    if isinstance(config, list):
+        return any(has_template(value) for value in config)
+    return is_template(config)
+
+
 def check_config(config: Any) -> None:
     """Parse every template in a step config; raise TemplateProblem naming the field."""
 
