@@ -10,7 +10,16 @@ from sqlalchemy import event, exc, func, select
 
 from hub.store.db import Database
 from hub.store.groupcommit import GroupCommitter, row_of, update_by_id
-from hub.store.models import Delivery, Event, Route, first_delivery_id, fresh, utcnow
+from hub.store.models import (
+    Delivery,
+    Event,
+    Route,
+    columns_of,
+    first_delivery_id,
+    fresh,
+    loaded,
+    utcnow,
+)
 from tests.procs import closed_port
 
 
@@ -331,6 +340,50 @@ def test_a_row_object_built_by_fresh_is_the_constructors_in_a_row_and_in_a_sessi
             0,
         )
         assert session.get(Delivery, first_delivery_id("evt_added")).lane == "r/d"
+
+
+def test_a_row_object_built_by_loaded_reads_as_the_orms_own(db):
+    """A worker's claim reads its deliveries and events back as plain rows (models.loaded):
+    every mapped column reads as the ORM's loading of the same row gives it."""
+    now = utcnow()
+    with db.session() as session:
+        session.add(
+            fresh(
+                Event,
+                id="evt_loaded",
+                route="r",
+                method="POST",
+                path="/hooks/r",
+                headers={"a": ["b"]},
+                body=b'{"n": 1}',
+                received_at=now,
+                status="processing",
+                result={"ok": True},
+            )
+        )
+        session.flush()
+        session.add(
+            fresh(
+                Delivery,
+                id=first_delivery_id("evt_loaded"),
+                event_id="evt_loaded",
+                route="r",
+                destination="d",
+                lane="r/d",
+                status="processing",
+                next_attempt_at=now,
+            )
+        )
+    for cls, row_id in ((Event, "evt_loaded"), (Delivery, first_delivery_id("evt_loaded"))):
+        with db.session() as session:
+            orm = session.get(cls, row_id)
+            row = session.execute(select(*columns_of(cls)).where(cls.id == row_id)).one()
+        built = loaded(cls, row)
+        keys = [prop.key for prop in cls.__mapper__.column_attrs]
+        assert {key: getattr(built, key) for key in keys} == {
+            key: getattr(orm, key) for key in keys
+        }
+        assert built.received_at == now if cls is Event else built.next_attempt_at == now
 
 
 def test_rows_are_written_parents_first_whatever_order_they_come_in(db):

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -1007,6 +1008,20 @@ def lookup(session: Session, name: str, cache: TTLCache[tuple[Route | None]]) ->
         session.expunge(route)
     cache.put(name, (route,))
     return route
+
+
+def lookup_opening(
+    open_session: Callable[[], AbstractContextManager[Session]],
+    name: str,
+    cache: TTLCache[tuple[Route | None]],
+) -> Route | None:
+    """``lookup``, opening a session only when the route isn't cached (a worker looks its
+    route up for every delivery)."""
+    hit = cache.get(name)
+    if hit is not None:
+        return hit[0]
+    with open_session() as session:
+        return lookup(session, name, cache)
 
 
 def list_routes(
