@@ -24,6 +24,7 @@ from hub.ops.metrics import (
     QUEUE_CACHE_SECONDS,
     ProcessFiles,
     make_directory,
+    process_identifier,
     remove_ended,
 )
 from hub.store.models import Attempt, Event
@@ -371,3 +372,22 @@ def test_counters_add_up_across_gunicorn_workers_and_a_worker_process(
             samples = scrape()
             assert value(samples, "hub_processes", kind="worker") == 0
             check(samples, n_sync + 5)
+
+
+def test_a_forked_process_counts_under_its_own_identifier():
+    """prometheus_client names a process's files after ``process_identifier()``, which the
+    hub keeps rather than makes at every count: a forked child (a gunicorn web process)
+    must still get its own, or two processes would write one file."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: say what it is called, and go
+        os.write(write, process_identifier().encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        said = os.read(read, 256).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert said == f"{HOST}-{pid}" != process_identifier()
+    assert process_identifier() == f"{HOST}-{os.getpid()}"
