@@ -376,7 +376,7 @@ def _run_step(step: _Step, entry: dict[str, Any], current: Any) -> Outcome:
         return connector
     options = step.run.options
     # The first try is made before the retry policy is built: most calls end there, and
-    # the policy's machinery (its state, a Future for each try) cost a fifth of a quick
+    # the policy's machinery (its state, a Future for each try) cost over half of a text
     # step. A retryable failure hands its error to the policy as its first try, so the
     # waits, the stop and the log lines are the policy's, as if it had made that try.
     last, error = _try_once(step, connector, current, 1)
@@ -407,7 +407,7 @@ def _run_step(step: _Step, entry: dict[str, Any], current: Any) -> Outcome:
 # in its route (the route cache's object: a route saved again, or read again once its
 # cache entry expires, is another entry, checked again); the entry and the registry are
 # kept to tell a reused id from the same entry. Rendering and checking such a config gave
-# the same config on every run, a sixth of a quick step's CPU.
+# the same config on every run, a third of a text step's CPU (0.052-0.069 -> 0.037 ms).
 _PLAIN_CONFIGS: dict[int, tuple[dict[str, Any], Registry, type[Connector], Any]] = {}
 PLAIN_CONFIGS_MAX = 1024
 
