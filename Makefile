@@ -50,6 +50,7 @@ docs: $(STAMP)
 # The hub beside bare Flask under wrk; PostgreSQL rows too with HUB_BENCH_DATABASE_URL set.
 bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	@test -x /usr/sbin/nginx || command -v nginx >/dev/null 2>&1 || { echo "make bench needs nginx (the http drains' receiver): apt-get install nginx-light"; exit 1; }
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 
 # The dashboard screenshots of docs/admin.md, taken by the browser tests (Debian's chromium).

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from bench.common import fresh_postgres
+from bench.receiver import missing, nginx_receiver
 from bench.throughput import Hub, Peak, run_drain
 from hub.services.routes import save_routes
 from tests.rows import insert_events
-from tests.servers import Receiver
 
 
 def add_controlled_route(hub: Hub) -> None:
@@ -71,7 +71,7 @@ def main() -> None:
         "--connector",
         choices=("text", "http"),
         default="text",
-        help="the step of the route drained (http: a POST to a receiver on 127.0.0.1)",
+        help="the step of the route drained (http: a POST to nginx on 127.0.0.1)",
     )
     parser.add_argument(
         "--count-sql",
@@ -88,12 +88,14 @@ def main() -> None:
     url = os.environ.get("HUB_BENCH_DATABASE_URL")
     if not url:
         raise SystemExit("set HUB_BENCH_DATABASE_URL to a PostgreSQL database to drop and fill")
+    if missing():
+        raise SystemExit(missing())
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix="hub-drain-"))
     peak = Peak()
-    with Receiver(keep_alive=True) as receiver:
+    with nginx_receiver() as receiver_url:
         for run in range(args.runs):
-            hub = Hub(fresh_postgres(url), receiver.url)
+            hub = Hub(fresh_postgres(url), receiver_url)
             body = b'{"input": "hello hub"}'
             route = {"text": "bench", "http": "forward"}[args.connector]
             insert_events(hub.db, route, args.events, body=body)

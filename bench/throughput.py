@@ -11,7 +11,7 @@ runs first and again last, and every ratio divides by the better of the two):
   with the time from the end of the load to the last delivery;
 - the drain: 2 ``flask --app hub worker --concurrency 4`` processes delivering the events the
   ingest runs left pending, through the text connector and through the http connector to a
-  receiver on 127.0.0.1;
+  receiver on 127.0.0.1 (nginx: bench/receiver.py);
 - the peak RSS of every process;
 - the CPU time each request (or delivered event) cost: user and system time of gunicorn's
   master and workers (or of the worker processes), and of the PostgreSQL backends of the
@@ -49,6 +49,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, func, select, text
 
 from bench.common import CpuMeter, children, cpu_s, fresh_postgres, rss_kb, write_section
+from bench.receiver import missing, nginx_receiver
 from hub import create_app
 from hub.config import Settings
 from hub.services.keys import create_key
@@ -56,7 +57,6 @@ from hub.services.routes import ensure_demo_routes, save_routes
 from hub.store.db import upgrade
 from hub.store.models import Attempt, Event
 from tests.procs import gunicorn, worker
-from tests.servers import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 # What --only can pick; every one by default.
@@ -514,6 +514,8 @@ def main() -> None:
     only = args.only
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: install Debian's package (apt-get install wrk)")
+    if missing():
+        raise SystemExit(missing())
     pg = os.environ.get("HUB_BENCH_DATABASE_URL")
     workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"
@@ -554,13 +556,13 @@ def main() -> None:
         bare["bare_process"] = max(bare.get("bare_process", 0.0), seed.requests_per_s)
         bare_p99["bare"] = min(bare_p99.get("bare", 1e9), hook.p99_ms)
 
-    with Receiver(keep_alive=True) as receiver:
+    with nginx_receiver() as receiver_url:
         if "bare" in only:
             run_bare("first")
         databases = [("SQLite", "sqlite", fresh_sqlite(workdir, "hub"))]
         if pg and only & {"async-pg", "sync-pg", "drain"}:
             databases.append(("PostgreSQL", "pg", fresh_postgres(pg)))
-        hubs = {label: Hub(url, receiver.url) for label, _, url in databases}
+        hubs = {label: Hub(url, receiver_url) for label, _, url in databases}
         for label, short, _ in databases:
             hub = hubs[label]
             if f"async-{short}" in only:
@@ -583,7 +585,7 @@ def main() -> None:
                 row.baseline = "bare_process"
                 rows.append(row)
         if "embedded" in only:
-            embedded = Hub(fresh_sqlite(workdir, "embedded"), receiver.url)
+            embedded = Hub(fresh_sqlite(workdir, "embedded"), receiver_url)
             rows.append(run_embedded(embedded, args, workdir, peak))
         # A worker claims every due event whatever its route: one drain at a time, each over
         # the events one ingest run left pending.
