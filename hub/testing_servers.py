@@ -19,6 +19,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
@@ -100,6 +101,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - silence stderr access log
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.owner._cond:
+            self.server.owner._connections.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.owner._cond:
+                self.server.owner._connections.discard(self.connection)
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -203,6 +216,10 @@ class _Server:
         self._script: collections.deque[Reply] = collections.deque()
         self._stopping = threading.Event()
         self._sent_bytes: list[int] = []
+        # The connections open now: a stopped server closes them, so a client's pool never
+        # sends a later request to this server's threads (a kept connection's, or one
+        # whose port a new server was given).
+        self._connections: set[socket.socket] = set()
         self.on_request: Callable[[Recorded], None] | None = None
 
     # lifecycle -------------------------------------------------------------------------
@@ -229,6 +246,11 @@ class _Server:
         self._stopping.set()  # wake delayed replies
         httpd.shutdown()
         httpd.server_close()
+        with self._cond:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

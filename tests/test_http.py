@@ -491,6 +491,25 @@ def test_calls_to_a_receiver_that_keeps_connections_reuse_one(allow_private, kee
     assert len(peers) == (1 if keep_alive else 3)
 
 
+def test_a_stopped_receiver_closes_the_connections_it_kept():
+    """A kept connection must not outlive its test server: a client's pool would send a
+    later request to a stopped server's thread, lost to the test that started it."""
+    r = Receiver(keep_alive=True).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        sock.sendall(b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        answer = b""
+        while not answer.endswith(b'{"ok": true}'):
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        r.stop()
+    try:
+        assert sock.recv(4096) == b""  # closed by the server, not left waiting
+    finally:
+        sock.close()
+
+
 # --------------------------------------------------------------------------------------
 # check_target and the connected-peer guard
 # --------------------------------------------------------------------------------------
