@@ -775,3 +775,27 @@ def test_purge_also_drops_rate_limit_windows_of_quiet_buckets(db, runner):
     assert "dropped 1 expired rate-limit window(s)" in result.output
     with db.session() as session:
         assert list(session.scalars(select(RateCounter.bucket))) == ["route:live"]
+
+
+def test_a_claims_list_of_ids_is_one_parameter_on_postgresql(db):
+    """The claim's and the group ending's lists of ids: on PostgreSQL one array parameter,
+    the same SQL whatever the count; on SQLite an IN list. Either finds the same rows."""
+    from sqlalchemy.dialects import postgresql
+
+    column = Event.__table__.c.id
+    sql = {
+        n: str(
+            select(column)
+            .where(delivery_module.one_of(column, [f"evt_{i}" for i in range(n)], "postgresql"))
+            .compile(dialect=postgresql.dialect())
+        )
+        for n in (2, 32)
+    }
+    assert sql[2] == sql[32] and "= ANY (" in sql[2]
+    insert_events(db, "r", 3)
+    with db.session() as session:
+        ids = sorted(session.scalars(select(column)))[:2]
+        found = session.scalars(
+            select(column).where(delivery_module.one_of(column, ids, db.dialect))
+        ).all()
+    assert sorted(found) == ids
