@@ -15,7 +15,7 @@ from hub.connectors import Connector
 from hub.services import pipeline
 from hub.services import routes as route_store
 from hub.store.models import Event, fresh
-from tests.test_delivery import CALLS, ScriptedConnector  # noqa: F401 - the scripted connector
+from tests.test_delivery import scripted  # noqa: F401 - the fixture: the scripted connector
 
 CHECKS: list[str] = []
 
@@ -50,14 +50,6 @@ def counted(app):
     app.extensions["hub.connectors"].unregister("counted")
 
 
-@pytest.fixture
-def scripted_tries(app):
-    CALLS.clear()
-    app.extensions["hub.connectors"].register(ScriptedConnector)
-    yield CALLS
-    app.extensions["hub.connectors"].unregister("scripted")
-
-
 def read_route(db, name):
     with db.session() as session:
         route = route_store.get(session, name)
@@ -88,9 +80,8 @@ def run(app, route, event, deadline_in=600.0, sleeps=None):
     return outcome, [(row.outcome, row.try_number) for row in rows]
 
 
-def test_a_first_try_that_fails_is_the_retry_policys_first(
-    app, db, add_route, scripted_tries, caplog
-):
+@pytest.mark.usefixtures("scripted")
+def test_a_first_try_that_fails_is_the_retry_policys_first(app, db, add_route, caplog):
     """The first try is made before the policy is built; its retryable failure is still
     the policy's first try: the wait it asked for, the log line naming it, try 2 next."""
     app.config["STEP_TRIES"] = 3
@@ -107,7 +98,8 @@ def test_a_first_try_that_fails_is_the_retry_policys_first(
     )
 
 
-def test_a_first_try_whose_wait_passes_the_deadline_is_the_last(app, db, add_route, scripted_tries):
+@pytest.mark.usefixtures("scripted")
+def test_a_first_try_whose_wait_passes_the_deadline_is_the_last(app, db, add_route):
     app.config["STEP_TRIES"] = 3
     add_route("later", [{"connector": "scripted", "config": {"fail": ["retry-after"]}}])
     sleeps: list[float] = []
@@ -118,8 +110,9 @@ def test_a_first_try_whose_wait_passes_the_deadline_is_the_last(app, db, add_rou
     assert (tries, sleeps) == ([("retryable", 1)], [])
 
 
+@pytest.mark.usefixtures("scripted")
 @pytest.mark.parametrize("tries", [1, 2])
-def test_retries_end_with_the_last_tries_error(app, db, add_route, scripted_tries, tries):
+def test_retries_end_with_the_last_tries_error(app, db, add_route, tries):
     app.config["STEP_TRIES"] = tries
     add_route("later", [{"connector": "scripted", "config": {"fail": ["retry", "retry"]}}])
     sleeps: list[float] = []
