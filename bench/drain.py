@@ -88,8 +88,8 @@ def main() -> None:
     url = os.environ.get("HUB_BENCH_DATABASE_URL")
     if not url:
         raise SystemExit("set HUB_BENCH_DATABASE_URL to a PostgreSQL database to drop and fill")
-    if missing():
-        raise SystemExit(missing())
+    if problem := missing():
+        raise SystemExit(problem)
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix="hub-drain-"))
     peak = Peak()

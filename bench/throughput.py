@@ -514,8 +514,8 @@ def main() -> None:
     only = args.only
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: install Debian's package (apt-get install wrk)")
-    if missing():
-        raise SystemExit(missing())
+    if problem := missing():
+        raise SystemExit(problem)
     pg = os.environ.get("HUB_BENCH_DATABASE_URL")
     workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     os.environ["HUB_ALLOW_PRIVATE_TARGETS"] = "true"

@@ -207,7 +207,8 @@ class _Server:
         self._host = host
         self._port = port
         # False: one request per connection (HTTP/1.0), so nothing lingers in a client's
-        # pool between tests; True: connections kept open between requests (benchmarks).
+        # pool between tests; True: connections kept open between requests (HTTP/1.1), as
+        # most receivers keep them.
         self._handler = _KeepAliveHandler if keep_alive else _Handler
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -216,9 +217,8 @@ class _Server:
         self._script: collections.deque[Reply] = collections.deque()
         self._stopping = threading.Event()
         self._sent_bytes: list[int] = []
-        # The connections open now: a stopped server closes them, so a client's pool never
-        # sends a later request to this server's threads (a kept connection's, or one
-        # whose port a new server was given).
+        # The connections open now, closed when the server stops: a client's pool must
+        # never send a later request to a stopped server's thread.
         self._connections: set[socket.socket] = set()
         self.on_request: Callable[[Recorded], None] | None = None
 

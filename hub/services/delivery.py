@@ -586,11 +586,13 @@ _END_EVENT = (
 )
 
 
+# What a claim's two UPDATEs return of each delivery and event: every column, in the order
+# ``models.loaded`` takes them.
+_DELIVERY_COLUMNS = columns_of(Delivery)
+_EVENT_COLUMNS_ALL = columns_of(Event)
 # How many deliveries the event of each row an UPDATE of events returns has, written out:
 # SQLite's RETURNING names columns without their table, so the same subquery built from
 # the models compares a delivery's event_id with its own id there and counts none.
-_DELIVERY_COLUMNS = columns_of(Delivery)
-_EVENT_COLUMNS_ALL = columns_of(Event)
 _SIBLINGS = literal_column(
     "(SELECT count(*) FROM deliveries AS siblings WHERE siblings.event_id = events.id)"
 )
