@@ -4,6 +4,7 @@ is committed, with its own result or its own error."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from sqlalchemy import event, exc, func, select
@@ -308,6 +309,25 @@ def test_row_of_fills_the_python_defaults_of_what_was_not_set():
     assert event.retries == 0  # the default is on the object too
 
 
+def add_with_delivery(db: Database, event: Event, **delivery: Any) -> None:
+    """Add ``event`` (of route ``r``) and its first delivery, to destination ``d``, through
+    a session: the event's row first, as intake's dedup path writes them."""
+    with db.session() as session:
+        session.add(event)
+        session.flush()
+        session.add(
+            fresh(
+                Delivery,
+                id=first_delivery_id(event.id),
+                event_id=event.id,
+                route="r",
+                destination="d",
+                lane="r/d",
+                **delivery,
+            )
+        )
+
+
 def test_a_row_object_built_by_fresh_is_the_constructors_in_a_row_and_in_a_session(db):
     """Ingest builds its rows with models.fresh, not the ORM's constructor: the same row
     either way, whether written by the group committer or added to a session."""
@@ -317,20 +337,7 @@ def test_a_row_object_built_by_fresh_is_the_constructors_in_a_row_and_in_a_sessi
     built, made = fresh(Event, id="evt_fresh", **values), Event(id="evt_made", **values)
     assert {**row_of(built), "id": None} == {**row_of(made), "id": None}
     assert (built.route, built.headers, built.body) == ("r", {"a": "b"}, None)
-    with db.session() as session:
-        session.add(fresh(Event, id="evt_added", **values))
-        session.flush()  # the event's row before its delivery's, as intake's dedup path does
-        session.add(
-            fresh(
-                Delivery,
-                id=first_delivery_id("evt_added"),
-                event_id="evt_added",
-                route="r",
-                destination="d",
-                lane="r/d",
-                status="pending",
-            )
-        )
+    add_with_delivery(db, fresh(Event, id="evt_added", **values), status="pending")
     with db.session() as session:
         stored = session.get(Event, "evt_added")
         assert (stored.route, stored.headers, stored.received_at, stored.retries) == (
@@ -346,34 +353,19 @@ def test_a_row_object_built_by_loaded_reads_as_the_orms_own(db):
     """A worker's claim reads its deliveries and events back as plain rows (models.loaded):
     every mapped column reads as the ORM's loading of the same row gives it."""
     now = utcnow()
-    with db.session() as session:
-        session.add(
-            fresh(
-                Event,
-                id="evt_loaded",
-                route="r",
-                method="POST",
-                path="/hooks/r",
-                headers={"a": ["b"]},
-                body=b'{"n": 1}',
-                received_at=now,
-                status="processing",
-                result={"ok": True},
-            )
-        )
-        session.flush()
-        session.add(
-            fresh(
-                Delivery,
-                id=first_delivery_id("evt_loaded"),
-                event_id="evt_loaded",
-                route="r",
-                destination="d",
-                lane="r/d",
-                status="processing",
-                next_attempt_at=now,
-            )
-        )
+    event = fresh(
+        Event,
+        id="evt_loaded",
+        route="r",
+        method="POST",
+        path="/hooks/r",
+        headers={"a": ["b"]},
+        body=b'{"n": 1}',
+        received_at=now,
+        status="processing",
+        result={"ok": True},
+    )
+    add_with_delivery(db, event, status="processing", next_attempt_at=now)
     for cls, row_id in ((Event, "evt_loaded"), (Delivery, first_delivery_id("evt_loaded"))):
         with db.session() as session:
             orm = session.get(cls, row_id)
