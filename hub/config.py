@@ -312,6 +312,12 @@ class Settings(BaseSettings):
         description="threads of each gunicorn process: more of them share each commit of "
         "webhooks (8 took 10-20 % off a webhook's CPU against 4, with 16 clients)",
     )
+    web_loop: Flag = Field(
+        True,
+        description="answer a webhook that writes only its new rows on its gunicorn "
+        "process's event loop, without a request thread, while the writer process commits "
+        "it ([Performance](performance.md)); `false`: every request on a thread",
+    )
     embedded_worker: Flag = Field(
         True,
         description="deliver async events on 2 threads inside each web process; `false` when "

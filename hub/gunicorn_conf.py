@@ -26,8 +26,10 @@ bind = f"{_hub.host}:{_hub.port}"
 workers = _hub.web_workers
 threads = _hub.web_threads
 # gunicorn's gthread worker whose own refusals (400, 414, 431 ...) are the hub's JSON
-# (hub/web/gunicorn_worker.py).
-worker_class = "hub.web.gunicorn_worker.JsonRefusalWorker"
+# (hub/web/gunicorn_worker.py), answering the webhooks it can on its loop (hub/web/loop.py).
+worker_class = (
+    "hub.web.loop.LoopWorker" if _hub.web_loop else "hub.web.gunicorn_worker.JsonRefusalWorker"
+)
 timeout = 60
 graceful_timeout = 30
 # An idle kept-alive connection waits in the worker's poller, not on a thread; short all

@@ -1337,6 +1337,31 @@ def _commit_new_event(
             row.status = EventStatus.PENDING
 
 
+def writes_only_new_rows(route: Route, header_names: Iterable[str]) -> bool:
+    """Whether a webhook to ``route`` whose headers are named ``header_names`` (lowercase)
+    writes nothing but its new rows once accepted, which the writer process commits: an
+    enabled async route with no rate limit of its own, no handshake, no ordered
+    destination, and nothing to deduplicate the request by (no JSON path, none of the id
+    headers present). A web process's event loop answers such webhooks itself
+    (hub.web.loop); any other write (a refusal, a duplicate, a rate counter, an ordered
+    delivery's turn) is made in the web process, where it waits for the database."""
+    if route.mode != "async" or not route.enabled or route.rate_limit:
+        return False
+    provider = providers.get(route.verify_scheme) if route.verify_scheme else None
+    if provider is not None and (provider.challenge or provider.id_field):
+        return False
+    if route.dedup_window:
+        if route.dedup_path:
+            return False
+        names = set(header_names)
+        ids = (IDEMPOTENCY_HEADER, *providers.registry().id_headers())
+        if provider is not None:
+            ids += provider.id_headers
+        if any(header.lower() in names for header in ids):
+            return False
+    return not any(ordering.is_ordered(d) for d in route_store.destinations_of(route))
+
+
 def waits_for_resume(accepted: Accepted) -> bool:
     """A sync route whose first destination is paused (or its circuit open) cannot answer
     with its result: its event is stored and answered as an async one (202, ``held``),

@@ -59,7 +59,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Table, exc
 
@@ -78,7 +78,7 @@ from hub.store.models import Base
 
 log = logging.getLogger("hub.writer")
 
-_LENGTH = struct.Struct(">I")
+LENGTH = struct.Struct(">I")
 # The largest message the writer reads; a larger one (an event of a route whose body limit
 # was raised past it) is committed by its web process instead.
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -162,17 +162,20 @@ class WriterClient:
         )
         if len(body) > MAX_MESSAGE:
             return _UNREACHABLE  # too large for the writer to read: not counted
-        sock = self._send(_LENGTH.pack(len(body)) + body)
-        if sock is None:
-            metrics.writer_fallback("unreachable")
-            return _UNREACHABLE
+        frame = LENGTH.pack(len(body)) + body
+        loop = _loop
         try:
-            answer = _read_message(sock)
+            if loop is not None and loop.serving():
+                answer = loop.exchange(self.path, frame, self.timeout)
+            else:
+                answer = self._exchange_here(frame)
         except (OSError, EOFError) as lost:
-            self._forget(sock)
             log.warning("writer process gave no answer (%s): committed here", _why(lost))
             metrics.writer_fallback("lost")
             return _LOST
+        if answer is None:
+            metrics.writer_fallback("unreachable")
+            return _UNREACHABLE
         if answer == b"ok":
             return None
         if answer == b"refused":
@@ -182,6 +185,19 @@ class WriterClient:
         # Its write failed and was rolled back: again here, where the exception is the real one.
         metrics.writer_fallback("failed")
         return _FAILED
+
+    def _exchange_here(self, frame: bytes) -> bytes | None:
+        """``frame`` sent on this thread's connection and the writer's answer read from it:
+        None when the writer can't be reached; OSError or EOFError when the answer was lost
+        (the connection is forgotten)."""
+        sock = self._send(frame)
+        if sock is None:
+            return None
+        try:
+            return _read_message(sock)
+        except (OSError, EOFError):
+            self._forget(sock)
+            raise
 
     def _send(self, message: bytes) -> socket.socket | None:
         """Send ``message`` on this thread's connection, made anew once if the one kept
@@ -231,12 +247,34 @@ class WriterClient:
             sock.close()
 
 
+class Loop(Protocol):
+    """A web process's own event loop that answers some webhooks without a request thread
+    (hub.web.loop): what ``WriterClient`` asks of it."""
+
+    def serving(self) -> bool:
+        """Whether the code running now is a request the loop answers."""
+
+    def exchange(self, path: str, frame: bytes, timeout: float) -> bytes | None:
+        """``frame`` sent to the writer at ``path`` and its answer, the loop serving other
+        requests meanwhile: None when the writer can't be reached (nothing was sent);
+        OSError or EOFError when the answer was lost or took over ``timeout`` seconds."""
+
+
+# The loop of this web process, once its gunicorn worker runs one (``serve_from``).
+_loop: Loop | None = None
+
+
+def serve_from(loop: Loop | None) -> None:
+    global _loop
+    _loop = loop
+
+
 # What a web process does when the writer did not commit its message (WriterClient._exchange).
 _UNREACHABLE, _LOST, _FAILED = object(), object(), object()
 
 
 def _read_message(sock: socket.socket) -> bytes:
-    (length,) = _LENGTH.unpack(_read_exactly(sock, _LENGTH.size))
+    (length,) = LENGTH.unpack(_read_exactly(sock, LENGTH.size))
     return _read_exactly(sock, length)
 
 
@@ -337,21 +375,21 @@ class Writer:
             if len(chunk) < _READ:
                 break
         data = peer.received
-        while len(data) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(data)
+        while len(data) >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(data)
             if length > MAX_MESSAGE:
                 log.error("writer process: a message of %d bytes refused", length)
                 closed = True
                 break
-            if len(data) < _LENGTH.size + length:
+            if len(data) < LENGTH.size + length:
                 break
             try:
-                received.append((peer, pickle.loads(data[_LENGTH.size : _LENGTH.size + length])))
+                received.append((peer, pickle.loads(data[LENGTH.size : LENGTH.size + length])))
             except Exception as exc:
                 log.error("writer process: a message not read (%s)", type(exc).__name__)
                 closed = True
                 break
-            del data[: _LENGTH.size + length]
+            del data[: LENGTH.size + length]
         if closed:
             self._let_go(peer)
 
@@ -387,7 +425,7 @@ class Writer:
     def _answer(self, peer: _Peer, answer: bytes) -> None:
         if peer.sock.fileno() < 0:
             return  # let go while its message was written
-        message = _LENGTH.pack(len(answer)) + answer
+        message = LENGTH.pack(len(answer)) + answer
         try:
             sent = peer.sock.send(message)
         except OSError:
