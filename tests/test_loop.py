@@ -9,16 +9,21 @@
   thread, concurrent senders on kept connections share the writer's commits (with
   HUB_WEB_LOOP=false, one thread commits one webhook at a time); a request in pieces,
   two pipelined, a malformed one and a refused key are answered as the threads answer them;
-  a sync route to a slow receiver runs on the thread while the loop answers other webhooks.
+  a sync route to a slow receiver runs on the thread while the loop answers other webhooks;
+  webhooks waiting on a stopped writer are all answered after HUB_WRITER_TIMEOUT, each
+  committed once by its process, and the next ones reach the writer anew.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -270,3 +275,40 @@ def test_a_slow_sync_route_runs_on_the_thread_while_the_loop_answers_webhooks(
                 running.join(10)
     assert sync[0].status_code == 200
     assert max(took) < 1.0, took
+
+
+def test_webhooks_waiting_on_a_stopped_writer_are_committed_by_their_process_once(
+    database_url_for_test, add_route, make_key, tmp_path
+):
+    add_route("held", [{"connector": "text"}], mode="async")
+    key = make_key()
+    env = {"HUB_WEB_THREADS": "1", "HUB_EMBEDDED_WORKER": "false", "HUB_WRITER_TIMEOUT": "1"}
+    with gunicorn(database_url_for_test, tmp_path / "web.log", 1, **env) as (proc, base):
+        writer = listening(proc.pid)
+        hooks = f"{base}/hooks/held"
+
+        def send(n: int) -> tuple[int, str]:
+            with requests.Session() as http:
+                answer = http.post(hooks, json={"n": n}, headers={"X-API-Key": key}, timeout=30)
+                return answer.status_code, answer.json().get("id")
+
+        assert send(-1)[0] == 202  # the route is cached: the rest are the loop's
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(send, range(8)))
+            waited = time.monotonic() - began
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        # Answered after HUB_WRITER_TIMEOUT, on the one thread's loop, all at once.
+        assert [status for status, _ in answers] == [202] * 8
+        assert 1.0 <= waited < 5.0, waited
+        later = [send(n)[0] for n in range(8, 12)]  # a new connection to the writer
+    assert later == [202] * 4
+    db = Database(database_url_for_test)
+    with db.session() as session:
+        stored = Counter(session.scalars(select(Event.id).where(Event.route == "held")))
+    db.dispose()
+    assert {event_id for _, event_id in answers} <= set(stored)
+    assert sum(stored.values()) == 13 and set(stored.values()) == {1}

@@ -224,8 +224,8 @@ def get_session() -> Session:
     kept for the thread's next request: see ``_close_session``)."""
     if "db_session" not in g:
         db = get_db()
-        g.db_session = getattr(db.spare, "session", None) or db.sessionmaker()
-        db.spare.session = None
+        spare = getattr(db.spare, "sessions", None)
+        g.db_session = spare.pop() if spare else db.sessionmaker()
     return g.db_session
 
 
@@ -237,6 +237,10 @@ def get_read_session() -> Session:
     return g.db_read_session
 
 
+# Untouched sessions a thread keeps for its next requests.
+SPARE_SESSIONS = 32
+
+
 def _close_session(_exc: BaseException | None) -> None:
     for name in ("db_session", "db_read_session"):
         session = g.pop(name, None)
@@ -245,8 +249,13 @@ def _close_session(_exc: BaseException | None) -> None:
         if name == "db_session" and untouched(session):
             # Nothing to end or forget: the thread's next request takes it as it is. An
             # accepted webhook's session is usually this (its event is group committed),
-            # and making and closing one was 6 % of its CPU.
-            get_db().spare.session = session
+            # and making and closing one was 6 % of its CPU. A few are kept: the thread of
+            # a web process's loop answers several webhooks at once (hub.web.loop).
+            spare = get_db().spare
+            if not hasattr(spare, "sessions"):
+                spare.sessions = []
+            if len(spare.sessions) < SPARE_SESSIONS:
+                spare.sessions.append(session)
         else:
             session.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from flask import Blueprint, Request, Response, g, request
+from werkzeug.datastructures import ImmutableMultiDict
 
 from hub.services import intake, keys, pipeline
 from hub.store import storable
@@ -26,6 +27,9 @@ bp = Blueprint("hooks", __name__)
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
+NO_ARGS = ImmutableMultiDict()
+
+
 def incoming(
     route_name: str, req: Request | None = None, rid: str | None = None
 ) -> intake.Incoming:
@@ -37,7 +41,8 @@ def incoming(
         route_name=route_name,
         path=req.path,
         headers=req.headers,
-        args=req.args,
+        # No query string (a webhook's usual case): no parse of one.
+        args=req.args if req.query_string else NO_ARGS,
         query_string=req.query_string.decode("latin-1"),
         remote_addr=req.remote_addr,
         request_id=rid,

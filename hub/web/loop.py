@@ -158,6 +158,7 @@ class LoopWorker(JsonRefusalWorker):
         # Connections whose request came in part, by when the rest must come.
         self.collecting: dict[TConn, float] = {}
         self.link: socket.socket | None = None  # to the writer
+        self.outbox: list[bytes] = []  # messages to it, sent after this turn's events
         self.answers = bytearray()
         self.retry_at = 0.0
         if self.on_loop:
@@ -290,20 +291,22 @@ class LoopWorker(JsonRefusalWorker):
         return isinstance(greenlet.getcurrent(), _Webhook)
 
     def exchange(self, path: str, frame: bytes, timeout: float) -> bytes | None:
-        link = self.link or self.connect(path)
-        if link is None:
+        if self.link is None and self.connect(path) is None:
             return None
-        try:
-            link.sendall(frame)
-        except OSError as exc:
-            # The others waiting on this link go on from the loop, not from this greenlet
-            # (a greenlet that ends returns to the loop, never to this one).
-            self.method_queue.defer(self.fail, self.close_link(), exc)
-            raise
+        # Sent with the others of this turn of the loop (``send_to_the_writer``): one write,
+        # and the writer reads them as one batch.
+        self.outbox.append(frame)
         me = greenlet.getcurrent()
         me.deadline = time.monotonic() + timeout
         self.waiting.append(me)
         return self.main.switch()
+
+    def send_to_the_writer(self) -> None:
+        frames, self.outbox = self.outbox, []
+        try:
+            self.link.sendall(b"".join(frames))
+        except OSError as exc:
+            self.drop(exc)
 
     def connect(self, path: str) -> socket.socket | None:
         if time.monotonic() < self.retry_at:
@@ -356,6 +359,7 @@ class LoopWorker(JsonRefusalWorker):
             self.link.close()
             self.link = None
         self.answers.clear()
+        self.outbox = []
         waiting, self.waiting = list(self.waiting), collections.deque()
         return waiting
 
@@ -371,6 +375,8 @@ class LoopWorker(JsonRefusalWorker):
             timeout = min(timeout, min(self.collecting.values()) - time.monotonic())
         timeout = max(0.0, timeout)
         super().wait_for_and_dispatch_events(timeout)
+        if self.outbox:
+            self.send_to_the_writer()
         if self.waiting and self.waiting[0].deadline <= time.monotonic():
             self.drop(TimeoutError("timed out"))
         if self.collecting:
