@@ -8,26 +8,30 @@ of the web process's CPU in the kernel's ``finish_task_switch`` (``perf``). A lo
 for bigger commits cost the web side what it saved the writer (bench/RESULTS.md, round 6).
 
 How: ``LoopWorker`` is the hub's gthread worker (``JsonRefusalWorker``) whose loop reads a
-connection itself when it becomes readable. A request that is one whole ``POST
-/hooks/<route>`` in what one read returned (a Content-Length body, nothing after it, no
-Transfer-Encoding, Expect or Upgrade), to a route this process has cached whose accepted
-webhooks write nothing but their new rows (``intake.writes_only_new_rows``), is answered
-on the loop: a greenlet runs gunicorn's parser and ``handle_request`` on those bytes, the
-same WSGI app, lane and checks, and where the request thread waited for the writer's
-answer (``WriterClient``) the greenlet sends its rows on the process's one connection to
-the writer and gives the loop back; when the answers come, in the order the messages were
-sent, each greenlet goes on and writes its 202. Everything else (a request that came in
-pieces or with more after it, the admin API, the dashboard, a sync route, a route with a
-rate limit, deduplication, ordering or a handshake, TLS, HTTP/2) goes to the pool's
-threads as before, with what the loop read given back to gunicorn's parser.
+connection itself when it becomes readable (a new one too: nginx opens one a request). A
+request that is one whole ``POST /hooks/<route>`` (a Content-Length body of what fits in
+one read, nothing after it, no Transfer-Encoding, Expect or Upgrade; a body sent after its
+head is waited for on the loop, for a second at most), to a route this process has cached
+whose accepted webhooks write nothing but their new rows (``intake.writes_only_new_rows``),
+is answered on the loop: a greenlet runs gunicorn's parser and ``handle_request`` on those
+bytes, the same WSGI app, lane and checks. Where the request thread waited for the writer's
+answer (``WriterClient``), the greenlet queues its rows and gives the loop back; after each
+turn the loop sends what was queued on the process's one connection to the writer in one
+write (the writer reads it as one batch), and as the answers come, in the order the
+messages went, each greenlet goes on and writes its 202. Everything else (a request whose
+rest is slower than that, larger, or with more after it, the admin API, the dashboard, a
+sync route, a route with a rate limit, deduplication, ordering or a handshake, TLS, HTTP/2)
+goes to the pool's threads as before, with what the loop read given back to gunicorn's
+parser.
 
 What holds: an answer leaves only after the writer's commit; a lost answer or one slower
 than HUB_WRITER_TIMEOUT has each waiting webhook committed by its web process unless the
 writer did (``WriterClient``), and the connection to the writer is made anew; the loop
 never waits on a sender (it reads only what is there, answers only a connection whose
 earlier answers were all sent, and a request's own read or write that would block is
-bounded to a second); a webhook that writes more than its rows after all (a refusal, a key
-with its own rate limit) does so on the loop, waiting for the database meanwhile.
+bounded to a second, then its connection closed); a webhook that writes more than its
+rows after all (a refusal, a key with its own rate limit) does so on the loop, waiting for
+the database meanwhile.
 HUB_WEB_LOOP=false turns it off; it is off too without the writer process or the lane
 (HUB_OTEL=true).
 """
