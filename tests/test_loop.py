@@ -6,7 +6,7 @@
 - which routes: an async one whose accepted webhooks write only their new rows (no rate
   limit, deduplication, ordering or handshake);
 - what a sender sees does not change: under real gunicorn with one web process of one
-  thread, concurrent senders on kept connections share the writer's commits (with
+  thread, concurrent senders on kept or new connections share the writer's commits (with
   HUB_WEB_LOOP=false, one thread commits one webhook at a time); a request in pieces,
   two pipelined, a malformed one and a refused key are answered as the threads answer them;
   a sync route to a slow receiver runs on the thread while the loop answers other webhooks;
@@ -164,10 +164,16 @@ def writer_batches(log: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-@pytest.mark.parametrize("on_loop", [True, False], ids=["loop", "threads"])
-def test_senders_on_kept_connections_share_commits_with_one_thread(
-    database_url_for_test, add_route, make_key, tmp_path, on_loop
+@pytest.mark.parametrize(
+    ("on_loop", "kept"),
+    [(True, True), (False, True), (True, False)],
+    ids=["loop", "threads", "loop-new-connections"],
+)
+def test_concurrent_senders_share_commits_with_one_thread(
+    database_url_for_test, add_route, make_key, tmp_path, on_loop, kept
 ):
+    """Kept connections (a sender's own client), or a new connection a request (what
+    nginx in front of gunicorn opens)."""
     add_route("load", [{"connector": "text"}], mode="async")
     key = make_key()
     log = tmp_path / "web.log"
@@ -180,8 +186,9 @@ def test_senders_on_kept_connections_share_commits_with_one_thread(
 
     def send(base: str) -> list[int]:
         with requests.Session() as http:
+            post = http.post if kept else requests.post
             return [
-                http.post(
+                post(
                     f"{base}/hooks/load", json={"n": n}, headers={"X-API-Key": key}, timeout=30
                 ).status_code
                 for n in range(each)
