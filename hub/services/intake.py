@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -1337,7 +1337,7 @@ def _commit_new_event(
             row.status = EventStatus.PENDING
 
 
-def writes_only_new_rows(route: Route, header_names: Iterable[str]) -> bool:
+def writes_only_new_rows(route: Route, header_names: Collection[str]) -> bool:
     """Whether a webhook to ``route`` whose headers are named ``header_names`` (lowercase)
     writes nothing but its new rows once accepted, which the writer process commits: an
     enabled async route with no rate limit of its own, no handshake, no ordered
@@ -1353,11 +1353,10 @@ def writes_only_new_rows(route: Route, header_names: Iterable[str]) -> bool:
     if route.dedup_window:
         if route.dedup_path:
             return False
-        names = set(header_names)
         ids = (IDEMPOTENCY_HEADER, *providers.registry().id_headers())
         if provider is not None:
             ids += provider.id_headers
-        if any(header.lower() in names for header in ids):
+        if any(header.lower() in header_names for header in ids):
             return False
     return not any(ordering.is_ordered(d) for d in route_store.destinations_of(route))
 

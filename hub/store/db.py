@@ -57,8 +57,8 @@ class Database:
         self.engine = make_engine(url, connect_timeout, pooler)
         self._closers: list[Callable[[], None]] = []
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
-        # Per thread: the untouched session of its last request, to be used again.
-        self.spare = threading.local()
+        # Per thread: untouched sessions of its last requests, to be used again.
+        self.spare = _Spare()
         # The same engine and pool, its connections marked for a deferred BEGIN.
         self.read_sessionmaker = sessionmaker(
             self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
@@ -224,7 +224,7 @@ def get_session() -> Session:
     kept for the thread's next request: see ``_close_session``)."""
     if "db_session" not in g:
         db = get_db()
-        spare = getattr(db.spare, "sessions", None)
+        spare = db.spare.sessions
         g.db_session = spare.pop() if spare else db.sessionmaker()
     return g.db_session
 
@@ -241,6 +241,13 @@ def get_read_session() -> Session:
 SPARE_SESSIONS = 32
 
 
+class _Spare(threading.local):
+    """A thread's untouched sessions (``Database.spare``)."""
+
+    def __init__(self):
+        self.sessions: list[Session] = []
+
+
 def _close_session(_exc: BaseException | None) -> None:
     for name in ("db_session", "db_read_session"):
         session = g.pop(name, None)
@@ -251,11 +258,9 @@ def _close_session(_exc: BaseException | None) -> None:
             # accepted webhook's session is usually this (its event is group committed),
             # and making and closing one was 6 % of its CPU. A few are kept: the thread of
             # a web process's loop answers several webhooks at once (hub.web.loop).
-            spare = get_db().spare
-            if not hasattr(spare, "sessions"):
-                spare.sessions = []
-            if len(spare.sessions) < SPARE_SESSIONS:
-                spare.sessions.append(session)
+            spare = get_db().spare.sessions
+            if len(spare) < SPARE_SESSIONS:
+                spare.append(session)
         else:
             session.close()
 
