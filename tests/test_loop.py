@@ -96,7 +96,7 @@ def test_the_start_of_a_webhook_is_waited_for(cut):
     assert webhook_in(request()[:cut]) is MORE
 
 
-def test_a_connection_with_an_answer_still_unsent_is_not_the_loops():
+def test_answers_a_client_has_not_read_count_as_unsent():
     with (
         socket.create_server(("127.0.0.1", 0)) as server,
         socket.create_connection(server.getsockname()),  # a client that never reads
