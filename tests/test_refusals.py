@@ -163,28 +163,30 @@ def test_a_stranger_never_makes_the_hub_wait_for_a_body(database_url_for_test, s
 
 
 def read_response(sock: socket.socket) -> bytes:
-    """One HTTP response (head and Content-Length body) from ``sock``; b"" if it closed."""
-    data = b""
-    while b"\r\n\r\n" not in data:
+    """One HTTP response (head and Content-Length body) from ``sock``, read to its last byte
+    and no further (a response sent right behind it stays for the next call); b"" or the
+    part read if it closed."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
         try:
-            chunk = sock.recv(65536)
+            byte = sock.recv(1)
         except (ConnectionResetError, TimeoutError):
-            return data
-        if not chunk:
-            return data
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
+            return head
+        if not byte:
+            return head
+        head += byte
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    while len(rest) < length:
-        chunk = sock.recv(65536)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
         if not chunk:
             break
-        rest += chunk
-    return head + b"\r\n\r\n" + rest[:length]
+        body += chunk
+    return head + body
 
 
 # --- refusals limited per remote address ---

@@ -17,7 +17,8 @@ Under real gunicorn: the writer is the master's child and every webhook goes thr
 (one stopped makes a webhook wait for HUB_WRITER_TIMEOUT); SIGKILLed under load, it is
 started again (one counted in hub_processes) and every 202 is one stored event; it stops
 with the master, and by itself when the master is killed; HUB_WRITER_PROCESS=false runs none;
-without room for its socket, gunicorn runs without it.
+without room for its socket, gunicorn runs without it; on PostgreSQL the writer sends the
+NOTIFY that wakes the workers of other processes for the webhooks it committed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from hub.store.groupcommit import GroupCommitter, row_of
 from hub.store.models import ApiKey, Attempt, Delivery, Event, utcnow
 from tests.conftest import PG_URL
 from tests.procs import children, closed_port, gunicorn, is_writer, wait_until
+from tests.test_delivery import heard, listener  # noqa: F401 - the fixture
 
 SHORT_PATH = Path("/tmp")  # a Unix socket's path is at most 107 bytes: tmp_path may be longer
 
@@ -433,6 +435,30 @@ def test_the_writer_ends_with_its_master(db, database_url_for_test, tmp_path):
         proc.wait(10)
         wait_until(lambda: gone(writer), 10, what="the writer to stop by itself")
         assert not folder.exists()  # it removed the directory the master can't
+
+
+@pytest.mark.skipif(not PG_URL, reason="needs HUB_TEST_DATABASE_URL (PostgreSQL)")
+@pytest.mark.parametrize("database_url_for_test", ["postgresql"], indirect=True)
+def test_the_writer_tells_the_workers_of_the_webhooks_it_committed(
+    database_url_for_test, add_route, make_key, request, tmp_path
+):
+    """A web process whose event the writer committed sends no NOTIFY: the writer does,
+    and a worker of another process, listening, hears it."""
+    other_worker = request.getfixturevalue("listener")
+    add_route("later", [{"connector": "text"}], mode="async")
+    key = make_key()
+    env = {"HUB_EMBEDDED_WORKER": "false"}
+    with gunicorn(database_url_for_test, tmp_path / "web.log", 1, **env) as (proc, base):
+        listening(proc.pid)
+        with requests.Session() as http:
+
+            def new_event():
+                answer = http.post(f"{base}/hooks/later", json={}, headers={"X-API-Key": key})
+                assert answer.status_code == 202
+
+            new_event()  # the route is cached, and the writer has the web process's messages
+            assert heard(other_worker, new_event)
+    assert b"committed here" not in (tmp_path / "web.log").read_bytes()
 
 
 @pytest.mark.slow

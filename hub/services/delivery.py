@@ -58,7 +58,7 @@ from hub import rates
 from hub.ops import logs, metrics
 from hub.services import alerts, audit, breaker, ordering, pipeline, retention
 from hub.services import routes as route_store
-from hub.store.db import Database
+from hub.store.db import NOTIFY_CHANNEL, Database
 from hub.store.groupcommit import GroupCommitter, row_of
 from hub.store.models import (
     DUE_PREDICATE,
@@ -78,7 +78,6 @@ from hub.store.models import (
 
 log = logging.getLogger("hub.worker")
 
-NOTIFY_CHANNEL = "hub_events"
 MIN_IDLE = 0.05
 # A claim takes events for the threads that will soon be free too: those idle, and those
 # whose delivery started less than this many seconds ago. An event claimed ahead waits for
@@ -1541,17 +1540,21 @@ class Worker:
                 self.stopping.wait(self.max_idle)
 
 
-def wake(app: Flask, *, soon: bool = False) -> None:
+def wake(app: Flask, *, soon: bool = False, announced: bool = False) -> None:
     """Tell the workers that committed events are due: an idle worker of this process at
     once (``hub.wakeup``), those of other processes by PostgreSQL's NOTIFY, sent now, in
     this thread (a replay: rare, and a command ends right after it). ``soon`` leaves the
     NOTIFY to the Notifier's thread, which sends one for many callers: ingest's, where one
-    per request would serialise the commits."""
+    per request would serialise the commits. ``announced``: the writer process committed
+    them and sends the NOTIFY itself (``Writer.announce``); the web process sends none (its
+    Notifier's thread and connection took a tenth of a PostgreSQL webhook's CPU there)."""
     wakeup: threading.Event = app.extensions["hub.wakeup"]
     # Set once for every commit until a worker takes it (and clears it before it claims, so
     # it claims after this commit): setting it again would only notify no one, under a lock.
     if not wakeup.is_set():
         wakeup.set()
+    if announced:
+        return
     notifier: Notifier = app.extensions["hub.notifier"]
     if soon:
         notifier.poke()

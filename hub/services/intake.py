@@ -1277,7 +1277,7 @@ def new_deliveries(event: Event, route: Route, payload: Any = None) -> list[Deli
 
 def commit_new_event(
     session: Session, event: Event, deliveries: list[Delivery], key_id: int | None = None
-) -> None:
+) -> bool:
     """Commit the request's new event with its deliveries; the event then leaves the
     session (later writes to it are statements of their own). Its commit is shared with the
     other requests of this process committing at the same moment (hub.store.groupcommit);
@@ -1300,7 +1300,10 @@ def commit_new_event(
 
 def _commit_new_event(
     session: Session, event: Event, deliveries: list[Delivery], key_id: int | None
-) -> None:
+) -> bool:
+    """``commit_new_event``'s work: True when the writer process committed the event and
+    tells the workers of it (no ordered delivery waits for its turn here)."""
+    announced = False
     if event.dedup_key:
         session.add(event)
         session.flush()  # the event's row before its deliveries'
@@ -1314,7 +1317,8 @@ def _commit_new_event(
             session.expunge(event)
         if session.in_transaction():  # what else this request wrote (a key's last use)
             session.commit()
-        current_app.extensions["hub.inserts"].insert_rows(
+        # True only from the writer process's client: the writer announces them.
+        announced = True is current_app.extensions["hub.inserts"].insert_rows(
             [(Event.__table__, row_of(event))]
             + [(Delivery.__table__, row_of(d)) for d in deliveries],
             guard=(keys.commit_guard, key_id) if key_id is not None else None,
@@ -1324,7 +1328,7 @@ def _commit_new_event(
     # If the database fails here, the event is stored all the same: the workers' periodic
     # pass promotes it (the sender must not retry what was accepted).
     if all(row.order_key is None for row in deliveries):
-        return
+        return announced
     try:
         promoted = set(ordering.promote_new(current_app.extensions["hub.db"], deliveries))
     except Exception as exc:
@@ -1335,6 +1339,7 @@ def _commit_new_event(
     for row in deliveries:
         if row.id in promoted:
             row.status = EventStatus.PENDING
+    return False  # the promotions were committed here, after the writer's NOTIFY
 
 
 def writes_only_new_rows(route: Route, header_names: Collection[str]) -> bool:
@@ -1384,12 +1389,12 @@ def enqueue(accepted: Accepted) -> Answer | None:
         event.next_attempt_at = None
     try:
         # the 202 leaves once the event is durable
-        commit_new_event(session, event, deliveries, key_id=unconfirmed_key(accepted))
+        announced = commit_new_event(session, event, deliveries, key_id=unconfirmed_key(accepted))
     except keys.KeyRefused:
         return refuse_revoked(accepted)
     # What the sender is told: pending once its ordered deliveries were promoted.
     event.status = delivery.rolled_up_status([row.status for row in deliveries])
-    delivery.wake(current_app, soon=True)
+    delivery.wake(current_app, soon=True, announced=announced)
     return None
 
 

@@ -61,11 +61,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Table, exc
+from sqlalchemy import Connection, Table, exc
 
 from hub.ops import metrics
 from hub.services import keys
-from hub.store.db import Database, is_unavailable
+from hub.store.db import NOTIFY_CHANNEL, Database, is_unavailable
 from hub.store.groupcommit import (
     MAX_BATCH,
     Condition,
@@ -83,6 +83,8 @@ LENGTH = struct.Struct(">I")
 # was raised past it) is committed by its web process instead.
 MAX_MESSAGE = 64 * 1024 * 1024
 _READ = 1 << 16
+# The shortest time between two NOTIFYs of the writer (as a web process's Notifier).
+ANNOUNCE_INTERVAL = 0.005
 _LONGEST_SOCKET_PATH = 107  # sockaddr_un's sun_path, less its final NUL
 
 # Set in gunicorn's master when it starts the writer (``Supervisor.start``), before it forks
@@ -116,11 +118,13 @@ class WriterClient:
 
     def insert_rows(
         self, rows: Iterable[tuple[Table, dict[str, Any]]], guard: tuple[Guard, Any] | None = None
-    ) -> None:
+    ) -> bool:
+        """True when the writer committed them: it tells the workers of new events itself
+        (PostgreSQL's NOTIFY, ``Writer.announce``); False when this process did."""
         rows = list(rows)
         if guard is not None and guard[0] is not keys.commit_guard:
             self.local.insert_rows(rows, guard)  # a guard the writer does not know
-            return
+            return False
         answer = self._exchange(rows, guard[1] if guard else None, [])
         if answer is _UNREACHABLE:
             self.local.insert_rows(rows, guard)
@@ -128,6 +132,9 @@ class WriterClient:
             self.local.insert_new(rows, guard)
         elif answer is _FAILED:
             self.local.insert_rows(rows, guard)
+        else:
+            return True
+        return False
 
     def write_ending(
         self,
@@ -318,12 +325,24 @@ class Writer:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.stopping = False
+        # On PostgreSQL the writer tells the workers of the events it committed (a web
+        # process whose event the writer committed sends no NOTIFY): at most one NOTIFY
+        # every ANNOUNCE_INTERVAL, the first due then (``announce_at``), on a connection
+        # of its own.
+        self.db = db
+        self.announces = db.dialect == "postgresql"
+        self.announce_at: float | None = None
+        self.announced_at = 0.0
+        self.notifying: Connection | None = None
 
     def serve(self, parent: int | None = None) -> None:
         """Until ``stop``, or until ``parent`` (the master's pid) is no longer this
         process's parent: a master killed outright leaves no one to stop the writer."""
         while not self.stopping:
-            ready = self.selector.select(timeout=1.0)
+            timeout = 1.0
+            if self.announce_at is not None:
+                timeout = max(0.0, min(timeout, self.announce_at - time.monotonic()))
+            ready = self.selector.select(timeout=timeout)
             if parent is not None and os.getppid() != parent:
                 log.warning("writer process: gunicorn's master is gone; stopping")
                 break
@@ -335,7 +354,29 @@ class Writer:
                     self._read(key.data, received)
             for start in range(0, len(received), self.max_batch):
                 self._write(received[start : start + self.max_batch])
+            if self.announce_at is not None and time.monotonic() >= self.announce_at:
+                self.announce()
+        if self.announce_at is not None:
+            self.announce()
         self.close()
+
+    def announce(self) -> None:
+        """NOTIFY the workers: events it committed are due. A failure is logged; they find
+        them at their next poll."""
+        self.announce_at = None
+        self.announced_at = time.monotonic()
+        try:
+            if self.notifying is None:
+                self.notifying = self.db.engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+            self.notifying.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+        except Exception as exc:  # the database went away: workers poll meanwhile
+            log.warning("writer process: NOTIFY failed (%s)", type(exc).__name__)
+            if self.notifying is not None:
+                with contextlib.suppress(Exception):
+                    self.notifying.invalidate()
+            self.notifying = None
 
     def stop(self) -> None:
         """Stop after the batch being written, if any, is answered."""
@@ -345,6 +386,9 @@ class Writer:
         for key in list(self.selector.get_map().values()):
             key.fileobj.close()
         self.selector.close()
+        if self.notifying is not None:
+            with contextlib.suppress(Exception):
+                self.notifying.close()
         self.committer.close()
 
     def _accept(self) -> None:
@@ -414,6 +458,8 @@ class Writer:
             outcome = next(outcomes) if piece is not None else ValueError()
             if outcome is None:
                 answer = b"ok"
+                if self.announces and self.announce_at is None and piece[0]:
+                    self.announce_at = max(time.monotonic(), self.announced_at + ANNOUNCE_INTERVAL)
             elif isinstance(outcome, keys.KeyRefused):
                 answer = b"refused"
             elif is_unavailable(outcome):

@@ -34,6 +34,9 @@ from hub.store import writerlock
 
 # The execution option that makes a SQLite transaction start deferred (see make_engine).
 READ_ONLY = "hub_read_only"
+# PostgreSQL's channel on which workers hear that committed events are due: web processes
+# and the writer process send NOTIFY on it, worker processes LISTEN (hub.services.delivery).
+NOTIFY_CHANNEL = "hub_events"
 
 
 class ReadOnlySession(Exception):
