@@ -1628,14 +1628,9 @@ class Notifier:
                 return
             self._poked.clear()
             try:
-                if conn is None:
-                    conn = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-                conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+                conn = self.db.notify_workers(conn)
             except Exception as exc:  # the database went away: workers poll meanwhile
                 log.warning("NOTIFY failed (%s)", type(exc).__name__)
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.invalidate()
                 conn = None
                 time.sleep(1.0)
             time.sleep(self.interval)

@@ -65,7 +65,7 @@ from sqlalchemy import Connection, Table, exc
 
 from hub.ops import metrics
 from hub.services import keys
-from hub.store.db import NOTIFY_CHANNEL, Database, is_unavailable
+from hub.store.db import Database, is_unavailable
 from hub.store.groupcommit import (
     MAX_BATCH,
     Condition,
@@ -366,16 +366,9 @@ class Writer:
         self.announce_at = None
         self.announced_at = time.monotonic()
         try:
-            if self.notifying is None:
-                self.notifying = self.db.engine.connect().execution_options(
-                    isolation_level="AUTOCOMMIT"
-                )
-            self.notifying.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+            self.notifying = self.db.notify_workers(self.notifying)
         except Exception as exc:  # the database went away: workers poll meanwhile
             log.warning("writer process: NOTIFY failed (%s)", type(exc).__name__)
-            if self.notifying is not None:
-                with contextlib.suppress(Exception):
-                    self.notifying.invalidate()
             self.notifying = None
 
     def stop(self) -> None:

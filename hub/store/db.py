@@ -22,11 +22,11 @@ import importlib.util
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from flask import Flask, current_app, g
-from sqlalchemy import Engine, create_engine, event, exc, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.config import database_url
@@ -72,6 +72,21 @@ class Database:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def notify_workers(self, conn: Connection | None) -> Connection:
+        """NOTIFY on NOTIFY_CHANNEL (PostgreSQL) on ``conn``, an autocommit connection kept
+        between calls and made when None: the connection to keep. On a failure the
+        connection is invalidated and the exception raised (workers poll meanwhile)."""
+        try:
+            if conn is None:
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+            return conn
+        except Exception:
+            if conn is not None:
+                with suppress(Exception):
+                    conn.invalidate()
+            raise
 
     @contextmanager
     def session(self) -> Iterator[Session]:
